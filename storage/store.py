@@ -1,0 +1,238 @@
+"""Party and coordinator stores: layered folders, typed references, atomic writes.
+
+A store is rooted at a local path or any fsspec URI (``s3://``, ``gs://``, ``memory://``).
+Tables are Parquet (zstd) named by their content hash, so a reference (uri + hash)
+always points at the bytes it describes and cached results never go stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import uuid
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict
+
+from storage.files import filesystem, is_uri
+
+logger = logging.getLogger(__name__)
+
+Layer = Literal[
+    "raw", "clean", "features", "aligned", "fused", "rejected", "reports", "models", "checkpoints"
+]
+LAYERS: tuple[Layer, ...] = (
+    "raw",
+    "clean",
+    "features",
+    "aligned",
+    "fused",
+    "rejected",
+    "reports",
+    "models",
+    "checkpoints",
+)
+_CHUNK = 8 * 1024 * 1024
+
+
+class FileRef(BaseModel):
+    """A file by location and content hash."""
+
+    model_config = ConfigDict(frozen=True)
+
+    uri: str
+    sha256: str
+    size: int
+
+
+class TableRef(BaseModel):
+    """A Parquet table by location, content hash, row count and schema summary."""
+
+    model_config = ConfigDict(frozen=True)
+
+    uri: str
+    sha256: str
+    rows: int
+    columns: dict[str, str]
+
+    @property
+    def short(self) -> str:
+        return f"{posixpath.basename(self.uri)} ({self.rows} rows, {len(self.columns)} cols)"
+
+
+class IntegrityError(RuntimeError):
+    """A referenced file does not hold the bytes its reference names."""
+
+
+def _hash_stream(handle: Any) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := handle.read(_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def fingerprint(location: str) -> FileRef:
+    """Hash a file where it lies (used for raw sources, which we never copy)."""
+    fs, path = filesystem(location)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{location}: no such file")
+    if fs.isdir(path):
+        raise IsADirectoryError(f"{location}: is a folder, not a file")
+    with fs.open(path, "rb") as handle:
+        sha, size = _hash_stream(handle)
+    return FileRef(uri=location, sha256=sha, size=size)
+
+
+def _schema_summary(schema: pl.Schema | dict[str, Any]) -> dict[str, str]:
+    return {name: str(dtype) for name, dtype in schema.items()}
+
+
+class Store:
+    """A store root with one folder per layer."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/") if is_uri(root) else root
+        self.fs, self._base = filesystem(root)
+
+    def __repr__(self) -> str:
+        return f"Store({self.root!r})"
+
+    def _join(self, *parts: str) -> str:
+        return posixpath.join(self._base, *parts)
+
+    def _uri(self, path: str) -> str:
+        """The location users see: the store root with the relative part appended."""
+        rel = posixpath.relpath(path, self._base)
+        return posixpath.join(self.root, rel) if is_uri(self.root) else path
+
+    def _path(self, uri: str) -> str:
+        fs, path = filesystem(uri)
+        if type(fs) is not type(self.fs):
+            raise ValueError(f"{uri} is not in store {self.root}")
+        return str(path)
+
+    def location(self, layer: Layer, name: str) -> str:
+        return self._uri(self._join(layer, name))
+
+    def exists(self, layer: Layer, name: str) -> bool:
+        return bool(self.fs.exists(self._join(layer, name)))
+
+    def list(self, layer: Layer) -> list[str]:
+        folder = self._join(layer)
+        if not self.fs.exists(folder):
+            return []
+        return sorted(posixpath.basename(p) for p in self.fs.ls(folder, detail=False))
+
+    # -- atomic writing ---------------------------------------------------------------------
+    def _commit(self, tmp: str, final: str) -> None:
+        if self.fs.exists(final):
+            self.fs.rm(final)
+        self.fs.mv(tmp, final)
+
+    def _tmp(self, folder: str, name: str) -> str:
+        self.fs.makedirs(folder, exist_ok=True)
+        return posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+
+    def write_bytes(self, layer: Layer, name: str, data: bytes) -> FileRef:
+        folder = self._join(layer)
+        tmp = self._tmp(folder, name)
+        try:
+            with self.fs.open(tmp, "wb") as handle:
+                handle.write(data)
+            final = posixpath.join(folder, name)
+            self._commit(tmp, final)
+        except BaseException:
+            self._discard(tmp)
+            raise
+        return FileRef(uri=self._uri(final), sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+
+    def write_json(self, layer: Layer, name: str, obj: Any) -> FileRef:
+        text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+        return self.write_bytes(layer, name, text.encode())
+
+    def write_text(self, layer: Layer, name: str, text: str) -> FileRef:
+        return self.write_bytes(layer, name, text.encode())
+
+    def _discard(self, tmp: str) -> None:
+        try:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+        except OSError:  # pragma: no cover - best effort clean-up
+            logger.warning("could not remove temporary file %s", tmp)
+
+    def write_table(self, df: pl.DataFrame, layer: Layer, name: str) -> TableRef:
+        """Write ``df`` as ``<layer>/<name>-<hash12>.parquet`` atomically."""
+        return self.write_arrow(df.to_arrow(), layer, name, schema=_schema_summary(df.schema))
+
+    def write_arrow(
+        self, table: pa.Table, layer: Layer, name: str, *, schema: dict[str, str] | None = None
+    ) -> TableRef:
+        folder = self._join(layer)
+        tmp = self._tmp(folder, name)
+        try:
+            with self.fs.open(tmp, "wb") as handle:
+                pq.write_table(table, handle, compression="zstd", write_statistics=True)
+            with self.fs.open(tmp, "rb") as handle:
+                sha, _ = _hash_stream(handle)
+            final = posixpath.join(folder, f"{name}-{sha[:12]}.parquet")
+            self._commit(tmp, final)
+        except BaseException:
+            self._discard(tmp)
+            raise
+        summary = schema or _schema_summary(pl.from_arrow(table.slice(0, 0)).schema)  # type: ignore[union-attr]
+        return TableRef(uri=self._uri(final), sha256=sha, rows=table.num_rows, columns=summary)
+
+    # -- reading ------------------------------------------------------------------------------
+    def verify(self, ref: TableRef | FileRef) -> None:
+        fs, path = filesystem(ref.uri)
+        if not fs.exists(path):
+            raise IntegrityError(f"{ref.uri}: referenced file is missing")
+        with fs.open(path, "rb") as handle:
+            sha, _ = _hash_stream(handle)
+        if sha != ref.sha256:
+            raise IntegrityError(f"{ref.uri}: content hash {sha[:12]} != referenced {ref.sha256[:12]}")
+
+    def read_table(self, ref: TableRef, *, verify: bool = False) -> pl.DataFrame:
+        return read_table(ref, verify=verify)
+
+    def read_json(self, layer: Layer, name: str) -> Any:
+        with self.fs.open(self._join(layer, name), "rb") as handle:
+            return json.loads(handle.read().decode())
+
+
+def read_table(ref: TableRef, *, verify: bool = False, columns: list[str] | None = None) -> pl.DataFrame:
+    """Read a referenced table (optionally checking its content hash first)."""
+    fs, path = filesystem(ref.uri)
+    if not fs.exists(path):
+        raise IntegrityError(f"{ref.uri}: referenced file is missing")
+    if verify:
+        with fs.open(path, "rb") as handle:
+            sha, _ = _hash_stream(handle)
+        if sha != ref.sha256:
+            raise IntegrityError(f"{ref.uri}: content hash {sha[:12]} != referenced {ref.sha256[:12]}")
+    if not is_uri(ref.uri):
+        return pl.read_parquet(path, columns=columns)
+    with fs.open(path, "rb") as handle:
+        return pl.read_parquet(io.BytesIO(handle.read()), columns=columns)
+
+
+def scan_table(ref: TableRef) -> pl.LazyFrame:
+    """Lazily scan a referenced table (local files are scanned without loading)."""
+    if not is_uri(ref.uri):
+        return pl.scan_parquet(ref.uri)
+    return read_table(ref).lazy()
+
+
+def iter_batches(ref: TableRef, batch_rows: int = 1_000_000) -> Iterator[pa.RecordBatch]:
+    fs, path = filesystem(ref.uri)
+    with fs.open(path, "rb") as handle:
+        yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows)

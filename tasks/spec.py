@@ -1,0 +1,495 @@
+"""The consortium spec: pydantic models, semantic checks and error formatting.
+
+A spec is one TOML file. Structural problems come from pydantic, semantic ones
+(cross-references between parties, sources, label and vocabularies) from
+:func:`semantic_problems`; both are reported as :class:`SpecProblem` with the key
+path they are about, e.g. ``parties[1].sources[0].columns.amount: ...``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import zoneinfo
+from collections.abc import Iterable, Sequence
+from pathlib import PurePosixPath
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from storage.files import is_uri, read_text, resolve_location
+from tasks.types import (
+    AMOUNT,
+    DEVICE,
+    TEXT,
+    TIMESTAMP,
+    Aggregation,
+    ColumnType,
+    FileFormat,
+    JoinKind,
+    KeyNormalisation,
+    Layout,
+    Objective,
+    SourceKind,
+    TableGrain,
+)
+from tasks.units import UNITS
+
+
+class SpecModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class SecretRef(SpecModel):
+    """Where the consortium hashing secret lives. Never the secret itself."""
+
+    env: str | None = None
+    block: str | None = Field(default=None, description="Name of a Prefect Secret block")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SecretRef:
+        if (self.env is None) == (self.block is None):
+            raise ValueError("give exactly one of 'env' (environment variable) or 'block'")
+        return self
+
+
+class LabelSpec(SpecModel):
+    column: str = Field(description="Canonical name of the label column")
+    party: str | None = Field(default=None, description="Label-holding party (vertical layout)")
+    num_classes: int | None = Field(default=None, ge=3)
+
+
+class ConsortiumSpec(SpecModel):
+    name: str = Field(min_length=1)
+    layout: Layout = "horizontal"
+    entity: str = Field(default="customer_id", min_length=1)
+    key_normalisation: KeyNormalisation = "strip_lower"
+    secret: SecretRef
+    task: Objective = "binary"
+    label: LabelSpec
+    as_of: dt.date = Field(description="End of every feature window (never the wall clock)")
+
+
+class ColumnSpec(SpecModel):
+    """One canonical column and where it comes from in the party's own export."""
+
+    source: str | None = Field(default=None, alias="from", description="Raw column name")
+    dtype: ColumnType
+    unit: str | None = None
+    tz: str | None = Field(default=None, description="Zone of naive timestamps (default UTC)")
+    format: str | None = Field(default=None, description="strptime format of raw timestamps")
+    values: dict[str, str] = Field(default_factory=dict, description="Raw value -> canonical")
+    required: bool = Field(default=False, description="Reject rows where this is null")
+
+    @field_validator("tz")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is not None and value not in zoneinfo.available_timezones():
+            raise ValueError(f"unknown time zone {value!r}")
+        return value
+
+    @field_validator("unit")
+    @classmethod
+    def _known_unit(cls, value: str | None) -> str | None:
+        if value is not None and value not in UNITS:
+            raise ValueError(f"unknown unit {value!r}; known: {', '.join(sorted(UNITS))}")
+        return value
+
+
+class EntityMapSpec(SpecModel):
+    """A side table mapping a source key (e.g. device id) to the entity key."""
+
+    path: str
+    format: FileFormat | None = None
+    columns: dict[str, ColumnSpec]
+
+
+class FeatureOptions(SpecModel):
+    prefix: str | None = Field(
+        default=None,
+        pattern=r"^[a-z][a-z0-9_]*$",
+        description="Feature name prefix (default: txn, profile, text or events by kind)",
+    )
+    windows: list[int] = Field(default_factory=lambda: [30, 90])
+    text_width: int = Field(default=16, ge=2, le=256, description="Token components per entity")
+    text_max_chars: int = Field(default=5000, ge=1)
+
+    @field_validator("windows")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or any(w <= 0 for w in value):
+            raise ValueError("windows must be a non-empty list of positive day counts")
+        return sorted(set(value))
+
+
+class SourceSpec(SpecModel):
+    id: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
+    kind: SourceKind
+    path: str
+    format: FileFormat | None = None
+    grain: TableGrain = "transaction"
+    encoding: str = "utf8"
+    columns: dict[str, ColumnSpec]
+    entity_map: EntityMapSpec | None = None
+    features: FeatureOptions = Field(default_factory=FeatureOptions)
+
+    @property
+    def file_format(self) -> FileFormat:
+        return self.format or infer_format(self.path)
+
+    @property
+    def feature_prefix(self) -> str:
+        if self.features.prefix:
+            return self.features.prefix
+        if self.kind == "table":
+            return "txn" if self.grain == "transaction" else "profile"
+        return self.kind
+
+
+class PartySpec(SpecModel):
+    id: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
+    store: str
+    work_pool: str | None = None
+    sources: list[SourceSpec] = Field(min_length=1)
+
+
+class CoordinatorSpec(SpecModel):
+    store: str
+
+
+class TrainingSpec(SpecModel):
+    rounds: int = Field(default=30, ge=1)
+    trees_per_round: int = Field(default=4, ge=1)
+    learning_rate: float = Field(default=0.1, gt=0)
+    num_leaves: int = Field(default=31, ge=2)
+    min_data_in_leaf: int = Field(default=20, ge=1)
+    params: dict[str, Any] = Field(default_factory=dict, description="Extra LightGBM params")
+    aggregation: Aggregation = "samples"
+    patience: int = Field(default=5, ge=1)
+    validation_fraction: float = Field(default=0.2, gt=0, lt=0.5)
+    test_fraction: float = Field(default=0.2, ge=0, lt=0.5)
+    min_parties: int = Field(default=1, ge=1)
+    max_trees: int | None = Field(default=None, ge=1)
+    seed: int = 0
+
+
+class FusionSpec(SpecModel):
+    join: JoinKind = "left"
+    weights: dict[str, float] | None = None
+    learned: bool = False
+    min_overlap: int = Field(default=100, ge=1)
+
+
+class RunSpec(SpecModel):
+    results: str | None = Field(
+        default=None, description="Folder for persisted task results (default: .fedfuse/results)"
+    )
+
+
+class FedSpec(SpecModel):
+    consortium: ConsortiumSpec
+    parties: list[PartySpec] = Field(min_length=1)
+    coordinator: CoordinatorSpec
+    vocabularies: dict[str, list[str]] = Field(default_factory=dict)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    fusion: FusionSpec = Field(default_factory=FusionSpec)
+    run: RunSpec = Field(default_factory=RunSpec)
+
+    def party(self, party_id: str) -> PartySpec:
+        for party in self.parties:
+            if party.id == party_id:
+                return party
+        raise KeyError(f"no party {party_id!r} in consortium {self.consortium.name!r}")
+
+    def label_party_ids(self) -> list[str]:
+        return [p.id for p in self.parties if label_source(self, p) is not None]
+
+    def fingerprint(self) -> str:
+        """Stable hash of the whole spec (no secret is ever in it)."""
+        blob = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class SpecProblem(BaseModel):
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class SpecError(Exception):
+    """A spec failed validation; carries every problem found."""
+
+    def __init__(self, source: str, problems: Sequence[SpecProblem]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"{source}: {len(self.problems)} problem(s) in the spec\n{lines}")
+
+
+FORMATS_BY_SUFFIX: dict[str, FileFormat] = {
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".arrow": "arrow",
+    ".feather": "arrow",
+    ".ipc": "arrow",
+}
+
+
+def infer_format(path: str) -> FileFormat:
+    suffix = PurePosixPath(path).suffix.lower()
+    try:
+        return FORMATS_BY_SUFFIX[suffix]
+    except KeyError:
+        known = ", ".join(sorted(FORMATS_BY_SUFFIX))
+        raise ValueError(
+            f"{path}: unknown format {suffix or '(no suffix)'!r}; give 'format' or use one of {known}"
+        ) from None
+
+
+def format_loc(loc: Iterable[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def label_source(spec: FedSpec, party: PartySpec) -> SourceSpec | None:
+    for source in party.sources:
+        if spec.consortium.label.column in source.columns:
+            return source
+    return None
+
+
+REQUIRED_BY_KIND: dict[str, tuple[str, ...]] = {
+    "table:transaction": (TIMESTAMP, AMOUNT),
+    "table:entity": (),
+    "text": (TEXT,),
+    "events": (DEVICE, TIMESTAMP),
+}
+
+
+def _kind_key(source: SourceSpec) -> str:
+    return f"table:{source.grain}" if source.kind == "table" else source.kind
+
+
+def semantic_problems(spec: FedSpec) -> list[SpecProblem]:
+    """Cross-reference checks pydantic cannot express field by field."""
+    problems: list[SpecProblem] = []
+    add = problems.append
+    entity = spec.consortium.entity
+    label = spec.consortium.label
+    seen_parties: set[str] = set()
+    for i, party in enumerate(spec.parties):
+        where = f"parties[{i}]"
+        if party.id in seen_parties:
+            add(SpecProblem(path=f"{where}.id", message=f"duplicate party id {party.id!r}"))
+        seen_parties.add(party.id)
+        seen_sources: set[str] = set()
+        for j, source in enumerate(party.sources):
+            at = f"{where}.sources[{j}]"
+            if source.id in seen_sources:
+                add(SpecProblem(path=f"{at}.id", message=f"duplicate source id {source.id!r}"))
+            seen_sources.add(source.id)
+            try:
+                _ = source.file_format
+            except ValueError as exc:
+                add(SpecProblem(path=f"{at}.format", message=str(exc)))
+            for name in REQUIRED_BY_KIND[_kind_key(source)]:
+                if name not in source.columns:
+                    add(
+                        SpecProblem(
+                            path=f"{at}.columns",
+                            message=f"a {source.kind} source needs a '{name}' column mapping",
+                        )
+                    )
+            if source.kind == "events":
+                if source.entity_map is None:
+                    add(
+                        SpecProblem(
+                            path=f"{at}.entity_map",
+                            message="an events source needs an entity_map (device -> entity)",
+                        )
+                    )
+                else:
+                    for name in (DEVICE, entity):
+                        if name not in source.entity_map.columns:
+                            add(
+                                SpecProblem(
+                                    path=f"{at}.entity_map.columns",
+                                    message=f"needs a '{name}' column mapping",
+                                )
+                            )
+            elif entity not in source.columns:
+                add(
+                    SpecProblem(
+                        path=f"{at}.columns",
+                        message=f"needs a mapping for the entity key '{entity}'",
+                    )
+                )
+            for name, column in source.columns.items():
+                cat = f"{at}.columns.{name}"
+                if column.values and column.dtype not in ("category", "bool", "str"):
+                    add(
+                        SpecProblem(
+                            path=f"{cat}.values",
+                            message=f"value maps apply to category/bool/str columns, not {column.dtype}",
+                        )
+                    )
+                if (column.tz or column.format) and column.dtype not in ("datetime", "date"):
+                    add(
+                        SpecProblem(
+                            path=cat, message="tz/format apply only to datetime or date columns"
+                        )
+                    )
+                if column.unit and column.dtype not in ("float", "int"):
+                    add(SpecProblem(path=f"{cat}.unit", message="units apply to numeric columns"))
+                if column.dtype == "category" and name not in spec.vocabularies:
+                    add(
+                        SpecProblem(
+                            path=cat,
+                            message=f"category column '{name}' has no [vocabularies].{name} entry",
+                        )
+                    )
+                if name == label.column and source.grain != "entity":
+                    add(
+                        SpecProblem(
+                            path=cat,
+                            message="the label must come from a one-row-per-entity table source",
+                        )
+                    )
+    label_holders = spec.label_party_ids()
+    if spec.consortium.layout == "horizontal":
+        for i, party in enumerate(spec.parties):
+            if party.id not in label_holders:
+                add(
+                    SpecProblem(
+                        path=f"parties[{i}].sources",
+                        message=(
+                            f"horizontal layout: party {party.id!r} has no source mapping "
+                            f"the label column '{label.column}'"
+                        ),
+                    )
+                )
+    else:
+        if label.party is None:
+            add(SpecProblem(path="consortium.label.party", message="vertical layout needs it"))
+        elif label.party not in seen_parties:
+            add(
+                SpecProblem(
+                    path="consortium.label.party", message=f"no party with id {label.party!r}"
+                )
+            )
+        elif label_holders != [label.party]:
+            add(
+                SpecProblem(
+                    path="consortium.label",
+                    message=(
+                        f"vertical layout: exactly party {label.party!r} must map the label "
+                        f"column '{label.column}'; found it at {label_holders}"
+                    ),
+                )
+            )
+    if spec.consortium.task == "multiclass" and label.num_classes is None:
+        add(SpecProblem(path="consortium.label.num_classes", message="multiclass needs it"))
+    if spec.fusion.weights is not None:
+        unknown = sorted(set(spec.fusion.weights) - seen_parties)
+        if unknown:
+            add(SpecProblem(path="fusion.weights", message=f"unknown parties {unknown}"))
+        if any(w < 0 for w in spec.fusion.weights.values()):
+            add(SpecProblem(path="fusion.weights", message="weights must be non-negative"))
+    if spec.training.min_parties > len(spec.parties):
+        add(
+            SpecProblem(
+                path="training.min_parties",
+                message=f"{spec.training.min_parties} > number of parties ({len(spec.parties)})",
+            )
+        )
+    return problems
+
+
+def _resolve_paths(spec: FedSpec, base: str) -> FedSpec:
+    """Return the spec with every relative path resolved against ``base``."""
+
+    def source(s: SourceSpec) -> SourceSpec:
+        emap = s.entity_map
+        if emap is not None:
+            emap = emap.model_copy(update={"path": resolve_location(emap.path, base)})
+        return s.model_copy(update={"path": resolve_location(s.path, base), "entity_map": emap})
+
+    parties = [
+        p.model_copy(
+            update={
+                "store": resolve_location(p.store, base),
+                "sources": [source(s) for s in p.sources],
+            }
+        )
+        for p in spec.parties
+    ]
+    coordinator = spec.coordinator.model_copy(
+        update={"store": resolve_location(spec.coordinator.store, base)}
+    )
+    run = spec.run.model_copy(
+        update={"results": resolve_location(spec.run.results or ".fedfuse/results", base)}
+    )
+    return spec.model_copy(update={"parties": parties, "coordinator": coordinator, "run": run})
+
+
+def parse_spec(data: dict[str, Any], *, source: str, base: str) -> FedSpec:
+    """Validate a parsed TOML document; raise :class:`SpecError` listing every problem."""
+    try:
+        spec = FedSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            SpecProblem(path=format_loc(err["loc"]), message=err["msg"]) for err in exc.errors()
+        ]
+        raise SpecError(source, problems) from None
+    problems = semantic_problems(spec)
+    if problems:
+        raise SpecError(source, problems)
+    return _resolve_paths(spec, base)
+
+
+def load_spec(path: str) -> FedSpec:
+    """Read and validate a spec file; relative paths resolve against its folder."""
+    import tomllib
+
+    text = read_text(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(path, [SpecProblem(path="", message=f"not valid TOML: {exc}")]) from None
+    base = path.rsplit("/", 1)[0] if "/" in path else "."
+    if not is_uri(base):
+        from pathlib import Path
+
+        base = str(Path(base).resolve())
+    return parse_spec(data, source=path, base=base)
+
+
+def summary(spec: FedSpec) -> str:
+    c = spec.consortium
+    lines = [
+        f"consortium {c.name!r}: {c.layout} layout, {c.task} task, label '{c.label.column}', "
+        f"entity '{c.entity}', as_of {c.as_of.isoformat()}",
+    ]
+    for party in spec.parties:
+        kinds = ", ".join(
+            f"{s.id} ({s.kind}{'/' + s.grain if s.kind == 'table' else ''}, {s.file_format})"
+            for s in party.sources
+        )
+        pool = f", work pool {party.work_pool}" if party.work_pool else ""
+        lines.append(f"  party {party.id}: {len(party.sources)} source(s): {kinds}{pool}")
+    t = spec.training
+    lines.append(
+        f"  training: {t.rounds} rounds x {t.trees_per_round} trees, aggregation {t.aggregation}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,32 @@
+"""Option aliases shared by the spec, the tasks and the flows."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Layout = Literal["horizontal", "vertical"]
+Objective = Literal["binary", "multiclass", "regression"]
+SourceKind = Literal["table", "text", "events"]
+TableGrain = Literal["entity", "transaction"]
+FileFormat = Literal["csv", "parquet", "jsonl", "arrow"]
+ColumnType = Literal["str", "int", "float", "bool", "datetime", "date", "category"]
+JoinKind = Literal["inner", "left"]
+Aggregation = Literal["samples", "uniform", "lr_scaled"]
+KeyNormalisation = Literal["none", "strip", "strip_lower"]
+Modality = Literal["table", "text", "events"]
+
+#: Canonical column names every source kind understands (besides the entity key).
+TIMESTAMP = "timestamp"
+AMOUNT = "amount"
+CATEGORY = "category"
+TEXT = "text"
+RATING = "rating"
+DEVICE = "device_id"
+ERROR = "error"
+
+#: Name of the hashed entity key column after alignment.
+ENTITY_HASH = "entity_hash"
+#: Name of the label column in fused tables.
+LABEL = "label"
+#: Column added to quarantined rows.
+REASON = "reject_reason"
