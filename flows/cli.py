@@ -1,0 +1,190 @@
+"""The ``fedfuse`` command line."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import secrets
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="fedfuse",
+    help="Federated training over heterogeneous party data, run as Prefect flows.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
+
+DEMO_SECRET_ENV = "FEDFUSE_SECRET"
+
+
+def _quiet_prefect() -> None:
+    """Quiet console (full logs still reach the Prefect UI), no analytics, no telemetry."""
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from storage.secrets import SecretError
+    from storage.sources import SourceError
+    from tasks.align import AlignError
+    from tasks.preprocess import PreprocessError
+    from tasks.spec import SpecError
+
+    return (SpecError, SourceError, PreprocessError, AlignError, SecretError, FileNotFoundError)
+
+
+@contextmanager
+def _reported() -> Iterator[None]:
+    """Turn known input problems into a clear message and exit code 1 (no traceback)."""
+    known = _user_errors()
+    try:
+        yield
+    except known as exc:
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        raise typer.Exit(code=1) from None
+
+
+@app.command()
+def validate(spec: Annotated[Path, typer.Argument(help="Consortium spec (TOML)")]) -> None:
+    """Check a consortium spec; print a summary or every problem with its key path."""
+    from tasks.spec import SpecError, load_spec, summary
+
+    try:
+        loaded = load_spec(str(spec))
+    except SpecError as exc:
+        errors.print(f"[bold red]{spec}: {len(exc.problems)} problem(s)[/]")
+        for problem in exc.problems:
+            errors.print(f"  {problem}", markup=False, highlight=False)
+        raise typer.Exit(code=1) from None
+    except FileNotFoundError as exc:
+        errors.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=1) from None
+    console.print(f"[green]valid[/] {spec}", highlight=False)
+    console.print(summary(loaded), markup=False, highlight=False)
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Argument(help="Folder to write the spec and raw sources to")],
+    layout: Annotated[Literal["horizontal", "vertical"], typer.Option(help="Consortium layout")] = "horizontal",
+    parties: Annotated[int, typer.Option(min=1, help="Number of parties (horizontal)")] = 3,
+    customers: Annotated[int, typer.Option(min=10, help="Customers in the consortium")] = 5000,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes)")] = 0,
+    alpha: Annotated[float | None, typer.Option(help="Dirichlet label skew across sites")] = None,
+) -> None:
+    """Write a realistic heterogeneous demo consortium: spec plus raw party exports."""
+    from tasks.demo import write_demo_consortium
+
+    spec = write_demo_consortium(
+        str(out), layout=layout, parties=parties, customers=customers, seed=seed, alpha=alpha
+    )
+    console.print(f"wrote demo consortium: [bold]{spec}[/]", highlight=False)
+
+
+def _progress_display() -> Iterator[None]:
+    from rich.live import Live
+
+    from flows import progress
+
+    rows: dict[str, str] = {}
+
+    def render() -> Table:
+        table = Table(show_header=True, header_style="bold", box=None)
+        table.add_column("party")
+        table.add_column("step")
+        for scope, text in sorted(rows.items()):
+            table.add_row(scope, text)
+        return table
+
+    with Live(render(), console=console, refresh_per_second=8, transient=False) as live:
+
+        def listener(scope: str, step: str, detail: str) -> None:
+            rows[scope] = f"{step}: {detail}" if detail else step
+            live.update(render())
+
+        stop = progress.subscribe(listener)
+        try:
+            yield
+        finally:
+            stop()
+
+
+progress_display = contextmanager(_progress_display)
+
+
+def _print_prepared(outputs: dict[str, object]) -> None:
+    from flows.prepare import quality_rows
+    from tasks.steps import FusedOutput
+
+    fused = [o for o in outputs.values() if isinstance(o, FusedOutput)]
+    table = Table(title="data quality", header_style="bold")
+    for column in ("party", "source", "rows_in", "rows_out", "rejected", "duplicates", "reasons"):
+        table.add_column(column, overflow="fold")
+    for row in quality_rows(fused):
+        table.add_row(*(str(row[c]) for c in ("party", "source", "rows_in", "rows_out", "rejected", "duplicates", "reasons")))
+    console.print(table)
+    for out in fused:
+        console.print(
+            f"[bold]{out.party}[/]: fused {out.table.rows} entities x {len(out.features)} features -> {out.table.uri}",
+            highlight=False,
+        )
+
+
+@app.command()
+def prepare(
+    spec: Annotated[Path, typer.Argument(help="Consortium spec (TOML)")],
+    as_of: Annotated[dt.datetime | None, typer.Option(formats=["%Y-%m-%d"], help="Feature window end (default: the spec's)")] = None,
+    refresh: Annotated[bool, typer.Option(help="Recompute every step, ignoring cached results")] = False,
+) -> None:
+    """Run every party's pipeline (preprocess, features, align, fuse) as Prefect flows."""
+    _quiet_prefect()
+    with _reported():
+        from flows.prepare import prepare as prepare_flow
+        from tasks.spec import load_spec
+
+        load_spec(str(spec))  # fail fast with key paths before any flow starts
+        with progress_display():
+            outputs = prepare_flow(str(spec.resolve()), as_of=as_of.date() if as_of else None, refresh=refresh)
+        _print_prepared(dict(outputs))
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Working folder for the demo consortium")] = Path("demo-out"),
+    layout: Annotated[Literal["horizontal", "vertical"], typer.Option(help="Consortium layout")] = "horizontal",
+    parties: Annotated[int, typer.Option(min=1)] = 3,
+    customers: Annotated[int, typer.Option(min=10)] = 5000,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Demo end to end on embedded defaults: generate a consortium and prepare every party."""
+    _quiet_prefect()
+    if not os.environ.get(DEMO_SECRET_ENV):
+        os.environ[DEMO_SECRET_ENV] = secrets.token_hex(32)
+        errors.print(
+            f"[yellow]{DEMO_SECRET_ENV} is not set: using a random secret for this demo run[/]"
+        )
+    from tasks.demo import write_demo_consortium
+
+    spec = write_demo_consortium(str(out), layout=layout, parties=parties, customers=customers, seed=seed)
+    console.print(f"demo consortium written: [bold]{spec}[/]", highlight=False)
+    with _reported():
+        from flows.prepare import prepare as prepare_flow
+
+        with progress_display():
+            outputs = prepare_flow(str(Path(spec).resolve()))
+        _print_prepared(dict(outputs))
+
+
+def main() -> None:  # pragma: no cover - console entry
+    sys.exit(app())

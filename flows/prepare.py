@@ -1,0 +1,125 @@
+"""The per-party pipeline flow and the ``prepare`` flow over all parties."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import PrefectFuture, wait
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows import progress
+from tasks.spec import FedSpec, load_spec
+from tasks.steps import (
+    AlignedOutput,
+    CleanOutput,
+    FusedOutput,
+    PartyContext,
+    align_source,
+    extract_features,
+    fingerprint_source,
+    fuse_party,
+    preprocess_source,
+    secret_tag,
+)
+
+
+def _options(spec: FedSpec, refresh: bool) -> dict[str, Any]:
+    results = spec.run.results or ".fedfuse/results"
+    return {"result_storage": Path(results), "refresh_cache": refresh}
+
+
+@flow(name="party-pipeline", persist_result=True, task_runner=ThreadPoolTaskRunner(max_workers=4))
+def party_pipeline(
+    spec_path: str, party: str, as_of: dt.date | None = None, refresh: bool = False
+) -> FusedOutput:
+    """Preprocess -> features -> align every source of one party, then fuse them."""
+    logger = get_run_logger()
+    spec = load_spec(spec_path)
+    ctx = PartyContext.from_spec(spec, party, as_of=as_of)
+    opts = _options(spec, refresh)
+    tag = secret_tag(ctx.secret)
+    sources = spec.party(party).sources
+    futures: dict[str, tuple[PrefectFuture[CleanOutput], PrefectFuture[AlignedOutput]]] = {}
+    for source in sources:
+        raw = fingerprint_source.submit(source.path)
+        emap = (
+            fingerprint_source.submit(source.entity_map.path) if source.entity_map is not None else None
+        )
+        clean = preprocess_source.with_options(**opts).submit(ctx, source, raw, emap)
+        feats = extract_features.with_options(**opts).submit(ctx, source, clean)
+        aligned = align_source.with_options(**opts).submit(ctx, source, feats, tag)
+        futures[source.id] = (clean, aligned)
+    wait([f for pair in futures.values() for f in pair])
+    cleaned = [futures[s.id][0].result() for s in sources]
+    aligned_outputs = [futures[s.id][1].result() for s in sources]
+    for out in cleaned:
+        q = out.quality
+        progress.emit(party, "preprocess", f"{q.source}: {q.rows_out}/{q.rows_in} rows kept")
+        if q.rows_rejected:
+            logger.warning(
+                "%s/%s: %d row(s) quarantined to %s: %s",
+                party,
+                q.source,
+                q.rows_rejected,
+                out.rejected.uri if out.rejected else "-",
+                q.rejected_by_reason,
+            )
+    fused = fuse_party.with_options(**opts)(ctx, aligned_outputs, [c.quality for c in cleaned])
+    logger.info("%s: fused table %s", party, fused.table.short)
+    progress.emit(party, "fused", fused.table.short)
+    return fused
+
+
+@task(name="run-party-pipeline")
+def run_party_pipeline(spec_path: str, party: str, as_of: dt.date | None, refresh: bool) -> FusedOutput:
+    """Runs one party's pipeline as a subflow, so parties can run side by side."""
+    return party_pipeline(spec_path, party, as_of=as_of, refresh=refresh)
+
+
+def quality_rows(outputs: list[FusedOutput]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for out in outputs:
+        for q in out.quality:
+            rows.append(
+                {
+                    "party": q.party,
+                    "source": q.source,
+                    "rows_in": q.rows_in,
+                    "rows_out": q.rows_out,
+                    "rejected": q.rows_rejected,
+                    "duplicates": q.duplicates_removed,
+                    "reasons": "; ".join(f"{k}: {v}" for k, v in q.rejected_by_reason.items()) or "-",
+                    "max_null_rate": max(q.null_rates.values(), default=0.0),
+                }
+            )
+    return rows
+
+
+@flow(name="prepare", persist_result=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+def prepare(spec_path: str, as_of: dt.date | None = None, refresh: bool = False) -> dict[str, FusedOutput]:
+    """Run every party's pipeline (side by side where cores allow) and report data quality."""
+    logger = get_run_logger()
+    spec = load_spec(spec_path)
+    futures = {
+        p.id: run_party_pipeline.submit(spec_path, p.id, as_of, refresh) for p in spec.parties
+    }
+    wait(list(futures.values()))
+    outputs = {party: future.result() for party, future in futures.items()}
+    rows = quality_rows(list(outputs.values()))
+    key = _artifact_key(spec.consortium.name)
+    create_table_artifact(table=rows, key=f"{key}-quality", description="Data quality per source")
+    lines = [f"# Prepared consortium `{spec.consortium.name}`", ""]
+    for party, out in outputs.items():
+        lines.append(f"- **{party}**: `{out.table.uri}` ({out.table.rows} rows, {len(out.features)} features)")
+    create_markdown_artifact("\n".join(lines), key=f"{key}-prepared", description="Fused tables")
+    logger.info("prepared %d parties", len(outputs))
+    return outputs
+
+
+def _artifact_key(name: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "fedfuse"

@@ -1,0 +1,117 @@
+"""Features for structured tables.
+
+* transaction grain (one row per purchase): recency, frequency, monetary value, per-window
+  counts and sums, a trend comparing the shortest window's daily rate with the rest of the
+  longest window, tenure, and category shares of spend over the consortium vocabulary;
+* entity grain (one row per entity): attributes passed through with canonical types (dates
+  become "days before as_of", booleans 0/1, categories stay strings for alignment to encode).
+
+All windows end at the end of the ``as_of`` day; later rows are ignored.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+
+import polars as pl
+
+from tasks.spec import ColumnSpec
+from tasks.types import AMOUNT, CATEGORY, TIMESTAMP
+
+DAY_US = 86_400_000_000
+
+
+def window_end(as_of: dt.date) -> dt.datetime:
+    """Exclusive end of every feature window: midnight UTC after ``as_of``."""
+    return dt.datetime.combine(as_of + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+
+
+def _days_before(end: dt.datetime, expr: pl.Expr) -> pl.Expr:
+    return (pl.lit(end) - expr).dt.total_microseconds().cast(pl.Float64) / DAY_US
+
+
+def transaction_features(
+    clean: pl.DataFrame | pl.LazyFrame,
+    *,
+    entity: str,
+    as_of: dt.date,
+    windows: Sequence[int],
+    categories: Sequence[str] = (),
+) -> pl.DataFrame:
+    """Recency / frequency / monetary and windowed aggregates per entity."""
+    end = window_end(as_of)
+    lf = clean.lazy().filter(pl.col(TIMESTAMP) < end)
+    ws = sorted(windows)
+    aggs: list[pl.Expr] = [
+        _days_before(end, pl.col(TIMESTAMP).max()).alias("recency_days"),
+        _days_before(end, pl.col(TIMESTAMP).min()).alias("tenure_days"),
+        pl.len().cast(pl.Int64).alias("frequency"),
+        pl.col(AMOUNT).sum().alias("monetary"),
+        pl.col(AMOUNT).mean().alias("amount_mean"),
+        pl.col(AMOUNT).max().alias("amount_max"),
+        pl.col(AMOUNT).std().alias("amount_std"),
+    ]
+    for w in ws:
+        inside = pl.col(TIMESTAMP) >= pl.lit(end - dt.timedelta(days=w))
+        aggs += [
+            inside.sum().cast(pl.Int64).alias(f"count_{w}d"),
+            pl.col(AMOUNT).filter(inside).sum().alias(f"amount_{w}d"),
+        ]
+    out = lf.group_by(entity).agg(aggs)
+    if len(ws) >= 2:
+        short, long = ws[0], ws[-1]
+        rest = long - short
+
+        def rate_change(column: str) -> pl.Expr:
+            recent = pl.col(f"{column}_{short}d") / short
+            earlier = (pl.col(f"{column}_{long}d") - pl.col(f"{column}_{short}d")) / rest
+            return (recent - earlier).alias(f"{column}_trend")
+
+        out = out.with_columns(rate_change("count"), rate_change("amount"))
+    if categories and CATEGORY in clean.collect_schema().names():
+        shares = (
+            lf.group_by(entity)
+            .agg(
+                [
+                    (pl.col(AMOUNT).filter(pl.col(CATEGORY) == c).sum() / pl.col(AMOUNT).sum()).alias(
+                        f"share_{c}"
+                    )
+                    for c in categories
+                ]
+            )
+        )
+        out = out.join(shares, on=entity, how="left", validate="1:1")
+    return out.sort(entity).collect()
+
+
+def entity_attributes(
+    clean: pl.DataFrame,
+    *,
+    entity: str,
+    as_of: dt.date,
+    columns: Mapping[str, ColumnSpec],
+    exclude: Sequence[str] = (),
+) -> pl.DataFrame:
+    """One row per entity with attributes in model-ready types."""
+    end = window_end(as_of)
+    exprs: list[pl.Expr] = [pl.col(entity)]
+    for name, column in columns.items():
+        if name == entity or name in exclude:
+            continue
+        match column.dtype:
+            case "int" | "float":
+                exprs.append(pl.col(name).cast(pl.Float64))
+            case "bool":
+                exprs.append(pl.col(name).cast(pl.Float64))
+            case "date":
+                exprs.append(
+                    _days_before(end, pl.col(name).cast(pl.Datetime("us", "UTC"))).alias(f"{name}_days")
+                )
+            case "datetime":
+                exprs.append(_days_before(end, pl.col(name)).alias(f"{name}_days"))
+            case "category":
+                exprs.append(pl.col(name))
+            case "str":
+                continue  # free identifiers are not features
+    return clean.select(exprs).sort(entity)

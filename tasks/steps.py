@@ -1,0 +1,207 @@
+"""Per-party pipeline steps: thin Prefect tasks around the pure transforms.
+
+Each step reads its inputs by reference, calls one pure function, writes its outputs through
+the party's :class:`~storage.store.Store` and returns small typed references. Cache keys come
+from those references (content hashes), so unchanged work is skipped on retries and reruns.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from prefect import task
+from pydantic import BaseModel, ConfigDict
+
+from storage.secrets import resolve_secret, secret_fingerprint
+from storage.sources import read_source
+from storage.store import FileRef, Store, TableRef, fingerprint, read_table, scan_table
+from tasks.align import FeatureColumn, align_features, fuse_tables
+from tasks.caching import content_cache_key
+from tasks.features_events import events_features
+from tasks.features_table import entity_attributes, transaction_features
+from tasks.features_text import text_features
+from tasks.preprocess import QualityReport, preprocess
+from tasks.spec import FedSpec, SecretRef, SourceSpec, label_source
+from tasks.types import CATEGORY, DEVICE, ERROR, TIMESTAMP, JoinKind, KeyNormalisation, Objective
+
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": [1, 5]}
+
+
+class PartyContext(BaseModel):
+    """What a party's steps need to know of the consortium (no secret value)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    party: str
+    store: str
+    entity: str
+    normalisation: KeyNormalisation
+    vocabularies: dict[str, list[str]]
+    as_of: dt.date
+    task: Objective
+    label: str
+    label_source: str | None
+    secret: SecretRef
+    join: JoinKind
+
+    @classmethod
+    def from_spec(cls, spec: FedSpec, party_id: str, *, as_of: dt.date | None = None) -> PartyContext:
+        party = spec.party(party_id)
+        holder = label_source(spec, party)
+        return cls(
+            party=party.id,
+            store=party.store,
+            entity=spec.consortium.entity,
+            normalisation=spec.consortium.key_normalisation,
+            vocabularies=spec.vocabularies,
+            as_of=as_of or spec.consortium.as_of,
+            task=spec.consortium.task,
+            label=spec.consortium.label.column,
+            label_source=holder.id if holder else None,
+            secret=spec.consortium.secret,
+            join=spec.fusion.join,
+        )
+
+
+class CleanOutput(BaseModel):
+    source: str
+    clean: TableRef
+    rejected: TableRef | None
+    quality: QualityReport
+
+
+class AlignedOutput(BaseModel):
+    source: str
+    table: TableRef
+    schema_: list[FeatureColumn]
+
+
+class FusedOutput(BaseModel):
+    party: str
+    table: TableRef
+    schema_file: FileRef
+    features: list[FeatureColumn]
+    quality: list[QualityReport]
+
+
+def secret_tag(ref: SecretRef) -> str:
+    """Fingerprint of the current secret: part of alignment cache keys, reveals nothing."""
+    return secret_fingerprint(resolve_secret(env=ref.env, block=ref.block))
+
+
+@task(name="fingerprint-source", **IO_RETRIES)  # type: ignore[call-overload]
+def fingerprint_source(location: str) -> FileRef:
+    """Hash a raw source where it lies (its content hash keys every later step)."""
+    return fingerprint(location)
+
+
+def run_preprocess(
+    ctx: PartyContext, source: SourceSpec, raw: FileRef, entity_map: FileRef | None
+) -> CleanOutput:
+    data = read_source(raw.uri, source.file_format, encoding=source.encoding)
+    mapping = None
+    if source.entity_map is not None and entity_map is not None:
+        fmt = source.entity_map.format or _format_of(source.entity_map.path)
+        mapping = read_source(entity_map.uri, fmt).frame
+    result = preprocess(
+        data.frame,
+        source,
+        party=ctx.party,
+        entity=ctx.entity,
+        normalisation=ctx.normalisation,
+        vocabularies=ctx.vocabularies,
+        entity_map=mapping,
+        bad_lines=data.bad_lines,
+    )
+    store = Store(ctx.store)
+    clean = store.write_table(result.clean, "clean", source.id)
+    rejected = store.write_table(result.rejected, "rejected", source.id) if result.rejected.height else None
+    store.write_json("reports", f"quality-{source.id}.json", result.quality.model_dump(mode="json"))
+    return CleanOutput(source=source.id, clean=clean, rejected=rejected, quality=result.quality)
+
+
+def _format_of(path: str) -> str:
+    from tasks.spec import infer_format
+
+    return infer_format(path)
+
+
+def event_measures(source: SourceSpec) -> list[str]:
+    return [
+        name
+        for name, column in source.columns.items()
+        if column.dtype in ("float", "int") and name not in (DEVICE, TIMESTAMP, ERROR)
+    ]
+
+
+def run_features(ctx: PartyContext, source: SourceSpec, cleaned: CleanOutput) -> TableRef:
+    options = source.features
+    clean = cleaned.clean
+    if source.kind == "table" and source.grain == "transaction":
+        has_category = CATEGORY in source.columns
+        frame = transaction_features(
+            scan_table(clean),
+            entity=ctx.entity,
+            as_of=ctx.as_of,
+            windows=options.windows,
+            categories=ctx.vocabularies.get(CATEGORY, []) if has_category else [],
+        )
+    elif source.kind == "table":
+        frame = entity_attributes(
+            read_table(clean), entity=ctx.entity, as_of=ctx.as_of, columns=source.columns
+        )
+    elif source.kind == "text":
+        frame = text_features(read_table(clean), entity=ctx.entity, as_of=ctx.as_of, options=options)
+    else:
+        frame = events_features(
+            scan_table(clean),
+            entity=ctx.entity,
+            measures=event_measures(source),
+            as_of=ctx.as_of,
+            windows=options.windows,
+        )
+    return Store(ctx.store).write_table(frame, "features", source.id)
+
+
+def run_align(ctx: PartyContext, source: SourceSpec, features: TableRef, tag: str) -> AlignedOutput:
+    secret = resolve_secret(env=ctx.secret.env, block=ctx.secret.block)
+    if secret_fingerprint(secret) != tag:
+        raise RuntimeError("the consortium secret changed while the run was in progress")
+    label = ctx.label if source.id == ctx.label_source else None
+    aligned, schema = align_features(
+        read_table(features),
+        entity=ctx.entity,
+        party=ctx.party,
+        source=source.id,
+        modality=source.kind,
+        prefix=source.feature_prefix,
+        secret=secret,
+        vocabularies=ctx.vocabularies,
+        label_column=label,
+        task=ctx.task,
+    )
+    ref = Store(ctx.store).write_table(aligned, "aligned", source.id)
+    return AlignedOutput(source=source.id, table=ref, schema_=schema)
+
+
+def run_fuse(ctx: PartyContext, aligned: list[AlignedOutput], quality: list[QualityReport]) -> FusedOutput:
+    tables = {a.source: read_table(a.table) for a in aligned}
+    fused = fuse_tables(tables, join=ctx.join)
+    store = Store(ctx.store)
+    ref = store.write_table(fused, "fused", "fused")
+    features = [c for a in aligned for c in a.schema_]
+    schema_file = store.write_json(
+        "fused", "feature-schema.json", [c.model_dump(mode="json") for c in features]
+    )
+    store.write_json(
+        "reports", "quality.json", [q.model_dump(mode="json") for q in quality]
+    )
+    return FusedOutput(party=ctx.party, table=ref, schema_file=schema_file, features=features, quality=quality)
+
+
+_cached = {"cache_key_fn": content_cache_key, "persist_result": True}
+
+preprocess_source = task(name="preprocess-source", **_cached, **IO_RETRIES)(run_preprocess)  # type: ignore[call-overload]
+extract_features = task(name="extract-features", **_cached)(run_features)  # type: ignore[call-overload]
+align_source = task(name="align-source", **_cached)(run_align)  # type: ignore[call-overload]
+fuse_party = task(name="fuse-party", **_cached)(run_fuse)  # type: ignore[call-overload]

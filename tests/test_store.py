@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import BinaryIO
+
+import fsspec
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from storage.store import IntegrityError, Store, fingerprint, read_table
+
+FRAME = pl.DataFrame({"k": ["a", "b", "c"], "x": [1.0, 2.5, None]})
+
+
+def test_local_store_writes_content_addressed_parquet(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "party"))
+    ref = store.write_table(FRAME, "clean", "tx")
+    data = (tmp_path / "party" / "clean" / f"tx-{ref.sha256[:12]}.parquet").read_bytes()
+    assert ref.uri == str(tmp_path / "party" / "clean" / f"tx-{ref.sha256[:12]}.parquet")
+    assert hashlib.sha256(data).hexdigest() == ref.sha256
+    assert ref.rows == 3
+    assert ref.columns == {"k": "String", "x": "Float64"}
+    assert sorted(p.name for p in (tmp_path / "party").rglob("*")) == ["clean", Path(ref.uri).name]
+    assert_frame_equal(read_table(ref, verify=True), FRAME)
+    # same content, same name: idempotent
+    assert store.write_table(FRAME, "clean", "tx") == ref
+
+
+def test_memory_store_exact_paths() -> None:
+    root = "memory://fedfuse-test-store/party-a"
+    store = Store(root)
+    ref = store.write_table(FRAME, "fused", "fused")
+    report = store.write_json("reports", "quality.json", {"rows": 3})
+    fs = fsspec.filesystem("memory")
+    written = sorted(fs.find("/fedfuse-test-store/party-a"))
+    assert written == [
+        f"/fedfuse-test-store/party-a/fused/fused-{ref.sha256[:12]}.parquet",
+        "/fedfuse-test-store/party-a/reports/quality.json",
+    ]
+    assert ref.uri == f"{root}/fused/fused-{ref.sha256[:12]}.parquet"
+    assert report.uri == f"{root}/reports/quality.json"
+    assert_frame_equal(read_table(ref, verify=True), FRAME)
+    assert store.read_json("reports", "quality.json") == {"rows": 3}
+    fs.rm("/fedfuse-test-store", recursive=True)
+
+
+def test_failed_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer killed half-way leaves neither a partial table nor a temporary file."""
+
+    def half_write(table: object, handle: BinaryIO, **_: object) -> None:
+        handle.write(b"PAR1 half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("storage.store.pq.write_table", half_write)
+    store = Store(str(tmp_path))
+    with pytest.raises(OSError, match="disk full"):
+        store.write_table(FRAME, "clean", "broken")
+    assert list((tmp_path / "clean").iterdir()) == []
+
+
+def test_tampered_file_is_detected(tmp_path: Path) -> None:
+    ref = Store(str(tmp_path)).write_table(FRAME, "clean", "tx")
+    Path(ref.uri).write_bytes(b"not parquet")
+    with pytest.raises(IntegrityError, match="content hash"):
+        read_table(ref, verify=True)
+
+
+def test_fingerprint_and_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "raw.csv"
+    path.write_text("a,b\n1,2\n")
+    ref = fingerprint(str(path))
+    assert ref.sha256 == hashlib.sha256(b"a,b\n1,2\n").hexdigest()
+    assert ref.size == 8
+    with pytest.raises(FileNotFoundError, match="missing.csv: no such file"):
+        fingerprint(str(tmp_path / "missing.csv"))
