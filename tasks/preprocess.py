@@ -22,7 +22,7 @@ from tasks.units import to_canonical
 REPLACEMENT_CHAR = "\ufffd"
 _TRUE = ("true", "1", "yes", "y", "t")
 _FALSE = ("false", "0", "no", "n", "f")
-_ISO_FORMATS_TZ = ("%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%.f%z", "%Y-%m-%dT%H:%M:%S%z")
+_ISO_FORMATS_TZ = ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z")
 _ISO_FORMATS_NAIVE = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d")
 
 
@@ -360,7 +360,8 @@ def device_map(
         raw, spec.columns, file=spec.path, key=None, normalisation=normalisation, vocabularies={}
     )
     frame = frame.with_columns(
-        normalise_key(pl.col(DEVICE), normalisation), normalise_key(pl.col(entity), normalisation)
+        normalise_key(pl.col(DEVICE), normalisation).alias(DEVICE),
+        normalise_key(pl.col(entity), normalisation).alias(entity),
     ).filter(pl.col(DEVICE).is_not_null() & pl.col(entity).is_not_null())
     pairs = frame.select(DEVICE, entity).unique()
     clash = pairs.group_by(DEVICE).agg(pl.col(entity).sort()).filter(pl.col(entity).list.len() > 1)

@@ -17,9 +17,7 @@ from storage.sources import read_source
 from storage.store import FileRef, Store, TableRef, fingerprint, read_table, scan_table
 from tasks.align import FeatureColumn, align_features, fuse_tables
 from tasks.caching import content_cache_key
-from tasks.features_events import events_features
 from tasks.features_table import entity_attributes, transaction_features
-from tasks.features_text import text_features
 from tasks.preprocess import QualityReport, preprocess
 from tasks.spec import FedSpec, SecretRef, SourceSpec, label_source
 from tasks.types import CATEGORY, DEVICE, ERROR, TIMESTAMP, JoinKind, KeyNormalisation, Objective
@@ -151,8 +149,12 @@ def run_features(ctx: PartyContext, source: SourceSpec, cleaned: CleanOutput) ->
             read_table(clean), entity=ctx.entity, as_of=ctx.as_of, columns=source.columns
         )
     elif source.kind == "text":
+        from tasks.features_text import text_features  # loads language models: only when needed
+
         frame = text_features(read_table(clean), entity=ctx.entity, as_of=ctx.as_of, options=options)
     else:
+        from tasks.features_events import events_features
+
         frame = events_features(
             scan_table(clean),
             entity=ctx.entity,

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.factories import write_tiny
+from tests.prefect_server import running_server
 
 
 @pytest.fixture
@@ -22,3 +24,20 @@ def tiny_spec(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_table_spec(tmp_path: Path) -> Path:
     return write_tiny(tmp_path, with_text_events=False)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Opt-in: a real Prefect server for the whole session, the client pointed at it."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_HOME,
+        temporary_settings,
+    )
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with running_server(home) as url, temporary_settings(
+        {PREFECT_API_URL: url, PREFECT_HOME: str(home), PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    ):
+        yield url
