@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture, wait
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows import progress
 from tasks.spec import FedSpec, load_spec
@@ -27,12 +27,16 @@ from tasks.steps import (
 )
 
 
+def _threads(workers: int) -> TaskRunner[PrefectFuture[Any]]:
+    return cast("TaskRunner[PrefectFuture[Any]]", ThreadPoolTaskRunner(max_workers=workers))
+
+
 def _options(spec: FedSpec, refresh: bool) -> dict[str, Any]:
     results = spec.run.results or ".fedfuse/results"
     return {"result_storage": Path(results), "refresh_cache": refresh}
 
 
-@flow(name="party-pipeline", persist_result=True, task_runner=ThreadPoolTaskRunner(max_workers=4))
+@flow(name="party-pipeline", persist_result=True, task_runner=_threads(4))
 def party_pipeline(
     spec_path: str, party: str, as_of: dt.date | None = None, refresh: bool = False
 ) -> FusedOutput:
@@ -47,13 +51,17 @@ def party_pipeline(
     for source in sources:
         raw = fingerprint_source.submit(source.path)
         emap = (
-            fingerprint_source.submit(source.entity_map.path) if source.entity_map is not None else None
+            fingerprint_source.submit(source.entity_map.path)
+            if source.entity_map is not None
+            else None
         )
-        clean = preprocess_source.with_options(**opts).submit(ctx, source, raw, emap)
+        # futures as arguments: Prefect resolves them (its stubs only type plain values)
+        clean = preprocess_source.with_options(**opts).submit(ctx, source, raw, emap)  # type: ignore[call-overload]
         feats = extract_features.with_options(**opts).submit(ctx, source, clean)
-        aligned = align_source.with_options(**opts).submit(ctx, source, feats, tag)
+        aligned = align_source.with_options(**opts).submit(ctx, source, feats, tag)  # type: ignore[call-overload]
         futures[source.id] = (clean, aligned)
-    wait([f for pair in futures.values() for f in pair])
+    pending: list[PrefectFuture[Any]] = [f for pair in futures.values() for f in pair]
+    wait(pending)
     cleaned = [futures[s.id][0].result() for s in sources]
     aligned_outputs = [futures[s.id][1].result() for s in sources]
     for out in cleaned:
@@ -75,9 +83,12 @@ def party_pipeline(
 
 
 @task(name="run-party-pipeline")
-def run_party_pipeline(spec_path: str, party: str, as_of: dt.date | None, refresh: bool) -> FusedOutput:
+def run_party_pipeline(
+    spec_path: str, party: str, as_of: dt.date | None, refresh: bool
+) -> FusedOutput:
     """Runs one party's pipeline as a subflow, so parties can run side by side."""
-    return party_pipeline(spec_path, party, as_of=as_of, refresh=refresh)
+    result: FusedOutput = party_pipeline(spec_path, party, as_of=as_of, refresh=refresh)
+    return result
 
 
 def quality_rows(outputs: list[FusedOutput]) -> list[dict[str, Any]]:
@@ -92,15 +103,18 @@ def quality_rows(outputs: list[FusedOutput]) -> list[dict[str, Any]]:
                     "rows_out": q.rows_out,
                     "rejected": q.rows_rejected,
                     "duplicates": q.duplicates_removed,
-                    "reasons": "; ".join(f"{k}: {v}" for k, v in q.rejected_by_reason.items()) or "-",
+                    "reasons": "; ".join(f"{k}: {v}" for k, v in q.rejected_by_reason.items())
+                    or "-",
                     "max_null_rate": max(q.null_rates.values(), default=0.0),
                 }
             )
     return rows
 
 
-@flow(name="prepare", persist_result=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
-def prepare(spec_path: str, as_of: dt.date | None = None, refresh: bool = False) -> dict[str, FusedOutput]:
+@flow(name="prepare", persist_result=True, task_runner=_threads(2))
+def prepare(
+    spec_path: str, as_of: dt.date | None = None, refresh: bool = False
+) -> dict[str, FusedOutput]:
     """Run every party's pipeline (side by side where cores allow) and report data quality."""
     logger = get_run_logger()
     spec = load_spec(spec_path)
@@ -114,7 +128,9 @@ def prepare(spec_path: str, as_of: dt.date | None = None, refresh: bool = False)
     create_table_artifact(table=rows, key=f"{key}-quality", description="Data quality per source")
     lines = [f"# Prepared consortium `{spec.consortium.name}`", ""]
     for party, out in outputs.items():
-        lines.append(f"- **{party}**: `{out.table.uri}` ({out.table.rows} rows, {len(out.features)} features)")
+        lines.append(
+            f"- **{party}**: `{out.table.uri}` ({out.table.rows} rows, {len(out.features)} features)"
+        )
     create_markdown_artifact("\n".join(lines), key=f"{key}-prepared", description="Fused tables")
     logger.info("prepared %d parties", len(outputs))
     return outputs

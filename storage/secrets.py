@@ -27,7 +27,7 @@ def resolve_secret(*, env: str | None = None, block: str | None = None) -> bytes
             secret = Secret.load(block)
         except ValueError as exc:
             raise SecretError(f"no Prefect Secret block named {block!r}: {exc}") from exc
-        value = secret.get()
+        value = secret.get()  # type: ignore[union-attr]
         if not isinstance(value, str) or not value:
             raise SecretError(f"Prefect Secret block {block!r} holds no text secret")
         return value.encode()

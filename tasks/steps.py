@@ -22,7 +22,8 @@ from tasks.preprocess import QualityReport, preprocess
 from tasks.spec import FedSpec, SecretRef, SourceSpec, label_source
 from tasks.types import CATEGORY, DEVICE, ERROR, TIMESTAMP, JoinKind, KeyNormalisation, Objective
 
-IO_RETRIES = {"retries": 2, "retry_delay_seconds": [1, 5]}
+IO_RETRIES = 2
+IO_RETRY_DELAYS: list[float] = [1.0, 5.0]
 
 
 class PartyContext(BaseModel):
@@ -43,7 +44,9 @@ class PartyContext(BaseModel):
     join: JoinKind
 
     @classmethod
-    def from_spec(cls, spec: FedSpec, party_id: str, *, as_of: dt.date | None = None) -> PartyContext:
+    def from_spec(
+        cls, spec: FedSpec, party_id: str, *, as_of: dt.date | None = None
+    ) -> PartyContext:
         party = spec.party(party_id)
         holder = label_source(spec, party)
         return cls(
@@ -87,7 +90,7 @@ def secret_tag(ref: SecretRef) -> str:
     return secret_fingerprint(resolve_secret(env=ref.env, block=ref.block))
 
 
-@task(name="fingerprint-source", **IO_RETRIES)  # type: ignore[call-overload]
+@task(name="fingerprint-source", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
 def fingerprint_source(location: str) -> FileRef:
     """Hash a raw source where it lies (its content hash keys every later step)."""
     return fingerprint(location)
@@ -113,7 +116,11 @@ def run_preprocess(
     )
     store = Store(ctx.store)
     clean = store.write_table(result.clean, "clean", source.id)
-    rejected = store.write_table(result.rejected, "rejected", source.id) if result.rejected.height else None
+    rejected = (
+        store.write_table(result.rejected, "rejected", source.id)
+        if result.rejected.height
+        else None
+    )
     store.write_json("reports", f"quality-{source.id}.json", result.quality.model_dump(mode="json"))
     return CleanOutput(source=source.id, clean=clean, rejected=rejected, quality=result.quality)
 
@@ -151,7 +158,9 @@ def run_features(ctx: PartyContext, source: SourceSpec, cleaned: CleanOutput) ->
     elif source.kind == "text":
         from tasks.features_text import text_features  # loads language models: only when needed
 
-        frame = text_features(read_table(clean), entity=ctx.entity, as_of=ctx.as_of, options=options)
+        frame = text_features(
+            read_table(clean), entity=ctx.entity, as_of=ctx.as_of, options=options
+        )
     else:
         from tasks.features_events import events_features
 
@@ -186,7 +195,9 @@ def run_align(ctx: PartyContext, source: SourceSpec, features: TableRef, tag: st
     return AlignedOutput(source=source.id, table=ref, schema_=schema)
 
 
-def run_fuse(ctx: PartyContext, aligned: list[AlignedOutput], quality: list[QualityReport]) -> FusedOutput:
+def run_fuse(
+    ctx: PartyContext, aligned: list[AlignedOutput], quality: list[QualityReport]
+) -> FusedOutput:
     tables = {a.source: read_table(a.table) for a in aligned}
     fused = fuse_tables(tables, join=ctx.join)
     store = Store(ctx.store)
@@ -195,15 +206,23 @@ def run_fuse(ctx: PartyContext, aligned: list[AlignedOutput], quality: list[Qual
     schema_file = store.write_json(
         "fused", "feature-schema.json", [c.model_dump(mode="json") for c in features]
     )
-    store.write_json(
-        "reports", "quality.json", [q.model_dump(mode="json") for q in quality]
+    store.write_json("reports", "quality.json", [q.model_dump(mode="json") for q in quality])
+    return FusedOutput(
+        party=ctx.party, table=ref, schema_file=schema_file, features=features, quality=quality
     )
-    return FusedOutput(party=ctx.party, table=ref, schema_file=schema_file, features=features, quality=quality)
 
 
-_cached = {"cache_key_fn": content_cache_key, "persist_result": True}
-
-preprocess_source = task(name="preprocess-source", **_cached, **IO_RETRIES)(run_preprocess)  # type: ignore[call-overload]
-extract_features = task(name="extract-features", **_cached)(run_features)  # type: ignore[call-overload]
-align_source = task(name="align-source", **_cached)(run_align)  # type: ignore[call-overload]
-fuse_party = task(name="fuse-party", **_cached)(run_fuse)  # type: ignore[call-overload]
+preprocess_source = task(
+    name="preprocess-source",
+    cache_key_fn=content_cache_key,
+    persist_result=True,
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+)(run_preprocess)
+extract_features = task(
+    name="extract-features", cache_key_fn=content_cache_key, persist_result=True
+)(run_features)
+align_source = task(name="align-source", cache_key_fn=content_cache_key, persist_result=True)(
+    run_align
+)
+fuse_party = task(name="fuse-party", cache_key_fn=content_cache_key, persist_result=True)(run_fuse)

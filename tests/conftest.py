@@ -37,7 +37,13 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
 
     home = tmp_path_factory.mktemp("prefect-home")
-    with running_server(home) as url, temporary_settings(
-        {PREFECT_API_URL: url, PREFECT_HOME: str(home), PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    with (
+        running_server(home) as url,
+        temporary_settings(
+            {PREFECT_API_URL: url, PREFECT_HOME: str(home), PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+        ),
     ):
         yield url
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler().flush()  # deliver pending run logs before the server stops
