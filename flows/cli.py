@@ -77,7 +77,9 @@ def validate(spec: Annotated[Path, typer.Argument(help="Consortium spec (TOML)")
 @app.command("demo-data")
 def demo_data(
     out: Annotated[Path, typer.Argument(help="Folder to write the spec and raw sources to")],
-    layout: Annotated[Literal["horizontal", "vertical"], typer.Option(help="Consortium layout")] = "horizontal",
+    layout: Annotated[
+        Literal["horizontal", "vertical"], typer.Option(help="Consortium layout")
+    ] = "horizontal",
     parties: Annotated[int, typer.Option(min=1, help="Number of parties (horizontal)")] = 3,
     customers: Annotated[int, typer.Option(min=10, help="Customers in the consortium")] = 5000,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes)")] = 0,
@@ -132,7 +134,20 @@ def _print_prepared(outputs: dict[str, object]) -> None:
     for column in ("party", "source", "rows_in", "rows_out", "rejected", "duplicates", "reasons"):
         table.add_column(column, overflow="fold")
     for row in quality_rows(fused):
-        table.add_row(*(str(row[c]) for c in ("party", "source", "rows_in", "rows_out", "rejected", "duplicates", "reasons")))
+        table.add_row(
+            *(
+                str(row[c])
+                for c in (
+                    "party",
+                    "source",
+                    "rows_in",
+                    "rows_out",
+                    "rejected",
+                    "duplicates",
+                    "reasons",
+                )
+            )
+        )
     console.print(table)
     for out in fused:
         console.print(
@@ -144,8 +159,13 @@ def _print_prepared(outputs: dict[str, object]) -> None:
 @app.command()
 def prepare(
     spec: Annotated[Path, typer.Argument(help="Consortium spec (TOML)")],
-    as_of: Annotated[dt.datetime | None, typer.Option(formats=["%Y-%m-%d"], help="Feature window end (default: the spec's)")] = None,
-    refresh: Annotated[bool, typer.Option(help="Recompute every step, ignoring cached results")] = False,
+    as_of: Annotated[
+        dt.datetime | None,
+        typer.Option(formats=["%Y-%m-%d"], help="Feature window end (default: the spec's)"),
+    ] = None,
+    refresh: Annotated[
+        bool, typer.Option(help="Recompute every step, ignoring cached results")
+    ] = False,
 ) -> None:
     """Run every party's pipeline (preprocess, features, align, fuse) as Prefect flows."""
     _quiet_prefect()
@@ -155,14 +175,20 @@ def prepare(
 
         load_spec(str(spec))  # fail fast with key paths before any flow starts
         with progress_display():
-            outputs = prepare_flow(str(spec.resolve()), as_of=as_of.date() if as_of else None, refresh=refresh)
+            outputs = prepare_flow(
+                str(spec.resolve()), as_of=as_of.date() if as_of else None, refresh=refresh
+            )
         _print_prepared(dict(outputs))
 
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Working folder for the demo consortium")] = Path("demo-out"),
-    layout: Annotated[Literal["horizontal", "vertical"], typer.Option(help="Consortium layout")] = "horizontal",
+    out: Annotated[Path, typer.Option(help="Working folder for the demo consortium")] = Path(
+        "demo-out"
+    ),
+    layout: Annotated[
+        Literal["horizontal", "vertical"], typer.Option(help="Consortium layout")
+    ] = "horizontal",
     parties: Annotated[int, typer.Option(min=1)] = 3,
     customers: Annotated[int, typer.Option(min=10)] = 5000,
     seed: Annotated[int, typer.Option()] = 0,
@@ -176,7 +202,9 @@ def demo(
         )
     from tasks.demo import write_demo_consortium
 
-    spec = write_demo_consortium(str(out), layout=layout, parties=parties, customers=customers, seed=seed)
+    spec = write_demo_consortium(
+        str(out), layout=layout, parties=parties, customers=customers, seed=seed
+    )
     console.print(f"demo consortium written: [bold]{spec}[/]", highlight=False)
     with _reported():
         from flows.prepare import prepare as prepare_flow

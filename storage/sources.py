@@ -126,7 +126,9 @@ def _read_jsonl(location: str, encoding: str) -> RawSource:
         try:
             text = line.decode(encoding)
         except UnicodeDecodeError as exc:
-            bad.append((number, line.decode("utf-8", "replace"), f"invalid {encoding} ({exc.reason})"))
+            bad.append(
+                (number, line.decode("utf-8", "replace"), f"invalid {encoding} ({exc.reason})")
+            )
             continue
         try:
             record = json.loads(text)
@@ -146,7 +148,9 @@ def _read_jsonl(location: str, encoding: str) -> RawSource:
             columns.setdefault(key, [None] * len(records))
         for key, value in record.items():
             columns[key][i] = (
-                value if value is None or isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+                value
+                if value is None or isinstance(value, str)
+                else json.dumps(value, ensure_ascii=False)
             )
     frame = pl.DataFrame(
         {key: pl.Series(key, values, dtype=pl.String) for key, values in columns.items()}

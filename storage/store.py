@@ -153,7 +153,9 @@ class Store:
         except BaseException:
             self._discard(tmp)
             raise
-        return FileRef(uri=self._uri(final), sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+        return FileRef(
+            uri=self._uri(final), sha256=hashlib.sha256(data).hexdigest(), size=len(data)
+        )
 
     def write_json(self, layer: Layer, name: str, obj: Any) -> FileRef:
         text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str)
@@ -199,7 +201,9 @@ class Store:
         with fs.open(path, "rb") as handle:
             sha, _ = _hash_stream(handle)
         if sha != ref.sha256:
-            raise IntegrityError(f"{ref.uri}: content hash {sha[:12]} != referenced {ref.sha256[:12]}")
+            raise IntegrityError(
+                f"{ref.uri}: content hash {sha[:12]} != referenced {ref.sha256[:12]}"
+            )
 
     def read_table(self, ref: TableRef, *, verify: bool = False) -> pl.DataFrame:
         return read_table(ref, verify=verify)
@@ -209,7 +213,9 @@ class Store:
             return json.loads(handle.read().decode())
 
 
-def read_table(ref: TableRef, *, verify: bool = False, columns: list[str] | None = None) -> pl.DataFrame:
+def read_table(
+    ref: TableRef, *, verify: bool = False, columns: list[str] | None = None
+) -> pl.DataFrame:
     """Read a referenced table (optionally checking its content hash first)."""
     fs, path = filesystem(ref.uri)
     if not fs.exists(path):
@@ -218,7 +224,9 @@ def read_table(ref: TableRef, *, verify: bool = False, columns: list[str] | None
         with fs.open(path, "rb") as handle:
             sha, _ = _hash_stream(handle)
         if sha != ref.sha256:
-            raise IntegrityError(f"{ref.uri}: content hash {sha[:12]} != referenced {ref.sha256[:12]}")
+            raise IntegrityError(
+                f"{ref.uri}: content hash {sha[:12]} != referenced {ref.sha256[:12]}"
+            )
     if not is_uri(ref.uri):
         return pl.read_parquet(path, columns=columns)
     with fs.open(path, "rb") as handle:

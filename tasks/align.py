@@ -50,12 +50,16 @@ def hash_keys(keys: pl.Series, secret: bytes) -> pl.Series:
     return pl.Series(ENTITY_HASH, values, dtype=pl.String)
 
 
-def encode_label(values: pl.Series, *, task: Objective, vocabulary: Sequence[str] | None) -> pl.Series:
+def encode_label(
+    values: pl.Series, *, task: Objective, vocabulary: Sequence[str] | None
+) -> pl.Series:
     """Labels as model targets: binary 0/1, multiclass class index, regression float."""
     if task == "multiclass" and values.dtype == pl.String:
         if vocabulary is None:
             raise AlignError(f"multiclass label '{values.name}' is text but has no vocabulary")
-        return values.replace_strict(list(vocabulary), list(range(len(vocabulary))), default=None, return_dtype=pl.Float64).alias(LABEL)
+        return values.replace_strict(
+            list(vocabulary), list(range(len(vocabulary))), default=None, return_dtype=pl.Float64
+        ).alias(LABEL)
     return values.cast(pl.Float64).alias(LABEL)
 
 
@@ -92,18 +96,35 @@ def align_features(
                 .alias(canonical)
             )
             schema.append(
-                FeatureColumn(name=canonical, dtype="category", party=party, source=source, modality=modality, vocabulary=list(vocab))
+                FeatureColumn(
+                    name=canonical,
+                    dtype="category",
+                    party=party,
+                    source=source,
+                    modality=modality,
+                    vocabulary=list(vocab),
+                )
             )
         elif dtype.is_numeric() or dtype == pl.Boolean:
             exprs.append(pl.col(name).cast(pl.Float64).alias(canonical))
-            schema.append(FeatureColumn(name=canonical, dtype="float", party=party, source=source, modality=modality))
+            schema.append(
+                FeatureColumn(
+                    name=canonical, dtype="float", party=party, source=source, modality=modality
+                )
+            )
         else:
             raise AlignError(f"{party}/{source}: feature '{name}' has unsupported dtype {dtype}")
     columns: list[pl.Series | pl.Expr] = [hash_keys(features[entity], secret)]
     if label_column is not None:
-        columns.append(encode_label(features[label_column], task=task, vocabulary=vocabularies.get(label_column)))
-    aligned = features.select(exprs).with_columns(columns).select(
-        ENTITY_HASH, *([LABEL] if label_column else []), *(c.name for c in schema)
+        columns.append(
+            encode_label(
+                features[label_column], task=task, vocabulary=vocabularies.get(label_column)
+            )
+        )
+    aligned = (
+        features.select(exprs)
+        .with_columns(columns)
+        .select(ENTITY_HASH, *([LABEL] if label_column else []), *(c.name for c in schema))
     )
     return aligned.sort(ENTITY_HASH), schema
 

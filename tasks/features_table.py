@@ -70,16 +70,13 @@ def transaction_features(
 
         out = out.with_columns(rate_change("count"), rate_change("amount"))
     if categories and CATEGORY in clean.collect_schema().names():
-        shares = (
-            lf.group_by(entity)
-            .agg(
-                [
-                    (pl.col(AMOUNT).filter(pl.col(CATEGORY) == c).sum() / pl.col(AMOUNT).sum()).alias(
-                        f"share_{c}"
-                    )
-                    for c in categories
-                ]
-            )
+        shares = lf.group_by(entity).agg(
+            [
+                (pl.col(AMOUNT).filter(pl.col(CATEGORY) == c).sum() / pl.col(AMOUNT).sum()).alias(
+                    f"share_{c}"
+                )
+                for c in categories
+            ]
         )
         out = out.join(shares, on=entity, how="left", validate="1:1")
     return out.sort(entity).collect()
@@ -106,7 +103,9 @@ def entity_attributes(
                 exprs.append(pl.col(name).cast(pl.Float64))
             case "date":
                 exprs.append(
-                    _days_before(end, pl.col(name).cast(pl.Datetime("us", "UTC"))).alias(f"{name}_days")
+                    _days_before(end, pl.col(name).cast(pl.Datetime("us", "UTC"))).alias(
+                        f"{name}_days"
+                    )
                 )
             case "datetime":
                 exprs.append(_days_before(end, pl.col(name)).alias(f"{name}_days"))

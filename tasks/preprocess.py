@@ -84,9 +84,11 @@ def _to_datetime(expr: pl.Expr, dtype: pl.DataType, column: ColumnSpec) -> pl.Ex
     zone = column.tz or "UTC"
     if isinstance(dtype, pl.Datetime):
         if dtype.time_zone is None:
-            return expr.cast(pl.Datetime("us")).dt.replace_time_zone(
-                zone, ambiguous="earliest", non_existent="null"
-            ).dt.convert_time_zone("UTC")
+            return (
+                expr.cast(pl.Datetime("us"))
+                .dt.replace_time_zone(zone, ambiguous="earliest", non_existent="null")
+                .dt.convert_time_zone("UTC")
+            )
         return expr.cast(pl.Datetime("us", dtype.time_zone)).dt.convert_time_zone("UTC")
     if isinstance(dtype, pl.Date):
         return _to_datetime(expr.cast(pl.Datetime("us")), pl.Datetime("us"), column)
@@ -96,9 +98,12 @@ def _to_datetime(expr: pl.Expr, dtype: pl.DataType, column: ColumnSpec) -> pl.Ex
         parsed = text.str.to_datetime(column.format, strict=False, time_unit="us", exact=True)
         if aware:
             return parsed.dt.convert_time_zone("UTC")
-        return parsed.dt.replace_time_zone(zone, ambiguous="earliest", non_existent="null").dt.convert_time_zone("UTC")
+        return parsed.dt.replace_time_zone(
+            zone, ambiguous="earliest", non_existent="null"
+        ).dt.convert_time_zone("UTC")
     attempts = [
-        text.str.to_datetime(f, strict=False, time_unit="us", time_zone="UTC") for f in _ISO_FORMATS_TZ
+        text.str.to_datetime(f, strict=False, time_unit="us", time_zone="UTC")
+        for f in _ISO_FORMATS_TZ
     ] + [
         text.str.to_datetime(f, strict=False, time_unit="us")
         .dt.replace_time_zone(zone, ambiguous="earliest", non_existent="null")
@@ -124,7 +129,11 @@ def _to_bool(expr: pl.Expr, dtype: pl.DataType, column: ColumnSpec) -> pl.Expr:
         text = text.replace(column.values)
     lowered = text.str.to_lowercase()
     return (
-        pl.when(lowered.is_in(_TRUE)).then(True).when(lowered.is_in(_FALSE)).then(False).otherwise(None)
+        pl.when(lowered.is_in(_TRUE))
+        .then(True)
+        .when(lowered.is_in(_FALSE))
+        .then(False)
+        .otherwise(None)
     )
 
 
@@ -140,9 +149,17 @@ def coerce(expr: pl.Expr, dtype: pl.DataType, column: ColumnSpec) -> pl.Expr:
         case "int":
             if dtype.is_integer():
                 return to_canonical(expr, column.unit) if column.unit else expr.cast(pl.Int64)
-            num = _string(expr, dtype).cast(pl.Float64, strict=False) if dtype == pl.String else expr.cast(pl.Float64, strict=False)
+            num = (
+                _string(expr, dtype).cast(pl.Float64, strict=False)
+                if dtype == pl.String
+                else expr.cast(pl.Float64, strict=False)
+            )
             whole = pl.when(num == num.round(0)).then(num).otherwise(None)
-            return to_canonical(whole, column.unit) if column.unit else whole.cast(pl.Int64, strict=False)
+            return (
+                to_canonical(whole, column.unit)
+                if column.unit
+                else whole.cast(pl.Int64, strict=False)
+            )
         case "float":
             num = (
                 _string(expr, dtype).cast(pl.Float64, strict=False)
@@ -192,20 +209,26 @@ def coerce_frame(
     for canonical, column in columns.items():
         name = _raw_name(canonical, column)
         src, dtype = pl.col(name), schema[name]
-        if canonical == key:
-            out = normalise_key(src, normalisation)
-        else:
-            out = coerce(src, dtype, column)
+        out = normalise_key(src, normalisation) if canonical == key else coerce(src, dtype, column)
         values.append(out.alias(canonical))
         present = _present(src, dtype)
         shown = src.cast(pl.String).str.slice(0, 40)
         reasons.append(
-            pl.when(present & out.is_null())
-            .then(pl.format("column '{}' ({}): cannot parse {} as {}", pl.lit(name), pl.lit(canonical), shown, pl.lit(column.dtype)))
+            pl.when(present & out.is_null()).then(
+                pl.format(
+                    "column '{}' ({}): cannot parse {} as {}",
+                    pl.lit(name),
+                    pl.lit(canonical),
+                    shown,
+                    pl.lit(column.dtype),
+                )
+            )
         )
         if column.required or canonical == key:
             reasons.append(
-                pl.when(~present).then(pl.lit(f"column '{name}' ({canonical}): required value missing"))
+                pl.when(~present).then(
+                    pl.lit(f"column '{name}' ({canonical}): required value missing")
+                )
             )
         if dtype == pl.String:
             reasons.append(
@@ -225,7 +248,10 @@ def coerce_frame(
             unknown[canonical] = outside.height
         fallback = pl.lit("other") if "other" in vocab else pl.lit(None, pl.String)
         updates.append(
-            pl.when(pl.col(canonical).is_in(vocab)).then(pl.col(canonical)).otherwise(fallback).alias(canonical)
+            pl.when(pl.col(canonical).is_in(vocab))
+            .then(pl.col(canonical))
+            .otherwise(fallback)
+            .alias(canonical)
         )
     if updates:
         frame = frame.with_columns(updates)
@@ -263,7 +289,9 @@ def preprocess(
     if source.kind == "events":
         if entity_map is None or source.entity_map is None:
             raise PreprocessError(f"{source.path}: events source needs its entity map")
-        mapping = device_map(entity_map, source.entity_map, entity=entity, normalisation=normalisation)
+        mapping = device_map(
+            entity_map, source.entity_map, entity=entity, normalisation=normalisation
+        )
         frame = frame.join(mapping, on=DEVICE, how="left")
         frame = frame.with_columns(
             pl.when(pl.col(REASON).is_null() & pl.col(entity).is_null())
@@ -282,20 +310,19 @@ def preprocess(
     good = good.filter(pl.col(ROW) == pl.col("__first")).drop("__first")
     conflicts = pl.DataFrame(schema={ROW: pl.Int64, REASON: pl.String})
     if source.kind == "table" and source.grain == "entity":
-        counts = good.group_by(entity).agg(pl.col(ROW).sort().alias("__rows"), pl.len().alias("__n"))
+        counts = good.group_by(entity).agg(
+            pl.col(ROW).sort().alias("__rows"), pl.len().alias("__n")
+        )
         clash = counts.filter(pl.col("__n") > 1)
         if clash.height:
-            conflicts = (
-                good.join(clash, on=entity)
-                .select(
-                    ROW,
-                    pl.format(
-                        "duplicate key '{}' in column '{}' (rows {}): one row per entity required",
-                        pl.col(entity),
-                        pl.lit(_raw_name(entity, source.columns[entity])),
-                        pl.col("__rows").cast(pl.List(pl.String)).list.join(", "),
-                    ).alias(REASON),
-                )
+            conflicts = good.join(clash, on=entity).select(
+                ROW,
+                pl.format(
+                    "duplicate key '{}' in column '{}' (rows {}): one row per entity required",
+                    pl.col(entity),
+                    pl.lit(_raw_name(entity, source.columns[entity])),
+                    pl.col("__rows").cast(pl.List(pl.String)).list.join(", "),
+                ).alias(REASON),
             )
             good = good.join(clash.select(entity), on=entity, how="anti")
     reasons = pl.concat([bad, dupes, conflicts]).sort(ROW)
@@ -333,14 +360,14 @@ def _reason_kind(reason: str) -> str:
     """Group reasons by kind: drop the row-specific value part."""
     for marker in (": cannot parse", ": required value missing", ": invalid UTF-8"):
         if marker in reason:
-            return reason.split(marker)[0] + marker
+            return reason.split(marker, maxsplit=1)[0] + marker
     if reason.startswith("exact duplicate"):
         return "exact duplicate"
     if reason.startswith("duplicate key"):
         return "duplicate key (one row per entity required)"
     if reason.startswith("device"):
         return "device not in entity map"
-    return reason.split(" (")[0]
+    return reason.split(" (", maxsplit=1)[0]
 
 
 def _reason_counts(reasons: pl.DataFrame, bad_lines: list[tuple[int, str, str]]) -> dict[str, int]:

@@ -379,25 +379,24 @@ def semantic_problems(spec: FedSpec) -> list[SpecProblem]:
                         ),
                     )
                 )
-    else:
-        if label.party is None:
-            add(SpecProblem(path="consortium.label.party", message="vertical layout needs it"))
-        elif label.party not in seen_parties:
-            add(
-                SpecProblem(
-                    path="consortium.label.party", message=f"no party with id {label.party!r}"
-                )
+    elif label.party is None:
+        add(SpecProblem(path="consortium.label.party", message="vertical layout needs it"))
+    elif label.party not in seen_parties:
+        add(
+            SpecProblem(
+                path="consortium.label.party", message=f"no party with id {label.party!r}"
             )
-        elif label_holders != [label.party]:
-            add(
-                SpecProblem(
-                    path="consortium.label",
-                    message=(
-                        f"vertical layout: exactly party {label.party!r} must map the label "
-                        f"column '{label.column}'; found it at {label_holders}"
-                    ),
-                )
+        )
+    elif label_holders != [label.party]:
+        add(
+            SpecProblem(
+                path="consortium.label",
+                message=(
+                    f"vertical layout: exactly party {label.party!r} must map the label "
+                    f"column '{label.column}'; found it at {label_holders}"
+                ),
             )
+        )
     if spec.consortium.task == "multiclass" and label.num_classes is None:
         add(SpecProblem(path="consortium.label.num_classes", message="multiclass needs it"))
     if spec.fusion.weights is not None:

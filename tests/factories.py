@@ -122,8 +122,18 @@ TRANSACTIONS_A = (
 
 def feedback_lines() -> list[dict[str, Any]]:
     return [
-        {"user": "C1", "comment": "Terrible service, I am cancelling", "stars": 1, "at": "2026-03-01T10:00:00+01:00"},
-        {"user": "C2", "comment": "服务很好，非常满意", "stars": 5, "at": "2026-03-02T10:00:00+08:00"},
+        {
+            "user": "C1",
+            "comment": "Terrible service, I am cancelling",
+            "stars": 1,
+            "at": "2026-03-01T10:00:00+01:00",
+        },
+        {
+            "user": "C2",
+            "comment": "服务很好，非常满意",
+            "stars": 5,
+            "at": "2026-03-02T10:00:00+08:00",
+        },
         {"user": "C3", "comment": "", "stars": 3, "at": "2026-03-03T10:00:00Z"},
         {"user": "C4", "comment": "😡😡", "stars": None, "at": "2026-03-04T10:00:00Z"},
     ]

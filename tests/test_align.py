@@ -29,7 +29,12 @@ def test_hash_keys_is_hmac_sha256() -> None:
 
 def test_align_names_dtypes_vocabulary_and_label() -> None:
     features = pl.DataFrame(
-        {"customer_id": ["c2", "c1"], "churned": [True, False], "plan": ["plus", "gold"], "age": [30, 41]}
+        {
+            "customer_id": ["c2", "c1"],
+            "churned": [True, False],
+            "plan": ["plus", "gold"],
+            "age": [30, 41],
+        }
     )
     aligned, schema = align_features(
         features,
@@ -70,7 +75,9 @@ def test_fuse_left_keeps_labelled_entities_and_validates() -> None:
     inner = fuse_tables({"customers": labels, "txn": txn}, join="inner")
     assert inner[ENTITY_HASH].to_list() == ["k1", "k3"]
     with pytest.raises(AlignError, match="duplicate entity key"):
-        fuse_tables({"customers": labels, "txn": _aligned(["k1", "k1"], t__n=[1.0, 2.0])}, join="left")
+        fuse_tables(
+            {"customers": labels, "txn": _aligned(["k1", "k1"], t__n=[1.0, 2.0])}, join="left"
+        )
     with pytest.raises(AlignError, match="column 'p__x' is in both"):
         fuse_tables({"customers": labels, "other": _aligned(["k1"], p__x=[1.0])}, join="left")
 
@@ -90,11 +97,18 @@ def test_transaction_features_windows_and_shares() -> None:
         dt.datetime(2026, 4, 2, tzinfo=dt.UTC),  # after as_of: ignored
     ]
     clean = pl.DataFrame(
-        {"customer_id": ["c1"] * 4, "timestamp": ts, "amount": [10.0, 30.0, 60.0, 1000.0],
-         "category": ["grocery", "travel", "grocery", "grocery"]}
+        {
+            "customer_id": ["c1"] * 4,
+            "timestamp": ts,
+            "amount": [10.0, 30.0, 60.0, 1000.0],
+            "category": ["grocery", "travel", "grocery", "grocery"],
+        }
     )
     out = transaction_features(
-        clean, entity="customer_id", as_of=dt.date(2026, 3, 31), windows=[30, 90],
+        clean,
+        entity="customer_id",
+        as_of=dt.date(2026, 3, 31),
+        windows=[30, 90],
         categories=["grocery", "travel"],
     ).row(0, named=True)
     assert out["frequency"] == 3
@@ -109,7 +123,13 @@ def test_transaction_features_windows_and_shares() -> None:
 
 def test_entity_attributes_types() -> None:
     clean = pl.DataFrame(
-        {"customer_id": ["c1"], "signup": [dt.date(2026, 3, 1)], "vip": [True], "plan": ["basic"], "note": ["x"]}
+        {
+            "customer_id": ["c1"],
+            "signup": [dt.date(2026, 3, 1)],
+            "vip": [True],
+            "plan": ["basic"],
+            "note": ["x"],
+        }
     )
     columns = {
         "customer_id": ColumnSpec(dtype="str"),
@@ -118,6 +138,8 @@ def test_entity_attributes_types() -> None:
         "plan": ColumnSpec(dtype="category"),
         "note": ColumnSpec(dtype="str"),
     }
-    out = entity_attributes(clean, entity="customer_id", as_of=dt.date(2026, 3, 31), columns=columns)
+    out = entity_attributes(
+        clean, entity="customer_id", as_of=dt.date(2026, 3, 31), columns=columns
+    )
     assert out.columns == ["customer_id", "signup_days", "vip", "plan"]
     assert out.row(0) == ("c1", 31.0, 1.0, "basic")

@@ -67,7 +67,9 @@ def test_missing_or_renamed_column(tiny_table_spec: Path) -> None:
 
 def test_wrong_dtype_is_quarantined_with_row_and_column(tiny_table_spec: Path) -> None:
     path = tiny_table_spec.parent / "raw" / "a" / "transactions.csv"
-    path.write_text(path.read_text().replace("C3,02/14/2026 12:00,300,groc", "C3,02/14/2026 12:00,3OO,groc"))
+    path.write_text(
+        path.read_text().replace("C3,02/14/2026 12:00,300,groc", "C3,02/14/2026 12:00,3OO,groc")
+    )
     out, _ = _run(tiny_table_spec, "transactions")
     rejected = pl.read_parquet(out.rejected.uri)  # type: ignore[attr-defined]
     row = rejected.filter(pl.col("__row") == 5)
@@ -95,7 +97,9 @@ def test_empty_file(tiny_table_spec: Path) -> None:
     (tiny_table_spec.parent / "raw" / "a" / "transactions.csv").write_text("")
     with pytest.raises(SourceError, match=r"transactions.csv: file is empty"):
         _run(tiny_table_spec, "transactions")
-    (tiny_table_spec.parent / "raw" / "a" / "transactions.csv").write_text("cust,when,amt_cents,cat\n")
+    (tiny_table_spec.parent / "raw" / "a" / "transactions.csv").write_text(
+        "cust,when,amt_cents,cat\n"
+    )
     with pytest.raises(SourceError, match=r"transactions.csv: file holds no data rows"):
         _run(tiny_table_spec, "transactions")
 
@@ -156,7 +160,9 @@ def test_unknown_device_is_quarantined(tiny_spec: Path) -> None:
     pl.DataFrame(
         {
             "dev": ["d1", "zz"],
-            "ts": pl.Series(["2026-03-01", "2026-03-02"]).str.to_datetime("%Y-%m-%d", time_zone="UTC"),
+            "ts": pl.Series(["2026-03-01", "2026-03-02"]).str.to_datetime(
+                "%Y-%m-%d", time_zone="UTC"
+            ),
             "wh": [1.0, 2.0],
             "status": ["OK", "OK"],
         }

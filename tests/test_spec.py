@@ -53,8 +53,14 @@ def test_semantic_problems_have_paths(tiny_table_spec: Path) -> None:
     data["parties"][0]["sources"][1]["columns"]["category"]["dtype"] = "category"
     del data["vocabularies"]["category"]
     problems = _problems(data)
-    assert "parties[1].sources: horizontal layout: party 'b' has no source mapping the label column 'churned'" in problems
-    assert any(p.startswith("parties[0].sources[1].columns.category:") and "vocabularies" in p for p in problems)
+    assert (
+        "parties[1].sources: horizontal layout: party 'b' has no source mapping the label column 'churned'"
+        in problems
+    )
+    assert any(
+        p.startswith("parties[0].sources[1].columns.category:") and "vocabularies" in p
+        for p in problems
+    )
 
 
 def test_secret_value_is_refused(tiny_table_spec: Path) -> None:

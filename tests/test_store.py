@@ -73,5 +73,5 @@ def test_fingerprint_and_missing_file(tmp_path: Path) -> None:
     ref = fingerprint(str(path))
     assert ref.sha256 == hashlib.sha256(b"a,b\n1,2\n").hexdigest()
     assert ref.size == 8
-    with pytest.raises(FileNotFoundError, match="missing.csv: no such file"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.csv: no such file"):
         fingerprint(str(tmp_path / "missing.csv"))
