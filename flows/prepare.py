@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture, wait
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows import progress
-from tasks.spec import FedSpec, load_spec
+from flows.common import artifact_key, task_options, threads
+from tasks.spec import load_spec
 from tasks.steps import (
     AlignedOutput,
     CleanOutput,
@@ -27,16 +26,7 @@ from tasks.steps import (
 )
 
 
-def _threads(workers: int) -> TaskRunner[PrefectFuture[Any]]:
-    return cast("TaskRunner[PrefectFuture[Any]]", ThreadPoolTaskRunner(max_workers=workers))
-
-
-def _options(spec: FedSpec, refresh: bool) -> dict[str, Any]:
-    results = spec.run.results or ".fedfuse/results"
-    return {"result_storage": Path(results), "refresh_cache": refresh}
-
-
-@flow(name="party-pipeline", persist_result=True, task_runner=_threads(4))
+@flow(name="party-pipeline", persist_result=True, task_runner=threads(4))
 def party_pipeline(
     spec_path: str, party: str, as_of: dt.date | None = None, refresh: bool = False
 ) -> FusedOutput:
@@ -44,7 +34,7 @@ def party_pipeline(
     logger = get_run_logger()
     spec = load_spec(spec_path)
     ctx = PartyContext.from_spec(spec, party, as_of=as_of)
-    opts = _options(spec, refresh)
+    opts = task_options(spec.run.results, refresh)
     tag = secret_tag(ctx.secret)
     sources = spec.party(party).sources
     futures: dict[str, tuple[PrefectFuture[CleanOutput], PrefectFuture[AlignedOutput]]] = {}
@@ -111,7 +101,7 @@ def quality_rows(outputs: list[FusedOutput]) -> list[dict[str, Any]]:
     return rows
 
 
-@flow(name="prepare", persist_result=True, task_runner=_threads(2))
+@flow(name="prepare", persist_result=True, task_runner=threads(2))
 def prepare(
     spec_path: str, as_of: dt.date | None = None, refresh: bool = False
 ) -> dict[str, FusedOutput]:
@@ -124,7 +114,7 @@ def prepare(
     wait(list(futures.values()))
     outputs = {party: future.result() for party, future in futures.items()}
     rows = quality_rows(list(outputs.values()))
-    key = _artifact_key(spec.consortium.name)
+    key = artifact_key(spec.consortium.name)
     create_table_artifact(table=rows, key=f"{key}-quality", description="Data quality per source")
     lines = [f"# Prepared consortium `{spec.consortium.name}`", ""]
     for party, out in outputs.items():
@@ -134,8 +124,3 @@ def prepare(
     create_markdown_artifact("\n".join(lines), key=f"{key}-prepared", description="Fused tables")
     logger.info("prepared %d parties", len(outputs))
     return outputs
-
-
-def _artifact_key(name: str) -> str:
-    """Artifact keys allow lowercase letters, digits and dashes only."""
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "fedfuse"

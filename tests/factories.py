@@ -177,3 +177,81 @@ def write_tiny(root: Path, *, with_text_events: bool = True) -> Path:
     spec = root / "spec.toml"
     spec.write_text(SPEC_HEAD.format() + PARTY_A.format(extra_a=extra) + PARTY_B.format())
     return spec
+
+
+def write_synthetic(root: Path, *, customers: int = 600, parties: int = 2, seed: int = 0) -> Path:
+    """A table-only horizontal consortium with signal in both sources (for training tests)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    blocks = []
+    for p in range(parties):
+        pid = f"p{p}"
+        (root / "raw" / pid).mkdir(parents=True)
+        n = customers // parties + 37 * p
+        z = rng.normal(size=n)
+        churn = rng.random(n) < 1 / (1 + np.exp(-(1.5 * z - 1.0)))
+        ids = [f"{pid}-{i}" for i in range(n)]
+        pl.DataFrame(
+            {
+                "id": ids,
+                "churn": churn,
+                "plan": rng.choice(["basic", "plus"], size=n).tolist(),
+                "age": (40 + 8 * rng.normal(size=n) - 3 * z).round(0),
+            }
+        ).write_parquet(root / "raw" / pid / "customers.parquet")
+        counts = rng.poisson(np.exp(1.6 - 0.6 * z))
+        owner = np.repeat(np.arange(n), counts)
+        days = rng.uniform(0, 120, size=len(owner)) * (1 + 0.5 * np.clip(z[owner], 0, None))
+        pl.DataFrame(
+            {
+                "id": [ids[i] for i in owner],
+                "ts": pl.Series(
+                    (
+                        np.datetime64("2026-03-31T23:00:00", "ms")
+                        - (days * 86_400_000).astype("timedelta64[ms]")
+                    )
+                ).dt.replace_time_zone("UTC"),
+                "value": np.round(rng.gamma(2.0, 20.0 * np.exp(-0.3 * z[owner])), 2),
+            }
+        ).write_parquet(root / "raw" / pid / "orders.parquet")
+        blocks.append(
+            f"""
+[[parties]]
+id = "{pid}"
+store = "stores/{pid}"
+
+[[parties.sources]]
+id = "customers"
+kind = "table"
+grain = "entity"
+path = "raw/{pid}/customers.parquet"
+[parties.sources.columns]
+customer_id = {{ from = "id", dtype = "str" }}
+churned = {{ from = "churn", dtype = "bool" }}
+plan = {{ from = "plan", dtype = "category" }}
+age = {{ from = "age", dtype = "float" }}
+
+[[parties.sources]]
+id = "orders"
+kind = "table"
+grain = "transaction"
+path = "raw/{pid}/orders.parquet"
+[parties.sources.columns]
+customer_id = {{ from = "id", dtype = "str", required = true }}
+timestamp = {{ from = "ts", dtype = "datetime", required = true }}
+amount = {{ from = "value", dtype = "float", required = true }}
+"""
+        )
+    head = SPEC_HEAD.format().replace('name = "tiny"', 'name = "synthetic"')
+    training = """
+[training]
+rounds = 6
+trees_per_round = 3
+patience = 3
+min_data_in_leaf = 10
+num_leaves = 7
+"""
+    spec = root / "spec.toml"
+    spec.write_text(head + "".join(blocks) + training)
+    return spec

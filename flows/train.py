@@ -1,0 +1,338 @@
+"""Federated training flows: ``federated-round`` and ``federated-training``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from uuid import UUID
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import wait
+from pydantic import BaseModel, Field
+
+from flows import progress
+from flows.common import artifact_key, task_options, threads
+from flows.prepare import prepare
+from storage.store import Store, TableRef
+from tasks.design import FeatureSchema, consortium_schema
+from tasks.ensemble import GlobalEnsemble
+from tasks.spec import FedSpec, TrainingSpec, load_spec
+from tasks.train_steps import (
+    PartyEval,
+    PartyStats,
+    PartyUpdate,
+    RoundAggregate,
+    TrainSetup,
+    aggregate,
+    evaluate_party,
+    members,
+    party_stats,
+    start_scores,
+    train_party,
+)
+from tasks.training import EarlyStopping, aggregate_metrics, base_score, party_learning_rates
+from tasks.types import Objective
+
+
+class RoundInput(BaseModel):
+    """Everything one round needs: party setups, running-score references, learning rates."""
+
+    round: int = Field(ge=1)
+    setups: list[TrainSetup]
+    scores: dict[str, TableRef]
+    learning_rates: dict[str, float]
+    results: str
+    refresh: bool = False
+
+
+class RoundOutput(BaseModel):
+    aggregate: RoundAggregate
+    evals: dict[str, PartyEval]
+    valid: dict[str, float]
+    test: dict[str, float]
+
+
+class Checkpoint(BaseModel):
+    run_key: str
+    round: int
+    base_score: list[float]
+    rounds: list[RoundAggregate]
+    valid: list[dict[str, float]]
+    test: list[dict[str, float]]
+    scores: dict[str, TableRef]
+    best_round: int
+    best_loss: float | None
+    stopped: bool = False
+
+
+def loss_name(objective: Objective) -> str:
+    return {"binary": "logloss", "multiclass": "logloss", "regression": "rmse"}[objective]
+
+
+@task(name="aggregate-round")
+def aggregate_round(
+    updates: list[PartyUpdate], failed: dict[str, str], round_: int, setup: TrainSetup
+) -> RoundAggregate:
+    t = setup.training
+    return aggregate(
+        updates,
+        round_=round_,
+        schema=setup.schema_,
+        objective=setup.objective,
+        num_class=setup.num_class,
+        trees_per_round=t.trees_per_round,
+        mode=t.aggregation,
+        min_parties=t.min_parties,
+        failed=failed,
+    )
+
+
+@flow(name="federated-round", persist_result=True, task_runner=threads(4))
+def federated_round(state: RoundInput) -> RoundOutput:
+    """Broadcast, train on every party, check and average the updates, evaluate everywhere."""
+    logger = get_run_logger()
+    opts = task_options(state.results, state.refresh)
+    setups = {s.party: s for s in state.setups}
+    futures = {
+        party: train_party.with_options(**opts).submit(
+            setup, state.round, state.scores[party], state.learning_rates[party]
+        )
+        for party, setup in setups.items()
+    }
+    wait(list(futures.values()))
+    updates: list[PartyUpdate] = []
+    failed: dict[str, str] = {}
+    for party, future in futures.items():
+        if future.state.is_completed():
+            updates.append(future.result())
+        else:
+            failed[party] = f"training task failed: {future.state.message}"
+            logger.warning("round %d: party %s left out: %s", state.round, party, failed[party])
+    first = next(iter(setups.values()))
+    agg = aggregate_round(updates, failed, state.round, first)
+    evals_f = {
+        party: evaluate_party.with_options(**opts).submit(setup, agg, state.scores[party])
+        for party, setup in setups.items()
+    }
+    evals = {party: f.result() for party, f in evals_f.items()}
+    valid = aggregate_metrics({p: (e.n_valid, e.valid) for p, e in evals.items()})
+    test = aggregate_metrics({p: (e.n_test, e.test) for p, e in evals.items()})
+    logger.info(
+        "round %d: %d/%d updates averaged; valid %s",
+        state.round,
+        len(agg.members),
+        len(setups),
+        {k: round(v, 5) for k, v in valid.items()},
+    )
+    return RoundOutput(aggregate=agg, evals=evals, valid=valid, test=test)
+
+
+def run_key(spec: FedSpec, schema: FeatureSchema, fused: dict[str, TableRef]) -> str:
+    """Identity of a training run: same spec training section, schema and data -> same run."""
+    blob = json.dumps(
+        {
+            "training": spec.training.model_dump(mode="json"),
+            "task": spec.consortium.task,
+            "schema": schema.model_dump(mode="json"),
+            "fused": {p: r.sha256 for p, r in sorted(fused.items())},
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _checkpoint_name(key: str) -> str:
+    return f"{key}-latest.json"
+
+
+def load_checkpoint(coordinator: Store, key: str) -> Checkpoint | None:
+    if not coordinator.exists("checkpoints", _checkpoint_name(key)):
+        return None
+    return Checkpoint.model_validate(coordinator.read_json("checkpoints", _checkpoint_name(key)))
+
+
+def save_checkpoint(coordinator: Store, checkpoint: Checkpoint) -> None:
+    body = checkpoint.model_dump(mode="json")
+    coordinator.write_json(
+        "checkpoints", f"{checkpoint.run_key}-r{checkpoint.round:04d}.json", body
+    )
+    coordinator.write_json("checkpoints", _checkpoint_name(checkpoint.run_key), body)
+
+
+class TrainingResult(BaseModel):
+    run_key: str
+    rounds_run: int
+    best_round: int
+    valid: list[dict[str, float]]
+    test: list[dict[str, float]]
+    manifest: str
+    model: str
+    trees: int
+    parties: list[str]
+    dropped: dict[int, dict[str, str]]
+
+
+def num_classes(spec: FedSpec) -> int:
+    if spec.consortium.task == "multiclass":
+        return int(spec.consortium.label.num_classes or 0)
+    return 1
+
+
+@flow(name="federated-training", persist_result=True, task_runner=threads(4))
+def federated_training(
+    spec_path: str,
+    refresh: bool = False,
+    rounds: int | None = None,
+    stop_after: int | None = None,
+) -> TrainingResult:
+    """Prepare every party, then run rounds until the round limit or early stopping.
+
+    ``stop_after`` ends the run after that many rounds *of this call* (a checkpoint is kept),
+    as an operator stopping a run would; the next call resumes from the checkpoint.
+    """
+    logger = get_run_logger()
+    spec = load_spec(spec_path)
+    training: TrainingSpec = spec.training
+    if rounds is not None:
+        training = training.model_copy(update={"rounds": rounds})
+    prepared = prepare(spec_path, refresh=refresh)
+    labelled = {p: out for p, out in prepared.items() if p in spec.label_party_ids()}
+    schema = consortium_schema({p: out.features for p, out in labelled.items()})
+    fused = {p: out.table for p, out in labelled.items()}
+    key = run_key(spec.model_copy(update={"training": training}), schema, fused)
+    objective = spec.consortium.task
+    k = num_classes(spec)
+    results = spec.run.results or ".fedfuse/results"
+    opts = task_options(results, refresh)
+    setups = [
+        TrainSetup(
+            party=p,
+            store=spec.party(p).store,
+            coordinator=spec.coordinator.store,
+            run_key=key,
+            fused=ref,
+            schema_=schema,
+            objective=objective,
+            num_class=max(k, 1),
+            training=training,
+        )
+        for p, ref in fused.items()
+    ]
+    stats: dict[str, PartyStats] = {
+        s.party: party_stats.with_options(**opts).submit(s).result() for s in setups
+    }
+    base = base_score(list(stats.values()), objective, max(k, 1))
+    rates = party_learning_rates(
+        {p: st.n_train for p, st in stats.items()}, training.learning_rate, training.aggregation
+    )
+    coordinator = Store(spec.coordinator.store)
+    checkpoint = None if refresh else load_checkpoint(coordinator, key)
+    if checkpoint is None:
+        scores = {
+            s.party: start_scores.with_options(**opts).submit(s, base).result() for s in setups
+        }
+        checkpoint = Checkpoint(
+            run_key=key,
+            round=0,
+            base_score=base,
+            rounds=[],
+            valid=[],
+            test=[],
+            scores=scores,
+            best_round=0,
+            best_loss=None,
+        )
+    else:
+        logger.info("resuming training run %s after round %d", key, checkpoint.round)
+    stopper = EarlyStopping(
+        patience=training.patience, best_round=checkpoint.best_round, best_loss=checkpoint.best_loss
+    )
+    metric = loss_name(objective)
+    progress_id: UUID = create_progress_artifact(  # type: ignore[assignment]
+        progress=100.0 * checkpoint.round / training.rounds,
+        key=f"{artifact_key(spec.consortium.name)}-training-progress",
+        description="Federated training: share of the round limit done",
+    )
+    trees_per_round = training.trees_per_round
+    done_here = 0
+    while not checkpoint.stopped and checkpoint.round < training.rounds:
+        if stop_after is not None and done_here >= stop_after:
+            break
+        next_trees = (checkpoint.round + 1) * trees_per_round * len(setups)
+        if training.max_trees is not None and next_trees > training.max_trees:
+            logger.warning("stopping: the next round would exceed max_trees=%d", training.max_trees)
+            break
+        t = checkpoint.round + 1
+        out = federated_round.with_options(name="federated-round")(
+            RoundInput(
+                round=t,
+                setups=setups,
+                scores=checkpoint.scores,
+                learning_rates=rates,
+                results=results,
+                refresh=refresh,
+            )
+        )
+        stop = stopper.update(t, out.valid[metric])
+        checkpoint = checkpoint.model_copy(
+            update={
+                "round": t,
+                "rounds": [*checkpoint.rounds, out.aggregate],
+                "valid": [*checkpoint.valid, out.valid],
+                "test": [*checkpoint.test, out.test],
+                "scores": {p: e.scores for p, e in out.evals.items()},
+                "best_round": stopper.best_round,
+                "best_loss": stopper.best_loss,
+                "stopped": stop,
+            }
+        )
+        save_checkpoint(coordinator, checkpoint)
+        done_here += 1
+        progress.emit("training", f"round {t}", f"valid {metric} {out.valid[metric]:.5f}")
+        update_progress_artifact(progress_id, progress=100.0 * t / training.rounds)
+        if stop:
+            logger.info("early stopping after round %d; best round %d", t, stopper.best_round)
+    ensemble = build_ensemble(checkpoint, schema, objective, max(k, 1), training)
+    manifest = coordinator.write_json(
+        "models", f"{key}-manifest.json", ensemble.model_dump(mode="json")
+    )
+    from tasks.ensemble import export_model
+
+    best = max(checkpoint.best_round, 1) if checkpoint.rounds else 0
+    exported = coordinator.write_text(
+        "models", f"{key}-model.txt", export_model(ensemble, upto_round=best) if best else ""
+    )
+    return TrainingResult(
+        run_key=key,
+        rounds_run=checkpoint.round,
+        best_round=checkpoint.best_round,
+        valid=checkpoint.valid,
+        test=checkpoint.test,
+        manifest=manifest.uri,
+        model=exported.uri,
+        trees=sum(len(r.members) for r in checkpoint.rounds[:best]) * trees_per_round,
+        parties=[s.party for s in setups],
+        dropped={r.round: r.dropped for r in checkpoint.rounds if r.dropped},
+    )
+
+
+def build_ensemble(
+    checkpoint: Checkpoint,
+    schema: FeatureSchema,
+    objective: Objective,
+    num_class: int,
+    training: TrainingSpec,
+) -> GlobalEnsemble:
+    return GlobalEnsemble(
+        objective=objective,
+        num_class=num_class,
+        base_score=checkpoint.base_score,
+        feature_names=schema.names,
+        categorical=schema.categorical,
+        rounds=[members(r) for r in checkpoint.rounds],
+        metrics=checkpoint.valid,
+        best_round=checkpoint.best_round,
+        aggregation=training.aggregation,
+        trees_per_round=training.trees_per_round,
+    )
