@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 import lightgbm as lgb
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.types import Aggregation, Objective
 
@@ -100,7 +100,23 @@ class GlobalEnsemble(BaseModel):
     metrics: list[dict[str, float]] = Field(default_factory=list)
     best_round: int | None = None
     aggregation: Aggregation = "samples"
-    trees_per_round: int = Field(default=1, ge=1)
+    trees_per_round: int = Field(
+        default=1, ge=1, description="Update size limit that aggregate/check_update enforce"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GlobalEnsemble:
+        check_task(self.objective, self.num_class)
+        if len(self.base_score) != self.num_class:
+            raise ValueError(
+                f"base_score has {len(self.base_score)} values, num_class={self.num_class}"
+            )
+        unknown = [c for c in self.categorical if c not in self.feature_names]
+        if unknown:
+            raise ValueError(f"categorical features {unknown} are not in feature_names")
+        if not all(math.isfinite(w) for row in self.rounds for _, w, _ in row):
+            raise ValueError("non-finite member weight")
+        return self
 
     def with_round(
         self, members: Sequence[MemberTuple], metrics: Mapping[str, float] | None = None

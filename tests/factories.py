@@ -207,10 +207,8 @@ def write_synthetic(root: Path, *, customers: int = 600, parties: int = 2, seed:
             {
                 "id": [ids[i] for i in owner],
                 "ts": pl.Series(
-                    (
-                        np.datetime64("2026-03-31T23:00:00", "ms")
-                        - (days * 86_400_000).astype("timedelta64[ms]")
-                    )
+                    np.datetime64("2026-03-31T23:00:00", "ms")
+                    - (days * 86_400_000).astype("timedelta64[ms]")
                 ).dt.replace_time_zone("UTC"),
                 "value": np.round(rng.gamma(2.0, 20.0 * np.exp(-0.3 * z[owner])), 2),
             }

@@ -312,3 +312,19 @@ def test_aggregation_weights() -> None:
         aggregation_weights({"a": 0}, "samples")
     with pytest.raises(ValueError, match="negative"):
         aggregation_weights({"a": -1}, "uniform")
+
+
+def test_ensemble_validates_its_shape() -> None:
+    kw = {"feature_names": NAMES, "categorical": CATEGORICAL}
+    with pytest.raises(ValueError, match="base_score has 1 values"):
+        GlobalEnsemble(objective="multiclass", num_class=3, base_score=[0.0], **kw)
+    with pytest.raises(ValueError, match="num_class must be 1"):
+        GlobalEnsemble(objective="binary", num_class=2, base_score=[0.0, 0.0], **kw)
+    with pytest.raises(ValueError, match="not in feature_names"):
+        GlobalEnsemble(
+            objective="binary",
+            num_class=1,
+            base_score=[0.0],
+            feature_names=["a"],
+            categorical=["b"],
+        )
