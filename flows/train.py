@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 from uuid import UUID
 
 from prefect import flow, get_run_logger, task
@@ -14,14 +15,15 @@ from pydantic import BaseModel, Field
 from flows import progress
 from flows.common import artifact_key, task_options, threads
 from flows.prepare import prepare
-from storage.store import Store, TableRef
+from storage.store import Store, TableRef, write_manifest
 from tasks.design import FeatureSchema, consortium_schema
-from tasks.ensemble import GlobalEnsemble
+from tasks.ensemble import GlobalEnsemble, ensemble_manifest
 from tasks.spec import FedSpec, TrainingSpec, load_spec
 from tasks.train_steps import (
     PartyEval,
     PartyStats,
     PartyUpdate,
+    QuorumError,
     RoundAggregate,
     TrainSetup,
     aggregate,
@@ -41,6 +43,8 @@ class RoundInput(BaseModel):
     round: int = Field(ge=1)
     setups: list[TrainSetup]
     scores: dict[str, TableRef]
+    scores_round: dict[str, int] = Field(description="Round each party's running scores are at")
+    history: list[RoundAggregate] = Field(default_factory=list, description="Rounds so far")
     learning_rates: dict[str, float]
     results: str
     refresh: bool = False
@@ -51,6 +55,8 @@ class RoundOutput(BaseModel):
     evals: dict[str, PartyEval]
     valid: dict[str, float]
     test: dict[str, float]
+    scores: dict[str, TableRef]
+    scores_round: dict[str, int]
 
 
 class Checkpoint(BaseModel):
@@ -61,6 +67,7 @@ class Checkpoint(BaseModel):
     valid: list[dict[str, float]]
     test: list[dict[str, float]]
     scores: dict[str, TableRef]
+    scores_round: dict[str, int] = Field(default_factory=dict)
     best_round: int
     best_loss: float | None
     stopped: bool = False
@@ -88,34 +95,79 @@ def aggregate_round(
     )
 
 
+def _catch_up(
+    state: RoundInput, setups: dict[str, TrainSetup], opts: dict[str, Any]
+) -> tuple[dict[str, TableRef], dict[str, int], dict[str, str]]:
+    """Bring parties that missed rounds up to date before they train again."""
+    logger = get_run_logger()
+    scores, at = dict(state.scores), dict(state.scores_round)
+    failed: dict[str, str] = {}
+    behind = {p: at[p] for p in setups if at[p] < state.round - 1}
+    futures = {
+        p: evaluate_party.with_options(**opts).submit(
+            setups[p], state.history[r : state.round - 1], scores[p]
+        )
+        for p, r in behind.items()
+    }
+    wait(list(futures.values()))
+    for party, future in futures.items():
+        if future.state.is_completed():
+            scores[party], at[party] = future.result().scores, state.round - 1
+            logger.info("party %s caught up from round %d", party, behind[party])
+        else:
+            failed[party] = f"could not catch up from round {behind[party]}: {future.state.message}"
+    return scores, at, failed
+
+
 @flow(name="federated-round", persist_result=True, task_runner=threads(4))
 def federated_round(state: RoundInput) -> RoundOutput:
-    """Broadcast, train on every party, check and average the updates, evaluate everywhere."""
+    """Broadcast, train on every party, check and average the updates, evaluate everywhere.
+
+    A party whose task fails is left out of the round (and catches up in a later one); the
+    spec's ``min_parties`` decides whether the round proceeds.
+    """
     logger = get_run_logger()
     opts = task_options(state.results, state.refresh)
     setups = {s.party: s for s in state.setups}
+    scores, at, failed = _catch_up(state, setups, opts)
     futures = {
         party: train_party.with_options(**opts).submit(
-            setup, state.round, state.scores[party], state.learning_rates[party]
+            setup, state.round, scores[party], state.learning_rates[party]
         )
         for party, setup in setups.items()
+        if party not in failed
     }
     wait(list(futures.values()))
     updates: list[PartyUpdate] = []
-    failed: dict[str, str] = {}
     for party, future in futures.items():
         if future.state.is_completed():
             updates.append(future.result())
         else:
             failed[party] = f"training task failed: {future.state.message}"
-            logger.warning("round %d: party %s left out: %s", state.round, party, failed[party])
+    for party, reason in failed.items():
+        logger.warning("round %d: party %s left out: %s", state.round, party, reason)
     first = next(iter(setups.values()))
     agg = aggregate_round(updates, failed, state.round, first)
     evals_f = {
-        party: evaluate_party.with_options(**opts).submit(setup, agg, state.scores[party])
+        party: evaluate_party.with_options(**opts).submit(setup, [agg], scores[party])
         for party, setup in setups.items()
+        if at[party] == state.round - 1
     }
-    evals = {party: f.result() for party, f in evals_f.items()}
+    wait(list(evals_f.values()))
+    evals: dict[str, PartyEval] = {}
+    for party, done in evals_f.items():
+        if done.state.is_completed():
+            evals[party] = done.result()
+            scores[party], at[party] = evals[party].scores, state.round
+        else:
+            logger.warning(
+                "round %d: evaluation at party %s failed: %s",
+                state.round,
+                party,
+                done.state.message,
+            )
+    if not evals:
+        raise QuorumError(f"round {state.round}: no party could evaluate the new ensemble")
     valid = aggregate_metrics({p: (e.n_valid, e.valid) for p, e in evals.items()})
     test = aggregate_metrics({p: (e.n_test, e.test) for p, e in evals.items()})
     logger.info(
@@ -125,7 +177,9 @@ def federated_round(state: RoundInput) -> RoundOutput:
         len(setups),
         {k: round(v, 5) for k, v in valid.items()},
     )
-    return RoundOutput(aggregate=agg, evals=evals, valid=valid, test=test)
+    return RoundOutput(
+        aggregate=agg, evals=evals, valid=valid, test=test, scores=scores, scores_round=at
+    )
 
 
 def run_key(spec: FedSpec, schema: FeatureSchema, fused: dict[str, TableRef]) -> str:
@@ -240,6 +294,7 @@ def federated_training(
             valid=[],
             test=[],
             scores=scores,
+            scores_round=dict.fromkeys(scores, 0),
             best_round=0,
             best_loss=None,
         )
@@ -269,6 +324,8 @@ def federated_training(
                 round=t,
                 setups=setups,
                 scores=checkpoint.scores,
+                scores_round=checkpoint.scores_round,
+                history=checkpoint.rounds,
                 learning_rates=rates,
                 results=results,
                 refresh=refresh,
@@ -281,7 +338,8 @@ def federated_training(
                 "rounds": [*checkpoint.rounds, out.aggregate],
                 "valid": [*checkpoint.valid, out.valid],
                 "test": [*checkpoint.test, out.test],
-                "scores": {p: e.scores for p, e in out.evals.items()},
+                "scores": out.scores,
+                "scores_round": out.scores_round,
                 "best_round": stopper.best_round,
                 "best_loss": stopper.best_loss,
                 "stopped": stop,
@@ -294,9 +352,8 @@ def federated_training(
         if stop:
             logger.info("early stopping after round %d; best round %d", t, stopper.best_round)
     ensemble = build_ensemble(checkpoint, schema, objective, max(k, 1), training)
-    manifest = coordinator.write_json(
-        "models", f"{key}-manifest.json", ensemble.model_dump(mode="json")
-    )
+    body, texts = ensemble_manifest(ensemble)
+    manifest = write_manifest(coordinator, f"{key}-manifest.json", body, texts)
     from tasks.ensemble import export_model
 
     best = max(checkpoint.best_round, 1) if checkpoint.rounds else 0

@@ -244,3 +244,27 @@ def iter_batches(ref: TableRef, batch_rows: int = 1_000_000) -> Iterator[pa.Reco
     fs, path = filesystem(ref.uri)
     with fs.open(path, "rb") as handle:
         yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows)
+
+
+def write_manifest(store: Store, name: str, body: dict[str, Any], texts: dict[str, str]) -> FileRef:
+    """A JSON manifest plus its model texts, each written once under its content hash."""
+    files: dict[str, str] = {}
+    for digest, text in sorted(texts.items()):
+        file_name = f"text-{digest[:16]}.txt"
+        if not store.exists("models", file_name):
+            store.write_text("models", file_name, text)
+        files[digest] = file_name
+    return store.write_json("models", name, body | {"text_files": files})
+
+
+def read_manifest(uri: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The manifest body and its model texts by hash (files next to the manifest)."""
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        body: dict[str, Any] = json.loads(handle.read().decode())
+    folder = posixpath.dirname(path)
+    texts: dict[str, str] = {}
+    for digest, file_name in body.pop("text_files", {}).items():
+        with fs.open(posixpath.join(folder, file_name), "rb") as handle:
+            texts[digest] = handle.read().decode()
+    return body, texts

@@ -212,14 +212,20 @@ def members(aggregate_: RoundAggregate) -> list[MemberTuple]:
     return [(m.party, m.weight, read_text(m.model.uri)) for m in aggregate_.members]
 
 
-def evaluate_round(setup: TrainSetup, aggregate_: RoundAggregate, scores: TableRef) -> PartyEval:
-    """Apply the round to the party's running scores; metrics on valid and test splits."""
+def evaluate_round(
+    setup: TrainSetup, aggregates: list[RoundAggregate], scores: TableRef
+) -> PartyEval:
+    """Apply the rounds (one, or several for a party catching up) to the party's running
+    scores; metrics of the resulting ensemble on the valid and test splits."""
+    if not aggregates:
+        raise ValueError("no round to apply")
     x, y, split = _party_data(setup)
-    running = _scores_array(scores) + round_increment(members(aggregate_), x, setup.num_class)
+    running = _scores_array(scores)
+    for aggregate_ in aggregates:
+        running = running + round_increment(members(aggregate_), x, setup.num_class)
+    last = aggregates[-1].round
     store = Store(setup.store)
-    ref = store.write_table(
-        _scores_frame(running), "models", f"{setup.run_key}-scores-r{aggregate_.round:04d}"
-    )
+    ref = store.write_table(_scores_frame(running), "models", f"{setup.run_key}-scores-r{last:04d}")
     out: dict[str, Any] = {}
     for part in ("valid", "test"):
         mask = split == part
@@ -228,7 +234,7 @@ def evaluate_round(setup: TrainSetup, aggregate_: RoundAggregate, scores: TableR
         )
     return PartyEval(
         party=setup.party,
-        round=aggregate_.round,
+        round=last,
         n_valid=int((split == "valid").sum()),
         n_test=int((split == "test").sum()),
         valid=out["valid"],

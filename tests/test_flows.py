@@ -2,54 +2,17 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import polars as pl
 import pytest
 
 from tasks.types import ENTITY_HASH, LABEL
+from tests.prefect_api import task_states
 
 pytestmark = pytest.mark.prefect
 
 RAW_IDS = {"C1", "C2", "C3", "C4", "c1", "c2", "c3", "c4", "b1", "b2", "b3", "d1", "d2", "d3"}
-
-
-def _task_states(flow_run_id: object, *, timeout: float = 20.0) -> dict[str, list[str]]:
-    """Final task-run states by task name (task states reach the API asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        states = _read_task_states(flow_run_id)
-        pending = [s for names in states.values() for s in names if s in ("Pending", "Running")]
-        if not pending or time.monotonic() > deadline:
-            return states
-        time.sleep(0.5)
-
-
-def _read_task_states(flow_run_id: object) -> dict[str, list[str]]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterId,
-        FlowRunFilterParentFlowRunId,
-    )
-
-    with get_client(sync_client=True) as client:
-        ids = [flow_run_id]
-        children = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])
-            )
-        )
-        ids += [c.id for c in children]
-        states: dict[str, list[str]] = {}
-        for run in client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))
-        ):
-            states.setdefault(run.name.rsplit("-", 1)[0], []).append(
-                run.state.name if run.state else "?"
-            )
-    return states
 
 
 def test_prepare_fuses_every_party_and_reuses_cache(
@@ -70,7 +33,7 @@ def test_prepare_fuses_every_party_and_reuses_cache(
     again = prepare(str(tiny_table_spec), return_state=True)
     assert again.result()["a"].table == outputs["a"].table
     # every cached step of the second run was skipped
-    states = _task_states(again.state_details.flow_run_id)
+    states = task_states(again.state_details.flow_run_id)
     for name in ("preprocess-source", "extract-features", "align-source", "fuse-party"):
         assert states[name] and set(states[name]) == {"Cached"}, (name, states[name])
 

@@ -1,0 +1,44 @@
+"""Reading run states back from the Prefect API in tests."""
+
+from __future__ import annotations
+
+import time
+
+
+def task_states(flow_run_id: object, *, timeout: float = 20.0) -> dict[str, list[str]]:
+    """Final task-run states by task name (task states reach the API asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = read_task_states(flow_run_id)
+        pending = [s for names in states.values() for s in names if s in ("Pending", "Running")]
+        if not pending or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
+
+
+def read_task_states(flow_run_id: object) -> dict[str, list[str]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+    )
+
+    with get_client(sync_client=True) as client:
+        ids, frontier = [flow_run_id], [flow_run_id]
+        while frontier:  # the run and all its nested subflow runs
+            children = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)
+                )
+            )
+            frontier = [c.id for c in children]
+            ids += frontier
+        states: dict[str, list[str]] = {}
+        for run in client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))
+        ):
+            states.setdefault(run.name.rsplit("-", 1)[0], []).append(
+                run.state.name if run.state else "?"
+            )
+    return states

@@ -1,0 +1,157 @@
+"""Federated training flows against a real Prefect server: export, resume, bad updates."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import polars as pl
+import pytest
+
+from storage.files import read_text
+from storage.store import Store, read_manifest
+from tasks.design import FeatureSchema, design_matrix
+from tasks.ensemble import GlobalEnsemble, ensemble_from_manifest, predict_raw
+from tasks.train_steps import PartyUpdate, QuorumError, aggregate
+from tests.factories import write_synthetic
+from tests.prefect_api import task_states
+
+pytestmark = pytest.mark.prefect
+
+
+def _spec(root: Path, **training: int) -> Path:
+    spec = write_synthetic(root, customers=700)
+    text = spec.read_text()
+    for key, value in training.items():
+        text = re.sub(rf"^{key} = .*$", f"{key} = {value}", text, flags=re.M)
+        if f"{key} = " not in text:
+            text += f"{key} = {value}\n"
+    spec.write_text(text)
+    return spec
+
+
+def _ensemble(manifest_uri: str) -> GlobalEnsemble:
+    body, texts = read_manifest(manifest_uri)
+    return ensemble_from_manifest(body, texts)
+
+
+def test_training_exports_a_model_equal_to_the_ensemble(
+    prefect_api: str, tmp_path: Path, secret: str
+) -> None:
+    from flows.prepare import prepare
+    from flows.train import federated_training
+
+    spec = _spec(tmp_path)
+    result = federated_training(str(spec))
+    assert result.rounds_run >= 1 and 1 <= result.best_round <= result.rounds_run
+    assert result.test[result.best_round - 1]["auc"] > 0.65
+    ensemble = _ensemble(result.manifest)
+    exported = lgb.Booster(model_str=read_text(result.model))
+    outputs = prepare(str(spec))
+    schema = FeatureSchema(
+        names=ensemble.feature_names, categorical=ensemble.categorical, modality={}, parties={}
+    )
+    for out in outputs.values():
+        x = design_matrix(pl.read_parquet(out.table.uri), schema)
+        np.testing.assert_allclose(
+            exported.predict(x, raw_score=True), predict_raw(ensemble, x), rtol=0, atol=1e-9
+        )
+    # only models, checkpoints and reports reach the coordinator: no tables of rows
+    coordinator = tmp_path / "stores" / "coordinator"
+    assert not list(coordinator.rglob("*.parquet"))
+    assert {p.name for p in coordinator.iterdir()} <= {"models", "checkpoints", "reports"}
+
+
+def test_stopped_run_resumes_from_its_checkpoint(
+    prefect_api: str, tmp_path: Path, secret: str
+) -> None:
+    from flows.train import federated_training
+
+    stopped_dir, full_dir = tmp_path / "stopped", tmp_path / "full"
+    stopped_dir.mkdir()
+    full_dir.mkdir()
+    spec = _spec(stopped_dir, patience=10)
+    first = federated_training(str(spec), stop_after=2)
+    assert first.rounds_run == 2
+    assert Store(str(stopped_dir / "stores" / "coordinator")).exists(
+        "checkpoints", f"{first.run_key}-r0002.json"
+    )
+    resumed = federated_training(str(spec))
+    full = federated_training(str(_spec(full_dir, patience=10)))
+    assert resumed.run_key == full.run_key
+    assert resumed.rounds_run == full.rounds_run == 6
+    assert resumed.valid == full.valid
+    assert read_text(resumed.model) == read_text(full.model)
+
+
+def test_bad_update_is_left_out(tmp_path: Path, secret: str) -> None:
+    """The coordinator's checks drop an update with a non-finite leaf and apply the quorum."""
+    from tasks.spec import TrainingSpec
+    from tasks.training import lgb_params, train_update
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(300, 3)), rng.integers(0, 2, 300).astype(float)
+    params = lgb_params(TrainingSpec(), "binary", 1, seed=0)
+    names = ["f0", "f1", "f2"]
+    store = Store(str(tmp_path / "coordinator"))
+    good = train_update(x, y, np.zeros(300), params, 2, [], feature_names=names)
+    bad = re.sub(r"^(leaf_value=)(\S+)", r"\1nan", good, count=1, flags=re.M)
+    updates = [
+        PartyUpdate(
+            party="a", round=1, model=store.write_text("models", "a.txt", good), n_train=300
+        ),
+        PartyUpdate(
+            party="b", round=1, model=store.write_text("models", "b.txt", bad), n_train=300
+        ),
+    ]
+    schema = FeatureSchema(names=names, categorical=[], modality={}, parties={})
+    agg = aggregate(
+        updates,
+        round_=1,
+        schema=schema,
+        objective="binary",
+        num_class=1,
+        trees_per_round=2,
+        mode="samples",
+        min_parties=1,
+    )
+    assert [m.party for m in agg.members] == ["a"] and agg.members[0].weight == 1.0
+    assert "b" in agg.dropped and "finite" in agg.dropped["b"]
+    with pytest.raises(QuorumError, match="1 valid update"):
+        aggregate(
+            updates,
+            round_=1,
+            schema=schema,
+            objective="binary",
+            num_class=1,
+            trees_per_round=2,
+            mode="samples",
+            min_parties=2,
+        )
+
+
+def test_failed_party_below_quorum_fails_round_and_retry_skips_finished_work(
+    prefect_api: str, tmp_path: Path, secret: str
+) -> None:
+    from flows.prepare import prepare
+    from flows.train import federated_training
+
+    spec = _spec(tmp_path, min_parties=2, rounds=3, patience=10)
+    first = federated_training(str(spec), stop_after=1)
+    assert first.rounds_run == 1
+    fused_p1 = Path(prepare(str(spec))["p1"].table.uri)
+    good_bytes = fused_p1.read_bytes()
+    fused_p1.write_bytes(b"PAR1 broken disk")  # party p1's store is damaged after round 1
+    state = federated_training(str(spec), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="round 2: 1 valid update"):
+        state.result()
+    fused_p1.write_bytes(good_bytes)  # repaired: retry
+    state = federated_training(str(spec), return_state=True)
+    assert state.is_completed()
+    assert state.result().rounds_run == 3
+    trained = task_states(state.state_details.flow_run_id)["train-party"]
+    # round 2: p0 finished before the failure and is not recomputed; p1 trains; round 3: both
+    assert sorted(trained) == ["Cached", "Completed", "Completed", "Completed"]
