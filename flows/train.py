@@ -8,7 +8,12 @@ from typing import Any
 from uuid import UUID
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.futures import wait
 from pydantic import BaseModel, Field
 
@@ -16,8 +21,16 @@ from flows import progress
 from flows.common import artifact_key, task_options, threads
 from flows.prepare import prepare
 from storage.store import Store, TableRef, write_manifest
+from tasks.baselines import compare_baselines
 from tasks.design import FeatureSchema, consortium_schema
-from tasks.ensemble import GlobalEnsemble, ensemble_manifest
+from tasks.ensemble import GlobalEnsemble, ensemble_manifest, ensemble_size, export_model
+from tasks.report import (
+    Comparison,
+    importance_by_party_modality,
+    markdown_report,
+    plot_importance,
+    plot_rounds,
+)
 from tasks.spec import FedSpec, TrainingSpec, load_spec
 from tasks.train_steps import (
     PartyEval,
@@ -223,8 +236,11 @@ class TrainingResult(BaseModel):
     manifest: str
     model: str
     trees: int
+    model_bytes: int
     parties: list[str]
     dropped: dict[int, dict[str, str]]
+    comparison: Comparison
+    report: str
 
 
 def num_classes(spec: FedSpec) -> int:
@@ -239,11 +255,14 @@ def federated_training(
     refresh: bool = False,
     rounds: int | None = None,
     stop_after: int | None = None,
+    baselines: bool = False,
 ) -> TrainingResult:
     """Prepare every party, then run rounds until the round limit or early stopping.
 
     ``stop_after`` ends the run after that many rounds *of this call* (a checkpoint is kept),
     as an operator stopping a run would; the next call resumes from the checkpoint.
+    ``baselines`` adds local-only models and, for comparison only, a centralised model on
+    the pooled fused tables to the report.
     """
     logger = get_run_logger()
     spec = load_spec(spec_path)
@@ -354,12 +373,61 @@ def federated_training(
     ensemble = build_ensemble(checkpoint, schema, objective, max(k, 1), training)
     body, texts = ensemble_manifest(ensemble)
     manifest = write_manifest(coordinator, f"{key}-manifest.json", body, texts)
-    from tasks.ensemble import export_model
-
-    best = max(checkpoint.best_round, 1) if checkpoint.rounds else 0
+    best = checkpoint.best_round if checkpoint.rounds else 0
     exported = coordinator.write_text(
-        "models", f"{key}-model.txt", export_model(ensemble, upto_round=best) if best else ""
+        "models", f"{key}-model.txt", export_model(ensemble, upto_round=best)
     )
+    size = ensemble_size(ensemble, upto_round=best)
+    best_test = checkpoint.test[best - 1] if best else {}
+    comparison = Comparison(federated=best_test)
+    if baselines:
+        comparison = compare_baselines.with_options(**opts)(
+            fused,
+            schema=schema,
+            training=training,
+            objective=objective,
+            num_class=max(k, 1),
+            federated=best_test,
+        )
+    importance = importance_by_party_modality(ensemble, schema, upto_round=best)
+    rounds_png = coordinator.write_bytes(
+        "reports",
+        f"{key}-rounds.png",
+        plot_rounds(checkpoint.valid, objective=objective, best_round=best),
+    )
+    importance_png = coordinator.write_bytes(
+        "reports", f"{key}-importance.png", plot_importance(importance)
+    )
+    dropped = {r.round: r.dropped for r in checkpoint.rounds if r.dropped}
+    text = (
+        markdown_report(
+            consortium=spec.consortium.name,
+            objective=objective,
+            comparison=comparison,
+            valid=checkpoint.valid,
+            best_round=best,
+            trees=size.trees,
+            model_bytes=size.bytes,
+            importance=importance,
+            artefacts={
+                "manifest": manifest.uri,
+                "model (LightGBM text)": exported.uri,
+                "validation plot": rounds_png.uri,
+                "importance plot": importance_png.uri,
+            },
+            dropped=dropped,
+        )
+        .replace("(rounds.png)", f"({key}-rounds.png)")
+        .replace("(importance.png)", f"({key}-importance.png)")
+    )
+    report = coordinator.write_text("reports", f"{key}-report.md", text)
+    art = artifact_key(spec.consortium.name)
+    create_table_artifact(
+        table=[{"round": i, **v} for i, v in enumerate(checkpoint.valid, start=1)],
+        key=f"{art}-round-metrics",
+        description="Aggregated validation metrics per round",
+    )
+    create_markdown_artifact(text, key=f"{art}-training-report", description="Training report")
     return TrainingResult(
         run_key=key,
         rounds_run=checkpoint.round,
@@ -368,9 +436,12 @@ def federated_training(
         test=checkpoint.test,
         manifest=manifest.uri,
         model=exported.uri,
-        trees=sum(len(r.members) for r in checkpoint.rounds[:best]) * trees_per_round,
+        trees=size.trees,
+        model_bytes=size.bytes,
         parties=[s.party for s in setups],
-        dropped={r.round: r.dropped for r in checkpoint.rounds if r.dropped},
+        dropped=dropped,
+        comparison=comparison,
+        report=report.uri,
     )
 
 

@@ -1,0 +1,178 @@
+"""Training report: comparison table, per-round plot, feature importance by party and modality.
+
+Pure functions: figures come back as PNG bytes and the report as Markdown text; the flow
+writes them to the coordinator store and publishes them as Prefect artifacts.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+
+import lightgbm as lgb
+import numpy as np
+from pydantic import BaseModel, Field
+
+from tasks.design import FeatureSchema
+from tasks.ensemble import GlobalEnsemble
+from tasks.types import Objective
+
+HEADLINE = {"binary": "auc", "multiclass": "accuracy", "regression": "rmse"}
+
+
+class Comparison(BaseModel):
+    """Test metrics of the federated model and its baselines (same parameters, tree budget)."""
+
+    federated: dict[str, float]
+    local_only: dict[str, dict[str, float]] = Field(default_factory=dict)
+    local_only_mean: dict[str, float] = Field(default_factory=dict)
+    centralised: dict[str, float] = Field(default_factory=dict)
+
+
+def importance_by_party_modality(
+    ensemble: GlobalEnsemble, schema: FeatureSchema, *, upto_round: int | None = None
+) -> dict[str, dict[str, float]]:
+    """Share of total split gain, by the party whose trees made the split and the feature's
+    modality (weights applied)."""
+    names = ensemble.feature_names
+    out: dict[str, dict[str, float]] = {}
+    for members in ensemble.rounds[: ensemble.resolve_round(upto_round)]:
+        for party, weight, text in members:
+            gains = lgb.Booster(model_str=text).feature_importance(importance_type="gain")
+            row = out.setdefault(party, {})
+            for name, gain in zip(names, gains, strict=True):
+                modality = schema.modality.get(name, "other")
+                row[modality] = row.get(modality, 0.0) + abs(weight) * float(gain)
+    total = sum(v for row in out.values() for v in row.values()) or 1.0
+    return {p: {m: v / total for m, v in sorted(row.items())} for p, row in sorted(out.items())}
+
+
+def _png(fig: object) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")  # type: ignore[attr-defined]
+    plt.close(fig)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def plot_rounds(
+    valid: Sequence[Mapping[str, float]], *, objective: Objective, best_round: int
+) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = HEADLINE[objective]
+    loss = "rmse" if objective == "regression" else "logloss"
+    rounds = np.arange(1, len(valid) + 1)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(rounds, [v.get(loss, np.nan) for v in valid], marker="o", label=f"valid {loss}")
+    ax.set_xlabel("round")
+    ax.set_ylabel(loss)
+    if metric != loss:
+        twin = ax.twinx()
+        twin.plot(
+            rounds,
+            [v.get(metric, np.nan) for v in valid],
+            color="tab:orange",
+            marker="s",
+            label=f"valid {metric}",
+        )
+        twin.set_ylabel(metric)
+    if best_round:
+        ax.axvline(best_round, color="grey", linestyle="--", linewidth=1)
+    ax.set_title("Aggregated validation metrics per round")
+    fig.legend(loc="upper right", fontsize=8)
+    return _png(fig)
+
+
+def plot_importance(importance: Mapping[str, Mapping[str, float]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parties = list(importance)
+    modalities = sorted({m for row in importance.values() for m in row})
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    bottom = np.zeros(len(parties))
+    for modality in modalities:
+        values = np.array([importance[p].get(modality, 0.0) for p in parties])
+        ax.bar(parties, values, bottom=bottom, label=modality)
+        bottom += values
+    ax.set_ylabel("share of split gain")
+    ax.set_title("Feature importance by party and modality")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def comparison_rows(comparison: Comparison, objective: Objective) -> list[dict[str, str]]:
+    rows = [("federated", comparison.federated)]
+    rows += [(f"local-only {p}", m) for p, m in comparison.local_only.items()]
+    if comparison.local_only_mean:
+        rows.append(("local-only (mean)", comparison.local_only_mean))
+    if comparison.centralised:
+        rows.append(("centralised (pools data; comparison only)", comparison.centralised))
+    metrics = sorted({k for _, m in rows for k in m if k != "mse"})
+    return [
+        {"model": name, **{k: f"{m[k]:.4f}" if k in m else "-" for k in metrics}}
+        for name, m in rows
+    ]
+
+
+def markdown_report(
+    *,
+    consortium: str,
+    objective: Objective,
+    comparison: Comparison,
+    valid: Sequence[Mapping[str, float]],
+    best_round: int,
+    trees: int,
+    model_bytes: int,
+    importance: Mapping[str, Mapping[str, float]],
+    artefacts: Mapping[str, str],
+    dropped: Mapping[int, Mapping[str, str]],
+) -> str:
+    rows = comparison_rows(comparison, objective)
+    header = list(rows[0])
+    lines = [
+        f"# fedfuse training report: `{consortium}`",
+        "",
+        f"Objective **{objective}**; best round **{best_round}** of {len(valid)}; "
+        f"global ensemble: {trees} trees, {model_bytes / 1024:.0f} KiB.",
+        "",
+        "## Test metrics",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(r[h] for h in header) + " |" for r in rows),
+        "",
+        "The centralised model pools every party's rows and exists only as a yardstick.",
+        "",
+        "## Validation per round",
+        "",
+        "![validation per round](rounds.png)",
+        "",
+        "| round | " + " | ".join(sorted(valid[0]) if valid else []) + " |",
+        "|---|" + "---|" * (len(valid[0]) if valid else 0),
+        *(
+            f"| {i} | " + " | ".join(f"{v[k]:.5f}" for k in sorted(v)) + " |"
+            for i, v in enumerate(valid, start=1)
+        ),
+        "",
+        "## Feature importance by party and modality",
+        "",
+        "![importance](importance.png)",
+        "",
+        *(
+            f"- {party}: " + ", ".join(f"{m} {share:.1%}" for m, share in row.items())
+            for party, row in importance.items()
+        ),
+    ]
+    if dropped:
+        lines += ["", "## Updates left out", ""]
+        lines += [f"- round {r}: {dict(d)}" for r, d in sorted(dropped.items())]
+    lines += ["", "## Artefacts", ""] + [f"- {k}: `{v}`" for k, v in artefacts.items()]
+    return "\n".join(lines) + "\n"
