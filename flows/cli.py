@@ -9,11 +9,14 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from flows.train import TrainingResult
 
 app = typer.Typer(
     name="fedfuse",
@@ -86,7 +89,7 @@ def demo_data(
     alpha: Annotated[float | None, typer.Option(help="Dirichlet label skew across sites")] = None,
 ) -> None:
     """Write a realistic heterogeneous demo consortium: spec plus raw party exports."""
-    from tasks.demo import write_demo_consortium
+    from tasks.demo_data import write_demo_consortium
 
     spec = write_demo_consortium(
         str(out), layout=layout, parties=parties, customers=customers, seed=seed, alpha=alpha
@@ -181,6 +184,70 @@ def prepare(
         _print_prepared(dict(outputs))
 
 
+@contextmanager
+def _flow_settings() -> Iterator[None]:
+    """In-process runs need no heartbeat thread (it delays every flow by about a second)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
+def _print_training(result: TrainingResult) -> None:
+    from tasks.report import comparison_rows
+
+    rounds = Table(title="federated rounds (aggregated validation metrics)", header_style="bold")
+    metrics = sorted(result.valid[0]) if result.valid else []
+    for column in ("round", *metrics):
+        rounds.add_column(column, justify="right")
+    for i, values in enumerate(result.valid, start=1):
+        mark = " *" if i == result.best_round else ""
+        rounds.add_row(f"{i}{mark}", *(f"{values[m]:.4f}" for m in metrics))
+    console.print(rounds)
+    rows = comparison_rows(result.comparison, "binary")
+    table = Table(title="test metrics at the best round", header_style="bold")
+    for column in rows[0]:
+        table.add_column(column, justify="right" if column != "model" else "left")
+    for row in rows:
+        table.add_row(*row.values())
+    console.print(table)
+    console.print(
+        f"global ensemble: {result.trees} trees ({result.model_bytes / 1024:.0f} KiB), "
+        f"best round {result.best_round} of {result.rounds_run}",
+        highlight=False,
+    )
+    console.print(f"model (LightGBM text): {result.model}", highlight=False)
+    console.print(f"manifest: {result.manifest}", highlight=False)
+    console.print(f"report: {result.report}", highlight=False)
+
+
+@app.command()
+def train(
+    spec: Annotated[Path, typer.Argument(help="Consortium spec (TOML)")],
+    baselines: Annotated[
+        bool, typer.Option(help="Also train local-only and centralised baselines")
+    ] = True,
+    refresh: Annotated[
+        bool, typer.Option(help="Recompute every step, start training afresh")
+    ] = False,
+    rounds: Annotated[
+        int | None, typer.Option(min=1, help="Override the spec's round limit")
+    ] = None,
+) -> None:
+    """Prepare every party, then train the global ensemble round after round."""
+    _quiet_prefect()
+    with _reported(), _flow_settings():
+        from flows.train import federated_training
+        from tasks.spec import load_spec
+
+        load_spec(str(spec))
+        with progress_display():
+            result = federated_training(
+                str(spec.resolve()), refresh=refresh, rounds=rounds, baselines=baselines
+            )
+        _print_training(result)
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Working folder for the demo consortium")] = Path(
@@ -193,25 +260,34 @@ def demo(
     customers: Annotated[int, typer.Option(min=10)] = 5000,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
-    """Demo end to end on embedded defaults: generate a consortium and prepare every party."""
+    """Demo end to end on embedded defaults: consortium -> prepare -> federated training -> report."""
     _quiet_prefect()
     if not os.environ.get(DEMO_SECRET_ENV):
         os.environ[DEMO_SECRET_ENV] = secrets.token_hex(32)
         errors.print(
             f"[yellow]{DEMO_SECRET_ENV} is not set: using a random secret for this demo run[/]"
         )
-    from tasks.demo import write_demo_consortium
+    if layout == "vertical":
+        errors.print("[red]vertical training is not available yet: preparing the parties only[/]")
+    from tasks.demo_data import write_demo_consortium
 
     spec = write_demo_consortium(
         str(out), layout=layout, parties=parties, customers=customers, seed=seed
     )
     console.print(f"demo consortium written: [bold]{spec}[/]", highlight=False)
-    with _reported():
-        from flows.prepare import prepare as prepare_flow
+    with _reported(), _flow_settings():
+        if layout == "vertical":
+            from flows.prepare import prepare as prepare_flow
+
+            with progress_display():
+                outputs = prepare_flow(str(Path(spec).resolve()))
+            _print_prepared(dict(outputs))
+            return
+        from flows.train import federated_training
 
         with progress_display():
-            outputs = prepare_flow(str(Path(spec).resolve()))
-        _print_prepared(dict(outputs))
+            result = federated_training(str(Path(spec).resolve()), baselines=True)
+        _print_training(result)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -50,7 +51,7 @@ def read_source(location: str, fmt: str, *, encoding: str = "utf8") -> RawSource
     if fmt == "arrow":
         return RawSource(_read_arrow(location))
     if fmt == "csv":
-        return RawSource(_read_csv(location, encoding))
+        return _read_csv(location, encoding)
     if fmt == "jsonl":
         return _read_jsonl(location, encoding)
     raise SourceError(f"{location}: unknown format {fmt!r} (csv, parquet, jsonl, arrow)")
@@ -88,31 +89,61 @@ def _read_arrow(location: str) -> pl.DataFrame:
     return _empty_check(location, frame)
 
 
-def _read_csv(location: str, encoding: str) -> pl.DataFrame:
+def _read_csv(location: str, encoding: str) -> RawSource:
+    """All cells as text; rows with the wrong number of fields come back in ``bad_lines``."""
+    import csv
+
+    import numpy as np
+    import pyarrow.csv as pacsv
+
     data = _open_bytes(location)
     if not data.strip():
         raise SourceError(f"{location}: file is empty")
     if encoding.lower().replace("-", "") in ("utf8", "utf8lossy"):
-        enc = "utf8-lossy"
+        # invalid bytes become U+FFFD: preprocessing quarantines those rows, naming the column
+        data = data.decode("utf-8", errors="replace").encode()
     else:
         try:
             data = data.decode(encoding).encode()
         except (UnicodeDecodeError, LookupError) as exc:
             raise SourceError(f"{location}: cannot decode as {encoding} ({exc})") from exc
-        enc = "utf8"
-    try:
-        frame = pl.read_csv(
-            io.BytesIO(data),
-            infer_schema=False,
-            encoding=enc,
-            null_values=[""],
-            raise_if_empty=True,
+    header_line = data.split(b"\n", 1)[0].decode().rstrip("\r")
+    names = next(csv.reader([header_line]))
+    if len(set(names)) != len(names):
+        raise SourceError(f"{location}: duplicate column names in the header {names}")
+    bad: list[tuple[int, str, str]] = []
+
+    def invalid(row: Any) -> str:
+        number = int(row.number) - 1 if row.number is not None else -1
+        bad.append(
+            (
+                number,
+                str(row.text),
+                f"expected {row.expected_columns} fields, found {row.actual_columns}",
+            )
         )
-    except pl.exceptions.NoDataError as exc:
-        raise SourceError(f"{location}: file is empty") from exc
-    except pl.exceptions.PolarsError as exc:
+        return "skip"
+
+    try:
+        table = pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(use_threads=False, block_size=1 << 24),
+            parse_options=pacsv.ParseOptions(invalid_row_handler=invalid),
+            convert_options=pacsv.ConvertOptions(
+                column_types=dict.fromkeys(names, pa.string()),
+                strings_can_be_null=True,
+                null_values=[""],
+            ),
+        )
+    except (pa.ArrowException, OSError) as exc:
         raise SourceError(f"{location}: malformed CSV ({exc})") from exc
-    return _empty_check(location, frame)
+    frame = pl.DataFrame(pl.from_arrow(table))
+    if frame.height == 0 and not bad:
+        raise SourceError(f"{location}: file holds no data rows")
+    skipped = np.array(sorted(n for n, _, _ in bad), dtype=np.int64)
+    rows = np.setdiff1d(np.arange(1, frame.height + len(bad) + 1, dtype=np.int64), skipped)
+    frame = frame.with_columns(pl.Series(ROW, rows, dtype=pl.Int64)).select(ROW, *names)
+    return RawSource(frame, bad)
 
 
 def _read_jsonl(location: str, encoding: str) -> RawSource:
