@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import polars as pl
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from tasks.demo_data import write_demo_consortium
+from tasks.spec import load_spec
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
+    write_demo_consortium(str(tmp_path / "a"), customers=800, seed=3)
+    write_demo_consortium(str(tmp_path / "b"), customers=800, seed=3)
+    write_demo_consortium(str(tmp_path / "c"), customers=800, seed=4)
+    a, b, c = (_digests(tmp_path / x) for x in "abc")
+    assert a == b
+    assert a.keys() == c.keys()
+    assert all(a[k] != c[k] for k in a if k != "spec.toml")
+
+
+@pytest.mark.parametrize("layout", ["horizontal", "vertical"])
+def test_spec_is_valid_and_files_exist(tmp_path: Path, layout: str) -> None:
+    spec = load_spec(write_demo_consortium(str(tmp_path), layout=layout, customers=600))  # type: ignore[arg-type]
+    assert spec.consortium.layout == layout
+    for party in spec.parties:
+        for source in party.sources:
+            assert Path(source.path).is_file(), source.path
+            if source.entity_map:
+                assert Path(source.entity_map.path).is_file()
+    assert not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_horizontal_sites_hold_disjoint_customers_and_differ(tmp_path: Path) -> None:
+    write_demo_consortium(str(tmp_path), customers=3000, parties=3, seed=1)
+    raw = tmp_path / "stores"
+    a = pl.read_csv(raw / "site-a" / "raw" / "customers.csv")
+    b = pl.read_parquet(raw / "site-b" / "raw" / "customers.parquet")
+    c = pl.read_csv(raw / "site-c" / "raw" / "customers.csv")
+    ids = [set(a["CustomerID"]), set(b["customer"]), set(c["CustomerID"])]
+    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+    assert len(ids[0]) > len(ids[1]) > len(ids[2])
+    assert 0.1 < (a["Churn"] == "yes").mean() < 0.35  # type: ignore[operator]
+
+
+def test_dirichlet_label_skew(tmp_path: Path) -> None:
+    write_demo_consortium(str(tmp_path), customers=4000, parties=3, seed=2, alpha=0.3)
+    raw = tmp_path / "stores"
+    rates = [
+        (pl.read_csv(raw / "site-a" / "raw" / "customers.csv")["Churn"] == "yes").mean(),
+        pl.read_parquet(raw / "site-b" / "raw" / "customers.parquet")["churned"].mean(),
+        (pl.read_csv(raw / "site-c" / "raw" / "customers.csv")["Churn"] == "yes").mean(),
+    ]
+    assert max(rates) - min(rates) > 0.15  # type: ignore[operator]
+
+
+def test_vertical_overlap_and_key_formats(tmp_path: Path) -> None:
+    write_demo_consortium(str(tmp_path), layout="vertical", customers=3000, seed=5)
+    raw = tmp_path / "stores"
+    a = set(pl.read_csv(raw / "A" / "raw" / "customers.csv")["CustomerID"])
+    b_raw = pl.read_ndjson(raw / "B" / "raw" / "feedback.jsonl")["user"]
+    assert b_raw.str.starts_with(" ").all()  # B exports its own key format
+    b = set(b_raw.str.strip_chars().str.to_lowercase())
+    c = set(pl.read_csv(raw / "C" / "raw" / "devices.csv")["owner"])
+    assert 0.4 < len(a & b) / len(a) < 0.9
+    assert 0.3 < len(a & c) / len(a) < 0.9
+    assert b - a and c - a  # customers A does not know
+
+
+def test_every_modality_carries_signal(tmp_path: Path) -> None:
+    write_demo_consortium(str(tmp_path), customers=6000, parties=1, seed=7)
+    raw = tmp_path / "stores" / "site-a" / "raw"
+    labels = pl.read_csv(raw / "customers.csv").select(
+        pl.col("CustomerID").alias("id"), (pl.col("Churn") == "yes").alias("y")
+    )
+    txn = (
+        pl.read_csv(raw / "transactions.csv", infer_schema=False, truncate_ragged_lines=True)
+        .group_by(pl.col("cust_ref").alias("id"))
+        .agg(pl.len().alias("x"))
+    )
+    text = (
+        pl.read_ndjson(raw / "feedback.jsonl")
+        .group_by(pl.col("user").alias("id"))
+        .agg(pl.col("stars").mean().alias("x"))
+    )
+    devices = pl.read_csv(raw / "devices.csv")
+    events = (
+        pl.read_parquet(raw / "events.parquet")
+        .join(devices, left_on="dev", right_on="device")
+        .group_by(pl.col("owner").alias("id"))
+        .agg((pl.col("status") == "ERR").mean().alias("x"))
+    )
+    for name, frame, sign in (
+        ("transactions", txn, -1),
+        ("feedback", text, -1),
+        ("events", events, 1),
+    ):
+        joined = labels.join(frame, on="id").drop_nulls()
+        auc = roc_auc_score(joined["y"].to_numpy(), sign * joined["x"].cast(pl.Float64).to_numpy())
+        assert auc > 0.6, (name, auc)
