@@ -290,5 +290,78 @@ def demo(
         _print_training(result)
 
 
+@app.command()
+def predict(
+    spec: Annotated[Path, typer.Argument(help="Consortium spec (TOML)")],
+    party: Annotated[str, typer.Option(help="The party whose new data is scored")],
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder with new raw exports (same file names as the spec's sources); default: the spec's sources"
+        ),
+    ] = None,
+    manifest: Annotated[
+        str | None, typer.Option(help="Ensemble manifest (default: the latest training run)")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Also write the predictions to this CSV file")
+    ] = None,
+) -> None:
+    """Run a party's pipeline on new raw data and score it with the global ensemble."""
+    _quiet_prefect()
+    with _reported(), _flow_settings():
+        import polars as pl
+
+        from flows.score import score
+        from storage.store import read_table
+
+        ref = score(
+            str(spec.resolve()),
+            party,
+            data=str(data.resolve()) if data else None,
+            manifest=manifest,
+        )
+        frame = read_table(ref)
+        console.print(f"{frame.height} entities scored -> {ref.uri}", highlight=False)
+        console.print(frame.head(5))
+        if out is not None:
+            frame.with_columns(pl.exclude(pl.String).cast(pl.Float64)).write_csv(out)
+            console.print(f"predictions written to {out}", highlight=False)
+
+
+@app.command()
+def export(
+    spec: Annotated[Path, typer.Argument(help="Consortium spec (TOML)")],
+    out: Annotated[Path, typer.Option(help="Where to write the native LightGBM model file")] = Path(
+        "model.txt"
+    ),
+    manifest: Annotated[
+        str | None, typer.Option(help="Ensemble manifest (default: the latest training run)")
+    ] = None,
+    rounds: Annotated[
+        int | None, typer.Option(min=0, help="Rounds to include (default: the best round)")
+    ] = None,
+) -> None:
+    """Write the global ensemble as one native LightGBM model file."""
+    with _reported():
+        from flows.score import latest_manifest
+        from tasks.ensemble import ensemble_size, export_model
+        from tasks.scoring import load_ensemble
+        from tasks.spec import load_spec
+
+        ensemble = load_ensemble(manifest or latest_manifest(load_spec(str(spec))))
+        upto = ensemble.resolve_round(rounds)
+        text = export_model(ensemble, upto_round=upto)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+        size = ensemble_size(ensemble, upto_round=upto)
+        console.print(
+            f"wrote {out}: {size.trees} trees, {size.bytes / 1024:.0f} KiB "
+            f"(round {upto} of {len(ensemble.rounds)})",
+            highlight=False,
+        )
+
+
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())

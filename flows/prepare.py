@@ -11,7 +11,8 @@ from prefect.futures import PrefectFuture, wait
 
 from flows import progress
 from flows.common import artifact_key, task_options, threads
-from tasks.spec import load_spec
+from storage.store import TableRef
+from tasks.spec import SourceSpec, load_spec
 from tasks.steps import (
     AlignedOutput,
     CleanOutput,
@@ -31,13 +32,27 @@ def party_pipeline(
     spec_path: str, party: str, as_of: dt.date | None = None, refresh: bool = False
 ) -> FusedOutput:
     """Preprocess -> features -> align every source of one party, then fuse them."""
-    logger = get_run_logger()
     spec = load_spec(spec_path)
     ctx = PartyContext.from_spec(spec, party, as_of=as_of)
-    opts = task_options(spec.run.results, refresh)
+    fused, _ = run_party_steps(
+        ctx, spec.party(party).sources, results=spec.run.results, refresh=refresh
+    )
+    return fused
+
+
+def run_party_steps(
+    ctx: PartyContext, sources: list[SourceSpec], *, results: str | None, refresh: bool
+) -> tuple[FusedOutput, dict[str, TableRef]]:
+    """Submit every source's steps, then fuse; returns the fused output and the features
+    tables (keyed by source), which still carry the party's own entity keys."""
+    logger = get_run_logger()
+    party = ctx.party
+    opts = task_options(results, refresh)
     tag = secret_tag(ctx.secret)
-    sources = spec.party(party).sources
-    futures: dict[str, tuple[PrefectFuture[CleanOutput], PrefectFuture[AlignedOutput]]] = {}
+    futures: dict[
+        str,
+        tuple[PrefectFuture[CleanOutput], PrefectFuture[TableRef], PrefectFuture[AlignedOutput]],
+    ] = {}
     for source in sources:
         raw = fingerprint_source.submit(source.path)
         emap = (
@@ -49,11 +64,11 @@ def party_pipeline(
         clean = preprocess_source.with_options(**opts).submit(ctx, source, raw, emap)  # type: ignore[call-overload]
         feats = extract_features.with_options(**opts).submit(ctx, source, clean)
         aligned = align_source.with_options(**opts).submit(ctx, source, feats, tag)  # type: ignore[call-overload]
-        futures[source.id] = (clean, aligned)
-    pending: list[PrefectFuture[Any]] = [f for pair in futures.values() for f in pair]
+        futures[source.id] = (clean, feats, aligned)
+    pending: list[PrefectFuture[Any]] = [f for group in futures.values() for f in group]
     wait(pending)
     cleaned = [futures[s.id][0].result() for s in sources]
-    aligned_outputs = [futures[s.id][1].result() for s in sources]
+    aligned_outputs = [futures[s.id][2].result() for s in sources]
     for out in cleaned:
         q = out.quality
         progress.emit(party, "preprocess", f"{q.source}: {q.rows_out}/{q.rows_in} rows kept")
@@ -69,7 +84,7 @@ def party_pipeline(
     fused = fuse_party.with_options(**opts)(ctx, aligned_outputs, [c.quality for c in cleaned])
     logger.info("%s: fused table %s", party, fused.table.short)
     progress.emit(party, "fused", fused.table.short)
-    return fused
+    return fused, {s.id: futures[s.id][1].result() for s in sources}
 
 
 @task(name="run-party-pipeline")

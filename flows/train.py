@@ -421,6 +421,9 @@ def federated_training(
         .replace("(importance.png)", f"({key}-importance.png)")
     )
     report = coordinator.write_text("reports", f"{key}-report.md", text)
+    coordinator.write_json(
+        "models", "latest.json", {"run_key": key, "manifest": manifest.uri, "model": exported.uri}
+    )
     art = artifact_key(spec.consortium.name)
     create_table_artifact(
         table=[{"round": i, **v} for i, v in enumerate(checkpoint.valid, start=1)],

@@ -155,3 +155,28 @@ def test_failed_party_below_quorum_fails_round_and_retry_skips_finished_work(
     trained = task_states(state.state_details.flow_run_id)["train-party"]
     # round 2: p0 finished before the failure and is not recomputed; p1 trains; round 3: both
     assert sorted(trained) == ["Cached", "Completed", "Completed", "Completed"]
+
+
+def test_score_flow_reproduces_training_features_and_scores(
+    prefect_api: str, tmp_path: Path, secret: str
+) -> None:
+    from flows.prepare import prepare
+    from flows.score import score
+    from flows.train import federated_training
+
+    spec = _spec(tmp_path, rounds=3)
+    result = federated_training(str(spec))
+    ref = score(str(spec), "p0", data=str(tmp_path / "raw" / "p0"))
+    predictions = pl.read_parquet(ref.uri)
+    assert ref.uri.startswith(str(tmp_path / "stores" / "p0" / "scoring" / "reports"))
+    fused = pl.read_parquet(prepare(str(spec))["p0"].table.uri)
+    assert predictions.height == fused.height
+    assert predictions["customer_id"].str.starts_with("p0-").all()  # the party's own keys
+    ensemble = _ensemble(result.manifest)
+    schema = FeatureSchema(
+        names=ensemble.feature_names, categorical=ensemble.categorical, modality={}, parties={}
+    )
+    expected = predict_raw(ensemble, design_matrix(fused, schema))
+    joined = fused.select("entity_hash").with_columns(pl.Series("expected", expected))
+    joined = joined.join(predictions, on="entity_hash")
+    np.testing.assert_allclose(joined["raw_score"], joined["expected"], atol=1e-12)

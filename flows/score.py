@@ -1,0 +1,70 @@
+"""The ``score`` flow: run a party's pipeline on new raw data and score it with the ensemble."""
+
+from __future__ import annotations
+
+import datetime as dt
+import posixpath
+
+from prefect import flow, get_run_logger
+
+from flows.common import threads
+from flows.prepare import run_party_steps
+from storage.store import Store, TableRef
+from tasks.scoring import score_party
+from tasks.spec import FedSpec, SourceSpec, load_spec
+from tasks.steps import PartyContext
+
+
+class NoModelError(FileNotFoundError):
+    """No trained ensemble to score with."""
+
+
+def latest_manifest(spec: FedSpec) -> str:
+    coordinator = Store(spec.coordinator.store)
+    if not coordinator.exists("models", "latest.json"):
+        raise NoModelError(
+            f"{spec.coordinator.store}: no trained model yet (run `fedfuse train` first)"
+        )
+    return str(coordinator.read_json("models", "latest.json")["manifest"])
+
+
+def rebased_sources(sources: list[SourceSpec], data: str | None, label: str) -> list[SourceSpec]:
+    """The party's sources read from ``data`` (same file names), label mapping dropped."""
+    out = []
+    for source in sources:
+        columns = {k: v for k, v in source.columns.items() if k != label}
+        update: dict[str, object] = {"columns": columns}
+        if data is not None:
+            update["path"] = posixpath.join(data, posixpath.basename(source.path))
+            if source.entity_map is not None:
+                update["entity_map"] = source.entity_map.model_copy(
+                    update={
+                        "path": posixpath.join(data, posixpath.basename(source.entity_map.path))
+                    }
+                )
+        out.append(source.model_copy(update=update))
+    return out
+
+
+@flow(name="score", persist_result=True, task_runner=threads(4))
+def score(
+    spec_path: str,
+    party: str,
+    data: str | None = None,
+    manifest: str | None = None,
+    as_of: dt.date | None = None,
+) -> TableRef:
+    """Preprocess, featurise, align and fuse a party's new raw data with the consortium's
+    mappings and vocabularies, then score it with the trained global ensemble."""
+    logger = get_run_logger()
+    spec = load_spec(spec_path)
+    manifest = manifest or latest_manifest(spec)
+    store = posixpath.join(spec.party(party).store, "scoring")
+    ctx = PartyContext.from_spec(spec, party, as_of=as_of).model_copy(
+        update={"store": store, "label_source": None}
+    )
+    sources = rebased_sources(spec.party(party).sources, data, spec.consortium.label.column)
+    fused, features = run_party_steps(ctx, sources, results=spec.run.results, refresh=False)
+    out = score_party(store, fused.table, list(features.values()), manifest, ctx.entity, ctx.secret)
+    logger.info("%s: %d entities scored -> %s", party, out.rows, out.uri)
+    return out
