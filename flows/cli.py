@@ -87,12 +87,19 @@ def demo_data(
     customers: Annotated[int, typer.Option(min=10, help="Customers in the consortium")] = 5000,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes)")] = 0,
     alpha: Annotated[float | None, typer.Option(help="Dirichlet label skew across sites")] = None,
+    events_per_device: Annotated[float, typer.Option(min=0.0, help="Mean IoT events per device")] = 20.0,
 ) -> None:
     """Write a realistic heterogeneous demo consortium: spec plus raw party exports."""
     from tasks.demo_data import write_demo_consortium
 
     spec = write_demo_consortium(
-        str(out), layout=layout, parties=parties, customers=customers, seed=seed, alpha=alpha
+        str(out),
+        layout=layout,
+        parties=parties,
+        customers=customers,
+        seed=seed,
+        alpha=alpha,
+        events_per_device=events_per_device,
     )
     console.print(f"wrote demo consortium: [bold]{spec}[/]", highlight=False)
 
