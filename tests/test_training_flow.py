@@ -180,3 +180,46 @@ def test_score_flow_reproduces_training_features_and_scores(
     joined = fused.select("entity_hash").with_columns(pl.Series("expected", expected))
     joined = joined.join(predictions, on="entity_hash")
     np.testing.assert_allclose(joined["raw_score"], joined["expected"], atol=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["multiclass", "regression"])
+def test_other_objectives_train_and_export(
+    prefect_api: str, tmp_path: Path, secret: str, objective: str
+) -> None:
+    """Multiclass (plan tier from 3 classes) and regression (age) on the demo consortium."""
+    import tomllib
+
+    import tomli_w
+
+    from flows.train import federated_training
+    from tasks.demo_data import write_demo_consortium
+
+    spec_path = Path(write_demo_consortium(str(tmp_path), customers=1500, parties=2, seed=4))
+    spec = tomllib.loads(spec_path.read_text())
+    spec["consortium"]["secret"] = {"env": "FEDFUSE_TEST_SECRET"}
+    spec["consortium"]["task"] = objective
+    target = "plan" if objective == "multiclass" else "age"
+    spec["consortium"]["label"] = {"column": f"{target}_label"}
+    if objective == "multiclass":
+        spec["consortium"]["label"]["num_classes"] = 3
+        spec["vocabularies"]["plan_label"] = spec["vocabularies"]["plan"]
+    for party in spec["parties"]:
+        columns = party["sources"][0]["columns"]
+        del columns["churned"]
+        columns[f"{target}_label"] = columns.pop(target)
+    spec["training"].update({"rounds": 3, "trees_per_round": 3})
+    spec_path.write_text(tomli_w.dumps(spec))
+    result = federated_training(str(spec_path))
+    metrics = result.test[result.best_round - 1]
+    if objective == "multiclass":
+        assert set(metrics) == {"logloss", "accuracy"} and metrics["accuracy"] > 0.4
+    else:
+        assert {"rmse", "mse"} <= set(metrics) and 5 < metrics["rmse"] < 20
+    ensemble = _ensemble(result.manifest)
+    exported = lgb.Booster(model_str=read_text(result.model))
+    x = np.random.default_rng(0).normal(size=(50, len(ensemble.feature_names))) * 10
+    np.testing.assert_allclose(
+        np.asarray(exported.predict(x, raw_score=True)).reshape(50, -1),
+        predict_raw(ensemble, x).reshape(50, -1),
+        atol=1e-9,
+    )
