@@ -372,3 +372,5 @@ def export(
 
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())
+
+from flows import cli_ops as _cli_ops  # noqa: E402, F401  (registers deploy/serve/run/status)
