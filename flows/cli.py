@@ -130,6 +130,7 @@ def _progress_display() -> Iterator[None]:
             yield
         finally:
             stop()
+    console.line()
 
 
 progress_display = contextmanager(_progress_display)
