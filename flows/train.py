@@ -266,6 +266,11 @@ def federated_training(
     """
     logger = get_run_logger()
     spec = load_spec(spec_path)
+    if spec.consortium.layout != "horizontal":
+        raise ValueError(
+            f"{spec_path}: federated-training averages party models over shared features "
+            "(horizontal layout); vertical consortia are prepared but not trained yet"
+        )
     training: TrainingSpec = spec.training
     if rounds is not None:
         training = training.model_copy(update={"rounds": rounds})
@@ -292,9 +297,8 @@ def federated_training(
         )
         for p, ref in fused.items()
     ]
-    stats: dict[str, PartyStats] = {
-        s.party: party_stats.with_options(**opts).submit(s).result() for s in setups
-    }
+    stat_futures = {s.party: party_stats.with_options(**opts).submit(s) for s in setups}
+    stats: dict[str, PartyStats] = {p: f.result() for p, f in stat_futures.items()}
     base = base_score(list(stats.values()), objective, max(k, 1))
     rates = party_learning_rates(
         {p: st.n_train for p, st in stats.items()}, training.learning_rate, training.aggregation
