@@ -87,7 +87,9 @@ def demo_data(
     customers: Annotated[int, typer.Option(min=10, help="Customers in the consortium")] = 5000,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes)")] = 0,
     alpha: Annotated[float | None, typer.Option(help="Dirichlet label skew across sites")] = None,
-    events_per_device: Annotated[float, typer.Option(min=0.0, help="Mean IoT events per device")] = 20.0,
+    events_per_device: Annotated[
+        float, typer.Option(min=0.0, help="Mean IoT events per device")
+    ] = 20.0,
 ) -> None:
     """Write a realistic heterogeneous demo consortium: spec plus raw party exports."""
     from tasks.demo_data import write_demo_consortium
@@ -318,9 +320,8 @@ def predict(
     """Run a party's pipeline on new raw data and score it with the global ensemble."""
     _quiet_prefect()
     with _reported(), _flow_settings():
-        import polars as pl
-
         from flows.score import score
+        from storage.files import write_text_atomic
         from storage.store import read_table
 
         ref = score(
@@ -333,7 +334,7 @@ def predict(
         console.print(f"{frame.height} entities scored -> {ref.uri}", highlight=False)
         console.print(frame.head(5))
         if out is not None:
-            frame.with_columns(pl.exclude(pl.String).cast(pl.Float64)).write_csv(out)
+            write_text_atomic(str(out.resolve()), frame.write_csv())
             console.print(f"predictions written to {out}", highlight=False)
 
 
@@ -353,6 +354,7 @@ def export(
     """Write the global ensemble as one native LightGBM model file."""
     with _reported():
         from flows.score import latest_manifest
+        from storage.files import write_text_atomic
         from tasks.ensemble import ensemble_size, export_model
         from tasks.scoring import load_ensemble
         from tasks.spec import load_spec
@@ -360,9 +362,7 @@ def export(
         ensemble = load_ensemble(manifest or latest_manifest(load_spec(str(spec))))
         upto = ensemble.resolve_round(rounds)
         text = export_model(ensemble, upto_round=upto)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+        write_text_atomic(str(out.resolve()), text)
         size = ensemble_size(ensemble, upto_round=upto)
         console.print(
             f"wrote {out}: {size.trees} trees, {size.bytes / 1024:.0f} KiB "
@@ -373,5 +373,6 @@ def export(
 
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())
+
 
 from flows import cli_ops as _cli_ops  # noqa: E402, F401  (registers deploy/serve/run/status)

@@ -50,3 +50,15 @@ def read_bytes(location: str) -> bytes:
     with fs.open(path, "rb") as handle:
         data: bytes = handle.read()
     return data
+
+
+def write_text_atomic(location: str, text: str) -> None:
+    """Write a whole text file under a temporary name, then rename it into place."""
+    fs, path = filesystem(location)
+    folder = posixpath.dirname(path)
+    if folder:
+        fs.makedirs(folder, exist_ok=True)
+    tmp = posixpath.join(folder, f".{posixpath.basename(path)}.tmp")
+    with fs.open(tmp, "wb") as handle:
+        handle.write(text.encode())
+    fs.mv(tmp, path)
