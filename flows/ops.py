@@ -1,0 +1,455 @@
+"""Operations on a Prefect server: deploy or serve the fedfuse flows, start and follow runs,
+list recent runs.
+
+Every function talks to the API the Prefect settings point at (``PREFECT_API_URL``); nothing
+here reads settings or opens a client at import time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, cast
+from uuid import UUID
+
+from flows.common import artifact_key
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments.runner import RunnerDeployment
+    from prefect.schedules import Schedule
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+"""The checkout the flows are deployed from (process work pools run them from here)."""
+
+DEFAULT_POOL = "fedfuse"
+PREPARE_CRON = "0 2 * * *"
+TRAINING_CRON = "0 4 * * 1"
+SCORE_INTERVAL = dt.timedelta(hours=6)
+TAGS = ["fedfuse"]
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+FlowName = Literal["prepare", "federated-training", "score"]
+
+
+@dataclass(frozen=True)
+class FlowEntry:
+    """One deployable flow: its file entrypoint (relative to the repo) and module path."""
+
+    name: FlowName
+    entrypoint: str
+    module: str
+
+
+FLOWS: tuple[FlowEntry, ...] = (
+    FlowEntry("prepare", "flows/prepare.py:prepare", "flows.prepare"),
+    FlowEntry("federated-training", "flows/train.py:federated_training", "flows.train"),
+    FlowEntry("score", "flows/score.py:score", "flows.score"),
+)
+
+
+@dataclass(frozen=True)
+class Schedules:
+    """Schedules of the three deployments. ``None`` leaves a deployment unscheduled.
+
+    The score schedule needs a party and starts inactive (switch it on in the UI)."""
+
+    prepare_cron: str | None = PREPARE_CRON
+    training_cron: str | None = TRAINING_CRON
+    score_interval: dt.timedelta | None = SCORE_INTERVAL
+    score_active: bool = False
+    timezone: str = "UTC"
+
+    def for_flow(self, flow: FlowName, *, party: str | None) -> list[Schedule]:
+        from prefect.schedules import Cron, Interval
+
+        if flow == "prepare" and self.prepare_cron:
+            return [Cron(self.prepare_cron, timezone=self.timezone, slug="daily-prepare")]
+        if flow == "federated-training" and self.training_cron:
+            return [Cron(self.training_cron, timezone=self.timezone, slug="weekly-training")]
+        if flow == "score" and self.score_interval and party:
+            return [
+                Interval(
+                    self.score_interval,
+                    timezone=self.timezone,
+                    active=self.score_active,
+                    parameters={"party": party},
+                    slug=f"score-{party}",
+                )
+            ]
+        return []
+
+
+def ensure_process_pool(name: str) -> bool:
+    """Create a ``process`` work pool with the default job template if it is missing.
+
+    Returns whether it was created. An existing pool of another type is an error."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            pool = client.read_work_pool(name)
+        except ObjectNotFound:
+            client.create_work_pool(
+                WorkPoolCreate(
+                    name=name,
+                    type="process",
+                    base_job_template=ProcessWorker.get_default_base_job_template(),
+                )
+            )
+            return True
+    if pool.type != "process":
+        raise ValueError(f"work pool {name!r} has type {pool.type!r}, not 'process'")
+    return False
+
+
+def runner_deployments(
+    spec_path: str | Path,
+    *,
+    name: str | None = None,
+    schedules: Schedules | None = None,
+    source: Literal["checkout", "module"] = "checkout",
+    work_pool: str | None = None,
+) -> list[RunnerDeployment]:
+    """The ``prepare``, ``federated-training`` and ``score`` deployments of one spec.
+
+    ``checkout``: loaded with ``flow.from_source`` from this repository, so a process worker
+    runs them from the checkout (pull step ``set_working_directory``); ``module``: module
+    entrypoints of the installed package (for ``serve``, which runs them in this process's
+    environment)."""
+    import importlib
+
+    from prefect import Flow
+    from prefect.types.entrypoint import EntrypointType
+
+    from tasks.spec import load_spec
+
+    spec_file = Path(spec_path).resolve()
+    spec = load_spec(str(spec_file))
+    name = name or artifact_key(spec.consortium.name)
+    schedules = schedules or Schedules()
+    first_party = spec.parties[0].id
+    out: list[RunnerDeployment] = []
+    for entry in FLOWS:
+        if source == "checkout":
+            flow = cast(
+                "Flow[..., Any]",
+                Flow.from_source(source=str(REPO_ROOT), entrypoint=entry.entrypoint),
+            )
+            kind = EntrypointType.FILE_PATH
+        else:
+            module = importlib.import_module(entry.module)
+            flow = cast("Flow[..., Any]", getattr(module, entry.entrypoint.rsplit(":", 1)[1]))
+            kind = EntrypointType.MODULE_PATH
+        deployment = cast(
+            "RunnerDeployment",
+            flow.to_deployment(
+                name=name,
+                parameters={"spec_path": str(spec_file)},
+                schedules=schedules.for_flow(entry.name, party=first_party),
+                description=f"{flow.description or entry.name} (consortium {spec.consortium.name})",
+                tags=[*TAGS, name],
+                work_pool_name=work_pool,
+                entrypoint_type=kind,
+            ),
+        )
+        out.append(deployment)
+    return out
+
+
+def deploy(
+    spec_path: str | Path,
+    *,
+    pool: str = DEFAULT_POOL,
+    name: str | None = None,
+    schedules: Schedules | None = None,
+) -> list[str]:
+    """Register (or update) the three deployments of a spec on a process work pool (created
+    if missing). Their schedules become exactly ``schedules``. Returns their full names
+    (``flow/deployment``)."""
+    from prefect.settings import PREFECT_DEPLOYMENTS_CLEAR_SCHEDULES_ON_EMPTY, temporary_settings
+
+    ensure_process_pool(pool)
+    deployments = runner_deployments(spec_path, name=name, schedules=schedules, work_pool=pool)
+    names: list[str] = []
+    for deployment in deployments:
+        if deployment.schedules:
+            deployment.apply(work_pool_name=pool)
+        else:  # a redeploy without schedules removes the old ones
+            with temporary_settings({PREFECT_DEPLOYMENTS_CLEAR_SCHEDULES_ON_EMPTY: True}):
+                deployment.apply(schedules=[], work_pool_name=pool)
+        names.append(deployment.full_name)
+    return names
+
+
+def serve(
+    spec_path: str | Path,
+    *,
+    name: str | None = None,
+    schedules: Schedules | None = None,
+    limit: int | None = None,
+) -> None:
+    """Serve the three deployments from this process until interrupted (Ctrl-C).
+
+    No work pool or worker: this process polls for scheduled and manual runs and runs each
+    in a subprocess. On shutdown Prefect pauses the served deployments' schedules."""
+    from prefect import serve as prefect_serve
+
+    deployments = runner_deployments(spec_path, name=name, schedules=schedules, source="module")
+    prefect_serve(*deployments, limit=limit, print_starting_message=True)
+
+
+def parse_params(pairs: Iterable[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values are JSON when they parse as JSON, else plain strings."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"parameter {pair!r} is not of the form key=value")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params
+
+
+def full_deployment_name(name: str) -> str:
+    """``flow/deployment``; a bare name means the deployment named like its flow
+    (as in ``deployments/prefect.yaml``)."""
+    return name if "/" in name else f"{name}/{name}"
+
+
+def start_run(deployment: str, parameters: dict[str, Any] | None = None) -> FlowRun:
+    """Create a flow run of a deployment and return at once (a worker or ``serve`` runs it)."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(
+        full_deployment_name(deployment),
+        parameters=parameters or {},
+        timeout=0,
+        as_subflow=False,
+    )
+    return cast("FlowRun", run)
+
+
+@dataclass
+class _Seen:
+    states: dict[UUID, str] = field(default_factory=dict)
+    progress: dict[UUID, float] = field(default_factory=dict)
+    flows: dict[UUID, str] = field(default_factory=dict)
+
+
+def _flow_names(client: SyncPrefectClient, runs: Sequence[FlowRun], cache: dict[UUID, str]) -> None:
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterId
+
+    missing = list({r.flow_id for r in runs} - set(cache))
+    if missing:
+        for f in client.read_flows(flow_filter=FlowFilter(id=FlowFilterId(any_=missing))):
+            cache[f.id] = f.name
+
+
+def _descendants(client: SyncPrefectClient, run_id: UUID) -> list[FlowRun]:
+    """All nested subflow runs of a run, oldest first."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    out: list[FlowRun] = []
+    frontier = [run_id]
+    while frontier:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)
+            ),
+            sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+        )
+        out += children
+        frontier = [c.id for c in children]
+    return out
+
+
+def run_label(run: FlowRun, flow_name: str) -> str:
+    """``party-pipeline[a]``, ``federated-round[3]``: the flow and the parameter telling
+    its runs apart."""
+    params = run.parameters or {}
+    if isinstance(params.get("party"), str):
+        return f"{flow_name}[{params['party']}]"
+    state = params.get("state")
+    if isinstance(state, dict) and "round" in state:
+        return f"{flow_name}[round {state['round']}]"
+    return flow_name
+
+
+def _state_name(run: FlowRun) -> str:
+    return (run.state.name if run.state else None) or "?"
+
+
+def watch(
+    flow_run_id: UUID,
+    on_event: Callable[[str], None],
+    *,
+    poll: float = 1.0,
+    timeout: float | None = None,
+) -> FlowRun:
+    """Follow a flow run until it is final, reporting each change through ``on_event``:
+    the run's state, its subflow runs' states (parties, training rounds) and progress
+    artifacts (the share of the training round limit done). Returns the final run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterType,
+    )
+
+    seen = _Seen()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            runs = [run, *_descendants(client, flow_run_id)]
+            _flow_names(client, runs, seen.flows)
+            changed = [r for r in runs if seen.states.get(r.id) != _state_name(r)]
+            # in the order the states were entered (a subflow ends before its parent)
+            changed.sort(key=lambda r: r.state.timestamp if r.state else EPOCH)
+            for r in changed:
+                state = seen.states[r.id] = _state_name(r)
+                label = run_label(r, seen.flows.get(r.flow_id, "?"))
+                message = f" ({r.state.message})" if r.state and r.state.message else ""
+                if r.id == flow_run_id:
+                    on_event(f"{r.name} {label}: {state}{message}")
+                else:
+                    on_event(f"  {label}: {state}{message}")
+            for artifact in client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[r.id for r in runs]),
+                    type=ArtifactFilterType(any_=["progress"]),
+                )
+            ):
+                if isinstance(artifact.data, int | float) and seen.progress.get(
+                    artifact.id
+                ) != float(artifact.data):
+                    seen.progress[artifact.id] = float(artifact.data)
+                    on_event(
+                        f"  progress {float(artifact.data):.0f}% ({artifact.key or 'progress'})"
+                    )
+            if run.state is not None and run.state.is_final():
+                return run
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"flow run {flow_run_id} not final after {timeout} s")
+            time.sleep(poll)
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One line of ``fedfuse status``."""
+
+    id: UUID
+    name: str
+    flow: str
+    deployment: str
+    state: str
+    start: dt.datetime | None
+    duration: dt.timedelta | None
+
+
+def recent_runs(limit: int = 20, *, subflows: bool = False) -> list[RunRow]:
+    """The most recent flow runs (newest first; runs scheduled for later left out),
+    top-level ones unless ``subflows``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterExpectedStartTime,
+        FlowRunFilterParentTaskRunId,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    now = dt.datetime.now(dt.UTC)
+    flow_filter = FlowRunFilter(expected_start_time=FlowRunFilterExpectedStartTime(before_=now))
+    if not subflows:
+        flow_filter.parent_task_run_id = FlowRunFilterParentTaskRunId(is_null_=True)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=flow_filter, sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit
+        )
+        flows: dict[UUID, str] = {}
+        _flow_names(client, runs, flows)
+        ids = list({r.deployment_id for r in runs if r.deployment_id})
+        deployments = (
+            {
+                d.id: d.name
+                for d in client.read_deployments(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=ids))
+                )
+            }
+            if ids
+            else {}
+        )
+    rows: list[RunRow] = []
+    for r in runs:
+        duration: dt.timedelta | None = None
+        if r.state is not None and r.state.is_running() and r.start_time is not None:
+            duration = now - r.start_time
+        elif r.start_time is not None:
+            duration = r.total_run_time  # time spent running, over every attempt
+        rows.append(
+            RunRow(
+                id=r.id,
+                name=r.name,
+                flow=flows.get(r.flow_id, "?"),
+                deployment=deployments.get(r.deployment_id, "-") if r.deployment_id else "-",
+                state=(r.state.name if r.state else None) or "?",
+                start=r.start_time,
+                duration=duration,
+            )
+        )
+    return rows
+
+
+def find_run(id_or_name: str) -> FlowRun:
+    """A flow run by id or by (unique) name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_flow_run(UUID(id_or_name))
+        except ValueError:
+            pass
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[id_or_name])), limit=2
+        )
+    if len(runs) != 1:
+        found = "no" if not runs else "more than one"
+        raise ValueError(f"{found} flow run named {id_or_name!r}")
+    return runs[0]
+
+
+def retry_run(id_or_name: str | UUID) -> FlowRun:
+    """Schedule a finished run of a deployment again (as ``prefect flow-run retry`` does);
+    a worker picks it up, and steps whose results are cached are not run again."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.responses import OrchestrationResult, SetStateStatus
+    from prefect.states import Scheduled
+
+    run = find_run(str(id_or_name))
+    if run.deployment_id is None:
+        raise ValueError(f"flow run {run.name} has no deployment to retry it on")
+    if run.state is None or not run.state.is_final():
+        raise ValueError(f"flow run {run.name} is not finished")
+    with get_client(sync_client=True) as client:
+        result: OrchestrationResult[Any] = client.set_flow_run_state(
+            run.id, Scheduled(message="Retried by fedfuse"), force=True
+        )
+    if result.status == SetStateStatus.ABORT:
+        raise RuntimeError(f"flow run {run.name} could not be retried: {result.details}")
+    return run
