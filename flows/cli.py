@@ -38,13 +38,22 @@ def _quiet_prefect() -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from flows.prepare import PrepareError
     from storage.secrets import SecretError
     from storage.sources import SourceError
     from tasks.align import AlignError
     from tasks.preprocess import PreprocessError
     from tasks.spec import SpecError
 
-    return (SpecError, SourceError, PreprocessError, AlignError, SecretError, FileNotFoundError)
+    return (
+        SpecError,
+        SourceError,
+        PreprocessError,
+        AlignError,
+        SecretError,
+        FileNotFoundError,
+        PrepareError,
+    )
 
 
 @contextmanager

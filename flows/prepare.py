@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture, wait
 
@@ -31,13 +31,27 @@ from tasks.steps import (
 def party_pipeline(
     spec_path: str, party: str, as_of: dt.date | None = None, refresh: bool = False
 ) -> FusedOutput:
-    """Preprocess -> features -> align every source of one party, then fuse them."""
+    """Preprocess -> features -> align every source of one party, then fuse them.
+
+    Args:
+        spec_path: Consortium spec (TOML).
+        party: The party whose sources are processed.
+        as_of: End of every feature window (default: the spec's).
+        refresh: Recompute every step, ignoring cached results.
+    """
     spec = load_spec(spec_path)
     ctx = PartyContext.from_spec(spec, party, as_of=as_of)
     fused, _ = run_party_steps(
         ctx, spec.party(party).sources, results=spec.run.results, refresh=refresh
     )
     return fused
+
+
+def raise_first_failure(futures: list[PrefectFuture[Any]]) -> None:
+    """Re-raise the first failed step's own error (not "upstream not finished")."""
+    for future in futures:
+        if future.state.is_failed() or future.state.is_crashed():
+            future.result()
 
 
 def run_party_steps(
@@ -53,6 +67,7 @@ def run_party_steps(
         str,
         tuple[PrefectFuture[CleanOutput], PrefectFuture[TableRef], PrefectFuture[AlignedOutput]],
     ] = {}
+    fingerprints: list[PrefectFuture[Any]] = []
     for source in sources:
         raw = fingerprint_source.submit(source.path)
         emap = (
@@ -60,6 +75,7 @@ def run_party_steps(
             if source.entity_map is not None
             else None
         )
+        fingerprints += [raw] + ([emap] if emap is not None else [])
         # futures as arguments: Prefect resolves them (its stubs only type plain values)
         clean = preprocess_source.with_options(**opts).submit(ctx, source, raw, emap)  # type: ignore[call-overload]
         feats = extract_features.with_options(**opts).submit(ctx, source, clean)
@@ -67,6 +83,7 @@ def run_party_steps(
         futures[source.id] = (clean, feats, aligned)
     pending: list[PrefectFuture[Any]] = [f for group in futures.values() for f in group]
     wait(pending)
+    raise_first_failure(fingerprints + pending)
     cleaned = [futures[s.id][0].result() for s in sources]
     aligned_outputs = [futures[s.id][2].result() for s in sources]
     for out in cleaned:
@@ -87,13 +104,8 @@ def run_party_steps(
     return fused, {s.id: futures[s.id][1].result() for s in sources}
 
 
-@task(name="run-party-pipeline")
-def run_party_pipeline(
-    spec_path: str, party: str, as_of: dt.date | None, refresh: bool
-) -> FusedOutput:
-    """Runs one party's pipeline as a subflow, so parties can run side by side."""
-    result: FusedOutput = party_pipeline(spec_path, party, as_of=as_of, refresh=refresh)
-    return result
+class PrepareError(RuntimeError):
+    """One or more parties' pipelines failed."""
 
 
 def quality_rows(outputs: list[FusedOutput]) -> list[dict[str, Any]]:
@@ -120,21 +132,40 @@ def quality_rows(outputs: list[FusedOutput]) -> list[dict[str, Any]]:
 def prepare(
     spec_path: str, as_of: dt.date | None = None, refresh: bool = False
 ) -> dict[str, FusedOutput]:
-    """Run every party's pipeline (side by side where cores allow) and report data quality."""
+    """Run every party's pipeline and report data quality.
+
+    Args:
+        spec_path: Consortium spec (TOML) as seen by the machine running the flow.
+        as_of: End of every feature window (default: the spec's).
+        refresh: Recompute every step, ignoring cached results.
+    """
     logger = get_run_logger()
     spec = load_spec(spec_path)
-    futures = {
-        p.id: run_party_pipeline.submit(spec_path, p.id, as_of, refresh) for p in spec.parties
-    }
-    wait(list(futures.values()))
-    outputs = {party: future.result() for party, future in futures.items()}
+    # Party subflows run one after the other (each party's sources run side by side); a
+    # failed party does not stop the others, and every finished step keeps its cached
+    # result, so a retry of this run recomputes only what did not finish.
+    outputs: dict[str, FusedOutput] = {}
+    failures: dict[str, BaseException] = {}
+    for party in spec.parties:
+        state = party_pipeline(spec_path, party.id, as_of=as_of, refresh=refresh, return_state=True)
+        try:
+            outputs[party.id] = state.result()
+        except Exception as exc:
+            failures[party.id] = exc
+            logger.error("party %s failed: %s", party.id, exc)
+    if failures:
+        first = next(iter(failures.values()))
+        raise PrepareError(
+            f"{len(failures)} of {len(spec.parties)} parties failed: "
+            + "; ".join(f"{p}: {e}" for p, e in failures.items())
+        ) from first
     rows = quality_rows(list(outputs.values()))
     key = artifact_key(spec.consortium.name)
     create_table_artifact(table=rows, key=f"{key}-quality", description="Data quality per source")
     lines = [f"# Prepared consortium `{spec.consortium.name}`", ""]
-    for party, out in outputs.items():
+    for party_id, out in outputs.items():
         lines.append(
-            f"- **{party}**: `{out.table.uri}` ({out.table.rows} rows, {len(out.features)} features)"
+            f"- **{party_id}**: `{out.table.uri}` ({out.table.rows} rows, {len(out.features)} features)"
         )
     create_markdown_artifact("\n".join(lines), key=f"{key}-prepared", description="Fused tables")
     logger.info("prepared %d parties", len(outputs))

@@ -263,6 +263,13 @@ def federated_training(
     as an operator stopping a run would; the next call resumes from the checkpoint.
     ``baselines`` adds local-only models and, for comparison only, a centralised model on
     the pooled fused tables to the report.
+
+    Args:
+        spec_path: Consortium spec (TOML) as seen by the machine running the flow.
+        refresh: Recompute every step and start training afresh (ignore checkpoints).
+        rounds: Override the spec's round limit.
+        stop_after: Stop after this many rounds of this run (resume later).
+        baselines: Also train local-only and centralised baselines (pools data).
     """
     logger = get_run_logger()
     spec = load_spec(spec_path)
@@ -374,6 +381,8 @@ def federated_training(
         update_progress_artifact(progress_id, progress=100.0 * t / training.rounds)
         if stop:
             logger.info("early stopping after round %d; best round %d", t, stopper.best_round)
+    if checkpoint.stopped or checkpoint.round >= training.rounds:
+        update_progress_artifact(progress_id, progress=100.0)  # done, early stopping included
     ensemble = build_ensemble(checkpoint, schema, objective, max(k, 1), training)
     body, texts = ensemble_manifest(ensemble)
     manifest = write_manifest(coordinator, f"{key}-manifest.json", body, texts)
