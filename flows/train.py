@@ -344,7 +344,7 @@ def federated_training(
     while not checkpoint.stopped and checkpoint.round < training.rounds:
         if stop_after is not None and done_here >= stop_after:
             break
-        next_trees = (checkpoint.round + 1) * trees_per_round * len(setups)
+        next_trees = (checkpoint.round + 1) * trees_per_round * len(setups) * max(k, 1)
         if training.max_trees is not None and next_trees > training.max_trees:
             logger.warning("stopping: the next round would exceed max_trees=%d", training.max_trees)
             break

@@ -186,6 +186,7 @@ def aggregate(
             objective=objective,
             num_class=num_class,
             trees_per_round=trees_per_round,
+            categorical=schema.categorical,
         )
         if problems:
             dropped[update.party] = "; ".join(problems)
