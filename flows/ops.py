@@ -34,7 +34,7 @@ SCORE_INTERVAL = dt.timedelta(hours=6)
 TAGS = ["fedfuse"]
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
-FlowName = Literal["prepare", "federated-training", "score"]
+FlowName = Literal["prepare", "federated-training", "score", "party-pipeline", "party-step"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,12 @@ class FlowEntry:
 FLOWS: tuple[FlowEntry, ...] = (
     FlowEntry("prepare", "flows/prepare.py:prepare", "flows.prepare"),
     FlowEntry("federated-training", "flows/train.py:federated_training", "flows.train"),
+    FlowEntry("score", "flows/score.py:score", "flows.score"),
+)
+#: The deployments of a party with its own work pool.
+PARTY_FLOWS: tuple[FlowEntry, ...] = (
+    FlowEntry("party-pipeline", "flows/prepare.py:party_pipeline", "flows.prepare"),
+    FlowEntry("party-step", "flows/party.py:party_step", "flows.party"),
     FlowEntry("score", "flows/score.py:score", "flows.score"),
 )
 
@@ -111,15 +117,81 @@ def ensure_process_pool(name: str) -> bool:
     return False
 
 
-def runner_deployments(
+@dataclass(frozen=True)
+class PlannedDeployment:
+    """One deployment to register: which flow, its name, pool, parameters and schedules."""
+
+    entry: FlowEntry
+    name: str
+    work_pool: str | None
+    parameters: dict[str, Any]
+    schedules: list[Schedule]
+    description: str
+
+
+def plan_deployments(
     spec_path: str | Path,
     *,
     name: str | None = None,
     schedules: Schedules | None = None,
-    source: Literal["checkout", "module"] = "checkout",
     work_pool: str | None = None,
+    per_party: bool = True,
+) -> list[PlannedDeployment]:
+    """The deployments of one spec: ``prepare``, ``federated-training`` and ``score`` on the
+    coordinator's pool and, for every party with a ``work_pool`` (``per_party``), that
+    party's ``party-pipeline``, ``party-step`` and ``score`` deployments on its own pool.
+    With party pools, the coordinator's deployments get ``dispatch=<name>`` so their runs
+    send each party's steps to the party's pool."""
+    from tasks.spec import load_spec
+
+    spec_file = Path(spec_path).resolve()
+    spec = load_spec(str(spec_file))
+    name = name or artifact_key(spec.consortium.name)
+    schedules = schedules or Schedules()
+    pooled = [p for p in spec.parties if p.work_pool] if per_party else []
+    base: dict[str, Any] = {"spec_path": str(spec_file)}
+    coordinator_params = {**base, "dispatch": name} if pooled else base
+    first_party = spec.parties[0].id
+    consortium = f"consortium {spec.consortium.name}"
+    planned: list[PlannedDeployment] = []
+    for entry in FLOWS:
+        params = base if entry.name == "score" else coordinator_params
+        planned.append(
+            PlannedDeployment(
+                entry=entry,
+                name=name,
+                work_pool=work_pool,
+                parameters=params,
+                schedules=schedules.for_flow(entry.name, party=first_party),
+                description=consortium,
+            )
+        )
+    for party in pooled:
+        for entry in PARTY_FLOWS:
+            params = dict(base, party=party.id) if entry.name != "party-step" else {}
+            planned.append(
+                PlannedDeployment(
+                    entry=entry,
+                    name=f"{name}-{party.id}",
+                    work_pool=party.work_pool,
+                    parameters=params,
+                    schedules=(
+                        schedules.for_flow(entry.name, party=party.id)
+                        if entry.name == "score"
+                        else []
+                    ),
+                    description=f"{consortium}, party {party.id} on its own work pool",
+                )
+            )
+    return planned
+
+
+def runner_deployments(
+    planned: Sequence[PlannedDeployment],
+    *,
+    source: Literal["checkout", "module"] = "checkout",
 ) -> list[RunnerDeployment]:
-    """The ``prepare``, ``federated-training`` and ``score`` deployments of one spec.
+    """Runner deployments of the planned ones.
 
     ``checkout``: loaded with ``flow.from_source`` from this repository, so a process worker
     runs them from the checkout (pull step ``set_working_directory``); ``module``: module
@@ -130,15 +202,9 @@ def runner_deployments(
     from prefect import Flow
     from prefect.types.entrypoint import EntrypointType
 
-    from tasks.spec import load_spec
-
-    spec_file = Path(spec_path).resolve()
-    spec = load_spec(str(spec_file))
-    name = name or artifact_key(spec.consortium.name)
-    schedules = schedules or Schedules()
-    first_party = spec.parties[0].id
     out: list[RunnerDeployment] = []
-    for entry in FLOWS:
+    for plan in planned:
+        entry = plan.entry
         if source == "checkout":
             flow = cast(
                 "Flow[..., Any]",
@@ -152,12 +218,12 @@ def runner_deployments(
         deployment = cast(
             "RunnerDeployment",
             flow.to_deployment(
-                name=name,
-                parameters={"spec_path": str(spec_file)},
-                schedules=schedules.for_flow(entry.name, party=first_party),
-                description=f"{flow.description or entry.name} (consortium {spec.consortium.name})",
-                tags=[*TAGS, name],
-                work_pool_name=work_pool,
+                name=plan.name,
+                parameters=plan.parameters,
+                schedules=plan.schedules,
+                description=f"{flow.description or entry.name} ({plan.description})",
+                tags=[*TAGS, plan.name],
+                work_pool_name=plan.work_pool,
                 entrypoint_type=kind,
             ),
         )
@@ -172,20 +238,23 @@ def deploy(
     name: str | None = None,
     schedules: Schedules | None = None,
 ) -> list[str]:
-    """Register (or update) the three deployments of a spec on a process work pool (created
-    if missing). Their schedules become exactly ``schedules``. Returns their full names
+    """Register (or update) a spec's deployments on process work pools (created if
+    missing): the coordinator's three on ``pool``, each pooled party's own on its pool.
+    Their schedules become exactly ``schedules``. Returns their full names
     (``flow/deployment``)."""
     from prefect.settings import PREFECT_DEPLOYMENTS_CLEAR_SCHEDULES_ON_EMPTY, temporary_settings
 
-    ensure_process_pool(pool)
-    deployments = runner_deployments(spec_path, name=name, schedules=schedules, work_pool=pool)
+    planned = plan_deployments(spec_path, name=name, schedules=schedules, work_pool=pool)
+    for plan_pool in dict.fromkeys(p.work_pool or pool for p in planned):
+        ensure_process_pool(plan_pool)
     names: list[str] = []
-    for deployment in deployments:
+    for plan, deployment in zip(planned, runner_deployments(planned), strict=True):
+        target = plan.work_pool or pool
         if deployment.schedules:
-            deployment.apply(work_pool_name=pool)
+            deployment.apply(work_pool_name=target)
         else:  # a redeploy without schedules removes the old ones
             with temporary_settings({PREFECT_DEPLOYMENTS_CLEAR_SCHEDULES_ON_EMPTY: True}):
-                deployment.apply(schedules=[], work_pool_name=pool)
+                deployment.apply(schedules=[], work_pool_name=target)
         names.append(deployment.full_name)
     return names
 
@@ -203,7 +272,8 @@ def serve(
     in a subprocess. On shutdown Prefect pauses the served deployments' schedules."""
     from prefect import serve as prefect_serve
 
-    deployments = runner_deployments(spec_path, name=name, schedules=schedules, source="module")
+    planned = plan_deployments(spec_path, name=name, schedules=schedules, per_party=False)
+    deployments = runner_deployments(planned, source="module")
     prefect_serve(*deployments, limit=limit, print_starting_message=True)
 
 

@@ -11,6 +11,7 @@ from prefect.futures import PrefectFuture, wait
 
 from flows import progress
 from flows.common import artifact_key, task_options, threads
+from flows.dispatch import PIPELINE_FLOW, dispatch_pipeline, party_deployments, publish
 from storage.store import TableRef
 from tasks.spec import SourceSpec, load_spec
 from tasks.steps import (
@@ -44,6 +45,7 @@ def party_pipeline(
     fused, _ = run_party_steps(
         ctx, spec.party(party).sources, results=spec.run.results, refresh=refresh
     )
+    publish(spec.coordinator.store, fused)
     return fused
 
 
@@ -130,7 +132,10 @@ def quality_rows(outputs: list[FusedOutput]) -> list[dict[str, Any]]:
 
 @flow(name="prepare", persist_result=True, task_runner=threads(2))
 def prepare(
-    spec_path: str, as_of: dt.date | None = None, refresh: bool = False
+    spec_path: str,
+    as_of: dt.date | None = None,
+    refresh: bool = False,
+    dispatch: str | None = None,
 ) -> dict[str, FusedOutput]:
     """Run every party's pipeline and report data quality.
 
@@ -138,21 +143,49 @@ def prepare(
         spec_path: Consortium spec (TOML) as seen by the machine running the flow.
         as_of: End of every feature window (default: the spec's).
         refresh: Recompute every step, ignoring cached results.
+        dispatch: Deployment prefix of the per-party deployments (``fedfuse deploy`` sets
+            it): parties with a work pool run their pipeline there. Empty: all in process.
     """
     logger = get_run_logger()
     spec = load_spec(spec_path)
-    # Party subflows run one after the other (each party's sources run side by side); a
-    # failed party does not stop the others, and every finished step keeps its cached
-    # result, so a retry of this run recomputes only what did not finish.
+    remote = party_deployments(spec, dispatch, PIPELINE_FLOW)
+    # Parties on their own work pools run side by side; the others run here as subflows one
+    # after the other (each party's sources side by side). A failed party does not stop the
+    # others, and every finished step keeps its cached result, so a retry of this run
+    # recomputes only what did not finish.
+    dispatched = {
+        party: dispatch_pipeline.submit(
+            deployment,
+            {
+                "spec_path": spec_path,
+                "party": party,
+                "as_of": as_of.isoformat() if as_of else None,
+                "refresh": refresh,
+            },
+            spec.coordinator.store,
+            spec.run.party_timeout,
+        )
+        for party, deployment in remote.items()
+    }
     outputs: dict[str, FusedOutput] = {}
     failures: dict[str, BaseException] = {}
     for party in spec.parties:
+        if party.id in remote:
+            continue
         state = party_pipeline(spec_path, party.id, as_of=as_of, refresh=refresh, return_state=True)
         try:
             outputs[party.id] = state.result()
         except Exception as exc:
             failures[party.id] = exc
             logger.error("party %s failed: %s", party.id, exc)
+    wait(list(dispatched.values()))
+    for party_id, future in dispatched.items():
+        try:
+            outputs[party_id] = future.result()
+        except Exception as exc:
+            failures[party_id] = exc
+            logger.error("party %s failed on its work pool: %s", party_id, exc)
+    outputs = {p.id: outputs[p.id] for p in spec.parties if p.id in outputs}
     if failures:
         first = next(iter(failures.values()))
         raise PrepareError(

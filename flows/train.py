@@ -19,6 +19,8 @@ from pydantic import BaseModel, Field
 
 from flows import progress
 from flows.common import artifact_key, task_options, threads
+from flows.dispatch import STEP_FLOW, PartyJob, party_deployments
+from flows.party import submit_job
 from flows.prepare import prepare
 from storage.store import Store, TableRef, write_manifest
 from tasks.baselines import compare_baselines
@@ -40,11 +42,7 @@ from tasks.train_steps import (
     RoundAggregate,
     TrainSetup,
     aggregate,
-    evaluate_party,
     members,
-    party_stats,
-    start_scores,
-    train_party,
 )
 from tasks.training import EarlyStopping, aggregate_metrics, base_score, party_learning_rates
 from tasks.types import Objective
@@ -61,6 +59,10 @@ class RoundInput(BaseModel):
     learning_rates: dict[str, float]
     results: str
     refresh: bool = False
+    remote: dict[str, str] = Field(
+        default_factory=dict, description="Party -> its party-step deployment (own work pool)"
+    )
+    timeout: float = Field(default=3600.0, description="Seconds to wait for a dispatched step")
 
 
 class RoundOutput(BaseModel):
@@ -108,8 +110,14 @@ def aggregate_round(
     )
 
 
+def _job(state: RoundInput, setup: TrainSetup, **fields: Any) -> PartyJob:
+    return PartyJob(
+        setup=setup, round=state.round, results=state.results, refresh=state.refresh, **fields
+    )
+
+
 def _catch_up(
-    state: RoundInput, setups: dict[str, TrainSetup], opts: dict[str, Any]
+    state: RoundInput, setups: dict[str, TrainSetup]
 ) -> tuple[dict[str, TableRef], dict[str, int], dict[str, str]]:
     """Bring parties that missed rounds up to date before they train again."""
     logger = get_run_logger()
@@ -117,8 +125,16 @@ def _catch_up(
     failed: dict[str, str] = {}
     behind = {p: at[p] for p in setups if at[p] < state.round - 1}
     futures = {
-        p: evaluate_party.with_options(**opts).submit(
-            setups[p], state.history[r : state.round - 1], scores[p]
+        p: submit_job(
+            _job(
+                state,
+                setups[p],
+                op="evaluate",
+                aggregates=state.history[r : state.round - 1],
+                scores=scores[p],
+            ),
+            state.remote,
+            timeout=state.timeout,
         )
         for p, r in behind.items()
     }
@@ -140,12 +156,19 @@ def federated_round(state: RoundInput) -> RoundOutput:
     spec's ``min_parties`` decides whether the round proceeds.
     """
     logger = get_run_logger()
-    opts = task_options(state.results, state.refresh)
     setups = {s.party: s for s in state.setups}
-    scores, at, failed = _catch_up(state, setups, opts)
+    scores, at, failed = _catch_up(state, setups)
     futures = {
-        party: train_party.with_options(**opts).submit(
-            setup, state.round, scores[party], state.learning_rates[party]
+        party: submit_job(
+            _job(
+                state,
+                setup,
+                op="train",
+                scores=scores[party],
+                learning_rate=state.learning_rates[party],
+            ),
+            state.remote,
+            timeout=state.timeout,
         )
         for party, setup in setups.items()
         if party not in failed
@@ -162,7 +185,11 @@ def federated_round(state: RoundInput) -> RoundOutput:
     first = next(iter(setups.values()))
     agg = aggregate_round(updates, failed, state.round, first)
     evals_f = {
-        party: evaluate_party.with_options(**opts).submit(setup, [agg], scores[party])
+        party: submit_job(
+            _job(state, setup, op="evaluate", aggregates=[agg], scores=scores[party]),
+            state.remote,
+            timeout=state.timeout,
+        )
         for party, setup in setups.items()
         if at[party] == state.round - 1
     }
@@ -256,6 +283,7 @@ def federated_training(
     rounds: int | None = None,
     stop_after: int | None = None,
     baselines: bool = False,
+    dispatch: str | None = None,
 ) -> TrainingResult:
     """Prepare every party, then run rounds until the round limit or early stopping.
 
@@ -270,6 +298,8 @@ def federated_training(
         rounds: Override the spec's round limit.
         stop_after: Stop after this many rounds of this run (resume later).
         baselines: Also train local-only and centralised baselines (pools data).
+        dispatch: Deployment prefix of the per-party deployments (``fedfuse deploy`` sets
+            it): parties with a work pool run their steps there. Empty: all in process.
     """
     logger = get_run_logger()
     spec = load_spec(spec_path)
@@ -281,7 +311,13 @@ def federated_training(
     training: TrainingSpec = spec.training
     if rounds is not None:
         training = training.model_copy(update={"rounds": rounds})
-    prepared = prepare(spec_path, refresh=refresh)
+    remote = party_deployments(spec, dispatch, STEP_FLOW)
+    if baselines and remote:
+        raise ValueError(
+            "baselines pool the parties' fused tables in one process; they cannot run while "
+            f"parties {sorted(remote)} work on their own pools"
+        )
+    prepared = prepare(spec_path, refresh=refresh, dispatch=dispatch)
     labelled = {p: out for p, out in prepared.items() if p in spec.label_party_ids()}
     schema = consortium_schema({p: out.features for p, out in labelled.items()})
     fused = {p: out.table for p, out in labelled.items()}
@@ -304,7 +340,14 @@ def federated_training(
         )
         for p, ref in fused.items()
     ]
-    stat_futures = {s.party: party_stats.with_options(**opts).submit(s) for s in setups}
+    timeout = spec.run.party_timeout
+
+    def job(setup: TrainSetup, **fields: Any) -> PartyJob:
+        return PartyJob(setup=setup, results=results, refresh=refresh, **fields)
+
+    stat_futures = {
+        s.party: submit_job(job(s, op="stats"), remote, timeout=timeout) for s in setups
+    }
     stats: dict[str, PartyStats] = {p: f.result() for p, f in stat_futures.items()}
     base = base_score(list(stats.values()), objective, max(k, 1))
     rates = party_learning_rates(
@@ -313,9 +356,11 @@ def federated_training(
     coordinator = Store(spec.coordinator.store)
     checkpoint = None if refresh else load_checkpoint(coordinator, key)
     if checkpoint is None:
-        scores = {
-            s.party: start_scores.with_options(**opts).submit(s, base).result() for s in setups
+        start = {
+            s.party: submit_job(job(s, op="start", base=base), remote, timeout=timeout)
+            for s in setups
         }
+        scores = {p: f.result() for p, f in start.items()}
         checkpoint = Checkpoint(
             run_key=key,
             round=0,
@@ -359,6 +404,8 @@ def federated_training(
                 learning_rates=rates,
                 results=results,
                 refresh=refresh,
+                remote=remote,
+                timeout=timeout,
             )
         )
         stop = stopper.update(t, out.valid[metric])

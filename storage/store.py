@@ -26,7 +26,16 @@ from storage.files import filesystem, is_uri
 logger = logging.getLogger(__name__)
 
 Layer = Literal[
-    "raw", "clean", "features", "aligned", "fused", "rejected", "reports", "models", "checkpoints"
+    "raw",
+    "clean",
+    "features",
+    "aligned",
+    "fused",
+    "rejected",
+    "reports",
+    "models",
+    "checkpoints",
+    "exchange",
 ]
 LAYERS: tuple[Layer, ...] = (
     "raw",
@@ -38,6 +47,7 @@ LAYERS: tuple[Layer, ...] = (
     "reports",
     "models",
     "checkpoints",
+    "exchange",
 )
 _CHUNK = 8 * 1024 * 1024
 

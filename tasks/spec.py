@@ -185,6 +185,11 @@ class RunSpec(SpecModel):
     results: str | None = Field(
         default=None, description="Folder for persisted task results (default: .fedfuse/results)"
     )
+    party_timeout: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Seconds the coordinator waits for a step dispatched to a party's pool",
+    )
 
 
 class FedSpec(SpecModel):

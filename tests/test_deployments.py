@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,8 +18,9 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tests.factories import write_tiny
+from tests.factories import write_synthetic, write_tiny
 from tests.prefect_api import task_states
+from tests.workers import running_worker
 
 pytestmark = pytest.mark.prefect
 
@@ -40,58 +40,16 @@ def cli(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     return CliRunner()
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Workers stop on the second SIGTERM (the first starts a graceful shutdown)."""
-    for _ in range(2):
-        if proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            continue
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 @pytest.fixture
 def worker_pool(prefect_api: str, tmp_path: Path, secret: str) -> Iterator[str]:
-    """A process work pool with a ``prefect worker`` polling it (its own process group)."""
+    """A process work pool with a ``prefect worker`` polling it."""
     from flows.ops import ensure_process_pool
 
     pool = f"fedfuse-test-{uuid4().hex[:8]}"
     assert ensure_process_pool(pool) is True
     assert ensure_process_pool(pool) is False
-    home = tmp_path / "worker-home"
-    home.mkdir()
-    env = dict(os.environ)
-    env.update(
-        {
-            "PREFECT_API_URL": prefect_api,
-            "PREFECT_HOME": str(home),
-            "FEDFUSE_TEST_SECRET": secret,
-            "PREFECT_WORKER_QUERY_SECONDS": "1",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "DO_NOT_TRACK": "1",
-        }
-    )
-    log_path = tmp_path / "worker.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [*PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--name", pool],
-            env=env,
-            cwd=tmp_path,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            yield pool
-        finally:
-            stop(proc)
-    if proc.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL):
-        print(log_path.read_text()[-3000:])
+    with running_worker(pool, tmp_path / "worker-home", secret, prefect_api):
+        yield pool
 
 
 def run_id(output: str) -> UUID:
@@ -262,3 +220,157 @@ def test_prefect_yaml_deploys_with_prefect_deploy_all(prefect_api: str, tmp_path
     [every] = score.schedules
     assert (every.active, every.parameters) == (False, {"party": "site-a"})
     assert every.schedule.interval.total_seconds() == 6 * 3600
+
+
+PARTY_TASKS = {
+    "fingerprint-source",
+    "preprocess-source",
+    "extract-features",
+    "align-source",
+    "fuse-party",
+    "compute-party-stats",
+    "start-scores",
+    "train-party",
+    "evaluate-party",
+}
+
+
+def run_tree(flow_run_id: UUID) -> tuple[list[Any], dict[UUID, str], list[Any]]:
+    """A run, its nested runs (subflows and dispatched party runs), their flow names and
+    all their task runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.ops import _descendants, _flow_names
+
+    with get_client(sync_client=True) as client:
+        runs = [client.read_flow_run(flow_run_id), *_descendants(client, flow_run_id)]
+        names: dict[UUID, str] = {}
+        _flow_names(client, runs, names)
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in runs]))
+        )
+    return runs, {r.id: names[r.flow_id] for r in runs}, tasks
+
+
+def party_of(run: Any) -> str | None:
+    params = run.parameters or {}
+    if "job" in params:
+        return str(params["job"]["setup"]["party"])
+    return params.get("party")
+
+
+def test_two_party_pools_each_party_runs_only_on_its_own_worker(
+    cli: CliRunner, prefect_api: str, tmp_path: Path, secret: str
+) -> None:
+    """Training deployment on a coordinator pool; each party's pipeline and training steps
+    are dispatched to its own pool and run by that pool's worker only. A party's failed
+    pipeline fails the run; after the fix, the retried run does not start the other party's
+    finished pipeline again."""
+    from flows.ops import watch
+
+    tag = uuid4().hex[:6]
+    pools = {"p0": f"party-a-{tag}", "p1": f"party-b-{tag}"}
+    coordinator = f"coordinator-{tag}"
+    spec = write_synthetic(tmp_path / "consortium", customers=500)
+    text = spec.read_text()
+    for party, pool in pools.items():
+        text = text.replace(
+            f'store = "stores/{party}"\n', f'store = "stores/{party}"\nwork_pool = "{pool}"\n'
+        )
+    spec.write_text(text)
+
+    deployed = cli.invoke(
+        app, ["deploy", str(spec), "--pool", coordinator, "--name", "pools", "--no-schedules"]
+    )
+    assert deployed.exit_code == 0, deployed.output
+    assert [line for line in deployed.stdout.splitlines() if "/" in line] == [
+        "prepare/pools",
+        "federated-training/pools",
+        "score/pools",
+        "party-pipeline/pools-p0",
+        "party-step/pools-p0",
+        "score/pools-p0",
+        "party-pipeline/pools-p1",
+        "party-step/pools-p1",
+        "score/pools-p1",
+    ]
+    training = read_deployment("federated-training/pools")
+    assert (training.work_pool_name, training.parameters["dispatch"]) == (coordinator, "pools")
+    for party, pool in pools.items():
+        for flow_name in ("party-pipeline", "party-step", "score"):
+            assert read_deployment(f"{flow_name}/pools-{party}").work_pool_name == pool
+        assert read_deployment(f"score/pools-{party}").parameters["party"] == party
+
+    orders = spec.parent / "raw" / "p1" / "orders.parquet"
+    aside = tmp_path / "orders.parquet"
+    shutil.move(orders, aside)
+    homes = tmp_path / "workers"
+    with (
+        running_worker(coordinator, homes / "coordinator", secret, prefect_api) as coord_log,
+        running_worker(pools["p0"], homes / "p0", secret, prefect_api) as log_p0,
+        running_worker(pools["p1"], homes / "p1", secret, prefect_api) as log_p1,
+    ):
+        failed = cli.invoke(
+            app,
+            ["run", "federated-training/pools", "--param", "rounds=2", "--watch", "--poll", "0.5"],
+        )
+        assert failed.exit_code == 1, failed.output
+        flow_run = run_id(failed.stdout)
+        assert "party-pipeline[p0]: Completed" in failed.stdout
+        assert "party-pipeline[p1]: Failed" in failed.stdout
+
+        shutil.move(aside, orders)
+        retried = cli.invoke(app, ["retry", str(flow_run)])
+        assert retried.exit_code == 0, retried.output
+        events: list[str] = []
+        final = watch(flow_run, events.append, poll=0.5, timeout=240)
+        assert final.state is not None and final.state.is_completed(), events
+        logs = {
+            "coordinator": coord_log.read_text(),
+            "p0": log_p0.read_text(),
+            "p1": log_p1.read_text(),
+        }
+
+    runs, flow_names, tasks = run_tree(flow_run)
+    by_id = {r.id: r for r in runs}
+    dispatched = [r for r in runs if flow_names[r.id] in ("party-pipeline", "party-step")]
+    steps = sorted(
+        (party_of(r), r.parameters["job"]["op"])
+        for r in dispatched
+        if flow_names[r.id] == "party-step"
+    )
+    # stats and start scores once each, then train + evaluate for each of 2 rounds
+    for party in pools:
+        assert [op for p, op in steps if p == party] == sorted(
+            ["stats", "start", "train", "evaluate", "train", "evaluate"]
+        ), steps
+    for r in dispatched:
+        party = party_of(r)
+        assert party in pools, r.parameters
+        assert r.work_pool_name == pools[party], (flow_names[r.id], party)
+        assert str(r.id) in logs[party], (flow_names[r.id], party)
+        others = [k for k in logs if k != party]
+        assert all(str(r.id) not in logs[k] for k in others), (flow_names[r.id], party)
+    # every task that touches a party's data ran inside that party's runs, on its pool
+    party_tasks = [t for t in tasks if t.name.rsplit("-", 1)[0] in PARTY_TASKS]
+    assert {t.name.rsplit("-", 1)[0] for t in party_tasks} == PARTY_TASKS
+    for t in party_tasks:
+        home = by_id[t.flow_run_id]
+        assert flow_names[home.id] in ("party-pipeline", "party-step"), t.name
+        assert home.work_pool_name == pools[str(party_of(home))], t.name
+    # the coordinator's own runs hold no party task
+    coordinator_runs = [r for r in runs if r not in dispatched]
+    assert {flow_names[r.id] for r in coordinator_runs} >= {
+        "federated-training",
+        "prepare",
+        "federated-round",
+    }
+    # the retry did not start p0's finished pipeline again; p1's ran twice
+    pipelines = sorted(str(party_of(r)) for r in dispatched if flow_names[r.id] == "party-pipeline")
+    assert pipelines == ["p0", "p1", "p1"], pipelines
+    # results came back through the coordinator store, models too
+    exchange = spec.parent / "stores" / "coordinator" / "exchange"
+    assert {p.stem for p in exchange.glob("*.json")} >= {
+        str(r.id) for r in dispatched if r.state and r.state.is_completed()
+    }

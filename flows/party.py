@@ -1,0 +1,56 @@
+"""The ``party-step`` flow: one training step of one party, run on the party's own pool.
+
+The coordinator dispatches it (see :mod:`flows.dispatch`); it runs the same cached tasks the
+in-process rounds run, so a step finished once is not computed again, wherever it ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture
+from pydantic import BaseModel
+
+from flows.common import task_options
+from flows.dispatch import DEFAULT_TIMEOUT, PartyJob, dispatch_step, publish
+from tasks.train_steps import evaluate_party, party_stats, start_scores, train_party
+
+
+@flow(name="party-step", persist_result=True)
+def party_step(job: PartyJob) -> BaseModel:
+    """One training step of one party (label statistics, start scores, a round's update or
+    an evaluation), run where the party's data lives.
+
+    Args:
+        job: The step and its inputs (references to the party's own tables, the broadcast).
+    """
+    out: BaseModel = submit_job(job, {}).result()
+    get_run_logger().info("party %s: %s step done", job.setup.party, job.op)
+    publish(job.setup.coordinator, out)
+    return out
+
+
+def submit_job(
+    job: PartyJob, remote: Mapping[str, str], *, timeout: float = DEFAULT_TIMEOUT
+) -> PrefectFuture[Any]:
+    """Submit a party's step: to its own work pool when it has a deployment in ``remote``,
+    else as a task of the calling flow."""
+    opts = task_options(job.results, job.refresh)
+    setup = job.setup
+    if setup.party in remote:
+        return dispatch_step.with_options(**opts).submit(remote[setup.party], job, timeout)
+    if job.op == "stats":
+        return party_stats.with_options(**opts).submit(setup)
+    if job.op == "start":
+        return start_scores.with_options(**opts).submit(setup, job.base)
+    if job.scores is None:
+        raise ValueError(f"{job.op} step for {setup.party}: no running scores given")
+    if job.op == "train":
+        if job.learning_rate is None:
+            raise ValueError(f"train step for {setup.party}: no learning rate given")
+        return train_party.with_options(**opts).submit(
+            setup, job.round, job.scores, job.learning_rate
+        )
+    return evaluate_party.with_options(**opts).submit(setup, job.aggregates, job.scores)
