@@ -374,3 +374,8 @@ def test_two_party_pools_each_party_runs_only_on_its_own_worker(
     assert {p.stem for p in exchange.glob("*.json")} >= {
         str(r.id) for r in dispatched if r.state and r.state.is_completed()
     }
+    raw_ids = [f"{party}-{i}".encode() for party in pools for i in range(100, 250)]
+    for path in (spec.parent / "stores" / "coordinator").rglob("*"):
+        if path.is_file():
+            blob = path.read_bytes()
+            assert not [k for k in raw_ids if k in blob], path

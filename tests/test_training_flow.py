@@ -15,6 +15,7 @@ from storage.store import Store, read_manifest
 from tasks.design import FeatureSchema, design_matrix
 from tasks.ensemble import GlobalEnsemble, ensemble_from_manifest, predict_raw
 from tasks.train_steps import PartyUpdate, QuorumError, aggregate
+from tasks.types import ENTITY_HASH
 from tests.factories import write_synthetic
 from tests.prefect_api import task_states
 
@@ -62,6 +63,15 @@ def test_training_exports_a_model_equal_to_the_ensemble(
     coordinator = tmp_path / "stores" / "coordinator"
     assert not list(coordinator.rglob("*.parquet"))
     assert {p.name for p in coordinator.iterdir()} <= {"models", "checkpoints", "reports"}
+    # and no entity id, raw or hashed, is in any of its files
+    blobs = [p.read_bytes() for p in coordinator.rglob("*") if p.is_file()]
+    assert blobs
+    raw_ids = [f"{party}-{i}" for party in ("p0", "p1") for i in range(100, 350)]
+    hashed = [h for out in outputs.values() for h in pl.read_parquet(out.table.uri)[ENTITY_HASH]]
+    assert len(hashed) > 600
+    for blob in blobs:
+        assert not [k for k in raw_ids if k.encode() in blob]
+        assert not [h for h in hashed if h.encode() in blob]
 
 
 def test_stopped_run_resumes_from_its_checkpoint(
