@@ -14,7 +14,7 @@ import json
 import zoneinfo
 from collections.abc import Iterable, Sequence
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -174,11 +174,26 @@ class TrainingSpec(SpecModel):
     seed: int = 0
 
 
+#: Vertical training: gradient rounds or one-shot models fused at score level.
+VerticalMode = Literal["rounds", "one_shot"]
+
+
 class FusionSpec(SpecModel):
     join: JoinKind = "left"
     weights: dict[str, float] | None = None
     learned: bool = False
     min_overlap: int = Field(default=100, ge=1)
+    mode: VerticalMode | None = Field(
+        default=None, description="Vertical training mode (a vertical consortium must choose)"
+    )
+    share_gradients: bool = Field(
+        default=False,
+        description="Opt in: the label party sends per-entity gradients to the parties (rounds)",
+    )
+    share_labels: bool = Field(
+        default=False,
+        description="Opt in: the label party sends the overlap's labels to the parties (one_shot)",
+    )
 
 
 class RunSpec(SpecModel):
@@ -402,6 +417,27 @@ def semantic_problems(spec: FedSpec) -> list[SpecProblem]:
                 ),
             )
         )
+    if spec.consortium.layout == "vertical":
+        if spec.fusion.mode == "rounds" and not spec.fusion.share_gradients:
+            add(
+                SpecProblem(
+                    path="fusion.share_gradients",
+                    message=(
+                        "vertical rounds send per-entity gradients (which reveal the labels) "
+                        "to every party: set it to true to opt in"
+                    ),
+                )
+            )
+        if spec.fusion.mode == "one_shot" and not spec.fusion.share_labels:
+            add(
+                SpecProblem(
+                    path="fusion.share_labels",
+                    message=(
+                        "vertical one_shot sends the overlap's labels to every party: "
+                        "set it to true to opt in"
+                    ),
+                )
+            )
     if spec.consortium.task == "multiclass" and label.num_classes is None:
         add(SpecProblem(path="consortium.label.num_classes", message="multiclass needs it"))
     if spec.fusion.weights is not None:
