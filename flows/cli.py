@@ -99,6 +99,9 @@ def demo_data(
     events_per_device: Annotated[
         float, typer.Option(min=0.0, help="Mean IoT events per device")
     ] = 20.0,
+    party_pools: Annotated[
+        bool, typer.Option(help="Give every party its own work pool fedfuse-<party>")
+    ] = False,
 ) -> None:
     """Write a realistic heterogeneous demo consortium: spec plus raw party exports."""
     from tasks.demo_data import write_demo_consortium
@@ -111,6 +114,7 @@ def demo_data(
         seed=seed,
         alpha=alpha,
         events_per_device=events_per_device,
+        party_pools=party_pools,
     )
     console.print(f"wrote demo consortium: [bold]{spec}[/]", highlight=False)
 

@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from flows.cli import _quiet_prefect, _reported, app, console, errors
+from tasks.spec import load_spec
 
 if TYPE_CHECKING:
     from flows.ops import Schedules
@@ -89,9 +90,10 @@ def deploy(
     score_every: ScoreOpt = 6.0,
     no_schedules: NoSchedOpt = False,
 ) -> None:
-    """Register the prepare, federated-training and score deployments of a spec on a work pool.
+    """Register the prepare, federated-training and score deployments of a spec on a work pool,
+    and each party's own deployments on the party's work_pool (when the spec gives one).
 
-    Start a worker for the pool to run them: prefect worker start --pool POOL
+    Start a worker for each pool to run them: prefect worker start --pool POOL
     """
     from flows.ops import deploy as deploy_spec
 
@@ -105,9 +107,10 @@ def deploy(
             raise typer.Exit(code=1) from None
     for full in names:
         console.print(full, highlight=False)
+    pools = [pool, *sorted({p.work_pool for p in load_spec(str(spec)).parties if p.work_pool})]
     errors.print(
-        f"deployed on work pool [bold]{pool}[/]; start a worker: "
-        f"prefect worker start --pool {pool}",
+        f"deployed on work pool(s) [bold]{', '.join(pools)}[/]; start a worker for each: "
+        + "; ".join(f"prefect worker start --pool {p}" for p in pools),
         highlight=False,
     )
 

@@ -352,6 +352,12 @@ def run_label(run: FlowRun, flow_name: str) -> str:
     params = run.parameters or {}
     if isinstance(params.get("party"), str):
         return f"{flow_name}[{params['party']}]"
+    job = params.get("job")
+    if isinstance(job, dict) and isinstance(job.get("setup"), dict):
+        step = job.get("op", "?")
+        if job.get("round"):
+            step = f"{step} round {job['round']}"
+        return f"{flow_name}[{job['setup'].get('party', '?')} {step}]"
     state = params.get("state")
     if isinstance(state, dict) and "round" in state:
         return f"{flow_name}[round {state['round']}]"

@@ -495,7 +495,11 @@ def events_source(party: str, style: Style) -> dict[str, Any]:
 
 
 def spec_document(
-    layout: str, party_ids: list[str], sources: dict[str, list[dict[str, Any]]]
+    layout: str,
+    party_ids: list[str],
+    sources: dict[str, list[dict[str, Any]]],
+    *,
+    party_pools: bool = False,
 ) -> dict[str, Any]:
     label: dict[str, Any] = {"column": "churned"}
     if layout == "vertical":
@@ -513,7 +517,15 @@ def spec_document(
         },
         "coordinator": {"store": "stores/coordinator"},
         "vocabularies": {"plan": PLANS, "region": REGIONS, "category": CATEGORIES},
-        "parties": [{"id": p, "store": f"stores/{p}", "sources": sources[p]} for p in party_ids],
+        "parties": [
+            {
+                "id": p,
+                "store": f"stores/{p}",
+                **({"work_pool": f"fedfuse-{p.lower()}"} if party_pools else {}),
+                "sources": sources[p],
+            }
+            for p in party_ids
+        ],
         "training": {
             "rounds": 12,
             "trees_per_round": 8,
@@ -543,8 +555,11 @@ def write_demo_consortium(
     seed: int = 0,
     alpha: float | None = None,
     events_per_device: float = 20.0,
+    party_pools: bool = False,
 ) -> str:
-    """Write ``OUT/spec.toml`` and every party's raw exports; return the spec path."""
+    """Write ``OUT/spec.toml`` and every party's raw exports; return the spec path.
+
+    ``party_pools`` gives every party its own work pool ``fedfuse-<party>`` in the spec."""
     root = Path(out)
     k = 3 if layout == "vertical" else parties
     party_ids = (
@@ -620,6 +635,6 @@ def write_demo_consortium(
             w.abort()
         raise
     spec = root / "spec.toml"
-    write_toml(spec, spec_document(layout, party_ids, sources))
+    write_toml(spec, spec_document(layout, party_ids, sources, party_pools=party_pools))
     logger.info("demo consortium with %d customers written to %s", customers, root)
     return str(spec)
