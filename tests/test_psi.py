@@ -207,6 +207,28 @@ def test_hash_to_point_is_canonical_domain_separated_and_on_the_curve() -> None:
     assert hash_to_point(digest) != hashlib.sha256(digest).digest()
 
 
+def test_blinding_commutes_and_the_fast_loader_matches_the_public_api() -> None:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+
+    from tasks.psi import _mult_chunk, _public_key_loader
+
+    a, b = _secrets("a", "b")["a"].scalar, _secrets("a", "b")["b"].scalar
+    h = hash_to_points(hash_keys(_keys("c", range(5)), SECRET))
+    ab = _mult_chunk(b, _mult_chunk(a, h, False)[0], False)[0]
+    ba = _mult_chunk(a, _mult_chunk(b, h, False)[0], False)[0]
+    assert ab == ba
+    digests = bytes.fromhex("".join(hash_keys(_keys("c", range(5)), SECRET).to_list()))
+    assert _mult_chunk(a, digests, True)[0] == _mult_chunk(a, h, False)[0]
+    key = X25519PrivateKey.from_private_bytes(a)
+    u = h[:32]
+    assert key.exchange(_public_key_loader()(u)) == key.exchange(
+        X25519PublicKey.from_public_bytes(u)
+    )
+
+
 def test_blinded_values_are_curve_points() -> None:
     """No blinded value sits on the twist: which of the two it is would leak a bit of H(key)."""
     parties = _random_parties(np.random.default_rng(9), 3, 100, 0.6)
