@@ -24,7 +24,8 @@ hashed with domain-separated SHA-256 to a candidate u-coordinate, retried with a
 until the u-coordinate is on the curve (not on its quadratic twist). X25519 accepts twist
 points too, and a receiver could tell which of the two a blinded value lies on: one bit of
 information about the key behind it. Keeping every point on the curve closes that; the test
-is one Legendre symbol (gmpy2) per try, about a fifth of the cost of one X25519 operation.
+is one Legendre symbol (gmpy2) per try, ~2 tries per key, and the whole hash costs about a
+fifth of one X25519 operation.
 Clamped scalars are multiples of the cofactor 8, so blinded points lie in the prime-order
 subgroup. An all-zero result (a low-order input, practically impossible from the hash but
 possible in a forged message) is refused with :class:`PSIError`.
