@@ -17,6 +17,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from flows.train import TrainingResult
+    from flows.vertical import VerticalResult
 
 app = typer.Typer(
     name="fedfuse",
@@ -244,6 +245,35 @@ def _print_training(result: TrainingResult) -> None:
     console.print(f"report: {result.report}", highlight=False)
 
 
+def _print_vertical(result: VerticalResult) -> None:
+    console.print(
+        f"private set intersection: {result.overlap} entities at every party "
+        f"(set sizes {result.set_sizes})",
+        highlight=False,
+    )
+    rounds = Table(title="vertical rounds (label party's validation metrics)", header_style="bold")
+    metrics = sorted(result.valid[0]) if result.valid else []
+    for column in ("round", *metrics):
+        rounds.add_column(column, justify="right")
+    for i, values in enumerate(result.valid, start=1):
+        mark = " *" if i == result.best_round else ""
+        rounds.add_row(f"{i}{mark}", *(f"{values[m]:.4f}" for m in metrics))
+    console.print(rounds)
+    table = Table(title="test metrics at the best round", header_style="bold")
+    names = sorted(result.test)
+    for column in ("model", *names):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for model, values in result.comparison.items():
+        table.add_row(model, *(f"{values.get(m, float('nan')):.4f}" for m in names))
+    console.print(table)
+    console.print(
+        f"{result.trees} trees over {len(result.parties)} parties, best round "
+        f"{result.best_round} of {result.rounds_run}; each party's trees stay in its store",
+        highlight=False,
+    )
+    console.print(f"manifest: {result.manifest}", highlight=False)
+
+
 @app.command()
 def train(
     spec: Annotated[Path, typer.Argument(help="Consortium spec (TOML)")],
@@ -263,7 +293,16 @@ def train(
         from flows.train import federated_training
         from tasks.spec import load_spec
 
-        load_spec(str(spec))
+        loaded = load_spec(str(spec))
+        if loaded.consortium.layout == "vertical":
+            from flows.vertical import vertical_training
+
+            with progress_display():
+                vresult = vertical_training(
+                    str(spec.resolve()), refresh=refresh, rounds=rounds, baselines=baselines
+                )
+            _print_vertical(vresult)
+            return
         with progress_display():
             result = federated_training(
                 str(spec.resolve()), refresh=refresh, rounds=rounds, baselines=baselines
@@ -290,8 +329,6 @@ def demo(
         errors.print(
             f"[yellow]{DEMO_SECRET_ENV} is not set: using a random secret for this demo run[/]"
         )
-    if layout == "vertical":
-        errors.print("[red]vertical training is not available yet: preparing the parties only[/]")
     from tasks.demo_data import write_demo_consortium
 
     spec = write_demo_consortium(
@@ -300,11 +337,11 @@ def demo(
     console.print(f"demo consortium written: [bold]{spec}[/]", highlight=False)
     with _reported(), _flow_settings():
         if layout == "vertical":
-            from flows.prepare import prepare as prepare_flow
+            from flows.vertical import vertical_training
 
             with progress_display():
-                outputs = prepare_flow(str(Path(spec).resolve()))
-            _print_prepared(dict(outputs))
+                vresult = vertical_training(str(Path(spec).resolve()), baselines=True)
+            _print_vertical(vresult)
             return
         from flows.train import federated_training
 

@@ -65,3 +65,18 @@ def read_message(location: str) -> pa.Table:
 def write_alignment(store: Store, table: pl.DataFrame, *, run_id: str) -> TableRef:
     """A party's alignment (``row``, ``align_id``) into its own ``aligned/`` layer."""
     return store.write_table(table, "aligned", f"psi-alignment-{_safe(run_id, 'run id')}")
+
+
+MASTER_NAME = "psi-master.key"
+
+
+def party_master_secret(store: Store) -> bytes:
+    """The party's own PSI master secret (32 random bytes in its ``aligned/`` layer, made on
+    first use). It never leaves the party's store; per-run secrets derive from it."""
+    import os
+
+    from storage.files import read_bytes as _read
+
+    if not store.exists("aligned", MASTER_NAME):
+        store.write_bytes("aligned", MASTER_NAME, os.urandom(32))
+    return _read(store.location("aligned", MASTER_NAME))

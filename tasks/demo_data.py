@@ -526,6 +526,11 @@ def spec_document(
             }
             for p in party_ids
         ],
+        **(
+            {"fusion": {"mode": "rounds", "share_gradients": True, "min_overlap": 10}}
+            if layout == "vertical"
+            else {}
+        ),
         "training": {
             "rounds": 12,
             "trees_per_round": 8,

@@ -1,0 +1,251 @@
+"""The ``vertical-training`` flow: private set intersection, then gradient rounds in which
+every party fits trees on its own feature block and the label party fuses their outputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import wait
+from pydantic import BaseModel
+
+from flows import progress
+from flows.common import artifact_key, task_options, threads
+from flows.prepare import prepare
+from flows.train import num_classes, run_key
+from storage.store import FileRef, Store, TableRef
+from tasks.design import consortium_schema
+from tasks.spec import FedSpec, TrainingSpec, load_spec
+from tasks.vertical_steps import (
+    StateRef,
+    VerticalSetup,
+    baselines_task,
+    combine_task,
+    finish_task,
+    gradients_task,
+    latest_state,
+    model_at_task,
+    party_round_task,
+    psi_answer_task,
+    psi_blind_task,
+    psi_intersect_task,
+    psi_receive_task,
+    start_state_task,
+    test_metrics_task,
+    test_scores_task,
+)
+
+
+class VerticalResult(BaseModel):
+    run_key: str
+    parties: list[str]
+    label_party: str
+    overlap: int
+    set_sizes: dict[str, int]
+    rounds_run: int
+    best_round: int
+    stop_reason: str | None
+    valid: list[dict[str, float]]
+    test: dict[str, float]
+    trees: int
+    models: dict[str, str]
+    comparison: dict[str, dict[str, float]]
+    manifest: str
+
+
+def check_vertical(spec: FedSpec, spec_path: str) -> str:
+    """The label party; errors name the spec keys to set."""
+    if spec.consortium.layout != "vertical":
+        raise ValueError(f"{spec_path}: vertical-training needs consortium.layout = 'vertical'")
+    label = spec.consortium.label.party
+    if label is None:
+        raise ValueError(f"{spec_path}: consortium.label.party: the vertical layout needs it")
+    mode = spec.fusion.mode or "rounds"
+    if mode != "rounds":
+        raise ValueError(
+            f"{spec_path}: fusion.mode = {mode!r}: the vertical-training flow runs gradient "
+            "rounds ('rounds')"
+        )
+    if not spec.fusion.share_gradients:
+        raise ValueError(
+            f"{spec_path}: fusion.share_gradients: vertical rounds send the label party's "
+            "per-entity gradients (which reveal label information) to every party; set it "
+            "to true to opt in"
+        )
+    return label
+
+
+@flow(name="vertical-training", persist_result=True, task_runner=threads(4))
+def vertical_training(
+    spec_path: str,
+    refresh: bool = False,
+    rounds: int | None = None,
+    stop_after: int | None = None,
+    baselines: bool = False,
+) -> VerticalResult:
+    """Prepare every party, align them by private set intersection, then run gradient
+    rounds until the round limit or early stopping.
+
+    Args:
+        spec_path: Consortium spec (TOML) as seen by the machine running the flow.
+        refresh: Recompute every step and start training afresh (ignore checkpoints).
+        rounds: Override the spec's round limit.
+        stop_after: Stop after this many rounds of this run (resume later).
+        baselines: Also train each block alone and, for comparison only, a centralised
+            model on the joined blocks (pools data).
+    """
+    logger = get_run_logger()
+    spec = load_spec(spec_path)
+    label = check_vertical(spec, spec_path)
+    training: TrainingSpec = spec.training
+    if rounds is not None:
+        training = training.model_copy(update={"rounds": rounds})
+    prepared = prepare(spec_path, refresh=refresh)
+    parties = [p.id for p in spec.parties]
+    schema = consortium_schema({p: out.features for p, out in prepared.items()})
+    fused = {p: out.table for p, out in prepared.items()}
+    key = run_key(spec.model_copy(update={"training": training}), schema, fused)
+    results = spec.run.results or ".fedfuse/results"
+    opts = task_options(results, refresh)
+    k = max(num_classes(spec), 1)
+    setups = {
+        p: VerticalSetup(
+            party=p,
+            label_party=label,
+            store=spec.party(p).store,
+            coordinator=spec.coordinator.store,
+            run_key=key,
+            fused=fused[p],
+            schema_=consortium_schema({p: prepared[p].features}),
+            objective=spec.consortium.task,
+            num_class=k,
+            training=training,
+        )
+        for p in parties
+    }
+    others = [p for p in parties if p != label]
+
+    # private set intersection (star around the label party)
+    sent = psi_blind_task.with_options(**opts)(setups[label], others)
+    answer_f = {p: psi_answer_task.with_options(**opts).submit(setups[p], sent[p]) for p in others}
+    answers = {p: f.result() for p, f in answer_f.items()}
+    overlap = psi_intersect_task.with_options(**opts)(
+        setups[label], answers, spec.fusion.min_overlap
+    )
+    receive_f = {
+        p: psi_receive_task.with_options(**opts).submit(setups[p], overlap.answers[p])
+        for p in others
+    }
+    aligns: dict[str, TableRef] = {label: overlap.alignment}
+    aligns.update({p: f.result() for p, f in receive_f.items()})
+    progress.emit("psi", "overlap", f"{overlap.overlap} entities at every party")
+    logger.info("PSI: %d entities in common; set sizes %s", overlap.overlap, overlap.sizes)
+
+    state: StateRef | None = None if refresh else latest_state(setups[label])
+    if state is None:
+        state = start_state_task.with_options(**opts)(
+            setups[label], aligns[label], parties, spec.fusion.weights, "sum"
+        )
+        models: dict[str, FileRef | None] = dict.fromkeys(parties)
+    else:
+        logger.info("resuming vertical run %s after round %d", key, state.round)
+        models = {p: model_at_task(setups[p], state.round) for p in parties}
+    done_here = 0
+    while state.next is None:
+        if stop_after is not None and done_here >= stop_after:
+            break
+        t = state.round + 1
+        grads = gradients_task.with_options(**opts)(setups[label], aligns[label], state)
+        futures = {
+            p: party_round_task.with_options(**opts).submit(
+                setups[p], aligns[p], models[p], grads, t
+            )
+            for p in parties
+        }
+        wait(list(futures.values()))
+        deltas: dict[str, TableRef] = {}
+        for party, future in futures.items():
+            if future.state.is_completed():
+                out = future.result()
+                models[party], deltas[party] = out.model, out.delta
+            else:
+                logger.warning("round %d: party %s left out: %s", t, party, future.state.message)
+        state = combine_task.with_options(**opts)(setups[label], aligns[label], state, deltas, t)
+        done_here += 1
+        progress.emit("training", f"round {t}", f"valid {state.valid}")
+    if state.next is not None:
+        state = finish_task.with_options(**opts)(setups[label], aligns[label], state)
+    best = state.best_round
+    score_f = {
+        p: test_scores_task.with_options(**opts).submit(setups[p], aligns[p], models[p], best)
+        for p in parties
+    }
+    scores = {p: f.result() for p, f in score_f.items()}
+    test = test_metrics_task.with_options(**opts)(setups[label], aligns[label], state, scores)
+    comparison: dict[str, dict[str, float]] = {"vertical (fused)": test}
+    if baselines:
+        comparison |= baselines_task.with_options(**opts)(setups, aligns, label)
+    history = _history(state)
+    body: dict[str, Any] = {
+        "layout": "vertical",
+        "run_key": key,
+        "label_party": label,
+        "parties": parties,
+        "state": state.document.uri,
+        "best_round": best,
+        "models": {p: (m.uri if m else None) for p, m in models.items()},
+        "feature_schema": {p: s.schema_.model_dump(mode="json") for p, s in setups.items()},
+    }
+    coordinator = Store(spec.coordinator.store)
+    manifest = coordinator.write_json("models", f"{key}-vertical-manifest.json", body)
+    coordinator.write_json(
+        "models", "latest.json", {"run_key": key, "layout": "vertical", "manifest": manifest.uri}
+    )
+    art = artifact_key(spec.consortium.name)
+    create_table_artifact(
+        table=[{"round": i, **v} for i, v in enumerate(history, start=1)],
+        key=f"{art}-round-metrics",
+        description="Validation metrics per vertical round (label party)",
+    )
+    lines = [
+        f"# Vertical training `{spec.consortium.name}`",
+        "",
+        f"- entities at every party (PSI): {overlap.overlap} (set sizes {overlap.sizes})",
+        f"- rounds: {state.round}, best {best}; trees: {state.trees}",
+        "",
+        "| model | " + " | ".join(sorted(test)) + " |",
+        "|---|" + "---|" * len(test),
+    ]
+    for name, metrics in comparison.items():
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{metrics.get(m, float('nan')):.4f}" for m in sorted(test))
+            + " |"
+        )
+    create_markdown_artifact("\n".join(lines), key=f"{art}-training-report")
+    return VerticalResult(
+        run_key=key,
+        parties=parties,
+        label_party=label,
+        overlap=overlap.overlap,
+        set_sizes=overlap.sizes,
+        rounds_run=state.round,
+        best_round=best,
+        stop_reason=state.next,
+        valid=history,
+        test=test,
+        trees=state.trees,
+        models={p: (m.uri if m else "") for p, m in models.items()},
+        comparison=comparison,
+        manifest=manifest.uri,
+    )
+
+
+def _history(state: StateRef) -> list[dict[str, float]]:
+    import json
+
+    from storage.files import read_text
+
+    document = json.loads(read_text(state.document.uri))
+    return [dict(r["valid"]) for r in document.get("history", [])]

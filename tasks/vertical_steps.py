@@ -1,0 +1,535 @@
+"""Vertical training steps on stores: private set intersection, aligned blocks, gradient
+rounds, final scores. Each function runs *at* one party and does its IO through
+:mod:`storage`; what crosses to another party goes through the coordinator store
+(``exchange/``): blinded sets and alignment answers (PSI), the label party's gradients
+(opt-in, ``fusion.share_gradients``), each party's per-entity score deltas. Features, trees,
+labels and alignments stay in the party's own store.
+
+Row order. Every party sorts its aligned rows by the alignment id, and the split of an
+entity (train / valid / test) is a function of its alignment id, so the arrays exchanged in a
+round are position-aligned at every party without sending any id along.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import polars as pl
+from prefect import task
+from pydantic import BaseModel, Field
+
+from storage.files import read_text
+from storage.psi import party_master_secret, read_message, write_alignment, write_message
+from storage.store import FileRef, Store, TableRef, fingerprint, read_table
+from tasks.caching import content_cache_key
+from tasks.design import FeatureSchema, design_matrix, labels
+from tasks.psi import (
+    ALIGN_ID,
+    ROW,
+    AlignmentMessage,
+    BlindedSet,
+    PSIError,
+    blind_own,
+    derive_secret,
+    intersect,
+    message_from_arrow,
+    reblind,
+    receive_alignment,
+)
+from tasks.spec import TrainingSpec
+from tasks.training import evaluate, split_assignments
+from tasks.types import ENTITY_HASH, Objective
+from tasks.vertical import (
+    Combine,
+    GradientMessage,
+    LabelData,
+    LabelState,
+    PartyBlock,
+    PartyDelta,
+    PartyModel,
+    combine_round,
+    finish,
+    gradient_message,
+    next_round_allowed,
+    party_model_text,
+    score_block,
+    start_label_state,
+    train_one_shot,
+    train_party_round,
+)
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+
+
+class VerticalSetup(BaseModel):
+    """What one party's vertical steps need (references and settings; no secret)."""
+
+    party: str
+    label_party: str
+    store: str
+    coordinator: str
+    run_key: str
+    fused: TableRef
+    schema_: FeatureSchema = Field(description="The party's own feature block")
+    objective: Objective
+    num_class: int = Field(ge=1)
+    training: TrainingSpec
+
+    @property
+    def is_label(self) -> bool:
+        return self.party == self.label_party
+
+
+class PsiOverlap(BaseModel):
+    """The label party's result of the intersection (counts only leave it)."""
+
+    alignment: TableRef
+    answers: dict[str, FileRef]
+    overlap: int
+    sizes: dict[str, int]
+
+
+class StateRef(BaseModel):
+    """The label party's checkpoint: JSON progress + its score arrays, in its own store."""
+
+    document: FileRef
+    arrays: TableRef
+    round: int
+    best_round: int
+    stopped: bool
+    next: str | None = Field(
+        default=None, description="Why no further round may run (None: one may)"
+    )
+    valid: dict[str, float] = Field(default_factory=dict)
+    trees: int = 0
+
+
+class PartyRoundOut(BaseModel):
+    model: FileRef = Field(description="The party's model so far (its own store)")
+    delta: TableRef = Field(description="Per-entity deltas for the label party (coordinator)")
+
+
+# -- PSI -------------------------------------------------------------------------------------
+
+
+def _run_id(setup: VerticalSetup) -> str:
+    return f"v{setup.run_key}"
+
+
+def _secret(setup: VerticalSetup) -> Any:
+    master = party_master_secret(Store(setup.store))
+    return derive_secret(master, run_id=_run_id(setup), party=setup.party)
+
+
+def _keys(setup: VerticalSetup) -> pl.Series:
+    return read_table(setup.fused, columns=[ENTITY_HASH])[ENTITY_HASH]
+
+
+def psi_label_blind(setup: VerticalSetup, others: Sequence[str]) -> dict[str, FileRef]:
+    """Label party: its own keys blinded once, one (identical) message per feature party."""
+    keys = _keys(setup)
+    sent = blind_own(keys, _secret(setup), party=setup.party, to=others[0])
+    coordinator = Store(setup.coordinator)
+    return {
+        other: write_message(
+            coordinator, sent.forward(other).to_arrow(), run_id=_run_id(setup), layer="exchange"
+        )
+        for other in others
+    }
+
+
+def psi_party_answer(setup: VerticalSetup, received: FileRef) -> tuple[FileRef, FileRef]:
+    """Feature party: its own keys blinded, and the label party's set blinded again."""
+    message = message_from_arrow(read_message(received.uri))
+    if not isinstance(message, BlindedSet):
+        raise PSIError(f"{received.uri}: expected a blinded set from the label party")
+    secret = _secret(setup)
+    own = blind_own(_keys(setup), secret, party=setup.party, to=setup.label_party)
+    back = reblind(message, secret, party=setup.party)
+    coordinator = Store(setup.coordinator)
+    run = _run_id(setup)
+    return (
+        write_message(coordinator, own.to_arrow(), run_id=run, layer="exchange"),
+        write_message(coordinator, back.to_arrow(), run_id=run, layer="exchange"),
+    )
+
+
+def _blinded(ref: FileRef) -> BlindedSet:
+    message = message_from_arrow(read_message(ref.uri))
+    if not isinstance(message, BlindedSet):
+        raise PSIError(f"{ref.uri}: expected a blinded set")
+    return message
+
+
+def psi_label_intersect(
+    setup: VerticalSetup,
+    answers: Mapping[str, tuple[FileRef, FileRef]],
+    min_overlap: int,
+) -> PsiOverlap:
+    """Label party: the all-party overlap, its own alignment, one answer per party."""
+    keys = _keys(setup)
+    alignment, messages = intersect(
+        keys.len(),
+        _secret(setup),
+        party=setup.party,
+        reblinded={p: _blinded(back) for p, (_, back) in answers.items()},
+        blinded={p: _blinded(own) for p, (own, _) in answers.items()},
+        min_overlap=min_overlap,
+    )
+    coordinator = Store(setup.coordinator)
+    run = _run_id(setup)
+    out = {
+        p: write_message(coordinator, m.to_arrow(), run_id=run, layer="exchange")
+        for p, m in messages.items()
+    }
+    ref = write_alignment(Store(setup.store), alignment.table, run_id=run)
+    sizes = {setup.party: keys.len()} | {p: len(_blinded(own)) for p, (own, _) in answers.items()}
+    logger.info("PSI: %d entities at every party (set sizes %s)", alignment.table.height, sizes)
+    return PsiOverlap(alignment=ref, answers=out, overlap=alignment.table.height, sizes=sizes)
+
+
+def psi_party_receive(setup: VerticalSetup, answer: FileRef) -> TableRef:
+    """Feature party: its rows in the overlap and their alignment ids (own store only)."""
+    message = message_from_arrow(read_message(answer.uri))
+    if not isinstance(message, AlignmentMessage):
+        raise PSIError(f"{answer.uri}: expected an alignment answer")
+    alignment = receive_alignment(
+        message, _secret(setup), party=setup.party, own_count=_keys(setup).len()
+    )
+    return write_alignment(Store(setup.store), alignment.table, run_id=_run_id(setup))
+
+
+# -- aligned blocks --------------------------------------------------------------------------
+
+
+def aligned_frame(setup: VerticalSetup, alignment: TableRef) -> pl.DataFrame:
+    """The party's fused rows in the overlap, sorted by alignment id, with their split."""
+    fused = read_table(setup.fused).with_row_index(ROW)
+    table = read_table(alignment).select(pl.col(ROW).cast(pl.UInt32), ALIGN_ID)
+    frame = table.join(fused.with_columns(pl.col(ROW).cast(pl.UInt32)), on=ROW, how="inner")
+    if frame.height != table.height:
+        raise PSIError(
+            f"party {setup.party}: alignment {alignment.uri} names rows missing from "
+            f"{setup.fused.uri}"
+        )
+    frame = frame.sort(ALIGN_ID)
+    ids = frame[ALIGN_ID]
+    hexed = (ids.bin.encode("hex") if ids.dtype == pl.Binary else ids.cast(pl.String)).alias(
+        "align_hex"
+    )
+    split = split_assignments(
+        hexed,
+        validation_fraction=setup.training.validation_fraction,
+        test_fraction=setup.training.test_fraction,
+    )
+    return frame.with_columns(split.alias("split"))
+
+
+def party_block(setup: VerticalSetup, alignment: TableRef) -> PartyBlock:
+    frame = aligned_frame(setup, alignment)
+    x = design_matrix(frame, setup.schema_)
+    split = frame["split"].to_numpy()
+    return PartyBlock(
+        party=setup.party,
+        feature_names=tuple(setup.schema_.names),
+        X_train=x[split == "train"],
+        X_valid=x[split == "valid"],
+        X_test=x[split == "test"],
+        categorical=tuple(setup.schema_.categorical),
+    )
+
+
+def label_data(setup: VerticalSetup, alignment: TableRef) -> LabelData:
+    frame = aligned_frame(setup, alignment)
+    y = labels(frame)
+    split = frame["split"].to_numpy()
+    return LabelData(y[split == "train"], y[split == "valid"], y[split == "test"])
+
+
+# -- arrays through stores -------------------------------------------------------------------
+
+
+def _frame(arrays: Mapping[str, np.ndarray]) -> pl.DataFrame:
+    """Equal-length arrays (1-D or 2-D) as float64 columns ``name_k``."""
+    cols: dict[str, np.ndarray] = {}
+    for name, array in arrays.items():
+        matrix = np.asarray(array, dtype=np.float64).reshape(len(array), -1)
+        for k in range(matrix.shape[1]):
+            cols[f"{name}_{k}"] = matrix[:, k]
+    return pl.DataFrame(cols)
+
+
+def _arrays(frame: pl.DataFrame, names: Sequence[str], num_class: int) -> dict[str, np.ndarray]:
+    out = {}
+    for name in names:
+        matrix = frame.select([f"{name}_{k}" for k in range(num_class)]).to_numpy()
+        out[name] = matrix[:, 0].copy() if num_class == 1 else matrix.copy()
+    return out
+
+
+def _split_frames(parts: Mapping[str, np.ndarray]) -> pl.DataFrame:
+    """Arrays of different lengths (train / valid / test) in one long table."""
+    frames = [
+        _frame({"v": a}).with_columns(pl.lit(name).alias("part")) for name, a in parts.items()
+    ]
+    return pl.concat(frames, how="vertical")
+
+
+def _unsplit(frame: pl.DataFrame, num_class: int) -> dict[str, np.ndarray]:
+    out = {}
+    for name in frame["part"].unique(maintain_order=True).to_list():
+        sub = frame.filter(pl.col("part") == name)
+        out[str(name)] = _arrays(sub, ["v"], num_class)["v"]
+    return out
+
+
+# -- label party: state ----------------------------------------------------------------------
+
+
+def _save_state(setup: VerticalSetup, state: LabelState, data: LabelData) -> StateRef:
+    store = Store(setup.store)
+    document, arrays = state.checkpoint()
+    table = store.write_table(
+        _split_frames(arrays),
+        "checkpoints",
+        f"{setup.run_key}-vertical-r{state.progress.round:04d}",
+    )
+    doc = store.write_json(
+        "checkpoints", f"{setup.run_key}-vertical-r{state.progress.round:04d}.json", document
+    )
+    p = state.progress
+    valid = p.history[-1].valid if p.history else {}
+    ref = StateRef(
+        document=doc,
+        arrays=table,
+        round=p.round,
+        best_round=p.best_round,
+        stopped=p.stop_reason is not None,
+        next=next_round_allowed(state, setup.training),
+        valid=valid,
+        trees=p.total_trees,
+    )
+    store.write_json("checkpoints", f"{setup.run_key}-vertical-latest.json", ref.model_dump())
+    return ref
+
+
+def load_state(ref: StateRef, num_class: int) -> LabelState:
+    document = json.loads(read_text(ref.document.uri))
+    return LabelState.from_checkpoint(document, _unsplit(read_table(ref.arrays), num_class))
+
+
+def latest_state(setup: VerticalSetup) -> StateRef | None:
+    store = Store(setup.store)
+    name = f"{setup.run_key}-vertical-latest.json"
+    if not store.exists("checkpoints", name):
+        return None
+    return StateRef.model_validate(store.read_json("checkpoints", name))
+
+
+def start_state(
+    setup: VerticalSetup,
+    alignment: TableRef,
+    parties: Sequence[str],
+    weights: Mapping[str, float] | None,
+    combine: Combine,
+) -> StateRef:
+    data = label_data(setup, alignment)
+    state = start_label_state(
+        data,
+        parties=parties,
+        objective=setup.objective,
+        num_class=setup.num_class,
+        patience=setup.training.patience,
+        weights=weights,
+        combine=combine,
+    )
+    return _save_state(setup, state, data)
+
+
+def send_gradients(setup: VerticalSetup, alignment: TableRef, state: StateRef) -> TableRef:
+    """Label party: g and h of the next round on the train entities, to every party."""
+    data = label_data(setup, alignment)
+    message = gradient_message(load_state(state, setup.num_class), data)
+    frame = _frame({"grad": message.grad, "hess": message.hess})
+    return Store(setup.coordinator).write_table(
+        frame, "exchange", f"{setup.run_key}-gradients-r{message.round:04d}"
+    )
+
+
+def _party_model(ref: FileRef | None, setup: VerticalSetup) -> PartyModel:
+    if ref is None:
+        return PartyModel(party=setup.party, num_class=setup.num_class)
+    return PartyModel.model_validate_json(read_text(ref.uri))
+
+
+def party_round(
+    setup: VerticalSetup,
+    alignment: TableRef,
+    model: FileRef | None,
+    gradients: TableRef,
+    round_: int,
+) -> PartyRoundOut:
+    """Any party: fit this round's trees on its block against the gradients; keep the
+    model, send only the per-entity deltas on train and valid."""
+    block = party_block(setup, alignment)
+    arrays = _arrays(read_table(gradients), ["grad", "hess"], setup.num_class)
+    message = GradientMessage(round=round_, grad=arrays["grad"], hess=arrays["hess"])
+    current, delta = train_party_round(
+        _party_model(model, setup),
+        block,
+        message,
+        spec=setup.training,
+        objective=setup.objective,
+        num_class=setup.num_class,
+    )
+    store = Store(setup.store)
+    model_ref = store.write_text(
+        "models",
+        f"{setup.run_key}-vertical-{setup.party}-r{round_:04d}.json",
+        current.model_dump_json(),
+    )
+    table = _split_frames({"train": delta.train, "valid": delta.valid}).with_columns(
+        pl.lit(delta.trees).alias("trees")
+    )
+    delta_ref = Store(setup.coordinator).write_table(
+        table, "exchange", f"{setup.run_key}-delta-{setup.party}-r{round_:04d}"
+    )
+    return PartyRoundOut(model=model_ref, delta=delta_ref)
+
+
+def combine(
+    setup: VerticalSetup,
+    alignment: TableRef,
+    state: StateRef,
+    deltas: Mapping[str, TableRef],
+    round_: int,
+) -> StateRef:
+    """Label party: add the round's weighted deltas, evaluate on valid, checkpoint."""
+    data = label_data(setup, alignment)
+    received = []
+    for party, ref in deltas.items():
+        frame = read_table(ref)
+        parts = _unsplit(frame.drop("trees"), setup.num_class)
+        trees = int(frame["trees"][0]) if frame.height else 0
+        received.append(PartyDelta(party, round_, parts["train"], parts["valid"], trees))
+    new = combine_round(
+        load_state(state, setup.num_class), received, data, min_parties=setup.training.min_parties
+    )
+    return _save_state(setup, new, data)
+
+
+def finish_state(setup: VerticalSetup, alignment: TableRef, state: StateRef) -> StateRef:
+    data = label_data(setup, alignment)
+    return _save_state(setup, finish(load_state(state, setup.num_class), setup.training), data)
+
+
+def party_test_scores(
+    setup: VerticalSetup, alignment: TableRef, model: FileRef | None, upto_round: int
+) -> TableRef:
+    """Any party: its model's raw output on its test block up to the best round."""
+    block = party_block(setup, alignment)
+    text = party_model_text(_party_model(model, setup), upto_round)
+    assert block.X_test is not None
+    raw = score_block(text, block.X_test, setup.num_class)
+    return Store(setup.coordinator).write_table(
+        _frame({"raw": raw}), "exchange", f"{setup.run_key}-test-{setup.party}-r{upto_round:04d}"
+    )
+
+
+def fused_test_metrics(
+    setup: VerticalSetup, alignment: TableRef, state: StateRef, scores: Mapping[str, TableRef]
+) -> dict[str, float]:
+    """Label party: the fused model's metrics on the test entities."""
+    data = label_data(setup, alignment)
+    progress = load_state(state, setup.num_class).progress
+    assert data.y_test is not None
+    raw = np.tile(np.asarray(progress.base_score), (len(data.y_test), 1))
+    raw = raw[:, 0] if setup.num_class == 1 else raw
+    for party, ref in scores.items():
+        part = _arrays(read_table(ref), ["raw"], setup.num_class)["raw"]
+        raw = raw + progress.coefficients[party] * part
+    return evaluate(data.y_test, raw, setup.objective, setup.num_class) if len(data.y_test) else {}
+
+
+def model_at(setup: VerticalSetup, round_: int) -> FileRef | None:
+    """Any party: its model after ``round_`` (resuming a stopped run), if it has one."""
+    store = Store(setup.store)
+    name = f"{setup.run_key}-vertical-{setup.party}-r{round_:04d}.json"
+    if round_ == 0 or not store.exists("models", name):
+        return None
+    return fingerprint(store.location("models", name))
+
+
+def pooled_baselines(
+    setups: Mapping[str, VerticalSetup], alignments: Mapping[str, TableRef], label_party: str
+) -> dict[str, dict[str, float]]:
+    """FOR COMPARISON ONLY, pools every party's block and the labels in one process: each
+    party's block alone (one model on its block with the overlap's labels) and a centralised
+    model on the joined blocks, same parameters, budget rounds x trees_per_round x parties
+    and early stopping on the validation split."""
+    import lightgbm as lgb
+
+    from tasks.training import lgb_params
+
+    data = label_data(setups[label_party], alignments[label_party])
+    blocks = {p: party_block(s, alignments[p]) for p, s in setups.items()}
+    first = setups[label_party]
+    out: dict[str, dict[str, float]] = {}
+    for party, block in blocks.items():
+        shot = train_one_shot(
+            block, data, spec=first.training, objective=first.objective, num_class=first.num_class
+        )
+        assert shot.test is not None and data.y_test is not None
+        out[f"{party} alone"] = evaluate(data.y_test, shot.test, first.objective, first.num_class)
+    t = first.training
+    params = lgb_params(t, first.objective, first.num_class, seed=t.seed) | {
+        "boost_from_average": True
+    }
+    names = [n for b in blocks.values() for n in b.feature_names]
+    cats = [n for b in blocks.values() for n in b.categorical]
+    x_train = np.hstack([b.X_train for b in blocks.values()])
+    x_valid = np.hstack([b.X_valid for b in blocks.values()])
+    x_test = np.hstack([b.X_test for b in blocks.values() if b.X_test is not None])
+    train_set = lgb.Dataset(
+        x_train, data.y_train, feature_name=names, categorical_feature=cats, free_raw_data=False
+    )
+    valid_set = lgb.Dataset(x_valid, data.y_valid, reference=train_set)
+    budget = t.rounds * t.trees_per_round * len(blocks)
+    booster = lgb.train(
+        params,
+        train_set,
+        num_boost_round=budget,
+        valid_sets=[valid_set],
+        callbacks=[lgb.early_stopping(t.patience * t.trees_per_round, verbose=False)],
+    )
+    assert data.y_test is not None
+    raw = np.asarray(booster.predict(x_test, raw_score=True, num_iteration=booster.best_iteration))
+    out["centralised (pooled data)"] = evaluate(data.y_test, raw, first.objective, first.num_class)
+    return out
+
+
+def _task(fn: Any, name: str) -> Any:
+    return task(name=name, cache_key_fn=content_cache_key, persist_result=True)(fn)
+
+
+psi_blind_task = _task(psi_label_blind, "psi-label-blind")
+psi_answer_task = _task(psi_party_answer, "psi-party-answer")
+psi_intersect_task = _task(psi_label_intersect, "psi-label-intersect")
+psi_receive_task = _task(psi_party_receive, "psi-party-receive")
+start_state_task = _task(start_state, "vertical-start")
+gradients_task = _task(send_gradients, "vertical-gradients")
+party_round_task = _task(party_round, "vertical-party-round")
+combine_task = _task(combine, "vertical-combine")
+finish_task = _task(finish_state, "vertical-finish")
+test_scores_task = _task(party_test_scores, "vertical-test-scores")
+test_metrics_task = _task(fused_test_metrics, "vertical-test-metrics")
+model_at_task = task(name="vertical-model-at")(model_at)
+baselines_task = task(
+    name="vertical-pooled-baselines", persist_result=True, cache_key_fn=content_cache_key
+)(pooled_baselines)
