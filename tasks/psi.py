@@ -402,7 +402,7 @@ def _multiply(
     for index, (values, bad) in enumerate(results):
         if bad >= 0:
             position = index * max(1, chunk_size) + bad
-            if hashed:  # pragma: no cover - needs a SHA-256 preimage of a low-order point
+            if hashed:  # needs a SHA-256 preimage of a low-order point
                 raise PSIError(
                     f"{what}: the key at row {position} hashes to a low-order point (X25519 "
                     f"gives all zeros); this should never happen, please report it"

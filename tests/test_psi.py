@@ -421,6 +421,17 @@ def test_low_order_points_in_a_message_are_refused(u: int) -> None:
         reblind(forged, secrets["b"], party="b", chunk_size=2)
 
 
+def test_own_key_hashing_to_a_low_order_point_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Practically impossible (a SHA-256 preimage), so the hash is replaced to get there."""
+    monkeypatch.setattr(
+        "tasks.psi.hash_to_point", lambda d: bytes(32) if d[0] % 2 else hash_to_point(d)
+    )
+    hashed = hash_keys(_keys("c", range(20)), SECRET)
+    bad = next(i for i, h in enumerate(hashed.to_list()) if int(h[:2], 16) % 2)
+    with pytest.raises(PSIError, match=f"party b: own keys: the key at row {bad} hashes to a low"):
+        blind_own(hashed, _secrets("b")["b"], party="b", to="a", chunk_size=3)
+
+
 def test_malformed_or_misrouted_messages_are_refused() -> None:
     secrets = _secrets("a", "b")
     with pytest.raises(PSIError, match="not a whole number of 32-byte values"):
