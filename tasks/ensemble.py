@@ -532,8 +532,13 @@ def _shape(raw: np.ndarray, n: int, num_class: int) -> np.ndarray:
 
 
 def member_raw(model_text: str, X: np.ndarray, num_class: int) -> np.ndarray:
-    """Raw score of one update's trees alone (no base score)."""
-    raw = np.asarray(load_booster(model_text).predict(X, raw_score=True), dtype=np.float64)
+    """Raw score of one update's trees alone (no base score).
+
+    Single-threaded, like the local fits: a round predicts many small updates, and OpenMP
+    threads per call made that 1.5-2x slower on a busy 2-core machine (bench_federated).
+    """
+    booster = load_booster(model_text)
+    raw = np.asarray(booster.predict(X, raw_score=True, num_threads=1), dtype=np.float64)
     return _shape(raw, X.shape[0], num_class)
 
 
