@@ -371,15 +371,25 @@ def predict(
     _quiet_prefect()
     with _reported(), _flow_settings():
         from flows.score import score
+        from flows.vertical import vertical_score
         from storage.files import write_text_atomic
         from storage.store import read_table
+        from tasks.spec import load_spec
 
-        ref = score(
-            str(spec.resolve()),
-            party,
-            data=str(data.resolve()) if data else None,
-            manifest=manifest,
-        )
+        if load_spec(str(spec)).consortium.layout == "vertical":
+            ref = vertical_score(
+                str(spec.resolve()),
+                party,
+                data=str(data.resolve()) if data else None,
+                manifest=manifest,
+            )
+        else:
+            ref = score(
+                str(spec.resolve()),
+                party,
+                data=str(data.resolve()) if data else None,
+                manifest=manifest,
+            )
         frame = read_table(ref)
         console.print(f"{frame.height} entities scored -> {ref.uri}", highlight=False)
         console.print(frame.head(5))

@@ -3,6 +3,10 @@ every party fits trees on its own feature block and the label party fuses their 
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import json
+import posixpath
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -12,21 +16,27 @@ from pydantic import BaseModel
 
 from flows import progress
 from flows.common import artifact_key, task_options, threads
-from flows.prepare import prepare
+from flows.prepare import prepare, run_party_steps
+from flows.score import rebased_sources
 from flows.train import num_classes, run_key
-from storage.store import FileRef, Store, TableRef
-from tasks.design import consortium_schema
+from storage.files import read_text
+from storage.store import FileRef, Store, TableRef, fingerprint
+from tasks.design import FeatureSchema, consortium_schema
 from tasks.spec import FedSpec, TrainingSpec, load_spec
+from tasks.steps import PartyContext
 from tasks.vertical_steps import (
+    PsiOverlap,
     StateRef,
     VerticalSetup,
     baselines_task,
     combine_task,
     finish_task,
+    fuse_predictions_task,
     gradients_task,
     latest_state,
     model_at_task,
     party_round_task,
+    party_scores_task,
     psi_answer_task,
     psi_blind_task,
     psi_intersect_task,
@@ -52,6 +62,30 @@ class VerticalResult(BaseModel):
     models: dict[str, str]
     comparison: dict[str, dict[str, float]]
     manifest: str
+
+
+def align_parties(
+    setups: dict[str, VerticalSetup], label: str, min_overlap: int, opts: dict[str, Any]
+) -> tuple[PsiOverlap, dict[str, TableRef]]:
+    """Private set intersection, a star around the label party; each party's alignment
+    (its rows -> alignment ids) lands in its own store."""
+    logger = get_run_logger()
+    others = [p for p in setups if p != label]
+    sent = psi_blind_task.with_options(**opts)(setups[label], others)
+    answer_f = {p: psi_answer_task.with_options(**opts).submit(setups[p], sent[p]) for p in others}
+    answers = {p: f.result() for p, f in answer_f.items()}
+    overlap: PsiOverlap = psi_intersect_task.with_options(**opts)(
+        setups[label], answers, min_overlap
+    )
+    receive_f = {
+        p: psi_receive_task.with_options(**opts).submit(setups[p], overlap.answers[p])
+        for p in others
+    }
+    aligns: dict[str, TableRef] = {label: overlap.alignment}
+    aligns.update({p: f.result() for p, f in receive_f.items()})
+    progress.emit("psi", "overlap", f"{overlap.overlap} entities at every party")
+    logger.info("PSI: %d entities in common; set sizes %s", overlap.overlap, overlap.sizes)
+    return overlap, aligns
 
 
 def check_vertical(spec: FedSpec, spec_path: str) -> str:
@@ -124,23 +158,7 @@ def vertical_training(
         )
         for p in parties
     }
-    others = [p for p in parties if p != label]
-
-    # private set intersection (star around the label party)
-    sent = psi_blind_task.with_options(**opts)(setups[label], others)
-    answer_f = {p: psi_answer_task.with_options(**opts).submit(setups[p], sent[p]) for p in others}
-    answers = {p: f.result() for p, f in answer_f.items()}
-    overlap = psi_intersect_task.with_options(**opts)(
-        setups[label], answers, spec.fusion.min_overlap
-    )
-    receive_f = {
-        p: psi_receive_task.with_options(**opts).submit(setups[p], overlap.answers[p])
-        for p in others
-    }
-    aligns: dict[str, TableRef] = {label: overlap.alignment}
-    aligns.update({p: f.result() for p, f in receive_f.items()})
-    progress.emit("psi", "overlap", f"{overlap.overlap} entities at every party")
-    logger.info("PSI: %d entities in common; set sizes %s", overlap.overlap, overlap.sizes)
+    overlap, aligns = align_parties(setups, label, spec.fusion.min_overlap, opts)
 
     state: StateRef | None = None if refresh else latest_state(setups[label])
     if state is None:
@@ -249,3 +267,84 @@ def _history(state: StateRef) -> list[dict[str, float]]:
 
     document = json.loads(read_text(state.document.uri))
     return [dict(r["valid"]) for r in document.get("history", [])]
+
+
+@flow(name="vertical-score", persist_result=True, task_runner=threads(4))
+def vertical_score(
+    spec_path: str,
+    party: str | None = None,
+    data: str | None = None,
+    manifest: str | None = None,
+    as_of: dt.date | None = None,
+) -> TableRef:
+    """Federated inference for a vertical consortium: every party runs its pipeline on its
+    (new) raw data, the parties align by private set intersection, each scores its block
+    with its own trees, and the label party fuses the scores into predictions.
+
+    Args:
+        spec_path: Consortium spec (TOML).
+        party: Whose raw data is new (read from ``data``); the others use their spec's sources.
+        data: Folder with that party's new raw exports (same file names as its sources).
+        manifest: Vertical manifest (default: the latest training run).
+        as_of: End of every feature window (default: the spec's).
+    """
+    logger = get_run_logger()
+    spec = load_spec(spec_path)
+    label = check_vertical(spec, spec_path)
+    coordinator = Store(spec.coordinator.store)
+    if manifest is None:
+        latest = coordinator.read_json("models", "latest.json")
+        if latest.get("layout") != "vertical":
+            raise ValueError(f"{spec_path}: the latest training run is not a vertical one")
+        manifest = str(latest["manifest"])
+    body = json.loads(read_text(manifest))
+    schemas = {p: FeatureSchema.model_validate(v) for p, v in body["feature_schema"].items()}
+    fused: dict[str, TableRef] = {}
+    for p in spec.parties:
+        store = posixpath.join(p.store, "scoring")
+        ctx = PartyContext.from_spec(spec, p.id, as_of=as_of).model_copy(
+            update={"store": store, "label_source": None}
+        )
+        sources = rebased_sources(
+            p.sources, data if p.id == party else None, spec.consortium.label.column
+        )
+        prepared, _ = run_party_steps(ctx, sources, results=spec.run.results, refresh=False)
+        fused[p.id] = prepared.table
+    key = (
+        "s"
+        + hashlib.sha256(
+            json.dumps([body["run_key"], sorted((p, r.sha256) for p, r in fused.items())]).encode()
+        ).hexdigest()[:12]
+    )
+    opts = task_options(spec.run.results or ".fedfuse/results", False)
+    setups = {
+        p: VerticalSetup(
+            party=p,
+            label_party=label,
+            store=posixpath.join(spec.party(p).store, "scoring"),
+            coordinator=spec.coordinator.store,
+            run_key=key,
+            fused=fused[p],
+            schema_=schemas[p],
+            objective=spec.consortium.task,
+            num_class=max(num_classes(spec), 1),
+            training=spec.training,
+        )
+        for p in fused
+    }
+    overlap, aligns = align_parties(setups, label, 1, opts)
+    models = {p: (fingerprint(u) if u else None) for p, u in body["models"].items()}
+    best = int(body["best_round"])
+    score_f = {
+        p: party_scores_task.with_options(**opts).submit(setups[p], aligns[p], models[p], best)
+        for p in setups
+        if p != label
+    }
+    scores = {p: f.result() for p, f in score_f.items()}
+    out: TableRef = fuse_predictions_task.with_options(**opts)(
+        setups[label], aligns[label], body["state"], models[label], scores
+    )
+    logger.info(
+        "%d entities scored (%d known to every party) -> %s", out.rows, overlap.overlap, out.uri
+    )
+    return out

@@ -51,6 +51,7 @@ from tasks.vertical import (
     PartyBlock,
     PartyDelta,
     PartyModel,
+    VerticalProgress,
     combine_round,
     finish,
     gradient_message,
@@ -514,6 +515,66 @@ def pooled_baselines(
     return out
 
 
+def party_scores(
+    setup: VerticalSetup, alignment: TableRef, model: FileRef | None, upto_round: int
+) -> TableRef:
+    """Any party (inference): its model's raw output on every aligned row, in alignment-id
+    order; only these numbers go to the coordinator."""
+    frame = aligned_frame(setup, alignment)
+    text = party_model_text(_party_model(model, setup), upto_round)
+    raw = score_block(text, design_matrix(frame, setup.schema_), setup.num_class)
+    return Store(setup.coordinator).write_table(
+        _frame({"raw": raw}), "exchange", f"{setup.run_key}-scores-{setup.party}"
+    )
+
+
+def fuse_predictions(
+    setup: VerticalSetup,
+    alignment: TableRef,
+    state_document: str,
+    model: FileRef | None,
+    scores: Mapping[str, TableRef],
+) -> TableRef:
+    """Label party (inference): ``base + sum_p c_p * output_p`` for every entity of its own
+    scoring table. Rule for an entity another party does not know (outside the all-party
+    overlap): the other parties contribute 0 (the prior), the label party its own output."""
+    progress = VerticalProgress.model_validate(json.loads(read_text(state_document)))
+    fused = read_table(setup.fused)
+    k = setup.num_class
+    own = score_block(
+        party_model_text(_party_model(model, setup), progress.best_round),
+        design_matrix(fused, setup.schema_),
+        k,
+    )
+    raw = np.tile(np.asarray(progress.base_score), (fused.height, 1))
+    raw = (raw[:, 0] if k == 1 else raw) + progress.coefficients[setup.party] * own
+    rows = aligned_frame(setup, alignment)[ROW].to_numpy().astype(np.int64)
+    present = np.zeros(fused.height, dtype=bool)
+    present[rows] = True
+    for party, ref in scores.items():
+        if party == setup.party:
+            continue
+        part = _arrays(read_table(ref), ["raw"], k)["raw"]
+        if len(part) != len(rows):
+            raise ValueError(f"scores of party {party}: {len(part)} rows, overlap {len(rows)}")
+        raw[rows] = raw[rows] + progress.coefficients[party] * part
+    out = fused.select(ENTITY_HASH).with_columns(
+        pl.Series("all_parties", present),
+        *(
+            [pl.Series("raw_score", raw), pl.Series("prediction", _probability(raw, setup))]
+            if k == 1
+            else [pl.Series("prediction", np.asarray(raw).argmax(axis=1))]
+        ),
+    )
+    return Store(setup.store).write_table(out, "reports", f"{setup.run_key}-predictions")
+
+
+def _probability(raw: np.ndarray, setup: VerticalSetup) -> np.ndarray:
+    if setup.objective == "binary":
+        return np.asarray(1.0 / (1.0 + np.exp(-raw)))
+    return raw
+
+
 def _task(fn: Any, name: str) -> Any:
     return task(name=name, cache_key_fn=content_cache_key, persist_result=True)(fn)
 
@@ -533,3 +594,5 @@ model_at_task = task(name="vertical-model-at")(model_at)
 baselines_task = task(
     name="vertical-pooled-baselines", persist_result=True, cache_key_fn=content_cache_key
 )(pooled_baselines)
+party_scores_task = _task(party_scores, "vertical-party-scores")
+fuse_predictions_task = _task(fuse_predictions, "vertical-fuse-predictions")

@@ -59,6 +59,15 @@ def test_vertical_flow_aligns_trains_and_keeps_ids_at_the_parties(
     for party, uri in result.models.items():
         assert uri.startswith(str(spec.parent / "stores" / party / "models")), uri
 
+    # federated inference: every entity of A scored, the overlap with every party's trees
+    from flows.vertical import vertical_score
+
+    scored = pl.read_parquet(vertical_score(str(spec), "A").uri)
+    assert scored.height == len(hashes["A"])
+    assert set(scored[ENTITY_HASH]) == hashes["A"]
+    assert int(scored["all_parties"].sum()) == len(common)
+    assert scored["prediction"].is_between(0, 1).all()
+
     # the coordinator store holds blinded sets, alignment answers, gradients, deltas and
     # the manifest: no raw id, and no hashed id of any entity
     coordinator = spec.parent / "stores" / "coordinator"
