@@ -34,7 +34,15 @@ SCORE_INTERVAL = dt.timedelta(hours=6)
 TAGS = ["fedfuse"]
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
-FlowName = Literal["prepare", "federated-training", "score", "party-pipeline", "party-step"]
+FlowName = Literal[
+    "prepare",
+    "federated-training",
+    "score",
+    "party-pipeline",
+    "party-step",
+    "vertical-training",
+    "vertical-score",
+]
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,12 @@ FLOWS: tuple[FlowEntry, ...] = (
     FlowEntry("score", "flows/score.py:score", "flows.score"),
 )
 #: The deployments of a party with its own work pool.
+#: A vertical consortium's deployments (no per-party pools: its steps run in one process).
+VERTICAL_FLOWS: tuple[FlowEntry, ...] = (
+    FlowEntry("prepare", "flows/prepare.py:prepare", "flows.prepare"),
+    FlowEntry("vertical-training", "flows/vertical.py:vertical_training", "flows.vertical"),
+    FlowEntry("vertical-score", "flows/vertical.py:vertical_score", "flows.vertical"),
+)
 PARTY_FLOWS: tuple[FlowEntry, ...] = (
     FlowEntry("party-pipeline", "flows/prepare.py:party_pipeline", "flows.prepare"),
     FlowEntry("party-step", "flows/party.py:party_step", "flows.party"),
@@ -76,7 +90,7 @@ class Schedules:
 
         if flow == "prepare" and self.prepare_cron:
             return [Cron(self.prepare_cron, timezone=self.timezone, slug="daily-prepare")]
-        if flow == "federated-training" and self.training_cron:
+        if flow in ("federated-training", "vertical-training") and self.training_cron:
             return [Cron(self.training_cron, timezone=self.timezone, slug="weekly-training")]
         if flow == "score" and self.score_interval and party:
             return [
@@ -148,14 +162,15 @@ def plan_deployments(
     spec = load_spec(str(spec_file))
     name = name or artifact_key(spec.consortium.name)
     schedules = schedules or Schedules()
-    pooled = [p for p in spec.parties if p.work_pool] if per_party else []
+    vertical = spec.consortium.layout == "vertical"
+    pooled = [p for p in spec.parties if p.work_pool] if per_party and not vertical else []
     base: dict[str, Any] = {"spec_path": str(spec_file)}
     coordinator_params = {**base, "dispatch": name} if pooled else base
     first_party = spec.parties[0].id
     consortium = f"consortium {spec.consortium.name}"
     planned: list[PlannedDeployment] = []
-    for entry in FLOWS:
-        params = base if entry.name == "score" else coordinator_params
+    for entry in VERTICAL_FLOWS if vertical else FLOWS:
+        params = base if entry.name in ("score", "vertical-score") else coordinator_params
         planned.append(
             PlannedDeployment(
                 entry=entry,

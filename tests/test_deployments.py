@@ -379,3 +379,34 @@ def test_two_party_pools_each_party_runs_only_on_its_own_worker(
         if path.is_file():
             blob = path.read_bytes()
             assert not [k for k in raw_ids if k in blob], path
+
+
+def test_planned_deployments_follow_layout_and_party_pools(tmp_path: Path) -> None:
+    from flows.ops import plan_deployments
+    from tasks.demo_data import write_demo_consortium
+
+    vertical = write_demo_consortium(str(tmp_path / "v"), layout="vertical", customers=200)
+    planned = plan_deployments(vertical, work_pool="coord")
+    assert [(p.entry.name, p.name, p.work_pool) for p in planned] == [
+        ("prepare", "demo-vertical", "coord"),
+        ("vertical-training", "demo-vertical", "coord"),
+        ("vertical-score", "demo-vertical", "coord"),
+    ]
+    assert [s.cron for s in planned[1].schedules] == ["0 4 * * 1"]  # type: ignore[attr-defined]
+
+    pooled = write_demo_consortium(str(tmp_path / "h"), parties=2, customers=200, party_pools=True)
+    planned = plan_deployments(pooled, work_pool="coord")
+    assert [(p.entry.name, p.name, p.work_pool) for p in planned] == [
+        ("prepare", "demo-horizontal", "coord"),
+        ("federated-training", "demo-horizontal", "coord"),
+        ("score", "demo-horizontal", "coord"),
+        ("party-pipeline", "demo-horizontal-site-a", "fedfuse-site-a"),
+        ("party-step", "demo-horizontal-site-a", "fedfuse-site-a"),
+        ("score", "demo-horizontal-site-a", "fedfuse-site-a"),
+        ("party-pipeline", "demo-horizontal-site-b", "fedfuse-site-b"),
+        ("party-step", "demo-horizontal-site-b", "fedfuse-site-b"),
+        ("score", "demo-horizontal-site-b", "fedfuse-site-b"),
+    ]
+    assert planned[1].parameters["dispatch"] == "demo-horizontal"
+    assert "dispatch" not in planned[2].parameters
+    assert planned[3].parameters["party"] == "site-a"
