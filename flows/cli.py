@@ -217,17 +217,24 @@ def _flow_settings() -> Iterator[None]:
         yield
 
 
+def _print_rounds(title: str, valid: list[dict[str, float]], best_round: int) -> None:
+    """Validation metrics per round, the best round marked."""
+    rounds = Table(title=title, header_style="bold")
+    metrics = sorted(valid[0]) if valid else []
+    for column in ("round", *metrics):
+        rounds.add_column(column, justify="right")
+    for i, values in enumerate(valid, start=1):
+        mark = " *" if i == best_round else ""
+        rounds.add_row(f"{i}{mark}", *(f"{values[m]:.4f}" for m in metrics))
+    console.print(rounds)
+
+
 def _print_training(result: TrainingResult) -> None:
     from tasks.report import comparison_rows
 
-    rounds = Table(title="federated rounds (aggregated validation metrics)", header_style="bold")
-    metrics = sorted(result.valid[0]) if result.valid else []
-    for column in ("round", *metrics):
-        rounds.add_column(column, justify="right")
-    for i, values in enumerate(result.valid, start=1):
-        mark = " *" if i == result.best_round else ""
-        rounds.add_row(f"{i}{mark}", *(f"{values[m]:.4f}" for m in metrics))
-    console.print(rounds)
+    _print_rounds(
+        "federated rounds (aggregated validation metrics)", result.valid, result.best_round
+    )
     rows = comparison_rows(result.comparison, "binary")
     table = Table(title="test metrics at the best round", header_style="bold")
     for column in rows[0]:
@@ -251,14 +258,9 @@ def _print_vertical(result: VerticalResult) -> None:
         f"(set sizes {result.set_sizes})",
         highlight=False,
     )
-    rounds = Table(title="vertical rounds (label party's validation metrics)", header_style="bold")
-    metrics = sorted(result.valid[0]) if result.valid else []
-    for column in ("round", *metrics):
-        rounds.add_column(column, justify="right")
-    for i, values in enumerate(result.valid, start=1):
-        mark = " *" if i == result.best_round else ""
-        rounds.add_row(f"{i}{mark}", *(f"{values[m]:.4f}" for m in metrics))
-    console.print(rounds)
+    _print_rounds(
+        "vertical rounds (label party's validation metrics)", result.valid, result.best_round
+    )
     table = Table(title="test metrics at the best round", header_style="bold")
     names = sorted(result.test)
     for column in ("model", *names):

@@ -14,7 +14,7 @@ import logging
 import posixpath
 import uuid
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import polars as pl
 import pyarrow as pa
@@ -37,18 +37,7 @@ Layer = Literal[
     "checkpoints",
     "exchange",
 ]
-LAYERS: tuple[Layer, ...] = (
-    "raw",
-    "clean",
-    "features",
-    "aligned",
-    "fused",
-    "rejected",
-    "reports",
-    "models",
-    "checkpoints",
-    "exchange",
-)
+LAYERS: tuple[Layer, ...] = get_args(Layer)
 _CHUNK = 8 * 1024 * 1024
 
 
