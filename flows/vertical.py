@@ -35,12 +35,16 @@ from tasks.vertical_steps import (
     gradients_task,
     latest_state,
     model_at_task,
+    one_shot_fusion_task,
+    one_shot_task,
     party_round_task,
     party_scores_task,
     psi_answer_task,
     psi_blind_task,
     psi_intersect_task,
     psi_receive_task,
+    rounds_fusion_doc,
+    send_labels_task,
     start_state_task,
     test_metrics_task,
     test_scores_task,
@@ -96,16 +100,16 @@ def check_vertical(spec: FedSpec, spec_path: str) -> str:
     if label is None:
         raise ValueError(f"{spec_path}: consortium.label.party: the vertical layout needs it")
     mode = spec.fusion.mode or "rounds"
-    if mode != "rounds":
-        raise ValueError(
-            f"{spec_path}: fusion.mode = {mode!r}: the vertical-training flow runs gradient "
-            "rounds ('rounds')"
-        )
-    if not spec.fusion.share_gradients:
+    if mode == "rounds" and not spec.fusion.share_gradients:
         raise ValueError(
             f"{spec_path}: fusion.share_gradients: vertical rounds send the label party's "
             "per-entity gradients (which reveal label information) to every party; set it "
             "to true to opt in"
+        )
+    if mode == "one_shot" and not spec.fusion.share_labels:
+        raise ValueError(
+            f"{spec_path}: fusion.share_labels: one-shot training sends the overlap's labels "
+            "to every party; set it to true to opt in"
         )
     return label
 
@@ -129,7 +133,6 @@ def vertical_training(
         baselines: Also train each block alone and, for comparison only, a centralised
             model on the joined blocks (pools data).
     """
-    logger = get_run_logger()
     spec = load_spec(spec_path)
     label = check_vertical(spec, spec_path)
     training: TrainingSpec = spec.training
@@ -139,7 +142,9 @@ def vertical_training(
     parties = [p.id for p in spec.parties]
     schema = consortium_schema({p: out.features for p, out in prepared.items()})
     fused = {p: out.table for p, out in prepared.items()}
-    key = run_key(spec.model_copy(update={"training": training}), schema, fused)
+    base_key = run_key(spec.model_copy(update={"training": training}), schema, fused)
+    fusion_blob = json.dumps(spec.fusion.model_dump(mode="json"), sort_keys=True)
+    key = hashlib.sha256(f"{base_key}\n{fusion_blob}".encode()).hexdigest()[:12]
     results = spec.run.results or ".fedfuse/results"
     opts = task_options(results, refresh)
     k = max(num_classes(spec), 1)
@@ -160,10 +165,102 @@ def vertical_training(
     }
     overlap, aligns = align_parties(setups, label, spec.fusion.min_overlap, opts)
 
+    if (spec.fusion.mode or "rounds") == "one_shot":
+        fit = _one_shot(setups, label, aligns, spec.fusion.weights, spec.fusion.learned, opts)
+    else:
+        fit = _rounds(setups, label, aligns, spec.fusion.weights, refresh, stop_after, opts)
+    test = fit.test
+    comparison: dict[str, dict[str, float]] = {"vertical (fused)": test}
+    if baselines:
+        comparison |= baselines_task.with_options(**opts)(setups, aligns, label)
+    history = fit.valid
+    body: dict[str, Any] = {
+        "layout": "vertical",
+        "mode": fit.mode,
+        "run_key": key,
+        "label_party": label,
+        "parties": parties,
+        "fusion": fit.fusion,
+        "upto_round": fit.upto_round,
+        "models": {p: (m.uri if m else None) for p, m in fit.models.items()},
+        "feature_schema": {p: s.schema_.model_dump(mode="json") for p, s in setups.items()},
+    }
+    coordinator = Store(spec.coordinator.store)
+    manifest = coordinator.write_json("models", f"{key}-vertical-manifest.json", body)
+    coordinator.write_json(
+        "models", "latest.json", {"run_key": key, "layout": "vertical", "manifest": manifest.uri}
+    )
+    art = artifact_key(spec.consortium.name)
+    create_table_artifact(
+        table=[{"round": i, **v} for i, v in enumerate(history, start=1)],
+        key=f"{art}-round-metrics",
+        description="Validation metrics per vertical round (label party)",
+    )
+    lines = [
+        f"# Vertical training `{spec.consortium.name}`",
+        "",
+        f"- entities at every party (PSI): {overlap.overlap} (set sizes {overlap.sizes})",
+        f"- mode {fit.mode}: rounds {fit.rounds_run}, best {fit.best_round}; trees: {fit.trees}",
+        "",
+        "| model | " + " | ".join(sorted(test)) + " |",
+        "|---|" + "---|" * len(test),
+    ]
+    for name, metrics in comparison.items():
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{metrics.get(m, float('nan')):.4f}" for m in sorted(test))
+            + " |"
+        )
+    create_markdown_artifact("\n".join(lines), key=f"{art}-training-report")
+    return VerticalResult(
+        run_key=key,
+        parties=parties,
+        label_party=label,
+        overlap=overlap.overlap,
+        set_sizes=overlap.sizes,
+        rounds_run=fit.rounds_run,
+        best_round=fit.best_round,
+        stop_reason=fit.stop_reason,
+        valid=history,
+        test=test,
+        trees=fit.trees,
+        models={p: (m.uri if m else "") for p, m in fit.models.items()},
+        comparison=comparison,
+        manifest=manifest.uri,
+    )
+
+
+class _Fit(BaseModel):
+    """What a training mode hands to the report and the manifest."""
+
+    mode: str
+    test: dict[str, float]
+    valid: list[dict[str, float]]
+    rounds_run: int
+    best_round: int
+    upto_round: int
+    stop_reason: str | None
+    trees: int
+    models: dict[str, FileRef | None]
+    fusion: dict[str, Any]
+
+
+def _rounds(
+    setups: dict[str, VerticalSetup],
+    label: str,
+    aligns: dict[str, TableRef],
+    weights: dict[str, float] | None,
+    refresh: bool,
+    stop_after: int | None,
+    opts: dict[str, Any],
+) -> _Fit:
+    logger = get_run_logger()
+    parties = list(setups)
+    key = setups[label].run_key
     state: StateRef | None = None if refresh else latest_state(setups[label])
     if state is None:
         state = start_state_task.with_options(**opts)(
-            setups[label], aligns[label], parties, spec.fusion.weights, "sum"
+            setups[label], aligns[label], parties, weights, "sum"
         )
         models: dict[str, FileRef | None] = dict.fromkeys(parties)
     else:
@@ -201,62 +298,49 @@ def vertical_training(
     }
     scores = {p: f.result() for p, f in score_f.items()}
     test = test_metrics_task.with_options(**opts)(setups[label], aligns[label], state, scores)
-    comparison: dict[str, dict[str, float]] = {"vertical (fused)": test}
-    if baselines:
-        comparison |= baselines_task.with_options(**opts)(setups, aligns, label)
-    history = _history(state)
-    body: dict[str, Any] = {
-        "layout": "vertical",
-        "run_key": key,
-        "label_party": label,
-        "parties": parties,
-        "state": state.document.uri,
-        "best_round": best,
-        "models": {p: (m.uri if m else None) for p, m in models.items()},
-        "feature_schema": {p: s.schema_.model_dump(mode="json") for p, s in setups.items()},
-    }
-    coordinator = Store(spec.coordinator.store)
-    manifest = coordinator.write_json("models", f"{key}-vertical-manifest.json", body)
-    coordinator.write_json(
-        "models", "latest.json", {"run_key": key, "layout": "vertical", "manifest": manifest.uri}
-    )
-    art = artifact_key(spec.consortium.name)
-    create_table_artifact(
-        table=[{"round": i, **v} for i, v in enumerate(history, start=1)],
-        key=f"{art}-round-metrics",
-        description="Validation metrics per vertical round (label party)",
-    )
-    lines = [
-        f"# Vertical training `{spec.consortium.name}`",
-        "",
-        f"- entities at every party (PSI): {overlap.overlap} (set sizes {overlap.sizes})",
-        f"- rounds: {state.round}, best {best}; trees: {state.trees}",
-        "",
-        "| model | " + " | ".join(sorted(test)) + " |",
-        "|---|" + "---|" * len(test),
-    ]
-    for name, metrics in comparison.items():
-        lines.append(
-            f"| {name} | "
-            + " | ".join(f"{metrics.get(m, float('nan')):.4f}" for m in sorted(test))
-            + " |"
-        )
-    create_markdown_artifact("\n".join(lines), key=f"{art}-training-report")
-    return VerticalResult(
-        run_key=key,
-        parties=parties,
-        label_party=label,
-        overlap=overlap.overlap,
-        set_sizes=overlap.sizes,
+    return _Fit(
+        mode="rounds",
+        test=test,
+        valid=_history(state),
         rounds_run=state.round,
         best_round=best,
+        upto_round=best,
         stop_reason=state.next,
-        valid=history,
-        test=test,
         trees=state.trees,
-        models={p: (m.uri if m else "") for p, m in models.items()},
-        comparison=comparison,
-        manifest=manifest.uri,
+        models=models,
+        fusion=rounds_fusion_doc(state),
+    )
+
+
+def _one_shot(
+    setups: dict[str, VerticalSetup],
+    label: str,
+    aligns: dict[str, TableRef],
+    weights: dict[str, float] | None,
+    learned: bool,
+    opts: dict[str, Any],
+) -> _Fit:
+    labels_ref = send_labels_task.with_options(**opts)(setups[label], aligns[label])
+    futures = {
+        p: one_shot_task.with_options(**opts).submit(s, aligns[p], labels_ref)
+        for p, s in setups.items()
+    }
+    shots = {p: f.result() for p, f in futures.items()}
+    fused = one_shot_fusion_task.with_options(**opts)(
+        setups[label], aligns[label], {p: o.scores for p, o in shots.items()}, weights, learned
+    )
+    progress.emit("training", "one-shot", f"valid {fused.valid}")
+    return _Fit(
+        mode="one_shot",
+        test=fused.test,
+        valid=[fused.valid],
+        rounds_run=1,
+        best_round=1,
+        upto_round=1,
+        stop_reason=None,
+        trees=sum(o.trees for o in shots.values()),
+        models={p: o.model for p, o in shots.items()},
+        fusion=fused.fusion,
     )
 
 
@@ -334,15 +418,15 @@ def vertical_score(
     }
     overlap, aligns = align_parties(setups, label, 1, opts)
     models = {p: (fingerprint(u) if u else None) for p, u in body["models"].items()}
-    best = int(body["best_round"])
+    upto = int(body["upto_round"])
     score_f = {
-        p: party_scores_task.with_options(**opts).submit(setups[p], aligns[p], models[p], best)
+        p: party_scores_task.with_options(**opts).submit(setups[p], aligns[p], models[p], upto)
         for p in setups
         if p != label
     }
     scores = {p: f.result() for p, f in score_f.items()}
     out: TableRef = fuse_predictions_task.with_options(**opts)(
-        setups[label], aligns[label], body["state"], models[label], scores
+        setups[label], aligns[label], body["fusion"], models[label], upto, scores
     )
     logger.info(
         "%d entities scored (%d known to every party) -> %s", out.rows, overlap.overlap, out.uri

@@ -27,6 +27,7 @@ from storage.psi import party_master_secret, read_message, write_alignment, writ
 from storage.store import FileRef, Store, TableRef, fingerprint, read_table
 from tasks.caching import content_cache_key
 from tasks.design import FeatureSchema, design_matrix, labels
+from tasks.ensemble import count_trees
 from tasks.psi import (
     ALIGN_ID,
     ROW,
@@ -41,10 +42,11 @@ from tasks.psi import (
     receive_alignment,
 )
 from tasks.spec import TrainingSpec
-from tasks.training import evaluate, split_assignments
+from tasks.training import base_score, evaluate, label_stats, split_assignments
 from tasks.types import ENTITY_HASH, Objective
 from tasks.vertical import (
     Combine,
+    Fusion,
     GradientMessage,
     LabelData,
     LabelState,
@@ -52,12 +54,18 @@ from tasks.vertical import (
     PartyDelta,
     PartyModel,
     VerticalProgress,
+    apply_fusion,
     combine_round,
     finish,
+    fixed_fusion,
     gradient_message,
+    join_scores,
+    learn_fusion,
     next_round_allowed,
     party_model_text,
+    rounds_fusion,
     score_block,
+    score_table,
     start_label_state,
     train_one_shot,
     train_party_round,
@@ -66,6 +74,8 @@ from tasks.vertical import (
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
+#: Key of position-aligned score tables (row position in alignment-id order).
+POS = "pos"
 
 
 class VerticalSetup(BaseModel):
@@ -531,33 +541,35 @@ def party_scores(
 def fuse_predictions(
     setup: VerticalSetup,
     alignment: TableRef,
-    state_document: str,
+    fusion_doc: dict[str, Any],
     model: FileRef | None,
+    upto_round: int,
     scores: Mapping[str, TableRef],
 ) -> TableRef:
-    """Label party (inference): ``base + sum_p c_p * output_p`` for every entity of its own
-    scoring table. Rule for an entity another party does not know (outside the all-party
-    overlap): the other parties contribute 0 (the prior), the label party its own output."""
-    progress = VerticalProgress.model_validate(json.loads(read_text(state_document)))
+    """Label party (inference): fuse its own model's output on every row of its scoring
+    table with the other parties' outputs on the overlap. Rule for an entity another party
+    does not know (outside the all-party overlap): that party is absent, i.e. contributes
+    0 (the prior); fixed weights are renormalised over the parties present."""
+    fusion = Fusion.model_validate(fusion_doc)
     fused = read_table(setup.fused)
     k = setup.num_class
     own = score_block(
-        party_model_text(_party_model(model, setup), progress.best_round),
+        party_model_text(_party_model(model, setup), upto_round),
         design_matrix(fused, setup.schema_),
         k,
-    )
-    raw = np.tile(np.asarray(progress.base_score), (fused.height, 1))
-    raw = (raw[:, 0] if k == 1 else raw) + progress.coefficients[setup.party] * own
+    ).reshape(fused.height, k)
+    pos = pl.Series(POS, np.arange(fused.height))
+    tables = {setup.party: score_table(pos, own, key=POS, num_class=k)}
     rows = aligned_frame(setup, alignment)[ROW].to_numpy().astype(np.int64)
-    present = np.zeros(fused.height, dtype=bool)
-    present[rows] = True
     for party, ref in scores.items():
         if party == setup.party:
             continue
         part = _arrays(read_table(ref), ["raw"], k)["raw"]
         if len(part) != len(rows):
             raise ValueError(f"scores of party {party}: {len(part)} rows, overlap {len(rows)}")
-        raw[rows] = raw[rows] + progress.coefficients[party] * part
+        tables[party] = score_table(pl.Series(POS, rows), part, key=POS, num_class=k)
+    raw, count = apply_fusion(join_scores(tables, key=POS, num_class=k, ids=pos), fusion)
+    present = count == len(fusion.parties)
     out = fused.select(ENTITY_HASH).with_columns(
         pl.Series("all_parties", present),
         *(
@@ -567,6 +579,108 @@ def fuse_predictions(
         ),
     )
     return Store(setup.store).write_table(out, "reports", f"{setup.run_key}-predictions")
+
+
+def rounds_fusion_doc(state: StateRef) -> dict[str, Any]:
+    """The gradient-rounds model as a score fusion (coefficients, base score; no entity)."""
+    progress = VerticalProgress.model_validate(json.loads(read_text(state.document.uri)))
+    return rounds_fusion(progress).model_dump(mode="json")
+
+
+# -- one-shot mode ---------------------------------------------------------------------------
+
+
+class OneShotOut(BaseModel):
+    model: FileRef = Field(description="The party's full model on its block (own store)")
+    scores: TableRef = Field(description="Its raw scores on valid and test (coordinator)")
+    trees: int
+
+
+class OneShotFusion(BaseModel):
+    fusion: dict[str, Any]
+    valid: dict[str, float]
+    test: dict[str, float]
+
+
+def send_labels(setup: VerticalSetup, alignment: TableRef) -> TableRef:
+    """Label party (one-shot, opt-in ``fusion.share_labels``): the overlap's train and
+    valid labels, position-aligned, to every party."""
+    data = label_data(setup, alignment)
+    frame = _split_frames({"train": data.y_train, "valid": data.y_valid})
+    return Store(setup.coordinator).write_table(frame, "exchange", f"{setup.run_key}-labels")
+
+
+def party_one_shot(setup: VerticalSetup, alignment: TableRef, labels_ref: TableRef) -> OneShotOut:
+    """Any party (one-shot): a full LightGBM model on its block with the shared labels;
+    keeps the model, sends its raw scores on valid and test."""
+    block = party_block(setup, alignment)
+    parts = _unsplit(read_table(labels_ref), 1)
+    data = LabelData(parts["train"], parts["valid"], None)
+    shot = train_one_shot(
+        block, data, spec=setup.training, objective=setup.objective, num_class=setup.num_class
+    )
+    model = PartyModel(
+        party=setup.party,
+        num_class=setup.num_class,
+        model_text=shot.model_text,
+        iterations=[shot.iterations],
+    )
+    model_ref = Store(setup.store).write_text(
+        "models", f"{setup.run_key}-oneshot-{setup.party}.json", model.model_dump_json()
+    )
+    assert shot.test is not None
+    frame = _split_frames({"valid": shot.valid, "test": shot.test})
+    scores = Store(setup.coordinator).write_table(
+        frame, "exchange", f"{setup.run_key}-oneshot-scores-{setup.party}"
+    )
+    return OneShotOut(model=model_ref, scores=scores, trees=count_trees(shot.model_text))
+
+
+def one_shot_fusion(
+    setup: VerticalSetup,
+    alignment: TableRef,
+    scores: Mapping[str, TableRef],
+    weights: Mapping[str, float] | None,
+    learned: bool,
+) -> OneShotFusion:
+    """Label party (one-shot): fixed weights from the spec, or weights learned on the
+    validation scores (logistic stacking; non-negative least squares for regression);
+    metrics of the fused score on valid and test."""
+    data = label_data(setup, alignment)
+    k = setup.num_class
+    base = base_score([label_stats(data.y_train, setup.objective, k)], setup.objective, k)
+    parts = {p: _unsplit(read_table(ref), k) for p, ref in scores.items()}
+
+    def tables(split: str) -> dict[str, pl.DataFrame]:
+        return {
+            p: score_table(pl.Series(POS, np.arange(len(v[split]))), v[split], key=POS, num_class=k)
+            for p, v in parts.items()
+        }
+
+    valid_tables = tables("valid")
+    if learned:
+        label_frame = pl.DataFrame({POS: np.arange(len(data.y_valid)), "label": data.y_valid})
+        fusion = learn_fusion(
+            valid_tables,
+            label_frame,
+            key=POS,
+            objective=setup.objective,
+            num_class=k,
+            base=base,
+            score_kind="raw",
+        )
+    else:
+        fusion = fixed_fusion(
+            list(scores), weights, objective=setup.objective, num_class=k, base=base
+        )
+    out: dict[str, dict[str, float]] = {}
+    assert data.y_test is not None
+    for split, y in (("valid", data.y_valid), ("test", data.y_test)):
+        raw, _ = apply_fusion(join_scores(tables(split), key=POS, num_class=k), fusion)
+        out[split] = evaluate(y, raw, setup.objective, k) if len(y) else {}
+    return OneShotFusion(
+        fusion=fusion.model_dump(mode="json"), valid=out["valid"], test=out["test"]
+    )
 
 
 def _probability(raw: np.ndarray, setup: VerticalSetup) -> np.ndarray:
@@ -596,3 +710,6 @@ baselines_task = task(
 )(pooled_baselines)
 party_scores_task = _task(party_scores, "vertical-party-scores")
 fuse_predictions_task = _task(fuse_predictions, "vertical-fuse-predictions")
+send_labels_task = _task(send_labels, "vertical-send-labels")
+one_shot_task = _task(party_one_shot, "vertical-one-shot")
+one_shot_fusion_task = _task(one_shot_fusion, "vertical-one-shot-fusion")

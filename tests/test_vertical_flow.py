@@ -3,6 +3,7 @@ gradient rounds, resume, and what reaches the coordinator store."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -104,3 +105,26 @@ def test_vertical_rounds_need_the_gradient_opt_in(tmp_path: Path) -> None:
     spec.write_text(spec.read_text().replace("share_gradients = true", "share_gradients = false"))
     with pytest.raises(SpecError, match=r"fusion\.share_gradients"):
         load_spec(str(spec))
+
+
+def test_vertical_one_shot_with_learned_fusion_trains_and_scores(
+    prefect_api: str, tmp_path: Path, secret: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.vertical import vertical_score, vertical_training
+
+    monkeypatch.setenv("FEDFUSE_SECRET", secret)
+    spec = _spec(tmp_path, rounds=10, trees_per_round=4)
+    text = spec.read_text().replace(
+        'mode = "rounds"', 'mode = "one_shot"\nshare_labels = true\nlearned = true'
+    )
+    spec.write_text(text)
+    result = vertical_training(str(spec))
+    assert (result.rounds_run, result.best_round) == (1, 1)
+    assert result.test["auc"] > 0.6
+    manifest = json.loads(Path(result.manifest).read_text())
+    assert manifest["mode"] == "one_shot"
+    assert manifest["fusion"]["kind"] == "learned"
+    assert len(manifest["fusion"]["coef"][0]) == 3  # one coefficient per party
+    scored = pl.read_parquet(vertical_score(str(spec), "A").uri)
+    assert int(scored["all_parties"].sum()) == result.overlap
+    assert scored["prediction"].is_between(0, 1).all()
