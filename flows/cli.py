@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import secrets
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -57,10 +58,33 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _short_console_errors() -> None:
+    """Prefect's console shows each failed task or flow as one line, without the traceback
+    (the Prefect UI keeps the full logs); the steps skipped because an upstream one failed
+    are not listed again."""
+    import prefect  # noqa: F401  (configures Prefect's logging)
+
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ != "PrefectConsoleHandler" or getattr(handler, "_short", False):
+            continue
+        base = handler.format
+
+        def one_line(record: logging.LogRecord, base: Any = base) -> str:
+            if record.levelno >= logging.ERROR and record.exc_info:
+                record = logging.makeLogRecord({**record.__dict__, "exc_info": None})
+                record.exc_text = None
+            return str(base(record)).splitlines()[0]
+
+        handler.format = one_line  # type: ignore[method-assign]
+        handler.addFilter(lambda r: "Finished in state NotReady" not in r.getMessage())
+        handler._short = True  # type: ignore[attr-defined]
+
+
 @contextmanager
 def _reported() -> Iterator[None]:
     """Turn known input problems into a clear message and exit code 1 (no traceback)."""
     known = _user_errors()
+    _short_console_errors()
     try:
         yield
     except known as exc:
