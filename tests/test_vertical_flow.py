@@ -128,3 +128,18 @@ def test_vertical_one_shot_with_learned_fusion_trains_and_scores(
     scored = pl.read_parquet(vertical_score(str(spec), "A").uri)
     assert int(scored["all_parties"].sum()) == result.overlap
     assert scored["prediction"].is_between(0, 1).all()
+
+
+def test_overlap_below_the_minimum_stops_training_with_the_counts(
+    prefect_api: str, tmp_path: Path, secret: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.vertical import vertical_training
+    from tasks.psi import PSIError
+
+    monkeypatch.setenv("FEDFUSE_SECRET", secret)
+    spec = _spec(tmp_path)
+    spec.write_text(spec.read_text().replace("min_overlap = 10\n", "min_overlap = 100000\n"))
+    with pytest.raises(PSIError, match=r"fusion\.min_overlap = 100000") as caught:
+        vertical_training(str(spec))
+    assert re.search(r"\b\d+ entities\b|\boverlap\b", str(caught.value))
+    assert not (spec.parent / "stores" / "coordinator" / "models").exists()
