@@ -10,7 +10,10 @@ def task_states(flow_run_id: object, *, timeout: float = 20.0) -> dict[str, list
     deadline = time.monotonic() + timeout
     while True:
         states = read_task_states(flow_run_id)
-        pending = [s for names in states.values() for s in names if s in ("Pending", "Running")]
+        # a run's states reach the API asynchronously: "?" is a run with no state yet
+        pending = [
+            s for names in states.values() for s in names if s in ("Pending", "Running", "?")
+        ]
         if not pending or time.monotonic() > deadline:
             return states
         time.sleep(0.5)
