@@ -384,6 +384,7 @@ def vertical_score(
     body = json.loads(read_text(manifest))
     schemas = {p: FeatureSchema.model_validate(v) for p, v in body["feature_schema"].items()}
     fused: dict[str, TableRef] = {}
+    features: dict[str, list[TableRef]] = {}
     for p in spec.parties:
         store = posixpath.join(p.store, "scoring")
         ctx = PartyContext.from_spec(spec, p.id, as_of=as_of).model_copy(
@@ -392,8 +393,11 @@ def vertical_score(
         sources = rebased_sources(
             p.sources, data if p.id == party else None, spec.consortium.label.column
         )
-        prepared, _ = run_party_steps(ctx, sources, results=spec.run.results, refresh=False)
+        prepared, feature_refs = run_party_steps(
+            ctx, sources, results=spec.run.results, refresh=False
+        )
         fused[p.id] = prepared.table
+        features[p.id] = list(feature_refs.values())
     key = (
         "s"
         + hashlib.sha256(
@@ -426,7 +430,15 @@ def vertical_score(
     }
     scores = {p: f.result() for p, f in score_f.items()}
     out: TableRef = fuse_predictions_task.with_options(**opts)(
-        setups[label], aligns[label], body["fusion"], models[label], upto, scores
+        setups[label],
+        aligns[label],
+        body["fusion"],
+        models[label],
+        upto,
+        scores,
+        features[label],
+        spec.consortium.entity,
+        spec.consortium.secret,
     )
     logger.info(
         "%d entities scored (%d known to every party) -> %s", out.rows, overlap.overlap, out.uri

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 
 from storage.files import read_text
 from storage.psi import party_master_secret, read_message, write_alignment, write_message
+from storage.secrets import resolve_secret
 from storage.store import FileRef, Store, TableRef, fingerprint, read_table
 from tasks.caching import content_cache_key
 from tasks.design import FeatureSchema, design_matrix, labels
@@ -41,7 +42,8 @@ from tasks.psi import (
     reblind,
     receive_alignment,
 )
-from tasks.spec import TrainingSpec
+from tasks.scoring import entity_keys
+from tasks.spec import SecretRef, TrainingSpec
 from tasks.training import base_score, evaluate, label_stats, split_assignments
 from tasks.types import ENTITY_HASH, Objective
 from tasks.vertical import (
@@ -545,6 +547,9 @@ def fuse_predictions(
     model: FileRef | None,
     upto_round: int,
     scores: Mapping[str, TableRef],
+    features: Sequence[TableRef] = (),
+    entity: str | None = None,
+    secret: SecretRef | None = None,
 ) -> TableRef:
     """Label party (inference): fuse its own model's output on every row of its scoring
     table with the other parties' outputs on the overlap. Rule for an entity another party
@@ -578,6 +583,15 @@ def fuse_predictions(
             else [pl.Series("prediction", np.asarray(raw).argmax(axis=1))]
         ),
     )
+    if features and entity is not None and secret is not None:
+        keys = entity_keys(
+            [read_table(f, columns=[entity]) for f in features],
+            entity=entity,
+            secret=resolve_secret(env=secret.env, block=secret.block),
+        )
+        out = out.join(keys, on=ENTITY_HASH, how="left", validate="1:1").select(
+            entity, pl.exclude(entity)
+        )
     return Store(setup.store).write_table(out, "reports", f"{setup.run_key}-predictions")
 
 

@@ -64,6 +64,8 @@ def test_vertical_flow_aligns_trains_and_keeps_ids_at_the_parties(
     from flows.vertical import vertical_score
 
     scored = pl.read_parquet(vertical_score(str(spec), "A").uri)
+    assert scored.columns[0] == "customer_id"  # A's own key, in A's own store
+    assert scored["customer_id"].null_count() == 0
     assert scored.height == len(hashes["A"])
     assert set(scored[ENTITY_HASH]) == hashes["A"]
     assert int(scored["all_parties"].sum()) == len(common)
