@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Executor
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -41,6 +44,9 @@ from tasks.psi import (
     message_from_arrow,
     reblind,
     receive_alignment,
+)
+from tasks.psi import (
+    pool as psi_pool,
 )
 from tasks.scoring import entity_keys
 from tasks.spec import SecretRef, TrainingSpec
@@ -140,6 +146,23 @@ def _secret(setup: VerticalSetup) -> Any:
     return derive_secret(master, run_id=_run_id(setup), party=setup.party)
 
 
+#: Below this many X25519 operations a process pool costs more than it saves.
+POOL_MIN_OPS = 50_000
+
+
+@contextmanager
+def _executor(ops: int) -> Iterator[Executor | None]:
+    """A process pool over the machine's cores for large PSI steps, else none."""
+    if ops < POOL_MIN_OPS or (os.cpu_count() or 1) < 2:
+        yield None
+        return
+    executor = psi_pool()
+    try:
+        yield executor
+    finally:
+        executor.shutdown()
+
+
 def _keys(setup: VerticalSetup) -> pl.Series:
     return read_table(setup.fused, columns=[ENTITY_HASH])[ENTITY_HASH]
 
@@ -147,7 +170,8 @@ def _keys(setup: VerticalSetup) -> pl.Series:
 def psi_label_blind(setup: VerticalSetup, others: Sequence[str]) -> dict[str, FileRef]:
     """Label party: its own keys blinded once, one (identical) message per feature party."""
     keys = _keys(setup)
-    sent = blind_own(keys, _secret(setup), party=setup.party, to=others[0])
+    with _executor(keys.len()) as ex:
+        sent = blind_own(keys, _secret(setup), party=setup.party, to=others[0], executor=ex)
     coordinator = Store(setup.coordinator)
     return {
         other: write_message(
@@ -163,8 +187,10 @@ def psi_party_answer(setup: VerticalSetup, received: FileRef) -> tuple[FileRef, 
     if not isinstance(message, BlindedSet):
         raise PSIError(f"{received.uri}: expected a blinded set from the label party")
     secret = _secret(setup)
-    own = blind_own(_keys(setup), secret, party=setup.party, to=setup.label_party)
-    back = reblind(message, secret, party=setup.party)
+    keys = _keys(setup)
+    with _executor(keys.len() + len(message)) as ex:
+        own = blind_own(keys, secret, party=setup.party, to=setup.label_party, executor=ex)
+        back = reblind(message, secret, party=setup.party, executor=ex)
     coordinator = Store(setup.coordinator)
     run = _run_id(setup)
     return (
@@ -187,14 +213,17 @@ def psi_label_intersect(
 ) -> PsiOverlap:
     """Label party: the all-party overlap, its own alignment, one answer per party."""
     keys = _keys(setup)
-    alignment, messages = intersect(
-        keys.len(),
-        _secret(setup),
-        party=setup.party,
-        reblinded={p: _blinded(back) for p, (_, back) in answers.items()},
-        blinded={p: _blinded(own) for p, (own, _) in answers.items()},
-        min_overlap=min_overlap,
-    )
+    blinded = {p: _blinded(own) for p, (own, _) in answers.items()}
+    with _executor(sum(len(b) for b in blinded.values())) as ex:
+        alignment, messages = intersect(
+            keys.len(),
+            _secret(setup),
+            party=setup.party,
+            reblinded={p: _blinded(back) for p, (_, back) in answers.items()},
+            blinded=blinded,
+            min_overlap=min_overlap,
+            executor=ex,
+        )
     coordinator = Store(setup.coordinator)
     run = _run_id(setup)
     out = {
