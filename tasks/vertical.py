@@ -108,6 +108,8 @@ from tasks.training import (
     LOSS_METRIC,
     EarlyStopping,
     StopReason,
+    _sigmoid,
+    _softmax,
     base_score,
     check_labels,
     evaluate,
@@ -192,15 +194,6 @@ def check_block(block: PartyBlock, labels: LabelData) -> None:
 # --------------------------------------------------------------------------------------
 # Loss derivatives (label party)
 # --------------------------------------------------------------------------------------
-
-
-def _sigmoid(raw: np.ndarray) -> np.ndarray:
-    return np.asarray(0.5 * (1.0 + np.tanh(0.5 * raw)))
-
-
-def _softmax(raw: np.ndarray) -> np.ndarray:
-    z = np.exp(raw - raw.max(axis=1, keepdims=True))
-    return np.asarray(z / z.sum(axis=1, keepdims=True))
 
 
 def gradients(
