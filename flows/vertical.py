@@ -22,7 +22,7 @@ from flows.train import num_classes, run_key
 from storage.files import read_text
 from storage.store import FileRef, Store, TableRef, fingerprint
 from tasks.design import FeatureSchema, consortium_schema
-from tasks.spec import FedSpec, TrainingSpec, load_spec
+from tasks.spec import FedSpec, FusionSpec, TrainingSpec, load_spec
 from tasks.steps import PartyContext
 from tasks.vertical_steps import (
     PsiOverlap,
@@ -168,7 +168,7 @@ def vertical_training(
     if (spec.fusion.mode or "rounds") == "one_shot":
         fit = _one_shot(setups, label, aligns, spec.fusion.weights, spec.fusion.learned, opts)
     else:
-        fit = _rounds(setups, label, aligns, spec.fusion.weights, refresh, stop_after, opts)
+        fit = _rounds(setups, label, aligns, spec.fusion, refresh, stop_after, opts)
     test = fit.test
     comparison: dict[str, dict[str, float]] = {"vertical (fused)": test}
     if baselines:
@@ -249,7 +249,7 @@ def _rounds(
     setups: dict[str, VerticalSetup],
     label: str,
     aligns: dict[str, TableRef],
-    weights: dict[str, float] | None,
+    fusion: FusionSpec,
     refresh: bool,
     stop_after: int | None,
     opts: dict[str, Any],
@@ -260,7 +260,7 @@ def _rounds(
     state: StateRef | None = None if refresh else latest_state(setups[label])
     if state is None:
         state = start_state_task.with_options(**opts)(
-            setups[label], aligns[label], parties, weights, "sum"
+            setups[label], aligns[label], parties, fusion.weights, fusion.combine
         )
         models: dict[str, FileRef | None] = dict.fromkeys(parties)
     else:

@@ -194,6 +194,11 @@ class FusionSpec(SpecModel):
         default=False,
         description="Opt in: the label party sends the overlap's labels to the parties (one_shot)",
     )
+    combine: Literal["sum", "mean"] = Field(
+        default="sum",
+        description="Vertical rounds: add the parties' weighted outputs (sum; fewer trees) or "
+        "average them (mean; smaller steps, more rounds)",
+    )
 
 
 class RunSpec(SpecModel):
@@ -402,11 +407,7 @@ def semantic_problems(spec: FedSpec) -> list[SpecProblem]:
     elif label.party is None:
         add(SpecProblem(path="consortium.label.party", message="vertical layout needs it"))
     elif label.party not in seen_parties:
-        add(
-            SpecProblem(
-                path="consortium.label.party", message=f"no party with id {label.party!r}"
-            )
-        )
+        add(SpecProblem(path="consortium.label.party", message=f"no party with id {label.party!r}"))
     elif label_holders != [label.party]:
         add(
             SpecProblem(
