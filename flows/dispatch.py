@@ -18,7 +18,7 @@ party's finished step again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 from prefect import task
@@ -85,29 +85,28 @@ def exchange_name(flow_run_id: str) -> str:
     return f"{flow_run_id}.json"
 
 
-def publish(coordinator: str, result: BaseModel) -> None:
-    """Hand a dispatched party run's result to the coordinator (a no-op outside a
-    deployment run: in process the caller gets the return value)."""
+def publish(coordinator: str, result: Any) -> None:
+    """Hand a dispatched party run's result (a model, or JSON-able data) to the coordinator
+    (a no-op outside a deployment run: in process the caller gets the return value)."""
     from prefect.runtime import deployment, flow_run
 
     if deployment.id is None:
         return
-    Store(coordinator).write_json(
-        "exchange", exchange_name(str(flow_run.get_id())), result.model_dump(mode="json")
-    )
+    body = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+    Store(coordinator).write_json("exchange", exchange_name(str(flow_run.get_id())), body)
 
 
-def run_remote(
+def run_remote_json(
     deployment: str,
     parameters: Mapping[str, Any],
     *,
     coordinator: str,
-    result_type: type[M],
     timeout: float = DEFAULT_TIMEOUT,
     poll: float = 1.0,
-) -> M:
-    """Run a party's deployment, wait for it and read its result from the coordinator
-    store. Raises :class:`DispatchError` naming the deployment and run unless it completed."""
+) -> Any:
+    """Run a party's deployment, wait for it and read its result (JSON) from the
+    coordinator store. Raises :class:`DispatchError` naming the deployment and run unless
+    it completed."""
     from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
 
@@ -136,7 +135,23 @@ def run_remote(
             f"{store.location('exchange', name)}"
         )
     logger.info("%s: flow run %s completed", deployment, run.name)
-    return result_type.model_validate(store.read_json("exchange", name))
+    return store.read_json("exchange", name)
+
+
+def run_remote(
+    deployment: str,
+    parameters: Mapping[str, Any],
+    *,
+    coordinator: str,
+    result_type: type[M],
+    timeout: float = DEFAULT_TIMEOUT,
+    poll: float = 1.0,
+) -> M:
+    """:func:`run_remote_json`, validated as ``result_type``."""
+    body = run_remote_json(
+        deployment, parameters, coordinator=coordinator, timeout=timeout, poll=poll
+    )
+    return result_type.model_validate(body)
 
 
 @task(name="dispatch-party-step", cache_key_fn=content_cache_key, persist_result=True)
@@ -178,3 +193,108 @@ def dispatch_pipeline(
         result_type=FusedOutput,
         timeout=timeout,
     )
+
+
+# -- generic party calls (vertical steps) ------------------------------------------------------
+
+CALL_FLOW = "party-call"
+
+
+def call_registry() -> dict[str, Any]:
+    """The party steps a ``party-call`` run may execute, by name (the vertical layout's)."""
+    from tasks import vertical_steps as v
+
+    tasks = [
+        v.psi_blind_task,
+        v.psi_answer_task,
+        v.psi_intersect_task,
+        v.psi_receive_task,
+        v.start_state_task,
+        v.gradients_task,
+        v.party_round_task,
+        v.combine_task,
+        v.finish_task,
+        v.test_scores_task,
+        v.test_metrics_task,
+        v.latest_state_task,
+        v.model_at_task,
+        v.send_labels_task,
+        v.one_shot_task,
+        v.one_shot_fusion_task,
+    ]
+    return {t.name: t for t in tasks}
+
+
+def _hints(fn: Any) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(fn)
+
+
+def encode_args(args: Sequence[Any]) -> list[Any]:
+    """Step arguments as JSON (models become dicts; references only, never tables)."""
+    from pydantic import TypeAdapter
+
+    return list(TypeAdapter(list[Any]).dump_python(list(args), mode="json"))
+
+
+def decode_args(op: str, args: Sequence[Any]) -> list[Any]:
+    """JSON arguments back into the step's typed parameters."""
+    import inspect
+
+    from pydantic import TypeAdapter
+
+    step = call_registry()[op]
+    hints = _hints(step.fn)
+    names = list(inspect.signature(step.fn).parameters)
+    if len(args) > len(names):
+        raise ValueError(f"{op}: {len(args)} arguments for {len(names)} parameters")
+    return [TypeAdapter(hints[n]).validate_python(a) for n, a in zip(names, args, strict=False)]
+
+
+def encode_result(op: str, result: Any) -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(_hints(call_registry()[op].fn)["return"]).dump_python(result, mode="json")
+
+
+def decode_result(op: str, body: Any) -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(_hints(call_registry()[op].fn)["return"]).validate_python(body)
+
+
+#: Steps that read the party's current state: never cached.
+UNCACHED_CALLS = frozenset({"vertical-latest-state", "vertical-model-at"})
+
+
+def call_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
+    if parameters.get("op") in UNCACHED_CALLS:
+        return None
+    return content_cache_key(context, parameters)
+
+
+@task(name="dispatch-party-call", cache_key_fn=call_cache_key, persist_result=True)
+def dispatch_call(
+    deployment: str,
+    op: str,
+    args: list[Any],
+    coordinator: str,
+    results: str,
+    refresh: bool,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Any:
+    """Run one step on the party's own work pool (``party-call`` deployment)."""
+    body = run_remote_json(
+        deployment,
+        {
+            "op": op,
+            "args": args,
+            "coordinator": coordinator,
+            "results": results,
+            "refresh": refresh,
+        },
+        coordinator=coordinator,
+        timeout=timeout,
+    )
+    return decode_result(op, body)

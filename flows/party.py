@@ -14,7 +14,17 @@ from prefect.futures import PrefectFuture
 from pydantic import BaseModel
 
 from flows.common import task_options
-from flows.dispatch import DEFAULT_TIMEOUT, PartyJob, dispatch_step, publish
+from flows.dispatch import (
+    DEFAULT_TIMEOUT,
+    PartyJob,
+    call_registry,
+    decode_args,
+    dispatch_call,
+    dispatch_step,
+    encode_args,
+    encode_result,
+    publish,
+)
 from tasks.train_steps import evaluate_party, party_stats, start_scores, train_party
 
 
@@ -54,3 +64,64 @@ def submit_job(
             setup, job.round, job.scores, job.learning_rate
         )
     return evaluate_party.with_options(**opts).submit(setup, job.aggregates, job.scores)
+
+
+@flow(name="party-call", persist_result=True)
+def party_call(
+    op: str, args: list[Any], coordinator: str, results: str, refresh: bool = False
+) -> Any:
+    """One step of a vertical consortium (PSI, a training round, scores), run where the
+    party's data lives.
+
+    Args:
+        op: The step (a task name of tasks.vertical_steps, e.g. vertical-party-round).
+        args: Its arguments as JSON (references to the party's own tables, messages).
+        coordinator: The coordinator store the result goes to.
+        results: Folder for persisted task results.
+        refresh: Recompute, ignoring cached results.
+    """
+    registry = call_registry()
+    if op not in registry:
+        raise ValueError(f"party-call: unknown step {op!r}; known: {sorted(registry)}")
+    typed = decode_args(op, args)
+    out = registry[op].with_options(**task_options(results, refresh))(*typed)
+    get_run_logger().info("step %s done", op)
+    publish(coordinator, encode_result(op, out))
+    return out
+
+
+class PartyCalls:
+    """Runs each vertical step at its party: a task of the calling flow, or a ``party-call``
+    run on the party's own work pool when ``remote`` names a deployment for it."""
+
+    def __init__(
+        self,
+        remote: Mapping[str, str],
+        *,
+        coordinator: str,
+        results: str,
+        refresh: bool,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.remote = dict(remote)
+        self.coordinator = coordinator
+        self.results = results
+        self.refresh = refresh
+        self.timeout = timeout
+
+    def submit(self, party: str, step: Any, *args: Any) -> PrefectFuture[Any]:
+        opts = task_options(self.results, self.refresh)
+        if party in self.remote:
+            return dispatch_call.with_options(**opts).submit(
+                self.remote[party],
+                step.name,
+                encode_args(args),
+                self.coordinator,
+                self.results,
+                self.refresh,
+                self.timeout,
+            )
+        return step.with_options(**opts).submit(*args)  # type: ignore[no-any-return]
+
+    def __call__(self, party: str, step: Any, *args: Any) -> Any:
+        return self.submit(party, step, *args).result()

@@ -16,6 +16,8 @@ from pydantic import BaseModel
 
 from flows import progress
 from flows.common import artifact_key, task_options, threads
+from flows.dispatch import CALL_FLOW, party_deployments
+from flows.party import PartyCalls
 from flows.prepare import prepare, run_party_steps
 from flows.score import rebased_sources
 from flows.train import num_classes, run_key
@@ -33,7 +35,7 @@ from tasks.vertical_steps import (
     finish_task,
     fuse_predictions_task,
     gradients_task,
-    latest_state,
+    latest_state_task,
     model_at_task,
     one_shot_fusion_task,
     one_shot_task,
@@ -43,7 +45,6 @@ from tasks.vertical_steps import (
     psi_blind_task,
     psi_intersect_task,
     psi_receive_task,
-    rounds_fusion_doc,
     send_labels_task,
     start_state_task,
     test_metrics_task,
@@ -69,22 +70,17 @@ class VerticalResult(BaseModel):
 
 
 def align_parties(
-    setups: dict[str, VerticalSetup], label: str, min_overlap: int, opts: dict[str, Any]
+    setups: dict[str, VerticalSetup], label: str, min_overlap: int, call: PartyCalls
 ) -> tuple[PsiOverlap, dict[str, TableRef]]:
     """Private set intersection, a star around the label party; each party's alignment
     (its rows -> alignment ids) lands in its own store."""
     logger = get_run_logger()
     others = [p for p in setups if p != label]
-    sent = psi_blind_task.with_options(**opts)(setups[label], others)
-    answer_f = {p: psi_answer_task.with_options(**opts).submit(setups[p], sent[p]) for p in others}
+    sent = call(label, psi_blind_task, setups[label], others)
+    answer_f = {p: call.submit(p, psi_answer_task, setups[p], sent[p]) for p in others}
     answers = {p: f.result() for p, f in answer_f.items()}
-    overlap: PsiOverlap = psi_intersect_task.with_options(**opts)(
-        setups[label], answers, min_overlap
-    )
-    receive_f = {
-        p: psi_receive_task.with_options(**opts).submit(setups[p], overlap.answers[p])
-        for p in others
-    }
+    overlap: PsiOverlap = call(label, psi_intersect_task, setups[label], answers, min_overlap)
+    receive_f = {p: call.submit(p, psi_receive_task, setups[p], overlap.answers[p]) for p in others}
     aligns: dict[str, TableRef] = {label: overlap.alignment}
     aligns.update({p: f.result() for p, f in receive_f.items()})
     progress.emit("psi", "overlap", f"{overlap.overlap} entities at every party")
@@ -121,6 +117,7 @@ def vertical_training(
     rounds: int | None = None,
     stop_after: int | None = None,
     baselines: bool = False,
+    dispatch: str | None = None,
 ) -> VerticalResult:
     """Prepare every party, align them by private set intersection, then run gradient
     rounds until the round limit or early stopping.
@@ -132,13 +129,21 @@ def vertical_training(
         stop_after: Stop after this many rounds of this run (resume later).
         baselines: Also train each block alone and, for comparison only, a centralised
             model on the joined blocks (pools data).
+        dispatch: Deployment prefix of the per-party deployments (``fedfuse deploy`` sets
+            it): parties with a work pool run their steps there. Empty: all in process.
     """
     spec = load_spec(spec_path)
     label = check_vertical(spec, spec_path)
+    remote = party_deployments(spec, dispatch, CALL_FLOW)
+    if baselines and remote:
+        raise ValueError(
+            "baselines pool the parties' blocks in one process; they cannot run while "
+            f"parties {sorted(remote)} work on their own pools"
+        )
     training: TrainingSpec = spec.training
     if rounds is not None:
         training = training.model_copy(update={"rounds": rounds})
-    prepared = prepare(spec_path, refresh=refresh)
+    prepared = prepare(spec_path, refresh=refresh, dispatch=dispatch)
     parties = [p.id for p in spec.parties]
     schema = consortium_schema({p: out.features for p, out in prepared.items()})
     fused = {p: out.table for p, out in prepared.items()}
@@ -163,12 +168,18 @@ def vertical_training(
         )
         for p in parties
     }
-    overlap, aligns = align_parties(setups, label, spec.fusion.min_overlap, opts)
-
+    call = PartyCalls(
+        remote,
+        coordinator=spec.coordinator.store,
+        results=results,
+        refresh=refresh,
+        timeout=spec.run.party_timeout,
+    )
+    overlap, aligns = align_parties(setups, label, spec.fusion.min_overlap, call)
     if (spec.fusion.mode or "rounds") == "one_shot":
-        fit = _one_shot(setups, label, aligns, spec.fusion.weights, spec.fusion.learned, opts)
+        fit = _one_shot(setups, label, aligns, spec.fusion.weights, spec.fusion.learned, call)
     else:
-        fit = _rounds(setups, label, aligns, spec.fusion, refresh, stop_after, opts)
+        fit = _rounds(setups, label, aligns, spec.fusion, refresh, stop_after, call)
     test = fit.test
     comparison: dict[str, dict[str, float]] = {"vertical (fused)": test}
     if baselines:
@@ -252,30 +263,34 @@ def _rounds(
     fusion: FusionSpec,
     refresh: bool,
     stop_after: int | None,
-    opts: dict[str, Any],
+    call: PartyCalls,
 ) -> _Fit:
     logger = get_run_logger()
     parties = list(setups)
     key = setups[label].run_key
-    state: StateRef | None = None if refresh else latest_state(setups[label])
+    state: StateRef | None = None if refresh else call(label, latest_state_task, setups[label])
     if state is None:
-        state = start_state_task.with_options(**opts)(
-            setups[label], aligns[label], parties, fusion.weights, fusion.combine
+        state = call(
+            label,
+            start_state_task,
+            setups[label],
+            aligns[label],
+            parties,
+            fusion.weights,
+            fusion.combine,
         )
         models: dict[str, FileRef | None] = dict.fromkeys(parties)
     else:
         logger.info("resuming vertical run %s after round %d", key, state.round)
-        models = {p: model_at_task(setups[p], state.round) for p in parties}
+        models = {p: call(p, model_at_task, setups[p], state.round) for p in parties}
     done_here = 0
     while state.next is None:
         if stop_after is not None and done_here >= stop_after:
             break
         t = state.round + 1
-        grads = gradients_task.with_options(**opts)(setups[label], aligns[label], state)
+        grads = call(label, gradients_task, setups[label], aligns[label], state)
         futures = {
-            p: party_round_task.with_options(**opts).submit(
-                setups[p], aligns[p], models[p], grads, t
-            )
+            p: call.submit(p, party_round_task, setups[p], aligns[p], models[p], grads, t)
             for p in parties
         }
         wait(list(futures.values()))
@@ -286,29 +301,28 @@ def _rounds(
                 models[party], deltas[party] = out.model, out.delta
             else:
                 logger.warning("round %d: party %s left out: %s", t, party, future.state.message)
-        state = combine_task.with_options(**opts)(setups[label], aligns[label], state, deltas, t)
+        state = call(label, combine_task, setups[label], aligns[label], state, deltas, t)
         done_here += 1
         progress.emit("training", f"round {t}", f"valid {state.valid}")
     if state.next is not None:
-        state = finish_task.with_options(**opts)(setups[label], aligns[label], state)
+        state = call(label, finish_task, setups[label], aligns[label], state)
     best = state.best_round
     score_f = {
-        p: test_scores_task.with_options(**opts).submit(setups[p], aligns[p], models[p], best)
-        for p in parties
+        p: call.submit(p, test_scores_task, setups[p], aligns[p], models[p], best) for p in parties
     }
     scores = {p: f.result() for p, f in score_f.items()}
-    test = test_metrics_task.with_options(**opts)(setups[label], aligns[label], state, scores)
+    test = call(label, test_metrics_task, setups[label], aligns[label], state, scores)
     return _Fit(
         mode="rounds",
         test=test,
-        valid=_history(state),
+        valid=state.history,
         rounds_run=state.round,
         best_round=best,
         upto_round=best,
         stop_reason=state.next,
         trees=state.trees,
         models=models,
-        fusion=rounds_fusion_doc(state),
+        fusion=state.fusion,
     )
 
 
@@ -318,16 +332,21 @@ def _one_shot(
     aligns: dict[str, TableRef],
     weights: dict[str, float] | None,
     learned: bool,
-    opts: dict[str, Any],
+    call: PartyCalls,
 ) -> _Fit:
-    labels_ref = send_labels_task.with_options(**opts)(setups[label], aligns[label])
+    labels_ref = call(label, send_labels_task, setups[label], aligns[label])
     futures = {
-        p: one_shot_task.with_options(**opts).submit(s, aligns[p], labels_ref)
-        for p, s in setups.items()
+        p: call.submit(p, one_shot_task, s, aligns[p], labels_ref) for p, s in setups.items()
     }
     shots = {p: f.result() for p, f in futures.items()}
-    fused = one_shot_fusion_task.with_options(**opts)(
-        setups[label], aligns[label], {p: o.scores for p, o in shots.items()}, weights, learned
+    fused = call(
+        label,
+        one_shot_fusion_task,
+        setups[label],
+        aligns[label],
+        {p: o.scores for p, o in shots.items()},
+        weights,
+        learned,
     )
     progress.emit("training", "one-shot", f"valid {fused.valid}")
     return _Fit(
@@ -342,15 +361,6 @@ def _one_shot(
         models={p: o.model for p, o in shots.items()},
         fusion=fused.fusion,
     )
-
-
-def _history(state: StateRef) -> list[dict[str, float]]:
-    import json
-
-    from storage.files import read_text
-
-    document = json.loads(read_text(state.document.uri))
-    return [dict(r["valid"]) for r in document.get("history", [])]
 
 
 @flow(name="vertical-score", persist_result=True, task_runner=threads(4))
@@ -420,7 +430,17 @@ def vertical_score(
         )
         for p in fused
     }
-    overlap, aligns = align_parties(setups, label, 1, opts)
+    overlap, aligns = align_parties(
+        setups,
+        label,
+        1,
+        PartyCalls(
+            {},
+            coordinator=spec.coordinator.store,
+            results=spec.run.results or ".fedfuse/results",
+            refresh=False,
+        ),
+    )
     models = {p: (fingerprint(u) if u else None) for p, u in body["models"].items()}
     upto = int(body["upto_round"])
     score_f = {

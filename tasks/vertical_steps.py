@@ -6,8 +6,9 @@ rounds, final scores. Each function runs *at* one party and does its IO through
 labels and alignments stay in the party's own store.
 
 Row order. Every party sorts its aligned rows by the alignment id, and the split of an
-entity (train / valid / test) is a function of its alignment id, so the arrays exchanged in a
-round are position-aligned at every party without sending any id along.
+entity (train / valid / test) is a function of its hashed key, which every party holds for
+its own rows, so the arrays exchanged in a round are position-aligned at every party without
+sending any id along, and an entity stays in its split across runs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from storage.files import read_text
@@ -61,7 +63,6 @@ from tasks.vertical import (
     PartyBlock,
     PartyDelta,
     PartyModel,
-    VerticalProgress,
     apply_fusion,
     combine_round,
     finish,
@@ -127,6 +128,12 @@ class StateRef(BaseModel):
     )
     valid: dict[str, float] = Field(default_factory=dict)
     trees: int = 0
+    history: list[dict[str, float]] = Field(
+        default_factory=list, description="Validation metrics per round"
+    )
+    fusion: dict[str, Any] = Field(
+        default_factory=dict, description="The model as a score fusion (coefficients, base)"
+    )
 
 
 class PartyRoundOut(BaseModel):
@@ -261,12 +268,11 @@ def aligned_frame(setup: VerticalSetup, alignment: TableRef) -> pl.DataFrame:
             f"{setup.fused.uri}"
         )
     frame = frame.sort(ALIGN_ID)
-    ids = frame[ALIGN_ID]
-    hexed = (ids.bin.encode("hex") if ids.dtype == pl.Binary else ids.cast(pl.String)).alias(
-        "align_hex"
-    )
+    # the split follows the entity's hashed key, which every party holds for its own rows:
+    # the same entity lands in the same split at every party and in every run (alignment
+    # ids change with each run's PSI secrets)
     split = split_assignments(
-        hexed,
+        frame[ENTITY_HASH],
         validation_fraction=setup.training.validation_fraction,
         test_fraction=setup.training.test_fraction,
     )
@@ -356,8 +362,12 @@ def _save_state(setup: VerticalSetup, state: LabelState, data: LabelData) -> Sta
         next=next_round_allowed(state, setup.training),
         valid=valid,
         trees=p.total_trees,
+        history=[dict(r.valid) for r in p.history],
+        fusion=rounds_fusion(p).model_dump(mode="json"),
     )
-    store.write_json("checkpoints", f"{setup.run_key}-vertical-latest.json", ref.model_dump())
+    store.write_json(
+        "checkpoints", f"{setup.run_key}-vertical-latest.json", ref.model_dump(mode="json")
+    )
     return ref
 
 
@@ -624,12 +634,6 @@ def fuse_predictions(
     return Store(setup.store).write_table(out, "reports", f"{setup.run_key}-predictions")
 
 
-def rounds_fusion_doc(state: StateRef) -> dict[str, Any]:
-    """The gradient-rounds model as a score fusion (coefficients, base score; no entity)."""
-    progress = VerticalProgress.model_validate(json.loads(read_text(state.document.uri)))
-    return rounds_fusion(progress).model_dump(mode="json")
-
-
 # -- one-shot mode ---------------------------------------------------------------------------
 
 
@@ -747,7 +751,7 @@ combine_task = _task(combine, "vertical-combine")
 finish_task = _task(finish_state, "vertical-finish")
 test_scores_task = _task(party_test_scores, "vertical-test-scores")
 test_metrics_task = _task(fused_test_metrics, "vertical-test-metrics")
-model_at_task = task(name="vertical-model-at")(model_at)
+model_at_task = task(name="vertical-model-at", cache_policy=NO_CACHE)(model_at)
 baselines_task = task(
     name="vertical-pooled-baselines", persist_result=True, cache_key_fn=content_cache_key
 )(pooled_baselines)
@@ -756,3 +760,4 @@ fuse_predictions_task = _task(fuse_predictions, "vertical-fuse-predictions")
 send_labels_task = _task(send_labels, "vertical-send-labels")
 one_shot_task = _task(party_one_shot, "vertical-one-shot")
 one_shot_fusion_task = _task(one_shot_fusion, "vertical-one-shot-fusion")
+latest_state_task = task(name="vertical-latest-state", cache_policy=NO_CACHE)(latest_state)
