@@ -42,6 +42,7 @@ FlowName = Literal[
     "party-step",
     "vertical-training",
     "vertical-score",
+    "party-call",
 ]
 
 
@@ -60,11 +61,16 @@ FLOWS: tuple[FlowEntry, ...] = (
     FlowEntry("score", "flows/score.py:score", "flows.score"),
 )
 #: The deployments of a party with its own work pool.
-#: A vertical consortium's deployments (no per-party pools: its steps run in one process).
+#: A vertical consortium's deployments.
 VERTICAL_FLOWS: tuple[FlowEntry, ...] = (
     FlowEntry("prepare", "flows/prepare.py:prepare", "flows.prepare"),
     FlowEntry("vertical-training", "flows/vertical.py:vertical_training", "flows.vertical"),
     FlowEntry("vertical-score", "flows/vertical.py:vertical_score", "flows.vertical"),
+)
+#: The deployments of a vertical consortium's party with its own work pool.
+VERTICAL_PARTY_FLOWS: tuple[FlowEntry, ...] = (
+    FlowEntry("party-pipeline", "flows/prepare.py:party_pipeline", "flows.prepare"),
+    FlowEntry("party-call", "flows/party.py:party_call", "flows.party"),
 )
 PARTY_FLOWS: tuple[FlowEntry, ...] = (
     FlowEntry("party-pipeline", "flows/prepare.py:party_pipeline", "flows.prepare"),
@@ -163,7 +169,7 @@ def plan_deployments(
     name = name or artifact_key(spec.consortium.name)
     schedules = schedules or Schedules()
     vertical = spec.consortium.layout == "vertical"
-    pooled = [p for p in spec.parties if p.work_pool] if per_party and not vertical else []
+    pooled = [p for p in spec.parties if p.work_pool] if per_party else []
     base: dict[str, Any] = {"spec_path": str(spec_file)}
     coordinator_params = {**base, "dispatch": name} if pooled else base
     first_party = spec.parties[0].id
@@ -182,8 +188,8 @@ def plan_deployments(
             )
         )
     for party in pooled:
-        for entry in PARTY_FLOWS:
-            params = dict(base, party=party.id) if entry.name != "party-step" else {}
+        for entry in VERTICAL_PARTY_FLOWS if vertical else PARTY_FLOWS:
+            params = dict(base, party=party.id) if entry.name in ("party-pipeline", "score") else {}
             planned.append(
                 PlannedDeployment(
                     entry=entry,
