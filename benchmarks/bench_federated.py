@@ -13,7 +13,9 @@ parameters. Then trains, with the same training settings and tree budget:
 * federated: ``tasks.training.train_federated`` over the parties' fused tables;
 * local-only: ``train_local_only``, every party alone;
 * centralised: ``train_centralised`` on the pooled fused tables. This POOLS DATA, which a
-  federation forbids: it is a comparison only.
+  federation forbids: it is a comparison only;
+* lossless: ``tasks.lossless.train_lossless``, LightGBM's data-parallel learner with one
+  process per party holding only that party's rows (second table).
 
 Every model is scored on the test split (``split_assignments``, from the hashed key), pooled
 over all parties. Local-only is the mean of the parties' models' AUCs on that pooled test
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -173,6 +176,11 @@ class Row:
     rounds_cen: int
     wall_fed: float
     wall_cen: float
+    auc_loss: float = math.nan
+    within_loss: float = math.nan
+    trees_loss: int = 0
+    rounds_loss: int = 0
+    wall_loss: float = math.nan
 
     @property
     def gap(self) -> float:
@@ -186,6 +194,15 @@ class Row:
     def ratio(self) -> float:
         """Federated over centralised wall time per round (same tree budget per round)."""
         return (self.wall_fed / self.rounds_fed) / (self.wall_cen / self.rounds_cen)
+
+    @property
+    def gap_loss(self) -> float:
+        return self.auc_cen - self.auc_loss
+
+    @property
+    def ratio_loss(self) -> float:
+        """Lossless over centralised wall time (whole training, not per round)."""
+        return self.wall_loss / self.wall_cen
 
     @property
     def auc_ok(self) -> bool:
@@ -207,6 +224,7 @@ def run_config(
     repeat: int = 1,
 ) -> Row:
     from tasks.ensemble import ensemble_size, predict_raw
+    from tasks.lossless import train_lossless
     from tasks.spec import load_spec
     from tasks.training import party_data, train_centralised, train_federated, train_local_only
 
@@ -237,16 +255,24 @@ def run_config(
         return float(roc_auc_score(y, predict_raw(model, X)))
 
     # training is deterministic: repeats only time it again (median), alternating the order
-    walls: dict[str, list[float]] = {"fed": [], "cen": []}
+    walls: dict[str, list[float]] = {"fed": [], "cen": [], "loss": []}
     pool = ThreadPoolExecutor(party_threads) if party_threads > 1 else None
     for i in range(repeat):
-        for kind in ("fed", "cen") if i % 2 == 0 else ("cen", "fed"):
+        for kind in ("fed", "cen", "loss") if i % 2 == 0 else ("loss", "cen", "fed"):
             started = time.perf_counter()
             if kind == "fed":
                 fed, fed_hist = train_federated(data.frames, **kwargs, executor=pool)
-            else:
+            elif kind == "cen":
                 cen, cen_hist = train_centralised(data.frames, **kwargs)
+            else:
+                lossless = train_lossless(list(splits.values()), **kwargs)
             walls[kind].append(time.perf_counter() - started)
+    loss = lossless.ensemble(
+        objective=spec.consortium.task,
+        num_class=1,
+        feature_names=data.names,
+        categorical=data.categorical,
+    )
     if pool is not None:
         pool.shutdown()
     local = train_local_only(data.frames, **kwargs)
@@ -278,6 +304,11 @@ def run_config(
         rounds_cen=len(cen_hist.rounds),
         wall_fed=statistics.median(walls["fed"]),
         wall_cen=statistics.median(walls["cen"]),
+        auc_loss=auc(loss),
+        within_loss=within(dict.fromkeys(both, loss)),
+        trees_loss=ensemble_size(loss).trees,
+        rounds_loss=lossless.rounds_run,
+        wall_loss=statistics.median(walls["loss"]),
     )
 
 
@@ -301,6 +332,24 @@ def table(rows: Sequence[Row]) -> str:
             f"| {r.trees_fed} / {r.trees_cen} | {r.wall_fed:.1f} s ({r.rounds_fed}) "
             f"| {r.wall_cen:.1f} s ({r.rounds_cen}) | {r.ratio:.2f} "
             f"| {'pass' if r.time_ok else 'FAIL'} (≤ {TIME_GOAL}) |"
+        )
+    return "\n".join(lines)
+
+
+LOSSLESS_HEADER = (
+    "| parties | partition | AUC lossless | AUC cen | gap | within-party AUC lossless / cen "
+    "| trees lossless / cen | lossless wall (rounds) | cen wall (rounds) | wall ratio |"
+)
+
+
+def lossless_table(rows: Sequence[Row]) -> str:
+    lines = [LOSSLESS_HEADER, "|" + "---|" * (LOSSLESS_HEADER.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r.parties} | {r.partition} | {r.auc_loss:.4f} | {r.auc_cen:.4f} "
+            f"| {r.gap_loss:+.4f} | {r.within_loss:.4f} / {r.within_cen:.4f} "
+            f"| {r.trees_loss} / {r.trees_cen} | {r.wall_loss:.1f} s ({r.rounds_loss}) "
+            f"| {r.wall_cen:.1f} s ({r.rounds_cen}) | {r.ratio_loss:.2f} |"
         )
     return "\n".join(lines)
 
@@ -367,12 +416,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 f"  {row.rows:,} fused rows, {row.positive:.1%} positive; AUC fed "
                 f"{row.auc_fed:.4f} local {row.auc_local:.4f} cen {row.auc_cen:.4f}; "
                 f"fed {row.wall_fed:.1f}s/{row.rounds_fed} rounds, "
-                f"cen {row.wall_cen:.1f}s/{row.rounds_cen} rounds",
+                f"cen {row.wall_cen:.1f}s/{row.rounds_cen} rounds; lossless AUC "
+                f"{row.auc_loss:.4f} {row.wall_loss:.1f}s/{row.rounds_loss} rounds",
                 flush=True,
             )
             rows.append(row)
     print()
     print(table(rows))
+    print()
+    print(lossless_table(rows))
     return rows
 
 

@@ -26,6 +26,7 @@ from storage.store import Store, TableRef, write_manifest
 from tasks.baselines import compare_baselines
 from tasks.design import FeatureSchema, consortium_schema
 from tasks.ensemble import GlobalEnsemble, ensemble_manifest, ensemble_size, export_model
+from tasks.lossless import FusedSource, LosslessResult, train_lossless
 from tasks.report import (
     Comparison,
     importance_by_party_modality,
@@ -291,6 +292,8 @@ def federated_training(
     as an operator stopping a run would; the next call resumes from the checkpoint.
     ``baselines`` adds local-only models and, for comparison only, a centralised model on
     the pooled fused tables to the report.
+    With ``training.mode = "lossless"`` the parties train one LightGBM model data-parallel
+    instead (:func:`lossless_run`: one process per party, synchronous, no checkpoints).
 
     Args:
         spec_path: Consortium spec (TOML) as seen by the machine running the flow.
@@ -317,6 +320,11 @@ def federated_training(
             "baselines pool the parties' fused tables in one process; they cannot run while "
             f"parties {sorted(remote)} work on their own pools"
         )
+    if training.mode == "lossless" and remote:
+        raise ValueError(
+            "lossless mode runs every party's LightGBM machine as a process beside this flow; "
+            f"it cannot run while parties {sorted(remote)} work on their own pools"
+        )
     prepared = prepare(spec_path, refresh=refresh, dispatch=dispatch)
     labelled = {p: out for p, out in prepared.items() if p in spec.label_party_ids()}
     schema = consortium_schema({p: out.features for p, out in labelled.items()})
@@ -340,6 +348,19 @@ def federated_training(
         )
         for p, ref in fused.items()
     ]
+    if training.mode == "lossless":
+        if stop_after is not None:
+            logger.warning("lossless mode trains in one synchronous run: stop_after is ignored")
+        return lossless_run(
+            spec,
+            training,
+            schema=schema,
+            fused=fused,
+            key=key,
+            num_class=max(k, 1),
+            baselines=baselines,
+            opts=opts,
+        )
     timeout = spec.run.party_timeout
 
     def job(setup: TrainSetup, **fields: Any) -> PartyJob:
@@ -526,4 +547,140 @@ def build_ensemble(
         best_round=checkpoint.best_round,
         aggregation=training.aggregation,
         trees_per_round=training.trees_per_round,
+    )
+
+
+@task(name="lossless-training")
+def lossless_task(
+    sources: list[FusedSource],
+    training: TrainingSpec,
+    objective: Objective,
+    num_class: int,
+    schema: FeatureSchema,
+) -> LosslessResult:
+    """Every party's LightGBM machine in its own process, each reading its own fused table."""
+    return train_lossless(
+        sources,
+        spec=training,
+        objective=objective,
+        num_class=num_class,
+        categorical=schema.categorical,
+        feature_names=schema.names,
+    )
+
+
+def lossless_run(
+    spec: FedSpec,
+    training: TrainingSpec,
+    *,
+    schema: FeatureSchema,
+    fused: dict[str, TableRef],
+    key: str,
+    num_class: int,
+    baselines: bool,
+    opts: dict[str, Any],
+) -> TrainingResult:
+    """Lossless mode of ``federated-training``: one data-parallel LightGBM model over the
+    parties' fused tables, written as a one-round ensemble (manifest) and exported model."""
+    logger = get_run_logger()
+    objective = spec.consortium.task
+    sources = [
+        FusedSource(
+            party=p,
+            fused=ref,
+            schema=schema,
+            validation_fraction=training.validation_fraction,
+            test_fraction=training.test_fraction,
+        )
+        for p, ref in fused.items()
+    ]
+    result = lossless_task(sources, training, objective, num_class, schema)
+    logger.info(
+        "lossless training: %d parties, best round %d of %d (%s); valid %s",
+        len(sources),
+        result.best_round,
+        result.rounds_run,
+        result.stop_reason,
+        result.valid[result.best_round - 1] if result.best_round else {},
+    )
+    for t, valid in enumerate(result.valid, start=1):
+        metric = loss_name(objective)
+        if metric in valid:
+            progress.emit("training", f"round {t}", f"valid {metric} {valid[metric]:.5f}")
+    ensemble = result.ensemble(
+        objective=objective,
+        num_class=num_class,
+        feature_names=schema.names,
+        categorical=schema.categorical,
+    )
+    coordinator = Store(spec.coordinator.store)
+    body, texts = ensemble_manifest(ensemble)
+    manifest = write_manifest(coordinator, f"{key}-manifest.json", body, texts)
+    exported = coordinator.write_text("models", f"{key}-model.txt", export_model(ensemble))
+    size = ensemble_size(ensemble)
+    comparison = Comparison(federated=result.best_test)
+    if baselines:
+        comparison = compare_baselines.with_options(**opts)(
+            fused,
+            schema=schema,
+            training=training,
+            objective=objective,
+            num_class=num_class,
+            federated=result.best_test,
+        )
+    importance = importance_by_party_modality(ensemble, schema)
+    rounds_png = coordinator.write_bytes(
+        "reports",
+        f"{key}-rounds.png",
+        plot_rounds(result.valid, objective=objective, best_round=result.best_round),
+    )
+    importance_png = coordinator.write_bytes(
+        "reports", f"{key}-importance.png", plot_importance(importance)
+    )
+    text = (
+        markdown_report(
+            consortium=spec.consortium.name,
+            objective=objective,
+            comparison=comparison,
+            valid=result.valid,
+            best_round=result.best_round,
+            trees=size.trees,
+            model_bytes=size.bytes,
+            importance=importance,
+            artefacts={
+                "manifest": manifest.uri,
+                "model (LightGBM text)": exported.uri,
+                "validation plot": rounds_png.uri,
+                "importance plot": importance_png.uri,
+            },
+            dropped={},
+        )
+        .replace("(rounds.png)", f"({key}-rounds.png)")
+        .replace("(importance.png)", f"({key}-importance.png)")
+    )
+    report = coordinator.write_text("reports", f"{key}-report.md", text)
+    coordinator.write_json(
+        "models", "latest.json", {"run_key": key, "manifest": manifest.uri, "model": exported.uri}
+    )
+    art = artifact_key(spec.consortium.name)
+    create_table_artifact(
+        table=[{"round": i, **v} for i, v in enumerate(result.valid, start=1)],
+        key=f"{art}-round-metrics",
+        description="Aggregated validation metrics per round (lossless mode)",
+    )
+    create_markdown_artifact(text, key=f"{art}-training-report", description="Training report")
+    return TrainingResult(
+        run_key=key,
+        rounds_run=result.rounds_run,
+        best_round=result.best_round,
+        valid=result.valid,
+        test=result.test,
+        manifest=manifest.uri,
+        model=exported.uri,
+        trees=size.trees,
+        model_bytes=size.bytes,
+        parties=[s.party for s in sources],
+        dropped={},
+        comparison=comparison,
+        report=report.uri,
     )

@@ -172,6 +172,10 @@ class TrainingSpec(SpecModel):
     min_parties: int = Field(default=1, ge=1)
     max_trees: int | None = Field(default=None, ge=1)
     seed: int = 0
+    mode: Literal["averaging", "lossless"] = Field(
+        default="averaging",
+        description="averaging: party models averaged per round; lossless: LightGBM data-parallel",
+    )
 
 
 #: Vertical training: gradient rounds or one-shot models fused at score level.

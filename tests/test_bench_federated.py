@@ -25,8 +25,12 @@ def test_bench_federated_smoke(
     assert row.trees_fed > 0 and row.trees_cen > 0
     assert row.wall_fed > 0 and row.wall_cen > 0 and math.isfinite(row.ratio)
     assert row.gap == pytest.approx(row.auc_cen - row.auc_fed)
+    # lossless mode: one data-parallel model, close to centralised
+    assert 0.5 < row.auc_loss < 1.0 and 0.5 < row.within_loss < 1.0
+    assert row.trees_loss > 0 and 1 <= row.rounds_loss <= 4
+    assert row.wall_loss > 0 and math.isfinite(row.ratio_loss)
     out = capsys.readouterr().out
-    assert "| 3 | a1.0 |" in out and "AUC fed" in out
+    assert "| 3 | a1.0 |" in out and "AUC fed" in out and "AUC lossless" in out
     assert (tmp_path / "demo-c2500-p3-a1.0-s0" / "prepared" / "schema.json").exists()
 
     # a second use reads the cached fused tables instead of generating them again
