@@ -221,6 +221,8 @@ def call_registry() -> dict[str, Any]:
         v.send_labels_task,
         v.one_shot_task,
         v.one_shot_fusion_task,
+        v.party_scores_task,
+        v.fuse_predictions_task,
     ]
     return {t.name: t for t in tasks}
 

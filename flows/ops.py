@@ -176,7 +176,7 @@ def plan_deployments(
     consortium = f"consortium {spec.consortium.name}"
     planned: list[PlannedDeployment] = []
     for entry in VERTICAL_FLOWS if vertical else FLOWS:
-        params = base if entry.name in ("score", "vertical-score") else coordinator_params
+        params = base if entry.name == "score" else coordinator_params
         planned.append(
             PlannedDeployment(
                 entry=entry,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import posixpath
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -30,7 +31,12 @@ from tasks.steps import (
 
 @flow(name="party-pipeline", persist_result=True, task_runner=threads(4))
 def party_pipeline(
-    spec_path: str, party: str, as_of: dt.date | None = None, refresh: bool = False
+    spec_path: str,
+    party: str,
+    as_of: dt.date | None = None,
+    refresh: bool = False,
+    scoring: bool = False,
+    data: str | None = None,
 ) -> FusedOutput:
     """Preprocess -> features -> align every source of one party, then fuse them.
 
@@ -39,14 +45,41 @@ def party_pipeline(
         party: The party whose sources are processed.
         as_of: End of every feature window (default: the spec's).
         refresh: Recompute every step, ignoring cached results.
+        scoring: New data to score: results go to the store's ``scoring/`` folder and the
+            label mapping is dropped.
+        data: With ``scoring``, a folder with new raw exports (same file names as the
+            party's sources); default: the spec's sources.
     """
     spec = load_spec(spec_path)
     ctx = PartyContext.from_spec(spec, party, as_of=as_of)
-    fused, _ = run_party_steps(
-        ctx, spec.party(party).sources, results=spec.run.results, refresh=refresh
-    )
+    sources = spec.party(party).sources
+    if scoring:
+        ctx = ctx.model_copy(
+            update={"store": posixpath.join(ctx.store, "scoring"), "label_source": None}
+        )
+        sources = rebased_sources(sources, data, spec.consortium.label.column)
+    fused, features = run_party_steps(ctx, sources, results=spec.run.results, refresh=refresh)
+    fused = fused.model_copy(update={"feature_tables": features})
     publish(spec.coordinator.store, fused)
     return fused
+
+
+def rebased_sources(sources: list[SourceSpec], data: str | None, label: str) -> list[SourceSpec]:
+    """The party's sources read from ``data`` (same file names), label mapping dropped."""
+    out = []
+    for source in sources:
+        columns = {k: v for k, v in source.columns.items() if k != label}
+        update: dict[str, object] = {"columns": columns}
+        if data is not None:
+            update["path"] = posixpath.join(data, posixpath.basename(source.path))
+            if source.entity_map is not None:
+                update["entity_map"] = source.entity_map.model_copy(
+                    update={
+                        "path": posixpath.join(data, posixpath.basename(source.entity_map.path))
+                    }
+                )
+        out.append(source.model_copy(update=update))
+    return out
 
 
 def raise_first_failure(futures: list[PrefectFuture[Any]]) -> None:

@@ -8,10 +8,10 @@ import posixpath
 from prefect import flow, get_run_logger
 
 from flows.common import threads
-from flows.prepare import run_party_steps
+from flows.prepare import rebased_sources, run_party_steps
 from storage.store import Store, TableRef
 from tasks.scoring import score_party
-from tasks.spec import FedSpec, SourceSpec, load_spec
+from tasks.spec import FedSpec, load_spec
 from tasks.steps import PartyContext
 
 
@@ -26,24 +26,6 @@ def latest_manifest(spec: FedSpec) -> str:
             f"{spec.coordinator.store}: no trained model yet (run `fedfuse train` first)"
         )
     return str(coordinator.read_json("models", "latest.json")["manifest"])
-
-
-def rebased_sources(sources: list[SourceSpec], data: str | None, label: str) -> list[SourceSpec]:
-    """The party's sources read from ``data`` (same file names), label mapping dropped."""
-    out = []
-    for source in sources:
-        columns = {k: v for k, v in source.columns.items() if k != label}
-        update: dict[str, object] = {"columns": columns}
-        if data is not None:
-            update["path"] = posixpath.join(data, posixpath.basename(source.path))
-            if source.entity_map is not None:
-                update["entity_map"] = source.entity_map.model_copy(
-                    update={
-                        "path": posixpath.join(data, posixpath.basename(source.entity_map.path))
-                    }
-                )
-        out.append(source.model_copy(update=update))
-    return out
 
 
 @flow(name="score", persist_result=True, task_runner=threads(4))

@@ -11,21 +11,20 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.futures import wait
+from prefect.futures import PrefectFuture, wait
 from pydantic import BaseModel
 
 from flows import progress
 from flows.common import artifact_key, task_options, threads
-from flows.dispatch import CALL_FLOW, party_deployments
+from flows.dispatch import CALL_FLOW, PIPELINE_FLOW, dispatch_pipeline, party_deployments
 from flows.party import PartyCalls
-from flows.prepare import prepare, run_party_steps
-from flows.score import rebased_sources
+from flows.prepare import party_pipeline, prepare
 from flows.train import num_classes, run_key
 from storage.files import read_text
-from storage.store import FileRef, Store, TableRef, fingerprint
+from storage.store import FileRef, Store, TableRef
 from tasks.design import FeatureSchema, consortium_schema
 from tasks.spec import FedSpec, FusionSpec, TrainingSpec, load_spec
-from tasks.steps import PartyContext
+from tasks.steps import FusedOutput
 from tasks.vertical_steps import (
     PsiOverlap,
     StateRef,
@@ -193,7 +192,7 @@ def vertical_training(
         "parties": parties,
         "fusion": fit.fusion,
         "upto_round": fit.upto_round,
-        "models": {p: (m.uri if m else None) for p, m in fit.models.items()},
+        "models": {p: (m.model_dump(mode="json") if m else None) for p, m in fit.models.items()},
         "feature_schema": {p: s.schema_.model_dump(mode="json") for p, s in setups.items()},
     }
     coordinator = Store(spec.coordinator.store)
@@ -370,6 +369,7 @@ def vertical_score(
     data: str | None = None,
     manifest: str | None = None,
     as_of: dt.date | None = None,
+    dispatch: str | None = None,
 ) -> TableRef:
     """Federated inference for a vertical consortium: every party runs its pipeline on its
     (new) raw data, the parties align by private set intersection, each scores its block
@@ -381,6 +381,8 @@ def vertical_score(
         data: Folder with that party's new raw exports (same file names as its sources).
         manifest: Vertical manifest (default: the latest training run).
         as_of: End of every feature window (default: the spec's).
+        dispatch: Deployment prefix of the per-party deployments: parties with a work pool
+            run their pipeline and scoring steps there.
     """
     logger = get_run_logger()
     spec = load_spec(spec_path)
@@ -393,28 +395,43 @@ def vertical_score(
         manifest = str(latest["manifest"])
     body = json.loads(read_text(manifest))
     schemas = {p: FeatureSchema.model_validate(v) for p, v in body["feature_schema"].items()}
-    fused: dict[str, TableRef] = {}
-    features: dict[str, list[TableRef]] = {}
+    results = spec.run.results or ".fedfuse/results"
+    remote = party_deployments(spec, dispatch, PIPELINE_FLOW)
+    call = PartyCalls(
+        party_deployments(spec, dispatch, CALL_FLOW),
+        coordinator=spec.coordinator.store,
+        results=results,
+        refresh=False,
+        timeout=spec.run.party_timeout,
+    )
+    # every party's pipeline on its (new) data: on its own pool when it has one
+    pipelines: dict[str, Any] = {}
     for p in spec.parties:
-        store = posixpath.join(p.store, "scoring")
-        ctx = PartyContext.from_spec(spec, p.id, as_of=as_of).model_copy(
-            update={"store": store, "label_source": None}
-        )
-        sources = rebased_sources(
-            p.sources, data if p.id == party else None, spec.consortium.label.column
-        )
-        prepared, feature_refs = run_party_steps(
-            ctx, sources, results=spec.run.results, refresh=False
-        )
-        fused[p.id] = prepared.table
-        features[p.id] = list(feature_refs.values())
+        params: dict[str, Any] = {
+            "spec_path": spec_path,
+            "party": p.id,
+            "as_of": as_of.isoformat() if as_of else None,
+            "scoring": True,
+            "data": data if p.id == party else None,
+        }
+        if p.id in remote:
+            pipelines[p.id] = dispatch_pipeline.submit(
+                remote[p.id], params, spec.coordinator.store, spec.run.party_timeout
+            )
+        else:
+            pipelines[p.id] = party_pipeline(
+                spec_path, p.id, as_of=as_of, scoring=True, data=params["data"]
+            )
+    prepared: dict[str, FusedOutput] = {
+        p: (v.result() if isinstance(v, PrefectFuture) else v) for p, v in pipelines.items()
+    }
+    fused = {p: out.table for p, out in prepared.items()}
     key = (
         "s"
         + hashlib.sha256(
             json.dumps([body["run_key"], sorted((p, r.sha256) for p, r in fused.items())]).encode()
         ).hexdigest()[:12]
     )
-    opts = task_options(spec.run.results or ".fedfuse/results", False)
     setups = {
         p: VerticalSetup(
             party=p,
@@ -430,33 +447,25 @@ def vertical_score(
         )
         for p in fused
     }
-    overlap, aligns = align_parties(
-        setups,
-        label,
-        1,
-        PartyCalls(
-            {},
-            coordinator=spec.coordinator.store,
-            results=spec.run.results or ".fedfuse/results",
-            refresh=False,
-        ),
-    )
-    models = {p: (fingerprint(u) if u else None) for p, u in body["models"].items()}
+    overlap, aligns = align_parties(setups, label, 1, call)
+    models = {p: (FileRef.model_validate(m) if m else None) for p, m in body["models"].items()}
     upto = int(body["upto_round"])
     score_f = {
-        p: party_scores_task.with_options(**opts).submit(setups[p], aligns[p], models[p], upto)
+        p: call.submit(p, party_scores_task, setups[p], aligns[p], models[p], upto)
         for p in setups
         if p != label
     }
     scores = {p: f.result() for p, f in score_f.items()}
-    out: TableRef = fuse_predictions_task.with_options(**opts)(
+    out: TableRef = call(
+        label,
+        fuse_predictions_task,
         setups[label],
         aligns[label],
         body["fusion"],
         models[label],
         upto,
         scores,
-        features[label],
+        list(prepared[label].feature_tables.values()),
         spec.consortium.entity,
         spec.consortium.secret,
     )

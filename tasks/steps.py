@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 
 from prefect import task
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from storage.secrets import resolve_secret, secret_fingerprint
 from storage.sources import read_source
@@ -83,6 +83,10 @@ class FusedOutput(BaseModel):
     schema_file: FileRef
     features: list[FeatureColumn]
     quality: list[QualityReport]
+    feature_tables: dict[str, TableRef] = Field(
+        default_factory=dict,
+        description="Per-source features tables (in the party's store; they hold its own keys)",
+    )
 
 
 def secret_tag(ref: SecretRef) -> str:

@@ -98,7 +98,8 @@ def test_vertical_flow_resumes_from_the_label_partys_checkpoint(
     assert resumed.rounds_run == 3 and resumed.stop_reason == "rounds"
     assert resumed.valid[:2] == first.valid
     fresh = vertical_training(str(spec), refresh=True)
-    assert fresh.valid == resumed.valid
+    facts = [(r.run_key, r.overlap, r.trees, r.valid) for r in (first, resumed, fresh)]
+    assert fresh.valid == resumed.valid, facts
     assert fresh.test == resumed.test
 
 
