@@ -31,6 +31,13 @@ def _days_before(end: dt.datetime, expr: pl.Expr) -> pl.Expr:
     return (pl.lit(end) - expr).dt.total_microseconds().cast(pl.Float64) / DAY_US
 
 
+def _micro(where: pl.Expr | None = None) -> pl.Expr:
+    """Amounts in millionths as integers: shares from exact integer sums are the same to
+    the last bit however the rows were split across threads."""
+    micro = (pl.col(AMOUNT) * 1e6).round(0).cast(pl.Int64)
+    return micro if where is None else micro.filter(where)
+
+
 def transaction_features(
     clean: pl.DataFrame | pl.LazyFrame,
     *,
@@ -41,7 +48,14 @@ def transaction_features(
 ) -> pl.DataFrame:
     """Recency / frequency / monetary and windowed aggregates per entity."""
     end = window_end(as_of)
-    lf = clean.lazy().filter(pl.col(TIMESTAMP) < end)
+    # rows sorted by entity (flagged sorted): every group is one contiguous slice, so its
+    # float sums are taken in one fixed order and the same input gives the same bytes
+    lf = (
+        clean.lazy()
+        .filter(pl.col(TIMESTAMP) < end)
+        .sort([entity, TIMESTAMP, AMOUNT])
+        .with_columns(pl.col(entity).set_sorted())
+    )
     ws = sorted(windows)
     aggs: list[pl.Expr] = [
         _days_before(end, pl.col(TIMESTAMP).max()).alias("recency_days"),
@@ -72,9 +86,7 @@ def transaction_features(
     if categories and CATEGORY in clean.collect_schema().names():
         shares = lf.group_by(entity).agg(
             [
-                (pl.col(AMOUNT).filter(pl.col(CATEGORY) == c).sum() / pl.col(AMOUNT).sum()).alias(
-                    f"share_{c}"
-                )
+                (_micro(pl.col(CATEGORY) == c).sum() / _micro().sum()).alias(f"share_{c}")
                 for c in categories
             ]
         )
