@@ -452,14 +452,58 @@ def federated_training(
     if checkpoint.stopped or checkpoint.round >= training.rounds:
         update_progress_artifact(progress_id, progress=100.0)  # done, early stopping included
     ensemble = build_ensemble(checkpoint, schema, objective, max(k, 1), training)
+    best = checkpoint.best_round if checkpoint.rounds else 0
+    return finish_training(
+        spec,
+        key=key,
+        ensemble=ensemble,
+        upto_round=best,
+        valid=checkpoint.valid,
+        test=checkpoint.test,
+        best_round=checkpoint.best_round,
+        rounds_run=checkpoint.round,
+        best_test=checkpoint.test[best - 1] if best else {},
+        dropped={r.round: r.dropped for r in checkpoint.rounds if r.dropped},
+        parties=[s.party for s in setups],
+        baselines=baselines,
+        fused=fused,
+        schema=schema,
+        training=training,
+        opts=opts,
+        description="Aggregated validation metrics per round",
+    )
+
+
+def finish_training(
+    spec: FedSpec,
+    *,
+    key: str,
+    ensemble: GlobalEnsemble,
+    upto_round: int | None,
+    valid: list[dict[str, float]],
+    test: list[dict[str, float]],
+    best_round: int,
+    rounds_run: int,
+    best_test: dict[str, float],
+    dropped: dict[int, dict[str, str]],
+    parties: list[str],
+    baselines: bool,
+    fused: dict[str, TableRef],
+    schema: FeatureSchema,
+    training: TrainingSpec,
+    opts: dict[str, Any],
+    description: str,
+) -> TrainingResult:
+    """Manifest, exported model, baselines, plots, report, ``latest.json`` and artifacts of
+    a finished training run (both modes)."""
+    objective = ensemble.objective
+    coordinator = Store(spec.coordinator.store)
     body, texts = ensemble_manifest(ensemble)
     manifest = write_manifest(coordinator, f"{key}-manifest.json", body, texts)
-    best = checkpoint.best_round if checkpoint.rounds else 0
     exported = coordinator.write_text(
-        "models", f"{key}-model.txt", export_model(ensemble, upto_round=best)
+        "models", f"{key}-model.txt", export_model(ensemble, upto_round=upto_round)
     )
-    size = ensemble_size(ensemble, upto_round=best)
-    best_test = checkpoint.test[best - 1] if best else {}
+    size = ensemble_size(ensemble, upto_round=upto_round)
     comparison = Comparison(federated=best_test)
     if baselines:
         comparison = compare_baselines.with_options(**opts)(
@@ -467,26 +511,25 @@ def federated_training(
             schema=schema,
             training=training,
             objective=objective,
-            num_class=max(k, 1),
+            num_class=ensemble.num_class,
             federated=best_test,
         )
-    importance = importance_by_party_modality(ensemble, schema, upto_round=best)
+    importance = importance_by_party_modality(ensemble, schema, upto_round=upto_round)
     rounds_png = coordinator.write_bytes(
         "reports",
         f"{key}-rounds.png",
-        plot_rounds(checkpoint.valid, objective=objective, best_round=best),
+        plot_rounds(valid, objective=objective, best_round=best_round),
     )
     importance_png = coordinator.write_bytes(
         "reports", f"{key}-importance.png", plot_importance(importance)
     )
-    dropped = {r.round: r.dropped for r in checkpoint.rounds if r.dropped}
     text = (
         markdown_report(
             consortium=spec.consortium.name,
             objective=objective,
             comparison=comparison,
-            valid=checkpoint.valid,
-            best_round=best,
+            valid=valid,
+            best_round=best_round,
             trees=size.trees,
             model_bytes=size.bytes,
             importance=importance,
@@ -507,22 +550,22 @@ def federated_training(
     )
     art = artifact_key(spec.consortium.name)
     create_table_artifact(
-        table=[{"round": i, **v} for i, v in enumerate(checkpoint.valid, start=1)],
+        table=[{"round": i, **v} for i, v in enumerate(valid, start=1)],
         key=f"{art}-round-metrics",
-        description="Aggregated validation metrics per round",
+        description=description,
     )
     create_markdown_artifact(text, key=f"{art}-training-report", description="Training report")
     return TrainingResult(
         run_key=key,
-        rounds_run=checkpoint.round,
-        best_round=checkpoint.best_round,
-        valid=checkpoint.valid,
-        test=checkpoint.test,
+        rounds_run=rounds_run,
+        best_round=best_round,
+        valid=valid,
+        test=test,
         manifest=manifest.uri,
         model=exported.uri,
         trees=size.trees,
         model_bytes=size.bytes,
-        parties=[s.party for s in setups],
+        parties=parties,
         dropped=dropped,
         comparison=comparison,
         report=report.uri,
@@ -613,74 +656,22 @@ def lossless_run(
         feature_names=schema.names,
         categorical=schema.categorical,
     )
-    coordinator = Store(spec.coordinator.store)
-    body, texts = ensemble_manifest(ensemble)
-    manifest = write_manifest(coordinator, f"{key}-manifest.json", body, texts)
-    exported = coordinator.write_text("models", f"{key}-model.txt", export_model(ensemble))
-    size = ensemble_size(ensemble)
-    comparison = Comparison(federated=result.best_test)
-    if baselines:
-        comparison = compare_baselines.with_options(**opts)(
-            fused,
-            schema=schema,
-            training=training,
-            objective=objective,
-            num_class=num_class,
-            federated=result.best_test,
-        )
-    importance = importance_by_party_modality(ensemble, schema)
-    rounds_png = coordinator.write_bytes(
-        "reports",
-        f"{key}-rounds.png",
-        plot_rounds(result.valid, objective=objective, best_round=result.best_round),
-    )
-    importance_png = coordinator.write_bytes(
-        "reports", f"{key}-importance.png", plot_importance(importance)
-    )
-    text = (
-        markdown_report(
-            consortium=spec.consortium.name,
-            objective=objective,
-            comparison=comparison,
-            valid=result.valid,
-            best_round=result.best_round,
-            trees=size.trees,
-            model_bytes=size.bytes,
-            importance=importance,
-            artefacts={
-                "manifest": manifest.uri,
-                "model (LightGBM text)": exported.uri,
-                "validation plot": rounds_png.uri,
-                "importance plot": importance_png.uri,
-            },
-            dropped={},
-        )
-        .replace("(rounds.png)", f"({key}-rounds.png)")
-        .replace("(importance.png)", f"({key}-importance.png)")
-    )
-    report = coordinator.write_text("reports", f"{key}-report.md", text)
-    coordinator.write_json(
-        "models", "latest.json", {"run_key": key, "manifest": manifest.uri, "model": exported.uri}
-    )
-    art = artifact_key(spec.consortium.name)
-    create_table_artifact(
-        table=[{"round": i, **v} for i, v in enumerate(result.valid, start=1)],
-        key=f"{art}-round-metrics",
-        description="Aggregated validation metrics per round (lossless mode)",
-    )
-    create_markdown_artifact(text, key=f"{art}-training-report", description="Training report")
-    return TrainingResult(
-        run_key=key,
-        rounds_run=result.rounds_run,
-        best_round=result.best_round,
+    return finish_training(
+        spec,
+        key=key,
+        ensemble=ensemble,
+        upto_round=None,
         valid=result.valid,
         test=result.test,
-        manifest=manifest.uri,
-        model=exported.uri,
-        trees=size.trees,
-        model_bytes=size.bytes,
-        parties=[s.party for s in sources],
+        best_round=result.best_round,
+        rounds_run=result.rounds_run,
+        best_test=result.best_test,
         dropped={},
-        comparison=comparison,
-        report=report.uri,
+        parties=[s.party for s in sources],
+        baselines=baselines,
+        fused=fused,
+        schema=schema,
+        training=training,
+        opts=opts,
+        description="Aggregated validation metrics per round (lossless mode)",
     )
