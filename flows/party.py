@@ -1,7 +1,10 @@
-"""The ``party-step`` flow: one training step of one party, run on the party's own pool.
+"""Flows that run one party's step on the party's own work pool.
 
-The coordinator dispatches it (see :mod:`flows.dispatch`); it runs the same cached tasks the
-in-process rounds run, so a step finished once is not computed again, wherever it ran.
+``party-step`` runs a horizontal training step (label statistics, start scores, a round's
+update, an evaluation); ``party-call`` runs a named vertical step (PSI, a gradient round,
+scores). The coordinator dispatches them (see :mod:`flows.dispatch`); they run the same
+cached tasks the in-process flows run, so a step finished once is not computed again,
+wherever it ran. :class:`PartyCalls` picks, per party, in-process task or dispatched run.
 """
 
 from __future__ import annotations
