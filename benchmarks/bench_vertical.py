@@ -47,7 +47,6 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -184,44 +183,21 @@ def party_secrets(seed: int) -> dict[str, Any]:
 def run_intersection(
     keys: Mapping[str, pl.Series], *, seed: int, workers: int, min_overlap: int
 ) -> PSIResult:
-    """The PSI star on hashed keys, every step as its party would run it (timed, with the
-    process pool's start-up)."""
-    from tasks.psi import BlindedSet, blind_own, intersect, pool, reblind, receive_alignment
+    """The PSI star on hashed keys (timed, with the process pool's start-up)."""
+    from tasks.psi import run_psi_hashed
 
-    secrets = party_secrets(seed)
-    a = LABEL_PARTY
-    others = [p for p in keys if p != a]
     started = time.perf_counter()
-    executor: Executor | None = pool(workers) if workers > 1 else None
-    try:
-        sent = blind_own(keys[a], secrets[a], party=a, to=others[0], executor=executor)
-        own: dict[str, BlindedSet] = {}
-        back: dict[str, BlindedSet] = {}
-        for p in others:
-            own[p] = blind_own(keys[p], secrets[p], party=p, to=a, executor=executor)
-            back[p] = reblind(sent.forward(p), secrets[p], party=p, executor=executor)
-        alignment, messages = intersect(
-            keys[a].len(),
-            secrets[a],
-            party=a,
-            reblinded=back,
-            blinded=own,
-            min_overlap=min_overlap,
-            executor=executor,
-        )
-        alignments = {a: alignment} | {
-            p: receive_alignment(messages[p], secrets[p], party=p, own_count=keys[p].len())
-            for p in others
-        }
-    finally:
-        if executor is not None:
-            executor.shutdown()
+    run = run_psi_hashed(
+        keys,
+        label_party=LABEL_PARTY,
+        min_overlap=min_overlap,
+        secrets=party_secrets(seed),
+        workers=workers,
+    )
     seconds = time.perf_counter() - started
     n = {p: k.len() for p, k in keys.items()}
-    # A blinds its set once and matches every other set; each other party blinds its own
-    # set and re-blinds A's
-    ops = n[a] + sum(n[p] for p in others) + sum(n[p] + n[a] for p in others)
-    return PSIResult(alignments, seconds, n, len(alignment), ops)
+    overlap = len(run.alignments[LABEL_PARTY])
+    return PSIResult(run.alignments, seconds, n, overlap, sum(run.scalar_mults.values()))
 
 
 def check_intersection(keys: Mapping[str, pl.Series], psi: PSIResult) -> None:

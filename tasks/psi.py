@@ -648,15 +648,39 @@ def run_psi(
     otherwise fresh ones are drawn. ``workers`` > 1 spreads X25519 over a process pool.
     ``on_message`` sees every message as it is sent (e.g. to write it to a store).
     """
+    keys = {
+        p: prepare_keys(k, party=p, normalisation=normalisation, secret=secret)
+        for p, k in parties.items()
+    }
+    return run_psi_hashed(
+        keys,
+        label_party=label_party,
+        min_overlap=min_overlap,
+        secrets=secrets,
+        workers=workers,
+        chunk_size=chunk_size,
+        on_message=on_message,
+    )
+
+
+def run_psi_hashed(
+    keys: Mapping[str, pl.Series],
+    *,
+    label_party: str,
+    min_overlap: int = 1,
+    secrets: Mapping[str, PartySecret] | None = None,
+    workers: int | None = 1,
+    chunk_size: int = DEFAULT_CHUNK,
+    on_message: Callable[[Message], None] | None = None,
+) -> PSIRun:
+    """:func:`run_psi` on keys already HMAC-hashed with the consortium secret (the
+    ``entity_hash`` column of the parties' fused tables)."""
+    parties = keys
     if label_party not in parties:
         raise PSIError(f"label party {label_party!r} is not among the parties {sorted(parties)}")
     others = [p for p in parties if p != label_party]
     if not others:
         raise PSIError("private set intersection needs at least two parties")
-    keys = {
-        p: prepare_keys(k, party=p, normalisation=normalisation, secret=secret)
-        for p, k in parties.items()
-    }
     party_secrets = {p: (secrets or {}).get(p) or new_secret() for p in parties}
     transcript: list[Message] = []
 
