@@ -72,29 +72,10 @@ def config_dir(customers: int, parties: int, partition: str, seed: int) -> Path:
 
 
 def prepare_party(spec: Any, party_id: str) -> Any:
-    """One party's pipeline through the pure step functions (as ``run_party_steps`` runs
-    them, minus Prefect): returns its ``FusedOutput``."""
-    from storage.store import fingerprint
-    from tasks.steps import (
-        PartyContext,
-        run_align,
-        run_features,
-        run_fuse,
-        run_preprocess,
-        secret_tag,
-    )
+    """One party's pipeline without Prefect (``tasks.steps.run_party``): its ``FusedOutput``."""
+    from tasks.steps import PartyContext, run_party
 
-    ctx = PartyContext.from_spec(spec, party_id)
-    tag = secret_tag(ctx.secret)
-    cleaned, aligned = [], []
-    for source in spec.party(party_id).sources:
-        raw = fingerprint(source.path)
-        emap = fingerprint(source.entity_map.path) if source.entity_map is not None else None
-        clean = run_preprocess(ctx, source, raw, emap)
-        features = run_features(ctx, source, clean)
-        aligned.append(run_align(ctx, source, features, tag))
-        cleaned.append(clean)
-    return run_fuse(ctx, aligned, [c.quality for c in cleaned])
+    return run_party(PartyContext.from_spec(spec, party_id), spec.party(party_id).sources)
 
 
 def prepared(customers: int, parties: int, partition: str, seed: int) -> Prepared:

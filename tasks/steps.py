@@ -216,6 +216,21 @@ def run_fuse(
     )
 
 
+def run_party(ctx: PartyContext, sources: list[SourceSpec]) -> FusedOutput:
+    """A party's whole pipeline in this process, no orchestration (benchmarks, notebooks):
+    the steps the ``party-pipeline`` flow runs as cached tasks, in the same order."""
+    tag = secret_tag(ctx.secret)
+    cleaned: list[CleanOutput] = []
+    aligned: list[AlignedOutput] = []
+    for source in sources:
+        raw = fingerprint(source.path)
+        emap = fingerprint(source.entity_map.path) if source.entity_map is not None else None
+        clean = run_preprocess(ctx, source, raw, emap)
+        aligned.append(run_align(ctx, source, run_features(ctx, source, clean), tag))
+        cleaned.append(clean)
+    return run_fuse(ctx, aligned, [c.quality for c in cleaned])
+
+
 preprocess_source = task(
     name="preprocess-source",
     cache_key_fn=content_cache_key,

@@ -114,28 +114,14 @@ def test_fused_table_beats_every_single_modality(tmp_path: Path, secret: str) ->
     """Through the real pipeline steps: each modality alone has signal, fused has more."""
     import lightgbm as lgb
 
-    from storage.store import fingerprint
-    from tasks.steps import (
-        PartyContext,
-        run_align,
-        run_features,
-        run_fuse,
-        run_preprocess,
-        secret_tag,
-    )
+    from tasks.steps import PartyContext, run_party
 
     spec_path = tmp_path / "spec.toml"
     write_demo_consortium(str(tmp_path), customers=8000, parties=1, seed=11)
     spec_path.write_text(spec_path.read_text().replace("FEDFUSE_SECRET", "FEDFUSE_TEST_SECRET"))
     spec = load_spec(str(spec_path))
     ctx = PartyContext.from_spec(spec, "site-a")
-    aligned = []
-    for source in spec.party("site-a").sources:
-        emap = fingerprint(source.entity_map.path) if source.entity_map else None
-        cleaned = run_preprocess(ctx, source, fingerprint(source.path), emap)
-        features = run_features(ctx, source, cleaned)
-        aligned.append(run_align(ctx, source, features, secret_tag(ctx.secret)))
-    fused = pl.read_parquet(run_fuse(ctx, aligned, []).table.uri)
+    fused = pl.read_parquet(run_party(ctx, spec.party("site-a").sources).table.uri)
     u = (fused["entity_hash"].str.slice(0, 8).str.to_integer(base=16) / 2**32).to_numpy()
     y = fused["label"].to_numpy()
     params = {
