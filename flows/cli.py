@@ -63,9 +63,10 @@ def _short_console_errors() -> None:
     (the Prefect UI keeps the full logs); the steps skipped because an upstream one failed
     are not listed again."""
     import prefect  # noqa: F401  (configures Prefect's logging)
+    from prefect.logging.handlers import PrefectConsoleHandler
 
     for handler in logging.getLogger().handlers:
-        if type(handler).__name__ != "PrefectConsoleHandler" or getattr(handler, "_short", False):
+        if not isinstance(handler, PrefectConsoleHandler) or getattr(handler, "_short", False):
             continue
         base = handler.format
 

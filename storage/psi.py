@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 
 import polars as pl
@@ -73,10 +74,6 @@ MASTER_NAME = "psi-master.key"
 def party_master_secret(store: Store) -> bytes:
     """The party's own PSI master secret (32 random bytes in its ``aligned/`` layer, made on
     first use). It never leaves the party's store; per-run secrets derive from it."""
-    import os
-
-    from storage.files import read_bytes as _read
-
     if not store.exists("aligned", MASTER_NAME):
         store.write_bytes("aligned", MASTER_NAME, os.urandom(32))
-    return _read(store.location("aligned", MASTER_NAME))
+    return read_bytes(store.location("aligned", MASTER_NAME))

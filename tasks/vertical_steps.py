@@ -13,6 +13,7 @@ sending any id along, and an entity stays in its split across runs.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -52,7 +53,7 @@ from tasks.psi import (
 )
 from tasks.scoring import entity_keys
 from tasks.spec import SecretRef, TrainingSpec
-from tasks.training import base_score, evaluate, label_stats, split_assignments
+from tasks.training import _sigmoid, base_score, evaluate, label_stats, split_assignments
 from tasks.types import ENTITY_HASH, Objective
 from tasks.vertical import (
     Combine,
@@ -258,23 +259,39 @@ def psi_party_receive(setup: VerticalSetup, answer: FileRef) -> TableRef:
 
 
 def aligned_frame(setup: VerticalSetup, alignment: TableRef) -> pl.DataFrame:
-    """The party's fused rows in the overlap, sorted by alignment id, with their split."""
-    fused = read_table(setup.fused).with_row_index(ROW)
+    """The party's fused rows in the overlap, sorted by alignment id, with their split.
+
+    Read once per process for the same tables (keyed by their content hashes): the label
+    party needs it for every gradient, round and combination step."""
+    t = setup.training
+    return _aligned_frame(
+        setup.fused.model_dump_json(),
+        alignment.model_dump_json(),
+        t.validation_fraction,
+        t.test_fraction,
+        setup.party,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _aligned_frame(
+    fused_json: str, alignment_json: str, validation: float, test: float, party: str
+) -> pl.DataFrame:
+    fused_ref = TableRef.model_validate_json(fused_json)
+    alignment = TableRef.model_validate_json(alignment_json)
+    fused = read_table(fused_ref).with_row_index(ROW)
     table = read_table(alignment).select(pl.col(ROW).cast(pl.UInt32), ALIGN_ID)
     frame = table.join(fused.with_columns(pl.col(ROW).cast(pl.UInt32)), on=ROW, how="inner")
     if frame.height != table.height:
         raise PSIError(
-            f"party {setup.party}: alignment {alignment.uri} names rows missing from "
-            f"{setup.fused.uri}"
+            f"party {party}: alignment {alignment.uri} names rows missing from {fused_ref.uri}"
         )
     frame = frame.sort(ALIGN_ID)
     # the split follows the entity's hashed key, which every party holds for its own rows:
     # the same entity lands in the same split at every party and in every run (alignment
     # ids change with each run's PSI secrets)
     split = split_assignments(
-        frame[ENTITY_HASH],
-        validation_fraction=setup.training.validation_fraction,
-        test_fraction=setup.training.test_fraction,
+        frame[ENTITY_HASH], validation_fraction=validation, test_fraction=test
     )
     return frame.with_columns(split.alias("split"))
 
@@ -499,14 +516,24 @@ def fused_test_metrics(
 ) -> dict[str, float]:
     """Label party: the fused model's metrics on the test entities."""
     data = label_data(setup, alignment)
-    progress = load_state(state, setup.num_class).progress
     assert data.y_test is not None
-    raw = np.tile(np.asarray(progress.base_score), (len(data.y_test), 1))
-    raw = raw[:, 0] if setup.num_class == 1 else raw
-    for party, ref in scores.items():
-        part = _arrays(read_table(ref), ["raw"], setup.num_class)["raw"]
-        raw = raw + progress.coefficients[party] * part
-    return evaluate(data.y_test, raw, setup.objective, setup.num_class) if len(data.y_test) else {}
+    if not len(data.y_test):
+        return {}
+    k = setup.num_class
+    parts = {p: _arrays(read_table(ref), ["raw"], k)["raw"] for p, ref in scores.items()}
+    raw = _fused(parts, Fusion.model_validate(state.fusion))
+    return evaluate(data.y_test, raw, setup.objective, k)
+
+
+def _fused(parts: Mapping[str, np.ndarray], fusion: Fusion) -> np.ndarray:
+    """Fused raw scores of position-aligned per-party outputs (same rows at every party)."""
+    k = fusion.num_class
+    tables = {
+        p: score_table(pl.Series(POS, np.arange(len(v))), v, key=POS, num_class=k)
+        for p, v in parts.items()
+    }
+    raw, _ = apply_fusion(join_scores(tables, key=POS, num_class=k), fusion)
+    return raw
 
 
 def model_at(setup: VerticalSetup, round_: int) -> FileRef | None:
@@ -704,11 +731,10 @@ def one_shot_fusion(
             for p, v in parts.items()
         }
 
-    valid_tables = tables("valid")
     if learned:
         label_frame = pl.DataFrame({POS: np.arange(len(data.y_valid)), "label": data.y_valid})
         fusion = learn_fusion(
-            valid_tables,
+            tables("valid"),
             label_frame,
             key=POS,
             objective=setup.objective,
@@ -723,7 +749,7 @@ def one_shot_fusion(
     out: dict[str, dict[str, float]] = {}
     assert data.y_test is not None
     for split, y in (("valid", data.y_valid), ("test", data.y_test)):
-        raw, _ = apply_fusion(join_scores(tables(split), key=POS, num_class=k), fusion)
+        raw = _fused({p: v[split] for p, v in parts.items()}, fusion)
         out[split] = evaluate(y, raw, setup.objective, k) if len(y) else {}
     return OneShotFusion(
         fusion=fusion.model_dump(mode="json"), valid=out["valid"], test=out["test"]
@@ -731,9 +757,7 @@ def one_shot_fusion(
 
 
 def _probability(raw: np.ndarray, setup: VerticalSetup) -> np.ndarray:
-    if setup.objective == "binary":
-        return np.asarray(1.0 / (1.0 + np.exp(-raw)))
-    return raw
+    return _sigmoid(raw) if setup.objective == "binary" else raw
 
 
 def _task(fn: Any, name: str) -> Any:
