@@ -86,6 +86,7 @@ from tasks.training import (
     label_stats,
     lgb_params,
     split_assignments,
+    split_party_data,
 )
 from tasks.types import ENTITY_HASH, Objective
 
@@ -128,17 +129,7 @@ class FusedSource:
             validation_fraction=self.validation_fraction,
             test_fraction=self.test_fraction,
         ).to_numpy()
-        X, y = design_matrix(frame, self.schema), labels(frame)
-        parts = {s: split == s for s in ("train", "valid", "test")}
-        return PartyData(
-            party=self.party,
-            X_train=X[parts["train"]],
-            y_train=y[parts["train"]],
-            X_valid=X[parts["valid"]],
-            y_valid=y[parts["valid"]],
-            X_test=X[parts["test"]],
-            y_test=y[parts["test"]],
-        )
+        return split_party_data(self.party, design_matrix(frame, self.schema), labels(frame), split)
 
 
 #: One party's rows in memory, or a reference its process reads.

@@ -427,6 +427,11 @@ def party_data(
     ).to_numpy()
     X = feature_matrix(frame, feature_names)
     y = frame[LABEL].cast(pl.Float64).to_numpy()
+    return split_party_data(party, X, y, split)
+
+
+def split_party_data(party: str, X: np.ndarray, y: np.ndarray, split: np.ndarray) -> PartyData:
+    """Rows cut into train / valid / test by their ``split`` assignment."""
     parts = {s: split == s for s in ("train", "valid", "test")}
     return PartyData(
         party=party,
