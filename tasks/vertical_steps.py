@@ -45,8 +45,10 @@ from tasks.psi import (
     derive_secret,
     intersect,
     message_from_arrow,
-    reblind,
     receive_alignment,
+)
+from tasks.psi import (
+    answer as psi_answer,
 )
 from tasks.psi import (
     pool as psi_pool,
@@ -197,8 +199,7 @@ def psi_party_answer(setup: VerticalSetup, received: FileRef) -> tuple[FileRef, 
     secret = _secret(setup)
     keys = _keys(setup)
     with _executor(keys.len() + len(message)) as ex:
-        own = blind_own(keys, secret, party=setup.party, to=setup.label_party, executor=ex)
-        back = reblind(message, secret, party=setup.party, executor=ex)
+        own, back = psi_answer(keys, message, secret, party=setup.party, executor=ex)
     coordinator = Store(setup.coordinator)
     run = _run_id(setup)
     return (
