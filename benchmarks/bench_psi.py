@@ -6,7 +6,8 @@ Every party holds ``--keys`` normalised keys; a fraction ``--overlap`` of them i
 all parties, the rest is the party's own. Prints:
 
 * the X25519 rate of one core (``cryptography`` / OpenSSL, and PyNaCl / libsodium when it
-  is installed) on this machine, for reference;
+  is installed) on this machine, for reference, and the one-core rate of each kind of
+  protocol step (a party blinding its own keys; a party re-blinding a received set);
 * the private intersection (``run_psi``: key checks, HMAC, hashing onto the curve, all
   X25519 operations over a process pool, matching, alignment) with its wall time, X25519
   operations per second per core and keys per second per core;
@@ -28,7 +29,7 @@ import polars as pl
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from tasks.align import hash_keys
-from tasks.psi import ALIGN_ID, BlindedSet, run_psi
+from tasks.psi import ALIGN_ID, BlindedSet, blind_own, new_secret, reblind, run_psi
 
 SECRET = b"benchmark-consortium-secret"
 
@@ -69,6 +70,22 @@ def x25519_rates(n: int = 20_000) -> dict[str, float]:
     return rates
 
 
+def step_rates(keys: pl.Series, n: int = 20_000) -> dict[str, float]:
+    """Values per second on one core for each kind of PSI step, on ``n`` of the keys."""
+    hashed = hash_keys(keys.head(n), SECRET)
+    secret, other = new_secret(), new_secret()
+    start = time.perf_counter()
+    own = blind_own(hashed, secret, party="A", to="B")
+    blind_s = time.perf_counter() - start
+    start = time.perf_counter()
+    reblind(own, other, party="B")
+    reblind_s = time.perf_counter() - start
+    return {
+        "blind own keys (hash onto the curve + X25519)": n / blind_s,
+        "re-blind a received set (X25519)": n / reblind_s,
+    }
+
+
 def cpu_seconds() -> float:
     """User + system time of this process and its finished children (the worker pool)."""
     own = resource.getrusage(resource.RUSAGE_SELF)
@@ -100,6 +117,8 @@ def main() -> None:
 
     parties = make_parties(args.keys, args.parties, args.overlap)
     total_keys = sum(k.len() for k in parties.values())
+    for name, rate in step_rates(parties["A"]).items():
+        print(f"PSI step, one core, {name}: {rate:,.0f} keys/s")
 
     cpu, start = cpu_seconds(), time.perf_counter()
     expected = plain(parties)

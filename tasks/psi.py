@@ -20,8 +20,8 @@ by exactly the scalars needed to compare it with the other side: with ``n`` part
 feature party (blind own, re-blind A's), i.e. ``7N`` X25519 operations for 3 parties.
 
 Key hashing: a key's HMAC digest (``tasks.align.hash_keys`` with the consortium secret) is
-hashed with domain-separated SHA-256 to a candidate u-coordinate, retried with a counter
-until the u-coordinate is on the curve (not on its quadratic twist). X25519 accepts twist
+hashed with domain-separated SHA-512 to two candidate u-coordinates, retried with a counter
+until a u-coordinate is on the curve (not on its quadratic twist). X25519 accepts twist
 points too, and a receiver could tell which of the two a blinded value lies on: one bit of
 information about the key behind it. Keeping every point on the curve closes that; the test
 is one Legendre symbol (gmpy2) per try, ~2 tries per key, and the whole hash costs about a
@@ -95,7 +95,7 @@ _P = 2**255 - 19
 _P_MPZ = gmpy2.mpz(_P)
 _A24 = 486662  # Montgomery coefficient A of Curve25519: v^2 = u^3 + A u^2 + u
 _U_MASK = (1 << 255) - 1
-_DOMAIN_POINT = b"fedfuse/psi/v1/hash-to-curve\x00"
+_DOMAIN_POINT = b"fedfuse/psi/v2/hash-to-curve\x00"
 _MAX_TRIES = 128
 _ZERO = bytes(POINT_BYTES)
 DEFAULT_CHUNK = 25_000
@@ -334,14 +334,12 @@ def _digests(keys_hashed: pl.Series, party: str) -> bytes:
 
 def hash_to_point(digest: bytes) -> bytes:
     """A key's HMAC digest as a Curve25519 u-coordinate (on the curve, not its twist)."""
-    for counter in range(_MAX_TRIES):
-        candidate = hashlib.sha256(_DOMAIN_POINT + bytes((counter,)) + digest).digest()
-        u = int.from_bytes(candidate, "little") & _U_MASK
-        if u >= _P:
-            continue
-        rhs = (u * (u * (u + _A24) + 1)) % _P
-        if gmpy2.legendre(rhs, _P_MPZ) == 1:
-            return u.to_bytes(POINT_BYTES, "little")
+    for counter in range(_MAX_TRIES // 2):
+        block = hashlib.sha512(_DOMAIN_POINT + bytes((counter,)) + digest).digest()
+        for candidate in (block[:POINT_BYTES], block[POINT_BYTES:]):
+            u = int.from_bytes(candidate, "little") & _U_MASK
+            if u < _P and gmpy2.legendre(u * (u * (u + _A24) + 1), _P_MPZ) == 1:
+                return u.to_bytes(POINT_BYTES, "little")
     raise PSIError(f"no curve point after {_MAX_TRIES} tries")  # pragma: no cover - p < 2^-128
 
 
@@ -430,7 +428,7 @@ class _Product:
         return b"".join(out)
 
     def _error(self, position: int) -> PSIError:
-        if self._hashed:  # needs a SHA-256 preimage of a low-order point
+        if self._hashed:  # needs a SHA-512 preimage of a low-order point
             return PSIError(
                 f"{self._what}: the key at row {position} hashes to a low-order point (X25519 "
                 f"gives all zeros); this should never happen, please report it"
