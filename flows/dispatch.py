@@ -56,6 +56,11 @@ class PartyJob(BaseModel):
     aggregates: list[RoundAggregate] = Field(
         default_factory=list, description="Rounds to apply (op=evaluate)"
     )
+    next_learning_rate: float | None = Field(
+        default=None,
+        description="op=evaluate: then train round+1 on the new scores at this rate, in the "
+        "same run (its update comes back as PartyEval.next)",
+    )
     results: str = ".fedfuse/results"
     refresh: bool = False
 

@@ -28,19 +28,47 @@ from flows.dispatch import (
     encode_result,
     publish,
 )
-from tasks.train_steps import evaluate_party, party_stats, start_scores, train_party
+from tasks.train_steps import PartyEval, evaluate_party, party_stats, start_scores, train_party
 
 
 @flow(name="party-step", persist_result=True)
 def party_step(job: PartyJob) -> BaseModel:
     """One training step of one party (label statistics, start scores, a round's update or
-    an evaluation), run where the party's data lives.
+    an evaluation), run where the party's data lives. An evaluation with
+    ``next_learning_rate`` also trains the next round's update on the new scores, so a
+    dispatched party costs one flow run per round, not two.
 
     Args:
         job: The step and its inputs (references to the party's own tables, the broadcast).
     """
+    logger = get_run_logger()
     out: BaseModel = submit_job(job, {}).result()
-    get_run_logger().info("party %s: %s step done", job.setup.party, job.op)
+    logger.info("party %s: %s step done", job.setup.party, job.op)
+    if isinstance(out, PartyEval) and job.next_learning_rate is not None:
+        train = job.model_copy(
+            update={
+                "op": "train",
+                "round": job.round + 1,
+                "scores": out.scores,
+                "learning_rate": job.next_learning_rate,
+                "aggregates": [],
+                "next_learning_rate": None,
+            }
+        )
+        # the next round's update is a head start only: if it fails, the evaluation still
+        # goes back and the coordinator asks for the update again in the next round
+        future = submit_job(train, {})
+        future.wait()
+        if future.state.is_completed():
+            out = out.model_copy(update={"next": future.result()})
+            logger.info("party %s: round %d update done", job.setup.party, train.round)
+        else:
+            logger.warning(
+                "party %s: the round %d update failed (%s); the coordinator asks for it again",
+                job.setup.party,
+                train.round,
+                future.state.message,
+            )
     publish(job.setup.coordinator, out)
     return out
 

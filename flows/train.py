@@ -64,6 +64,16 @@ class RoundInput(BaseModel):
         default_factory=dict, description="Party -> its party-step deployment (own work pool)"
     )
     timeout: float = Field(default=3600.0, description="Seconds to wait for a dispatched step")
+    prefetched: dict[str, PartyUpdate] = Field(
+        default_factory=dict,
+        description="Updates for this round that dispatched parties trained in the previous "
+        "round's evaluation run",
+    )
+    prefetch: bool = Field(
+        default=False,
+        description="A next round follows: dispatched parties train it in this round's "
+        "evaluation run (one flow run per party and round instead of two)",
+    )
 
 
 class RoundOutput(BaseModel):
@@ -73,6 +83,10 @@ class RoundOutput(BaseModel):
     test: dict[str, float]
     scores: dict[str, TableRef]
     scores_round: dict[str, int]
+
+    def next_updates(self) -> dict[str, PartyUpdate]:
+        """Updates for the next round trained in this round's evaluation runs."""
+        return {p: e.next for p, e in self.evals.items() if e.next is not None}
 
 
 class Checkpoint(BaseModel):
@@ -159,6 +173,15 @@ def federated_round(state: RoundInput) -> RoundOutput:
     logger = get_run_logger()
     setups = {s.party: s for s in state.setups}
     scores, at, failed = _catch_up(state, setups)
+    ready = {
+        party: update
+        for party, update in state.prefetched.items()
+        if party in setups and party not in failed and update.round == state.round
+    }
+    if ready:
+        logger.info(
+            "round %d: updates of %s came with the last evaluation", state.round, sorted(ready)
+        )
     futures = {
         party: submit_job(
             _job(
@@ -172,10 +195,10 @@ def federated_round(state: RoundInput) -> RoundOutput:
             timeout=state.timeout,
         )
         for party, setup in setups.items()
-        if party not in failed
+        if party not in failed and party not in ready
     }
     wait(list(futures.values()))
-    updates: list[PartyUpdate] = []
+    updates: list[PartyUpdate] = list(ready.values())
     for party, future in futures.items():
         if future.state.is_completed():
             updates.append(future.result())
@@ -187,7 +210,18 @@ def federated_round(state: RoundInput) -> RoundOutput:
     agg = aggregate_round(updates, failed, state.round, first)
     evals_f = {
         party: submit_job(
-            _job(state, setup, op="evaluate", aggregates=[agg], scores=scores[party]),
+            _job(
+                state,
+                setup,
+                op="evaluate",
+                aggregates=[agg],
+                scores=scores[party],
+                next_learning_rate=(
+                    state.learning_rates[party]
+                    if state.prefetch and party in state.remote
+                    else None
+                ),
+            ),
             state.remote,
             timeout=state.timeout,
         )
@@ -407,11 +441,21 @@ def federated_training(
     )
     trees_per_round = training.trees_per_round
     done_here = 0
+
+    def within_limits(round_: int, done: int) -> bool:
+        """Round ``round_`` may run after ``done`` rounds of this call (early stopping aside)."""
+        trees = round_ * trees_per_round * len(setups) * max(k, 1)
+        return (
+            round_ <= training.rounds
+            and (stop_after is None or done < stop_after)
+            and (training.max_trees is None or trees <= training.max_trees)
+        )
+
+    prefetched: dict[str, PartyUpdate] = {}
     while not checkpoint.stopped and checkpoint.round < training.rounds:
         if stop_after is not None and done_here >= stop_after:
             break
-        next_trees = (checkpoint.round + 1) * trees_per_round * len(setups) * max(k, 1)
-        if training.max_trees is not None and next_trees > training.max_trees:
+        if not within_limits(checkpoint.round + 1, done_here):
             logger.warning("stopping: the next round would exceed max_trees=%d", training.max_trees)
             break
         t = checkpoint.round + 1
@@ -427,8 +471,11 @@ def federated_training(
                 refresh=refresh,
                 remote=remote,
                 timeout=timeout,
+                prefetched=prefetched,
+                prefetch=bool(remote) and within_limits(t + 1, done_here + 1),
             )
         )
+        prefetched = out.next_updates()
         stop = stopper.update(t, out.valid[metric])
         checkpoint = checkpoint.model_copy(
             update={

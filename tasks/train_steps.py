@@ -88,6 +88,11 @@ class PartyEval(BaseModel):
     valid: dict[str, float]
     test: dict[str, float]
     scores: TableRef
+    next: PartyUpdate | None = Field(
+        default=None,
+        description="The party's update for the next round, trained on these scores when the "
+        "evaluation asked for it (a dispatched party: one run per round instead of two)",
+    )
 
 
 class QuorumError(RoundError):

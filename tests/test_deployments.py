@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -340,11 +341,24 @@ def test_two_party_pools_each_party_runs_only_on_its_own_worker(
         for r in dispatched
         if flow_names[r.id] == "party-step"
     )
-    # stats and start scores once each, then train + evaluate for each of 2 rounds
+    # stats and start scores once each, round 1's update, then one run per round: round 1's
+    # evaluation also trains round 2's update, round 2's evaluation is the last step
     for party in pools:
         assert [op for p, op in steps if p == party] == sorted(
-            ["stats", "start", "train", "evaluate", "train", "evaluate"]
+            ["stats", "start", "train", "evaluate", "evaluate"]
         ), steps
+        evaluations = sorted(
+            (r.parameters["job"]["round"], r.parameters["job"]["next_learning_rate"])
+            for r in dispatched
+            if flow_names[r.id] == "party-step"
+            and party_of(r) == party
+            and r.parameters["job"]["op"] == "evaluate"
+        )
+        assert [(t, rate is not None) for t, rate in evaluations] == [(1, True), (2, False)]
+    # and both rounds averaged both parties' updates
+    [latest] = (spec.parent / "stores" / "coordinator" / "checkpoints").glob("*-latest.json")
+    rounds = json.loads(latest.read_text())["rounds"]
+    assert [sorted(m["party"] for m in r["members"]) for r in rounds] == [sorted(pools)] * 2
     for r in dispatched:
         party = party_of(r)
         assert party in pools, r.parameters
