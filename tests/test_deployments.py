@@ -478,7 +478,31 @@ def test_vertical_parties_on_their_own_pools(
         flow_run = run_id(ran.stdout)
         final = watch(flow_run, lambda _: None, poll=0.5, timeout=60)
         assert final.state is not None and final.state.is_completed(), ran.output
+        scored = cli.invoke(app, ["run", "vertical-score/vpools", "--watch", "--poll", "0.5"])
+        score_run = run_id(scored.stdout)
+        final = watch(score_run, lambda _: None, poll=0.5, timeout=60)
+        assert final.state is not None and final.state.is_completed(), scored.output
         logs = {"A": coord_log.read_text(), "B": log_b.read_text(), "C": log_c.read_text()}
+
+    # inference: each feature party's pipeline, PSI answers and block scores on its pool
+    score_runs, score_names, _ = run_tree(score_run)
+    for party, pool in pools.items():
+        mine = sorted(
+            r.parameters["op"]
+            for r in score_runs
+            if score_names[r.id] == "party-call" and r.work_pool_name == pool
+        )
+        assert mine == ["psi-party-answer", "psi-party-receive", "vertical-party-scores"], mine
+        assert [
+            r.work_pool_name
+            for r in score_runs
+            if score_names[r.id] == "party-pipeline" and r.parameters["party"] == party
+        ] == [pool]
+        for r in score_runs:
+            if r.work_pool_name == pool:
+                assert str(r.id) in logs[party] and str(r.id) not in logs["A"], score_names[r.id]
+    predictions = list((spec.parent / "stores" / "A" / "scoring").rglob("*predictions*"))
+    assert predictions, "no predictions in the label party's store"
 
     runs, flow_names, tasks = run_tree(flow_run)
     by_id = {r.id: r for r in runs}
