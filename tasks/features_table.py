@@ -38,6 +38,35 @@ def _micro(where: pl.Expr | None = None) -> pl.Expr:
     return micro if where is None else micro.filter(where)
 
 
+#: Above this ``rows x largest |amount|`` (in millionths) a group's exact integer moments
+#: could leave 128 bits; such a group's standard deviation falls back to floating point.
+_EXACT_MOMENTS_LIMIT = 1e19
+
+
+def _amount_sum(where: pl.Expr | None = None) -> pl.Expr:
+    """Sum of amounts from exact integer millionths: the same bits whatever the threads."""
+    return _micro(where).sum().cast(pl.Float64) / 1e6
+
+
+def _amount_std() -> pl.Expr:
+    """Sample standard deviation (ddof 1) from exact 128-bit integer moments of the
+    amounts in millionths, ``n * sum(x^2) - sum(x)^2``: reproducible to the last bit, and
+    free of the cancellation of the float shortcut. Null below two amounts."""
+    micro = _micro()
+    wide = micro.cast(pl.Int128)
+    n = micro.count()
+    numerator = n.cast(pl.Int128) * (wide * wide).sum() - wide.sum() * wide.sum()
+    exact = (numerator.cast(pl.Float64) / (n * (n - 1)).cast(pl.Float64)).sqrt() / 1e6
+    fits = n.cast(pl.Float64) * micro.abs().max().cast(pl.Float64) < _EXACT_MOMENTS_LIMIT
+    return (
+        pl.when(n < 2)
+        .then(pl.lit(None, dtype=pl.Float64))
+        .when(fits)
+        .then(exact)
+        .otherwise(pl.col(AMOUNT).std())
+    )
+
+
 def transaction_features(
     clean: pl.DataFrame | pl.LazyFrame,
     *,
@@ -61,16 +90,18 @@ def transaction_features(
         _days_before(end, pl.col(TIMESTAMP).max()).alias("recency_days"),
         _days_before(end, pl.col(TIMESTAMP).min()).alias("tenure_days"),
         pl.len().cast(pl.Int64).alias("frequency"),
-        pl.col(AMOUNT).sum().alias("monetary"),
-        pl.col(AMOUNT).mean().alias("amount_mean"),
+        _amount_sum().alias("monetary"),
+        pl.when(pl.col(AMOUNT).count() > 0)
+        .then(_amount_sum() / pl.col(AMOUNT).count())
+        .alias("amount_mean"),
         pl.col(AMOUNT).max().alias("amount_max"),
-        pl.col(AMOUNT).std().alias("amount_std"),
+        _amount_std().alias("amount_std"),
     ]
     for w in ws:
         inside = pl.col(TIMESTAMP) >= pl.lit(end - dt.timedelta(days=w))
         aggs += [
             inside.sum().cast(pl.Int64).alias(f"count_{w}d"),
-            pl.col(AMOUNT).filter(inside).sum().alias(f"amount_{w}d"),
+            _amount_sum(inside).alias(f"amount_{w}d"),
         ]
     out = lf.group_by(entity).agg(aggs)
     if len(ws) >= 2:
