@@ -560,6 +560,8 @@ def finish_training(
             objective=objective,
             num_class=ensemble.num_class,
             federated=best_test,
+            ensemble=ensemble,
+            upto_round=upto_round,
         )
     importance = importance_by_party_modality(ensemble, schema, upto_round=upto_round)
     rounds_png = coordinator.write_bytes(

@@ -15,7 +15,7 @@ from prefect import task
 from storage.store import TableRef, read_table
 from tasks.caching import content_cache_key
 from tasks.design import FeatureSchema
-from tasks.ensemble import predict_raw
+from tasks.ensemble import GlobalEnsemble, predict_raw
 from tasks.report import Comparison
 from tasks.spec import TrainingSpec
 from tasks.training import (
@@ -47,7 +47,12 @@ def compare(
     objective: Objective,
     num_class: int,
     federated: dict[str, float],
+    ensemble: GlobalEnsemble | None = None,
+    upto_round: int | None = None,
 ) -> Comparison:
+    """Local-only and centralised baselines, scored like the federation scores its own
+    model (per party, size-weighted); with ``ensemble`` also the federated model on each
+    party's own test rows, beside that party's local-only model."""
     frames = _frames(fused, schema)
     kwargs = {
         "spec": training,
@@ -78,8 +83,22 @@ def compare(
         p: (sizes[p], evaluate(d.y_test, predict_raw(central, d.X_test), objective, num_class))
         for p, d in tests.items()
     }
+    by_party = (
+        {
+            p: evaluate(
+                d.y_test,
+                predict_raw(ensemble, d.X_test, upto_round=upto_round),
+                objective,
+                num_class,
+            )
+            for p, d in tests.items()
+        }
+        if ensemble is not None
+        else {}
+    )
     return Comparison(
         federated=federated,
+        federated_by_party=by_party,
         local_only=local_test,
         local_only_mean=aggregate_metrics({p: (sizes[p], m) for p, m in local_test.items()}),
         centralised=aggregate_metrics(central_test),

@@ -24,6 +24,11 @@ class Comparison(BaseModel):
     """Test metrics of the federated model and its baselines (same parameters, tree budget)."""
 
     federated: dict[str, float]
+    federated_by_party: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="The federated model on each party's own test rows (the rows its "
+        "local-only model is scored on)",
+    )
     local_only: dict[str, dict[str, float]] = Field(default_factory=dict)
     local_only_mean: dict[str, float] = Field(default_factory=dict)
     centralised: dict[str, float] = Field(default_factory=dict)
@@ -109,12 +114,18 @@ def plot_importance(importance: Mapping[str, Mapping[str, float]]) -> bytes:
 
 
 def comparison_rows(comparison: Comparison, objective: Objective) -> list[dict[str, str]]:
+    """Model rows: the federated model and its baselines over all parties' test rows, then
+    per party the federated and the local-only model on that party's own test rows (the
+    only fair comparison for a single party's model)."""
     rows = [("federated", comparison.federated)]
-    rows += [(f"local-only {p}", m) for p, m in comparison.local_only.items()]
     if comparison.local_only_mean:
         rows.append(("local-only (mean)", comparison.local_only_mean))
     if comparison.centralised:
         rows.append(("centralised (pools data; comparison only)", comparison.centralised))
+    for party, local in comparison.local_only.items():
+        if party in comparison.federated_by_party:
+            rows.append((f"{party}: federated", comparison.federated_by_party[party]))
+        rows.append((f"{party}: local-only", local))
     metrics = sorted({k for _, m in rows for k in m if k != "mse"})
     return [
         {"model": name, **{k: f"{m[k]:.4f}" if k in m else "-" for k in metrics}}

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -428,3 +429,59 @@ def test_regression_loop_reports_pooled_rmse() -> None:
             )
         )
     )
+
+
+def test_baselines_score_the_federated_model_on_each_partys_rows(tmp_path: Path) -> None:
+    """A party's local-only model is scored on that party's test rows; the comparison puts
+    the federated model on the same rows beside it, and those per-party figures add up
+    (size-weighted) to the federated model's overall test metrics."""
+    from storage.store import Store
+    from tasks.baselines import compare
+    from tasks.design import FeatureSchema
+    from tasks.report import comparison_rows
+
+    frames = _frames(n=3000, seed=2)
+    spec = _spec(rounds=6)
+    kw = {"objective": "binary", "num_class": 1, "categorical": ["cat"], "feature_names": NAMES}
+    fed, history = train_federated(frames, spec=spec, **kw)  # type: ignore[arg-type]
+    store = Store(str(tmp_path))
+    fused = {p: store.write_table(f, "fused", p) for p, f in frames.items()}
+    schema = FeatureSchema(
+        names=NAMES,
+        categorical=["cat"],
+        modality=dict.fromkeys(NAMES, "table"),
+        parties=dict.fromkeys(frames, NAMES),
+    )
+    comparison = compare(
+        fused,
+        schema=schema,
+        training=spec,
+        objective="binary",
+        num_class=1,
+        federated=history.test,
+        ensemble=fed,
+    )
+    assert set(comparison.federated_by_party) == set(comparison.local_only) == set(frames)
+    sizes = {
+        p: len(
+            party_data(
+                f,
+                party=p,
+                feature_names=NAMES,
+                validation_fraction=spec.validation_fraction,
+                test_fraction=spec.test_fraction,
+            ).y_test
+        )
+        for p, f in frames.items()
+    }
+    overall = aggregate_metrics(
+        {p: (sizes[p], m) for p, m in comparison.federated_by_party.items()}
+    )
+    assert overall["logloss"] == pytest.approx(history.test["logloss"], rel=1e-9)
+    names = [row["model"] for row in comparison_rows(comparison, "binary")]
+    assert names[:3] == [
+        "federated",
+        "local-only (mean)",
+        "centralised (pools data; comparison only)",
+    ]
+    assert names[3:5] == ["p0: federated", "p0: local-only"]
