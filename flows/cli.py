@@ -343,6 +343,13 @@ DEMO_CUSTOMERS = 5000
 VERTICAL_DEMO_CUSTOMERS = 20_000
 
 
+def demo_customers(layout: str, customers: int | None) -> int:
+    """The demo's consortium size: the one asked for, else the layout's default."""
+    if customers is not None:
+        return customers
+    return VERTICAL_DEMO_CUSTOMERS if layout == "vertical" else DEMO_CUSTOMERS
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Working folder for the demo consortium")] = Path(
@@ -364,8 +371,6 @@ def demo(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Demo end to end on embedded defaults: consortium -> prepare -> federated training -> report."""
-    if customers is None:
-        customers = VERTICAL_DEMO_CUSTOMERS if layout == "vertical" else DEMO_CUSTOMERS
     _quiet_prefect()
     if not os.environ.get(DEMO_SECRET_ENV):
         os.environ[DEMO_SECRET_ENV] = secrets.token_hex(32)
@@ -375,7 +380,11 @@ def demo(
     from tasks.demo_data import write_demo_consortium
 
     spec = write_demo_consortium(
-        str(out), layout=layout, parties=parties, customers=customers, seed=seed
+        str(out),
+        layout=layout,
+        parties=parties,
+        customers=demo_customers(layout, customers),
+        seed=seed,
     )
     console.print(f"demo consortium written: [bold]{spec}[/]", highlight=False)
     with _reported(), _flow_settings():

@@ -422,7 +422,7 @@ def test_low_order_points_in_a_message_are_refused(u: int) -> None:
 
 
 def test_own_key_hashing_to_a_low_order_point_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Practically impossible (a SHA-256 preimage), so the hash is replaced to get there."""
+    """Practically impossible (a SHA-512 preimage), so the hash is replaced to get there."""
     monkeypatch.setattr(
         "tasks.psi.hash_to_point", lambda d: bytes(32) if d[0] % 2 else hash_to_point(d)
     )
