@@ -439,21 +439,6 @@ class _Product:
         )
 
 
-def _multiply(
-    blob: bytes,
-    scalar: bytes,
-    *,
-    hashed: bool,
-    what: str,
-    executor: Executor | None,
-    chunk_size: int,
-) -> bytes:
-    product = _Product(
-        blob, scalar, hashed=hashed, what=what, executor=executor, chunk_size=chunk_size
-    )
-    return product.result()
-
-
 def _shuffle(blob: bytes, perm: npt.NDArray[np.int64], width: int) -> bytes:
     if not blob:
         return blob
