@@ -88,23 +88,18 @@ def align_parties(
 
 
 def check_vertical(spec: FedSpec, spec_path: str) -> str:
-    """The label party; errors name the spec keys to set."""
-    if spec.consortium.layout != "vertical":
-        raise ValueError(f"{spec_path}: vertical-training needs consortium.layout = 'vertical'")
+    """The label party. A loaded vertical spec has one, and has opted in to what its mode
+    shares (:func:`tasks.spec.semantic_problems`); refused here: a horizontal spec, or a
+    vertical one that has not chosen a mode (it can be prepared, not trained)."""
     label = spec.consortium.label.party
-    if label is None:
-        raise ValueError(f"{spec_path}: consortium.label.party: the vertical layout needs it")
-    mode = spec.fusion.mode or "rounds"
-    if mode == "rounds" and not spec.fusion.share_gradients:
+    if spec.consortium.layout != "vertical" or label is None:
+        raise ValueError(f"{spec_path}: vertical-training needs consortium.layout = 'vertical'")
+    if spec.fusion.mode is None:
         raise ValueError(
-            f"{spec_path}: fusion.share_gradients: vertical rounds send the label party's "
-            "per-entity gradients (which reveal label information) to every party; set it "
-            "to true to opt in"
-        )
-    if mode == "one_shot" and not spec.fusion.share_labels:
-        raise ValueError(
-            f"{spec_path}: fusion.share_labels: one-shot training sends the overlap's labels "
-            "to every party; set it to true to opt in"
+            f"{spec_path}: fusion.mode: vertical training needs one: 'rounds' (opt in with "
+            "fusion.share_gradients = true: per-entity gradients, which reveal label "
+            "information, go to every party) or 'one_shot' (opt in with fusion.share_labels "
+            "= true: the overlap's labels go to every party)"
         )
     return label
 
@@ -175,7 +170,7 @@ def vertical_training(
         timeout=spec.run.party_timeout,
     )
     overlap, aligns = align_parties(setups, label, spec.fusion.min_overlap, call)
-    if (spec.fusion.mode or "rounds") == "one_shot":
+    if spec.fusion.mode == "one_shot":
         fit = _one_shot(setups, label, aligns, spec.fusion.weights, spec.fusion.learned, call)
     else:
         fit = _rounds(setups, label, aligns, spec.fusion, refresh, stop_after, call)

@@ -188,7 +188,9 @@ class FusionSpec(SpecModel):
     learned: bool = False
     min_overlap: int = Field(default=100, ge=1)
     mode: VerticalMode | None = Field(
-        default=None, description="Vertical training mode (a vertical consortium must choose)"
+        default=None,
+        description="Vertical training mode: rounds (opt in with share_gradients) or one_shot "
+        "(opt in with share_labels); a vertical spec without one can be prepared, not trained",
     )
     share_gradients: bool = Field(
         default=False,

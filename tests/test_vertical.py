@@ -495,4 +495,9 @@ def test_vertical_one_shot_needs_share_labels(tiny_table_spec: Path) -> None:
     assert parse_spec(data, source="spec.toml", base="/base").fusion.mode == "one_shot"
     # a vertical spec that has not chosen a mode stays valid (prepared, not trained)
     del data["fusion"]
-    assert parse_spec(data, source="spec.toml", base="/base").fusion.mode is None
+    unchosen = parse_spec(data, source="spec.toml", base="/base")
+    assert unchosen.fusion.mode is None
+    from flows.vertical import check_vertical
+
+    with pytest.raises(ValueError, match=r"spec.toml: fusion.mode: vertical training needs one"):
+        check_vertical(unchosen, "spec.toml")
