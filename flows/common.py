@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, cast
 
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
@@ -21,3 +22,16 @@ def task_options(results: str | None, refresh: bool) -> dict[str, Any]:
 def artifact_key(name: str) -> str:
     """Artifact keys allow lowercase letters, digits and dashes only."""
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "fedfuse"
+
+
+def publish_training_artifacts(
+    consortium: str, valid: list[dict[str, float]], report: str, *, description: str
+) -> None:
+    """A training run's artifacts in the UI: validation metrics per round and the report."""
+    key = artifact_key(consortium)
+    create_table_artifact(
+        table=[{"round": i, **v} for i, v in enumerate(valid, start=1)],
+        key=f"{key}-round-metrics",
+        description=description,
+    )
+    create_markdown_artifact(report, key=f"{key}-training-report", description="Training report")

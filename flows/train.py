@@ -9,16 +9,14 @@ from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
-    create_markdown_artifact,
     create_progress_artifact,
-    create_table_artifact,
     update_progress_artifact,
 )
 from prefect.futures import wait
 from pydantic import BaseModel, Field
 
 from flows import progress
-from flows.common import artifact_key, task_options, threads
+from flows.common import artifact_key, publish_training_artifacts, task_options, threads
 from flows.dispatch import STEP_FLOW, PartyJob, party_deployments
 from flows.party import submit_job
 from flows.prepare import prepare
@@ -597,13 +595,7 @@ def finish_training(
     coordinator.write_json(
         "models", "latest.json", {"run_key": key, "manifest": manifest.uri, "model": exported.uri}
     )
-    art = artifact_key(spec.consortium.name)
-    create_table_artifact(
-        table=[{"round": i, **v} for i, v in enumerate(valid, start=1)],
-        key=f"{art}-round-metrics",
-        description=description,
-    )
-    create_markdown_artifact(text, key=f"{art}-training-report", description="Training report")
+    publish_training_artifacts(spec.consortium.name, valid, text, description=description)
     return TrainingResult(
         run_key=key,
         rounds_run=rounds_run,

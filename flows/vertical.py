@@ -10,12 +10,11 @@ import posixpath
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture, wait
 from pydantic import BaseModel
 
 from flows import progress
-from flows.common import artifact_key, task_options, threads
+from flows.common import publish_training_artifacts, task_options, threads
 from flows.dispatch import CALL_FLOW, PIPELINE_FLOW, dispatch_pipeline, party_deployments
 from flows.party import PartyCalls
 from flows.prepare import party_pipeline, prepare
@@ -195,12 +194,6 @@ def vertical_training(
     coordinator.write_json(
         "models", "latest.json", {"run_key": key, "layout": "vertical", "manifest": manifest.uri}
     )
-    art = artifact_key(spec.consortium.name)
-    create_table_artifact(
-        table=[{"round": i, **v} for i, v in enumerate(history, start=1)],
-        key=f"{art}-round-metrics",
-        description="Validation metrics per vertical round (label party)",
-    )
     lines = [
         f"# Vertical training `{spec.consortium.name}`",
         "",
@@ -216,7 +209,12 @@ def vertical_training(
             + " | ".join(f"{metrics.get(m, float('nan')):.4f}" for m in sorted(test))
             + " |"
         )
-    create_markdown_artifact("\n".join(lines), key=f"{art}-training-report")
+    publish_training_artifacts(
+        spec.consortium.name,
+        history,
+        "\n".join(lines),
+        description="Validation metrics per vertical round (label party)",
+    )
     return VerticalResult(
         run_key=key,
         parties=parties,

@@ -43,6 +43,9 @@ def _micro(where: pl.Expr | None = None) -> pl.Expr:
 _EXACT_MOMENTS_LIMIT = 1e19
 
 
+_AMOUNTS = "__amounts"  # non-null amounts per entity, for the mean
+
+
 def _amount_sum(where: pl.Expr | None = None) -> pl.Expr:
     """Sum of amounts from exact integer millionths: the same bits whatever the threads."""
     return _micro(where).sum().cast(pl.Float64) / 1e6
@@ -91,9 +94,7 @@ def transaction_features(
         _days_before(end, pl.col(TIMESTAMP).min()).alias("tenure_days"),
         pl.len().cast(pl.Int64).alias("frequency"),
         _amount_sum().alias("monetary"),
-        pl.when(pl.col(AMOUNT).count() > 0)
-        .then(_amount_sum() / pl.col(AMOUNT).count())
-        .alias("amount_mean"),
+        pl.col(AMOUNT).count().alias(_AMOUNTS),
         pl.col(AMOUNT).max().alias("amount_max"),
         _amount_std().alias("amount_std"),
     ]
@@ -103,7 +104,19 @@ def transaction_features(
             inside.sum().cast(pl.Int64).alias(f"count_{w}d"),
             _amount_sum(inside).alias(f"amount_{w}d"),
         ]
-    out = lf.group_by(entity).agg(aggs)
+    # the mean from the exact sum, in the place of the count it divides by
+    columns = [entity, *(e.meta.output_name() for e in aggs)]
+    out = (
+        lf.group_by(entity)
+        .agg(aggs)
+        .with_columns(
+            pl.when(pl.col(_AMOUNTS) > 0)
+            .then(pl.col("monetary") / pl.col(_AMOUNTS))
+            .alias(_AMOUNTS)
+        )
+        .select(columns)
+        .rename({_AMOUNTS: "amount_mean"})
+    )
     if len(ws) >= 2:
         short, long = ws[0], ws[-1]
         rest = long - short
