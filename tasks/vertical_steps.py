@@ -193,9 +193,7 @@ def psi_label_blind(setup: VerticalSetup, others: Sequence[str]) -> dict[str, Fi
 
 def psi_party_answer(setup: VerticalSetup, received: FileRef) -> tuple[FileRef, FileRef]:
     """Feature party: its own keys blinded, and the label party's set blinded again."""
-    message = message_from_arrow(read_message(received.uri))
-    if not isinstance(message, BlindedSet):
-        raise PSIError(f"{received.uri}: expected a blinded set from the label party")
+    message = _blinded(received)
     secret = _secret(setup)
     keys = _keys(setup)
     with _executor(keys.len() + len(message)) as ex:
@@ -240,7 +238,7 @@ def psi_label_intersect(
         for p, m in messages.items()
     }
     ref = write_alignment(Store(setup.store), alignment.table, run_id=run)
-    sizes = {setup.party: keys.len()} | {p: len(_blinded(own)) for p, (own, _) in answers.items()}
+    sizes = {setup.party: keys.len()} | {p: len(b) for p, b in blinded.items()}
     logger.info("PSI: %d entities at every party (set sizes %s)", alignment.table.height, sizes)
     return PsiOverlap(alignment=ref, answers=out, overlap=alignment.table.height, sizes=sizes)
 
