@@ -254,19 +254,22 @@ def _print_rounds(title: str, valid: list[dict[str, float]], best_round: int) ->
     console.print(rounds)
 
 
-def _print_training(result: TrainingResult) -> None:
-    from tasks.report import comparison_rows
-
-    _print_rounds(
-        "federated rounds (aggregated validation metrics)", result.valid, result.best_round
-    )
-    rows = comparison_rows(result.comparison, "binary")
+def _print_metrics(rows: list[dict[str, str]]) -> None:
     table = Table(title="test metrics at the best round", header_style="bold")
     for column in rows[0]:
         table.add_column(column, justify="right" if column != "model" else "left")
     for row in rows:
         table.add_row(*row.values())
     console.print(table)
+
+
+def _print_training(result: TrainingResult) -> None:
+    from tasks.report import comparison_rows
+
+    _print_rounds(
+        "federated rounds (aggregated validation metrics)", result.valid, result.best_round
+    )
+    _print_metrics(comparison_rows(result.comparison, "binary"))
     console.print(
         f"global ensemble: {result.trees} trees ({result.model_bytes / 1024:.0f} KiB), "
         f"best round {result.best_round} of {result.rounds_run}",
@@ -286,13 +289,9 @@ def _print_vertical(result: VerticalResult) -> None:
     _print_rounds(
         "vertical rounds (label party's validation metrics)", result.valid, result.best_round
     )
-    table = Table(title="test metrics at the best round", header_style="bold")
-    names = sorted(result.test)
-    for column in ("model", *names):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for model, values in result.comparison.items():
-        table.add_row(model, *(f"{values.get(m, float('nan')):.4f}" for m in names))
-    console.print(table)
+    from tasks.report import metric_rows
+
+    _print_metrics(metric_rows(list(result.comparison.items())))
     console.print(
         f"{result.trees} trees over {len(result.parties)} parties, best round "
         f"{result.best_round} of {result.rounds_run}; each party's trees stay in its store",

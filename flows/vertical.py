@@ -22,6 +22,7 @@ from flows.train import num_classes, run_key
 from storage.files import read_text
 from storage.store import FileRef, Store, TableRef
 from tasks.design import FeatureSchema, consortium_schema
+from tasks.report import markdown_table, metric_rows
 from tasks.spec import FedSpec, FusionSpec, TrainingSpec, load_spec
 from tasks.steps import FusedOutput
 from tasks.vertical_steps import (
@@ -200,15 +201,8 @@ def vertical_training(
         f"- entities at every party (PSI): {overlap.overlap} (set sizes {overlap.sizes})",
         f"- mode {fit.mode}: rounds {fit.rounds_run}, best {fit.best_round}; trees: {fit.trees}",
         "",
-        "| model | " + " | ".join(sorted(test)) + " |",
-        "|---|" + "---|" * len(test),
+        *markdown_table(metric_rows(list(comparison.items()))),
     ]
-    for name, metrics in comparison.items():
-        lines.append(
-            f"| {name} | "
-            + " | ".join(f"{metrics.get(m, float('nan')):.4f}" for m in sorted(test))
-            + " |"
-        )
     publish_training_artifacts(
         spec.consortium.name,
         history,

@@ -126,10 +126,26 @@ def comparison_rows(comparison: Comparison, objective: Objective) -> list[dict[s
         if party in comparison.federated_by_party:
             rows.append((f"{party}: federated", comparison.federated_by_party[party]))
         rows.append((f"{party}: local-only", local))
-    metrics = sorted({k for _, m in rows for k in m if k != "mse"})
+    return metric_rows(rows)
+
+
+def metric_rows(models: Sequence[tuple[str, Mapping[str, float]]]) -> list[dict[str, str]]:
+    """One row per model, a column per metric any model has (``-`` where it lacks one;
+    MSE left out beside its root), four decimals."""
+    metrics = sorted({k for _, m in models for k in m if k != "mse"})
     return [
         {"model": name, **{k: f"{m[k]:.4f}" if k in m else "-" for k in metrics}}
-        for name, m in rows
+        for name, m in models
+    ]
+
+
+def markdown_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
+    """Rows of equal keys as the lines of a Markdown table (header from the first row)."""
+    header = list(rows[0])
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(r[h] for h in header) + " |" for r in rows),
     ]
 
 
@@ -146,8 +162,6 @@ def markdown_report(
     artefacts: Mapping[str, str],
     dropped: Mapping[int, Mapping[str, str]],
 ) -> str:
-    rows = comparison_rows(comparison, objective)
-    header = list(rows[0])
     lines = [
         f"# fedfuse training report: `{consortium}`",
         "",
@@ -156,9 +170,7 @@ def markdown_report(
         "",
         "## Test metrics",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(r[h] for h in header) + " |" for r in rows),
+        *markdown_table(comparison_rows(comparison, objective)),
         "",
         "The centralised model pools every party's rows and exists only as a yardstick.",
         "",
