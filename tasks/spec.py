@@ -11,12 +11,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import zoneinfo
 from collections.abc import Iterable, Sequence
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from storage.files import is_uri, read_text, resolve_location
 from tasks.types import (
@@ -158,24 +160,150 @@ class CoordinatorSpec(SpecModel):
     store: str
 
 
+#: One week: the largest wall-time budget ``training.max_seconds`` may give.
+MAX_TRAINING_SECONDS = 7 * 24 * 3600.0
+
+
+def _reserved(why: str, instead: str | None, *keys: str) -> dict[str, tuple[str, str | None]]:
+    return dict.fromkeys(keys, (why, instead))
+
+
+#: Extra LightGBM params a spec may not set, LightGBM aliases included, with why and the spec
+#: key to use instead (if any): they would break the residual-round algorithm or clash with
+#: what the round controls. :func:`tasks.training.lgb_params` refuses them too.
+RESERVED_PARAM_REASONS: dict[str, tuple[str, str | None]] = {
+    **_reserved(
+        "the task decides it", None,
+        "objective", "objective_type", "app", "application", "loss",
+    ),
+    **_reserved(
+        "the label decides it", "consortium.label.num_classes", "num_class", "num_classes"
+    ),
+    **_reserved(
+        "the round sets it per party", "training.learning_rate",
+        "learning_rate", "shrinkage_rate", "eta",
+    ),
+    **_reserved(
+        "the rounds decide it", "training.rounds and training.trees_per_round",
+        "num_iterations", "num_iteration", "n_iter", "num_tree", "num_trees", "num_round",
+        "num_rounds", "nrounds", "num_boost_round", "n_estimators", "max_iter",
+    ),
+    **_reserved(
+        "residual rounds need gbdt", None, "boosting", "boosting_type", "boost"
+    ),
+    **_reserved(
+        "the ensemble holds constant-leaf trees only", None, "linear_tree", "linear_trees"
+    ),
+    **_reserved(
+        "each round starts from the running scores", None,
+        "init_score", "init_score_file", "input_model", "model_in", "model_input",
+        "boost_from_average",
+    ),
+    **_reserved(
+        "early stopping is federated", "training.patience",
+        "early_stopping_round", "early_stopping_rounds", "early_stopping", "n_iter_no_change",
+    ),
+    **_reserved(
+        "category columns are categorical", None,
+        "categorical_feature", "categorical_features", "cat_feature", "categorical_column",
+        "cat_column",
+    ),
+    **_reserved("the task decides the link", None, "sigmoid", "reg_sqrt"),
+    **_reserved(
+        "the training mode decides it", "training.mode",
+        "tree_learner", "tree", "tree_type", "tree_learner_type",
+        "num_machines", "num_machine", "machines", "workers", "nodes", "pre_partition",
+        "is_pre_partition",
+    ),
+    **_reserved(
+        "each party and round gets its own seed", "training.seed",
+        "seed", "random_seed", "random_state",
+    ),
+    **_reserved(
+        "the spec has a key for it", "training.num_leaves",
+        "num_leaves", "num_leaf", "max_leaves", "max_leaf", "max_leaf_nodes",
+    ),
+    **_reserved(
+        "the spec has a key for it", "training.min_data_in_leaf",
+        "min_data_in_leaf", "min_data_per_leaf", "min_data", "min_child_samples",
+        "min_samples_leaf",
+    ),
+}  # fmt: skip
+
+RESERVED_PARAMS = frozenset(RESERVED_PARAM_REASONS)
+
+#: What ``training.params`` values may be: JSON scalars (LightGBM takes lists as strings too).
+ParamValue = str | bool | int | float
+
+
+def reserved_param_message(key: str) -> str:
+    """Why ``training.params`` may not set ``key`` (one of :data:`RESERVED_PARAMS`)."""
+    why, instead = RESERVED_PARAM_REASONS[key]
+    remedy = f"use {instead} instead" if instead else "remove it"
+    return f"{key!r} is set by fedfuse ({why}); {remedy}"
+
+
+def _param_value_problem(key: str, value: object) -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{key!r} must be a finite number, not {value}"
+    if isinstance(value, str | bool | int | float):
+        return None
+    if isinstance(value, list | tuple):
+        got = 'a list (LightGBM takes a list as a string too, e.g. "1,-1,0")'
+    elif isinstance(value, dict):
+        got = "a table"
+    else:
+        got = f"a {type(value).__name__}"
+    return f"{key!r} must be a string, number or boolean, not {got}"
+
+
 class TrainingSpec(SpecModel):
-    rounds: int = Field(default=30, ge=1)
-    trees_per_round: int = Field(default=4, ge=1)
-    learning_rate: float = Field(default=0.1, gt=0)
-    num_leaves: int = Field(default=31, ge=2)
-    min_data_in_leaf: int = Field(default=20, ge=1)
-    params: dict[str, Any] = Field(default_factory=dict, description="Extra LightGBM params")
+    rounds: int = Field(default=30, ge=1, le=10_000)
+    trees_per_round: int = Field(default=4, ge=1, le=1000)
+    learning_rate: float = Field(default=0.1, gt=0, le=1, allow_inf_nan=False)
+    num_leaves: int = Field(default=31, ge=2, le=131_072, description="At most LightGBM's 131072")
+    min_data_in_leaf: int = Field(default=20, ge=1, le=1_000_000)
+    params: dict[str, ParamValue] = Field(
+        default_factory=dict,
+        description="Extra LightGBM params (string, number or boolean values); not the keys "
+        "fedfuse sets itself (RESERVED_PARAMS)",
+    )
     aggregation: Aggregation = "samples"
-    patience: int = Field(default=5, ge=1)
-    validation_fraction: float = Field(default=0.2, gt=0, lt=0.5)
-    test_fraction: float = Field(default=0.2, ge=0, lt=0.5)
-    min_parties: int = Field(default=1, ge=1)
-    max_trees: int | None = Field(default=None, ge=1)
+    patience: int = Field(default=5, ge=1, le=1000)
+    validation_fraction: float = Field(default=0.2, gt=0, lt=0.5, allow_inf_nan=False)
+    test_fraction: float = Field(default=0.2, ge=0, lt=0.5, allow_inf_nan=False)
+    min_parties: int = Field(default=1, ge=1, le=1000)
+    max_trees: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_TRAINING_SECONDS,
+        allow_inf_nan=False,
+        description="Stop training after this many seconds of wall time (the round running "
+        "then finishes)",
+    )
     seed: int = 0
     mode: Literal["averaging", "lossless"] = Field(
         default="averaging",
         description="averaging: party models averaged per round; lossless: LightGBM data-parallel",
     )
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _allowed_params(cls, value: object) -> object:
+        """Every reserved key and every non-scalar value, each named, in one error (joined by |)."""
+        if not isinstance(value, dict):
+            return value  # pydantic reports the wrong type
+        problems = [
+            reserved_param_message(key) if key in RESERVED_PARAMS else _param_value_problem(key, v)
+            for key, v in sorted(value.items(), key=lambda kv: str(kv[0]))
+        ]
+        found = [p for p in problems if p is not None]
+        if found:
+            raise PydanticCustomError(
+                "training_params", "{problems}", {"problems": " | ".join(found)}
+            )
+        return value
 
 
 #: Vertical training: gradient rounds or one-shot models fused at score level.

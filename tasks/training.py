@@ -50,6 +50,7 @@ from tasks.ensemble import (
     predict_raw,
     round_increment,
 )
+from tasks.spec import RESERVED_PARAMS as RESERVED_PARAMS  # noqa: PLC0414  (re-exported)
 from tasks.spec import TrainingSpec
 from tasks.types import ENTITY_HASH, LABEL, Aggregation, Objective
 
@@ -60,26 +61,6 @@ StopReason = Literal["rounds", "early_stopping", "max_trees"]
 
 #: Validation metric that drives early stopping (lower is better).
 LOSS_METRIC: dict[str, str] = {"binary": "logloss", "multiclass": "logloss", "regression": "rmse"}
-
-#: Extra LightGBM params a spec may not set: they would break the residual-round algorithm
-#: or clash with what the round controls (aliases included).
-RESERVED_PARAMS = frozenset(
-    {
-        "objective", "objective_type", "app", "application", "loss",
-        "num_class", "num_classes",
-        "learning_rate", "shrinkage_rate", "eta",
-        "num_iterations", "num_iteration", "n_iter", "num_tree", "num_trees", "num_round",
-        "num_rounds", "nrounds", "num_boost_round", "n_estimators", "max_iter",
-        "boosting", "boosting_type", "boost",
-        "linear_tree", "linear_trees",
-        "init_score", "init_score_file", "input_model", "boost_from_average",
-        "early_stopping_round", "early_stopping_rounds", "early_stopping", "n_iter_no_change",
-        "categorical_feature", "cat_feature", "categorical_column", "cat_column",
-        "sigmoid", "reg_sqrt",
-        "tree_learner", "tree", "tree_type", "tree_learner_type",
-        "num_machines", "machines", "pre_partition",
-    }
-)  # fmt: skip
 
 
 class RoundError(RuntimeError):

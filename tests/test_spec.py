@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 
@@ -7,7 +8,15 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.spec import SpecError, load_spec, parse_spec
+from tasks.spec import (
+    RESERVED_PARAMS,
+    SpecError,
+    TrainingSpec,
+    load_spec,
+    parse_spec,
+    reserved_param_message,
+)
+from tasks.training import RESERVED_PARAMS as training_reserved
 
 
 def _data(spec_path: Path) -> dict:
@@ -87,3 +96,149 @@ def test_cli_validate_summary_and_errors(tiny_table_spec: Path) -> None:
     result = runner.invoke(app, ["validate", str(tiny_table_spec)])
     assert result.exit_code == 1
     assert "parties[1].sources[0].columns.churned.dtype: Input should be" in result.output
+
+
+# --------------------------------------------------------------------------------------
+# [training] bounds: each reported with its key path before any training starts
+# --------------------------------------------------------------------------------------
+
+BELOW_OR_ZERO = "Input should be greater than or equal to 1"
+FINITE = "Input should be a finite number"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("num_leaves", 1, "Input should be greater than or equal to 2"),
+        ("num_leaves", 131_073, "Input should be less than or equal to 131072"),
+        ("trees_per_round", 0, BELOW_OR_ZERO),
+        ("trees_per_round", 1_000_000, "Input should be less than or equal to 1000"),
+        ("rounds", 0, BELOW_OR_ZERO),
+        ("rounds", 10**9, "Input should be less than or equal to 10000"),
+        ("patience", 0, BELOW_OR_ZERO),
+        ("patience", 10**9, "Input should be less than or equal to 1000"),
+        ("learning_rate", 0.0, "Input should be greater than 0"),
+        ("learning_rate", 1e300, "Input should be less than or equal to 1"),
+        ("learning_rate", math.nan, FINITE),
+        ("learning_rate", math.inf, FINITE),
+        ("min_data_in_leaf", 0, BELOW_OR_ZERO),
+        ("min_data_in_leaf", 1_000_001, "Input should be less than or equal to 1000000"),
+        ("min_parties", 1001, "Input should be less than or equal to 1000"),
+        ("max_trees", 0, BELOW_OR_ZERO),
+        ("max_trees", 1_000_001, "Input should be less than or equal to 1000000"),
+        ("validation_fraction", math.nan, FINITE),
+        ("test_fraction", math.inf, FINITE),
+        ("max_seconds", 0.0, "Input should be greater than 0"),
+        ("max_seconds", 7 * 24 * 3600.0 + 1, "Input should be less than or equal to 604800"),
+        ("max_seconds", math.inf, FINITE),
+        ("max_seconds", math.nan, FINITE),
+    ],
+)
+def test_training_bounds(tiny_table_spec: Path, key: str, value: float, message: str) -> None:
+    data = _data(tiny_table_spec)
+    data.setdefault("training", {})[key] = value
+    assert _problems(data) == [f"training.{key}: {message}"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("num_leaves", 2),
+        ("num_leaves", 131_072),
+        ("trees_per_round", 1000),
+        ("rounds", 10_000),
+        ("patience", 1000),
+        ("learning_rate", 1.0),
+        ("min_data_in_leaf", 1_000_000),
+        ("max_trees", 1_000_000),
+        ("max_seconds", 7 * 24 * 3600.0),
+        ("max_seconds", 0.5),
+    ],
+)
+def test_training_bounds_are_inclusive(tiny_table_spec: Path, key: str, value: float) -> None:
+    data = _data(tiny_table_spec)
+    data.setdefault("training", {})[key] = value
+    spec = parse_spec(data, source="spec.toml", base="/base")
+    assert getattr(spec.training, key) == value
+
+
+def test_max_seconds_defaults_to_no_budget() -> None:
+    assert TrainingSpec().max_seconds is None
+    assert TrainingSpec(max_seconds=3600).max_seconds == 3600.0
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"objective": "regression"}, "'objective' is set by fedfuse (the task decides it); remove it"),
+        ({"tree_learner": "data"}, "'tree_learner' is set by fedfuse (the training mode decides it); use training.mode instead"),
+        ({"eta": 0.3}, "'eta' is set by fedfuse (the round sets it per party); use training.learning_rate instead"),
+        ({"n_estimators": 500}, "'n_estimators' is set by fedfuse (the rounds decide it); use training.rounds and training.trees_per_round instead"),
+        ({"num_class": 3}, "'num_class' is set by fedfuse (the label decides it); use consortium.label.num_classes instead"),
+        ({"num_leaves": 63}, "'num_leaves' is set by fedfuse (the spec has a key for it); use training.num_leaves instead"),
+        ({"max_leaves": 63}, "'max_leaves' is set by fedfuse (the spec has a key for it); use training.num_leaves instead"),
+        ({"min_child_samples": 5}, "'min_child_samples' is set by fedfuse (the spec has a key for it); use training.min_data_in_leaf instead"),
+        ({"random_state": 1}, "'random_state' is set by fedfuse (each party and round gets its own seed); use training.seed instead"),
+        ({"monotone_constraints": [1, -1]}, "'monotone_constraints' must be a string, number or boolean, not a list (LightGBM takes a list as a string too, e.g. \"1,-1,0\")"),
+        ({"forcedsplits": {"feature": 0}}, "'forcedsplits' must be a string, number or boolean, not a table"),
+        ({"lambda_l2": math.nan}, "'lambda_l2' must be a finite number, not nan"),
+        ({"lambda_l1": -math.inf}, "'lambda_l1' must be a finite number, not -inf"),
+    ],
+)  # fmt: skip
+def test_training_params_refused_with_key(
+    tiny_table_spec: Path, params: dict[str, object], message: str
+) -> None:
+    data = _data(tiny_table_spec)
+    data.setdefault("training", {})["params"] = params
+    assert _problems(data) == [f"training.params: {message}"]
+
+
+def test_every_bad_training_param_is_named(tiny_table_spec: Path) -> None:
+    data = _data(tiny_table_spec)
+    data.setdefault("training", {})["params"] = {"seed": 1, "lambda_l2": 1.0, "boosting": "dart"}
+    assert _problems(data) == [
+        "training.params: 'boosting' is set by fedfuse (residual rounds need gbdt); remove it"
+        " | 'seed' is set by fedfuse (each party and round gets its own seed); use training.seed"
+        " instead"
+    ]
+
+
+def test_training_params_scalars_pass_unchanged(tiny_table_spec: Path) -> None:
+    params = {"lambda_l2": 1.5, "max_bin": 63, "extra_trees": True, "monotone_constraints": "1,0"}
+    data = _data(tiny_table_spec)
+    data.setdefault("training", {})["params"] = params
+    spec = parse_spec(data, source="spec.toml", base="/base")
+    assert spec.training.params == params
+    assert type(spec.training.params["max_bin"]) is int
+    assert type(spec.training.params["extra_trees"]) is bool
+
+
+def test_reserved_params_one_definition() -> None:
+    assert training_reserved is RESERVED_PARAMS
+    assert {
+        "objective",
+        "tree_learner",
+        "seed",
+        "num_leaves",
+        "min_data_in_leaf",
+    } <= RESERVED_PARAMS
+    for key in RESERVED_PARAMS:  # every key has its own message
+        assert reserved_param_message(key).startswith(f"{key!r} is set by fedfuse (")
+
+
+def test_cli_validate_reports_training_bounds(tiny_table_spec: Path) -> None:
+    text = tiny_table_spec.read_text()
+    assert "[training]" not in text
+    tiny_table_spec.write_text(
+        text + "\n[training]\nnum_leaves = 1000000\nlearning_rate = nan\n"
+        'params = { objective = "regression" }\n'
+    )
+    result = CliRunner().invoke(app, ["validate", str(tiny_table_spec)])
+    assert result.exit_code == 1
+    assert "3 problem(s)" in result.output
+    assert "training.num_leaves: Input should be less than or equal to 131072" in result.output
+    assert "training.learning_rate: Input should be a finite number" in result.output
+    assert (
+        "training.params: 'objective' is set by fedfuse (the task decides it); remove it"
+        in result.output
+    )
