@@ -116,11 +116,16 @@ def align_features(
             raise AlignError(f"{party}/{source}: feature '{name}' has unsupported dtype {dtype}")
     columns: list[pl.Series | pl.Expr] = [hash_keys(features[entity], secret)]
     if label_column is not None:
-        columns.append(
-            encode_label(
-                features[label_column], task=task, vocabulary=vocabularies.get(label_column)
-            )
+        label = encode_label(
+            features[label_column], task=task, vocabulary=vocabularies.get(label_column)
         )
+        unusable = label.is_null() | ~label.is_finite()
+        if unusable.any():
+            raise AlignError(
+                f"{party}/{source}: label '{label_column}' is missing, NaN or infinite in "
+                f"{unusable.sum()} row(s) (prepare quarantines such rows: rerun it)"
+            )
+        columns.append(label)
     aligned = (
         features.select(exprs)
         .with_columns(columns)

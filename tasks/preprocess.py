@@ -2,8 +2,11 @@
 
 Pure polars. Rows that fail validation are never dropped silently: they come back in the
 ``rejected`` frame with their data row number and a reason; exact duplicates are removed and
-also listed there. Problems that make the whole source unusable (a mapped column missing, an
-ambiguous device map) raise :class:`PreprocessError` naming file and column.
+also listed there. The label column (in the source that maps it) is checked per row against
+the consortium's task: a missing, NaN or infinite label, or one outside the task's classes, is
+quarantined the same way, with a reason naming the column but never the cell's value. Problems
+that make the whole source unusable (a mapped column missing, an ambiguous device map) raise
+:class:`PreprocessError` naming file and column.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from storage.sources import ROW
 from tasks.spec import ColumnSpec, EntityMapSpec, SourceSpec
-from tasks.types import DEVICE, REASON, KeyNormalisation
+from tasks.types import DEVICE, REASON, KeyNormalisation, Objective
 from tasks.units import to_canonical
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -41,6 +44,15 @@ class QualityReport(BaseModel):
     duplicates_removed: int = 0
     null_rates: dict[str, float] = Field(default_factory=dict)
     unknown_categories: dict[str, int] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """What every label cell must hold for the consortium's task (checked per row)."""
+
+    column: str  # canonical name
+    task: Objective
+    num_classes: int | None = None  # multiclass
 
 
 @dataclass
@@ -184,6 +196,78 @@ def _present(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:
     return expr.is_not_null()
 
 
+def _number(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    """The raw cell read as a number (null where it is not one): tells NaN and inf apart."""
+    if dtype == pl.String:
+        return _string(expr, dtype).cast(pl.Float64, strict=False)
+    if dtype.is_numeric() or dtype == pl.Boolean:
+        return expr.cast(pl.Float64, strict=False)
+    return pl.lit(None, pl.Float64)
+
+
+def _label_fits(value: pl.Expr, rule: LabelRule) -> tuple[pl.Expr, str]:
+    """Whether a numeric label is a target of the task, and the reason text when it is not."""
+    match rule.task:
+        case "binary":
+            return value.is_in([0.0, 1.0]), "not 0 or 1 for a binary task"
+        case "multiclass":
+            fits = (value == value.round(0)) & (value >= 0)
+            if rule.num_classes is None:
+                return fits, "not a non-negative integer for a multiclass task"
+            return (
+                fits & (value < rule.num_classes),
+                f"not an integer 0..{rule.num_classes - 1} for a multiclass task",
+            )
+        case "regression":
+            return value.is_finite(), "not a finite number for a regression task"
+    raise AssertionError(rule.task)  # pragma: no cover
+
+
+def _label_reason(
+    src: pl.Expr,
+    dtype: pl.DataType,
+    out: pl.Expr,
+    *,
+    name: str,
+    column: ColumnSpec,
+    rule: LabelRule,
+    vocabulary: list[str] | None,
+) -> pl.Expr:
+    """Why a label cell cannot be a target of the task (null when it can).
+
+    The reason names the column, never the cell's value (a label is a cell value).
+    """
+
+    def because(text: str) -> pl.Expr:
+        return pl.lit(f"column '{name}' (label): {text}")
+
+    number = _number(src, dtype)
+    if rule.task == "multiclass" and column.dtype in ("category", "str") and vocabulary:
+        classes = vocabulary[: rule.num_classes] if rule.num_classes else vocabulary
+        unparsed = out.is_null()
+        unfit = ~out.is_in(classes)
+        unfit_reason = f"not one of the {len(classes)} classes for a multiclass task"
+    else:
+        value = pl.coalesce(out.cast(pl.Float64, strict=False), number)
+        fits, unfit_reason = _label_fits(value, rule)
+        unparsed = out.is_null() & value.is_null()
+        unfit = value.is_null() | ~fits
+    return (
+        pl.when(~_present(src, dtype))
+        .then(because("missing label"))
+        .when(number.is_nan())
+        .then(because("label is not a number"))
+        .when(number.is_infinite())
+        .then(because("label is not finite"))
+        .when(unparsed)
+        .then(because(f"cannot parse as {column.dtype}"))
+        .when(unfit)
+        .then(because(unfit_reason))
+        .when(out.is_null())
+        .then(because(f"cannot parse as {column.dtype}"))
+    )
+
+
 def _reason(parts: list[pl.Expr]) -> pl.Expr:
     joined = pl.concat_str(parts, separator="; ", ignore_nulls=True)
     return pl.when(joined == "").then(None).otherwise(joined)
@@ -197,10 +281,13 @@ def coerce_frame(
     key: str | None,
     normalisation: KeyNormalisation,
     vocabularies: Mapping[str, list[str]],
+    label: LabelRule | None = None,
 ) -> tuple[pl.DataFrame, dict[str, int]]:
     """Coerce every mapped column; add a ``reject_reason`` column (null for good rows).
 
-    Returns the frame (``__row``, canonical columns, reason) and unknown-category counts.
+    With ``label``, that column's cells are checked against the task instead of the generic
+    parse/required checks (whose reasons would show the value). Returns the frame
+    (``__row``, canonical columns, reason) and unknown-category counts.
     """
     _check_columns(raw, columns, file)
     schema = raw.schema
@@ -212,19 +299,32 @@ def coerce_frame(
         out = normalise_key(src, normalisation) if canonical == key else coerce(src, dtype, column)
         values.append(out.alias(canonical))
         present = _present(src, dtype)
-        shown = src.cast(pl.String).str.slice(0, 40)
-        reasons.append(
-            pl.when(present & out.is_null()).then(
-                pl.format(
-                    "column '{}' ({}): cannot parse {} as {}",
-                    pl.lit(name),
-                    pl.lit(canonical),
-                    shown,
-                    pl.lit(column.dtype),
+        if label is not None and canonical == label.column:
+            reasons.append(
+                _label_reason(
+                    src,
+                    dtype,
+                    out,
+                    name=name,
+                    column=column,
+                    rule=label,
+                    vocabulary=vocabularies.get(canonical),
                 )
             )
-        )
-        if column.required or canonical == key:
+        else:
+            shown = src.cast(pl.String).str.slice(0, 40)
+            reasons.append(
+                pl.when(present & out.is_null()).then(
+                    pl.format(
+                        "column '{}' ({}): cannot parse {} as {}",
+                        pl.lit(name),
+                        pl.lit(canonical),
+                        shown,
+                        pl.lit(column.dtype),
+                    )
+                )
+            )
+        if (column.required or canonical == key) and not (label and canonical == label.column):
             reasons.append(
                 pl.when(~present).then(
                     pl.lit(f"column '{name}' ({canonical}): required value missing")
@@ -240,8 +340,8 @@ def coerce_frame(
     unknown: dict[str, int] = {}
     updates: list[pl.Expr] = []
     for canonical, column in columns.items():
-        if column.dtype != "category":
-            continue
+        if column.dtype != "category" or (label is not None and canonical == label.column):
+            continue  # a label outside its classes is quarantined, not counted or mapped
         vocab = vocabularies[canonical]
         outside = frame.filter(pl.col(canonical).is_not_null() & ~pl.col(canonical).is_in(vocab))
         if outside.height:
@@ -274,9 +374,15 @@ def preprocess(
     vocabularies: Mapping[str, list[str]],
     entity_map: pl.DataFrame | None = None,
     bad_lines: list[tuple[int, str, str]] | None = None,
+    label: LabelRule | None = None,
 ) -> Preprocessed:
-    """Coerce, normalise, deduplicate and validate one raw source."""
+    """Coerce, normalise, deduplicate and validate one raw source.
+
+    ``label``: the source maps the consortium's label; its rows are checked against the task.
+    """
     key = DEVICE if source.kind == "events" else entity
+    if label is not None and label.column not in source.columns:
+        label = None
     frame, unknown = coerce_frame(
         raw,
         source.columns,
@@ -284,6 +390,7 @@ def preprocess(
         key=key,
         normalisation=normalisation,
         vocabularies=vocabularies,
+        label=label,
     )
     canonical = list(source.columns)
     if source.kind == "events":
@@ -358,6 +465,8 @@ def preprocess(
 
 def _reason_kind(reason: str) -> str:
     """Group reasons by kind: drop the row-specific value part."""
+    if " (label): " in reason:
+        return reason  # label reasons hold no value
     for marker in (": cannot parse", ": required value missing", ": invalid UTF-8"):
         if marker in reason:
             return reason.split(marker, maxsplit=1)[0] + marker

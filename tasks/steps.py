@@ -18,7 +18,7 @@ from storage.store import FileRef, Store, TableRef, fingerprint, read_table, sca
 from tasks.align import FeatureColumn, align_features, fuse_tables
 from tasks.caching import content_cache_key
 from tasks.features_table import entity_attributes, transaction_features
-from tasks.preprocess import QualityReport, preprocess
+from tasks.preprocess import LabelRule, QualityReport, preprocess
 from tasks.spec import FedSpec, SecretRef, SourceSpec, label_source
 from tasks.types import CATEGORY, DEVICE, ERROR, TIMESTAMP, JoinKind, KeyNormalisation, Objective
 
@@ -42,6 +42,7 @@ class PartyContext(BaseModel):
     label_source: str | None
     secret: SecretRef
     join: JoinKind
+    num_classes: int | None = None
 
     @classmethod
     def from_spec(
@@ -61,6 +62,7 @@ class PartyContext(BaseModel):
             label_source=holder.id if holder else None,
             secret=spec.consortium.secret,
             join=spec.fusion.join,
+            num_classes=spec.consortium.label.num_classes,
         )
 
 
@@ -117,6 +119,7 @@ def run_preprocess(
         vocabularies=ctx.vocabularies,
         entity_map=mapping,
         bad_lines=data.bad_lines,
+        label=label_rule(ctx, source),
     )
     store = Store(ctx.store)
     clean = store.write_table(result.clean, "clean", source.id)
@@ -127,6 +130,13 @@ def run_preprocess(
     )
     store.write_json("reports", f"quality-{source.id}.json", result.quality.model_dump(mode="json"))
     return CleanOutput(source=source.id, clean=clean, rejected=rejected, quality=result.quality)
+
+
+def label_rule(ctx: PartyContext, source: SourceSpec) -> LabelRule | None:
+    """The label check for the party's label source (none elsewhere, nor when scoring)."""
+    if source.id != ctx.label_source or ctx.label not in source.columns:
+        return None
+    return LabelRule(column=ctx.label, task=ctx.task, num_classes=ctx.num_classes)
 
 
 def _format_of(path: str) -> str:

@@ -179,6 +179,30 @@ def write_tiny(root: Path, *, with_text_events: bool = True) -> Path:
     return spec
 
 
+LABEL_MAPPING_A = (
+    'churned = { from = "Churn", dtype = "bool", values = { yes = "true", no = "false" } }'
+)
+
+
+def set_label_cells(spec_path: Path, cells: dict[str, str], *, dtype: str = "float") -> Path:
+    """Give party a's customers export (of :func:`write_tiny`) numeric labels in ``Churn``
+    (1/0 for yes/no), the labels of ``cells`` (raw customer id -> cell text) as given, and map
+    the label as ``dtype`` in the spec. Returns the customers file."""
+    spec = spec_path.read_text()
+    assert LABEL_MAPPING_A in spec
+    spec_path.write_text(
+        spec.replace(LABEL_MAPPING_A, f'churned = {{ from = "Churn", dtype = "{dtype}" }}')
+    )
+    head, *rows = CUSTOMERS_A.strip().split("\n")
+    lines = [head]
+    for row in rows:
+        cust, churn, rest = row.split(",", maxsplit=2)
+        lines.append(",".join([cust, cells.get(cust, "1" if churn == "yes" else "0"), rest]))
+    path = spec_path.parent / "raw" / "a" / "customers.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def write_synthetic(root: Path, *, customers: int = 600, parties: int = 2, seed: int = 0) -> Path:
     """A table-only horizontal consortium with signal in both sources (for training tests)."""
     import numpy as np

@@ -62,6 +62,26 @@ def test_align_names_dtypes_vocabulary_and_label() -> None:
     ]
 
 
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf")])
+def test_align_refuses_unusable_labels_naming_party_and_source(bad: float | None) -> None:
+    features = pl.DataFrame({"customer_id": ["c1", "c2"], "churned": [1.0, bad], "age": [1, 2]})
+    with pytest.raises(
+        AlignError,
+        match=r"^a/customers: label 'churned' is missing, NaN or infinite in 1 row\(s\)",
+    ):
+        align_features(
+            features,
+            entity="customer_id",
+            party="a",
+            source="customers",
+            modality="table",
+            prefix="profile",
+            secret=SECRET,
+            vocabularies={},
+            label_column="churned",
+        )
+
+
 def _aligned(keys: list[str], **cols: list[float]) -> pl.DataFrame:
     return pl.DataFrame({ENTITY_HASH: keys, **cols})
 

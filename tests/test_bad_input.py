@@ -10,9 +10,11 @@ import pytest
 
 from storage.sources import SourceError, read_source
 from storage.store import FileRef, Store, fingerprint
+from tasks.align import hash_keys
 from tasks.spec import SourceSpec, load_spec
-from tasks.steps import PartyContext, run_preprocess
-from tasks.types import REASON
+from tasks.steps import PartyContext, run_party, run_preprocess
+from tasks.types import ENTITY_HASH, LABEL, REASON
+from tests.factories import set_label_cells
 
 
 def _ctx(spec_path: Path, party: str = "a") -> tuple[PartyContext, list[SourceSpec]]:
@@ -182,3 +184,101 @@ def test_timezones_and_units_are_normalised(tiny_table_spec: Path) -> None:
     assert first["customer_id"] == "c1"
     assert first["category"] == "grocery"
     assert out.quality.duplicates_removed == 1  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("cell", "reason"),
+    [
+        ("", "missing label"),
+        ("NaN", "label is not a number"),
+        ("inf", "label is not finite"),
+        ("2", "not 0 or 1 for a binary task"),
+    ],
+    ids=["empty", "nan", "inf", "two-in-binary"],
+)
+def test_bad_label_is_quarantined_and_not_fused(
+    tiny_table_spec: Path, secret: str, cell: str, reason: str
+) -> None:
+    set_label_cells(tiny_table_spec, {"C2": cell})  # C2 is data row 2
+    out, ctx = _run(tiny_table_spec, "customers")
+    expected = f"column 'Churn' (label): {reason}"
+    assert not cell or cell.lower() not in expected.lower()  # the reason never shows the value
+    rejected = pl.read_parquet(out.rejected.uri)  # type: ignore[attr-defined]
+    assert rejected.select("__row", REASON).rows() == [(2, expected)]
+    assert rejected["CustID"].to_list() == ["C2"]  # original cells kept as text
+    quality = out.quality  # type: ignore[attr-defined]
+    assert (quality.rows_in, quality.rows_out, quality.rows_rejected) == (4, 3, 1)
+    assert quality.rows_in == quality.rows_out + quality.rows_rejected
+    assert quality.rejected_by_reason == {expected: 1}
+    stored = Store(ctx.store).read_json("reports", "quality-customers.json")
+    assert (stored["rows_in"], stored["rows_out"], stored["rows_rejected"]) == (4, 3, 1)
+    clean = pl.read_parquet(out.clean.uri)  # type: ignore[attr-defined]
+    assert clean["customer_id"].to_list() == ["c1", "c3", "c4"]
+
+    ctx, sources = _ctx(tiny_table_spec)
+    fused_out = run_party(ctx, sources)
+    fused = pl.read_parquet(fused_out.table.uri)
+    assert fused[LABEL].null_count() == 0
+    assert fused[LABEL].is_finite().all()
+    assert set(fused[LABEL]) <= {0.0, 1.0}
+    c2 = hash_keys(pl.Series(["c2"]), secret.encode())[0]
+    assert c2 not in fused[ENTITY_HASH].to_list()  # quarantined, not fused
+    assert fused.height == 3
+    customers = next(q for q in fused_out.quality if q.source == "customers")
+    assert (customers.rows_in, customers.rows_out, customers.rows_rejected) == (4, 3, 1)
+
+
+def _set_task(spec_path: Path, task: str, label: str = 'label = { column = "churned" }') -> None:
+    text = spec_path.read_text().replace('task = "binary"', f'task = "{task}"')
+    spec_path.write_text(text.replace('label = { column = "churned" }', label))
+
+
+def test_multiclass_label_outside_classes_is_quarantined(tiny_table_spec: Path) -> None:
+    _set_task(tiny_table_spec, "multiclass", 'label = { column = "churned", num_classes = 3 }')
+    set_label_cells(tiny_table_spec, {"C1": "1.5", "C2": "3", "C3": "-1", "C4": "2.0"})
+    out, _ = _run(tiny_table_spec, "customers")
+    rejected = pl.read_parquet(out.rejected.uri)  # type: ignore[attr-defined]
+    reason = "column 'Churn' (label): not an integer 0..2 for a multiclass task"
+    assert rejected.select("__row", REASON).rows() == [(1, reason), (2, reason), (3, reason)]
+    quality = out.quality  # type: ignore[attr-defined]
+    assert (quality.rows_in, quality.rows_out, quality.rows_rejected) == (4, 1, 3)
+    assert quality.rejected_by_reason == {reason: 3}
+    assert pl.read_parquet(out.clean.uri)["churned"].to_list() == [2.0]  # type: ignore[attr-defined]
+
+
+def test_regression_label_must_be_finite(tiny_table_spec: Path) -> None:
+    _set_task(tiny_table_spec, "regression")
+    set_label_cells(tiny_table_spec, {"C1": "-inf", "C2": " ", "C3": "x", "C4": "7.25"})
+    out, _ = _run(tiny_table_spec, "customers")
+    rejected = pl.read_parquet(out.rejected.uri)  # type: ignore[attr-defined]
+    assert rejected.select("__row", REASON).rows() == [
+        (1, "column 'Churn' (label): label is not finite"),
+        (2, "column 'Churn' (label): missing label"),
+        (3, "column 'Churn' (label): cannot parse as float"),
+    ]
+    quality = out.quality  # type: ignore[attr-defined]
+    assert (quality.rows_in, quality.rows_out, quality.rows_rejected) == (4, 1, 3)
+    assert pl.read_parquet(out.clean.uri)["churned"].to_list() == [7.25]  # type: ignore[attr-defined]
+
+
+def test_bool_label_reason_hides_the_value(tiny_table_spec: Path) -> None:
+    path = tiny_table_spec.parent / "raw" / "a" / "customers.csv"
+    path.write_text(path.read_text().replace("C2,no,", "C2,maybe,").replace("C3,no,", "C3,,"))
+    out, _ = _run(tiny_table_spec, "customers")
+    rejected = pl.read_parquet(out.rejected.uri)  # type: ignore[attr-defined]
+    assert rejected.select("__row", REASON).rows() == [
+        (2, "column 'Churn' (label): cannot parse as bool"),
+        (3, "column 'Churn' (label): missing label"),
+    ]
+    assert rejected["Churn"].to_list()[0] == "maybe"
+
+
+def test_label_not_checked_outside_the_label_source(tiny_table_spec: Path) -> None:
+    ctx, sources = _ctx(tiny_table_spec)
+    scoring = ctx.model_copy(update={"label_source": None})
+    source = next(s for s in sources if s.id == "customers")
+    path = tiny_table_spec.parent / "raw" / "a" / "customers.csv"
+    path.write_text(path.read_text().replace("C2,no,", "C2,,"))
+    out = run_preprocess(scoring, source, fingerprint(source.path), None)
+    assert out.rejected is None
+    assert out.quality.rows_out == 4
