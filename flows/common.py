@@ -19,6 +19,11 @@ def task_options(results: str | None, refresh: bool) -> dict[str, Any]:
     return {"result_storage": Path(results or ".fedfuse/results"), "refresh_cache": refresh}
 
 
+def run_name(text: str) -> str:
+    """A fixed task or flow run name (Prefect formats names over the parameters: escape braces)."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 def artifact_key(name: str) -> str:
     """Artifact keys allow lowercase letters, digits and dashes only."""
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "fedfuse"

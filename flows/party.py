@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 from pydantic import BaseModel
 
-from flows.common import task_options
+from flows.common import run_name, task_options
 from flows.dispatch import (
     DEFAULT_TIMEOUT,
     PartyJob,
@@ -31,7 +31,25 @@ from flows.dispatch import (
 from tasks.train_steps import PartyEval, evaluate_party, party_stats, start_scores, train_party
 
 
-@flow(name="party-step", persist_result=True)
+def _job_run_name() -> str:
+    """``site-b: train round 3``: the party-step run's name in the UI."""
+    from prefect.runtime import flow_run
+
+    raw = flow_run.parameters.get("job")
+    job = PartyJob.model_validate(raw) if raw is not None else None
+    return step_name(job) if job is not None else "party-step"
+
+
+def step_name(job: PartyJob) -> str:
+    """A person's name for a party's training step: ``site-b: train round 3``."""
+    what = {"stats": "label statistics", "start": "start scores"}.get(job.op)
+    if what is None:
+        r = job.aggregates[-1].round if job.op == "evaluate" and job.aggregates else job.round
+        what = f"{job.op} round {r}"
+    return f"{job.setup.party}: {what}"
+
+
+@flow(name="party-step", flow_run_name=_job_run_name, persist_result=True)
 def party_step(job: PartyJob) -> BaseModel:
     """One training step of one party (label statistics, start scores, a round's update or
     an evaluation), run where the party's data lives. An evaluation with
@@ -78,7 +96,7 @@ def submit_job(
 ) -> PrefectFuture[Any]:
     """Submit a party's step: to its own work pool when it has a deployment in ``remote``,
     else as a task of the calling flow."""
-    opts = task_options(job.results, job.refresh)
+    opts = {**task_options(job.results, job.refresh), "task_run_name": run_name(step_name(job))}
     setup = job.setup
     if setup.party in remote:
         return dispatch_step.with_options(**opts).submit(remote[setup.party], job, timeout)
@@ -141,7 +159,10 @@ class PartyCalls:
         self.timeout = timeout
 
     def submit(self, party: str, step: Any, *args: Any) -> PrefectFuture[Any]:
-        opts = task_options(self.results, self.refresh)
+        opts = {
+            **task_options(self.results, self.refresh),
+            "task_run_name": run_name(f"{party}: {step.name}"),
+        }
         if party in self.remote:
             return dispatch_call.with_options(**opts).submit(
                 self.remote[party],

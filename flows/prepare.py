@@ -29,7 +29,12 @@ from tasks.steps import (
 )
 
 
-@flow(name="party-pipeline", persist_result=True, task_runner=threads(4))
+@flow(
+    name="party-pipeline",
+    flow_run_name="party-pipeline {party}",
+    persist_result=True,
+    task_runner=threads(4),
+)
 def party_pipeline(
     spec_path: str,
     party: str,

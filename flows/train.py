@@ -43,7 +43,13 @@ from tasks.train_steps import (
     aggregate,
     members,
 )
-from tasks.training import EarlyStopping, aggregate_metrics, base_score, party_learning_rates
+from tasks.training import (
+    EarlyStopping,
+    RoundError,
+    aggregate_metrics,
+    base_score,
+    party_learning_rates,
+)
 from tasks.types import Objective
 
 
@@ -161,7 +167,16 @@ def _catch_up(
     return scores, at, failed
 
 
-@flow(name="federated-round", persist_result=True, task_runner=threads(4))
+# persist_result=False: Prefect matches a retried parent's subflow calls by position, not by
+# round, and would hand round k+1 of a retry the first attempt's persisted round 1. The round's
+# own identity is its checkpoint (run key, round); without a persisted result a retry runs
+# the round afresh, and its party steps come back from their content-keyed caches.
+@flow(
+    name="federated-round",
+    flow_run_name="round {state.round}",
+    persist_result=False,
+    task_runner=threads(4),
+)
 def federated_round(state: RoundInput) -> RoundOutput:
     """Broadcast, train on every party, check and average the updates, evaluate everywhere.
 
@@ -457,7 +472,7 @@ def federated_training(
             logger.warning("stopping: the next round would exceed max_trees=%d", training.max_trees)
             break
         t = checkpoint.round + 1
-        out = federated_round.with_options(name="federated-round")(
+        out = federated_round(
             RoundInput(
                 round=t,
                 setups=setups,
@@ -473,6 +488,8 @@ def federated_training(
                 prefetch=bool(remote) and within_limits(t + 1, done_here + 1),
             )
         )
+        if out.aggregate.round != t:  # a round's result must be that round's, never another's
+            raise RoundError(f"round {t} came back as round {out.aggregate.round}")
         prefetched = out.next_updates()
         stop = stopper.update(t, out.valid[metric])
         checkpoint = checkpoint.model_copy(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 
@@ -17,6 +18,35 @@ def task_states(flow_run_id: object, *, timeout: float = 20.0) -> dict[str, list
         if not pending or time.monotonic() > deadline:
             return states
         time.sleep(0.5)
+
+
+def task_name(run: object) -> str:
+    """The task's own name (``train-party``) of a task run, whatever the run is called
+    (``site-b: train round 3``): task runs carry the task's key, built from its function."""
+    key = str(getattr(run, "task_key", ""))
+    return _task_names().get(key) or str(getattr(run, "name", "")).rsplit("-", 1)[0]
+
+
+@functools.cache
+def _task_names() -> dict[str, str]:
+    import importlib
+
+    from prefect import Task
+
+    names: dict[str, str] = {}
+    for module in (
+        "tasks.steps",
+        "tasks.train_steps",
+        "tasks.vertical_steps",
+        "tasks.baselines",
+        "tasks.scoring",
+        "flows.dispatch",
+        "flows.train",
+    ):
+        for value in vars(importlib.import_module(module)).values():
+            if isinstance(value, Task):
+                names[value.task_key] = value.name
+    return names
 
 
 def read_task_states(flow_run_id: object) -> dict[str, list[str]]:
@@ -41,7 +71,5 @@ def read_task_states(flow_run_id: object) -> dict[str, list[str]]:
         for run in client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))
         ):
-            states.setdefault(run.name.rsplit("-", 1)[0], []).append(
-                run.state.name if run.state else "?"
-            )
+            states.setdefault(task_name(run), []).append(run.state.name if run.state else "?")
     return states

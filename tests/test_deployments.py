@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from tests.factories import write_synthetic, write_tiny
-from tests.prefect_api import task_states
+from tests.prefect_api import task_name, task_states
 from tests.workers import running_worker
 
 pytestmark = pytest.mark.prefect
@@ -367,8 +367,8 @@ def test_two_party_pools_each_party_runs_only_on_its_own_worker(
         others = [k for k in logs if k != party]
         assert all(str(r.id) not in logs[k] for k in others), (flow_names[r.id], party)
     # every task that touches a party's data ran inside that party's runs, on its pool
-    party_tasks = [t for t in tasks if t.name.rsplit("-", 1)[0] in PARTY_TASKS]
-    assert {t.name.rsplit("-", 1)[0] for t in party_tasks} == PARTY_TASKS
+    party_tasks = [t for t in tasks if task_name(t) in PARTY_TASKS]
+    assert {task_name(t) for t in party_tasks} == PARTY_TASKS
     for t in party_tasks:
         home = by_id[t.flow_run_id]
         assert flow_names[home.id] in ("party-pipeline", "party-step"), t.name
@@ -527,7 +527,7 @@ def test_vertical_parties_on_their_own_pools(
         assert all(str(r.id) not in logs[k] for k in others), (flow_names[r.id], party)
     # the feature parties' own steps ran only inside their runs
     for t in tasks:
-        name = t.name.rsplit("-", 1)[0]
+        name = task_name(t)
         if name in ("psi-party-answer", "psi-party-receive"):
             assert flow_names[by_id[t.flow_run_id].id] == "party-call", t.name
     # only blinded values, alignment answers, gradients and score deltas at the coordinator
