@@ -70,6 +70,10 @@ class IntegrityError(RuntimeError):
     """A referenced file does not hold the bytes its reference names."""
 
 
+class UnverifiedError(ValueError):
+    """A referenced text could not be verified; the message is one line, without content."""
+
+
 def _hash_stream(handle: Any) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
@@ -267,3 +271,53 @@ def read_manifest(uri: str) -> tuple[dict[str, Any], dict[str, str]]:
         with fs.open(posixpath.join(folder, file_name), "rb") as handle:
             texts[digest] = handle.read().decode()
     return body, texts
+
+
+def _read_at_most(handle: Any, limit: int) -> bytes:
+    """Up to ``limit`` bytes from a binary handle (never more, however large the file)."""
+    parts: list[bytes] = []
+    got = 0
+    while got < limit:
+        chunk: bytes = handle.read(min(_CHUNK, limit - got))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def read_verified_text(ref: FileRef, *, max_bytes: int) -> str:
+    """The UTF-8 text a reference names, verified against its sha256, read with a size cap.
+
+    Reads at most ``max_bytes + 1`` bytes (a larger file is refused by its size first when
+    the file system reports one). Every verification failure raises :class:`UnverifiedError`
+    with a one-line message that never includes file content: ``update file not found``
+    (also for a folder), ``update file is not readable``, ``update is N bytes, limit M``
+    (``update is more than M bytes, limit M`` when the file system reports no size),
+    ``content does not match its sha256``, ``not UTF-8 text``. Other I/O errors (network,
+    unknown protocol) propagate unchanged.
+    """
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+    fs, path = filesystem(ref.uri)
+    try:
+        info = fs.info(path)
+        if info.get("type") == "directory":
+            raise IsADirectoryError(path)
+        size = info.get("size")
+        if isinstance(size, int) and size > max_bytes:
+            raise UnverifiedError(f"update is {size} bytes, limit {max_bytes}")
+        with fs.open(path, "rb") as handle:
+            data = _read_at_most(handle, max_bytes + 1)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise UnverifiedError("update file not found") from None
+    except PermissionError:
+        raise UnverifiedError("update file is not readable") from None
+    if len(data) > max_bytes:
+        raise UnverifiedError(f"update is more than {max_bytes} bytes, limit {max_bytes}")
+    if hashlib.sha256(data).hexdigest() != ref.sha256:
+        raise UnverifiedError("content does not match its sha256")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UnverifiedError("not UTF-8 text") from None

@@ -22,9 +22,11 @@ Aggregation modes (:func:`aggregation_weights`):
 
 Untrusted model texts can crash or hang LightGBM's C++ loader (a wrong ``tree_sizes`` header
 aborts the process; a child index pointing back up the tree makes prediction loop forever),
-so :func:`check_update` validates the text structurally in Python *before* LightGBM sees it,
-and :func:`load_booster` always drops ``tree_sizes`` so any remaining parse error is raised
-as an exception instead of aborting in a parallel section.
+so :func:`check_update` validates the text structurally in Python *before* LightGBM sees it
+(including that a ``tree_sizes`` header is exact, so the accepted text is safe for any
+LightGBM loader), and :func:`load_booster` always drops ``tree_sizes`` so any remaining parse
+error is raised as an exception instead of aborting in a parallel section. Load member texts
+only through :func:`load_booster`. :func:`leaf_bound` gives an optional bound on leaf values.
 """
 
 from __future__ import annotations
@@ -203,21 +205,13 @@ def ensemble_from_manifest(manifest: Mapping[str, Any], texts: Mapping[str, str]
 
 
 def aggregation_weights(n_train: Mapping[str, int], mode: Aggregation) -> dict[str, float]:
-    """Weights w_k of the accepted updates of one round (see the module docstring)."""
-    if not n_train:
-        raise ValueError("no updates to weight")
+    """Weights w_k of the accepted updates of one round under the strategy ``mode``
+    (:mod:`tasks.strategies`)."""
+    from tasks.strategies import make_strategy
+
     if any(n < 0 for n in n_train.values()):
         raise ValueError(f"negative sample counts: {dict(n_train)}")
-    if mode == "samples":
-        total = sum(n_train.values())
-        if total <= 0:
-            raise ValueError("sample-weighted aggregation needs at least one training row")
-        return {p: n / total for p, n in n_train.items()}
-    if mode == "uniform":
-        return {p: 1.0 / len(n_train) for p in n_train}
-    if mode == "lr_scaled":
-        return dict.fromkeys(n_train, 1.0)
-    raise ValueError(f"unknown aggregation mode {mode!r}")
+    return make_strategy(mode, learning_rate=1.0).weights(n_train)
 
 
 # --------------------------------------------------------------------------------------
@@ -227,8 +221,16 @@ def aggregation_weights(n_train: Mapping[str, int], mode: Aggregation) -> dict[s
 
 @dataclass
 class ParsedTree:
+    """One ``Tree=<i>`` block: its ``key=value`` lines and its size in the original text.
+
+    ``size`` is the block's length in UTF-8 bytes from the ``Tree=<i>`` line up to the next
+    ``Tree=`` or ``end of trees`` line (blank lines included, ``\\r\\n`` counted as two
+    bytes): exactly what LightGBM's ``tree_sizes`` header must say for this tree.
+    """
+
     index: int
     fields: dict[str, str]
+    size: int = 0
 
 
 @dataclass
@@ -238,17 +240,88 @@ class ParsedModel:
     tail: str = ""
 
 
-_TREE_LINE = re.compile(r"^Tree=(\d+)$")
+#: LightGBM's largest ``num_leaves`` (its config refuses more): a tree claiming more is
+#: rejected before any of its arrays is looked at.
+MAX_NUM_LEAVES = 131072
+#: LightGBM writes about a dozen header lines; far more is not one of its models.
+_MAX_HEADER_LINES = 64
+#: At most this many problems are listed (then a count of the rest).
+_MAX_PROBLEMS = 20
+#: The keys LightGBM's tree parser reads (``Tree::Tree(const char*, size_t*)``). It reads at
+#: most 22 lines per tree and lets a repeated key overwrite the first, so unknown or repeated
+#: keys could make it see a different tree than the one checked here: both are rejected.
+_TREE_KEYS = frozenset(
+    {
+        "num_leaves",
+        "num_cat",
+        "split_feature",
+        "split_gain",
+        "threshold",
+        "decision_type",
+        "left_child",
+        "right_child",
+        "leaf_value",
+        "leaf_weight",
+        "leaf_count",
+        "internal_value",
+        "internal_weight",
+        "internal_count",
+        "cat_boundaries",
+        "cat_threshold",
+        "is_linear",
+        "shrinkage",
+        "leaf_const",
+        "num_features",
+        "leaf_features",
+        "leaf_coeff",
+    }
+)
+# Numbers exactly as LightGBM writes them (ASCII only: Python's int()/float() would also take
+# "1_000", " 7", "١٢" or "infinity", which LightGBM's C parser reads differently).
+_TREE_LINE = re.compile(r"Tree=([0-9]{1,9})")
+_INT_TOKEN = re.compile(r"-?[0-9]{1,18}")
+_FLOAT_TOKEN = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|-?inf|-?nan")
+_UINT32_TOKEN = re.compile(r"[0-9]{1,10}")
+_SIZE_TOKEN = re.compile(r"[0-9]{1,15}")
+#: A line of the tail's ``parameters:`` section as LightGBM writes it. LightGBM's
+#: ``LGBM_BoosterGetLoadedParam`` (called by every ``lgb.Booster(model_str=...)``) reads
+#: past its buffers on a line there without ``:`` (``x``, ``[]``): a segfault, found by
+#: fuzzing LightGBM 4.7.
+_PARAM_LINE = re.compile(r"\[[A-Za-z0-9_]+: .*\]")
+
+
+def _line_bytes(raw_line: str) -> int:
+    """UTF-8 length of one line of the original text plus its ``\\n``."""
+    return len(raw_line.encode()) + 1
 
 
 def parse_model_text(text: str) -> ParsedModel:
     """Split a LightGBM text model into header, trees (key=value fields) and tail.
 
-    Raises :class:`ModelTextError` on anything that is not laid out like LightGBM writes it.
+    Raises :class:`ModelTextError` (and nothing else) on anything that is not laid out like
+    LightGBM writes it: NUL characters or a carriage return that does not end a line
+    (LightGBM's C parser ends lines and strings there, so it would read something else than
+    this function), lone surrogates, a header of more than 64 lines, tree lines that are not
+    ``key=value`` with a key LightGBM knows, repeated keys, trees out of order, no
+    ``end of trees``, a tail whose ``parameters:`` section is not ``[key: value]`` lines.
+    ``\\r\\n`` line ends are accepted (LightGBM reads them too).
     """
     if not isinstance(text, str) or not text.strip():
         raise ModelTextError("empty model text")
-    lines = text.replace("\r\n", "\n").split("\n")
+    if "\x00" in text:
+        raise ModelTextError("NUL character in the model text")
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise ModelTextError("model text is not encodable as UTF-8") from None
+    raw = text.split("\n")
+    if "\r" in text:
+        if text.count("\r") != text.count("\r\n"):
+            raise ModelTextError("carriage return inside a line (line ends must be \\n or \\r\\n)")
+        lines = [line.removesuffix("\r") for line in raw]
+    else:
+        lines = raw
     i = 0
     while i < len(lines) and not lines[i].strip():
         i += 1
@@ -261,82 +334,115 @@ def parse_model_text(text: str) -> ParsedModel:
         i += 1
         if not line:
             continue
+        if len(header) >= _MAX_HEADER_LINES:
+            raise ModelTextError(f"header has more than {_MAX_HEADER_LINES} lines")
         key, sep, value = line.partition("=")
         if not sep:
             raise ModelTextError(f"header line without '=': {line[:60]!r}")
         if key in header:
-            raise ModelTextError(f"header key {key!r} appears twice")
+            raise ModelTextError(f"header key {key[:60]!r} appears twice")
         header[key] = value
     trees: list[ParsedTree] = []
     while i < len(lines) and lines[i] != "end of trees":
         line = lines[i]
-        match = _TREE_LINE.match(line)
+        if not line and trees:  # blank lines after a tree belong to its block
+            trees[-1].size += _line_bytes(raw[i])
+            i += 1
+            continue
+        match = _TREE_LINE.fullmatch(line)
         if match is None:
-            if not line.strip():
-                i += 1
-                continue
             raise ModelTextError(f"expected 'Tree=<i>' or 'end of trees', got {line[:60]!r}")
         index = int(match.group(1))
         if index != len(trees):
             raise ModelTextError(f"tree numbering: expected Tree={len(trees)}, got Tree={index}")
+        size = _line_bytes(raw[i])
         i += 1
         fields: dict[str, str] = {}
-        while i < len(lines) and lines[i].strip():
+        while i < len(lines) and lines[i]:
             key, sep, value = lines[i].partition("=")
             if not sep:
                 raise ModelTextError(f"Tree={index}: line without '=': {lines[i][:60]!r}")
+            if key not in _TREE_KEYS:
+                raise ModelTextError(f"Tree={index}: unknown key {key[:60]!r}")
             if key in fields:
                 raise ModelTextError(f"Tree={index}: key {key!r} appears twice")
             fields[key] = value
+            size += _line_bytes(raw[i])
             i += 1
-        trees.append(ParsedTree(index=index, fields=fields))
+        trees.append(ParsedTree(index=index, fields=fields, size=size))
     if i >= len(lines):
         raise ModelTextError("no 'end of trees' line (truncated model?)")
+    _check_parameters(lines[i + 1 :])
     tail = "\n".join(lines[i + 1 :])
     return ParsedModel(header=header, trees=trees, tail=tail)
 
 
+def _check_parameters(tail: Sequence[str]) -> None:
+    """At most one ``parameters:`` ... ``end of parameters`` section, of ``[key: value]``
+    and blank lines only (see :data:`_PARAM_LINE`)."""
+    starts = [j for j, line in enumerate(tail) if line == "parameters:"]
+    ends = [j for j, line in enumerate(tail) if line == "end of parameters"]
+    if not starts and not ends:
+        return
+    if len(starts) != 1 or len(ends) != 1 or ends[0] < starts[0]:
+        raise ModelTextError("malformed parameters section")
+    for line in tail[starts[0] + 1 : ends[0]]:
+        if line and not _PARAM_LINE.fullmatch(line):  # LightGBM writes a blank line too
+            raise ModelTextError(f"malformed parameter line {line[:60]!r}")
+
+
 def _numbers(tree: ParsedTree, key: str, count: int, kind: type[float] | type[int]) -> list[Any]:
+    """``count`` numbers of field ``key``, single-space separated, as LightGBM writes them."""
     raw = tree.fields.get(key)
     if raw is None:
         raise ModelTextError(f"Tree={tree.index}: no {key}")
-    tokens = raw.split()
+    tokens = raw.split(" ") if raw else []
     if len(tokens) != count:
         raise ModelTextError(f"Tree={tree.index}: {key} has {len(tokens)} values, expected {count}")
-    try:
-        return [kind(t) for t in tokens]
-    except ValueError:
-        raise ModelTextError(f"Tree={tree.index}: {key} has a non-{kind.__name__} value") from None
+    pattern = _INT_TOKEN if kind is int else _FLOAT_TOKEN
+    if not all(pattern.fullmatch(t) for t in tokens):
+        raise ModelTextError(f"Tree={tree.index}: {key} has a non-{kind.__name__} value")
+    return [kind(t) for t in tokens]
+
+
+def _value_problems(
+    where: str, what: str, values: Sequence[float], max_abs_leaf: float | None
+) -> list[str]:
+    if not all(math.isfinite(v) for v in values):
+        return [f"{where}: non-finite {what}"]
+    if max_abs_leaf is not None and any(abs(v) > max_abs_leaf for v in values):
+        return [f"{where}: leaf value beyond the bound ±{max_abs_leaf:g}"]
+    return []
 
 
 def _tree_problems(
-    tree: ParsedTree, n_features: int, categorical_idx: set[int] | None
+    tree: ParsedTree,
+    n_features: int,
+    categorical_idx: set[int] | None,
+    max_abs_leaf: float | None = None,
 ) -> list[str]:
-    """Structural checks that keep LightGBM's loader and predictor safe, plus finiteness."""
+    """Structural checks that keep LightGBM's loader and predictor safe, plus finiteness and
+    the optional bound on |leaf_value| and |internal_value|. Raises nothing."""
     where = f"Tree={tree.index}"
-    try:
-        num_leaves = int(tree.fields.get("num_leaves", ""))
-        num_cat = int(tree.fields.get("num_cat", "0"))
-    except ValueError:
+    num_leaves_raw = tree.fields.get("num_leaves", "")
+    num_cat_raw = tree.fields.get("num_cat", "0")
+    if not (_INT_TOKEN.fullmatch(num_leaves_raw) and _INT_TOKEN.fullmatch(num_cat_raw)):
         return [f"{where}: num_leaves/num_cat is not an integer"]
-    if num_leaves < 1 or num_cat < 0:
-        return [f"{where}: num_leaves={num_leaves}, num_cat={num_cat}"]
+    num_leaves, num_cat = int(num_leaves_raw), int(num_cat_raw)
+    if not 1 <= num_leaves <= MAX_NUM_LEAVES or not 0 <= num_cat < max(num_leaves, 1):
+        return [
+            f"{where}: num_leaves={num_leaves}, num_cat={num_cat} "
+            f"(num_leaves must be 1..{MAX_NUM_LEAVES}, num_cat below it)"
+        ]
     if tree.fields.get("is_linear", "0") != "0":
         return [f"{where}: linear trees are not supported"]
     problems: list[str] = []
+    n = num_leaves - 1
     try:
         leaves = _numbers(tree, "leaf_value", num_leaves, float)
-        if not all(math.isfinite(v) for v in leaves):
-            problems.append(f"{where}: non-finite leaf value")
-        float(tree.fields.get("shrinkage", "1"))
-        if num_leaves == 1:
-            return problems
-        n = num_leaves - 1
-        split_feature = _numbers(tree, "split_feature", n, int)
-        threshold = _numbers(tree, "threshold", n, float)
-        decision = _numbers(tree, "decision_type", n, int)
-        left = _numbers(tree, "left_child", n, int)
-        right = _numbers(tree, "right_child", n, int)
+        problems += _value_problems(where, "leaf value", leaves, max_abs_leaf)
+        if "shrinkage" in tree.fields:
+            _numbers(tree, "shrinkage", 1, float)
         for key, count, kind in (
             ("split_gain", n, float),
             ("internal_value", n, float),
@@ -346,15 +452,25 @@ def _tree_problems(
             ("leaf_count", num_leaves, int),
         ):
             if tree.fields.get(key, "").strip():
-                _numbers(tree, key, count, kind)
+                values = _numbers(tree, key, count, kind)
+                if key == "internal_value":
+                    problems += _value_problems(where, "internal value", values, max_abs_leaf)
+        if n == 0:
+            return problems
+        split_feature = _numbers(tree, "split_feature", n, int)
+        threshold = _numbers(tree, "threshold", n, float)
+        decision = _numbers(tree, "decision_type", n, int)
+        left = _numbers(tree, "left_child", n, int)
+        right = _numbers(tree, "right_child", n, int)
         if num_cat > 0:
             bounds = _numbers(tree, "cat_boundaries", num_cat + 1, int)
-            cat_threshold = tree.fields.get("cat_threshold", "").split()
+            raw_cats = tree.fields.get("cat_threshold", "")
+            cat_threshold = raw_cats.split(" ") if raw_cats else []
             if (
                 bounds[0] != 0
                 or any(b > a for b, a in itertools.pairwise(bounds))
                 or bounds[-1] != len(cat_threshold)
-                or not all(t.isdigit() and int(t) < 2**32 for t in cat_threshold)
+                or not all(_UINT32_TOKEN.fullmatch(t) and int(t) < 2**32 for t in cat_threshold)
             ):
                 problems.append(f"{where}: inconsistent cat_boundaries/cat_threshold")
     except ModelTextError as exc:
@@ -379,8 +495,11 @@ def _tree_problems(
         if categorical_idx is not None and is_cat != (feature in categorical_idx):
             what = "categorical" if is_cat else "numerical"
             problems.append(f"{where}: {what} split on feature {feature}")
+        if len(problems) > _MAX_PROBLEMS:
+            return problems
     # Topology: node 0 is the root; every other node and every leaf has exactly one parent
-    # (leaf j is written as ~j), and everything is reachable from the root (no cycles).
+    # (leaf j is written as ~j), and everything is reachable from the root. A cycle reachable
+    # from the root gives some node a second parent; any other cycle is unreachable.
     seen_nodes: set[int] = set()
     seen_leaves: set[int] = set()
     for child in (*left, *right):
@@ -403,6 +522,55 @@ def _tree_problems(
     if reached != n or len(seen_leaves) != num_leaves:
         problems.append(f"{where}: bad tree structure (not a tree rooted at node 0)")
     return problems
+
+
+def _tree_sizes_match(value: str, trees: Sequence[ParsedTree]) -> bool:
+    """Whether a ``tree_sizes`` header gives each tree's exact block size, in order."""
+    tokens = value.split(" ") if value else []
+    return len(tokens) == len(trees) and all(
+        _SIZE_TOKEN.fullmatch(t) and int(t) == tree.size
+        for t, tree in zip(tokens, trees, strict=True)
+    )
+
+
+def leaf_bound(
+    objective: Objective, learning_rate: float, num_class: int, label_span: float = 0.0
+) -> float:
+    """A generous but finite bound on |leaf value| of a genuine update, for
+    ``check_update(max_abs_leaf=...)``.
+
+    LightGBM stores every leaf (and internal) value after shrinkage: the Newton step
+    ``η · (−G / (H + λ))`` of the rows in the leaf (G, H: sums of their gradients and
+    hessians, λ: ``lambda_l2``). Updates are fitted from the running scores as init score,
+    so LightGBM adds no base score to them (a tree without any split is all zeros).
+
+    * ``binary`` / ``multiclass`` (log loss): returns ``η · 100``. The gradients p − y lie
+      in [−1, 1], but the hessians p(1 − p) can be tiny, so only ``min_sum_hessian_in_leaf``
+      limits the step and no exact bound exists. 100 raw-score units per tree is plenty: the
+      sigmoid (and the softmax of a logit gap) of ±37 already rounds to exactly 1 or 0 in
+      float64, so a larger step cannot change a probability any further. A genuine leaf
+      gets near the bound only when all its rows are confidently wrong (p < ~1 % for
+      their label) and the hessian sum is tiny; such an update is rejected too.
+    * ``regression`` (L2): the step is the mean residual y − F of the leaf's rows (shrunk
+      towards 0 by λ), at most the label span when the running score F stays within the
+      label range. Returns ``η · max(100, 4 · label_span)``: 4 × span covers running scores
+      that overshoot, 100 is a floor for tiny spans. ``label_span`` = max(y) − min(y) over
+      the training rows must come from the caller; left at 0 the bound (``100 · η``) only
+      suits labels that span at most 25.
+
+    ``learning_rate`` is the spec's rate η: in ``lr_scaled`` aggregation parties train with
+    smaller rates, for which the bound stays valid. ``num_class`` is checked against the
+    objective but does not change the bound. Raises :class:`ValueError` on a non-positive or
+    non-finite learning rate or a negative or non-finite label span.
+    """
+    check_task(objective, num_class)
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning_rate must be positive and finite, got {learning_rate}")
+    if not (math.isfinite(label_span) and label_span >= 0):
+        raise ValueError(f"label_span must be >= 0 and finite, got {label_span}")
+    if objective == "regression":
+        return learning_rate * max(100.0, 4.0 * label_span)
+    return learning_rate * 100.0
 
 
 def expected_objective_line(objective: Objective, num_class: int) -> str:
@@ -428,54 +596,50 @@ def check_update(
     num_class: int,
     trees_per_round: int,
     categorical: Sequence[str] | None = None,
+    max_abs_leaf: float | None = None,
 ) -> list[str]:
     """Problems with a party's update; an empty list means it may join the ensemble.
 
-    Checks, in order: the text parses as a LightGBM text model laid out as LightGBM writes it;
-    header (objective line, ``num_class``, ``num_tree_per_iteration``, feature names in order,
-    one ``feature_infos`` entry per feature, no ``average_output``); the number of trees is a
-    positive multiple of ``num_class`` and at most ``trees_per_round × num_class`` (LightGBM
-    stops early when no split is possible, so fewer is legitimate); every tree is well formed
-    (array lengths, child indices form a tree, split features in range, categorical splits
-    only on ``categorical`` features when given) with finite leaf values and non-NaN
-    thresholds (LightGBM itself writes ``inf`` for a missing-vs-present split); and finally
-    that LightGBM loads it with the same trees and feature names.
+    Checks, in order: the number of ``Tree=`` lines is at most ``trees_per_round ×
+    num_class`` (counted before anything is parsed); the text parses as a LightGBM text
+    model laid out as LightGBM writes it (see :func:`parse_model_text`); header (objective
+    line, ``num_class``, ``num_tree_per_iteration``, feature names in order, one
+    ``feature_infos`` entry per feature, no ``average_output``); the number of trees is a
+    positive multiple of ``num_class`` and at most the limit (LightGBM stops early when no
+    split is possible, so fewer is legitimate); every tree is well formed (``num_leaves`` at
+    most :data:`MAX_NUM_LEAVES`, array lengths, numbers as LightGBM writes them, child
+    indices form a tree rooted at node 0, split features in range, categorical splits only
+    on ``categorical`` features when given) with finite leaf and internal values, within
+    ``±max_abs_leaf`` when given (see :func:`leaf_bound`), and non-NaN thresholds (LightGBM
+    itself writes ``inf`` for a missing-vs-present split); a ``tree_sizes`` header, when
+    present, gives each tree's exact block size in bytes (a wrong one aborts LightGBM's
+    loader); and finally that LightGBM loads it (via :func:`load_booster`) with the same
+    trees and feature names. LightGBM is called only when every other check passed.
+
+    Never raises on any ``model_text``: problems come back as a list (at most about 20
+    entries). Raises :class:`ValueError` only for inconsistent arguments (``objective`` vs.
+    ``num_class``, a non-positive or non-finite ``max_abs_leaf``).
     """
     check_task(objective, num_class)
+    if max_abs_leaf is not None and not (math.isfinite(max_abs_leaf) and max_abs_leaf > 0):
+        raise ValueError(f"max_abs_leaf must be positive and finite, got {max_abs_leaf}")
     try:
-        parsed = parse_model_text(model_text)
-    except ModelTextError as exc:
-        return [f"not a LightGBM text model: {exc}"]
-    header = parsed.header
-    problems: list[str] = []
-    want_objective = expected_objective_line(objective, num_class)
-    if header.get("objective") != want_objective:
-        problems.append(f"objective is {header.get('objective')!r}, expected {want_objective!r}")
-    for key in ("num_class", "num_tree_per_iteration"):
-        if header.get(key) != str(num_class):
-            problems.append(f"{key} is {header.get(key)!r}, expected {num_class}")
-    if "average_output" in header:
-        problems.append("random-forest models (average_output) are not supported")
-    names = header.get("feature_names", "").split()
-    if names != list(feature_names):
-        problems.append(_name_problem(names, list(feature_names)))
-    if header.get("max_feature_idx") != str(len(feature_names) - 1):
-        problems.append(f"max_feature_idx is {header.get('max_feature_idx')!r}")
-    if len(header.get("feature_infos", "").split()) != len(feature_names):
-        problems.append("feature_infos does not have one entry per feature")
-    n_trees = len(parsed.trees)
-    limit = trees_per_round * num_class
-    if n_trees == 0 or n_trees % num_class or n_trees > limit:
-        problems.append(
-            f"{n_trees} trees; expected a positive multiple of {num_class} up to {limit}"
+        problems, n_trees = _text_problems(
+            model_text,
+            feature_names=feature_names,
+            objective=objective,
+            num_class=num_class,
+            trees_per_round=trees_per_round,
+            categorical=categorical,
+            max_abs_leaf=max_abs_leaf,
         )
-    cat_idx = None
-    if categorical is not None:
-        index = {name: i for i, name in enumerate(feature_names)}
-        cat_idx = {index[c] for c in categorical if c in index}
-    for tree in parsed.trees:
-        problems.extend(_tree_problems(tree, len(feature_names), cat_idx))
+    except Exception:  # fail closed: an update we could not check is not accepted
+        logger.exception("check_update failed on an update; treating it as rejected")
+        return ["the update could not be checked (internal error); rejected"]
     if problems:
+        if len(problems) > _MAX_PROBLEMS:
+            rest = len(problems) - _MAX_PROBLEMS
+            problems = [*problems[:_MAX_PROBLEMS], f"... and {rest} more problem(s)"]
         return problems
     try:
         booster = load_booster(model_text)
@@ -486,6 +650,64 @@ def check_update(
     if booster.feature_name() != list(feature_names):
         problems.append("LightGBM reads different feature names")
     return problems
+
+
+def _text_problems(
+    model_text: str,
+    *,
+    feature_names: Sequence[str],
+    objective: Objective,
+    num_class: int,
+    trees_per_round: int,
+    categorical: Sequence[str] | None,
+    max_abs_leaf: float | None,
+) -> tuple[list[str], int]:
+    """Everything :func:`check_update` checks before LightGBM sees the text, and the
+    number of trees parsed."""
+    limit = trees_per_round * num_class
+    expected = f"expected a positive multiple of {num_class} up to {limit}"
+    if isinstance(model_text, str):
+        tree_lines = model_text.count("\nTree=")
+        if tree_lines > limit:  # reject before parsing (and allocating) them all
+            return [f"{tree_lines} trees; {expected}"], tree_lines
+    try:
+        parsed = parse_model_text(model_text)
+    except ModelTextError as exc:
+        return [f"not a LightGBM text model: {exc}"], 0
+    header = parsed.header
+    problems: list[str] = []
+    want_objective = expected_objective_line(objective, num_class)
+    if header.get("objective") != want_objective:
+        got = header.get("objective")
+        shown = got if got is None else got[:60]
+        problems.append(f"objective is {shown!r}, expected {want_objective!r}")
+    for key in ("num_class", "num_tree_per_iteration"):
+        if header.get(key) != str(num_class):
+            got = header.get(key)
+            shown = got if got is None else got[:60]
+            problems.append(f"{key} is {shown!r}, expected {num_class}")
+    if "average_output" in header:
+        problems.append("random-forest models (average_output) are not supported")
+    names = header.get("feature_names", "").split()
+    if names != list(feature_names):
+        problems.append(_name_problem(names, list(feature_names)))
+    if header.get("max_feature_idx") != str(len(feature_names) - 1):
+        problems.append(f"max_feature_idx is {(header.get('max_feature_idx') or '')[:60]!r}")
+    if len(header.get("feature_infos", "").split()) != len(feature_names):
+        problems.append("feature_infos does not have one entry per feature")
+    n_trees = len(parsed.trees)
+    if n_trees == 0 or n_trees % num_class or n_trees > limit:
+        problems.append(f"{n_trees} trees; {expected}")
+    cat_idx = None
+    if categorical is not None:
+        index = {name: i for i, name in enumerate(feature_names)}
+        cat_idx = {index[c] for c in categorical if c in index}
+    for tree in parsed.trees:
+        problems.extend(_tree_problems(tree, len(feature_names), cat_idx, max_abs_leaf))
+    sizes = header.get("tree_sizes")
+    if sizes is not None and not _tree_sizes_match(sizes, parsed.trees):
+        problems.append("tree_sizes does not match the trees")
+    return problems, n_trees
 
 
 def _name_problem(got: list[str], want: list[str]) -> str:

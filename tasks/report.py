@@ -9,12 +9,11 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 
-import lightgbm as lgb
 import numpy as np
 from pydantic import BaseModel, Field
 
 from tasks.design import FeatureSchema
-from tasks.ensemble import GlobalEnsemble
+from tasks.ensemble import GlobalEnsemble, load_booster
 from tasks.types import Objective
 
 HEADLINE = {"binary": "auc", "multiclass": "accuracy", "regression": "rmse"}
@@ -43,7 +42,7 @@ def importance_by_party_modality(
     out: dict[str, dict[str, float]] = {}
     for members in ensemble.rounds[: ensemble.resolve_round(upto_round)]:
         for party, weight, text in members:
-            gains = lgb.Booster(model_str=text).feature_importance(importance_type="gain")
+            gains = load_booster(text).feature_importance(importance_type="gain")
             row = out.setdefault(party, {})
             for name, gain in zip(names, gains, strict=True):
                 modality = schema.modality.get(name, "other")
@@ -161,12 +160,16 @@ def markdown_report(
     importance: Mapping[str, Mapping[str, float]],
     artefacts: Mapping[str, str],
     dropped: Mapping[int, Mapping[str, str]],
+    stopped: str | None = None,
+    left_out: Mapping[str, str] | None = None,
+    warnings: Sequence[str] = (),
 ) -> str:
     lines = [
         f"# fedfuse training report: `{consortium}`",
         "",
         f"Objective **{objective}**; best round **{best_round}** of {len(valid)}; "
-        f"global ensemble: {trees} trees, {model_bytes / 1024:.0f} KiB.",
+        f"global ensemble: {trees} trees, {model_bytes / 1024:.0f} KiB."
+        + (f" Stopped: {stopped}." if stopped else ""),
         "",
         "## Test metrics",
         "",
@@ -194,8 +197,17 @@ def markdown_report(
             for party, row in importance.items()
         ),
     ]
+    if left_out:
+        lines += ["", "## Parties left out of training", ""]
+        lines += [f"- {party}: {why}" for party, why in sorted(left_out.items())]
     if dropped:
         lines += ["", "## Updates left out", ""]
-        lines += [f"- round {r}: {dict(d)}" for r, d in sorted(dropped.items())]
+        lines += [
+            f"- round {r}, {party}: {why}"
+            for r, d in sorted(dropped.items())
+            for party, why in sorted(d.items())
+        ]
+    if warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
     lines += ["", "## Artefacts", ""] + [f"- {k}: `{v}`" for k, v in artefacts.items()]
     return "\n".join(lines) + "\n"

@@ -2,14 +2,22 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import fsspec
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from storage.store import IntegrityError, Store, fingerprint, read_table
+from storage.store import (
+    FileRef,
+    IntegrityError,
+    Store,
+    UnverifiedError,
+    fingerprint,
+    read_table,
+    read_verified_text,
+)
 
 FRAME = pl.DataFrame({"k": ["a", "b", "c"], "x": [1.0, 2.5, None]})
 
@@ -112,3 +120,76 @@ def test_pipeline_steps_on_a_remote_file_system(tmp_path: Path, secret: str) -> 
     assert layers == {"clean", "features", "aligned", "fused", "rejected", "reports"}
     assert not (tmp_path / "stores" / "a").exists()
     fs.rm("/fedfuse-remote", recursive=True)
+
+
+# --------------------------------------------------------------------------------------
+# read_verified_text
+# --------------------------------------------------------------------------------------
+
+SECRET_LINE = "tree\nversion=v4\nleaf_value=0.125 -0.5\n"
+
+
+def test_verified_text_on_a_remote_store() -> None:
+    store = Store("memory://fedfuse-test-verified/coordinator")
+    ref = store.write_text("models", "u.txt", SECRET_LINE)
+    assert ref.uri == "memory://fedfuse-test-verified/coordinator/models/u.txt"
+    assert read_verified_text(ref, max_bytes=ref.size) == SECRET_LINE
+    with pytest.raises(UnverifiedError, match=rf"^update is {ref.size} bytes, limit 3$"):
+        read_verified_text(ref, max_bytes=3)
+    gone = ref.model_copy(update={"uri": ref.uri + ".missing"})
+    with pytest.raises(UnverifiedError, match=r"^update file not found$"):
+        read_verified_text(gone, max_bytes=100)
+    fsspec.filesystem("memory").rm("/fedfuse-test-verified", recursive=True)
+
+
+def test_verified_text_reads_at_most_max_bytes_plus_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even when the file system reports no (or a stale) size, at most max_bytes + 1 bytes
+    are read: a huge file is never read whole."""
+    path = tmp_path / "big.txt"
+    with path.open("wb") as handle:
+        handle.truncate(1 << 30)  # 1 GiB, sparse: nothing is written
+    ref = FileRef(uri=str(path), sha256="0" * 64, size=1 << 30)
+    with pytest.raises(UnverifiedError, match=r"^update is 1073741824 bytes, limit 1000$"):
+        read_verified_text(ref, max_bytes=1000)  # refused by its size, before reading
+
+    local = type(fsspec.filesystem("file"))
+    monkeypatch.setattr(local, "info", lambda self, path, **kw: {"type": "file", "size": None})
+    real_open = local.open
+    read: list[int] = []
+
+    def counting_open(self: Any, path: str, mode: str = "rb", **kw: Any) -> Any:
+        handle = real_open(self, path, mode, **kw)
+        real_read = handle.read
+
+        def counted(n: int = -1) -> bytes:
+            data: bytes = real_read(n)
+            read.append(len(data))
+            return data
+
+        handle.read = counted
+        return handle
+
+    monkeypatch.setattr(local, "open", counting_open)
+    with pytest.raises(UnverifiedError, match=r"^update is more than 1000 bytes, limit 1000$"):
+        read_verified_text(ref, max_bytes=1000)
+    assert sum(read) == 1001
+
+
+def test_verified_text_messages_hold_no_content(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    ref = store.write_text("models", "u.txt", SECRET_LINE)
+    Path(ref.uri).write_text(SECRET_LINE.replace("0.125", "9.125"))
+    binary = store.write_bytes("models", "b.bin", b"\xff\xfe" + SECRET_LINE.encode())
+    for bad, message in [
+        (ref, "content does not match its sha256"),
+        (binary, "not UTF-8 text"),
+    ]:
+        with pytest.raises(UnverifiedError) as info:
+            read_verified_text(bad, max_bytes=1 << 20)
+        assert str(info.value) == message
+        assert "leaf_value" not in str(info.value)
+        assert isinstance(info.value, ValueError)
+    with pytest.raises(ValueError, match="max_bytes"):
+        read_verified_text(ref, max_bytes=-1)
