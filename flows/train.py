@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+import math
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 from uuid import UUID
 
 from prefect import flow, get_run_logger, task
@@ -32,25 +35,32 @@ from tasks.report import (
     plot_importance,
     plot_rounds,
 )
+from tasks.rounds import (
+    STOP_TEXT,
+    QuorumError,
+    RoundError,
+    StopReason,
+    cannot_train,
+    label_span,
+    round_trees,
+    stop_before,
+)
 from tasks.spec import FedSpec, TrainingSpec, load_spec
 from tasks.train_steps import (
     PartyEval,
     PartyStats,
     PartyUpdate,
-    QuorumError,
     RoundAggregate,
     TrainSetup,
     aggregate,
     members,
+    model_rules,
+    strategy_for,
 )
-from tasks.training import (
-    EarlyStopping,
-    RoundError,
-    aggregate_metrics,
-    base_score,
-    party_learning_rates,
-)
+from tasks.training import EarlyStopping, aggregate_metrics, base_score
 from tasks.types import Objective
+
+T = TypeVar("T")
 
 
 class RoundInput(BaseModel):
@@ -61,7 +71,10 @@ class RoundInput(BaseModel):
     scores: dict[str, TableRef]
     scores_round: dict[str, int] = Field(description="Round each party's running scores are at")
     history: list[RoundAggregate] = Field(default_factory=list, description="Rounds so far")
-    learning_rates: dict[str, float]
+    learning_rates: dict[str, float] = Field(
+        description="The parties that train this round (the strategy's plan) and their rates"
+    )
+    label_span: float = Field(default=0.0, description="Pooled label spread (leaf bound)")
     results: str
     refresh: bool = False
     remote: dict[str, str] = Field(
@@ -72,6 +85,9 @@ class RoundInput(BaseModel):
         default_factory=dict,
         description="Updates for this round that dispatched parties trained in the previous "
         "round's evaluation run",
+    )
+    next_learning_rates: dict[str, float] = Field(
+        default_factory=dict, description="The next round's plan (with prefetch)"
     )
     prefetch: bool = Field(
         default=False,
@@ -105,27 +121,35 @@ class Checkpoint(BaseModel):
     best_round: int
     best_loss: float | None
     stopped: bool = False
+    stop_reason: StopReason | None = None
+    left_out: dict[str, str] = Field(
+        default_factory=dict, description="Parties that cannot take part, and why"
+    )
 
 
 def loss_name(objective: Objective) -> str:
     return {"binary": "logloss", "multiclass": "logloss", "regression": "rmse"}[objective]
 
 
-@task(name="aggregate-round")
+@task(name="aggregate-round", task_run_name="aggregate round {round_}")
 def aggregate_round(
-    updates: list[PartyUpdate], failed: dict[str, str], round_: int, setup: TrainSetup
+    updates: list[PartyUpdate],
+    failed: dict[str, str],
+    round_: int,
+    setup: TrainSetup,
+    planned: list[str],
+    span: float,
 ) -> RoundAggregate:
     t = setup.training
     return aggregate(
         updates,
         round_=round_,
-        schema=setup.schema_,
-        objective=setup.objective,
-        num_class=setup.num_class,
-        trees_per_round=t.trees_per_round,
-        mode=t.aggregation,
+        rules=model_rules(setup, span),
+        strategy=strategy_for(t),
         min_parties=t.min_parties,
+        planned=planned,
         failed=failed,
+        folder=Store(setup.coordinator).location("models", ""),
     )
 
 
@@ -208,7 +232,7 @@ def federated_round(state: RoundInput) -> RoundOutput:
             timeout=state.timeout,
         )
         for party, setup in setups.items()
-        if party not in failed and party not in ready
+        if party in state.learning_rates and party not in failed and party not in ready
     }
     wait(list(futures.values()))
     updates: list[PartyUpdate] = list(ready.values())
@@ -220,7 +244,9 @@ def federated_round(state: RoundInput) -> RoundOutput:
     for party, reason in failed.items():
         logger.warning("round %d: party %s left out: %s", state.round, party, reason)
     first = next(iter(setups.values()))
-    agg = aggregate_round(updates, failed, state.round, first)
+    agg = aggregate_round(
+        updates, failed, state.round, first, sorted(state.learning_rates), state.label_span
+    )
     evals_f = {
         party: submit_job(
             _job(
@@ -230,7 +256,7 @@ def federated_round(state: RoundInput) -> RoundOutput:
                 aggregates=[agg],
                 scores=scores[party],
                 next_learning_rate=(
-                    state.learning_rates[party]
+                    state.next_learning_rates.get(party)
                     if state.prefetch and party in state.remote
                     else None
                 ),
@@ -316,6 +342,9 @@ class TrainingResult(BaseModel):
     dropped: dict[int, dict[str, str]]
     comparison: Comparison
     report: str
+    stop_reason: StopReason | None = None
+    left_out: dict[str, str] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
 
 
 def num_classes(spec: FedSpec) -> int:
@@ -416,11 +445,30 @@ def federated_training(
     stat_futures = {
         s.party: submit_job(job(s, op="stats"), remote, timeout=timeout) for s in setups
     }
-    stats: dict[str, PartyStats] = {p: f.result() for p, f in stat_futures.items()}
-    base = base_score(list(stats.values()), objective, max(k, 1))
-    rates = party_learning_rates(
-        {p: st.n_train for p, st in stats.items()}, training.learning_rate, training.aggregation
-    )
+    wait(list(stat_futures.values()))
+    stats: dict[str, PartyStats] = {}
+    left_out: dict[str, str] = {}
+    for party, future in stat_futures.items():
+        if future.state.is_completed():
+            stats[party] = future.result()
+            if (why := cannot_train(stats[party], objective)) is not None:
+                left_out[party] = why
+        else:
+            left_out[party] = f"its label statistics failed: {future.state.message}"
+    for party, why in left_out.items():
+        logger.warning("party %s cannot take part in training: %s", party, why)
+    # a party without rows has nothing to evaluate either; a one-class party still evaluates
+    setups = [s for s in setups if s.party in stats and stats[s.party].n_train > 0]
+    trainers = {p: (0 if p in left_out else st.n_train) for p, st in stats.items()}
+    if sum(1 for n in trainers.values() if n > 0) < training.min_parties:
+        raise QuorumError(
+            f"{sum(1 for n in trainers.values() if n > 0)} part(ies) can train, min_parties is "
+            f"{training.min_parties}; left out: "
+            + ("; ".join(f"{p}: {why}" for p, why in sorted(left_out.items())) or "none")
+        )
+    base = base_score([stats[s.party] for s in setups], objective, max(k, 1))
+    strategy = strategy_for(training)
+    span = label_span(list(stats.values()))
     coordinator = Store(spec.coordinator.store)
     checkpoint = None if refresh else load_checkpoint(coordinator, key)
     if checkpoint is None:
@@ -440,6 +488,7 @@ def federated_training(
             scores_round=dict.fromkeys(scores, 0),
             best_round=0,
             best_loss=None,
+            left_out=left_out,
         )
     else:
         logger.info("resuming training run %s after round %d", key, checkpoint.round)
@@ -452,26 +501,31 @@ def federated_training(
         key=f"{artifact_key(spec.consortium.name)}-training-progress",
         description="Federated training: share of the round limit done",
     )
-    trees_per_round = training.trees_per_round
-    done_here = 0
+    started = time.monotonic()
+    per_round = round_trees(strategy, trainers, training.trees_per_round, max(k, 1))
 
-    def within_limits(round_: int, done: int) -> bool:
-        """Round ``round_`` may run after ``done`` rounds of this call (early stopping aside)."""
-        trees = round_ * trees_per_round * len(setups) * max(k, 1)
-        return (
-            round_ <= training.rounds
-            and (stop_after is None or done < stop_after)
-            and (training.max_trees is None or trees <= training.max_trees)
+    def stop_reason(round_: int, rounds_: list[RoundAggregate]) -> StopReason | None:
+        """The round rules' answer to "may round ``round_`` run?" (early stopping aside)."""
+        return stop_before(
+            round_,
+            rounds=training.rounds,
+            trees=sum(m.trees for r in rounds_ for m in r.members),
+            next_trees=per_round,
+            max_trees=training.max_trees,
+            elapsed=time.monotonic() - started,
+            max_seconds=training.max_seconds,
         )
 
+    done_here = 0
+    reason: StopReason | None = checkpoint.stop_reason if checkpoint.stopped else None
     prefetched: dict[str, PartyUpdate] = {}
-    while not checkpoint.stopped and checkpoint.round < training.rounds:
-        if stop_after is not None and done_here >= stop_after:
-            break
-        if not within_limits(checkpoint.round + 1, done_here):
-            logger.warning("stopping: the next round would exceed max_trees=%d", training.max_trees)
-            break
+    while not checkpoint.stopped:
         t = checkpoint.round + 1
+        reason = stop_reason(t, checkpoint.rounds)
+        if reason is not None or (stop_after is not None and done_here >= stop_after):
+            break
+        plan = strategy.plan(t, trainers)
+        following = strategy.plan(t + 1, trainers)
         out = federated_round(
             RoundInput(
                 round=t,
@@ -479,19 +533,31 @@ def federated_training(
                 scores=checkpoint.scores,
                 scores_round=checkpoint.scores_round,
                 history=checkpoint.rounds,
-                learning_rates=rates,
+                learning_rates=dict(plan.learning_rates),
+                label_span=span,
                 results=results,
                 refresh=refresh,
                 remote=remote,
                 timeout=timeout,
                 prefetched=prefetched,
-                prefetch=bool(remote) and within_limits(t + 1, done_here + 1),
+                next_learning_rates=dict(following.learning_rates),
+                prefetch=bool(remote)
+                and (stop_after is None or done_here + 1 < stop_after)
+                and stop_before(
+                    t + 1,
+                    rounds=training.rounds,
+                    trees=0,
+                    next_trees=0,
+                    max_trees=None,
+                )
+                is None,
             )
         )
         if out.aggregate.round != t:  # a round's result must be that round's, never another's
             raise RoundError(f"round {t} came back as round {out.aggregate.round}")
         prefetched = out.next_updates()
-        stop = stopper.update(t, out.valid[metric])
+        stop = stopper.update(t, out.valid.get(metric, math.nan))
+        reason = "early_stopping" if stop else None
         checkpoint = checkpoint.model_copy(
             update={
                 "round": t,
@@ -503,16 +569,19 @@ def federated_training(
                 "best_round": stopper.best_round,
                 "best_loss": stopper.best_loss,
                 "stopped": stop,
+                "stop_reason": reason,
             }
         )
         save_checkpoint(coordinator, checkpoint)
         done_here += 1
-        progress.emit("training", f"round {t}", f"valid {metric} {out.valid[metric]:.5f}")
+        shown = out.valid.get(metric, math.nan)
+        progress.emit("training", f"round {t}", f"valid {metric} {shown:.5f}")
         update_progress_artifact(progress_id, progress=100.0 * t / training.rounds)
         if stop:
             logger.info("early stopping after round %d; best round %d", t, stopper.best_round)
-    if checkpoint.stopped or checkpoint.round >= training.rounds:
-        update_progress_artifact(progress_id, progress=100.0)  # done, early stopping included
+    if reason is not None:
+        logger.info("training stopped after round %d: %s", checkpoint.round, STOP_TEXT[reason])
+        update_progress_artifact(progress_id, progress=100.0)
     ensemble = build_ensemble(checkpoint, schema, objective, max(k, 1), training)
     best = checkpoint.best_round if checkpoint.rounds else 0
     return finish_training(
@@ -528,11 +597,13 @@ def federated_training(
         dropped={r.round: r.dropped for r in checkpoint.rounds if r.dropped},
         parties=[s.party for s in setups],
         baselines=baselines,
-        fused=fused,
+        fused={p: ref for p, ref in fused.items() if p in stats and stats[p].n_train > 0},
         schema=schema,
         training=training,
         opts=opts,
         description="Aggregated validation metrics per round",
+        stop_reason=reason,
+        left_out=checkpoint.left_out,
     )
 
 
@@ -555,9 +626,25 @@ def finish_training(
     training: TrainingSpec,
     opts: dict[str, Any],
     description: str,
+    stop_reason: StopReason | None = None,
+    left_out: dict[str, str] | None = None,
 ) -> TrainingResult:
     """Manifest, exported model, baselines, plots, report, ``latest.json`` and artifacts of
-    a finished training run (both modes)."""
+    a finished training run (both modes). The model and its manifest are the product; the
+    baselines, plots and importance are optional: a failure there becomes a warning in the
+    report and the result, never a failed training."""
+    logger = get_run_logger()
+    warnings: list[str] = []
+
+    def optional(what: str, fn: Callable[[], T], default: T) -> T:
+        try:
+            return fn()
+        except Exception as exc:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            warnings.append(f"{what} failed: {type(exc).__name__}: {first}")
+            logger.warning("%s failed (%s); the trained model is unaffected", what, first)
+            return default
+
     objective = ensemble.objective
     coordinator = Store(spec.coordinator.store)
     body, texts = ensemble_manifest(ensemble)
@@ -568,25 +655,51 @@ def finish_training(
     size = ensemble_size(ensemble, upto_round=upto_round)
     comparison = Comparison(federated=best_test)
     if baselines:
-        comparison = compare_baselines.with_options(**opts)(
-            fused,
-            schema=schema,
-            training=training,
-            objective=objective,
-            num_class=ensemble.num_class,
-            federated=best_test,
-            ensemble=ensemble,
-            upto_round=upto_round,
+        comparison = optional(
+            "baselines",
+            lambda: compare_baselines.with_options(**opts)(
+                fused,
+                schema=schema,
+                training=training,
+                objective=objective,
+                num_class=ensemble.num_class,
+                federated=best_test,
+                ensemble=ensemble,
+                upto_round=upto_round,
+            ),
+            comparison,
         )
-    importance = importance_by_party_modality(ensemble, schema, upto_round=upto_round)
-    rounds_png = coordinator.write_bytes(
-        "reports",
-        f"{key}-rounds.png",
-        plot_rounds(valid, objective=objective, best_round=best_round),
+    no_importance: dict[str, dict[str, float]] = {}
+    importance = optional(
+        "feature importance",
+        lambda: importance_by_party_modality(ensemble, schema, upto_round=upto_round),
+        no_importance,
     )
-    importance_png = coordinator.write_bytes(
-        "reports", f"{key}-importance.png", plot_importance(importance)
+    artefacts = {"manifest": manifest.uri, "model (LightGBM text)": exported.uri}
+    rounds_png = optional(
+        "validation plot",
+        lambda: (
+            coordinator.write_bytes(
+                "reports",
+                f"{key}-rounds.png",
+                plot_rounds(valid, objective=objective, best_round=best_round),
+            ).uri
+        ),
+        "",
     )
+    importance_png = optional(
+        "importance plot",
+        lambda: (
+            coordinator.write_bytes(
+                "reports", f"{key}-importance.png", plot_importance(importance)
+            ).uri
+        ),
+        "",
+    )
+    if rounds_png:
+        artefacts["validation plot"] = rounds_png
+    if importance_png:
+        artefacts["importance plot"] = importance_png
     text = (
         markdown_report(
             consortium=spec.consortium.name,
@@ -597,13 +710,11 @@ def finish_training(
             trees=size.trees,
             model_bytes=size.bytes,
             importance=importance,
-            artefacts={
-                "manifest": manifest.uri,
-                "model (LightGBM text)": exported.uri,
-                "validation plot": rounds_png.uri,
-                "importance plot": importance_png.uri,
-            },
+            artefacts=artefacts,
             dropped=dropped,
+            stopped=STOP_TEXT[stop_reason] if stop_reason else None,
+            left_out=left_out,
+            warnings=warnings,
         )
         .replace("(rounds.png)", f"({key}-rounds.png)")
         .replace("(importance.png)", f"({key}-importance.png)")
@@ -627,6 +738,9 @@ def finish_training(
         dropped=dropped,
         comparison=comparison,
         report=report.uri,
+        stop_reason=stop_reason,
+        left_out=left_out or {},
+        warnings=warnings,
     )
 
 

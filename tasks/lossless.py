@@ -73,13 +73,13 @@ from pydantic import BaseModel, Field
 from storage.store import TableRef, read_table
 from tasks.design import FeatureSchema, design_matrix, labels
 from tasks.ensemble import GlobalEnsemble, MemberTuple, check_task, text_sha256
+from tasks.rounds import StopReason, rounds_in_budget
 from tasks.spec import TrainingSpec
 from tasks.training import (
     LOSS_METRIC,
     EarlyStopping,
     LabelStats,
     PartyData,
-    StopReason,
     aggregate_metrics,
     base_score,
     evaluate,
@@ -257,10 +257,7 @@ def without_network_params(model_text: str) -> str:
 
 def round_budget(spec: TrainingSpec, num_class: int) -> tuple[int, StopReason]:
     """Rounds to train: ``spec.rounds``, fewer if ``spec.max_trees`` caps the trees."""
-    per_round = spec.trees_per_round * num_class
-    if spec.max_trees is not None and spec.rounds * per_round > spec.max_trees:
-        return spec.max_trees // per_round, "max_trees"
-    return spec.rounds, "rounds"
+    return rounds_in_budget(spec.rounds, spec.trees_per_round * num_class, spec.max_trees)
 
 
 def free_ports(count: int) -> list[int]:

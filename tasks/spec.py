@@ -268,7 +268,15 @@ class TrainingSpec(SpecModel):
         description="Extra LightGBM params (string, number or boolean values); not the keys "
         "fedfuse sets itself (RESERVED_PARAMS)",
     )
-    aggregation: Aggregation = "samples"
+    aggregation: Aggregation = Field(
+        default="samples",
+        description="Aggregation strategy: samples, uniform, lr_scaled or cyclic "
+        "(tasks/strategies: one module each)",
+    )
+    order: list[str] | None = Field(
+        default=None,
+        description="cyclic: the parties' turns (default: shuffled by the seed)",
+    )
     patience: int = Field(default=5, ge=1, le=1000)
     validation_fraction: float = Field(default=0.2, gt=0, lt=0.5, allow_inf_nan=False)
     test_fraction: float = Field(default=0.2, ge=0, lt=0.5, allow_inf_nan=False)
@@ -287,6 +295,16 @@ class TrainingSpec(SpecModel):
         default="averaging",
         description="averaging: party models averaged per round; lossless: LightGBM data-parallel",
     )
+
+    @field_validator("aggregation")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        from tasks.strategies import strategy_names
+
+        known = strategy_names()
+        if value not in known:
+            raise ValueError(f"unknown aggregation {value!r}; known: {', '.join(known)}")
+        return value
 
     @field_validator("params", mode="before")
     @classmethod
@@ -444,6 +462,19 @@ def semantic_problems(spec: FedSpec) -> list[SpecProblem]:
     """Cross-reference checks pydantic cannot express field by field."""
     problems: list[SpecProblem] = []
     add = problems.append
+    ids = [p.id for p in spec.parties]
+    order = spec.training.order
+    if order is not None:
+        unknown = sorted(set(order) - set(ids))
+        if unknown or len(set(order)) != len(order):
+            add(
+                SpecProblem(
+                    path="training.order",
+                    message=f"must name each party at most once; unknown {unknown}"
+                    if unknown
+                    else "names a party twice",
+                )
+            )
     entity = spec.consortium.entity
     label = spec.consortium.label
     seen_parties: set[str] = set()

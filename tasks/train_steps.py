@@ -15,14 +15,29 @@ import polars as pl
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
-from storage.files import read_text
-from storage.store import FileRef, Store, TableRef, read_table
+from storage.store import (
+    FileRef,
+    IntegrityError,
+    Store,
+    TableRef,
+    UnverifiedError,
+    read_table,
+    read_verified_text,
+)
 from tasks.caching import content_cache_key
 from tasks.design import FeatureSchema, design_matrix, labels
-from tasks.ensemble import MemberTuple, aggregation_weights, check_update, round_increment
+from tasks.ensemble import MemberTuple, count_trees, round_increment
+from tasks.rounds import (
+    MAX_UPDATE_BYTES,
+    Candidate,
+    ModelRules,
+    require_quorum,
+    review_updates,
+    weigh,
+)
 from tasks.spec import TrainingSpec
+from tasks.strategies import Strategy, make_strategy
 from tasks.training import (
-    RoundError,
     evaluate,
     label_stats,
     lgb_params,
@@ -30,7 +45,7 @@ from tasks.training import (
     split_assignments,
     train_update,
 )
-from tasks.types import ENTITY_HASH, Aggregation, Objective
+from tasks.types import ENTITY_HASH, Objective
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +76,29 @@ class PartyStats(BaseModel):
     class_counts: list[int] = Field(default_factory=list)
 
 
+def model_rules(setup: TrainSetup, span: float = 0.0) -> ModelRules:
+    """What every accepted update of this training run must look like."""
+    t = setup.training
+    return ModelRules.for_training(
+        feature_names=setup.schema_.names,
+        categorical=setup.schema_.categorical,
+        objective=setup.objective,
+        num_class=setup.num_class,
+        trees_per_round=t.trees_per_round,
+        learning_rate=t.learning_rate,
+        label_span=span if setup.objective == "regression" else 0.0,
+    )
+
+
+def strategy_for(training: TrainingSpec) -> Strategy:
+    return make_strategy(
+        training.aggregation,
+        learning_rate=training.learning_rate,
+        seed=training.seed,
+        order=training.order,
+    )
+
+
 class PartyUpdate(BaseModel):
     party: str
     round: int
@@ -72,6 +110,7 @@ class Member(BaseModel):
     party: str
     weight: float
     model: FileRef
+    trees: int = Field(default=0, ge=0, description="LightGBM trees in the update")
 
 
 class RoundAggregate(BaseModel):
@@ -93,10 +132,6 @@ class PartyEval(BaseModel):
         description="The party's update for the next round, trained on these scores when the "
         "evaluation asked for it (a dispatched party: one run per round instead of two)",
     )
-
-
-class QuorumError(RoundError):
-    """Fewer valid party updates than the spec's ``min_parties``."""
 
 
 def _party_data(setup: TrainSetup) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -168,54 +203,78 @@ def train_round(
     return PartyUpdate(party=setup.party, round=round_, model=ref, n_train=int(mask.sum()))
 
 
+def read_update(update: PartyUpdate, folder: str | None = None) -> Candidate:
+    """A party's update as the coordinator receives it: its text verified against the sha256
+    the party reported, or why it cannot be read (outside ``folder``, missing, oversized,
+    altered, binary)."""
+    if folder is not None and not update.model.uri.startswith(folder.rstrip("/") + "/"):
+        return Candidate(
+            party=update.party,
+            round=update.round,
+            n_train=update.n_train,
+            problem="update is not in the coordinator store's models folder",
+        )
+    try:
+        text = read_verified_text(update.model, max_bytes=MAX_UPDATE_BYTES)
+    except UnverifiedError as exc:
+        return Candidate(
+            party=update.party, round=update.round, n_train=update.n_train, problem=str(exc)
+        )
+    return Candidate(party=update.party, round=update.round, n_train=update.n_train, text=text)
+
+
 def aggregate(
     updates: list[PartyUpdate],
     *,
     round_: int,
-    schema: FeatureSchema,
-    objective: Objective,
-    num_class: int,
-    trees_per_round: int,
-    mode: Aggregation,
+    rules: ModelRules,
+    strategy: Strategy,
     min_parties: int,
+    planned: list[str] | None = None,
     failed: dict[str, str] | None = None,
+    folder: str | None = None,
 ) -> RoundAggregate:
-    """Check every update, drop the bad ones (with a reason) and weight the rest."""
-    dropped = dict(failed or {})
-    good: list[PartyUpdate] = []
-    for update in updates:
-        text = read_text(update.model.uri)
-        problems = check_update(
-            text,
-            feature_names=schema.names,
-            objective=objective,
-            num_class=num_class,
-            trees_per_round=trees_per_round,
-            categorical=schema.categorical,
+    """Check every update (read only from ``folder`` when given), leave out the bad ones
+    with a reason and weight the rest (the round rules of :mod:`tasks.rounds`)."""
+    review = review_updates(
+        [read_update(u, folder) for u in updates],
+        round_=round_,
+        rules=rules,
+        planned=planned,
+        failed=failed,
+    )
+    for party, reason in review.rejected.items():
+        if party not in (failed or {}):
+            logger.warning("round %d: update of party %s left out: %s", round_, party, reason)
+    require_quorum(review, round_=round_, min_parties=min_parties)
+    weights = weigh(review, strategy)
+    by_party = {u.party: u for u in updates}
+    members = [
+        Member(
+            party=c.party,
+            weight=weights[c.party],
+            model=by_party[c.party].model,
+            trees=count_trees(c.text or ""),
         )
-        if problems:
-            dropped[update.party] = "; ".join(problems)
-            logger.warning(
-                "round %d: update of party %s left out: %s",
-                round_,
-                update.party,
-                dropped[update.party],
-            )
-        else:
-            good.append(update)
-    if len(good) < min_parties:
-        raise QuorumError(
-            f"round {round_}: {len(good)} valid update(s), quorum is {min_parties}; "
-            f"left out: {dropped or 'none'}"
-        )
-    weights = aggregation_weights({u.party: u.n_train for u in good}, mode)
-    members = [Member(party=u.party, weight=weights[u.party], model=u.model) for u in good]
-    return RoundAggregate(round=round_, members=members, dropped=dropped)
+        for c in review.accepted
+    ]
+    return RoundAggregate(round=round_, members=members, dropped=review.rejected)
 
 
 def members(aggregate_: RoundAggregate) -> list[MemberTuple]:
-    """The round's accepted updates as (party, weight, model text): the broadcast."""
-    return [(m.party, m.weight, read_text(m.model.uri)) for m in aggregate_.members]
+    """The round's accepted updates as (party, weight, model text): the broadcast. Every
+    text is verified against the sha256 the round recorded (a file swapped after the round,
+    e.g. before a resume, is refused, never loaded)."""
+    out: list[MemberTuple] = []
+    for m in aggregate_.members:
+        try:
+            text = read_verified_text(m.model, max_bytes=MAX_UPDATE_BYTES)
+        except UnverifiedError as exc:
+            raise IntegrityError(
+                f"round {aggregate_.round}: accepted update of party {m.party}: {exc}"
+            ) from None
+        out.append((m.party, m.weight, text))
+    return out
 
 
 def evaluate_round(

@@ -42,29 +42,39 @@ from tasks.ensemble import (
     GlobalEnsemble,
     MemberTuple,
     RoundUpdate,
-    aggregation_weights,
     check_task,
-    check_update,
     ensemble_size,
     feature_matrix,
     predict_raw,
     round_increment,
 )
+from tasks.rounds import (
+    Candidate,
+    ModelRules,
+    QuorumError,
+    RoundError,
+    StopReason,
+    cannot_train,
+    require_quorum,
+    review_updates,
+    round_trees,
+    stop_before,
+    weigh,
+)
+from tasks.rounds import (
+    label_span as rounds_label_span,
+)
 from tasks.spec import RESERVED_PARAMS as RESERVED_PARAMS  # noqa: PLC0414  (re-exported)
 from tasks.spec import TrainingSpec
+from tasks.strategies import make_strategy
 from tasks.types import ENTITY_HASH, LABEL, Aggregation, Objective
 
 logger = logging.getLogger(__name__)
 
 Split = Literal["train", "valid", "test"]
-StopReason = Literal["rounds", "early_stopping", "max_trees"]
 
 #: Validation metric that drives early stopping (lower is better).
 LOSS_METRIC: dict[str, str] = {"binary": "logloss", "multiclass": "logloss", "regression": "rmse"}
-
-
-class RoundError(RuntimeError):
-    """A round cannot be completed (fewer accepted updates than ``min_parties``)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -153,14 +163,9 @@ def party_seed(seed: int, party: str, round_: int) -> int:
 def party_learning_rates(
     n_train: Mapping[str, int], learning_rate: float, mode: Aggregation
 ) -> dict[str, float]:
-    """Local learning rate per party: η, or η · n_k / Σ n for ``lr_scaled`` (NVFlare bagging)."""
-    if mode != "lr_scaled":
-        return dict.fromkeys(n_train, learning_rate)
-    total = sum(n_train.values())
-    if total <= 0:
-        raise ValueError("lr_scaled needs at least one training row")
-    # A party without training rows never trains; give it a positive rate all the same.
-    return {p: learning_rate * max(n, 1) / total for p, n in n_train.items()}
+    """Local learning rate per party under the strategy ``mode`` (e.g. η, or η · n_k / Σ n
+    for ``lr_scaled``, NVFlare bagging)."""
+    return make_strategy(mode, learning_rate=learning_rate).learning_rates(n_train)
 
 
 class LabelStats(BaseModel):
@@ -509,48 +514,44 @@ def aggregate_updates(
     round_: int,
     mode: Aggregation,
     min_parties: int,
-) -> tuple[GlobalEnsemble, dict[str, list[str]]]:
-    """Coordinator step: check every update, weight the accepted ones, append the round.
+    learning_rate: float = 0.1,
+    planned: Sequence[str] | None = None,
+    label_span: float = 0.0,
+) -> tuple[GlobalEnsemble, dict[str, str]]:
+    """Coordinator step in memory: the round rules of :mod:`tasks.rounds` (the flow's own),
+    then the accepted updates appended as the ensemble's next round.
 
-    Returns the new ensemble and the rejected parties with their problems. Raises
+    Returns the new ensemble and the rejected parties with their reasons. Raises
     :class:`RoundError` below ``min_parties`` accepted updates.
     """
     if round_ != len(ensemble.rounds) + 1:
         raise RoundError(f"round {round_} does not follow the ensemble's {len(ensemble.rounds)}")
-    rejected: dict[str, list[str]] = {}
-    accepted: list[RoundUpdate] = []
-    for update in updates:
-        problems = check_update(
-            update.model_text,
-            feature_names=ensemble.feature_names,
-            objective=ensemble.objective,
-            num_class=ensemble.num_class,
-            trees_per_round=ensemble.trees_per_round,
-            categorical=ensemble.categorical,
-        )
-        if update.round != round_:
-            problems.append(f"update is for round {update.round}, not {round_}")
-        if any(u.party == update.party for u in accepted):
-            problems.append("second update from the same party")
-        if problems:
-            rejected[update.party] = problems
-            logger.warning("round %d: update of %s rejected: %s", round_, update.party, problems)
-        else:
-            accepted.append(update)
-    if len(accepted) < min_parties:
-        raise RoundError(
-            f"round {round_}: {len(accepted)} accepted update(s), min_parties is {min_parties}; "
-            f"rejected: {rejected or 'none'}"
-        )
-    weights = aggregation_weights({u.party: u.n_train for u in accepted}, mode)
-    members = [(u.party, weights[u.party], u.model_text) for u in accepted]
-    return ensemble.with_round(members), rejected
+    rules = ModelRules.for_training(
+        feature_names=ensemble.feature_names,
+        categorical=ensemble.categorical,
+        objective=ensemble.objective,
+        num_class=ensemble.num_class,
+        trees_per_round=ensemble.trees_per_round,
+        learning_rate=learning_rate,
+        label_span=label_span,
+    )
+    candidates = [
+        Candidate(party=u.party, round=u.round, n_train=u.n_train, text=u.model_text)
+        for u in updates
+    ]
+    review = review_updates(candidates, round_=round_, rules=rules, planned=planned)
+    for party, reason in review.rejected.items():
+        logger.warning("round %d: update of %s rejected: %s", round_, party, reason)
+    require_quorum(review, round_=round_, min_parties=min_parties)
+    weights = weigh(review, make_strategy(mode, learning_rate=learning_rate))
+    members = [(c.party, weights[c.party], c.text or "") for c in review.accepted]
+    return ensemble.with_round(members), review.rejected
 
 
 class RoundRecord(BaseModel):
     round: int
     weights: dict[str, float]
-    rejected: dict[str, list[str]] = Field(default_factory=dict)
+    rejected: dict[str, str] = Field(default_factory=dict)
     valid: dict[str, float]
     party_valid: dict[str, dict[str, float]]
     trees: int
@@ -562,6 +563,7 @@ class TrainingHistory(BaseModel):
     best_round: int = 0
     best_loss: float | None = None
     stop_reason: StopReason = "rounds"
+    left_out: dict[str, str] = Field(default_factory=dict, description="Parties that cannot train")
     n_train: dict[str, int] = Field(default_factory=dict)
     learning_rates: dict[str, float] = Field(default_factory=dict)
     test: dict[str, float] = Field(default_factory=dict)
@@ -575,8 +577,10 @@ def run_round(
     spec: TrainingSpec,
     learning_rates: Mapping[str, float],
     executor: Executor | None = None,
+    label_span: float = 0.0,
 ) -> tuple[GlobalEnsemble, dict[str, PartyState], RoundRecord]:
-    """One round in memory: train everywhere, aggregate, apply, evaluate, aggregate metrics.
+    """One round in memory: train at the parties ``learning_rates`` names (the strategy's
+    plan), aggregate, apply and evaluate everywhere, aggregate the metrics.
 
     With an ``executor`` the parties' fits and score updates run in it side by side (as the
     parties' own machines would; LightGBM releases the GIL); the results are the same.
@@ -597,10 +601,17 @@ def run_round(
             learning_rate=learning_rates[party],
         )
 
-    active = [(p, s) for p, s in states.items() if len(s.data.y_train) > 0]
+    active = [(p, s) for p, s in states.items() if p in learning_rates and len(s.data.y_train)]
     updates: list[RoundUpdate] = list(run(fit, active))
     ensemble, rejected = aggregate_updates(
-        ensemble, updates, round_=round_, mode=spec.aggregation, min_parties=spec.min_parties
+        ensemble,
+        updates,
+        round_=round_,
+        mode=spec.aggregation,
+        min_parties=spec.min_parties,
+        learning_rate=spec.learning_rate,
+        planned=list(learning_rates),
+        label_span=label_span,
     )
     members = ensemble.rounds[-1]
     new_states = dict(
@@ -631,8 +642,14 @@ def train_federated(
     categorical: Sequence[str],
     feature_names: Sequence[str],
     executor: Executor | None = None,
+    idle_ok: bool = False,
 ) -> tuple[GlobalEnsemble, TrainingHistory]:
-    """The in-memory reference loop of horizontal federated training.
+    """The in-memory loop of horizontal federated training, on the round rules of
+    :mod:`tasks.rounds` and the strategies of :mod:`tasks.strategies` (as the flow).
+
+    Parties that cannot train (:func:`~tasks.rounds.cannot_train`) are left out
+    (``history.left_out``) and still evaluated; ``idle_ok`` lets a run where nobody can
+    train end with the prior alone (a one-class party's local-only model).
 
     Stops after ``spec.rounds``, on early stopping (``spec.patience`` rounds without a better
     aggregated validation loss, :data:`LOSS_METRIC`), or before a round that could take the
@@ -654,8 +671,19 @@ def train_federated(
     }
     stats = {p: label_stats(d.y_train, objective, num_class) for p, d in data.items()}
     n_train = {p: s.n_train for p, s in stats.items()}
+    left_out = {p: why for p, st in stats.items() if (why := cannot_train(st, objective))}
+    trainers = {p: (0 if p in left_out else n) for p, n in n_train.items()}
+    able = sum(1 for n in trainers.values() if n)
+    if able < spec.min_parties and not (idle_ok and able == 0):
+        raise QuorumError(
+            f"{sum(1 for n in trainers.values() if n)} part(ies) can train, min_parties is "
+            f"{spec.min_parties}; left out: {left_out or 'none'}"
+        )
     base = base_score(stats, objective, num_class)
-    rates = party_learning_rates(n_train, spec.learning_rate, spec.aggregation)
+    strategy = make_strategy(
+        spec.aggregation, learning_rate=spec.learning_rate, seed=spec.seed, order=spec.order
+    )
+    rates = strategy.learning_rates(n_train)
     ensemble = GlobalEnsemble(
         objective=objective,
         num_class=num_class,
@@ -667,21 +695,32 @@ def train_federated(
     )
     states = {p: start_state(d, base, num_class) for p, d in data.items()}
     stopper = EarlyStopping(patience=spec.patience)
-    history = TrainingHistory(n_train=n_train, learning_rates=rates)
+    history = TrainingHistory(n_train=n_train, learning_rates=rates, left_out=left_out)
     loss_name = LOSS_METRIC[objective]
-    round_trees = sum(1 for n in n_train.values() if n > 0) * spec.trees_per_round * num_class
-    for t in range(1, spec.rounds + 1):
-        if (
-            spec.max_trees is not None
-            and ensemble_size(ensemble).trees + round_trees > spec.max_trees
-        ):
-            logger.warning(
-                "stopping before round %d: max_trees=%d would be exceeded", t, spec.max_trees
-            )
-            history.stop_reason = "max_trees"
+    per_round = round_trees(strategy, trainers, spec.trees_per_round, num_class)
+    span = rounds_label_span(list(stats.values())) if objective == "regression" else 0.0
+    t = 0
+    while able:
+        t += 1
+        reason = stop_before(
+            t,
+            rounds=spec.rounds,
+            trees=ensemble_size(ensemble).trees,
+            next_trees=per_round,
+            max_trees=spec.max_trees,
+        )
+        if reason is not None:
+            history.stop_reason = reason
             break
+        plan = strategy.plan(t, trainers)
         ensemble, states, record = run_round(
-            ensemble, states, round_=t, spec=spec, learning_rates=rates, executor=executor
+            ensemble,
+            states,
+            round_=t,
+            spec=spec,
+            learning_rates=plan.learning_rates,
+            executor=executor,
+            label_span=span,
         )
         history.rounds.append(record)
         loss = record.valid.get(loss_name, math.nan)
@@ -746,16 +785,16 @@ def train_local_only(
     categorical: Sequence[str],
     feature_names: Sequence[str],
 ) -> dict[str, tuple[GlobalEnsemble, TrainingHistory]]:
-    """Baseline: every party trains alone on its own rows (own base score and validation)."""
-    single = spec.model_copy(update={"min_parties": 1, "aggregation": "samples"})
-    return {
-        party: train_federated(
-            {party: frame},
-            spec=single,
-            objective=objective,
-            num_class=num_class,
-            categorical=categorical,
-            feature_names=feature_names,
-        )
-        for party, frame in party_frames.items()
-    }
+    """Baseline: every party trains alone on its own rows (own base score and validation).
+    A party that cannot train (one class only) keeps its prior: zero rounds."""
+    single = spec.model_copy(update={"min_parties": 1, "aggregation": "samples", "order": None})
+    out: dict[str, tuple[GlobalEnsemble, TrainingHistory]] = {}
+    for party, frame in party_frames.items():
+        kwargs: dict[str, Any] = {
+            "objective": objective,
+            "num_class": num_class,
+            "categorical": categorical,
+            "feature_names": feature_names,
+        }
+        out[party] = train_federated({party: frame}, spec=single, idle_ok=True, **kwargs)
+    return out

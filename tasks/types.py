@@ -11,7 +11,9 @@ TableGrain = Literal["entity", "transaction"]
 FileFormat = Literal["csv", "parquet", "jsonl", "arrow"]
 ColumnType = Literal["str", "int", "float", "bool", "datetime", "date", "category"]
 JoinKind = Literal["inner", "left"]
-Aggregation = Literal["samples", "uniform", "lr_scaled"]
+#: An aggregation strategy's name: a module of :mod:`tasks.strategies` (samples, uniform,
+#: lr_scaled, cyclic, ...), checked against that registry by the spec.
+Aggregation = str
 KeyNormalisation = Literal["none", "strip", "strip_lower"]
 Modality = Literal["table", "text", "events"]
 

@@ -103,11 +103,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sklearn.linear_model import LinearRegression, LogisticRegression
 
 from tasks.ensemble import check_task, count_trees, load_booster
+from tasks.rounds import StopReason, stop_before
 from tasks.spec import FusionSpec, TrainingSpec
 from tasks.training import (
     LOSS_METRIC,
     EarlyStopping,
-    StopReason,
     _sigmoid,
     _softmax,
     base_score,
@@ -627,13 +627,13 @@ def next_round_allowed(state: LabelState, spec: TrainingSpec) -> StopReason | No
     p = state.progress
     if p.stop_reason is not None:
         return p.stop_reason
-    if p.round >= spec.rounds:
-        return "rounds"
-    if spec.max_trees is not None:
-        per_round = len(p.parties) * spec.trees_per_round * p.num_class
-        if p.total_trees + per_round > spec.max_trees:
-            return "max_trees"
-    return None
+    return stop_before(
+        p.round + 1,
+        rounds=spec.rounds,
+        trees=p.total_trees,
+        next_trees=len(p.parties) * spec.trees_per_round * p.num_class,
+        max_trees=spec.max_trees,
+    )
 
 
 def finish(state: LabelState, spec: TrainingSpec) -> LabelState:

@@ -14,7 +14,9 @@ from storage.files import read_text
 from storage.store import Store, read_manifest
 from tasks.design import FeatureSchema, design_matrix
 from tasks.ensemble import GlobalEnsemble, ensemble_from_manifest, predict_raw
-from tasks.train_steps import PartyUpdate, QuorumError, aggregate
+from tasks.rounds import ModelRules, QuorumError
+from tasks.strategies import make_strategy
+from tasks.train_steps import PartyUpdate, aggregate
 from tasks.types import ENTITY_HASH
 from tests.factories import write_synthetic
 from tests.prefect_api import task_states
@@ -117,32 +119,22 @@ def test_bad_update_is_left_out(tmp_path: Path, secret: str) -> None:
         ),
     ]
     schema = FeatureSchema(names=names, categorical=[], modality={}, parties={})
-    agg = aggregate(
-        updates,
-        round_=1,
-        schema=schema,
+    rules = ModelRules(
+        feature_names=schema.names,
+        categorical=[],
         objective="binary",
         num_class=1,
         trees_per_round=2,
-        mode="samples",
-        min_parties=1,
     )
+    samples = make_strategy("samples", learning_rate=0.1)
+    agg = aggregate(updates, round_=1, rules=rules, strategy=samples, min_parties=1)
     assert [m.party for m in agg.members] == ["a"] and agg.members[0].weight == 1.0
     assert "b" in agg.dropped and "finite" in agg.dropped["b"]
     with pytest.raises(QuorumError, match="1 valid update"):
-        aggregate(
-            updates,
-            round_=1,
-            schema=schema,
-            objective="binary",
-            num_class=1,
-            trees_per_round=2,
-            mode="samples",
-            min_parties=2,
-        )
+        aggregate(updates, round_=1, rules=rules, strategy=samples, min_parties=2)
 
 
-def test_failed_party_below_quorum_fails_round_and_retry_skips_finished_work(
+def test_failed_party_below_quorum_fails_round_and_a_new_run_skips_finished_work(
     prefect_api: str, tmp_path: Path, secret: str
 ) -> None:
     from flows.prepare import prepare

@@ -13,7 +13,9 @@ class Samples(Strategy):
     description = "every party trains with η; updates weighted by training rows"
 
     def weights(self, accepted: Mapping[str, int]) -> dict[str, float]:
+        if not accepted:
+            raise ValueError("no updates to weight")
         total = sum(accepted.values())
-        if not accepted or total <= 0 or any(n < 0 for n in accepted.values()):
-            raise ValueError("sample-weighted aggregation needs positive training rows")
+        if total <= 0 or any(n < 0 for n in accepted.values()):
+            raise ValueError("sample-weighted aggregation needs at least one training row")
         return {p: n / total for p, n in accepted.items()}
