@@ -154,3 +154,31 @@ def test_an_accepted_update_swapped_before_a_resume_is_refused(
     message = str(state.message)
     assert "accepted update of party p1: content does not match its sha256" in message
     assert "\n" not in message.strip()
+
+
+def test_a_party_without_usable_rows_is_left_out_and_an_empty_label_is_quarantined(
+    prefect_api: str, tmp_path: Path, secret: str
+) -> None:
+    import polars as pl
+
+    from flows.train import federated_training
+
+    spec = write_synthetic(tmp_path, customers=900, parties=3)
+    raw = spec.parent / "raw"
+    p2 = raw / "p2" / "customers.parquet"
+    pl.read_parquet(p2).with_columns(pl.lit(None, pl.Boolean).alias("churn")).write_parquet(p2)
+    p1 = raw / "p1" / "customers.parquet"
+    frame = pl.read_parquet(p1)
+    frame.with_columns(
+        pl.when(pl.int_range(pl.len()) == 3).then(None).otherwise(pl.col("churn")).alias("churn")
+    ).write_parquet(p1)
+    result = federated_training(str(spec))
+    assert result.left_out == {
+        "p2": "no usable training rows (empty, or every row quarantined at prepare)"
+    }
+    assert result.parties == ["p0", "p1"]
+    assert "## Parties left out of training" in Path(result.report).read_text()
+    [rejected] = (spec.parent / "stores" / "p1" / "rejected").glob("customers-*.parquet")
+    bad = pl.read_parquet(rejected)
+    assert bad["__row"].to_list() == [4]  # the fourth data row
+    assert bad["reject_reason"].to_list() == ["column 'churn' (label): missing label"]
