@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -265,6 +266,7 @@ def _print_metrics(rows: list[dict[str, str]]) -> None:
 
 def _print_training(result: TrainingResult) -> None:
     from tasks.report import comparison_rows
+    from tasks.rounds import STOP_TEXT
 
     _print_rounds(
         "federated rounds (aggregated validation metrics)", result.valid, result.best_round
@@ -272,9 +274,20 @@ def _print_training(result: TrainingResult) -> None:
     _print_metrics(comparison_rows(result.comparison, "binary"))
     console.print(
         f"global ensemble: {result.trees} trees ({result.model_bytes / 1024:.0f} KiB), "
-        f"best round {result.best_round} of {result.rounds_run}",
+        f"best round {result.best_round} of {result.rounds_run}"
+        + (f"; stopped: {STOP_TEXT[result.stop_reason]}" if result.stop_reason else ""),
         highlight=False,
     )
+    for party, why in sorted(result.left_out.items()):
+        errors.print(f"party {escape(party)} left out of training: {escape(why)}", highlight=False)
+    for round_, dropped in sorted(result.dropped.items()):
+        for party, why in sorted(dropped.items()):
+            errors.print(
+                f"round {round_}: update of {escape(party)} left out: {escape(why)}",
+                highlight=False,
+            )
+    for warning in result.warnings:
+        errors.print(f"warning: {escape(warning)}", highlight=False)
     console.print(f"model (LightGBM text): {result.model}", highlight=False)
     console.print(f"manifest: {result.manifest}", highlight=False)
     console.print(f"report: {result.report}", highlight=False)
