@@ -28,10 +28,11 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-@contextmanager
-def running_worker(pool: str, home: Path, secret: str, prefect_api: str) -> Iterator[Path]:
-    """A ``prefect worker`` polling ``pool`` (its own process group); yields its log file."""
-    home.mkdir(parents=True)
+def start_worker(
+    pool: str, home: Path, secret: str, prefect_api: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start a ``prefect worker`` polling ``pool`` in its own process group."""
+    home.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.update(
         {
@@ -45,7 +46,7 @@ def running_worker(pool: str, home: Path, secret: str, prefect_api: str) -> Iter
         }
     )
     log_path = home / "worker.log"
-    with log_path.open("wb") as log:
+    with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [*PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--name", pool],
             env=env,
@@ -54,9 +55,18 @@ def running_worker(pool: str, home: Path, secret: str, prefect_api: str) -> Iter
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        try:
-            yield log_path
-        finally:
-            stop(proc)
+    return proc, log_path
+
+
+@contextmanager
+def running_worker(pool: str, home: Path, secret: str, prefect_api: str) -> Iterator[Path]:
+    """A ``prefect worker`` polling ``pool`` (its own process group); yields its log file."""
+    if home.exists():
+        raise FileExistsError(home)
+    proc, log_path = start_worker(pool, home, secret, prefect_api)
+    try:
+        yield log_path
+    finally:
+        stop(proc)
     if proc.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL):
         print(log_path.read_text()[-3000:])
