@@ -42,6 +42,7 @@ def _quiet_prefect() -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from flows.prepare import PrepareError
+    from storage.files import ConfinementError
     from storage.secrets import SecretError
     from storage.sources import SourceError
     from tasks.align import AlignError
@@ -56,6 +57,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         SecretError,
         FileNotFoundError,
         PrepareError,
+        ConfinementError,
     )
 
 
@@ -90,7 +92,9 @@ def _reported() -> Iterator[None]:
     try:
         yield
     except known as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        errors.print(
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True
+        )
         raise typer.Exit(code=1) from None
 
 
@@ -102,14 +106,14 @@ def validate(spec: Annotated[Path, typer.Argument(help="Consortium spec (TOML)")
     try:
         loaded = load_spec(str(spec))
     except SpecError as exc:
-        errors.print(f"[bold red]{spec}: {len(exc.problems)} problem(s)[/]")
+        errors.print(f"[bold red]{escape(str(spec))}: {len(exc.problems)} problem(s)[/]")
         for problem in exc.problems:
             errors.print(f"  {problem}", markup=False, highlight=False)
         raise typer.Exit(code=1) from None
     except FileNotFoundError as exc:
-        errors.print(f"[bold red]error:[/] {exc}")
+        errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(code=1) from None
-    console.print(f"[green]valid[/] {spec}", highlight=False)
+    console.print(f"[green]valid[/] {escape(str(spec))}", highlight=False)
     console.print(summary(loaded), markup=False, highlight=False)
 
 
@@ -143,7 +147,7 @@ def demo_data(
         events_per_device=events_per_device,
         party_pools=party_pools,
     )
-    console.print(f"wrote demo consortium: [bold]{spec}[/]", highlight=False)
+    console.print(f"wrote demo consortium: [bold]{escape(spec)}[/]", highlight=False)
 
 
 def _progress_display() -> Iterator[None]:
@@ -158,7 +162,7 @@ def _progress_display() -> Iterator[None]:
         table.add_column("party")
         table.add_column("step")
         for scope, text in sorted(rows.items()):
-            table.add_row(scope, text)
+            table.add_row(escape(scope), escape(text))  # cells are markup: names are user text
         return table
 
     with Live(render(), console=console, refresh_per_second=8, transient=False) as live:
@@ -187,9 +191,9 @@ def _print_prepared(outputs: dict[str, object]) -> None:
     for column in ("party", "source", "rows_in", "rows_out", "rejected", "duplicates", "reasons"):
         table.add_column(column, overflow="fold")
     for row in quality_rows(fused):
-        table.add_row(
+        table.add_row(  # cells are markup: reasons name the party's columns
             *(
-                str(row[c])
+                escape(str(row[c]))
                 for c in (
                     "party",
                     "source",
@@ -204,7 +208,8 @@ def _print_prepared(outputs: dict[str, object]) -> None:
     console.print(table)
     for out in fused:
         console.print(
-            f"[bold]{out.party}[/]: fused {out.table.rows} entities x {len(out.features)} features -> {out.table.uri}",
+            f"[bold]{escape(out.party)}[/]: fused {out.table.rows} entities x "
+            f"{len(out.features)} features -> {escape(out.table.uri)}",
             highlight=False,
         )
 
@@ -260,7 +265,7 @@ def _print_metrics(rows: list[dict[str, str]]) -> None:
     for column in rows[0]:
         table.add_column(column, justify="right" if column != "model" else "left")
     for row in rows:
-        table.add_row(*row.values())
+        table.add_row(*(escape(v) for v in row.values()))
     console.print(table)
 
 
@@ -288,15 +293,15 @@ def _print_training(result: TrainingResult) -> None:
             )
     for warning in result.warnings:
         errors.print(f"warning: {escape(warning)}", highlight=False)
-    console.print(f"model (LightGBM text): {result.model}", highlight=False)
-    console.print(f"manifest: {result.manifest}", highlight=False)
-    console.print(f"report: {result.report}", highlight=False)
+    console.print(f"model (LightGBM text): {escape(result.model)}", highlight=False)
+    console.print(f"manifest: {escape(result.manifest)}", highlight=False)
+    console.print(f"report: {escape(result.report)}", highlight=False)
 
 
 def _print_vertical(result: VerticalResult) -> None:
     console.print(
         f"private set intersection: {result.overlap} entities at every party "
-        f"(set sizes {result.set_sizes})",
+        f"(set sizes {escape(str(result.set_sizes))})",
         highlight=False,
     )
     _print_rounds(
@@ -310,7 +315,7 @@ def _print_vertical(result: VerticalResult) -> None:
         f"{result.best_round} of {result.rounds_run}; each party's trees stay in its store",
         highlight=False,
     )
-    console.print(f"manifest: {result.manifest}", highlight=False)
+    console.print(f"manifest: {escape(result.manifest)}", highlight=False)
 
 
 @app.command()
@@ -398,7 +403,7 @@ def demo(
         customers=demo_customers(layout, customers),
         seed=seed,
     )
-    console.print(f"demo consortium written: [bold]{spec}[/]", highlight=False)
+    console.print(f"demo consortium written: [bold]{escape(spec)}[/]", highlight=False)
     with _reported(), _flow_settings():
         if layout == "vertical":
             from flows.vertical import vertical_training
@@ -455,11 +460,11 @@ def predict(
                 manifest=manifest,
             )
         frame = read_table(ref)
-        console.print(f"{frame.height} entities scored -> {ref.uri}", highlight=False)
+        console.print(f"{frame.height} entities scored -> {escape(ref.uri)}", highlight=False)
         console.print(frame.head(5))
         if out is not None:
             write_text_atomic(str(out.resolve()), frame.write_csv())
-            console.print(f"predictions written to {out}", highlight=False)
+            console.print(f"predictions written to {escape(str(out))}", highlight=False)
 
 
 @app.command()
@@ -489,7 +494,7 @@ def export(
         write_text_atomic(str(out.resolve()), text)
         size = ensemble_size(ensemble, upto_round=upto)
         console.print(
-            f"wrote {out}: {size.trees} trees, {size.bytes / 1024:.0f} KiB "
+            f"wrote {escape(str(out))}: {size.trees} trees, {size.bytes / 1024:.0f} KiB "
             f"(round {upto} of {len(ensemble.rounds)})",
             highlight=False,
         )

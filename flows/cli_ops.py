@@ -106,11 +106,11 @@ def deploy(
             errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(code=1) from None
     for full in names:
-        console.print(full, highlight=False)
+        console.print(escape(full), highlight=False)
     pools = [pool, *sorted({p.work_pool for p in load_spec(str(spec)).parties if p.work_pool})]
     errors.print(
-        f"deployed on work pool(s) [bold]{', '.join(pools)}[/]; start a worker for each: "
-        + "; ".join(f"prefect worker start --pool {p}" for p in pools),
+        f"deployed on work pool(s) [bold]{escape(', '.join(pools))}[/]; start a worker for each: "
+        + "; ".join(f"prefect worker start --pool {escape(p)}" for p in pools),
         highlight=False,
     )
 
@@ -177,7 +177,7 @@ def _start_and_watch(deployment: str, params: dict[str, Any], *, watch: bool, po
         raise typer.Exit(code=2) from None
     except ObjectNotFound:
         errors.print(
-            f"[bold red]error:[/] no deployment {full_deployment_name(deployment)!r}",
+            f"[bold red]error:[/] no deployment {escape(repr(full_deployment_name(deployment)))}",
             highlight=False,
         )
         raise typer.Exit(code=1) from None
@@ -188,7 +188,7 @@ def _start_and_watch(deployment: str, params: dict[str, Any], *, watch: bool, po
             detail = str(exc)
         errors.print(f"[bold red]error:[/] {escape(str(detail))}", highlight=False)
         raise typer.Exit(code=1) from None
-    console.print(f"flow run {flow_run.name} {flow_run.id}", highlight=False)
+    console.print(f"flow run {escape(flow_run.name)} {flow_run.id}", highlight=False)
     if not watch:
         return
     final = watch_run(
@@ -251,10 +251,10 @@ def status(
         )
     for row in rows:
         style = STATE_STYLES.get(row.state, "")
-        cells = [
-            row.name,
-            row.flow,
-            row.deployment,
+        cells = [  # cells are markup: run, flow and deployment names are user text
+            escape(row.name),
+            escape(row.flow),
+            escape(row.deployment),
             f"[{style}]{row.state}[/]" if style else row.state,
             _when(row.start),
             _duration(row.duration),
@@ -277,4 +277,4 @@ def retry(
         except (ValueError, RuntimeError) as exc:
             errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(code=1) from None
-    console.print(f"flow run {run_.name} {run_.id} scheduled again", highlight=False)
+    console.print(f"flow run {escape(run_.name)} {run_.id} scheduled again", highlight=False)

@@ -13,6 +13,7 @@ from prefect.futures import PrefectFuture, wait
 from flows import progress
 from flows.common import artifact_key, task_options, threads
 from flows.dispatch import PIPELINE_FLOW, dispatch_pipeline, party_deployments, publish
+from storage.files import resolve_location
 from storage.store import TableRef
 from tasks.spec import SourceSpec, load_spec
 from tasks.steps import (
@@ -60,7 +61,11 @@ def party_pipeline(
     sources = spec.party(party).sources
     if scoring:
         ctx = ctx.model_copy(
-            update={"store": posixpath.join(ctx.store, "scoring"), "label_source": None}
+            update={
+                "store": posixpath.join(ctx.store, "scoring"),
+                "label_source": None,
+                "roots": [*ctx.roots, *([resolve_location(data, ".")] if data else [])],
+            }
         )
         sources = rebased_sources(sources, data, spec.consortium.label.column)
     fused, features = run_party_steps(ctx, sources, results=spec.run.results, refresh=refresh)
@@ -109,9 +114,9 @@ def run_party_steps(
     ] = {}
     fingerprints: list[PrefectFuture[Any]] = []
     for source in sources:
-        raw = fingerprint_source.submit(source.path)
+        raw = fingerprint_source.submit(source.path, ctx.roots)
         emap = (
-            fingerprint_source.submit(source.entity_map.path)
+            fingerprint_source.submit(source.entity_map.path, ctx.roots)
             if source.entity_map is not None
             else None
         )

@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 
 from flows.common import threads
 from flows.prepare import rebased_sources, run_party_steps
+from storage.files import resolve_location
 from storage.store import Store, TableRef
 from tasks.scoring import score_party
 from tasks.spec import FedSpec, load_spec
@@ -42,8 +43,13 @@ def score(
     spec = load_spec(spec_path)
     manifest = manifest or latest_manifest(spec)
     store = posixpath.join(spec.party(party).store, "scoring")
-    ctx = PartyContext.from_spec(spec, party, as_of=as_of).model_copy(
-        update={"store": store, "label_source": None}
+    ctx = PartyContext.from_spec(spec, party, as_of=as_of)
+    ctx = ctx.model_copy(
+        update={
+            "store": store,
+            "label_source": None,
+            "roots": [*ctx.roots, *([resolve_location(data, ".")] if data else [])],
+        }
     )
     sources = rebased_sources(spec.party(party).sources, data, spec.consortium.label.column)
     fused, features = run_party_steps(ctx, sources, results=spec.run.results, refresh=False)

@@ -280,8 +280,15 @@ def federated_round(state: RoundInput) -> RoundOutput:
                 party,
                 done.state.message,
             )
-    if not evals:
-        raise QuorumError(f"round {state.round}: no party could evaluate the new ensemble")
+    # the round's metrics (and so early stopping and the best round) come from its
+    # evaluations: below the quorum they would be another model's, so the round is redone
+    wanted = min(first.training.min_parties, len(evals_f)) or 1
+    if len(evals) < wanted:
+        missing = sorted(set(evals_f) - set(evals))
+        raise QuorumError(
+            f"round {state.round}: {len(evals)} evaluation(s), min_parties is "
+            f"{first.training.min_parties}; not evaluated at {', '.join(missing)}"
+        )
     valid = aggregate_metrics({p: (e.n_valid, e.valid) for p, e in evals.items()})
     test = aggregate_metrics({p: (e.n_test, e.test) for p, e in evals.items()})
     logger.info(

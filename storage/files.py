@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,66 @@ def resolve_location(location: str, base: str) -> str:
     if not path.is_absolute():
         path = Path(base) / path
     return str(path.resolve())
+
+
+class ConfinementError(ValueError):
+    """A path leads outside the folders it must stay in (after ``..`` and symlinks)."""
+
+
+_LOCAL_SCHEMES = ("file://", "local://")
+
+
+def join_location(location: str, base: str) -> str:
+    """``location`` against ``base`` like :func:`resolve_location`, but neither ``..`` nor
+    symlinks resolved: the path as written, made absolute."""
+    if is_uri(location):
+        return location
+    if is_uri(base):
+        return posixpath.join(base, location) if not location.startswith("/") else location
+    return str(Path(base) / Path(location).expanduser())
+
+
+def real_location(location: str) -> str:
+    """Where a location leads: local paths (and ``file://`` URIs) with ``..`` and symlinks
+    resolved (``os.path.realpath``; the file need not exist); other URIs with ``..``
+    normalised (``s3://b/x/../y`` -> ``s3://b/y``), as their file systems have no symlinks."""
+    for scheme in _LOCAL_SCHEMES:
+        if location.lower().startswith(scheme):
+            return os.path.realpath(location[len(scheme) :] or "/")
+    if is_uri(location):
+        scheme, rest = location.split("://", 1)
+        path = posixpath.normpath(rest.lstrip("/")) if rest.strip("/") else ""
+        return f"{scheme.lower()}://{'' if path == '.' else path}"
+    return os.path.realpath(location)
+
+
+def lies_within(real: str, root: str) -> bool:
+    """``real`` is ``root`` or inside it (both as :func:`real_location` returns them)."""
+    if real == root:
+        return True
+    return real.startswith(root if root.endswith("/") else root + "/")
+
+
+def confined(
+    path: str, roots: Sequence[str], *, name: str | None = None, area: str | None = None
+) -> str:
+    """Where ``path`` leads (:func:`real_location`), if it lies inside one of ``roots`` (each
+    resolved the same way); else :class:`ConfinementError` naming the path (as ``name``,
+    default ``path``), where it leads (when resolving changed it) and the allowed area
+    (``area``, default: the roots). Never reads the file."""
+    real = real_location(path)
+    if any(lies_within(real, real_location(root)) for root in roots):
+        return real
+    shown = name or path
+    lexical = path
+    for scheme in _LOCAL_SCHEMES:
+        if path.lower().startswith(scheme):
+            lexical = path[len(scheme) :]
+    if not is_uri(lexical) and not Path(lexical).is_absolute():
+        lexical = str(Path.cwd() / lexical)
+    where = area or ("the folders " + ", ".join(roots) if roots else "any allowed folder")
+    leads = "is" if lexical == real else f"leads to {real},"
+    raise ConfinementError(f"{shown} {leads} outside {where}")
 
 
 def filesystem(location: str) -> tuple[Any, str]:

@@ -2,8 +2,14 @@
 
 Every frame returned carries a ``__row`` column: the 1-based data row (CSV: record after the
 header; JSONL: line number; Parquet/Arrow: row index + 1), so rejections can name the row.
-Invalid UTF-8 never raises mid-file: CSV bytes are decoded lossily and rows holding U+FFFD are
-quarantined by preprocessing; undecodable JSONL lines come back in ``bad_lines``.
+A UTF-8 byte-order mark at the start of a CSV or JSONL file is dropped.
+
+Invalid UTF-8 never raises mid-file. CSV, Parquet and Arrow: the invalid bytes themselves are
+found (a text that merely holds U+FFFD, the replacement character, is valid and kept), the
+cells holding them are decoded lossily, and the frame gets a column ``__invalid_utf8`` listing
+per row the columns with invalid bytes (only when there are any); preprocessing quarantines
+those rows naming the column. Undecodable JSONL lines come back in ``bad_lines``, as do JSONL
+lines that are not one JSON object or repeat a key inside one object.
 """
 
 from __future__ import annotations
@@ -20,6 +26,13 @@ import pyarrow.parquet as pq
 from storage.files import filesystem, is_uri
 
 ROW = "__row"
+#: Per row, the columns whose cells held invalid UTF-8 (present only when some did).
+INVALID_UTF8 = "__invalid_utf8"
+
+_BOM = b"\xef\xbb\xbf"
+_FFFD = "\ufffd"
+#: Noncharacters: valid UTF-8 that stands in for genuine U+FFFD while invalid bytes are found.
+_SENTINELS = ("\ufdd0", "\ufdd1", "\ufdd2", "\ufdd3", "\U0010fffe", "\U0010ffff")
 
 
 class SourceError(ValueError):
@@ -63,6 +76,62 @@ def _empty_check(location: str, frame: pl.DataFrame) -> pl.DataFrame:
     return frame.with_row_index(ROW, offset=1).with_columns(pl.col(ROW).cast(pl.Int64))
 
 
+def _is_utf8_error(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "utf8" in text or "utf-8" in text
+
+
+def _invalid_positions(chunk: pa.Array, start: int, stop: int, out: list[int]) -> None:
+    """Indices in ``[start, stop)`` of the string cells of ``chunk`` that are not valid UTF-8:
+    Arrow's own full validation over halves, so the cost follows the invalid cells."""
+    try:
+        chunk.slice(start, stop - start).validate(full=True)
+    except pa.ArrowInvalid:
+        if stop - start == 1:
+            out.append(start)
+            return
+        middle = (start + stop) // 2
+        _invalid_positions(chunk, start, middle, out)
+        _invalid_positions(chunk, middle, stop, out)
+
+
+def _utf8_checked(table: pa.Table) -> pl.DataFrame:
+    """The table as polars: string cells holding invalid UTF-8 are decoded lossily and their
+    columns listed per row in :data:`INVALID_UTF8` (polars must never see invalid strings)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    flags: dict[str, Any] = {}
+    for index, name in enumerate(table.column_names):
+        column = table.column(index)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            continue
+        bad: list[int] = []
+        offset = 0
+        for chunk in column.chunks:
+            found: list[int] = []
+            if len(chunk):
+                _invalid_positions(chunk, 0, len(chunk), found)
+            bad += [offset + i for i in found]
+            offset += len(chunk)
+        if not bad:
+            continue
+        whole = column.combine_chunks()
+        large = pa.types.is_large_string(whole.type)
+        binary = whole.view(pa.large_binary() if large else pa.binary())
+        mask = np.zeros(len(whole), dtype=bool)
+        mask[bad] = True
+        lossy = [binary[i].as_py().decode("utf-8", "replace").encode() for i in bad]
+        repaired = pc.replace_with_mask(binary, pa.array(mask), pa.array(lossy, binary.type))
+        table = table.set_column(index, name, repaired.cast(whole.type))
+        flags[name] = mask
+    frame = pl.DataFrame(pl.from_arrow(table))
+    if not flags:
+        return frame
+    listed = [pl.when(pl.lit(pl.Series(mask))).then(pl.lit(name)) for name, mask in flags.items()]
+    return frame.with_columns(pl.concat_list(listed).list.drop_nulls().alias(INVALID_UTF8))
+
+
 def _read_parquet(location: str) -> pl.DataFrame:
     if not is_uri(location):
         fs, path = filesystem(location)
@@ -71,13 +140,20 @@ def _read_parquet(location: str) -> pl.DataFrame:
         try:
             return _empty_check(location, pl.read_parquet(path))
         except (pl.exceptions.PolarsError, OSError) as exc:
-            raise SourceError(f"{location}: not a readable Parquet file ({exc})") from exc
+            # the reader's own message is not shown (nor chained): it may quote the file
+            if not _is_utf8_error(exc):
+                raise SourceError(
+                    f"{location}: not a readable Parquet file ({type(exc).__name__})"
+                ) from None
+            # invalid UTF-8 in a string column: read by Arrow, the cells found below
     data = _open_bytes(location)
     try:
         table = pq.read_table(io.BytesIO(data))
     except (pa.ArrowException, OSError) as exc:
-        raise SourceError(f"{location}: not a readable Parquet file ({exc})") from exc
-    return _empty_check(location, pl.DataFrame(pl.from_arrow(table)))
+        raise SourceError(
+            f"{location}: not a readable Parquet file ({type(exc).__name__})"
+        ) from None
+    return _empty_check(location, _utf8_checked(table))
 
 
 def _read_arrow(location: str) -> pl.DataFrame:
@@ -85,8 +161,24 @@ def _read_arrow(location: str) -> pl.DataFrame:
     try:
         frame = pl.read_ipc(io.BytesIO(data))
     except (pl.exceptions.PolarsError, OSError) as exc:
-        raise SourceError(f"{location}: not a readable Arrow IPC file ({exc})") from exc
+        if not _is_utf8_error(exc):
+            raise SourceError(
+                f"{location}: not a readable Arrow IPC file ({type(exc).__name__})"
+            ) from None
+        frame = _read_arrow_checked(location, data)  # invalid UTF-8: found per cell
     return _empty_check(location, frame)
+
+
+def _read_arrow_checked(location: str, data: bytes) -> pl.DataFrame:
+    from pyarrow import ipc
+
+    try:
+        table = ipc.open_file(io.BytesIO(data)).read_all()
+    except (pa.ArrowException, OSError) as exc:
+        raise SourceError(
+            f"{location}: not a readable Arrow IPC file ({type(exc).__name__})"
+        ) from None
+    return _utf8_checked(table)
 
 
 def _read_csv(location: str, encoding: str) -> RawSource:
@@ -97,20 +189,44 @@ def _read_csv(location: str, encoding: str) -> RawSource:
     import pyarrow.csv as pacsv
 
     data = _open_bytes(location)
+    utf8 = encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8lossy", "utf8sig")
+    if utf8 and data.startswith(_BOM):
+        data = data[len(_BOM) :]
     if not data.strip():
         raise SourceError(f"{location}: file is empty")
-    if encoding.lower().replace("-", "") in ("utf8", "utf8lossy"):
-        # invalid bytes become U+FFFD: preprocessing quarantines those rows, naming the column
-        data = data.decode("utf-8", errors="replace").encode()
+    sentinel: str | None = None
+    replaced = False
+    if utf8:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            # invalid bytes become U+FFFD below, and only they: a genuine U+FFFD is swapped
+            # for a noncharacter the file does not hold first, and restored after parsing
+            replaced = True
+            if _FFFD.encode() in data:
+                sentinel = next((s for s in _SENTINELS if s.encode() not in data), None)
+                if sentinel is None:  # pragma: no cover - a file holding all six
+                    raise SourceError(f"{location}: cannot locate its invalid UTF-8") from None
+                data = data.replace(_FFFD.encode(), sentinel.encode())
+            data = data.decode("utf-8", errors="replace").encode()
     else:
         try:
             data = data.decode(encoding).encode()
         except (UnicodeDecodeError, LookupError) as exc:
-            raise SourceError(f"{location}: cannot decode as {encoding} ({exc})") from exc
+            where = (
+                f"byte {exc.start}: {exc.reason}"
+                if isinstance(exc, UnicodeDecodeError)
+                else "unknown encoding"
+            )
+            raise SourceError(f"{location}: cannot decode as {encoding} ({where})") from None
     header_line = data.split(b"\n", 1)[0].decode().rstrip("\r")
     names = next(csv.reader([header_line]))
     if len(set(names)) != len(names):
-        raise SourceError(f"{location}: duplicate column names in the header {names}")
+        repeated = [i for i, name in enumerate(names, start=1) if names.index(name) < i - 1]
+        raise SourceError(  # positions, not names: a header may be a line of data
+            f"{location}: duplicate column names in the header ({len(repeated)} of "
+            f"{len(names)} repeat an earlier one, at column(s) {repeated})"
+        )
     bad: list[tuple[int, str, str]] = []
 
     def invalid(row: Any) -> str:
@@ -136,18 +252,59 @@ def _read_csv(location: str, encoding: str) -> RawSource:
             ),
         )
     except (pa.ArrowException, OSError) as exc:
-        raise SourceError(f"{location}: malformed CSV ({exc})") from exc
+        # the parser's detail ("Expected 4 columns, got 5: <the row>") is not shown
+        raise SourceError(f"{location}: malformed CSV ({str(exc).split(':', 1)[0]})") from None
     frame = pl.DataFrame(pl.from_arrow(table))
     if frame.height == 0 and not bad:
         raise SourceError(f"{location}: file holds no data rows")
     skipped = np.array(sorted(n for n, _, _ in bad), dtype=np.int64)
     rows = np.setdiff1d(np.arange(1, frame.height + len(bad) + 1, dtype=np.int64), skipped)
     frame = frame.with_columns(pl.Series(ROW, rows, dtype=pl.Int64)).select(ROW, *names)
+    if replaced:
+        frame, bad = _flag_replaced(frame, names, bad, sentinel)
     return RawSource(frame, bad)
+
+
+def _flag_replaced(
+    frame: pl.DataFrame, names: list[str], bad: list[tuple[int, str, str]], sentinel: str | None
+) -> tuple[pl.DataFrame, list[tuple[int, str, str]]]:
+    """List per row the columns whose cells held invalid bytes (U+FFFD after the lossy
+    decoding); give genuine U+FFFD back where the sentinel stood in for it."""
+
+    def flag(name: str) -> pl.Expr:
+        return pl.when(pl.col(name).str.contains(_FFFD, literal=True)).then(pl.lit(name))
+
+    listed = [flag(name) for name in names]
+    frame = frame.with_columns(pl.concat_list(listed).list.drop_nulls().alias(INVALID_UTF8))
+    if sentinel is None:
+        return frame, bad
+    genuine = pl.col(names).str.replace_all(sentinel, _FFFD, literal=True)
+    frame = frame.with_columns(genuine).rename({n: n.replace(sentinel, _FFFD) for n in names})
+    return frame, [(n, text.replace(sentinel, _FFFD), why) for n, text, why in bad]
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` refusing a key repeated inside one object (json keeps the last)."""
+    record = dict(pairs)
+    if len(record) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return record
 
 
 def _read_jsonl(location: str, encoding: str) -> RawSource:
     data = _open_bytes(location)
+    if encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig"):
+        data = data.removeprefix(_BOM)
     records: list[dict[str, object]] = []
     rows: list[int] = []
     bad: list[tuple[int, str, str]] = []
@@ -162,9 +319,12 @@ def _read_jsonl(location: str, encoding: str) -> RawSource:
             )
             continue
         try:
-            record = json.loads(text)
+            record = json.loads(text, object_pairs_hook=_unique_pairs)
         except json.JSONDecodeError as exc:
             bad.append((number, text, f"invalid JSON ({exc.msg})"))
+            continue
+        except _DuplicateKey as exc:  # the key is a column name; its values are not shown
+            bad.append((number, text, f"duplicate JSON key {exc.key[:80]!r}"))
             continue
         if not isinstance(record, dict):
             bad.append((number, text, "JSON line is not an object"))
@@ -173,6 +333,13 @@ def _read_jsonl(location: str, encoding: str) -> RawSource:
         rows.append(number)
     if not records and not bad:
         raise SourceError(f"{location}: file holds no data rows")
+    if not records:
+        shown = "; ".join(f"line {n}: {why}" for n, _, why in bad[:5])
+        more = f"; ... ({len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise SourceError(
+            f"{location}: no line holds a valid JSON object ({len(bad)} non-empty line(s), "
+            f"all invalid: {shown}{more})"
+        )
     columns: dict[str, list[object]] = {}
     for i, record in enumerate(records):
         for key in record:

@@ -13,7 +13,7 @@ import json
 import logging
 import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal, get_args
 
 import polars as pl
@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
-from storage.files import filesystem, is_uri
+from storage.files import confined, filesystem, is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +83,14 @@ def _hash_stream(handle: Any) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def fingerprint(location: str) -> FileRef:
-    """Hash a file where it lies (used for raw sources, which we never copy)."""
-    fs, path = filesystem(location)
+def fingerprint(location: str, *, roots: Sequence[str] | None = None) -> FileRef:
+    """Hash a file where it lies (used for raw sources, which we never copy). With ``roots``
+    (a party's store and import areas), a location leading outside them (``..``, symlinks)
+    is refused with :class:`storage.files.ConfinementError` before anything is read."""
+    if roots is not None:
+        fs, path = filesystem(confined(location, roots))
+    else:
+        fs, path = filesystem(location)
     if not fs.exists(path):
         raise FileNotFoundError(f"{location}: no such file")
     if fs.isdir(path):

@@ -134,6 +134,23 @@ def align_features(
     return aligned.sort(ENTITY_HASH), schema
 
 
+def _check_finite(name: str, table: pl.DataFrame) -> None:
+    """Refuse inf, -inf and NaN in any float column: a missing feature is null in every
+    features table (and a join's missing rows are null), so NaN is never "missing" here.
+    The error names the columns and their row counts, never a value."""
+    floats = [c for c, dtype in table.schema.items() if dtype.is_float()]
+    if not floats:
+        return
+    counts = table.select((~pl.col(c).is_finite()).sum().alias(c) for c in floats).row(0)
+    bad = [(c, n) for c, n in zip(floats, counts, strict=True) if n]
+    if bad:
+        shown = ", ".join(f"'{c}' ({n} row(s))" for c, n in bad)
+        raise AlignError(
+            f"aligned table '{name}': non-finite values (inf, -inf or NaN) in column(s) "
+            f"{shown}; features must be finite, null where missing"
+        )
+
+
 def fuse_tables(tables: Mapping[str, pl.DataFrame], *, join: JoinKind) -> pl.DataFrame:
     """Join a party's aligned tables on the hashed key.
 
@@ -149,8 +166,9 @@ def fuse_tables(tables: Mapping[str, pl.DataFrame], *, join: JoinKind) -> pl.Dat
         if dupes.height:
             raise AlignError(
                 f"aligned table '{name}' holds {dupes.height} rows with a duplicate entity key "
-                f"(first hashed key {dupes[ENTITY_HASH][0][:12]}…); one row per entity is required"
+                f"({dupes[ENTITY_HASH].n_unique()} key(s)); one row per entity is required"
             )
+        _check_finite(name, table)
         for column in table.columns:
             if column == ENTITY_HASH:
                 continue

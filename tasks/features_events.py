@@ -58,6 +58,12 @@ ALL = "all"
 
 STATS = ("mean", "std", "min", "max", "missing_rate", "slope")
 
+#: Largest magnitude of a reading (after unit conversion) the statistics take: sums, variances
+#: and the slope's cross products of readings up to 1e15 stay far inside float64 (1e308) for
+#: any realistic number of events, so every feature is finite. Preprocessing quarantines a
+#: reading beyond it (``column 'wh' (usage_kwh): out of range (|value| > 1e+15)``).
+MAX_ABS_READING = 1e15
+
 # helper columns of the ordered event table
 _HASH = "__hash"
 _POS = "__pos"

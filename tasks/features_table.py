@@ -31,11 +31,24 @@ def _days_before(end: dt.datetime, expr: pl.Expr) -> pl.Expr:
     return (pl.lit(end) - expr).dt.total_microseconds().cast(pl.Float64) / DAY_US
 
 
+#: Largest magnitude of an amount (currency units, after unit conversion). Amounts are summed
+#: as exact integer millionths: 1e12 units are 1e18 millionths, inside Int64 (9.2e18) per
+#: row; sums are taken in Int128, which no realistic row count can overflow. Preprocessing
+#: quarantines an amount beyond it (``column 'amt_cents' (amount): out of range (...)``).
+MAX_ABS_AMOUNT = 1e12
+
+
 def _micro(where: pl.Expr | None = None) -> pl.Expr:
     """Amounts in millionths as integers: shares from exact integer sums are the same to
-    the last bit however the rows were split across threads."""
+    the last bit however the rows were split across threads. Amounts must be within
+    :data:`MAX_ABS_AMOUNT` (the cast fails beyond 9.2e12)."""
     micro = (pl.col(AMOUNT) * 1e6).round(0).cast(pl.Int64)
     return micro if where is None else micro.filter(where)
+
+
+def _micro_sum(where: pl.Expr | None = None) -> pl.Expr:
+    """Exact sum of the millionths in 128 bits (an Int64 sum would wrap silently)."""
+    return _micro(where).cast(pl.Int128).sum()
 
 
 #: Above this ``rows x largest |amount|`` (in millionths) a group's exact integer moments
@@ -48,7 +61,7 @@ _AMOUNTS = "__amounts"  # non-null amounts per entity, for the mean
 
 def _amount_sum(where: pl.Expr | None = None) -> pl.Expr:
     """Sum of amounts from exact integer millionths: the same bits whatever the threads."""
-    return _micro(where).sum().cast(pl.Float64) / 1e6
+    return _micro_sum(where).cast(pl.Float64) / 1e6
 
 
 def _amount_std() -> pl.Expr:
@@ -128,9 +141,13 @@ def transaction_features(
 
         out = out.with_columns(rate_change("count"), rate_change("amount"))
     if categories and CATEGORY in clean.collect_schema().names():
+        total = _micro_sum()
         shares = lf.group_by(entity).agg(
             [
-                (_micro(pl.col(CATEGORY) == c).sum() / _micro().sum()).alias(f"share_{c}")
+                # null, not NaN or inf, when the entity's amounts sum to zero
+                pl.when(total != 0)
+                .then(_micro_sum(pl.col(CATEGORY) == c).cast(pl.Float64) / total.cast(pl.Float64))
+                .alias(f"share_{c}")
                 for c in categories
             ]
         )

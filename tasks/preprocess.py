@@ -17,12 +17,16 @@ from dataclasses import dataclass
 import polars as pl
 from pydantic import BaseModel, Field
 
-from storage.sources import ROW
+from storage.sources import INVALID_UTF8, ROW
+from tasks.features_events import MAX_ABS_READING
+from tasks.features_table import MAX_ABS_AMOUNT
 from tasks.spec import ColumnSpec, EntityMapSpec, SourceSpec
-from tasks.types import DEVICE, REASON, KeyNormalisation, Objective
+from tasks.types import AMOUNT, DEVICE, ERROR, REASON, TIMESTAMP, KeyNormalisation, Objective
 from tasks.units import to_canonical
 
-REPLACEMENT_CHAR = "\ufffd"
+#: Control (Cc: C0, DEL, C1, NUL) and format (Cf: zero-width space/joiners, U+FEFF, bidi
+#: controls, soft hyphen) characters: refused inside an entity key (invisible look-alikes).
+KEY_CONTROL = r"[\p{Cc}\p{Cf}]"
 _TRUE = ("true", "1", "yes", "y", "t")
 _FALSE = ("false", "0", "no", "n", "f")
 _ISO_FORMATS_TZ = ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z")
@@ -67,18 +71,25 @@ def _raw_name(canonical: str, column: ColumnSpec) -> str:
 
 
 def _check_columns(frame: pl.DataFrame, columns: Mapping[str, ColumnSpec], file: str) -> None:
-    available = [c for c in frame.columns if c != ROW]
+    available = [c for c in frame.columns if c not in (ROW, INVALID_UTF8)]
     for canonical, column in columns.items():
         raw = _raw_name(canonical, column)
         if raw not in frame.columns:
-            raise PreprocessError(
+            found = [_raw_name(c, s) for c, s in columns.items() if _raw_name(c, s) in available]
+            raise PreprocessError(  # the file's own header is not shown: it may be data
                 f"{file}: column {raw!r} (mapped to {canonical!r}) is missing; "
-                f"the file has columns {available}"
+                f"the file has {len(available)} column(s), of which {len(found)} in the "
+                f"mapping: {found}"
             )
 
 
 def normalise_key(expr: pl.Expr, mode: KeyNormalisation) -> pl.Expr:
+    """``strip``: surrounding whitespace removed; ``strip_lower``: NFKC-normalised first (a
+    full-width ``ｃ0001`` is ``c0001``), then stripped and lower-cased (idempotent). NFKC does
+    not fold scripts: Cyrillic ``с`` and Latin ``c`` stay two keys."""
     out = expr.cast(pl.String)
+    if mode == "strip_lower":
+        out = out.str.normalize("NFKC")
     if mode in ("strip", "strip_lower"):
         out = out.str.strip_chars()
     if mode == "strip_lower":
@@ -166,7 +177,7 @@ def coerce(expr: pl.Expr, dtype: pl.DataType, column: ColumnSpec) -> pl.Expr:
                 if dtype == pl.String
                 else expr.cast(pl.Float64, strict=False)
             )
-            whole = pl.when(num == num.round(0)).then(num).otherwise(None)
+            whole = pl.when(num.is_finite() & (num == num.round(0))).then(num).otherwise(None)
             return (
                 to_canonical(whole, column.unit)
                 if column.unit
@@ -282,15 +293,20 @@ def coerce_frame(
     normalisation: KeyNormalisation,
     vocabularies: Mapping[str, list[str]],
     label: LabelRule | None = None,
+    bounds: Mapping[str, tuple[float, str]] | None = None,
 ) -> tuple[pl.DataFrame, dict[str, int]]:
     """Coerce every mapped column; add a ``reject_reason`` column (null for good rows).
 
     With ``label``, that column's cells are checked against the task instead of the generic
-    parse/required checks (whose reasons would show the value). Returns the frame
-    (``__row``, canonical columns, reason) and unknown-category counts.
+    parse/required checks (whose reasons would show the value). ``bounds``: canonical column
+    -> (largest magnitude after unit conversion, how the reason states it); a value beyond
+    it is out of range. The ``key`` column is refused when it holds control or format
+    characters. Returns the frame (``__row``, canonical columns, reason) and
+    unknown-category counts.
     """
     _check_columns(raw, columns, file)
     schema = raw.schema
+    flagged = INVALID_UTF8 in schema  # the reader found invalid UTF-8 in some cells
     values: list[pl.Expr] = [pl.col(ROW)]
     reasons: list[pl.Expr] = []
     for canonical, column in columns.items():
@@ -312,16 +328,9 @@ def coerce_frame(
                 )
             )
         else:
-            shown = src.cast(pl.String).str.slice(0, 40)
-            reasons.append(
+            reasons.append(  # the reason names the column, never the cell's value
                 pl.when(present & out.is_null()).then(
-                    pl.format(
-                        "column '{}' ({}): cannot parse {} as {}",
-                        pl.lit(name),
-                        pl.lit(canonical),
-                        shown,
-                        pl.lit(column.dtype),
-                    )
+                    pl.lit(f"column '{name}' ({canonical}): cannot parse as {column.dtype}")
                 )
             )
         if (column.required or canonical == key) and not (label and canonical == label.column):
@@ -330,9 +339,22 @@ def coerce_frame(
                     pl.lit(f"column '{name}' ({canonical}): required value missing")
                 )
             )
-        if dtype == pl.String:
+        if canonical == key:
             reasons.append(
-                pl.when(src.str.contains(REPLACEMENT_CHAR, literal=True)).then(
+                pl.when(out.str.contains(KEY_CONTROL)).then(
+                    pl.lit(f"column '{name}' ({canonical}): key contains control characters")
+                )
+            )
+        if bounds and canonical in bounds:
+            limit, stated = bounds[canonical]
+            reasons.append(
+                pl.when(out.cast(pl.Float64).abs() > limit).then(
+                    pl.lit(f"column '{name}' ({canonical}): out of range ({stated})")
+                )
+            )
+        if flagged:
+            reasons.append(
+                pl.when(pl.col(INVALID_UTF8).list.contains(pl.lit(name))).then(
                     pl.lit(f"column '{name}': invalid UTF-8")
                 )
             )
@@ -360,7 +382,8 @@ def coerce_frame(
 
 def _rejected_rows(raw: pl.DataFrame, reasons: pl.DataFrame) -> pl.DataFrame:
     """Raw cells (as text) of rejected rows, with row number and reason."""
-    as_text = raw.select(pl.col(ROW), *[pl.col(c).cast(pl.String) for c in raw.columns if c != ROW])
+    cells = [c for c in raw.columns if c not in (ROW, INVALID_UTF8)]
+    as_text = raw.select(pl.col(ROW), *[pl.col(c).cast(pl.String) for c in cells])
     return reasons.join(as_text, on=ROW, how="left").select(ROW, REASON, *as_text.columns[1:])
 
 
@@ -391,6 +414,7 @@ def preprocess(
         normalisation=normalisation,
         vocabularies=vocabularies,
         label=label,
+        bounds=_bounds(source),
     )
     canonical = list(source.columns)
     if source.kind == "events":
@@ -402,7 +426,12 @@ def preprocess(
         frame = frame.join(mapping, on=DEVICE, how="left")
         frame = frame.with_columns(
             pl.when(pl.col(REASON).is_null() & pl.col(entity).is_null())
-            .then(pl.format("device '{}' not in entity map", pl.col(DEVICE)))
+            .then(
+                pl.lit(
+                    f"device not in entity map "
+                    f"(column '{_raw_name(DEVICE, source.columns[DEVICE])}')"
+                )
+            )
             .otherwise(pl.col(REASON))
             .alias(REASON)
         )
@@ -425,8 +454,7 @@ def preprocess(
             conflicts = good.join(clash, on=entity).select(
                 ROW,
                 pl.format(
-                    "duplicate key '{}' in column '{}' (rows {}): one row per entity required",
-                    pl.col(entity),
+                    "duplicate key in column '{}' (rows {}): one row per entity required",
                     pl.lit(_raw_name(entity, source.columns[entity])),
                     pl.col("__rows").cast(pl.List(pl.String)).list.join(", "),
                 ).alias(REASON),
@@ -463,11 +491,32 @@ def preprocess(
     return Preprocessed(clean=clean, rejected=rejected, quality=quality)
 
 
+def _bounds(source: SourceSpec) -> dict[str, tuple[float, str]]:
+    """Largest magnitudes (after unit conversion) that the features' arithmetic takes:
+    table amounts (exact integer millionths, :data:`~tasks.features_table.MAX_ABS_AMOUNT`)
+    and event readings (:data:`~tasks.features_events.MAX_ABS_READING`)."""
+    if source.kind == "table" and AMOUNT in source.columns:
+        return {AMOUNT: (MAX_ABS_AMOUNT, f"|amount| > {MAX_ABS_AMOUNT:.0e} currency units")}
+    if source.kind == "events":
+        return {
+            name: (MAX_ABS_READING, f"|value| > {MAX_ABS_READING:.0e}")
+            for name, column in source.columns.items()
+            if column.dtype in ("float", "int") and name not in (DEVICE, TIMESTAMP, ERROR)
+        }
+    return {}
+
+
 def _reason_kind(reason: str) -> str:
     """Group reasons by kind: drop the row-specific value part."""
     if " (label): " in reason:
         return reason  # label reasons hold no value
-    for marker in (": cannot parse", ": required value missing", ": invalid UTF-8"):
+    for marker in (
+        ": cannot parse",
+        ": required value missing",
+        ": invalid UTF-8",
+        ": out of range",
+        ": key contains control characters",
+    ):
         if marker in reason:
             return reason.split(marker, maxsplit=1)[0] + marker
     if reason.startswith("exact duplicate"):
@@ -498,13 +547,22 @@ def device_map(
     frame = frame.with_columns(
         normalise_key(pl.col(DEVICE), normalisation).alias(DEVICE),
         normalise_key(pl.col(entity), normalisation).alias(entity),
-    ).filter(pl.col(DEVICE).is_not_null() & pl.col(entity).is_not_null())
+    ).filter(
+        # a map row whose keys are unusable (invalid UTF-8, control characters) maps nothing:
+        # that device's events are quarantined as not in the entity map
+        pl.col(DEVICE).is_not_null()
+        & pl.col(entity).is_not_null()
+        & pl.col(REASON).is_null()
+        & ~pl.col(DEVICE).str.contains(KEY_CONTROL)
+        & ~pl.col(entity).str.contains(KEY_CONTROL)
+    )
     pairs = frame.select(DEVICE, entity).unique()
     clash = pairs.group_by(DEVICE).agg(pl.col(entity).sort()).filter(pl.col(entity).list.len() > 1)
     if clash.height:
-        first = clash.sort(DEVICE).row(0, named=True)
-        raise PreprocessError(
-            f"{spec.path}: device {first[DEVICE]!r} is mapped to several entities "
-            f"{first[entity]} ({clash.height} such device(s))"
+        rows = frame.join(clash.select(DEVICE), on=DEVICE)[ROW].sort().to_list()
+        shown = ", ".join(str(r) for r in rows[:20]) + (", ..." if len(rows) > 20 else "")
+        raise PreprocessError(  # rows of the party's own file, never the ids
+            f"{spec.path}: {clash.height} device(s) mapped to several entities "
+            f"({len(rows)} rows: {shown}); one entity per device is required"
         )
     return pairs

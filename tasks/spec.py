@@ -14,13 +14,23 @@ import json
 import math
 import zoneinfo
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from storage.files import is_uri, read_text, resolve_location
+from storage.files import (
+    ConfinementError,
+    confined,
+    is_uri,
+    join_location,
+    lies_within,
+    read_text,
+    real_location,
+    resolve_location,
+)
 from tasks.types import (
     AMOUNT,
     DEVICE,
@@ -152,8 +162,17 @@ class SourceSpec(SpecModel):
 class PartySpec(SpecModel):
     id: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
     store: str
+    imports: list[str] = Field(
+        default_factory=list,
+        description="Folders outside the store this party's sources may be read from",
+    )
     work_pool: str | None = None
     sources: list[SourceSpec] = Field(min_length=1)
+
+    @property
+    def roots(self) -> list[str]:
+        """The folders this party's sources may be read from: its store and import areas."""
+        return [self.store, *self.imports]
 
 
 class CoordinatorSpec(SpecModel):
@@ -622,6 +641,105 @@ def semantic_problems(spec: FedSpec) -> list[SpecProblem]:
     return problems
 
 
+@dataclass(frozen=True)
+class _Area:
+    """A folder of the consortium: a party's store or import area, or the coordinator's store."""
+
+    key: str
+    owner: str | None  # party id; None: the coordinator
+    what: str  # e.g. "the store of party 'a'"
+    shown: str  # as written, plus where it leads when resolving changed it
+    real: str
+
+
+def _shown(written: str, base: str) -> tuple[str, str]:
+    """``written`` resolved against ``base`` (``..`` and symlinks): (how to show it, real)."""
+    joined = join_location(written, base)
+    real = real_location(joined)
+    lexical = joined.split("://", 1)[1] if joined.lower().startswith("file://") else joined
+    return (written if lexical == real else f"{written} (leads to {real})"), real
+
+
+def _areas(spec: FedSpec, base: str) -> list[_Area]:
+    """The coordinator's store, the parties' stores, then their import areas (so a clash is
+    reported at an import area rather than at the store it overlaps)."""
+    folders: list[tuple[str, str | None, str, str]] = [
+        ("coordinator.store", None, "the coordinator's store", spec.coordinator.store)
+    ]
+    for i, party in enumerate(spec.parties):
+        folders.append(
+            (f"parties[{i}].store", party.id, f"the store of party {party.id!r}", party.store)
+        )
+    for i, party in enumerate(spec.parties):
+        folders += [
+            (
+                f"parties[{i}].imports[{k}]",
+                party.id,
+                f"an import area of party {party.id!r}",
+                folder,
+            )
+            for k, folder in enumerate(party.imports)
+        ]
+    areas = []
+    for key, owner, what, written in folders:
+        shown, real = _shown(written, base)
+        areas.append(_Area(key=key, owner=owner, what=what, shown=shown, real=real))
+    return areas
+
+
+def confinement_problems(spec: FedSpec, base: str) -> list[SpecProblem]:
+    """Stores apart and sources at home, after resolving ``..`` and symlinks against ``base``.
+
+    The coordinator's store and every party's store and import areas are separate folders,
+    none inside another (a party's own store and import areas aside); every source and
+    entity map of a party lies in its store or one of its import areas (``imports``).
+    Nothing is read: messages name paths as the spec writes them and where they lead.
+    """
+    problems: list[SpecProblem] = []
+    areas = _areas(spec, base)
+    for k, area in enumerate(areas):
+        for other in areas[:k]:
+            if other.owner == area.owner and area.owner is not None:
+                continue
+            if area.real == other.real:
+                relation = "is also"
+            elif lies_within(area.real, other.real):
+                relation = "lies inside"
+            elif lies_within(other.real, area.real):
+                relation = "contains"
+            else:
+                continue
+            problems.append(
+                SpecProblem(
+                    path=area.key,
+                    message=f"{area.shown} {relation} {other.what} ({other.shown}); every "
+                    "party's store and import areas and the coordinator's store must be "
+                    "separate folders, none inside another",
+                )
+            )
+    for i, party in enumerate(spec.parties):
+        roots = [a.real for a in areas if a.owner == party.id]
+        allowed = f"the store of party {party.id!r} ({party.store})"
+        if party.imports:
+            allowed += f" and its import areas ({', '.join(party.imports)})"
+        for j, source in enumerate(party.sources):
+            paths = [(f"parties[{i}].sources[{j}].path", source.path)]
+            if source.entity_map is not None:
+                paths.append((f"parties[{i}].sources[{j}].entity_map.path", source.entity_map.path))
+            for key, written in paths:
+                try:
+                    confined(join_location(written, base), roots, name=written, area=allowed)
+                except ConfinementError as exc:
+                    problems.append(
+                        SpecProblem(
+                            path=key,
+                            message=f"{exc}; to read it from elsewhere, list its folder in "
+                            f"parties[{i}].imports",
+                        )
+                    )
+    return problems
+
+
 def _resolve_paths(spec: FedSpec, base: str) -> FedSpec:
     """Return the spec with every relative path resolved against ``base``."""
 
@@ -635,6 +753,7 @@ def _resolve_paths(spec: FedSpec, base: str) -> FedSpec:
         p.model_copy(
             update={
                 "store": resolve_location(p.store, base),
+                "imports": [resolve_location(folder, base) for folder in p.imports],
                 "sources": [source(s) for s in p.sources],
             }
         )
@@ -658,7 +777,7 @@ def parse_spec(data: dict[str, Any], *, source: str, base: str) -> FedSpec:
             SpecProblem(path=format_loc(err["loc"]), message=err["msg"]) for err in exc.errors()
         ]
         raise SpecError(source, problems) from None
-    problems = semantic_problems(spec)
+    problems = semantic_problems(spec) + confinement_problems(spec, base)
     if problems:
         raise SpecError(source, problems)
     return _resolve_paths(spec, base)

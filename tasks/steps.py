@@ -8,10 +8,13 @@ from those references (content hashes), so unchanged work is skipped on retries 
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from prefect import task
+from prefect.client.schemas.objects import State
 from pydantic import BaseModel, ConfigDict, Field
 
+from storage.files import confined
 from storage.secrets import resolve_secret, secret_fingerprint
 from storage.sources import read_source
 from storage.store import FileRef, Store, TableRef, fingerprint, read_table, scan_table
@@ -24,6 +27,29 @@ from tasks.types import CATEGORY, DEVICE, ERROR, TIMESTAMP, JoinKind, KeyNormali
 
 IO_RETRIES = 2
 IO_RETRY_DELAYS: list[float] = [1.0, 5.0]
+#: Failures a second try cannot fix: a missing, unreadable or malformed file fails at once.
+DETERMINISTIC_IO: tuple[type[OSError], ...] = (
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a step that failed with ``exc`` may succeed on a second try: time-outs, lost
+    connections and other I/O errors of network file systems and object stores. Validation
+    errors (``ValueError``: a bad file, a missing column) and missing or unreadable files
+    are deterministic and never retried."""
+    if isinstance(exc, TimeoutError | ConnectionError):
+        return True
+    return isinstance(exc, OSError) and not isinstance(exc, DETERMINISTIC_IO)
+
+
+def retry_transient(task: object, task_run: object, state: State[Any]) -> bool:
+    """Prefect ``retry_condition_fn``: retry only :func:`is_transient` failures."""
+    exc = state.data
+    return isinstance(exc, BaseException) and is_transient(exc)
 
 
 class PartyContext(BaseModel):
@@ -43,6 +69,10 @@ class PartyContext(BaseModel):
     secret: SecretRef
     join: JoinKind
     num_classes: int | None = None
+    roots: list[str] = Field(
+        default_factory=list,
+        description="Folders the party's sources may be read from (its store and imports)",
+    )
 
     @classmethod
     def from_spec(
@@ -63,6 +93,7 @@ class PartyContext(BaseModel):
             secret=spec.consortium.secret,
             join=spec.fusion.join,
             num_classes=spec.consortium.label.num_classes,
+            roots=party.roots,
         )
 
 
@@ -96,15 +127,25 @@ def secret_tag(ref: SecretRef) -> str:
     return secret_fingerprint(resolve_secret(env=ref.env, block=ref.block))
 
 
-@task(name="fingerprint-source", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
-def fingerprint_source(location: str) -> FileRef:
-    """Hash a raw source where it lies (its content hash keys every later step)."""
-    return fingerprint(location)
+@task(
+    name="fingerprint-source",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_transient,
+)
+def fingerprint_source(location: str, roots: list[str] | None = None) -> FileRef:
+    """Hash a raw source where it lies (its content hash keys every later step); with
+    ``roots``, only when it lies (symlinks resolved) inside one of them."""
+    return fingerprint(location, roots=roots or None)
 
 
 def run_preprocess(
     ctx: PartyContext, source: SourceSpec, raw: FileRef, entity_map: FileRef | None
 ) -> CleanOutput:
+    if ctx.roots:  # again at the read: a link swapped since the fingerprint is refused too
+        confined(raw.uri, ctx.roots)
+        if entity_map is not None:
+            confined(entity_map.uri, ctx.roots)
     data = read_source(raw.uri, source.file_format, encoding=source.encoding)
     mapping = None
     if source.entity_map is not None and entity_map is not None:
@@ -233,8 +274,13 @@ def run_party(ctx: PartyContext, sources: list[SourceSpec]) -> FusedOutput:
     cleaned: list[CleanOutput] = []
     aligned: list[AlignedOutput] = []
     for source in sources:
-        raw = fingerprint(source.path)
-        emap = fingerprint(source.entity_map.path) if source.entity_map is not None else None
+        roots = ctx.roots or None
+        raw = fingerprint(source.path, roots=roots)
+        emap = (
+            fingerprint(source.entity_map.path, roots=roots)
+            if source.entity_map is not None
+            else None
+        )
         clean = run_preprocess(ctx, source, raw, emap)
         aligned.append(run_align(ctx, source, run_features(ctx, source, clean), tag))
         cleaned.append(clean)
@@ -247,6 +293,7 @@ preprocess_source = task(
     persist_result=True,
     retries=IO_RETRIES,
     retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_transient,
 )(run_preprocess)
 extract_features = task(
     name="extract-features", cache_key_fn=content_cache_key, persist_result=True

@@ -102,8 +102,12 @@ def split_assignments(
         raise ValueError(f"'{entity_hash.name}' holds keys shorter than 8 hex digits")
     try:
         u = prefix.str.to_integer(base=16, strict=True).cast(pl.Float64) / 2.0**32
-    except pl.exceptions.PolarsError as exc:
-        raise ValueError(f"'{entity_hash.name}' holds non-hex keys: {exc}") from None
+    except pl.exceptions.PolarsError:  # polars' message quotes the keys: count them instead
+        bad = ~prefix.str.contains("^[0-9A-Fa-f]{8}$")
+        raise ValueError(
+            f"'{entity_hash.name}' holds non-hex keys ({int(bad.sum())} row(s), first at row "
+            f"{int(bad.arg_true()[0])})"
+        ) from None
     frame = pl.DataFrame({"u": u})
     out = frame.select(
         pl.when(pl.col("u") < test_fraction)

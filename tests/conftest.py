@@ -11,7 +11,7 @@ from tests.prefect_server import running_server
 
 @pytest.fixture
 def secret(monkeypatch: pytest.MonkeyPatch) -> str:
-    value = "test-secret-0123456789"
+    value = "0123456789abcdef0123456789abcdef"
     monkeypatch.setenv("FEDFUSE_TEST_SECRET", value)
     return value
 

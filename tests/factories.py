@@ -30,6 +30,7 @@ PARTY_A = """
 [[parties]]
 id = "a"
 store = "stores/a"
+imports = ["raw/a"]
 
 [[parties.sources]]
 id = "customers"
@@ -59,6 +60,7 @@ PARTY_B = """
 [[parties]]
 id = "b"
 store = "stores/b"
+imports = ["raw/b"]
 
 [[parties.sources]]
 id = "accounts"
@@ -242,6 +244,7 @@ def write_synthetic(root: Path, *, customers: int = 600, parties: int = 2, seed:
 [[parties]]
 id = "{pid}"
 store = "stores/{pid}"
+imports = ["raw/{pid}"]
 
 [[parties.sources]]
 id = "customers"

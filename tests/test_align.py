@@ -109,6 +109,21 @@ def test_fuse_without_label_uses_union_of_keys() -> None:
     assert fused[ENTITY_HASH].to_list() == ["k1", "k2", "k3"]
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_fuse_refuses_non_finite_features_naming_column_and_rows(bad: float) -> None:
+    labels = _aligned(["k1", "k2", "k3"], label=[1.0, 0.0, 0.0], p__x=[1.0, 2.0, 3.0])
+    iot = _aligned(["k1", "k2", "k3"], e__max=[bad, 2.0, bad], e__ok=[None, 1.0, 2.0])
+    with pytest.raises(AlignError) as info:
+        fuse_tables({"customers": labels, "iot": iot}, join="left")
+    assert str(info.value) == (
+        "aligned table 'iot': non-finite values (inf, -inf or NaN) in column(s) "
+        "'e__max' (2 row(s)); features must be finite, null where missing"
+    )
+    # null is how features say "missing": accepted, and a join's missing rows are null too
+    fused = fuse_tables({"customers": labels, "iot": _aligned(["k1"], e__max=[None])}, join="left")
+    assert fused["e__max"].to_list() == [None, None, None]
+
+
 def test_transaction_features_windows_and_shares() -> None:
     ts = [
         dt.datetime(2026, 3, 30, tzinfo=dt.UTC),

@@ -102,3 +102,34 @@ def test_amount_moments_match_their_definitions() -> None:
     # large amounts, small spread: exact integer moments keep the spread (0.5)
     assert abs(rows["big"]["amount_std"] - 0.5) < 1e-9
     assert rows["big"]["amount_90d"] == 3e9 + 1.5
+
+
+def test_amounts_at_the_bound_sum_exactly_and_shares_of_zero_spend_are_null() -> None:
+    from tasks.features_table import MAX_ABS_AMOUNT
+
+    ts = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+    n = 20  # 20 x 1e18 millionths would wrap an Int64 sum (9.2e18) silently
+    clean = pl.DataFrame(
+        {
+            "c": ["big"] * n + ["net0", "net0", "zero"],
+            TIMESTAMP: [ts] * (n + 3),
+            AMOUNT: [MAX_ABS_AMOUNT] * n + [5.0, -5.0, 0.0],
+            CATEGORY: ["grocery"] * n + ["grocery", "travel", "grocery"],
+        }
+    )
+    out = transaction_features(
+        clean,
+        entity="c",
+        as_of=dt.date(2026, 3, 31),
+        windows=[30, 90],
+        categories=["grocery", "travel"],
+    )
+    rows = {r["c"]: r for r in out.iter_rows(named=True)}
+    assert rows["big"]["monetary"] == n * MAX_ABS_AMOUNT
+    assert rows["big"]["amount_90d"] == n * MAX_ABS_AMOUNT
+    assert rows["big"]["share_grocery"] == 1.0
+    for entity in ("net0", "zero"):  # spend sums to 0: null (missing), never NaN or inf
+        assert rows[entity]["share_grocery"] is None
+        assert rows[entity]["share_travel"] is None
+    floats = out.select(pl.selectors.float())
+    assert not any(floats.select(pl.all().is_nan().any() | pl.all().is_infinite().any()).row(0))

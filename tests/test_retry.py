@@ -48,7 +48,7 @@ def pool(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
     name = f"fedfuse-retry-{uuid4().hex[:8]}"
     ensure_process_pool(name)
-    secret = "test-secret-0123456789"
+    secret = "0123456789abcdef0123456789abcdef"
     os.environ["FEDFUSE_TEST_SECRET"] = secret
     # the vertical demo spec reads FEDFUSE_SECRET: the worker inherits it
     os.environ.setdefault("FEDFUSE_SECRET", "0123456789abcdef0123456789abcdef")
@@ -387,7 +387,12 @@ def test_killed_party_worker_fails_the_round_and_a_retry_gives_the_uninterrupted
                     os.kill(int(str(pid).rsplit(":", 1)[-1]), signal.SIGKILL)
         p1.wait()
         assert wait_final(run_id) == "FAILED"
-        assert "round 1: 1 valid update(s), min_parties is 2" in str(flow_run(run_id).state.message)
+        # p1's step of round 1 (its update, or the evaluation that follows it) never came
+        # back: that round falls below the quorum
+        message = str(flow_run(run_id).state.message)
+        assert re.search(
+            r"round [12]: 1 (valid update\(s\)|evaluation\(s\)), min_parties is 2", message
+        ), message
         p1, _ = start_worker(pools["p1"], homes / "p1-again", secret, prefect_api)
         retry_like_the_ui(run_id, prefect_api)
         final = wait_final(run_id)

@@ -242,3 +242,87 @@ def test_cli_validate_reports_training_bounds(tiny_table_spec: Path) -> None:
         "training.params: 'objective' is set by fedfuse (the task decides it); remove it"
         in result.output
     )
+
+
+# --------------------------------------------------------------------------------------
+# The consortium secret: at least 128 bits
+# --------------------------------------------------------------------------------------
+
+MAKE_ONE = "make one with: python3 -c 'import secrets; print(secrets.token_hex(32))'"
+
+
+@pytest.mark.parametrize(
+    ("value", "bits"),
+    [
+        ("a", 0),
+        ("12345678", 24),
+        ("test-secret-0123456789", 88),
+        ("a" * 36, 0),
+        ("0123456789abcdef0123456789abcde", 124),  # 31 hex characters
+        ("Test-Secret-0123456789", 91),  # base64 letters, but not as an encoder writes them
+        ("abababababababababababababababab", 32),  # 32 hex characters, 2 distinct
+        ("correct horse battery staple", 103),  # 28 characters of text
+    ],
+)
+def test_weak_secret_is_refused_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch, value: str, bits: int
+) -> None:
+    from storage.secrets import SecretError, resolve_secret
+
+    monkeypatch.setenv("FEDFUSE_SECRET", value)
+    with pytest.raises(SecretError) as info:
+        resolve_secret(env="FEDFUSE_SECRET")
+    message = str(info.value)
+    assert message == (
+        f"the consortium secret in FEDFUSE_SECRET is too weak (about {bits} bits); {MAKE_ONE}"
+    )
+    assert "\n" not in message
+    if len(value) > 1:
+        assert value not in message
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "0123456789abcdef0123456789abcdef",  # the tests' fixture: 32 hex characters
+        "0123456789ABCDEF0123456789ABCDEF",
+        "0694bf89c026b705549f120e6467a47491c368ab3e2d87c0a09d2ae8446966b6",  # token_hex(32)
+        "AAECAwQFBgcICQoLDA0ODw==",  # base64 of 16 bytes
+        "AAECAwQFBgcICQoLDA0ODw",  # unpadded
+        "8PHy8_T19vf4-fr7_P3-_w",  # urlsafe, unpadded
+        "ZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXp7fH1+f4CBgoM=",  # base64 of 32 bytes
+        "fedfuse-benchmark-secret-not-for-real-data",  # >= 32 characters, >= 16 distinct
+    ],
+)
+def test_strong_secret_is_accepted(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    from storage.secrets import resolve_secret
+
+    monkeypatch.setenv("FEDFUSE_SECRET", value)
+    assert resolve_secret(env="FEDFUSE_SECRET") == value.encode()
+
+
+def test_demo_secret_is_strong() -> None:
+    import secrets
+
+    from storage.secrets import is_strong_secret
+
+    # flows/cli.py draws the demo's secret so; 64 hex characters
+    assert all(is_strong_secret(secrets.token_hex(32)) for _ in range(100))
+
+
+def test_weak_block_secret_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.blocks.system import Secret
+
+    from storage.secrets import SecretError, resolve_secret
+
+    class Weak:
+        def get(self) -> str:
+            return "hunter2"
+
+    monkeypatch.setattr(Secret, "load", classmethod(lambda cls, name: Weak()))
+    with pytest.raises(SecretError) as info:
+        resolve_secret(block="consortium")
+    assert str(info.value) == (
+        f"the consortium secret in Prefect Secret block 'consortium' is too weak (about 19 bits); "
+        f"{MAKE_ONE}"
+    )

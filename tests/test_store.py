@@ -193,3 +193,22 @@ def test_verified_text_messages_hold_no_content(tmp_path: Path) -> None:
         assert isinstance(info.value, ValueError)
     with pytest.raises(ValueError, match="max_bytes"):
         read_verified_text(ref, max_bytes=-1)
+
+
+def test_fingerprint_with_roots_refuses_a_symlink_out(tmp_path: Path) -> None:
+    from storage.files import ConfinementError
+
+    root = tmp_path.resolve()
+    (root / "a").mkdir()
+    (root / "b").mkdir()
+    (root / "b" / "orders.csv").write_text("id\nb1\n")
+    (root / "a" / "own.csv").write_text("id\na1\n")
+    (root / "a" / "link.csv").symlink_to(root / "b" / "orders.csv")
+    own = fingerprint(str(root / "a" / "own.csv"), roots=[str(root / "a")])
+    assert own.uri == str(root / "a" / "own.csv")
+    assert own == fingerprint(str(root / "a" / "own.csv"))
+    with pytest.raises(ConfinementError) as info:
+        fingerprint(str(root / "a" / "link.csv"), roots=[str(root / "a")])
+    assert str(info.value) == (
+        f"{root}/a/link.csv leads to {root}/b/orders.csv, outside the folders {root}/a"
+    )
