@@ -7,11 +7,13 @@ always points at the bytes it describes and cached results never go stale.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
 import logging
 import posixpath
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal, get_args
@@ -64,6 +66,10 @@ class TableRef(BaseModel):
     @property
     def short(self) -> str:
         return f"{posixpath.basename(self.uri)} ({self.rows} rows, {len(self.columns)} cols)"
+
+
+#: A temporary file this old is a killed write's leftover, removed at the next write of its name.
+STALE_TMP_SECONDS = 600.0
 
 
 class IntegrityError(RuntimeError):
@@ -148,7 +154,23 @@ class Store:
 
     def _tmp(self, folder: str, name: str) -> str:
         self.fs.makedirs(folder, exist_ok=True)
+        self._sweep(folder, name)
         return posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+
+    def _sweep(self, folder: str, name: str) -> None:
+        """Remove temporary files of ``name`` that a killed write left behind: those older
+        than :data:`STALE_TMP_SECONDS` (a write in flight elsewhere is younger)."""
+        pattern = posixpath.join(folder, f".{glob.escape(name)}.*.tmp")
+        now = time.time()
+        for path in self.fs.glob(pattern):
+            try:
+                info = self.fs.info(path)
+            except FileNotFoundError:
+                continue
+            stamp = info.get("mtime") or info.get("LastModified") or info.get("created")
+            seconds = stamp.timestamp() if hasattr(stamp, "timestamp") else stamp
+            if isinstance(seconds, int | float) and now - float(seconds) > STALE_TMP_SECONDS:
+                self._discard(path)
 
     def write_bytes(self, layer: Layer, name: str, data: bytes) -> FileRef:
         folder = self._join(layer)

@@ -212,3 +212,27 @@ def test_fingerprint_with_roots_refuses_a_symlink_out(tmp_path: Path) -> None:
     assert str(info.value) == (
         f"{root}/a/link.csv leads to {root}/b/orders.csv, outside the folders {root}/a"
     )
+
+
+def test_a_killed_writes_temporary_file_is_removed_at_the_next_write(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from storage.store import STALE_TMP_SECONDS, Store
+
+    store = Store(str(tmp_path / "s"))
+    store.write_json("reports", ".feature-schema.json", {"a": 1})
+    folder = tmp_path / "s" / "reports"
+    stale = folder / "..feature-schema.json.0123abcd.tmp"
+    fresh = folder / "..feature-schema.json.4567ef01.tmp"
+    other = folder / ".other.json.89ab.tmp"
+    for path in (stale, fresh, other):
+        path.write_text("half")
+    old = time.time() - STALE_TMP_SECONDS - 60
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    store.write_json("reports", ".feature-schema.json", {"a": 2})
+    assert not stale.exists()  # a killed write's leftover
+    assert fresh.exists()  # maybe a write in flight elsewhere
+    assert other.exists()  # another name's
+    assert store.read_json("reports", ".feature-schema.json") == {"a": 2}
