@@ -154,6 +154,9 @@ class Store:
 
     def _tmp(self, folder: str, name: str) -> str:
         self.fs.makedirs(folder, exist_ok=True)
+        # a layer folder that is a symlink out of the store (say rejected/ -> another store)
+        # would put this party's rows elsewhere: refused before anything is written
+        confined(self._uri(folder), [self.root], area=f"the store {self.root}")
         self._sweep(folder, name)
         return posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
 

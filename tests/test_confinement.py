@@ -246,7 +246,9 @@ def test_confined_resolves_and_refuses(tmp_path: Path) -> None:
     assert real_location("file:///etc/../etc/passwd") == "/etc/passwd"
 
 
-def test_a_link_swapped_after_validation_is_refused_at_run_time(tmp_path: Path) -> None:
+def test_a_link_swapped_after_validation_is_refused_at_run_time(
+    tmp_path: Path, secret: str
+) -> None:
     """The pipeline checks the source again where it reads it: a symlink planted after
     ``validate`` (here: the source replaced by a link to another party's export) fails that
     party's step naming the path and where it leads, and nothing is read."""

@@ -236,3 +236,21 @@ def test_a_killed_writes_temporary_file_is_removed_at_the_next_write(tmp_path: P
     assert fresh.exists()  # maybe a write in flight elsewhere
     assert other.exists()  # another name's
     assert store.read_json("reports", ".feature-schema.json") == {"a": 2}
+
+
+def test_a_layer_folder_linked_out_of_the_store_is_refused(tmp_path: Path) -> None:
+    """``rejected/`` as a symlink into the coordinator's store: quarantined rows would land
+    there; the write is refused naming the folder and where it leads, nothing is written."""
+    import pytest
+
+    from storage.files import ConfinementError
+    from storage.store import Store
+
+    coordinator = tmp_path / "coordinator"
+    (coordinator / "reports").mkdir(parents=True)
+    party = tmp_path / "site-a"
+    party.mkdir()
+    (party / "rejected").symlink_to(coordinator / "reports", target_is_directory=True)
+    with pytest.raises(ConfinementError, match=r"rejected leads to .*coordinator/reports"):
+        Store(str(party)).write_text("rejected", "rows.csv", "raw row")
+    assert list((coordinator / "reports").iterdir()) == []
