@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import os
 import secrets
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from flows import cli_ops
+from flows.console import console, errors, quiet_prefect, reported
 
 if TYPE_CHECKING:
     from flows.train import TrainingResult
@@ -27,75 +28,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(soft_wrap=True)
-errors = Console(stderr=True, soft_wrap=True)
 
 DEMO_SECRET_ENV = "FEDFUSE_SECRET"
-
-
-def _quiet_prefect() -> None:
-    """Quiet console (full logs still reach the Prefect UI), no analytics, no telemetry."""
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from flows.prepare import PrepareError
-    from storage.files import ConfinementError
-    from storage.secrets import SecretError
-    from storage.sources import SourceError
-    from tasks.align import AlignError
-    from tasks.preprocess import PreprocessError
-    from tasks.spec import SpecError
-
-    return (
-        SpecError,
-        SourceError,
-        PreprocessError,
-        AlignError,
-        SecretError,
-        FileNotFoundError,
-        PrepareError,
-        ConfinementError,
-    )
-
-
-def _short_console_errors() -> None:
-    """Prefect's console shows each failed task or flow as one line, without the traceback
-    (the Prefect UI keeps the full logs); the steps skipped because an upstream one failed
-    are not listed again."""
-    import prefect  # noqa: F401  (configures Prefect's logging)
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    for handler in logging.getLogger().handlers:
-        if not isinstance(handler, PrefectConsoleHandler) or getattr(handler, "_short", False):
-            continue
-        base = handler.format
-
-        def one_line(record: logging.LogRecord, base: Any = base) -> str:
-            if record.levelno >= logging.ERROR and record.exc_info:
-                record = logging.makeLogRecord({**record.__dict__, "exc_info": None})
-                record.exc_text = None
-            return str(base(record)).splitlines()[0]
-
-        handler.format = one_line  # type: ignore[method-assign]
-        handler.addFilter(lambda r: "Finished in state NotReady" not in r.getMessage())
-        handler._short = True  # type: ignore[attr-defined]
-
-
-@contextmanager
-def _reported() -> Iterator[None]:
-    """Turn known input problems into a clear message and exit code 1 (no traceback)."""
-    known = _user_errors()
-    _short_console_errors()
-    try:
-        yield
-    except known as exc:
-        errors.print(
-            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True
-        )
-        raise typer.Exit(code=1) from None
 
 
 @app.command()
@@ -226,8 +160,8 @@ def prepare(
     ] = False,
 ) -> None:
     """Run every party's pipeline (preprocess, features, align, fuse) as Prefect flows."""
-    _quiet_prefect()
-    with _reported():
+    quiet_prefect()
+    with reported():
         from flows.prepare import prepare as prepare_flow
         from tasks.spec import load_spec
 
@@ -332,8 +266,8 @@ def train(
     ] = None,
 ) -> None:
     """Prepare every party, then train the global ensemble round after round."""
-    _quiet_prefect()
-    with _reported(), _flow_settings():
+    quiet_prefect()
+    with reported(), _flow_settings():
         from flows.train import federated_training
         from tasks.spec import load_spec
 
@@ -388,7 +322,7 @@ def demo(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Demo end to end on embedded defaults: consortium -> prepare -> federated training -> report."""
-    _quiet_prefect()
+    quiet_prefect()
     if not os.environ.get(DEMO_SECRET_ENV):
         os.environ[DEMO_SECRET_ENV] = secrets.token_hex(32)
         errors.print(
@@ -404,7 +338,7 @@ def demo(
         seed=seed,
     )
     console.print(f"demo consortium written: [bold]{escape(spec)}[/]", highlight=False)
-    with _reported(), _flow_settings():
+    with reported(), _flow_settings():
         if layout == "vertical":
             from flows.vertical import vertical_training
 
@@ -437,8 +371,8 @@ def predict(
     ] = None,
 ) -> None:
     """Run a party's pipeline on new raw data and score it with the global ensemble."""
-    _quiet_prefect()
-    with _reported(), _flow_settings():
+    quiet_prefect()
+    with reported(), _flow_settings():
         from flows.score import score
         from flows.vertical import vertical_score
         from storage.files import write_text_atomic
@@ -481,7 +415,7 @@ def export(
     ] = None,
 ) -> None:
     """Write the global ensemble as one native LightGBM model file."""
-    with _reported():
+    with reported():
         from flows.score import latest_manifest
         from storage.files import write_text_atomic
         from tasks.ensemble import ensemble_size, export_model
@@ -500,8 +434,8 @@ def export(
         )
 
 
+cli_ops.register(app)  # after the commands above: deploy, serve, run, status, retry
+
+
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())
-
-
-from flows import cli_ops as _cli_ops  # noqa: E402, F401  (registers deploy/serve/run/status)

@@ -1,4 +1,5 @@
-"""Operations commands (deploy, serve, run, status) registered on the ``fedfuse`` CLI."""
+"""Operations commands (deploy, serve, run, status, retry) of the ``fedfuse`` CLI:
+``flows.cli`` adds them with :func:`register`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from flows.cli import _quiet_prefect, _reported, app, console, errors
+from flows.console import console, errors, quiet_prefect, reported
 from tasks.spec import load_spec
 
 if TYPE_CHECKING:
@@ -80,7 +81,6 @@ ScoreOpt = Annotated[
 NoSchedOpt = Annotated[bool, typer.Option("--no-schedules", help="Create no schedules")]
 
 
-@app.command()
 def deploy(
     spec: SpecArg,
     pool: Annotated[str, typer.Option(help="Process work pool (created if missing)")] = "fedfuse",
@@ -97,9 +97,9 @@ def deploy(
     """
     from flows.ops import deploy as deploy_spec
 
-    _quiet_prefect()
+    quiet_prefect()
     schedules = _schedules(cron, training_cron, score_every, no_schedules)
-    with _api(), _reported():
+    with _api(), reported():
         try:
             names = deploy_spec(spec, pool=pool, name=name, schedules=schedules)
         except ValueError as exc:  # e.g. the pool exists with another type
@@ -115,7 +115,6 @@ def deploy(
     )
 
 
-@app.command()
 def serve(
     spec: SpecArg,
     name: NameOpt = None,
@@ -131,13 +130,12 @@ def serve(
     """
     from flows.ops import serve as serve_spec
 
-    _quiet_prefect()
+    quiet_prefect()
     schedules = _schedules(cron, training_cron, score_every, no_schedules)
-    with _api(), _reported():
+    with _api(), reported():
         serve_spec(spec, name=name, schedules=schedules, limit=limit)
 
 
-@app.command()
 def run(
     deployment: Annotated[
         str, typer.Argument(help="flow/deployment, e.g. prepare/retail (a bare name: name/name)")
@@ -154,7 +152,7 @@ def run(
     """Start a run of a deployment (a worker or `fedfuse serve` runs it)."""
     from flows.ops import parse_params
 
-    _quiet_prefect()
+    quiet_prefect()
     try:
         params = parse_params(param or [])
     except ValueError as exc:
@@ -225,7 +223,6 @@ STATE_STYLES = {
 }
 
 
-@app.command()
 def status(
     limit: Annotated[int, typer.Option(min=1, help="How many runs")] = 20,
     subflows: Annotated[
@@ -236,7 +233,7 @@ def status(
     """Recent flow runs: name, flow, deployment, state, start, duration."""
     from flows.ops import recent_runs
 
-    _quiet_prefect()
+    quiet_prefect()
     with _api():
         rows = recent_runs(limit, subflows=subflows)
     table = Table(title=f"recent flow runs ({len(rows)})", header_style="bold")
@@ -263,14 +260,13 @@ def status(
     console.print(table)
 
 
-@app.command()
 def retry(
     flow_run: Annotated[str, typer.Argument(help="Name or id of a finished run of a deployment")],
 ) -> None:
     """Schedule a finished (e.g. failed) run again; steps with cached results are skipped."""
     from flows.ops import retry_run
 
-    _quiet_prefect()
+    quiet_prefect()
     with _api():
         try:
             run_ = retry_run(flow_run)
@@ -278,3 +274,9 @@ def retry(
             errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(code=1) from None
     console.print(f"flow run {escape(run_.name)} {run_.id} scheduled again", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the operations commands to the ``fedfuse`` CLI, in this order."""
+    for command in (deploy, serve, run, status, retry):
+        app.command()(command)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, cast
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from storage.files import is_uri, registered_options
+from storage.results import DEFAULT_RESULTS, result_storage
 
 
 def threads(workers: int) -> TaskRunner[PrefectFuture[Any]]:
@@ -15,8 +17,11 @@ def threads(workers: int) -> TaskRunner[PrefectFuture[Any]]:
 
 
 def task_options(results: str | None, refresh: bool) -> dict[str, Any]:
-    """Persist task results in the shared results folder; ``refresh`` ignores cached ones."""
-    return {"result_storage": Path(results or ".fedfuse/results"), "refresh_cache": refresh}
+    """Persist task results in the shared results folder (a local path or a URI, with the
+    storage options registered for it); ``refresh`` ignores cached ones."""
+    location = results or DEFAULT_RESULTS
+    storage = result_storage(location, registered_options(location) if is_uri(location) else None)
+    return {"result_storage": storage, "refresh_cache": refresh}
 
 
 def run_name(text: str) -> str:

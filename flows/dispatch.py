@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeVar
 from prefect import task
 from pydantic import BaseModel, Field
 
+from storage.results import DEFAULT_RESULTS
 from storage.store import Store, TableRef
 from tasks.caching import content_cache_key, parameters_key
 from tasks.spec import FedSpec
@@ -61,7 +62,7 @@ class PartyJob(BaseModel):
         description="op=evaluate: then train round+1 on the new scores at this rate, in the "
         "same run (its update comes back as PartyEval.next)",
     )
-    results: str = ".fedfuse/results"
+    results: str = DEFAULT_RESULTS
     refresh: bool = False
 
 

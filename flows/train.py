@@ -23,6 +23,7 @@ from flows.common import artifact_key, publish_training_artifacts, task_options,
 from flows.dispatch import STEP_FLOW, PartyJob, party_deployments
 from flows.party import submit_job
 from flows.prepare import prepare
+from storage.results import DEFAULT_RESULTS
 from storage.store import Store, TableRef, write_manifest
 from tasks.baselines import compare_baselines
 from tasks.design import FeatureSchema, consortium_schema
@@ -415,7 +416,7 @@ def federated_training(
     key = run_key(spec.model_copy(update={"training": training}), schema, fused)
     objective = spec.consortium.task
     k = num_classes(spec)
-    results = spec.run.results or ".fedfuse/results"
+    results = spec.run.results or DEFAULT_RESULTS
     opts = task_options(results, refresh)
     setups = [
         TrainSetup(

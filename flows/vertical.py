@@ -20,6 +20,7 @@ from flows.party import PartyCalls
 from flows.prepare import party_pipeline, prepare
 from flows.train import num_classes, run_key
 from storage.files import read_text
+from storage.results import DEFAULT_RESULTS
 from storage.store import FileRef, Store, TableRef
 from tasks.design import FeatureSchema, consortium_schema
 from tasks.report import markdown_table, metric_rows
@@ -144,7 +145,7 @@ def vertical_training(
     base_key = run_key(spec.model_copy(update={"training": training}), schema, fused)
     fusion_blob = json.dumps(spec.fusion.model_dump(mode="json"), sort_keys=True)
     key = hashlib.sha256(f"{base_key}\n{fusion_blob}".encode()).hexdigest()[:12]
-    results = spec.run.results or ".fedfuse/results"
+    results = spec.run.results or DEFAULT_RESULTS
     opts = task_options(results, refresh)
     k = max(num_classes(spec), 1)
     setups = {
@@ -382,7 +383,7 @@ def vertical_score(
         manifest = str(latest["manifest"])
     body = json.loads(read_text(manifest))
     schemas = {p: FeatureSchema.model_validate(v) for p, v in body["feature_schema"].items()}
-    results = spec.run.results or ".fedfuse/results"
+    results = spec.run.results or DEFAULT_RESULTS
     remote = party_deployments(spec, dispatch, PIPELINE_FLOW)
     call = PartyCalls(
         party_deployments(spec, dispatch, CALL_FLOW),

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
-from storage.files import confined, filesystem, is_uri
+from storage.files import confined, filesystem, is_uri, lies_within, real_location
 
 logger = logging.getLogger(__name__)
 
@@ -111,11 +111,24 @@ def _schema_summary(schema: pl.Schema | dict[str, Any]) -> dict[str, str]:
 
 
 class Store:
-    """A store root with one folder per layer."""
+    """A store root with one folder per layer.
 
-    def __init__(self, root: str) -> None:
+    ``storage_options`` (fsspec options, e.g. object-store credentials) are used for every
+    read and write through the store; without them, those registered for the root
+    (:func:`storage.files.register_options`) are.
+    """
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
         self.root = root.rstrip("/") if is_uri(root) else root
-        self.fs, self._base = filesystem(root)
+        self.storage_options = storage_options
+        self.fs, self._base = filesystem(root, storage_options)
+
+    def _filesystem(self, uri: str) -> tuple[Any, str]:
+        """The file system and path of ``uri``: this store's options inside the store,
+        the registered ones elsewhere."""
+        if lies_within(real_location(uri), real_location(self.root)):
+            return filesystem(uri, self.storage_options)
+        return filesystem(uri)
 
     def __repr__(self) -> str:
         return f"Store({self.root!r})"
@@ -129,7 +142,7 @@ class Store:
         return posixpath.join(self.root, rel) if is_uri(self.root) else path
 
     def _path(self, uri: str) -> str:
-        fs, path = filesystem(uri)
+        fs, path = self._filesystem(uri)
         if type(fs) is not type(self.fs):
             raise ValueError(f"{uri} is not in store {self.root}")
         return str(path)
@@ -228,7 +241,7 @@ class Store:
 
     # -- reading ------------------------------------------------------------------------------
     def verify(self, ref: TableRef | FileRef) -> None:
-        fs, path = filesystem(ref.uri)
+        fs, path = self._filesystem(ref.uri)
         if not fs.exists(path):
             raise IntegrityError(f"{ref.uri}: referenced file is missing")
         with fs.open(path, "rb") as handle:
@@ -239,7 +252,7 @@ class Store:
             )
 
     def read_table(self, ref: TableRef, *, verify: bool = False) -> pl.DataFrame:
-        return read_table(ref, verify=verify)
+        return read_table(ref, verify=verify, located=self._filesystem(ref.uri))
 
     def read_json(self, layer: Layer, name: str) -> Any:
         with self.fs.open(self._join(layer, name), "rb") as handle:
@@ -247,10 +260,16 @@ class Store:
 
 
 def read_table(
-    ref: TableRef, *, verify: bool = False, columns: list[str] | None = None
+    ref: TableRef,
+    *,
+    verify: bool = False,
+    columns: list[str] | None = None,
+    located: tuple[Any, str] | None = None,
 ) -> pl.DataFrame:
-    """Read a referenced table (optionally checking its content hash first)."""
-    fs, path = filesystem(ref.uri)
+    """Read a referenced table (optionally checking its content hash first), through
+    ``located`` (a file system and path) when given, else the one
+    :func:`storage.files.filesystem` gives for its uri."""
+    fs, path = located or filesystem(ref.uri)
     if not fs.exists(path):
         raise IntegrityError(f"{ref.uri}: referenced file is missing")
     if verify:

@@ -29,6 +29,7 @@ import numpy as np
 import polars as pl
 
 from storage.raw_writer import ChunkedWriter, write_toml
+from tasks.links import sigmoid
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +92,6 @@ STYLES = [
 ]
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return np.asarray(1.0 / (1.0 + np.exp(-x)))
-
-
 def _rng(seed: int, *parts: int) -> np.random.Generator:
     return np.random.default_rng([seed, *parts])
 
@@ -116,11 +113,11 @@ def population(n: int, *, layout: str, parties: int, seed: int, alpha: float | N
     rng = _rng(seed, 0)
     z = rng.normal(size=n)
     if layout == "vertical":
-        churn = rng.random(n) < _sigmoid(-1.7 + 1.6 * z)
+        churn = rng.random(n) < sigmoid(-1.7 + 1.6 * z)
         known = np.column_stack([rng.random(n) < 0.92, rng.random(n) < 0.8, rng.random(n) < 0.72])
         return Population(z, churn, np.zeros(n, dtype=np.int64), known)
     if alpha is not None:
-        churn = rng.random(n) < _sigmoid(-1.7 + 1.6 * z)
+        churn = rng.random(n) < sigmoid(-1.7 + 1.6 * z)
         party = np.empty(n, dtype=np.int64)
         for label in (False, True):
             idx = np.flatnonzero(churn == label)
@@ -130,7 +127,7 @@ def population(n: int, *, layout: str, parties: int, seed: int, alpha: float | N
         share = np.geomspace(1.0, 0.5, parties)
         party = rng.choice(parties, size=n, p=share / share.sum())
         intercept = -1.7 + np.linspace(-0.35, 0.35, parties)[party]
-        churn = rng.random(n) < _sigmoid(intercept + 1.6 * z)
+        churn = rng.random(n) < sigmoid(intercept + 1.6 * z)
     return Population(z, churn, party, np.ones((n, 1), dtype=bool))
 
 
@@ -254,7 +251,7 @@ def events_frames(
     trend = 1.0 - 0.004 * zd * (EVENT_DAYS - days_ago)
     usage = np.maximum(rng.gamma(4.0, 0.6, size=len(dev)) * trend * np.exp(-0.15 * zd), 0.0)
     temp = 21.0 + 2.0 * rng.normal(size=len(dev)) + 0.8 * zd
-    error = rng.random(len(dev)) < _sigmoid(-3.2 + 0.9 * zd)
+    error = rng.random(len(dev)) < sigmoid(-3.2 + 0.9 * zd)
     usage_list: list[float | None] = usage.round(4).tolist()
     for e in np.flatnonzero(rng.random(len(dev)) < 0.03).tolist():
         usage_list[e] = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import polars as pl
 from prefect import task
 
@@ -11,6 +10,7 @@ from storage.store import Store, TableRef, read_manifest, read_table
 from tasks.align import hash_keys
 from tasks.design import FeatureSchema, design_matrix
 from tasks.ensemble import GlobalEnsemble, ensemble_from_manifest, predict_raw
+from tasks.links import probabilities
 from tasks.spec import SecretRef
 from tasks.types import ENTITY_HASH
 
@@ -26,15 +26,6 @@ def schema_of(ensemble: GlobalEnsemble) -> FeatureSchema:
     )
 
 
-def probabilities(raw: np.ndarray, ensemble: GlobalEnsemble) -> np.ndarray:
-    if ensemble.objective == "binary":
-        return np.asarray(1.0 / (1.0 + np.exp(-raw.reshape(-1))))
-    if ensemble.objective == "multiclass":
-        z = np.exp(raw - raw.max(axis=1, keepdims=True))
-        return np.asarray(z / z.sum(axis=1, keepdims=True))
-    return raw.reshape(-1)
-
-
 def predictions(
     fused: pl.DataFrame, ensemble: GlobalEnsemble, keys: pl.DataFrame, *, entity: str
 ) -> pl.DataFrame:
@@ -42,7 +33,7 @@ def predictions(
     raw = predict_raw(ensemble, design_matrix(fused, schema_of(ensemble)))
     out = fused.select(ENTITY_HASH)
     if ensemble.objective == "multiclass":
-        probs = probabilities(raw, ensemble)
+        probs = probabilities(raw, ensemble.objective, ensemble.num_class)
         out = out.with_columns(
             [pl.Series(f"probability_{k}", probs[:, k]) for k in range(probs.shape[1])]
             + [pl.Series("prediction", probs.argmax(axis=1))]
@@ -50,7 +41,7 @@ def predictions(
     else:
         out = out.with_columns(
             pl.Series("raw_score", raw.reshape(-1)),
-            pl.Series("prediction", probabilities(raw, ensemble)),
+            pl.Series("prediction", probabilities(raw, ensemble.objective, ensemble.num_class)),
         )
     return out.join(keys, on=ENTITY_HASH, how="left", validate="1:1").select(
         entity, pl.exclude(entity)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import math
 import zoneinfo
 from collections.abc import Iterable, Sequence
@@ -23,14 +24,18 @@ from pydantic_core import PydanticCustomError
 
 from storage.files import (
     ConfinementError,
+    StorageOptionsError,
     confined,
     is_uri,
     join_location,
     lies_within,
     read_text,
     real_location,
+    register_options,
     resolve_location,
+    resolve_storage_options,
 )
+from storage.results import DEFAULT_RESULTS
 from tasks.types import (
     AMOUNT,
     DEVICE,
@@ -47,6 +52,8 @@ from tasks.types import (
     TableGrain,
 )
 from tasks.units import UNITS
+
+logger = logging.getLogger(__name__)
 
 
 class SpecModel(BaseModel):
@@ -167,6 +174,11 @@ class PartySpec(SpecModel):
         description="Folders outside the store this party's sources may be read from",
     )
     work_pool: str | None = None
+    storage_options: SecretRef | None = Field(
+        default=None,
+        description="Where the fsspec storage options (credentials) of the store live: a JSON "
+        "object in an environment variable or a Prefect Secret block; never the options",
+    )
     sources: list[SourceSpec] = Field(min_length=1)
 
     @property
@@ -177,6 +189,11 @@ class PartySpec(SpecModel):
 
 class CoordinatorSpec(SpecModel):
     store: str
+    storage_options: SecretRef | None = Field(
+        default=None,
+        description="Where the fsspec storage options (credentials) of the store live: a JSON "
+        "object in an environment variable or a Prefect Secret block; never the options",
+    )
 
 
 #: One week: the largest wall-time budget ``training.max_seconds`` may give.
@@ -380,6 +397,11 @@ class RunSpec(SpecModel):
         default=3600.0,
         gt=0,
         description="Seconds the coordinator waits for a step dispatched to a party's pool",
+    )
+    storage_options: SecretRef | None = Field(
+        default=None,
+        description="Storage options of the results location, referenced like the secret "
+        "(default: the coordinator's)",
     )
 
 
@@ -763,7 +785,7 @@ def _resolve_paths(spec: FedSpec, base: str) -> FedSpec:
         update={"store": resolve_location(spec.coordinator.store, base)}
     )
     run = spec.run.model_copy(
-        update={"results": resolve_location(spec.run.results or ".fedfuse/results", base)}
+        update={"results": resolve_location(spec.run.results or DEFAULT_RESULTS, base)}
     )
     return spec.model_copy(update={"parties": parties, "coordinator": coordinator, "run": run})
 
@@ -797,7 +819,48 @@ def load_spec(path: str) -> FedSpec:
         from pathlib import Path
 
         base = str(Path(base).resolve())
-    return parse_spec(data, source=path, base=base)
+    spec = parse_spec(data, source=path, base=base)
+    register_storage_options(spec, source=path)
+    return spec
+
+
+def register_storage_options(spec: FedSpec, *, source: str = "spec") -> None:
+    """Resolve the storage options each store of ``spec`` references and register them for
+    its root (:func:`storage.files.register_options`, this process's memory only); the
+    results location gets ``run.storage_options`` or else the coordinator's. A reference
+    whose environment variable is not set here is skipped (that party's credentials live on
+    its own machine); malformed options raise :class:`SpecError` naming the key."""
+    roots: list[tuple[str, str, SecretRef | None]] = [
+        ("coordinator.storage_options", spec.coordinator.store, spec.coordinator.storage_options)
+    ]
+    roots += [
+        (f"parties[{i}].storage_options", p.store, p.storage_options)
+        for i, p in enumerate(spec.parties)
+    ]
+    results = spec.run.results or DEFAULT_RESULTS
+    if is_uri(results):
+        roots.append(
+            (
+                "run.storage_options",
+                results,
+                spec.run.storage_options or spec.coordinator.storage_options,
+            )
+        )
+    problems: list[SpecProblem] = []
+    for key, root, ref in roots:
+        if ref is None:
+            continue
+        try:
+            options = resolve_storage_options(env=ref.env, block=ref.block)
+        except StorageOptionsError as exc:
+            problems.append(SpecProblem(path=key, message=str(exc)))
+            continue
+        if options:
+            register_options(root, options)
+        else:
+            logger.info("%s: %s is not set here; %s uses default credentials", key, ref.env, root)
+    if problems:
+        raise SpecError(source, problems)
 
 
 def summary(spec: FedSpec) -> str:

@@ -48,6 +48,7 @@ from tasks.ensemble import (
     predict_raw,
     round_increment,
 )
+from tasks.links import sigmoid, softmax
 from tasks.rounds import (
     Candidate,
     ModelRules,
@@ -293,15 +294,6 @@ def train_update(
     return str(booster.model_to_string())
 
 
-def _sigmoid(raw: np.ndarray) -> np.ndarray:
-    return np.asarray(0.5 * (1.0 + np.tanh(0.5 * raw)))
-
-
-def _softmax(raw: np.ndarray) -> np.ndarray:
-    z = np.exp(raw - raw.max(axis=1, keepdims=True))
-    return np.asarray(z / z.sum(axis=1, keepdims=True))
-
-
 def evaluate(
     y: np.ndarray, raw: np.ndarray, objective: Objective, num_class: int
 ) -> dict[str, float]:
@@ -312,13 +304,13 @@ def evaluate(
     if len(y) == 0:
         return {}
     if objective == "binary":
-        p = _sigmoid(raw.reshape(-1))
+        p = sigmoid(raw.reshape(-1))
         out = {"logloss": float(log_loss(y, p, labels=[0, 1]))}
         if len(np.unique(y)) == 2:
             out["auc"] = float(roc_auc_score(y, p))
         return out
     if objective == "multiclass":
-        probs = _softmax(raw.reshape(len(y), num_class))
+        probs = softmax(raw.reshape(len(y), num_class))
         return {
             "logloss": float(log_loss(y, probs, labels=list(range(num_class)))),
             "accuracy": float(accuracy_score(y, probs.argmax(axis=1))),

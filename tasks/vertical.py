@@ -103,13 +103,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sklearn.linear_model import LinearRegression, LogisticRegression
 
 from tasks.ensemble import check_task, count_trees, load_booster
+from tasks.links import sigmoid, softmax
 from tasks.rounds import StopReason, stop_before
 from tasks.spec import FusionSpec, TrainingSpec
 from tasks.training import (
     LOSS_METRIC,
     EarlyStopping,
-    _sigmoid,
-    _softmax,
     base_score,
     check_labels,
     evaluate,
@@ -208,10 +207,10 @@ def gradients(
     y = np.asarray(y, dtype=np.float64)
     raw = np.asarray(raw, dtype=np.float64)
     if objective == "binary":
-        p = _sigmoid(raw.reshape(-1))
+        p = sigmoid(raw.reshape(-1))
         return p - y, np.maximum(p * (1.0 - p), HESSIAN_FLOOR)
     if objective == "multiclass":
-        probs = _softmax(raw.reshape(len(y), num_class))
+        probs = softmax(raw.reshape(len(y), num_class))
         onehot = np.zeros_like(probs)
         onehot[np.arange(len(y)), y.astype(np.int64)] = 1.0
         factor = num_class / (num_class - 1.0)

@@ -35,6 +35,7 @@ from storage.store import FileRef, Store, TableRef, fingerprint, read_table
 from tasks.caching import content_cache_key
 from tasks.design import FeatureSchema, design_matrix, labels
 from tasks.ensemble import count_trees
+from tasks.links import probabilities
 from tasks.psi import (
     ALIGN_ID,
     ROW,
@@ -55,7 +56,7 @@ from tasks.psi import (
 )
 from tasks.scoring import entity_keys
 from tasks.spec import SecretRef, TrainingSpec
-from tasks.training import _sigmoid, base_score, evaluate, label_stats, split_assignments
+from tasks.training import base_score, evaluate, label_stats, split_assignments
 from tasks.types import ENTITY_HASH, Objective
 from tasks.vertical import (
     Combine,
@@ -643,7 +644,10 @@ def fuse_predictions(
     out = fused.select(ENTITY_HASH).with_columns(
         pl.Series("all_parties", present),
         *(
-            [pl.Series("raw_score", raw), pl.Series("prediction", _probability(raw, setup))]
+            [
+                pl.Series("raw_score", raw),
+                pl.Series("prediction", probabilities(raw, setup.objective, k)),
+            ]
             if k == 1
             else [pl.Series("prediction", np.asarray(raw).argmax(axis=1))]
         ),
@@ -753,10 +757,6 @@ def one_shot_fusion(
     return OneShotFusion(
         fusion=fusion.model_dump(mode="json"), valid=out["valid"], test=out["test"]
     )
-
-
-def _probability(raw: np.ndarray, setup: VerticalSetup) -> np.ndarray:
-    return _sigmoid(raw) if setup.objective == "binary" else raw
 
 
 def _task(fn: Any, name: str) -> Any:
