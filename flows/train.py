@@ -43,8 +43,10 @@ from tasks.rounds import (
     StopReason,
     cannot_train,
     label_span,
+    require_trainers,
     round_trees,
     stop_before,
+    strategy_for,
 )
 from tasks.spec import FedSpec, TrainingSpec, load_spec
 from tasks.train_steps import (
@@ -56,7 +58,6 @@ from tasks.train_steps import (
     aggregate,
     members,
     model_rules,
-    strategy_for,
 )
 from tasks.training import EarlyStopping, aggregate_metrics, base_score
 from tasks.types import Objective
@@ -468,12 +469,7 @@ def federated_training(
     # a party without rows has nothing to evaluate either; a one-class party still evaluates
     setups = [s for s in setups if s.party in stats and stats[s.party].n_train > 0]
     trainers = {p: (0 if p in left_out else st.n_train) for p, st in stats.items()}
-    if sum(1 for n in trainers.values() if n > 0) < training.min_parties:
-        raise QuorumError(
-            f"{sum(1 for n in trainers.values() if n > 0)} part(ies) can train, min_parties is "
-            f"{training.min_parties}; left out: "
-            + ("; ".join(f"{p}: {why}" for p, why in sorted(left_out.items())) or "none")
-        )
+    require_trainers(trainers, left_out, min_parties=training.min_parties)
     base = base_score([stats[s.party] for s in setups], objective, max(k, 1))
     strategy = strategy_for(training)
     span = label_span(list(stats.values()))
@@ -549,16 +545,11 @@ def federated_training(
                 timeout=timeout,
                 prefetched=prefetched,
                 next_learning_rates=dict(following.learning_rates),
+                # a head start on round t+1 only when it may follow (budgets aside: at worst
+                # an update trained for nothing)
                 prefetch=bool(remote)
-                and (stop_after is None or done_here + 1 < stop_after)
-                and stop_before(
-                    t + 1,
-                    rounds=training.rounds,
-                    trees=0,
-                    next_trees=0,
-                    max_trees=None,
-                )
-                is None,
+                and t < training.rounds
+                and (stop_after is None or done_here + 1 < stop_after),
             )
         )
         if out.aggregate.round != t:  # a round's result must be that round's, never another's

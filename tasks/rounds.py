@@ -16,7 +16,8 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, Field
 
 from tasks.ensemble import check_update, leaf_bound
-from tasks.strategies import Strategy
+from tasks.spec import TrainingSpec
+from tasks.strategies import Strategy, make_strategy
 from tasks.types import Objective
 
 #: Why training stopped.
@@ -177,6 +178,31 @@ def cannot_train(stats: LabelCounts, objective: Objective) -> str | None:
     if objective == "multiclass" and sum(1 for c in stats.class_counts if c > 0) < 2:
         return "one class only in its training rows"
     return None
+
+
+def require_trainers(
+    trainers: Mapping[str, int], left_out: Mapping[str, str], *, min_parties: int
+) -> int:
+    """How many parties can train (``trainers``: party -> usable training rows, 0 for those
+    left out); :class:`QuorumError` naming every left-out party when fewer than
+    ``min_parties``."""
+    able = sum(1 for n in trainers.values() if n > 0)
+    if able < min_parties:
+        why = "; ".join(f"{p}: {r}" for p, r in sorted(left_out.items())) or "none"
+        raise QuorumError(
+            f"{able} part(ies) can train, min_parties is {min_parties}; left out: {why}"
+        )
+    return able
+
+
+def strategy_for(training: TrainingSpec) -> Strategy:
+    """The spec's aggregation strategy with its learning rate, seed and turn order."""
+    return make_strategy(
+        training.aggregation,
+        learning_rate=training.learning_rate,
+        seed=training.seed,
+        order=training.order,
+    )
 
 
 def round_trees(

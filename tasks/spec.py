@@ -507,7 +507,9 @@ def semantic_problems(spec: FedSpec) -> list[SpecProblem]:
     order = spec.training.order
     if order is not None:
         unknown = sorted(set(order) - set(ids))
-        if unknown or len(set(order)) != len(order):
+        if not order:
+            add(SpecProblem(path="training.order", message="names no party; leave it out"))
+        elif unknown or len(set(order)) != len(order):
             add(
                 SpecProblem(
                     path="training.order",

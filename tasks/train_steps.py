@@ -15,6 +15,7 @@ import polars as pl
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
+from storage.files import ConfinementError, confined
 from storage.store import (
     FileRef,
     IntegrityError,
@@ -36,7 +37,7 @@ from tasks.rounds import (
     weigh,
 )
 from tasks.spec import TrainingSpec
-from tasks.strategies import Strategy, make_strategy
+from tasks.strategies import Strategy
 from tasks.training import (
     evaluate,
     label_stats,
@@ -87,15 +88,6 @@ def model_rules(setup: TrainSetup, span: float = 0.0) -> ModelRules:
         trees_per_round=t.trees_per_round,
         learning_rate=t.learning_rate,
         label_span=span if setup.objective == "regression" else 0.0,
-    )
-
-
-def strategy_for(training: TrainingSpec) -> Strategy:
-    return make_strategy(
-        training.aggregation,
-        learning_rate=training.learning_rate,
-        seed=training.seed,
-        order=training.order,
     )
 
 
@@ -207,7 +199,10 @@ def read_update(update: PartyUpdate, folder: str | None = None) -> Candidate:
     """A party's update as the coordinator receives it: its text verified against the sha256
     the party reported, or why it cannot be read (outside ``folder``, missing, oversized,
     altered, binary)."""
-    if folder is not None and not update.model.uri.startswith(folder.rstrip("/") + "/"):
+    try:  # '..' and symlinks resolved: the reference must lead into the folder
+        if folder is not None:
+            confined(update.model.uri, [folder])
+    except ConfinementError:
         return Candidate(
             party=update.party,
             round=update.round,

@@ -52,14 +52,15 @@ from tasks.links import sigmoid, softmax
 from tasks.rounds import (
     Candidate,
     ModelRules,
-    QuorumError,
     RoundError,
     StopReason,
     cannot_train,
     require_quorum,
+    require_trainers,
     review_updates,
     round_trees,
     stop_before,
+    strategy_for,
     weigh,
 )
 from tasks.rounds import (
@@ -670,15 +671,10 @@ def train_federated(
     left_out = {p: why for p, st in stats.items() if (why := cannot_train(st, objective))}
     trainers = {p: (0 if p in left_out else n) for p, n in n_train.items()}
     able = sum(1 for n in trainers.values() if n)
-    if able < spec.min_parties and not (idle_ok and able == 0):
-        raise QuorumError(
-            f"{sum(1 for n in trainers.values() if n)} part(ies) can train, min_parties is "
-            f"{spec.min_parties}; left out: {left_out or 'none'}"
-        )
+    if not (idle_ok and able == 0):
+        require_trainers(trainers, left_out, min_parties=spec.min_parties)
     base = base_score(stats, objective, num_class)
-    strategy = make_strategy(
-        spec.aggregation, learning_rate=spec.learning_rate, seed=spec.seed, order=spec.order
-    )
+    strategy = strategy_for(spec)
     rates = strategy.learning_rates(n_train)
     ensemble = GlobalEnsemble(
         objective=objective,

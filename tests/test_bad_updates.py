@@ -100,7 +100,7 @@ def test_corrupt_update_leaves_the_party_out_and_the_run_completes(
         assert reason in result.dropped[r]["p1"], result.dropped[r]
     report = Path(result.report).read_text()
     assert "## Updates left out" in report and "round 1, p1:" in report
-    assert "p1" not in {p for p in result.parties if p in result.dropped.get(0, {})}
+    assert result.parties == ["p0", "p1"]  # left out of the rounds, not of the consortium
 
 
 def test_missing_and_oversized_updates_leave_the_party_out(
@@ -133,6 +133,22 @@ def test_an_update_outside_the_coordinator_store_is_not_read(
     def make(update: PartyUpdate, store: Store) -> FileRef:
         elsewhere.write_text(Path(update.model.uri).read_text())
         return update.model.model_copy(update={"uri": str(elsewhere)})
+
+    sending(monkeypatch, make)
+    result = federated_training(str(_spec(tmp_path)))
+    assert result.dropped[1]["p1"] == "update is not in the coordinator store's models folder"
+
+
+def test_an_update_reached_through_dotdot_is_not_read(
+    prefect_api: str, tmp_path: Path, secret: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``models/../reports/x`` starts with the models folder's path but leads elsewhere."""
+    from flows.train import federated_training
+
+    def make(update: PartyUpdate, store: Store) -> FileRef:
+        outside = store.write_text("reports", "p1.txt", Path(update.model.uri).read_text())
+        uri = store.location("models", "../reports/p1.txt")
+        return outside.model_copy(update={"uri": uri})
 
     sending(monkeypatch, make)
     result = federated_training(str(_spec(tmp_path)))
