@@ -138,7 +138,7 @@ def spawn(args: list[str]) -> tuple[str, float]:
 def run_fedfuse(path: Path, engine: Engine | None) -> pl.DataFrame:
     import polars as pl
 
-    from tasks.features_events import events_features
+    from tasks.prepare.modalities.events import events_features
 
     source = pl.scan_parquet(path)
     if engine is None:

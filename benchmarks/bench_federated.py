@@ -6,20 +6,20 @@
 For every (parties, partition) configuration, generates the demo consortium
 (``tasks.demo_data.write_demo_consortium``, horizontal layout; ``iid`` is the demo's own
 split, ``aX`` a Dirichlet label skew with concentration X), prepares every party with the
-pure pipeline steps of ``tasks.steps`` (preprocess -> features -> align -> fuse, no Prefect)
+pure pipeline steps of ``tasks.prepare.steps`` (preprocess -> features -> align -> fuse, no Prefect)
 and caches the consortium and the fused tables under ``benchmarks/.data/`` keyed by the
 parameters. Then trains, with the same training settings and tree budget:
 
-* federated: ``tasks.training.train_federated`` over the parties' fused tables;
+* federated: ``tasks.horizontal.training.train_federated`` over the parties' fused tables;
 * local-only: ``train_local_only``, every party alone;
 * centralised: ``train_centralised`` on the pooled fused tables. This POOLS DATA, which a
   federation forbids: it is a comparison only;
-* lossless: ``tasks.lossless.train_lossless``, LightGBM's data-parallel learner with one
+* lossless: ``tasks.horizontal.lossless.train_lossless``, LightGBM's data-parallel learner with one
   process per party holding only that party's rows (second table).
 
 Every model is scored on the test split (``split_assignments``, from the hashed key), pooled
 over all parties. Local-only is the mean of the parties' models' AUCs on that pooled test
-split, weighted by the parties' test rows (the weights ``tasks.baselines.compare`` uses);
+split, weighted by the parties' test rows (the weights ``tasks.horizontal.baselines.compare`` uses);
 the table also shows the figure ``compare`` itself reports, each local model on its own
 party's test rows. Wall times are taken around the training calls only (single-threaded
 LightGBM in both, runs one after the other).
@@ -72,8 +72,8 @@ def config_dir(customers: int, parties: int, partition: str, seed: int) -> Path:
 
 
 def prepare_party(spec: Any, party_id: str) -> Any:
-    """One party's pipeline without Prefect (``tasks.steps.run_party``): its ``FusedOutput``."""
-    from tasks.steps import PartyContext, run_party
+    """One party's pipeline without Prefect (``tasks.prepare.steps.run_party``): its ``FusedOutput``."""
+    from tasks.prepare.steps import PartyContext, run_party
 
     return run_party(PartyContext.from_spec(spec, party_id), spec.party(party_id).sources)
 
@@ -82,8 +82,8 @@ def prepared(customers: int, parties: int, partition: str, seed: int) -> Prepare
     """The fused tables of one configuration, generated and prepared once (cached)."""
     from storage.store import read_table
     from tasks.demo_data import write_demo_consortium
-    from tasks.design import consortium_schema
-    from tasks.spec import load_spec
+    from tasks.prepare.design import consortium_schema
+    from tasks.spec.models import load_spec
 
     folder = config_dir(customers, parties, partition, seed)
     done = folder / "prepared" / "schema.json"
@@ -130,7 +130,7 @@ def prepared(customers: int, parties: int, partition: str, seed: int) -> Prepare
     meta = json.loads(done.read_text())
     frames = {p: pl.read_parquet(folder / "prepared" / f"{p}.parquet") for p in meta["parties"]}
     names: list[str] = meta["names"]
-    # a feature some party lacks is missing there (as tasks.baselines does)
+    # a feature some party lacks is missing there (as tasks.horizontal.baselines does)
     frames = {
         p: f.with_columns([pl.lit(None, pl.Float64).alias(n) for n in names if n not in f.columns])
         for p, f in frames.items()
@@ -204,10 +204,15 @@ def run_config(
     party_threads: int = 1,
     repeat: int = 1,
 ) -> Row:
-    from tasks.ensemble import ensemble_size, predict_raw
-    from tasks.lossless import train_lossless
-    from tasks.spec import load_spec
-    from tasks.training import party_data, train_centralised, train_federated, train_local_only
+    from tasks.horizontal.ensemble import ensemble_size, predict_raw
+    from tasks.horizontal.lossless import train_lossless
+    from tasks.horizontal.training import (
+        party_data,
+        train_centralised,
+        train_federated,
+        train_local_only,
+    )
+    from tasks.spec.models import load_spec
 
     data = prepared(customers, parties, partition, seed)
     spec = load_spec(data.spec_path)

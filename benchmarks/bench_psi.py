@@ -1,4 +1,4 @@
-"""Benchmark: private set intersection (tasks.psi) against the plain hash join it replaces.
+"""Benchmark: private set intersection (tasks.vertical.psi) against the plain hash join it replaces.
 
     python -m benchmarks.bench_psi [--keys 1000000] [--parties 3] [--overlap 0.8] [--workers N]
 
@@ -11,7 +11,7 @@ all parties, the rest is the party's own. Prints:
 * the private intersection (``run_psi``: key checks, HMAC, hashing onto the curve, all
   X25519 operations over a process pool, matching, alignment) with its wall time, X25519
   operations per second per core and keys per second per core;
-* the plain baseline: ``tasks.align.hash_keys`` per party and a polars inner join of the
+* the plain baseline: ``tasks.prepare.align.hash_keys`` per party and a polars inner join of the
   HMAC-hashed keys (the non-private intersection), and the ratio of the two wall times.
 
 Both must find the same number of common entities or the run fails.
@@ -28,8 +28,8 @@ import time
 import polars as pl
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from tasks.align import hash_keys
-from tasks.psi import ALIGN_ID, BlindedSet, blind_own, new_secret, reblind, run_psi
+from tasks.prepare.align import hash_keys
+from tasks.vertical.psi import ALIGN_ID, BlindedSet, blind_own, new_secret, reblind, run_psi
 
 SECRET = b"benchmark-consortium-secret"
 

@@ -6,13 +6,13 @@
 Generates the vertical demo consortium (``tasks.demo_data.write_demo_consortium``,
 ``layout="vertical"``: party A holds customers + transactions and the churn label, party B
 customer feedback texts, party C IoT events) and prepares every party with the pure pipeline
-steps of ``tasks.steps`` (preprocess -> features -> align -> fuse, no Prefect), giving each
+steps of ``tasks.prepare.steps`` (preprocess -> features -> align -> fuse, no Prefect), giving each
 party a fused table keyed by the hashed entity key (``entity_hash``). Consortium and fused
 tables are cached under ``benchmarks/.data/`` keyed by the parameters.
 
 Then, all in this process:
 
-1. Private set intersection (``tasks.psi``: ``blind_own`` / ``reblind`` / ``intersect`` /
+1. Private set intersection (``tasks.vertical.psi``: ``blind_own`` / ``reblind`` / ``intersect`` /
    ``receive_alignment``, the star protocol around the label party, X25519 over a process
    pool of ``--psi-workers``) on the parties' hashed keys; timed, and checked against the
    plain join of the hashed keys (same overlap, same entity behind every alignment id).
@@ -85,8 +85,8 @@ def config_dir(customers: int, seed: int) -> Path:
 
 
 def prepare_party(spec: Any, party_id: str) -> Any:
-    """One party's pipeline without Prefect (``tasks.steps.run_party``): its ``FusedOutput``."""
-    from tasks.steps import PartyContext, run_party
+    """One party's pipeline without Prefect (``tasks.prepare.steps.run_party``): its ``FusedOutput``."""
+    from tasks.prepare.steps import PartyContext, run_party
 
     return run_party(PartyContext.from_spec(spec, party_id), spec.party(party_id).sources)
 
@@ -95,7 +95,7 @@ def prepared(customers: int, seed: int) -> tuple[dict[str, PartyTable], str]:
     """Every party's fused table (generated and prepared once, cached) and the spec path."""
     from storage.store import read_table
     from tasks.demo_data import write_demo_consortium
-    from tasks.spec import load_spec
+    from tasks.spec.models import load_spec
 
     folder = config_dir(customers, seed)
     done = folder / "prepared" / "meta.json"
@@ -153,7 +153,7 @@ class PSIResult:
 
 def party_secrets(seed: int) -> dict[str, Any]:
     """Fixed per-party PSI secrets, so alignment ids (and so the splits) repeat run to run."""
-    from tasks.psi import PartySecret
+    from tasks.vertical.psi import PartySecret
 
     return {
         p: PartySecret(hashlib.sha256(f"fedfuse/bench-vertical/{seed}/{p}".encode()).digest())
@@ -165,7 +165,7 @@ def run_intersection(
     keys: Mapping[str, pl.Series], *, seed: int, workers: int, min_overlap: int
 ) -> PSIResult:
     """The PSI star on hashed keys (timed, with the process pool's start-up)."""
-    from tasks.psi import run_psi_hashed
+    from tasks.vertical.psi import run_psi_hashed
 
     started = time.perf_counter()
     run = run_psi_hashed(
@@ -184,7 +184,7 @@ def run_intersection(
 def check_intersection(keys: Mapping[str, pl.Series], psi: PSIResult) -> None:
     """The PSI must find exactly the plain join's overlap, and every alignment id must name
     the same entity at every party (a benchmark check: it needs everyone's keys)."""
-    from tasks.psi import ALIGN_ID, ROW
+    from tasks.vertical.psi import ALIGN_ID, ROW
 
     common = set(keys[PARTIES[0]].to_list())
     for p in PARTIES[1:]:
@@ -206,8 +206,8 @@ def check_intersection(keys: Mapping[str, pl.Series], psi: PSIResult) -> None:
 # -- aligned blocks ---------------------------------------------------------------------------
 @dataclass
 class Aligned:
-    labels: Any  # tasks.vertical.LabelData
-    blocks: dict[str, Any]  # party -> tasks.vertical.PartyBlock
+    labels: Any  # tasks.vertical.training.LabelData
+    blocks: dict[str, Any]  # party -> tasks.vertical.training.PartyBlock
     ids: dict[str, pl.Series]  # split -> alignment ids in row order
     a_all: Any  # A's block over all its customers (train / valid), test = the overlap's
     a_all_labels: Any
@@ -229,10 +229,10 @@ def align_blocks(
     test_fraction: float,
 ) -> Aligned:
     """Each party's overlap rows in alignment-id order; splits from the alignment id."""
-    from tasks.psi import ALIGN_ID, ROW
-    from tasks.training import split_assignments
+    from tasks.horizontal.training import split_assignments
     from tasks.types import ENTITY_HASH, LABEL
-    from tasks.vertical import LabelData, PartyBlock
+    from tasks.vertical.psi import ALIGN_ID, ROW
+    from tasks.vertical.training import LabelData, PartyBlock
 
     ordered: dict[str, pl.DataFrame] = {}
     for p, t in tables.items():
@@ -363,9 +363,9 @@ def timed(fn: Callable[[], T]) -> tuple[T, float]:
 
 
 def train_models(data: Aligned, spec: Any) -> list[Model]:
-    from tasks.ensemble import count_trees
-    from tasks.training import evaluate
-    from tasks.vertical import (
+    from tasks.horizontal.ensemble import count_trees
+    from tasks.horizontal.training import evaluate
+    from tasks.vertical.training import (
         DEFAULT_COMBINE,
         Combine,
         LabelData,
@@ -524,7 +524,7 @@ def goals(result: Result) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> Result:
-    from tasks.spec import load_spec
+    from tasks.spec.models import load_spec
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter

@@ -23,14 +23,14 @@ import polars as pl
 from sklearn.datasets import make_classification
 from sklearn.metrics import roc_auc_score
 
-from tasks.ensemble import GlobalEnsemble, ensemble_size, predict_raw
-from tasks.spec import TrainingSpec
-from tasks.training import (
+from tasks.horizontal.ensemble import GlobalEnsemble, ensemble_size, predict_raw
+from tasks.horizontal.training import (
     TrainingHistory,
     train_centralised,
     train_federated,
     train_local_only,
 )
+from tasks.spec.models import TrainingSpec
 from tasks.types import ENTITY_HASH, LABEL
 
 PARTIES = 5

@@ -8,7 +8,7 @@ classes are clusters in the 12-dimensional informative space: the signal lives i
 (one nonlinear function per block of 10): complementary blocks, no cross-block interaction.
 
 Entities are split 60/20/20 train/valid/test from a hash of their id
-(:func:`tasks.training.split_assignments`); every model early-stops on the validation
+(:func:`tasks.horizontal.training.split_assignments`); every model early-stops on the validation
 logloss and is scored on the test entities. Rows (test AUC, test logloss, trees, seconds):
 
 * ``block X alone``        -- LightGBM on one party's block (what that party gets alone);
@@ -37,10 +37,10 @@ import numpy as np
 import polars as pl
 from sklearn.datasets import make_classification
 
-from tasks.ensemble import count_trees
-from tasks.spec import TrainingSpec
-from tasks.training import evaluate, split_assignments
-from tasks.vertical import (
+from tasks.horizontal.ensemble import count_trees
+from tasks.horizontal.training import evaluate, split_assignments
+from tasks.spec.models import TrainingSpec
+from tasks.vertical.training import (
     LabelData,
     PartyBlock,
     fixed_fusion,

@@ -57,7 +57,7 @@ class FlowEntry:
 
 FLOWS: tuple[FlowEntry, ...] = (
     FlowEntry("prepare", "flows/prepare.py:prepare", "flows.prepare"),
-    FlowEntry("federated-training", "flows/train.py:federated_training", "flows.train"),
+    FlowEntry("federated-training", "flows/horizontal.py:federated_training", "flows.horizontal"),
     FlowEntry("score", "flows/score.py:score", "flows.score"),
 )
 #: The deployments of a party with its own work pool.
@@ -162,7 +162,7 @@ def plan_deployments(
     party's ``party-pipeline``, ``party-step`` and ``score`` deployments on its own pool.
     With party pools, the coordinator's deployments get ``dispatch=<name>`` so their runs
     send each party's steps to the party's pool."""
-    from tasks.spec import load_spec
+    from tasks.spec.models import load_spec
 
     spec_file = Path(spec_path).resolve()
     spec = load_spec(str(spec_file))

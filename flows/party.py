@@ -2,7 +2,7 @@
 
 ``party-step`` runs a horizontal training step (label statistics, start scores, a round's
 update, an evaluation); ``party-call`` runs a named vertical step (PSI, a gradient round,
-scores). The coordinator dispatches them (see :mod:`flows.dispatch`); they run the same
+scores). The coordinator dispatches them (see :mod:`flows.transport`); they run the same
 cached tasks the in-process flows run, so a step finished once is not computed again,
 wherever it ran. :class:`PartyCalls` picks, per party, in-process task or dispatched run.
 """
@@ -17,7 +17,7 @@ from prefect.futures import PrefectFuture
 from pydantic import BaseModel
 
 from flows.common import run_name, task_options
-from flows.dispatch import (
+from flows.transport import (
     DEFAULT_TIMEOUT,
     PartyJob,
     call_registry,
@@ -28,7 +28,7 @@ from flows.dispatch import (
     encode_result,
     publish,
 )
-from tasks.train_steps import PartyEval, evaluate_party, party_stats, start_scores, train_party
+from tasks.horizontal.steps import PartyEval, evaluate_party, party_stats, start_scores, train_party
 
 
 def _job_run_name() -> str:
@@ -123,7 +123,7 @@ def party_call(
     party's data lives.
 
     Args:
-        op: The step (a task name of tasks.vertical_steps, e.g. vertical-party-round).
+        op: The step (a task name of tasks.vertical.steps, e.g. vertical-party-round).
         args: Its arguments as JSON (references to the party's own tables, messages).
         coordinator: The coordinator store the result goes to.
         results: Folder for persisted task results.

@@ -12,11 +12,10 @@ from prefect.futures import PrefectFuture, wait
 
 from flows import progress
 from flows.common import artifact_key, task_options, threads
-from flows.dispatch import PIPELINE_FLOW, dispatch_pipeline, party_deployments, publish
+from flows.transport import PIPELINE_FLOW, dispatch_pipeline, party_deployments, publish
 from storage.files import resolve_location
 from storage.store import TableRef
-from tasks.spec import SourceSpec, load_spec
-from tasks.steps import (
+from tasks.prepare.steps import (
     AlignedOutput,
     CleanOutput,
     FusedOutput,
@@ -28,6 +27,7 @@ from tasks.steps import (
     preprocess_source,
     secret_tag,
 )
+from tasks.spec.models import SourceSpec, load_spec
 
 
 @flow(

@@ -11,9 +11,9 @@ from flows.common import threads
 from flows.prepare import rebased_sources, run_party_steps
 from storage.files import resolve_location
 from storage.store import Store, TableRef
+from tasks.prepare.steps import PartyContext
 from tasks.scoring import score_party
-from tasks.spec import FedSpec, load_spec
-from tasks.steps import PartyContext
+from tasks.spec.models import FedSpec, load_spec
 
 
 class NoModelError(FileNotFoundError):

@@ -15,18 +15,18 @@ from pydantic import BaseModel
 
 from flows import progress
 from flows.common import publish_training_artifacts, task_options, threads
-from flows.dispatch import CALL_FLOW, PIPELINE_FLOW, dispatch_pipeline, party_deployments
+from flows.horizontal import num_classes, run_key
 from flows.party import PartyCalls
 from flows.prepare import party_pipeline, prepare
-from flows.train import num_classes, run_key
+from flows.transport import CALL_FLOW, PIPELINE_FLOW, dispatch_pipeline, party_deployments
 from storage.files import read_text
 from storage.results import DEFAULT_RESULTS
 from storage.store import FileRef, Store, TableRef
-from tasks.design import FeatureSchema, consortium_schema
+from tasks.prepare.design import FeatureSchema, consortium_schema
+from tasks.prepare.steps import FusedOutput
 from tasks.report import markdown_table, metric_rows
-from tasks.spec import FedSpec, FusionSpec, TrainingSpec, load_spec
-from tasks.steps import FusedOutput
-from tasks.vertical_steps import (
+from tasks.spec.models import FedSpec, FusionSpec, TrainingSpec, load_spec
+from tasks.vertical.steps import (
     PsiOverlap,
     StateRef,
     VerticalSetup,
@@ -90,7 +90,7 @@ def align_parties(
 
 def check_vertical(spec: FedSpec, spec_path: str) -> str:
     """The label party. A loaded vertical spec has one, and has opted in to what its mode
-    shares (:func:`tasks.spec.semantic_problems`); refused here: a horizontal spec, or a
+    shares (:func:`tasks.spec.models.semantic_problems`); refused here: a horizontal spec, or a
     vertical one that has not chosen a mode (it can be prepared, not trained)."""
     label = spec.consortium.label.party
     if spec.consortium.layout != "vertical" or label is None:

@@ -7,11 +7,11 @@ from prefect import task
 
 from storage.secrets import resolve_secret
 from storage.store import Store, TableRef, read_manifest, read_table
-from tasks.align import hash_keys
-from tasks.design import FeatureSchema, design_matrix
-from tasks.ensemble import GlobalEnsemble, ensemble_from_manifest, predict_raw
+from tasks.horizontal.ensemble import GlobalEnsemble, ensemble_from_manifest, predict_raw
 from tasks.links import probabilities
-from tasks.spec import SecretRef
+from tasks.prepare.align import hash_keys
+from tasks.prepare.design import FeatureSchema, design_matrix
+from tasks.spec.models import SecretRef
 from tasks.types import ENTITY_HASH
 
 

@@ -11,7 +11,7 @@ TableGrain = Literal["entity", "transaction"]
 FileFormat = Literal["csv", "parquet", "jsonl", "arrow"]
 ColumnType = Literal["str", "int", "float", "bool", "datetime", "date", "category"]
 JoinKind = Literal["inner", "left"]
-#: An aggregation strategy's name: a module of :mod:`tasks.strategies` (samples, uniform,
+#: An aggregation strategy's name: a module of :mod:`tasks.horizontal.strategies` (samples, uniform,
 #: lr_scaled, cyclic, ...), checked against that registry by the spec.
 Aggregation = str
 KeyNormalisation = Literal["none", "strip", "strip_lower"]

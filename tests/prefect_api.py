@@ -35,13 +35,13 @@ def _task_names() -> dict[str, str]:
 
     names: dict[str, str] = {}
     for module in (
-        "tasks.steps",
-        "tasks.train_steps",
-        "tasks.vertical_steps",
-        "tasks.baselines",
+        "tasks.prepare.steps",
+        "tasks.horizontal.steps",
+        "tasks.vertical.steps",
+        "tasks.horizontal.baselines",
         "tasks.scoring",
-        "flows.dispatch",
-        "flows.train",
+        "flows.transport",
+        "flows.horizontal",
     ):
         for value in vars(importlib.import_module(module)).values():
             if isinstance(value, Task):

@@ -8,9 +8,9 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from tasks.align import AlignError, align_features, fuse_tables, hash_keys
-from tasks.features_table import entity_attributes, transaction_features
-from tasks.spec import ColumnSpec
+from tasks.prepare.align import AlignError, align_features, fuse_tables, hash_keys
+from tasks.prepare.modalities.table import entity_attributes, transaction_features
+from tasks.spec.models import ColumnSpec
 from tasks.types import ENTITY_HASH, LABEL
 
 SECRET = b"s3cret"

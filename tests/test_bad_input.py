@@ -11,9 +11,9 @@ import pytest
 
 from storage.sources import SourceError, read_source
 from storage.store import FileRef, Store, fingerprint
-from tasks.align import hash_keys
-from tasks.spec import SourceSpec, load_spec
-from tasks.steps import PartyContext, run_party, run_preprocess
+from tasks.prepare.align import hash_keys
+from tasks.prepare.steps import PartyContext, run_party, run_preprocess
+from tasks.spec.models import SourceSpec, load_spec
 from tasks.types import ENTITY_HASH, LABEL, REASON
 from tests.factories import set_label_cells
 
@@ -44,7 +44,7 @@ def test_missing_file(tiny_table_spec: Path) -> None:
 def test_unknown_format(tiny_table_spec: Path) -> None:
     text = tiny_table_spec.read_text().replace("raw/a/transactions.csv", "raw/a/transactions.xlsx")
     tiny_table_spec.write_text(text)
-    from tasks.spec import SpecError
+    from tasks.spec.models import SpecError
 
     with pytest.raises(SpecError) as info:
         load_spec(str(tiny_table_spec))
@@ -57,7 +57,7 @@ def test_unknown_format(tiny_table_spec: Path) -> None:
 def test_missing_or_renamed_column(tiny_table_spec: Path) -> None:
     path = tiny_table_spec.parent / "raw" / "a" / "transactions.csv"
     path.write_text(path.read_text().replace("amt_cents", "amount_cents"))
-    from tasks.preprocess import PreprocessError
+    from tasks.prepare.preprocess import PreprocessError
 
     with pytest.raises(PreprocessError) as info:
         _run(tiny_table_spec, "transactions")

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from storage.store import FileRef, Store
-from tasks.train_steps import PartyUpdate, train_party
+from tasks.horizontal.steps import PartyUpdate, train_party
 from tests.factories import write_synthetic
 
 pytestmark = pytest.mark.prefect
@@ -84,7 +84,7 @@ def sending(monkeypatch: pytest.MonkeyPatch, make: Callable[[PartyUpdate, Store]
 def test_corrupt_update_leaves_the_party_out_and_the_run_completes(
     prefect_api: str, tmp_path: Path, secret: str, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
-    from flows.train import federated_training
+    from flows.horizontal import federated_training
 
     mutate, reason = CORRUPT[kind]
 
@@ -106,7 +106,7 @@ def test_corrupt_update_leaves_the_party_out_and_the_run_completes(
 def test_missing_and_oversized_updates_leave_the_party_out(
     prefect_api: str, tmp_path: Path, secret: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.train import federated_training
+    from flows.horizontal import federated_training
 
     def make(update: PartyUpdate, store: Store) -> FileRef:
         if update.round == 1:
@@ -115,7 +115,7 @@ def test_missing_and_oversized_updates_leave_the_party_out(
             return store.write_bytes("models", "big-p1.txt", b"tree\n" + b"x" * 60_000)
         return update.model
 
-    monkeypatch.setattr("tasks.train_steps.MAX_UPDATE_BYTES", 50_000)
+    monkeypatch.setattr("tasks.horizontal.steps.MAX_UPDATE_BYTES", 50_000)
     sending(monkeypatch, make)
     result = federated_training(str(_spec(tmp_path)))
     assert result.rounds_run == 2
@@ -126,7 +126,7 @@ def test_missing_and_oversized_updates_leave_the_party_out(
 def test_an_update_outside_the_coordinator_store_is_not_read(
     prefect_api: str, tmp_path: Path, secret: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.train import federated_training
+    from flows.horizontal import federated_training
 
     elsewhere = tmp_path / "elsewhere.txt"
 
@@ -143,7 +143,7 @@ def test_an_update_reached_through_dotdot_is_not_read(
     prefect_api: str, tmp_path: Path, secret: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``models/../reports/x`` starts with the models folder's path but leads elsewhere."""
-    from flows.train import federated_training
+    from flows.horizontal import federated_training
 
     def make(update: PartyUpdate, store: Store) -> FileRef:
         outside = store.write_text("reports", "p1.txt", Path(update.model.uri).read_text())
@@ -158,7 +158,7 @@ def test_an_update_reached_through_dotdot_is_not_read(
 def test_an_accepted_update_swapped_before_a_resume_is_refused(
     prefect_api: str, tmp_path: Path, secret: str
 ) -> None:
-    from flows.train import federated_training
+    from flows.horizontal import federated_training
 
     spec = _spec(tmp_path)
     first = federated_training(str(spec), stop_after=1)
@@ -177,7 +177,7 @@ def test_a_party_without_usable_rows_is_left_out_and_an_empty_label_is_quarantin
 ) -> None:
     import polars as pl
 
-    from flows.train import federated_training
+    from flows.horizontal import federated_training
 
     spec = write_synthetic(tmp_path, customers=900, parties=3)
     raw = spec.parent / "raw"

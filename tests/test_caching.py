@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tasks import caching, psi, train_steps
+from tasks import caching
 from tasks.caching import (
     UntraceableError,
     code_version,
@@ -19,6 +19,8 @@ from tasks.caching import (
     parameters_key,
     reachable_modules,
 )
+from tasks.horizontal import steps as train_steps
+from tasks.vertical import psi
 
 ROOT = Path(caching.__file__).resolve().parent.parent
 PACKAGES = ("tasks", "storage")
@@ -32,27 +34,27 @@ def _files(module: str) -> set[str]:
 def test_training_step_covers_what_it_imports() -> None:
     files = _files(train_steps.train_round.__module__)
     assert {
-        "tasks/train_steps.py",
-        "tasks/training.py",
-        "tasks/rounds.py",
+        "tasks/horizontal/steps.py",
+        "tasks/horizontal/training.py",
+        "tasks/horizontal/rounds.py",
         "storage/store.py",
         "tasks/__init__.py",
         "storage/__init__.py",
         "tasks/caching.py",
-        "tasks/strategies/__init__.py",
+        "tasks/horizontal/strategies/__init__.py",
     } <= files
-    # tasks.strategies finds its strategies with importlib: all of them count.
-    assert "tasks/strategies/cyclic.py" in files
+    # tasks.horizontal.strategies finds its strategies with importlib: all of them count.
+    assert "tasks/horizontal/strategies/cyclic.py" in files
     assert "tasks/report.py" not in files
-    assert "tasks/psi.py" not in files
+    assert "tasks/vertical/psi.py" not in files
 
 
 def test_psi_step_does_not_cover_report() -> None:
     files = _files(psi.run_psi.__module__)
-    assert "tasks/psi.py" in files
-    assert "tasks/align.py" in files
+    assert "tasks/vertical/psi.py" in files
+    assert "tasks/prepare/align.py" in files
     assert "tasks/report.py" not in files
-    assert "tasks/train_steps.py" not in files
+    assert "tasks/horizontal/steps.py" not in files
 
 
 def test_real_fingerprints() -> None:
@@ -156,7 +158,7 @@ def test_content_cache_key_is_stable() -> None:
     assert first.startswith("train-party-")
     assert first != content_cache_key(_context("train-party", fn), {"round": 2})
     assert first == parameters_key("train-party", {"round": 1, "rate": (0.1, 0.2)}, fn=fn)
-    # Without a function (flows/dispatch.py's callers): the whole-tree version, as before.
+    # Without a function (flows/transport.py's callers): the whole-tree version, as before.
     assert parameters_key("train-party", {"round": 1}) != parameters_key(
         "train-party", {"round": 1}, fn=fn
     )

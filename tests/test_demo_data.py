@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from tasks.demo_data import write_demo_consortium
-from tasks.spec import load_spec
+from tasks.spec.models import load_spec
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -114,7 +114,7 @@ def test_fused_table_beats_every_single_modality(tmp_path: Path, secret: str) ->
     """Through the real pipeline steps: each modality alone has signal, fused has more."""
     import lightgbm as lgb
 
-    from tasks.steps import PartyContext, run_party
+    from tasks.prepare.steps import PartyContext, run_party
 
     spec_path = tmp_path / "spec.toml"
     write_demo_consortium(str(tmp_path), customers=8000, parties=1, seed=11)
@@ -149,7 +149,7 @@ def test_fused_table_beats_every_single_modality(tmp_path: Path, secret: str) ->
 def test_demo_default_size_follows_the_layout() -> None:
     """The vertical demo aligns about a fifth of its customers, so it starts from more;
     an explicit size wins for both layouts."""
-    from flows.cli import demo_customers
+    from flows.cli.app import demo_customers
 
     assert demo_customers("horizontal", None) == 5000
     assert demo_customers("vertical", None) == 20_000

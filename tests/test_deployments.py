@@ -18,7 +18,7 @@ from uuid import UUID, uuid4
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.cli.app import app
 from tests.factories import write_synthetic, write_tiny
 from tests.prefect_api import task_name, task_states
 from tests.workers import running_worker

@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 from sklearn.datasets import make_classification, make_regression
 
-import tasks.ensemble as ensemble_module
+import tasks.horizontal.ensemble as ensemble_module
 from storage.store import FileRef, Store, UnverifiedError, read_verified_text
-from tasks.design import FeatureSchema
-from tasks.ensemble import (
+from tasks.horizontal.ensemble import (
     GlobalEnsemble,
     aggregation_weights,
     check_update,
@@ -34,9 +33,10 @@ from tasks.ensemble import (
     parse_model_text,
     predict_raw,
 )
+from tasks.horizontal.training import lgb_params, party_learning_rates, train_update
+from tasks.prepare.design import FeatureSchema
 from tasks.report import importance_by_party_modality
-from tasks.spec import TrainingSpec
-from tasks.training import lgb_params, party_learning_rates, train_update
+from tasks.spec.models import TrainingSpec
 from tasks.types import Objective
 
 NAMES = ["num_a", "num_b", "num_c", "num_d", "cat_x", "cat_y"]
@@ -303,7 +303,7 @@ def _header_sizes(text: str) -> list[int]:
 
 
 def _lightgbm_block_sizes(text: str) -> list[int]:
-    """Byte lengths of the tree blocks, found independently of tasks.ensemble: from each
+    """Byte lengths of the tree blocks, found independently of tasks.horizontal.ensemble: from each
     'Tree=' line to the next one or to 'end of trees'."""
     data = text.encode()
     starts = [m.start() for m in re.finditer(rb"^Tree=\d+\r?$", data, flags=re.MULTILINE)]

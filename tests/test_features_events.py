@@ -16,8 +16,8 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from tasks import features_events
-from tasks.features_events import event_feature_names, events_features
+from tasks.prepare.modalities import events as features_events
+from tasks.prepare.modalities.events import event_feature_names, events_features
 
 AS_OF = dt.date(2024, 1, 10)
 WINDOWS = [7, 3]  # unsorted on purpose: output order follows ascending windows
@@ -240,7 +240,7 @@ def test_hash_collision_falls_back_to_exact_order(
 ) -> None:
     # every entity gets the same sort key, so a's and b's events interleave in time
     monkeypatch.setattr(features_events, "_entity_order", lambda entity: pl.lit(0, pl.UInt64))
-    with caplog.at_level(logging.WARNING, logger="tasks.features_events"):
+    with caplog.at_level(logging.WARNING, logger="tasks.prepare.modalities.events"):
         out = features(log)
     assert "collision" in caplog.text
     assert_frame_equal(out, expected_frame(), abs_tol=1e-12)

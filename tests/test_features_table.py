@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from tasks.features_table import transaction_features
+from tasks.prepare.modalities.table import transaction_features
 from tasks.types import AMOUNT, CATEGORY, TIMESTAMP
 
 
@@ -49,7 +49,7 @@ def test_transaction_features_are_bitwise_reproducible() -> None:
 _THREADS_SCRIPT = """
 import datetime as dt, sys
 import numpy as np, polars as pl
-from tasks.features_table import transaction_features
+from tasks.prepare.modalities.table import transaction_features
 from tasks.types import AMOUNT, TIMESTAMP
 rng = np.random.default_rng(0)
 n = 400_000
@@ -105,7 +105,7 @@ def test_amount_moments_match_their_definitions() -> None:
 
 
 def test_amounts_at_the_bound_sum_exactly_and_shares_of_zero_spend_are_null() -> None:
-    from tasks.features_table import MAX_ABS_AMOUNT
+    from tasks.prepare.modalities.table import MAX_ABS_AMOUNT
 
     ts = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
     n = 20  # 20 x 1e18 millionths would wrap an Int64 sum (9.2e18) silently

@@ -7,14 +7,14 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from tasks.features_text import (
+from tasks.prepare.modalities.text import (
     FIXED_FEATURES,
     analyse_text,
     chinese_lexicon,
     text_feature_names,
     text_features,
 )
-from tasks.spec import FeatureOptions
+from tasks.spec.models import FeatureOptions
 
 AS_OF = dt.date(2024, 6, 30)
 OPTIONS = FeatureOptions(text_width=8)

@@ -15,9 +15,8 @@ from sklearn.metrics import roc_auc_score
 
 from storage.files import read_text
 from storage.store import read_manifest
-from tasks.design import FeatureSchema, design_matrix
-from tasks.ensemble import ensemble_from_manifest, export_model, predict_raw
-from tasks.lossless import (
+from tasks.horizontal.ensemble import ensemble_from_manifest, export_model, predict_raw
+from tasks.horizontal.lossless import (
     NETWORK_PARAMS,
     free_ports,
     network_params,
@@ -25,8 +24,9 @@ from tasks.lossless import (
     train_lossless,
     without_network_params,
 )
-from tasks.spec import TrainingSpec
-from tasks.training import lgb_params, party_data, train_centralised, train_federated
+from tasks.horizontal.training import lgb_params, party_data, train_centralised, train_federated
+from tasks.prepare.design import FeatureSchema, design_matrix
+from tasks.spec.models import TrainingSpec
 from tasks.types import ENTITY_HASH, LABEL
 from tests.factories import write_synthetic
 
@@ -187,9 +187,9 @@ def test_failing_party_stops_every_process() -> None:
 
 @pytest.mark.prefect
 def test_lossless_flow_exports_and_scores(prefect_api: str, tmp_path: Path, secret: str) -> None:
+    from flows.horizontal import federated_training
     from flows.prepare import prepare
     from flows.score import score
-    from flows.train import federated_training
 
     spec = write_synthetic(tmp_path, customers=700)
     text = spec.read_text()

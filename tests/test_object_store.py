@@ -177,7 +177,7 @@ def _files(bucket: str, options: dict[str, Any], prefix: str = "") -> list[str]:
 def test_federated_training_on_s3_end_to_end(
     prefect_api: str, tmp_path: Path, secret: str, buckets: dict[str, dict[str, Any]]
 ) -> None:
-    from flows.train import federated_training
+    from flows.horizontal import federated_training
 
     spec = _s3_spec(tmp_path)
     result = federated_training(str(spec))

@@ -116,7 +116,7 @@ def failing(root: Path) -> Path:
 def hashed_ids(secret: str, roots: list[Path]) -> set[str]:
     """Every hashed id of the run: the party stores' aligned/fused keys, and the hash of
     every raw id (also those whose rows never got that far)."""
-    from tasks.align import hash_keys
+    from tasks.prepare.align import hash_keys
 
     out = set(hash_keys(pl.Series([v.lower() for v in RAW_VALUES]), secret.encode()).to_list())
     for root in roots:
@@ -341,8 +341,8 @@ def test_retry_condition_retries_only_transient_io() -> None:
     from prefect.states import Failed
 
     from storage.sources import SourceError
-    from tasks.preprocess import PreprocessError
-    from tasks.steps import (
+    from tasks.prepare.preprocess import PreprocessError
+    from tasks.prepare.steps import (
         IO_RETRIES,
         fingerprint_source,
         is_transient,
@@ -377,7 +377,7 @@ def test_retry_condition_retries_only_transient_io() -> None:
 def test_missing_local_file_fails_once_and_fast(prefect_api: str, tmp_path: Path) -> None:
     from prefect import flow
 
-    from tasks.steps import fingerprint_source
+    from tasks.prepare.steps import fingerprint_source
 
     @flow
     def fingerprint_missing(path: str) -> None:
@@ -416,7 +416,7 @@ def _clean_exit(result: Any, code: int) -> str:
 def test_prepare_prints_a_markup_like_column_name_as_text(
     cli: CliRunner, prefect_api: str, tiny_table_spec: Path, secret: str
 ) -> None:
-    from flows.cli import app
+    from flows.cli.app import app
 
     text = tiny_table_spec.read_text()
     assert 'from = "amt_cents"' in text
@@ -430,7 +430,7 @@ def test_prepare_prints_a_markup_like_column_name_as_text(
 def test_prepare_quality_table_prints_a_markup_like_header_as_text(
     cli: CliRunner, prefect_api: str, tiny_table_spec: Path, secret: str
 ) -> None:
-    from flows.cli import app
+    from flows.cli.app import app
 
     path = tiny_table_spec.parent / "raw" / "a" / "transactions.csv"
     path.write_text(path.read_text().replace("amt_cents", "[/]").replace(",300,", ",3OO,"))
@@ -443,7 +443,7 @@ def test_prepare_quality_table_prints_a_markup_like_header_as_text(
 
 
 def test_validate_prints_markup_like_names_as_text(cli: CliRunner, tmp_path: Path) -> None:
-    from flows.cli import app
+    from flows.cli.app import app
 
     spec = write_tiny(tmp_path / "in[b]x", with_text_events=False)
     ok = cli.invoke(app, ["validate", str(spec)])

@@ -12,8 +12,8 @@ from polars.testing import assert_frame_equal
 
 from storage.psi import read_message, write_alignment, write_message
 from storage.store import Store, read_table
-from tasks.align import hash_keys
-from tasks.psi import (
+from tasks.prepare.align import hash_keys
+from tasks.vertical.psi import (
     ALIGN_ID,
     POINT_BYTES,
     ROW,
@@ -213,7 +213,7 @@ def test_blinding_commutes_and_the_fast_loader_matches_the_public_api() -> None:
         X25519PublicKey,
     )
 
-    from tasks.psi import _mult_chunk, _public_key_loader
+    from tasks.vertical.psi import _mult_chunk, _public_key_loader
 
     a, b = _secrets("a", "b")["a"].scalar, _secrets("a", "b")["b"].scalar
     h = hash_to_points(hash_keys(_keys("c", range(5)), SECRET))
@@ -424,7 +424,7 @@ def test_low_order_points_in_a_message_are_refused(u: int) -> None:
 def test_own_key_hashing_to_a_low_order_point_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     """Practically impossible (a SHA-512 preimage), so the hash is replaced to get there."""
     monkeypatch.setattr(
-        "tasks.psi.hash_to_point", lambda d: bytes(32) if d[0] % 2 else hash_to_point(d)
+        "tasks.vertical.psi.hash_to_point", lambda d: bytes(32) if d[0] % 2 else hash_to_point(d)
     )
     hashed = hash_keys(_keys("c", range(20)), SECRET)
     bad = next(i for i, h in enumerate(hashed.to_list()) if int(h[:2], 16) % 2)

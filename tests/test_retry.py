@@ -61,7 +61,7 @@ def pool(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 @pytest.fixture(scope="module")
 def clean_model(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """sha256 of the model an uninterrupted run exports (same data, its own stores)."""
-    from flows.train import federated_training
+    from flows.horizontal import federated_training
 
     result = federated_training(str(write_spec(tmp_path_factory.mktemp("clean"))))
     assert result.rounds_run == ROUNDS
@@ -155,7 +155,7 @@ def retry_with_prefect_cli(run_id: UUID, api: str) -> None:
 def retry_with_fedfuse(run_id: UUID, api: str) -> None:
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from flows.cli.app import app
 
     out = CliRunner().invoke(app, ["retry", str(run_id)])
     assert out.exit_code == 0, out.output
@@ -297,7 +297,7 @@ def test_vertical_retry_after_sigkill_gives_the_uninterrupted_model(
 
 @pytest.fixture(scope="module")
 def clean_lossless(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    from flows.train import federated_training
+    from flows.horizontal import federated_training
 
     result = federated_training(
         str(write_spec(tmp_path_factory.mktemp("clean-ll"), mode="lossless"))

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from tasks.spec import (
+from flows.cli.app import app
+from tasks.horizontal.training import RESERVED_PARAMS as training_reserved
+from tasks.spec.models import (
     RESERVED_PARAMS,
     SpecError,
     TrainingSpec,
@@ -16,7 +17,6 @@ from tasks.spec import (
     parse_spec,
     reserved_param_message,
 )
-from tasks.training import RESERVED_PARAMS as training_reserved
 
 
 def _data(spec_path: Path) -> dict:
@@ -306,7 +306,7 @@ def test_demo_secret_is_strong() -> None:
 
     from storage.secrets import is_strong_secret
 
-    # flows/cli.py draws the demo's secret so; 64 hex characters
+    # flows/cli/app.py draws the demo's secret so; 64 hex characters
     assert all(is_strong_secret(secrets.token_hex(32)) for _ in range(100))
 
 

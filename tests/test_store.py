@@ -87,8 +87,7 @@ def test_fingerprint_and_missing_file(tmp_path: Path) -> None:
 
 def test_pipeline_steps_on_a_remote_file_system(tmp_path: Path, secret: str) -> None:
     """Party stores behind an fsspec URI (memory:// here, s3:// alike) need no code change."""
-    from tasks.spec import load_spec
-    from tasks.steps import (
+    from tasks.prepare.steps import (
         PartyContext,
         run_align,
         run_features,
@@ -96,6 +95,7 @@ def test_pipeline_steps_on_a_remote_file_system(tmp_path: Path, secret: str) -> 
         run_preprocess,
         secret_tag,
     )
+    from tasks.spec.models import load_spec
     from tests.factories import write_tiny
 
     spec_path = write_tiny(tmp_path)

@@ -9,9 +9,8 @@ import polars as pl
 import pytest
 from sklearn.datasets import make_classification, make_regression
 
-from tasks.ensemble import GlobalEnsemble, RoundUpdate, ensemble_size, predict_raw
-from tasks.spec import TrainingSpec
-from tasks.training import (
+from tasks.horizontal.ensemble import GlobalEnsemble, RoundUpdate, ensemble_size, predict_raw
+from tasks.horizontal.training import (
     EarlyStopping,
     LabelStats,
     RoundError,
@@ -32,6 +31,7 @@ from tasks.training import (
     train_local_only,
     train_update,
 )
+from tasks.spec.models import TrainingSpec
 from tasks.types import ENTITY_HASH, LABEL, Objective
 
 NAMES = [f"x{i}" for i in range(7)] + ["cat"]
@@ -290,7 +290,7 @@ def test_lr_scaled_equals_samples_with_one_tree_per_round() -> None:
 def test_bad_update_is_rejected_and_weights_renormalised() -> None:
     spec = _spec(min_parties=2)
     ensemble, states, rates = _states(_frames(n=1500), "binary", spec)
-    from tasks.training import train_party
+    from tasks.horizontal.training import train_party
 
     updates = [
         train_party(
@@ -436,8 +436,8 @@ def test_baselines_score_the_federated_model_on_each_partys_rows(tmp_path: Path)
     the federated model on the same rows beside it, and those per-party figures add up
     (size-weighted) to the federated model's overall test metrics."""
     from storage.store import Store
-    from tasks.baselines import compare
-    from tasks.design import FeatureSchema
+    from tasks.horizontal.baselines import compare
+    from tasks.prepare.design import FeatureSchema
     from tasks.report import comparison_rows
 
     frames = _frames(n=3000, seed=2)

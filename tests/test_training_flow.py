@@ -12,11 +12,11 @@ import pytest
 
 from storage.files import read_text
 from storage.store import Store, read_manifest
-from tasks.design import FeatureSchema, design_matrix
-from tasks.ensemble import GlobalEnsemble, ensemble_from_manifest, predict_raw
-from tasks.rounds import ModelRules, QuorumError
-from tasks.strategies import make_strategy
-from tasks.train_steps import PartyUpdate, aggregate
+from tasks.horizontal.ensemble import GlobalEnsemble, ensemble_from_manifest, predict_raw
+from tasks.horizontal.rounds import ModelRules, QuorumError
+from tasks.horizontal.steps import PartyUpdate, aggregate
+from tasks.horizontal.strategies import make_strategy
+from tasks.prepare.design import FeatureSchema, design_matrix
 from tasks.types import ENTITY_HASH
 from tests.factories import write_synthetic
 from tests.prefect_api import task_states
@@ -43,8 +43,8 @@ def _ensemble(manifest_uri: str) -> GlobalEnsemble:
 def test_training_exports_a_model_equal_to_the_ensemble(
     prefect_api: str, tmp_path: Path, secret: str
 ) -> None:
+    from flows.horizontal import federated_training
     from flows.prepare import prepare
-    from flows.train import federated_training
 
     spec = _spec(tmp_path)
     result = federated_training(str(spec))
@@ -79,7 +79,7 @@ def test_training_exports_a_model_equal_to_the_ensemble(
 def test_stopped_run_resumes_from_its_checkpoint(
     prefect_api: str, tmp_path: Path, secret: str
 ) -> None:
-    from flows.train import federated_training
+    from flows.horizontal import federated_training
 
     stopped_dir, full_dir = tmp_path / "stopped", tmp_path / "full"
     stopped_dir.mkdir()
@@ -100,8 +100,8 @@ def test_stopped_run_resumes_from_its_checkpoint(
 
 def test_bad_update_is_left_out(tmp_path: Path, secret: str) -> None:
     """The coordinator's checks drop an update with a non-finite leaf and apply the quorum."""
-    from tasks.spec import TrainingSpec
-    from tasks.training import lgb_params, train_update
+    from tasks.horizontal.training import lgb_params, train_update
+    from tasks.spec.models import TrainingSpec
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(300, 3)), rng.integers(0, 2, 300).astype(float)
@@ -137,8 +137,8 @@ def test_bad_update_is_left_out(tmp_path: Path, secret: str) -> None:
 def test_failed_party_below_quorum_fails_round_and_a_new_run_skips_finished_work(
     prefect_api: str, tmp_path: Path, secret: str
 ) -> None:
+    from flows.horizontal import federated_training
     from flows.prepare import prepare
-    from flows.train import federated_training
 
     spec = _spec(tmp_path, min_parties=2, rounds=3, patience=10)
     first = federated_training(str(spec), stop_after=1)
@@ -162,9 +162,9 @@ def test_failed_party_below_quorum_fails_round_and_a_new_run_skips_finished_work
 def test_score_flow_reproduces_training_features_and_scores(
     prefect_api: str, tmp_path: Path, secret: str
 ) -> None:
+    from flows.horizontal import federated_training
     from flows.prepare import prepare
     from flows.score import score
-    from flows.train import federated_training
 
     spec = _spec(tmp_path, rounds=3)
     result = federated_training(str(spec))
@@ -193,7 +193,7 @@ def test_other_objectives_train_and_export(
 
     import tomli_w
 
-    from flows.train import federated_training
+    from flows.horizontal import federated_training
     from tasks.demo_data import write_demo_consortium
 
     spec_path = Path(write_demo_consortium(str(tmp_path), customers=1500, parties=2, seed=4))

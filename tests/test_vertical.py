@@ -10,10 +10,10 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from tasks.spec import FusionSpec, SpecError, TrainingSpec, parse_spec
-from tasks.training import evaluate
+from tasks.horizontal.training import evaluate
+from tasks.spec.models import FusionSpec, SpecError, TrainingSpec, parse_spec
 from tasks.types import Objective
-from tasks.vertical import (
+from tasks.vertical.training import (
     LabelData,
     LabelState,
     PartyBlock,

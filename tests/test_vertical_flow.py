@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from tasks.demo_data import write_demo_consortium
-from tasks.spec import SpecError, load_spec
+from tasks.spec.models import SpecError, load_spec
 from tasks.types import ENTITY_HASH
 
 pytestmark = pytest.mark.prefect
@@ -137,7 +137,7 @@ def test_overlap_below_the_minimum_stops_training_with_the_counts(
     prefect_api: str, tmp_path: Path, secret: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from flows.vertical import vertical_training
-    from tasks.psi import PSIError
+    from tasks.vertical.psi import PSIError
 
     monkeypatch.setenv("FEDFUSE_SECRET", secret)
     spec = _spec(tmp_path)

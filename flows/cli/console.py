@@ -1,0 +1,82 @@
+"""Console output and error reporting shared by the ``fedfuse`` commands (``flows.cli.app`` and
+``flows.cli.ops_commands``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
+
+
+def quiet_prefect() -> None:
+    """Quiet console (full logs still reach the Prefect UI), no analytics, no telemetry."""
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from flows.prepare import PrepareError
+    from storage.files import ConfinementError
+    from storage.secrets import SecretError
+    from storage.sources import SourceError
+    from tasks.prepare.align import AlignError
+    from tasks.prepare.preprocess import PreprocessError
+    from tasks.spec.models import SpecError
+
+    return (
+        SpecError,
+        SourceError,
+        PreprocessError,
+        AlignError,
+        SecretError,
+        FileNotFoundError,
+        PrepareError,
+        ConfinementError,
+    )
+
+
+def _short_console_errors() -> None:
+    """Prefect's console shows each failed task or flow as one line, without the traceback
+    (the Prefect UI keeps the full logs); the steps skipped because an upstream one failed
+    are not listed again."""
+    import prefect  # noqa: F401  (configures Prefect's logging)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, PrefectConsoleHandler) or getattr(handler, "_short", False):
+            continue
+        base = handler.format
+
+        def one_line(record: logging.LogRecord, base: Any = base) -> str:
+            if record.levelno >= logging.ERROR and record.exc_info:
+                record = logging.makeLogRecord({**record.__dict__, "exc_info": None})
+                record.exc_text = None
+            return str(base(record)).splitlines()[0]
+
+        handler.format = one_line  # type: ignore[method-assign]
+        handler.addFilter(lambda r: "Finished in state NotReady" not in r.getMessage())
+        handler._short = True  # type: ignore[attr-defined]
+
+
+@contextmanager
+def reported() -> Iterator[None]:
+    """Turn known input problems into a clear message and exit code 1 (no traceback)."""
+    known = _user_errors()
+    _short_console_errors()
+    try:
+        yield
+    except known as exc:
+        errors.print(
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True
+        )
+        raise typer.Exit(code=1) from None

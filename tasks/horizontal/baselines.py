@@ -1,0 +1,110 @@
+"""Baselines for the training report: local-only models and a centralised model.
+
+The centralised model pools every party's fused rows in one place, which a federation
+forbids: it is computed for comparison only, by whoever runs the evaluation with access to
+all stores (the embedded demo), and is labelled as such everywhere it appears.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import polars as pl
+from prefect import task
+
+from storage.store import TableRef, read_table
+from tasks.caching import content_cache_key
+from tasks.horizontal.ensemble import GlobalEnsemble, predict_raw
+from tasks.horizontal.training import (
+    aggregate_metrics,
+    evaluate,
+    party_data,
+    train_centralised,
+    train_local_only,
+)
+from tasks.prepare.design import FeatureSchema
+from tasks.report import Comparison
+from tasks.spec.models import TrainingSpec
+from tasks.types import Objective
+
+
+def _frames(fused: Mapping[str, TableRef], schema: FeatureSchema) -> dict[str, pl.DataFrame]:
+    out: dict[str, pl.DataFrame] = {}
+    for party, ref in fused.items():
+        frame = read_table(ref)
+        missing = [
+            pl.lit(None, pl.Float64).alias(n) for n in schema.names if n not in frame.columns
+        ]
+        out[party] = frame.with_columns(missing) if missing else frame
+    return out
+
+
+def compare(
+    fused: Mapping[str, TableRef],
+    *,
+    schema: FeatureSchema,
+    training: TrainingSpec,
+    objective: Objective,
+    num_class: int,
+    federated: dict[str, float],
+    ensemble: GlobalEnsemble | None = None,
+    upto_round: int | None = None,
+) -> Comparison:
+    """Local-only and centralised baselines, scored like the federation scores its own
+    model (per party, size-weighted); with ``ensemble`` also the federated model on each
+    party's own test rows, beside that party's local-only model."""
+    frames = _frames(fused, schema)
+    kwargs = {
+        "spec": training,
+        "objective": objective,
+        "num_class": num_class,
+        "categorical": schema.categorical,
+        "feature_names": schema.names,
+    }
+    local = train_local_only(frames, **kwargs)  # type: ignore[arg-type]
+    central, _ = train_centralised(frames, **kwargs)  # type: ignore[arg-type]
+    tests = {
+        p: party_data(
+            f,
+            party=p,
+            feature_names=schema.names,
+            validation_fraction=training.validation_fraction,
+            test_fraction=training.test_fraction,
+        )
+        for p, f in frames.items()
+    }
+    sizes = {p: len(d.y_test) for p, d in tests.items()}
+    local_test = {
+        p: evaluate(d.y_test, predict_raw(local[p][0], d.X_test), objective, num_class)
+        for p, d in tests.items()
+    }
+    # every model is scored the way the federation scores its own: per party, size-weighted
+    central_test = {
+        p: (sizes[p], evaluate(d.y_test, predict_raw(central, d.X_test), objective, num_class))
+        for p, d in tests.items()
+    }
+    by_party = (
+        {
+            p: evaluate(
+                d.y_test,
+                predict_raw(ensemble, d.X_test, upto_round=upto_round),
+                objective,
+                num_class,
+            )
+            for p, d in tests.items()
+        }
+        if ensemble is not None
+        else {}
+    )
+    return Comparison(
+        federated=federated,
+        federated_by_party=by_party,
+        local_only=local_test,
+        local_only_mean=aggregate_metrics({p: (sizes[p], m) for p, m in local_test.items()}),
+        centralised=aggregate_metrics(central_test),
+    )
+
+
+compare_baselines = task(
+    name="compare-baselines", cache_key_fn=content_cache_key, persist_result=True
+)(compare)

@@ -1,0 +1,626 @@
+"""Lossless horizontal training: one LightGBM model over all parties' rows, no rows moved.
+
+LightGBM's distributed *data-parallel* learner (``tree_learner="data"``) grows every tree
+from histograms of gradients and hessians summed over all machines. With one machine per
+party, each holding only its own rows (``pre_partition=True``), the parties exchange
+per-feature, per-bin histogram sums, never rows, and the trees are those of a single model
+trained on the pooled rows: unlike output averaging (:mod:`tasks.horizontal.training`), label skew
+costs no accuracy.
+
+Protocol (:func:`train_lossless`), one OS process per party (LightGBM's network is global
+to a process, so two machines never share one; ``spawn`` context, so no parent state is
+inherited):
+
+1. every party process loads its own rows (a :class:`FusedSource` is read inside the
+   process: the orchestrating process only passes the table reference), splits them from
+   the entity hash (:func:`tasks.horizontal.training.split_assignments`) and reports its label
+   aggregates (:class:`tasks.horizontal.training.LabelStats`), as in averaging mode;
+2. the coordinator computes the base score F_0 from those aggregates
+   (:func:`tasks.horizontal.training.base_score`: pooled log-odds, log priors or mean) and sends it
+   back. LightGBM's own ``boost_from_average`` is left off: in distributed mode it takes
+   the *unweighted* mean of the machines' local averages, which under label skew and
+   unequal party sizes is not the pooled one. F_0 is every row's ``init_score`` instead,
+   exactly as :func:`tasks.horizontal.training.train_centralised` starts;
+3. the parties join one LightGBM network (``machines`` = every party's ``host:port``,
+   ``local_listen_port`` = its own, ``num_machines`` = P, ``time_out`` in minutes) and train
+   the full tree budget, ``rounds × trees_per_round`` iterations, with the same params as
+   :func:`tasks.horizontal.training.lgb_params` (single-threaded, deterministic);
+4. after every round of ``trees_per_round`` iterations, every party scores its own
+   validation and test rows (running raw scores) and sends the validation metrics to the
+   coordinator; the coordinator aggregates them (weighted by validation size,
+   :func:`tasks.horizontal.training.aggregate_metrics`), updates federated early stopping
+   (:class:`tasks.horizontal.training.EarlyStopping`, as :func:`tasks.horizontal.training.train_federated`) and
+   sends *every* party the same go / stop decision before the next iteration starts (a
+   LightGBM callback waits for it). At the end the parties report their per-round test
+   metrics and the model, which is cut at the best round.
+
+Why not LightGBM's own early stopping: a distributed validation set is evaluated on each
+machine's own rows and the metrics are not aggregated across machines, so LightGBM's
+early stopping would stop each machine on its *local* loss, at different iterations, and a
+machine still training then hangs or fails in the next collective. The coordinator's
+per-round decision uses the size-weighted loss over all parties (for logloss and MSE that
+is exactly the pooled validation loss) and stops all machines after the same iteration.
+
+Bins: in distributed mode LightGBM gives each machine a block of the features; that machine
+finds those features' bin boundaries (numerical quantiles, categorical values) from its own
+rows and all machines then share the bin mappers, so every party bins with the same
+boundaries and the summed histograms line up. They are not the boundaries a pooled model
+would find, so the model matches centralised training in accuracy, not bit for bit. The
+bin mappers (a sample of one party's feature quantiles and category values per feature)
+are part of what the parties share, and end up in the model's ``feature_infos``.
+
+The model text is identical at every party (checked); only the network settings are removed
+from its parameters section. Nothing here writes files; the process orchestration is the
+only side effect.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+from pydantic import BaseModel, Field
+
+from storage.store import TableRef, read_table
+from tasks.horizontal.ensemble import GlobalEnsemble, MemberTuple, check_task, text_sha256
+from tasks.horizontal.rounds import StopReason, rounds_in_budget
+from tasks.horizontal.training import (
+    LOSS_METRIC,
+    EarlyStopping,
+    LabelStats,
+    PartyData,
+    aggregate_metrics,
+    base_score,
+    evaluate,
+    label_stats,
+    lgb_params,
+    split_assignments,
+    split_party_data,
+)
+from tasks.prepare.design import FeatureSchema, design_matrix, labels
+from tasks.spec.models import TrainingSpec
+from tasks.types import ENTITY_HASH, Objective
+
+logger = logging.getLogger(__name__)
+
+#: Party name of the single member of a lossless model's one-round ensemble.
+LOSSLESS_MEMBER = "lossless"
+#: Host the party processes listen on (they all run on this machine).
+LOCALHOST = "127.0.0.1"
+#: Parameters-section keys that differ per party or only describe the network.
+NETWORK_PARAMS = frozenset(
+    {"machines", "local_listen_port", "num_machines", "time_out", "machine_list_filename"}
+)
+#: Attempts with fresh ports when a port found free was taken before LightGBM bound it.
+PORT_ATTEMPTS = 3
+
+
+class LosslessError(RuntimeError):
+    """A party process failed, or the parties disagree on the trained model."""
+
+
+class PortInUse(LosslessError):
+    """LightGBM could not bind a listen port (taken between probing and binding)."""
+
+
+@dataclass(frozen=True)
+class FusedSource:
+    """A party's fused table by reference: read inside that party's own process."""
+
+    party: str
+    fused: TableRef
+    schema: FeatureSchema
+    validation_fraction: float
+    test_fraction: float
+
+    def load(self) -> PartyData:
+        frame = read_table(self.fused)
+        split = split_assignments(
+            frame[ENTITY_HASH],
+            validation_fraction=self.validation_fraction,
+            test_fraction=self.test_fraction,
+        ).to_numpy()
+        return split_party_data(self.party, design_matrix(frame, self.schema), labels(frame), split)
+
+
+#: One party's rows in memory, or a reference its process reads.
+PartySource = PartyData | FusedSource
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What one party process needs (pickled to it)."""
+
+    source: PartySource
+    params: dict[str, Any]
+    objective: Objective
+    num_class: int
+    trees_per_round: int
+    feature_names: list[str]
+    categorical: list[str]
+
+
+class PartyResult(BaseModel):
+    """What a party process reports: the model and metrics of its own rows per round."""
+
+    party: str
+    model_text: str
+    n_train: int
+    n_valid: int
+    n_test: int
+    valid: list[dict[str, float]] = Field(description="Metrics after each round, round 1 first")
+    test: list[dict[str, float]]
+
+
+class LosslessResult(BaseModel):
+    """The trained model (cut at the best round) and the per-round aggregated metrics."""
+
+    model_text: str = Field(
+        description="LightGBM text of the trees after F_0 up to best_round ('' if it is 0)"
+    )
+    base_score: list[float]
+    rounds_run: int = Field(description="Rounds up to the early-stopping decision")
+    best_round: int
+    best_loss: float | None
+    stop_reason: StopReason
+    trees_per_round: int
+    valid: list[dict[str, float]] = Field(description="Aggregated validation metrics per round")
+    test: list[dict[str, float]] = Field(description="Aggregated test metrics per round")
+    party_valid: dict[str, list[dict[str, float]]]
+    n_train: dict[str, int]
+    model_sha256: dict[str, str] = Field(
+        description="Hash of each party's full trained model text (all equal, checked)"
+    )
+    ports: list[int]
+
+    @property
+    def best_test(self) -> dict[str, float]:
+        return self.test[self.best_round - 1] if self.best_round else {}
+
+    def ensemble(
+        self,
+        *,
+        objective: Objective,
+        num_class: int,
+        feature_names: Sequence[str],
+        categorical: Sequence[str],
+    ) -> GlobalEnsemble:
+        """The model as a one-round ensemble (F_0 plus one member of weight 1), which the
+        manifest, ``export_model``, scoring and ``fedfuse export`` / ``predict`` take as is."""
+        if not self.best_round:  # no round improved on the base score
+            rounds: list[list[MemberTuple]] = []
+            metrics: list[dict[str, float]] = []
+        else:
+            rounds = [[(LOSSLESS_MEMBER, 1.0, self.model_text)]]
+            metrics = [self.valid[self.best_round - 1]]
+        return GlobalEnsemble(
+            objective=objective,
+            num_class=num_class,
+            base_score=self.base_score,
+            feature_names=list(feature_names),
+            categorical=list(categorical),
+            rounds=rounds,
+            metrics=metrics,
+            best_round=len(rounds),
+            trees_per_round=max(self.best_round * self.trees_per_round, 1),
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Pure helpers
+# --------------------------------------------------------------------------------------
+
+
+def network_params(
+    params: dict[str, Any], ports: Sequence[int], rank: int, *, timeout_minutes: int
+) -> dict[str, Any]:
+    """``params`` plus the data-parallel network settings of the party at ``rank``."""
+    out = dict(params)
+    out.update(
+        {
+            "tree_learner": "data",
+            "num_machines": len(ports),
+            "machines": ",".join(f"{LOCALHOST}:{p}" for p in ports),
+            "local_listen_port": ports[rank],
+            "pre_partition": True,
+            "num_threads": 1,
+            "time_out": timeout_minutes,
+        }
+    )
+    return out
+
+
+def without_network_params(model_text: str) -> str:
+    """The model text without the per-party network lines of its parameters section."""
+    lines = model_text.split("\n")
+    keep = []
+    inside = False
+    for line in lines:
+        if line == "parameters:":
+            inside = True
+        elif line == "end of parameters":
+            inside = False
+        elif inside and line.startswith("[") and line[1:].split(":", 1)[0] in NETWORK_PARAMS:
+            continue
+        keep.append(line)
+    return "\n".join(keep)
+
+
+def round_budget(spec: TrainingSpec, num_class: int) -> tuple[int, StopReason]:
+    """Rounds to train: ``spec.rounds``, fewer if ``spec.max_trees`` caps the trees."""
+    return rounds_in_budget(spec.rounds, spec.trees_per_round * num_class, spec.max_trees)
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports the OS reports free (bound to port 0, then released)."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("", 0))
+            sockets.append(sock)
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+# --------------------------------------------------------------------------------------
+# The party process
+# --------------------------------------------------------------------------------------
+
+
+class _RoundSync:
+    """LightGBM callback: after every round, score the party's own validation and test rows,
+    report the validation metrics to the coordinator and wait for its go / stop decision.
+
+    Every party receives the same decision after the same iteration, so all machines leave
+    the network together (a machine stopping alone would hang the others' next collective).
+    """
+
+    def __init__(self, job: _Job, data: PartyData, base: Sequence[float], conn: Connection):
+        self.job, self.data, self.conn = job, data, conn
+        self.raw_valid = self._start(base, len(data.y_valid))
+        self.raw_test = self._start(base, len(data.y_test))
+        self.valid: list[dict[str, float]] = []
+        self.test: list[dict[str, float]] = []
+
+    def _start(self, base: Sequence[float], n: int) -> np.ndarray:
+        raw = np.tile(np.asarray(base, dtype=np.float64), (n, 1))
+        return raw.reshape(n) if self.job.num_class == 1 else raw
+
+    def _add(self, booster: lgb.Booster, X: np.ndarray, raw: np.ndarray, start: int) -> np.ndarray:
+        if not len(raw):
+            return raw
+        step = booster.predict(
+            X,
+            raw_score=True,
+            start_iteration=start,
+            num_iteration=self.job.trees_per_round,
+            num_threads=1,  # OpenMP threads spinning beside the other parties cost seconds
+        )
+        return raw + np.asarray(step, dtype=np.float64).reshape(raw.shape)
+
+    def __call__(self, env: lgb.callback.CallbackEnv) -> None:
+        done = env.iteration + 1
+        tpr = self.job.trees_per_round
+        if done % tpr:
+            return
+        d, k, model = self.data, self.job.num_class, env.model
+        if not isinstance(model, lgb.Booster):
+            raise TypeError("lossless training runs lgb.train, not lgb.cv")
+        self.raw_valid = self._add(model, d.X_valid, self.raw_valid, done - tpr)
+        self.raw_test = self._add(model, d.X_test, self.raw_test, done - tpr)
+        self.valid.append(evaluate(d.y_valid, self.raw_valid, self.job.objective, k))
+        self.test.append(evaluate(d.y_test, self.raw_test, self.job.objective, k))
+        self.conn.send(("round", d.party, self.valid[-1]))
+        if self.conn.recv() == "stop":
+            raise lgb.callback.EarlyStopException(env.iteration, [])
+
+
+def _train_party(
+    job: _Job, data: PartyData, base: Sequence[float], rounds: int, conn: Connection
+) -> PartyResult:
+    init = np.tile(np.asarray(base, dtype=np.float64), (len(data.y_train), 1))
+    dataset = lgb.Dataset(
+        data.X_train,
+        label=data.y_train,
+        init_score=init.reshape(-1) if job.num_class == 1 else init,
+        feature_name=job.feature_names,
+        categorical_feature=job.categorical,
+        free_raw_data=True,
+    )
+    sync = _RoundSync(job, data, base, conn)
+    booster = lgb.train(
+        job.params, dataset, num_boost_round=rounds * job.trees_per_round, callbacks=[sync]
+    )
+    text = without_network_params(str(booster.model_to_string(num_iteration=-1)))
+    return PartyResult(
+        party=data.party,
+        model_text=text,
+        n_train=len(data.y_train),
+        n_valid=len(data.y_valid),
+        n_test=len(data.y_test),
+        valid=sync.valid,
+        test=sync.test,
+    )
+
+
+class _LightGBMLog:
+    """LightGBM's C++ log in a party process: network chatter (binding, connecting, the
+    retries while the other parties start) is debug output; other warnings stay warnings."""
+
+    def info(self, message: str) -> None:
+        if message.strip():
+            logger.debug("LightGBM: %s", message.strip())
+
+    def warning(self, message: str) -> None:
+        text = message.strip()
+        if "waiting for" in text or "TCP_NODELAY" in text:
+            logger.debug("LightGBM: %s", text)
+        elif text:
+            logger.warning("LightGBM: %s", text)
+
+
+def _party_process(job: _Job, conn: Connection) -> None:
+    """Entry point of a party process: stats out, (base, rounds) in, result out."""
+    lgb.register_logger(_LightGBMLog())
+    try:
+        data = job.source.load() if isinstance(job.source, FusedSource) else job.source
+        stats = label_stats(data.y_train, job.objective, job.num_class)
+        conn.send(("stats", data.party, stats, len(data.y_valid)))
+        message = conn.recv()
+        if message[0] != "train":
+            return
+        _, base, rounds, params = message
+        job = replace(job, params=params)
+        conn.send(("result", _train_party(job, data, base, rounds, conn)))
+    except Exception as exc:  # reported to the coordinator, which raises
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------------------
+# Orchestration
+# --------------------------------------------------------------------------------------
+
+
+class _Parties:
+    """The running party processes and their pipes."""
+
+    def __init__(self, jobs: Sequence[_Job]) -> None:
+        ctx = mp.get_context("spawn")
+        self.conns: list[Connection] = []
+        self.procs: list[mp.process.BaseProcess] = []
+        for i, job in enumerate(jobs):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=_party_process, args=(job, child), name=f"lossless-party-{i}", daemon=True
+            )
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+
+    def gather(self, kind: str, timeout: float) -> list[Any]:
+        """One ``kind`` message from every party (in rank order); raises on any failure."""
+        out: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout
+        while len(out) < len(self.conns):
+            pending = [i for i in range(len(self.conns)) if i not in out]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LosslessError(f"no {kind} from parties {pending} within {timeout:.0f} s")
+            # a process that dies before taking its pipe end never closes it: watch both
+            ready = wait(
+                [self.conns[i] for i in pending] + [self.procs[i].sentinel for i in pending],
+                timeout=left,
+            )
+            for i in pending:
+                conn = self.conns[i]
+                if conn not in ready and self.procs[i].sentinel not in ready:
+                    continue
+                try:
+                    if not conn.poll():
+                        raise EOFError
+                    message = conn.recv()
+                except EOFError:
+                    code = self.procs[i].exitcode
+                    raise LosslessError(
+                        f"party process {i} exited (code {code}) without its {kind}"
+                    ) from None
+                if message[0] == "error":
+                    text = str(message[1])
+                    error = PortInUse if "binding port" in text.lower() else LosslessError
+                    raise error(f"party process {i}: {text}")
+                out[i] = message[1:] if len(message) > 2 else message[1]
+        return [out[i] for i in range(len(self.conns))]
+
+    def send(self, messages: Sequence[Any]) -> None:
+        for conn, message in zip(self.conns, messages, strict=True):
+            conn.send(message)
+
+    def close(self, *, failed: bool) -> None:
+        """Wait for the processes to exit (end them at once after a failure)."""
+        for proc in self.procs:
+            if failed and proc.is_alive():
+                proc.terminate()
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self.conns:
+            conn.close()
+
+
+@dataclass
+class _Run:
+    """What one attempt yields: base score, ports, per-round aggregates, party results."""
+
+    base: list[float]
+    ports: list[int]
+    valid: list[dict[str, float]]
+    stopper: EarlyStopping
+    stopped: bool
+    results: list[PartyResult]
+
+
+def _run_parties(
+    jobs: Sequence[_Job],
+    *,
+    objective: Objective,
+    num_class: int,
+    budget: int,
+    patience: int,
+    timeout_minutes: int,
+) -> _Run:
+    """Start the party processes, exchange stats and base score, run the rounds with
+    federated early stopping; one attempt."""
+    timeout = 60.0 * timeout_minutes
+    parties = _Parties(jobs)
+    failed = True
+    try:
+        stats: list[tuple[str, LabelStats, int]] = parties.gather("label stats", timeout)
+        empty = [p for p, s, _ in stats if s.n_train == 0]
+        if empty:
+            raise ValueError(f"parties {empty} hold no training rows; lossless mode needs rows")
+        n_valid = {p: n for p, _, n in stats}
+        base = base_score([s for _, s, _ in stats], objective, num_class)
+        ports = free_ports(len(jobs)) if len(jobs) > 1 else []
+        parties.send(
+            [
+                (
+                    "train",
+                    base,
+                    budget,
+                    network_params(job.params, ports, i, timeout_minutes=timeout_minutes)
+                    if ports
+                    else job.params,
+                )
+                for i, job in enumerate(jobs)
+            ]
+        )
+        stopper = EarlyStopping(patience=patience)
+        valid: list[dict[str, float]] = []
+        stopped = False
+        loss_name = LOSS_METRIC[objective]
+        for r in range(1, budget + 1):
+            reports: list[tuple[str, dict[str, float]]] = parties.gather(f"round {r}", timeout)
+            valid.append(aggregate_metrics({p: (n_valid[p], m) for p, m in reports}))
+            stopped = stopper.update(r, valid[-1].get(loss_name, math.nan))
+            parties.send(["stop" if stopped else "go"] * len(jobs))
+            if stopped:
+                break
+        results: list[PartyResult] = parties.gather("model", timeout)
+        failed = False
+    finally:
+        parties.close(failed=failed)
+    if stopper.best_round == 0 and not any(n_valid.values()):
+        stopper.best_round = len(valid)  # nothing to validate on: keep every round
+    return _Run(base, ports, valid, stopper, stopped, results)
+
+
+def train_lossless(
+    sources: Sequence[PartySource],
+    *,
+    spec: TrainingSpec,
+    objective: Objective,
+    num_class: int,
+    categorical: Sequence[str],
+    feature_names: Sequence[str],
+    timeout_minutes: int = 10,
+) -> LosslessResult:
+    """One LightGBM model over every party's rows, trained data-parallel (see the module doc).
+
+    ``sources`` holds one entry per party: its rows (:class:`tasks.horizontal.training.PartyData`) or
+    a :class:`FusedSource` its process reads. Same splits, params, base score, tree budget
+    and early stopping as :func:`tasks.horizontal.training.train_centralised`; the spec's ``seed``
+    seeds LightGBM. ``timeout_minutes`` is LightGBM's socket time-out and bounds the wait
+    for any one party message.
+    """
+    check_task(objective, num_class)
+    if not sources:
+        raise ValueError("no parties")
+    names = [s.party for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"party names repeat: {names}")
+    budget, reason = round_budget(spec, num_class)
+    if budget < 1:
+        raise ValueError(f"max_trees={spec.max_trees} leaves no room for one round")
+    params = lgb_params(spec, objective, num_class, seed=spec.seed)
+    jobs = [
+        _Job(
+            source=s,
+            params=params,
+            objective=objective,
+            num_class=num_class,
+            trees_per_round=spec.trees_per_round,
+            feature_names=list(feature_names),
+            categorical=list(categorical),
+        )
+        for s in sources
+    ]
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        try:
+            run = _run_parties(
+                jobs,
+                objective=objective,
+                num_class=num_class,
+                budget=budget,
+                patience=spec.patience,
+                timeout_minutes=timeout_minutes,
+            )
+            break
+        except PortInUse as exc:
+            if attempt == PORT_ATTEMPTS:
+                raise
+            logger.warning("attempt %d: %s; retrying with fresh ports", attempt, exc)
+    texts = {r.model_text for r in run.results}
+    if len(texts) != 1:
+        raise LosslessError(f"the parties hold {len(texts)} different models")
+    rounds_run = len(run.valid)
+    if any(len(r.test) != rounds_run for r in run.results):
+        raise LosslessError("the parties ran different numbers of rounds")
+    test = [
+        aggregate_metrics({r.party: (r.n_test, r.test[t]) for r in run.results})
+        for t in range(rounds_run)
+    ]
+    best = run.stopper.best_round
+    model_text = ""
+    if best:
+        booster = lgb.Booster(model_str=run.results[0].model_text)
+        model_text = without_network_params(
+            str(booster.model_to_string(num_iteration=best * spec.trees_per_round))
+        )
+    logger.info(
+        "lossless: %d parties, %d of %d rounds run, best round %d",
+        len(sources),
+        rounds_run,
+        budget,
+        best,
+    )
+    return LosslessResult(
+        model_text=model_text,
+        base_score=run.base,
+        rounds_run=rounds_run,
+        best_round=best,
+        best_loss=run.stopper.best_loss,
+        stop_reason="early_stopping" if run.stopped else reason,
+        trees_per_round=spec.trees_per_round,
+        valid=run.valid,
+        test=test,
+        party_valid={r.party: r.valid for r in run.results},
+        n_train={r.party: r.n_train for r in run.results},
+        model_sha256={r.party: text_sha256(r.model_text) for r in run.results},
+        ports=run.ports,
+    )

@@ -1,0 +1,317 @@
+"""Federated training steps: party-side (train, evaluate) and coordinator-side (aggregate).
+
+Party steps read the party's fused table and keep the party's running raw scores in the
+party's own store; only model texts (LightGBM text format), sample counts and aggregate
+metrics are written to the coordinator store.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import polars as pl
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage.files import ConfinementError, confined
+from storage.store import (
+    FileRef,
+    IntegrityError,
+    Store,
+    TableRef,
+    UnverifiedError,
+    read_table,
+    read_verified_text,
+)
+from tasks.caching import content_cache_key
+from tasks.horizontal.ensemble import MemberTuple, count_trees, round_increment
+from tasks.horizontal.rounds import (
+    MAX_UPDATE_BYTES,
+    Candidate,
+    ModelRules,
+    require_quorum,
+    review_updates,
+    weigh,
+)
+from tasks.horizontal.strategies import Strategy
+from tasks.horizontal.training import (
+    evaluate,
+    label_stats,
+    lgb_params,
+    party_seed,
+    split_assignments,
+    train_update,
+)
+from tasks.prepare.design import FeatureSchema, design_matrix, labels
+from tasks.spec.models import TrainingSpec
+from tasks.types import ENTITY_HASH, Objective
+
+logger = logging.getLogger(__name__)
+
+
+class TrainSetup(BaseModel):
+    """What one party needs for a training run (no data, only references)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    party: str
+    store: str
+    coordinator: str
+    run_key: str
+    fused: TableRef
+    schema_: FeatureSchema
+    objective: Objective
+    num_class: int
+    training: TrainingSpec
+
+
+class PartyStats(BaseModel):
+    party: str
+    n_train: int
+    n_valid: int
+    n_test: int
+    label_sum: float
+    label_sq_sum: float
+    class_counts: list[int] = Field(default_factory=list)
+
+
+def model_rules(setup: TrainSetup, span: float = 0.0) -> ModelRules:
+    """What every accepted update of this training run must look like."""
+    t = setup.training
+    return ModelRules.for_training(
+        feature_names=setup.schema_.names,
+        categorical=setup.schema_.categorical,
+        objective=setup.objective,
+        num_class=setup.num_class,
+        trees_per_round=t.trees_per_round,
+        learning_rate=t.learning_rate,
+        label_span=span if setup.objective == "regression" else 0.0,
+    )
+
+
+class PartyUpdate(BaseModel):
+    party: str
+    round: int
+    model: FileRef
+    n_train: int
+
+
+class Member(BaseModel):
+    party: str
+    weight: float
+    model: FileRef
+    trees: int = Field(default=0, ge=0, description="LightGBM trees in the update")
+
+
+class RoundAggregate(BaseModel):
+    round: int
+    members: list[Member]
+    dropped: dict[str, str] = Field(default_factory=dict)
+
+
+class PartyEval(BaseModel):
+    party: str
+    round: int
+    n_valid: int
+    n_test: int
+    valid: dict[str, float]
+    test: dict[str, float]
+    scores: TableRef
+    next: PartyUpdate | None = Field(
+        default=None,
+        description="The party's update for the next round, trained on these scores when the "
+        "evaluation asked for it (a dispatched party: one run per round instead of two)",
+    )
+
+
+def _party_data(setup: TrainSetup) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    fused = read_table(setup.fused)
+    split = split_assignments(
+        fused[ENTITY_HASH],
+        validation_fraction=setup.training.validation_fraction,
+        test_fraction=setup.training.test_fraction,
+    ).to_numpy()
+    return design_matrix(fused, setup.schema_), labels(fused), split
+
+
+def _scores_frame(raw: np.ndarray) -> pl.DataFrame:
+    matrix = raw.reshape(len(raw), -1)
+    return pl.DataFrame({f"raw_{k}": matrix[:, k] for k in range(matrix.shape[1])})
+
+
+def _scores_array(ref: TableRef) -> np.ndarray:
+    frame = read_table(ref)
+    values = frame.to_numpy().astype(np.float64)
+    return values[:, 0] if values.shape[1] == 1 else values
+
+
+def compute_stats(setup: TrainSetup) -> PartyStats:
+    _, y, split = _party_data(setup)
+    stats = label_stats(y[split == "train"], setup.objective, setup.num_class)
+    return PartyStats(
+        party=setup.party,
+        n_valid=int((split == "valid").sum()),
+        n_test=int((split == "test").sum()),
+        **stats.model_dump(),
+    )
+
+
+def initial_scores(setup: TrainSetup, base: list[float]) -> TableRef:
+    """The party's running raw scores before round 1: the base score on every row."""
+    fused = read_table(setup.fused, columns=[ENTITY_HASH])
+    raw = np.tile(np.asarray(base, dtype=np.float64), (fused.height, 1))
+    store = Store(setup.store)
+    return store.write_table(_scores_frame(raw), "models", f"{setup.run_key}-scores-r0000")
+
+
+def train_round(
+    setup: TrainSetup, round_: int, scores: TableRef, learning_rate: float
+) -> PartyUpdate:
+    """Fit ``trees_per_round`` trees on the party's train split from the running scores."""
+    x, y, split = _party_data(setup)
+    running = _scores_array(scores)
+    mask = split == "train"
+    params = lgb_params(
+        setup.training,
+        setup.objective,
+        setup.num_class,
+        seed=party_seed(setup.training.seed, setup.party, round_),
+        learning_rate=learning_rate,
+    )
+    text = train_update(
+        x[mask],
+        y[mask],
+        running[mask],
+        params,
+        setup.training.trees_per_round,
+        setup.schema_.categorical_index,
+        feature_names=setup.schema_.names,
+    )
+    ref = Store(setup.coordinator).write_text(
+        "models", f"{setup.run_key}-r{round_:04d}-{setup.party}.txt", text
+    )
+    return PartyUpdate(party=setup.party, round=round_, model=ref, n_train=int(mask.sum()))
+
+
+def read_update(update: PartyUpdate, folder: str | None = None) -> Candidate:
+    """A party's update as the coordinator receives it: its text verified against the sha256
+    the party reported, or why it cannot be read (outside ``folder``, missing, oversized,
+    altered, binary)."""
+    try:  # '..' and symlinks resolved: the reference must lead into the folder
+        if folder is not None:
+            confined(update.model.uri, [folder])
+    except ConfinementError:
+        return Candidate(
+            party=update.party,
+            round=update.round,
+            n_train=update.n_train,
+            problem="update is not in the coordinator store's models folder",
+        )
+    try:
+        text = read_verified_text(update.model, max_bytes=MAX_UPDATE_BYTES)
+    except UnverifiedError as exc:
+        return Candidate(
+            party=update.party, round=update.round, n_train=update.n_train, problem=str(exc)
+        )
+    return Candidate(party=update.party, round=update.round, n_train=update.n_train, text=text)
+
+
+def aggregate(
+    updates: list[PartyUpdate],
+    *,
+    round_: int,
+    rules: ModelRules,
+    strategy: Strategy,
+    min_parties: int,
+    planned: list[str] | None = None,
+    failed: dict[str, str] | None = None,
+    folder: str | None = None,
+) -> RoundAggregate:
+    """Check every update (read only from ``folder`` when given), leave out the bad ones
+    with a reason and weight the rest (the round rules of :mod:`tasks.horizontal.rounds`)."""
+    review = review_updates(
+        [read_update(u, folder) for u in updates],
+        round_=round_,
+        rules=rules,
+        planned=planned,
+        failed=failed,
+    )
+    for party, reason in review.rejected.items():
+        if party not in (failed or {}):
+            logger.warning("round %d: update of party %s left out: %s", round_, party, reason)
+    require_quorum(review, round_=round_, min_parties=min_parties)
+    weights = weigh(review, strategy)
+    by_party = {u.party: u for u in updates}
+    members = [
+        Member(
+            party=c.party,
+            weight=weights[c.party],
+            model=by_party[c.party].model,
+            trees=count_trees(c.text or ""),
+        )
+        for c in review.accepted
+    ]
+    return RoundAggregate(round=round_, members=members, dropped=review.rejected)
+
+
+def members(aggregate_: RoundAggregate) -> list[MemberTuple]:
+    """The round's accepted updates as (party, weight, model text): the broadcast. Every
+    text is verified against the sha256 the round recorded (a file swapped after the round,
+    e.g. before a resume, is refused, never loaded)."""
+    out: list[MemberTuple] = []
+    for m in aggregate_.members:
+        try:
+            text = read_verified_text(m.model, max_bytes=MAX_UPDATE_BYTES)
+        except UnverifiedError as exc:
+            raise IntegrityError(
+                f"round {aggregate_.round}: accepted update of party {m.party}: {exc}"
+            ) from None
+        out.append((m.party, m.weight, text))
+    return out
+
+
+def evaluate_round(
+    setup: TrainSetup, aggregates: list[RoundAggregate], scores: TableRef
+) -> PartyEval:
+    """Apply the rounds (one, or several for a party catching up) to the party's running
+    scores; metrics of the resulting ensemble on the valid and test splits."""
+    if not aggregates:
+        raise ValueError("no round to apply")
+    x, y, split = _party_data(setup)
+    running = _scores_array(scores)
+    for aggregate_ in aggregates:
+        running = running + round_increment(members(aggregate_), x, setup.num_class)
+    last = aggregates[-1].round
+    store = Store(setup.store)
+    ref = store.write_table(_scores_frame(running), "models", f"{setup.run_key}-scores-r{last:04d}")
+    out: dict[str, Any] = {}
+    for part in ("valid", "test"):
+        mask = split == part
+        out[part] = (
+            evaluate(y[mask], running[mask], setup.objective, setup.num_class) if mask.any() else {}
+        )
+    return PartyEval(
+        party=setup.party,
+        round=last,
+        n_valid=int((split == "valid").sum()),
+        n_test=int((split == "test").sum()),
+        valid=out["valid"],
+        test=out["test"],
+        scores=ref,
+    )
+
+
+party_stats = task(name="compute-party-stats", cache_key_fn=content_cache_key, persist_result=True)(
+    compute_stats
+)
+start_scores = task(name="start-scores", cache_key_fn=content_cache_key, persist_result=True)(
+    initial_scores
+)
+train_party = task(name="train-party", cache_key_fn=content_cache_key, persist_result=True)(
+    train_round
+)
+evaluate_party = task(name="evaluate-party", cache_key_fn=content_cache_key, persist_result=True)(
+    evaluate_round
+)

@@ -1,0 +1,344 @@
+"""Features for IoT / usage event logs (one row per device reading or usage event).
+
+Per entity, for every window of ``w`` days ending at the end of the ``as_of`` day (suffix
+``{w}d``) and for the whole history (suffix ``all``):
+
+* ``n_events``, ``active_days`` (distinct UTC dates with events), ``error_rate`` (when the
+  source has an ``error`` flag: mean of the non-null flags) and ``longest_gap_days`` (longest
+  time between consecutive events in the window, counting the time from the last event to
+  the window end; the time from the window start to its first event does not count);
+* per measure ``m``: ``{m}_mean``, ``{m}_std`` (sample, ddof 1), ``{m}_min``, ``{m}_max``,
+  ``{m}_missing_rate`` (share of the window's events with a null reading) and ``{m}_slope``
+  (least-squares slope of the reading per day against time; null with fewer than two
+  readings or when they all share one timestamp);
+
+and over the whole history ``{m}_last`` (latest non-null reading), ``days_since_last_event``
+and ``n_devices``. An entity with no event in a window gets 0 counts and null statistics
+there (``longest_gap_days`` too). Events at or after the window end are ignored; the wall
+clock is never read. Timestamp ties keep the input order (for ``{m}_last``).
+
+How it stays fast -- one lazy query, collected once:
+
+1. Sort by (64-bit hash of the entity, timestamp, input position). A hash sorts several
+   times faster than strings; the position makes the order total, hence deterministic.
+   Each entity is now one contiguous *run*.
+2. Cut each run into *buckets* at the window starts: windows are nested suffixes of the
+   history, and bucket ``j`` holds the events inside exactly the ``j`` longest windows
+   (:func:`_bucket`). Bucket keys ascend along the sorted rows, so the group_by over them
+   takes polars' fast path over contiguous slices, and every row feeds one group only: no
+   per-window masks over the big table.
+3. Keep additive sufficient statistics per bucket (counts, sums, cross products, min, max,
+   variance, the gap entering the bucket), put an entity's buckets side by side (one join
+   per bucket) and fold them into windows with horizontal expressions. Variances merge
+   exactly (Chan et al.), not through sums of squares, so they do not cancel.
+
+If two entities' hashes collide *and* their events interleave in time, that entity shows up
+twice in the result; this is detected and the query reruns ordered by the entity strings
+(exact, slower). A collision without interleaving does no harm.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import polars as pl
+
+from tasks.prepare.modalities.table import DAY_US, window_end
+from tasks.types import DEVICE, ERROR, TIMESTAMP
+
+logger = logging.getLogger(__name__)
+
+Engine = Literal["in-memory", "streaming"]
+
+#: Suffix of the whole-history features.
+ALL = "all"
+
+STATS = ("mean", "std", "min", "max", "missing_rate", "slope")
+
+#: Largest magnitude of a reading (after unit conversion) the statistics take: sums, variances
+#: and the slope's cross products of readings up to 1e15 stay far inside float64 (1e308) for
+#: any realistic number of events, so every feature is finite. Preprocessing quarantines a
+#: reading beyond it (``column 'wh' (usage_kwh): out of range (|value| > 1e+15)``).
+MAX_ABS_READING = 1e15
+
+# helper columns of the ordered event table
+_HASH = "__hash"
+_POS = "__pos"
+_FIRST = "__first"
+_RUN = "__run"
+_PREV = "__prev"
+_BUCKET = "__bucket"
+_PREV_BUCKET = "__prev_bucket"
+_GROUP = "__group"
+_X = "__x"
+_GAP = "__gap"
+_NEW_DAY = "__new_day"
+
+
+def event_feature_names(
+    measures: Sequence[str], windows: Sequence[int], *, error: bool
+) -> list[str]:
+    """Columns of :func:`events_features` after the entity key, in order."""
+    names: list[str] = []
+    for suffix in [*(f"{w}d" for w in sorted(set(windows))), ALL]:
+        names += [f"n_events_{suffix}", f"active_days_{suffix}"]
+        if error:
+            names.append(f"error_rate_{suffix}")
+        names.append(f"longest_gap_days_{suffix}")
+        names += [f"{m}_{stat}_{suffix}" for m in measures for stat in STATS]
+    names += [f"{m}_last" for m in measures]
+    names += ["days_since_last_event", "n_devices"]
+    return names
+
+
+def _days(delta: pl.Expr) -> pl.Expr:
+    """A duration expression as float days."""
+    return delta.dt.total_microseconds().cast(pl.Float64) / DAY_US
+
+
+def _entity_order(entity: str) -> pl.Expr:
+    """Sort key that makes each entity's rows contiguous (cheap to sort, unlike strings)."""
+    return pl.col(entity).hash()
+
+
+def _bucket(expr: pl.Expr, starts: Sequence[dt.datetime]) -> pl.Expr:
+    """How many window starts (ascending) lie at or before ``expr``.
+
+    Bucket ``j`` lies inside exactly the ``j`` longest windows: bucket 0 is older than every
+    window, so window ``k`` (1-based, longest first) holds buckets ``k..K`` and the whole
+    history ``0..K``.
+    """
+    inside = [(expr >= pl.lit(start)).cast(pl.UInt8) for start in starts]
+    return pl.sum_horizontal(inside).cast(pl.UInt8) if inside else pl.lit(0, pl.UInt8)
+
+
+def _ordered_events(
+    lf: pl.LazyFrame,
+    *,
+    entity: str,
+    end: dt.datetime,
+    starts: Sequence[dt.datetime],
+    exact: bool,
+) -> pl.LazyFrame:
+    """Events before ``end`` in (entity, time) runs, with the per-row helper columns."""
+    ts = pl.col(TIMESTAMP)
+    key = pl.col(entity)
+    first = pl.col(_FIRST)
+    prev = pl.col(_PREV)
+    bucket = _bucket(ts, starts)
+    return (
+        lf.filter(ts < pl.lit(end))
+        .with_row_index(_POS)
+        .with_columns(_entity_order(entity).alias(_HASH))
+        .sort([entity if exact else _HASH, TIMESTAMP, _POS])
+        .with_columns((key != key.shift(1)).fill_null(True).alias(_FIRST))
+        .with_columns(
+            first.cum_sum().cast(pl.UInt64).alias(_RUN),
+            pl.when(~first).then(ts.shift(1)).alias(_PREV),
+        )
+        .with_columns(
+            # ascends along the sorted rows: the group_by takes its sorted fast path
+            (pl.col(_RUN) * (len(starts) + 1) + bucket).set_sorted().alias(_GROUP),
+            bucket.alias(_BUCKET),
+            pl.when(prev.is_not_null()).then(_bucket(prev, starts)).alias(_PREV_BUCKET),
+            _days(ts - pl.lit(end)).alias(_X),
+            _days(ts - prev).alias(_GAP),
+            (prev.is_null() | (ts.dt.date() != prev.dt.date())).alias(_NEW_DAY),
+        )
+    )
+
+
+def _bucket_stats(measures: Sequence[str], *, error: bool) -> list[pl.Expr]:
+    """Sufficient statistics of one entity's bucket: plain reductions over a slice."""
+    x = pl.col(_X)
+    aggs: list[pl.Expr] = [
+        pl.col(_RUN).first(),
+        pl.col(_BUCKET).first(),
+        pl.len().cast(pl.Int64).alias("n"),
+        pl.col(_NEW_DAY).sum().cast(pl.Int64).alias("days"),
+        # gaps between two events of the bucket, and the gap into its first event, which
+        # comes from an older bucket (or is null: the entity's first event)
+        pl.when(pl.col(_PREV_BUCKET) == pl.col(_BUCKET)).then(pl.col(_GAP)).max().alias("gap"),
+        pl.col(_GAP).first().alias("gap_in"),
+        pl.col(_PREV_BUCKET).first().alias("gap_from"),
+        x.last().alias("x_last"),
+    ]
+    if error:
+        aggs += [
+            pl.col(ERROR).cast(pl.Int64).sum().alias("err"),
+            pl.col(ERROR).count().cast(pl.Int64).alias("err_n"),
+        ]
+    for m in measures:
+        y = pl.col(m)
+        xv = pl.when(y.is_not_null()).then(x)  # time of the present readings only
+        aggs += [
+            y.count().cast(pl.Int64).alias(f"{m}.n"),
+            y.sum().alias(f"{m}.sy"),
+            y.var().alias(f"{m}.var"),
+            y.min().alias(f"{m}.min"),
+            y.max().alias(f"{m}.max"),
+            y.last(ignore_nulls=True).alias(f"{m}.last"),
+            xv.sum().alias(f"{m}.sx"),
+            (xv * xv).sum().alias(f"{m}.sxx"),
+            (x * y).sum().alias(f"{m}.sxy"),
+            xv.min().alias(f"{m}.xmin"),
+            xv.max().alias(f"{m}.xmax"),
+        ]
+    return aggs
+
+
+def _window_features(
+    k: int, n_buckets: int, suffix: str, measures: Sequence[str], *, error: bool
+) -> tuple[list[pl.Expr], list[pl.Expr]]:
+    """Fold buckets ``k..n_buckets-1`` (side by side, ``{stat}@{j}``) into window ``suffix``.
+
+    Returns the window's totals (added first) and the features computed from them.
+    """
+    js = range(k, n_buckets)
+
+    def each(stat: str) -> list[pl.Expr]:
+        return [pl.col(f"{stat}@{j}") for j in js]
+
+    def total(stat: str) -> pl.Expr:
+        return pl.sum_horizontal(each(stat))  # absent buckets are null: they add nothing
+
+    n = f"n_events_{suffix}"
+    gaps = [
+        *each("gap"),
+        *(pl.when(pl.col(f"gap_from@{j}") >= k).then(pl.col(f"gap_in@{j}")) for j in js),
+    ]
+    totals: list[pl.Expr] = [total("n").alias(n), pl.max_horizontal(gaps).alias(f"__gap_{suffix}")]
+    has_events = pl.col(n) > 0
+    features: list[pl.Expr] = [
+        pl.col(n),
+        total("days").alias(f"active_days_{suffix}"),
+        pl.when(has_events)
+        .then(pl.max_horizontal(f"__gap_{suffix}", "days_since_last_event"))
+        .alias(f"longest_gap_days_{suffix}"),
+    ]
+    if error:
+        err_n = total("err_n")
+        features.append(pl.when(err_n > 0).then(total("err") / err_n).alias(f"error_rate_{suffix}"))
+    for m in measures:
+        p = f"__{m}_{suffix}"
+        cnt, sy, mean = pl.col(f"{p}_n"), pl.col(f"{p}_sy"), pl.col(f"{p}_mean")
+        totals += [
+            *(
+                total(f"{m}.{stat}").alias(f"{p}_{stat}")
+                for stat in ("n", "sy", "sx", "sxx", "sxy")
+            ),
+            (total(f"{m}.sy") / total(f"{m}.n")).alias(f"{p}_mean"),
+        ]
+        # Chan et al.: squared deviations of the window = each bucket's own plus its count
+        # times the squared distance between its mean and the window's
+        m2 = pl.sum_horizontal(
+            pl.when(pl.col(f"{m}.n@{j}") > 0).then(
+                pl.col(f"{m}.var@{j}").fill_null(0.0) * (pl.col(f"{m}.n@{j}") - 1)
+                + pl.col(f"{m}.n@{j}") * (pl.col(f"{m}.sy@{j}") / pl.col(f"{m}.n@{j}") - mean) ** 2
+            )
+            for j in js
+        )
+        sx = pl.col(f"{p}_sx")
+        slope = (cnt * pl.col(f"{p}_sxy") - sx * sy) / (cnt * pl.col(f"{p}_sxx") - sx * sx)
+        spread = pl.max_horizontal(each(f"{m}.xmax")) > pl.min_horizontal(each(f"{m}.xmin"))
+        features += [
+            pl.when(cnt > 0).then(mean).alias(f"{m}_mean_{suffix}"),
+            pl.when(cnt > 1).then((m2 / (cnt - 1)).sqrt()).alias(f"{m}_std_{suffix}"),
+            pl.min_horizontal(each(f"{m}.min")).alias(f"{m}_min_{suffix}"),
+            pl.max_horizontal(each(f"{m}.max")).alias(f"{m}_max_{suffix}"),
+            pl.when(has_events)
+            .then((pl.col(n) - cnt) / pl.col(n))
+            .alias(f"{m}_missing_rate_{suffix}"),
+            pl.when((cnt > 1) & spread).then(slope).alias(f"{m}_slope_{suffix}"),
+        ]
+    return totals, features
+
+
+def _features_query(
+    lf: pl.LazyFrame,
+    *,
+    entity: str,
+    measures: Sequence[str],
+    end: dt.datetime,
+    windows: Sequence[int],
+    error: bool,
+    exact: bool,
+) -> pl.LazyFrame:
+    by_length = sorted(windows, reverse=True)
+    starts = [end - dt.timedelta(days=w) for w in by_length]  # ascending
+    n_buckets = len(starts) + 1
+    # sorted once, read twice (the optimizer would otherwise sort once per projection)
+    events = _ordered_events(lf, entity=entity, end=end, starts=starts, exact=exact).cache()
+    buckets = events.group_by(_GROUP).agg(_bucket_stats(measures, error=error))
+    side_by_side = events.group_by(_RUN).agg(
+        pl.col(entity).first(), pl.col(DEVICE).n_unique().cast(pl.Int64).alias("n_devices")
+    )
+    for j in range(n_buckets):
+        part = buckets.filter(pl.col(_BUCKET) == j).drop(_GROUP, _BUCKET)
+        side_by_side = side_by_side.join(
+            part.rename({c: f"{c}@{j}" for c in part.collect_schema().names() if c != _RUN}),
+            on=_RUN,
+            how="left",
+            validate="1:1",
+        )
+    newest_first = range(n_buckets - 1, -1, -1)
+    overall = [
+        (-pl.coalesce(pl.col(f"x_last@{j}") for j in newest_first)).alias("days_since_last_event"),
+        *(
+            pl.coalesce(pl.col(f"{m}.last@{j}") for j in newest_first).alias(f"{m}_last")
+            for m in measures
+        ),
+    ]
+    totals: list[pl.Expr] = []
+    features: list[pl.Expr] = []
+    for k, suffix in [(0, ALL), *((i + 1, f"{w}d") for i, w in enumerate(by_length))]:
+        more_totals, more_features = _window_features(k, n_buckets, suffix, measures, error=error)
+        totals += more_totals
+        features += more_features
+    names = event_feature_names(measures, windows, error=error)
+    return (
+        side_by_side.with_columns(*overall, *totals)
+        .with_columns(features)
+        .select(entity, *names)
+        .sort(entity)
+    )
+
+
+def events_features(
+    clean: pl.LazyFrame | pl.DataFrame,
+    *,
+    entity: str,
+    measures: Sequence[str],
+    as_of: dt.date,
+    windows: Sequence[int],
+    engine: Engine = "in-memory",
+) -> pl.DataFrame:
+    """Windowed activity, reliability and measure statistics per entity, sorted by entity.
+
+    ``clean`` holds ``entity``, ``device_id``, ``timestamp`` (UTC), the ``measures`` (float,
+    null = missing reading) and optionally ``error`` (bool). ``windows`` are day counts.
+    ``engine`` is the polars engine that runs the query (figures in benchmarks/README.md).
+    """
+    ws = sorted(set(windows))
+    if any(w <= 0 for w in ws):
+        raise ValueError(f"windows must be positive day counts, got {list(windows)}")
+    measures = list(measures)
+    lf = clean.lazy()
+    error = ERROR in lf.collect_schema().names()
+    columns = [entity, DEVICE, TIMESTAMP, *measures] + ([ERROR] if error else [])
+    lf = lf.select(columns).with_columns(pl.col(measures).cast(pl.Float64))
+    end = window_end(as_of)
+
+    def query(*, exact: bool) -> pl.LazyFrame:
+        return _features_query(
+            lf, entity=entity, measures=measures, end=end, windows=ws, error=error, exact=exact
+        )
+
+    out = query(exact=False).collect(engine=engine)
+    if out.get_column(entity).is_duplicated().any():
+        logger.warning("entity hash collision with interleaved events: recomputing exactly")
+        out = query(exact=True).collect(engine=engine)
+    return out

@@ -1,0 +1,568 @@
+"""Preprocessing: coerce a raw source through its column mapping into the canonical clean table.
+
+Pure polars. Rows that fail validation are never dropped silently: they come back in the
+``rejected`` frame with their data row number and a reason; exact duplicates are removed and
+also listed there. The label column (in the source that maps it) is checked per row against
+the consortium's task: a missing, NaN or infinite label, or one outside the task's classes, is
+quarantined the same way, with a reason naming the column but never the cell's value. Problems
+that make the whole source unusable (a mapped column missing, an ambiguous device map) raise
+:class:`PreprocessError` naming file and column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import polars as pl
+from pydantic import BaseModel, Field
+
+from storage.sources import INVALID_UTF8, ROW
+from tasks.prepare.modalities.events import MAX_ABS_READING
+from tasks.prepare.modalities.table import MAX_ABS_AMOUNT
+from tasks.prepare.units import to_canonical
+from tasks.spec.models import ColumnSpec, EntityMapSpec, SourceSpec
+from tasks.types import AMOUNT, DEVICE, ERROR, REASON, TIMESTAMP, KeyNormalisation, Objective
+
+#: Control (Cc: C0, DEL, C1, NUL) and format (Cf: zero-width space/joiners, U+FEFF, bidi
+#: controls, soft hyphen) characters: refused inside an entity key (invisible look-alikes).
+KEY_CONTROL = r"[\p{Cc}\p{Cf}]"
+_TRUE = ("true", "1", "yes", "y", "t")
+_FALSE = ("false", "0", "no", "n", "f")
+_ISO_FORMATS_TZ = ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z")
+_ISO_FORMATS_NAIVE = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d")
+
+
+class PreprocessError(ValueError):
+    """The source cannot be preprocessed at all; the message names file and column."""
+
+
+class QualityReport(BaseModel):
+    party: str
+    source: str
+    file: str
+    rows_in: int
+    rows_out: int
+    rows_rejected: int
+    rejected_by_reason: dict[str, int] = Field(default_factory=dict)
+    duplicates_removed: int = 0
+    null_rates: dict[str, float] = Field(default_factory=dict)
+    unknown_categories: dict[str, int] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """What every label cell must hold for the consortium's task (checked per row)."""
+
+    column: str  # canonical name
+    task: Objective
+    num_classes: int | None = None  # multiclass
+
+
+@dataclass
+class Preprocessed:
+    clean: pl.DataFrame
+    rejected: pl.DataFrame
+    quality: QualityReport
+
+
+def _raw_name(canonical: str, column: ColumnSpec) -> str:
+    return column.source or canonical
+
+
+def _check_columns(frame: pl.DataFrame, columns: Mapping[str, ColumnSpec], file: str) -> None:
+    available = [c for c in frame.columns if c not in (ROW, INVALID_UTF8)]
+    for canonical, column in columns.items():
+        raw = _raw_name(canonical, column)
+        if raw not in frame.columns:
+            found = [_raw_name(c, s) for c, s in columns.items() if _raw_name(c, s) in available]
+            raise PreprocessError(  # the file's own header is not shown: it may be data
+                f"{file}: column {raw!r} (mapped to {canonical!r}) is missing; "
+                f"the file has {len(available)} column(s), of which {len(found)} in the "
+                f"mapping: {found}"
+            )
+
+
+def normalise_key(expr: pl.Expr, mode: KeyNormalisation) -> pl.Expr:
+    """``strip``: surrounding whitespace removed; ``strip_lower``: NFKC-normalised first (a
+    full-width ``ｃ0001`` is ``c0001``), then stripped and lower-cased (idempotent). NFKC does
+    not fold scripts: Cyrillic ``с`` and Latin ``c`` stay two keys."""
+    out = expr.cast(pl.String)
+    if mode == "strip_lower":
+        out = out.str.normalize("NFKC")
+    if mode in ("strip", "strip_lower"):
+        out = out.str.strip_chars()
+    if mode == "strip_lower":
+        out = out.str.to_lowercase()
+    return pl.when(out == "").then(None).otherwise(out)
+
+
+def _string(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    out = expr if dtype == pl.String else expr.cast(pl.String)
+    stripped = out.str.strip_chars()
+    return pl.when(stripped == "").then(None).otherwise(stripped)
+
+
+def _to_datetime(expr: pl.Expr, dtype: pl.DataType, column: ColumnSpec) -> pl.Expr:
+    zone = column.tz or "UTC"
+    if isinstance(dtype, pl.Datetime):
+        if dtype.time_zone is None:
+            return (
+                expr.cast(pl.Datetime("us"))
+                .dt.replace_time_zone(zone, ambiguous="earliest", non_existent="null")
+                .dt.convert_time_zone("UTC")
+            )
+        return expr.cast(pl.Datetime("us", dtype.time_zone)).dt.convert_time_zone("UTC")
+    if isinstance(dtype, pl.Date):
+        return _to_datetime(expr.cast(pl.Datetime("us")), pl.Datetime("us"), column)
+    text = _string(expr, dtype)
+    if column.format is not None:
+        aware = "%z" in column.format or "%Z" in column.format
+        parsed = text.str.to_datetime(column.format, strict=False, time_unit="us", exact=True)
+        if aware:
+            return parsed.dt.convert_time_zone("UTC")
+        return parsed.dt.replace_time_zone(
+            zone, ambiguous="earliest", non_existent="null"
+        ).dt.convert_time_zone("UTC")
+    attempts = [
+        text.str.to_datetime(f, strict=False, time_unit="us", time_zone="UTC")
+        for f in _ISO_FORMATS_TZ
+    ] + [
+        text.str.to_datetime(f, strict=False, time_unit="us")
+        .dt.replace_time_zone(zone, ambiguous="earliest", non_existent="null")
+        .dt.convert_time_zone("UTC")
+        for f in _ISO_FORMATS_NAIVE
+    ]
+    return pl.coalesce(attempts)
+
+
+def _to_date(expr: pl.Expr, dtype: pl.DataType, column: ColumnSpec) -> pl.Expr:
+    if isinstance(dtype, pl.Date):
+        return expr
+    if isinstance(dtype, pl.Datetime):
+        return expr.dt.date()
+    return _string(expr, dtype).str.to_date(column.format or "%Y-%m-%d", strict=False)
+
+
+def _to_bool(expr: pl.Expr, dtype: pl.DataType, column: ColumnSpec) -> pl.Expr:
+    if dtype == pl.Boolean and not column.values:
+        return expr
+    text = _string(expr, dtype)
+    if column.values:
+        text = text.replace(column.values)
+    lowered = text.str.to_lowercase()
+    return (
+        pl.when(lowered.is_in(_TRUE))
+        .then(True)
+        .when(lowered.is_in(_FALSE))
+        .then(False)
+        .otherwise(None)
+    )
+
+
+def coerce(expr: pl.Expr, dtype: pl.DataType, column: ColumnSpec) -> pl.Expr:
+    """The expression turning one raw column into its canonical dtype (null where it fails)."""
+    match column.dtype:
+        case "str":
+            out = _string(expr, dtype)
+            return out.replace(column.values) if column.values else out
+        case "category":
+            out = _string(expr, dtype)
+            return out.replace(column.values) if column.values else out
+        case "int":
+            if dtype.is_integer():
+                return to_canonical(expr, column.unit) if column.unit else expr.cast(pl.Int64)
+            num = (
+                _string(expr, dtype).cast(pl.Float64, strict=False)
+                if dtype == pl.String
+                else expr.cast(pl.Float64, strict=False)
+            )
+            whole = pl.when(num.is_finite() & (num == num.round(0))).then(num).otherwise(None)
+            return (
+                to_canonical(whole, column.unit)
+                if column.unit
+                else whole.cast(pl.Int64, strict=False)
+            )
+        case "float":
+            num = (
+                _string(expr, dtype).cast(pl.Float64, strict=False)
+                if dtype == pl.String
+                else expr.cast(pl.Float64, strict=False)
+            )
+            num = pl.when(num.is_finite()).then(num).otherwise(None)
+            return to_canonical(num, column.unit)
+        case "bool":
+            return _to_bool(expr, dtype, column)
+        case "datetime":
+            return _to_datetime(expr, dtype, column)
+        case "date":
+            return _to_date(expr, dtype, column)
+    raise AssertionError(column.dtype)  # pragma: no cover
+
+
+def _present(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    """Whether the raw cell holds a value (empty strings count as missing)."""
+    if dtype == pl.String:
+        return expr.is_not_null() & (expr.str.strip_chars() != "")
+    return expr.is_not_null()
+
+
+def _number(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    """The raw cell read as a number (null where it is not one): tells NaN and inf apart."""
+    if dtype == pl.String:
+        return _string(expr, dtype).cast(pl.Float64, strict=False)
+    if dtype.is_numeric() or dtype == pl.Boolean:
+        return expr.cast(pl.Float64, strict=False)
+    return pl.lit(None, pl.Float64)
+
+
+def _label_fits(value: pl.Expr, rule: LabelRule) -> tuple[pl.Expr, str]:
+    """Whether a numeric label is a target of the task, and the reason text when it is not."""
+    match rule.task:
+        case "binary":
+            return value.is_in([0.0, 1.0]), "not 0 or 1 for a binary task"
+        case "multiclass":
+            fits = (value == value.round(0)) & (value >= 0)
+            if rule.num_classes is None:
+                return fits, "not a non-negative integer for a multiclass task"
+            return (
+                fits & (value < rule.num_classes),
+                f"not an integer 0..{rule.num_classes - 1} for a multiclass task",
+            )
+        case "regression":
+            return value.is_finite(), "not a finite number for a regression task"
+    raise AssertionError(rule.task)  # pragma: no cover
+
+
+def _label_reason(
+    src: pl.Expr,
+    dtype: pl.DataType,
+    out: pl.Expr,
+    *,
+    name: str,
+    column: ColumnSpec,
+    rule: LabelRule,
+    vocabulary: list[str] | None,
+) -> pl.Expr:
+    """Why a label cell cannot be a target of the task (null when it can).
+
+    The reason names the column, never the cell's value (a label is a cell value).
+    """
+
+    def because(text: str) -> pl.Expr:
+        return pl.lit(f"column '{name}' (label): {text}")
+
+    number = _number(src, dtype)
+    if rule.task == "multiclass" and column.dtype in ("category", "str") and vocabulary:
+        classes = vocabulary[: rule.num_classes] if rule.num_classes else vocabulary
+        unparsed = out.is_null()
+        unfit = ~out.is_in(classes)
+        unfit_reason = f"not one of the {len(classes)} classes for a multiclass task"
+    else:
+        value = pl.coalesce(out.cast(pl.Float64, strict=False), number)
+        fits, unfit_reason = _label_fits(value, rule)
+        unparsed = out.is_null() & value.is_null()
+        unfit = value.is_null() | ~fits
+    return (
+        pl.when(~_present(src, dtype))
+        .then(because("missing label"))
+        .when(number.is_nan())
+        .then(because("label is not a number"))
+        .when(number.is_infinite())
+        .then(because("label is not finite"))
+        .when(unparsed)
+        .then(because(f"cannot parse as {column.dtype}"))
+        .when(unfit)
+        .then(because(unfit_reason))
+        .when(out.is_null())
+        .then(because(f"cannot parse as {column.dtype}"))
+    )
+
+
+def _reason(parts: list[pl.Expr]) -> pl.Expr:
+    joined = pl.concat_str(parts, separator="; ", ignore_nulls=True)
+    return pl.when(joined == "").then(None).otherwise(joined)
+
+
+def coerce_frame(
+    raw: pl.DataFrame,
+    columns: Mapping[str, ColumnSpec],
+    *,
+    file: str,
+    key: str | None,
+    normalisation: KeyNormalisation,
+    vocabularies: Mapping[str, list[str]],
+    label: LabelRule | None = None,
+    bounds: Mapping[str, tuple[float, str]] | None = None,
+) -> tuple[pl.DataFrame, dict[str, int]]:
+    """Coerce every mapped column; add a ``reject_reason`` column (null for good rows).
+
+    With ``label``, that column's cells are checked against the task instead of the generic
+    parse/required checks (whose reasons would show the value). ``bounds``: canonical column
+    -> (largest magnitude after unit conversion, how the reason states it); a value beyond
+    it is out of range. The ``key`` column is refused when it holds control or format
+    characters. Returns the frame (``__row``, canonical columns, reason) and
+    unknown-category counts.
+    """
+    _check_columns(raw, columns, file)
+    schema = raw.schema
+    flagged = INVALID_UTF8 in schema  # the reader found invalid UTF-8 in some cells
+    values: list[pl.Expr] = [pl.col(ROW)]
+    reasons: list[pl.Expr] = []
+    for canonical, column in columns.items():
+        name = _raw_name(canonical, column)
+        src, dtype = pl.col(name), schema[name]
+        out = normalise_key(src, normalisation) if canonical == key else coerce(src, dtype, column)
+        values.append(out.alias(canonical))
+        present = _present(src, dtype)
+        if label is not None and canonical == label.column:
+            reasons.append(
+                _label_reason(
+                    src,
+                    dtype,
+                    out,
+                    name=name,
+                    column=column,
+                    rule=label,
+                    vocabulary=vocabularies.get(canonical),
+                )
+            )
+        else:
+            reasons.append(  # the reason names the column, never the cell's value
+                pl.when(present & out.is_null()).then(
+                    pl.lit(f"column '{name}' ({canonical}): cannot parse as {column.dtype}")
+                )
+            )
+        if (column.required or canonical == key) and not (label and canonical == label.column):
+            reasons.append(
+                pl.when(~present).then(
+                    pl.lit(f"column '{name}' ({canonical}): required value missing")
+                )
+            )
+        if canonical == key:
+            reasons.append(
+                pl.when(out.str.contains(KEY_CONTROL)).then(
+                    pl.lit(f"column '{name}' ({canonical}): key contains control characters")
+                )
+            )
+        if bounds and canonical in bounds:
+            limit, stated = bounds[canonical]
+            reasons.append(
+                pl.when(out.cast(pl.Float64).abs() > limit).then(
+                    pl.lit(f"column '{name}' ({canonical}): out of range ({stated})")
+                )
+            )
+        if flagged:
+            reasons.append(
+                pl.when(pl.col(INVALID_UTF8).list.contains(pl.lit(name))).then(
+                    pl.lit(f"column '{name}': invalid UTF-8")
+                )
+            )
+    frame = raw.select(*values, _reason(reasons).alias(REASON))
+    unknown: dict[str, int] = {}
+    updates: list[pl.Expr] = []
+    for canonical, column in columns.items():
+        if column.dtype != "category" or (label is not None and canonical == label.column):
+            continue  # a label outside its classes is quarantined, not counted or mapped
+        vocab = vocabularies[canonical]
+        outside = frame.filter(pl.col(canonical).is_not_null() & ~pl.col(canonical).is_in(vocab))
+        if outside.height:
+            unknown[canonical] = outside.height
+        fallback = pl.lit("other") if "other" in vocab else pl.lit(None, pl.String)
+        updates.append(
+            pl.when(pl.col(canonical).is_in(vocab))
+            .then(pl.col(canonical))
+            .otherwise(fallback)
+            .alias(canonical)
+        )
+    if updates:
+        frame = frame.with_columns(updates)
+    return frame, unknown
+
+
+def _rejected_rows(raw: pl.DataFrame, reasons: pl.DataFrame) -> pl.DataFrame:
+    """Raw cells (as text) of rejected rows, with row number and reason."""
+    cells = [c for c in raw.columns if c not in (ROW, INVALID_UTF8)]
+    as_text = raw.select(pl.col(ROW), *[pl.col(c).cast(pl.String) for c in cells])
+    return reasons.join(as_text, on=ROW, how="left").select(ROW, REASON, *as_text.columns[1:])
+
+
+def preprocess(
+    raw: pl.DataFrame,
+    source: SourceSpec,
+    *,
+    party: str,
+    entity: str,
+    normalisation: KeyNormalisation,
+    vocabularies: Mapping[str, list[str]],
+    entity_map: pl.DataFrame | None = None,
+    bad_lines: list[tuple[int, str, str]] | None = None,
+    label: LabelRule | None = None,
+) -> Preprocessed:
+    """Coerce, normalise, deduplicate and validate one raw source.
+
+    ``label``: the source maps the consortium's label; its rows are checked against the task.
+    """
+    key = DEVICE if source.kind == "events" else entity
+    if label is not None and label.column not in source.columns:
+        label = None
+    frame, unknown = coerce_frame(
+        raw,
+        source.columns,
+        file=source.path,
+        key=key,
+        normalisation=normalisation,
+        vocabularies=vocabularies,
+        label=label,
+        bounds=_bounds(source),
+    )
+    canonical = list(source.columns)
+    if source.kind == "events":
+        if entity_map is None or source.entity_map is None:
+            raise PreprocessError(f"{source.path}: events source needs its entity map")
+        mapping = device_map(
+            entity_map, source.entity_map, entity=entity, normalisation=normalisation
+        )
+        frame = frame.join(mapping, on=DEVICE, how="left")
+        frame = frame.with_columns(
+            pl.when(pl.col(REASON).is_null() & pl.col(entity).is_null())
+            .then(
+                pl.lit(
+                    f"device not in entity map "
+                    f"(column '{_raw_name(DEVICE, source.columns[DEVICE])}')"
+                )
+            )
+            .otherwise(pl.col(REASON))
+            .alias(REASON)
+        )
+        canonical = [entity, *canonical]
+    bad = frame.filter(pl.col(REASON).is_not_null()).select(ROW, REASON)
+    good = frame.filter(pl.col(REASON).is_null())
+    # exact duplicates (on canonical values): keep the first occurrence
+    good = good.with_columns(pl.col(ROW).first().over(canonical).alias("__first"))
+    dupes = good.filter(pl.col(ROW) != pl.col("__first")).select(
+        ROW, pl.format("exact duplicate of row {}", pl.col("__first")).alias(REASON)
+    )
+    good = good.filter(pl.col(ROW) == pl.col("__first")).drop("__first")
+    conflicts = pl.DataFrame(schema={ROW: pl.Int64, REASON: pl.String})
+    if source.kind == "table" and source.grain == "entity":
+        counts = good.group_by(entity).agg(
+            pl.col(ROW).sort().alias("__rows"), pl.len().alias("__n")
+        )
+        clash = counts.filter(pl.col("__n") > 1)
+        if clash.height:
+            conflicts = good.join(clash, on=entity).select(
+                ROW,
+                pl.format(
+                    "duplicate key in column '{}' (rows {}): one row per entity required",
+                    pl.lit(_raw_name(entity, source.columns[entity])),
+                    pl.col("__rows").cast(pl.List(pl.String)).list.join(", "),
+                ).alias(REASON),
+            )
+            good = good.join(clash.select(entity), on=entity, how="anti")
+    reasons = pl.concat([bad, dupes, conflicts]).sort(ROW)
+    rejected = _rejected_rows(raw, reasons)
+    if bad_lines:
+        lines = pl.DataFrame(
+            {
+                ROW: [n for n, _, _ in bad_lines],
+                REASON: [r for _, _, r in bad_lines],
+                "__raw_line": [t[:2000] for _, t, _ in bad_lines],
+            },
+            schema={ROW: pl.Int64, REASON: pl.String, "__raw_line": pl.String},
+        )
+        rejected = pl.concat([rejected, lines], how="diagonal").sort(ROW)
+    clean = good.drop(ROW, REASON).select(canonical)
+    quality = QualityReport(
+        party=party,
+        source=source.id,
+        file=source.path,
+        rows_in=raw.height + len(bad_lines or []),
+        rows_out=clean.height,
+        rows_rejected=rejected.height,
+        rejected_by_reason=_reason_counts(reasons, bad_lines or []),
+        duplicates_removed=dupes.height,
+        null_rates={
+            c: round(float(clean[c].null_count()) / clean.height, 6) if clean.height else 0.0
+            for c in clean.columns
+        },
+        unknown_categories=unknown,
+    )
+    return Preprocessed(clean=clean, rejected=rejected, quality=quality)
+
+
+def _bounds(source: SourceSpec) -> dict[str, tuple[float, str]]:
+    """Largest magnitudes (after unit conversion) that the features' arithmetic takes:
+    table amounts (exact integer millionths, :data:`~tasks.prepare.modalities.table.MAX_ABS_AMOUNT`)
+    and event readings (:data:`~tasks.prepare.modalities.events.MAX_ABS_READING`)."""
+    if source.kind == "table" and AMOUNT in source.columns:
+        return {AMOUNT: (MAX_ABS_AMOUNT, f"|amount| > {MAX_ABS_AMOUNT:.0e} currency units")}
+    if source.kind == "events":
+        return {
+            name: (MAX_ABS_READING, f"|value| > {MAX_ABS_READING:.0e}")
+            for name, column in source.columns.items()
+            if column.dtype in ("float", "int") and name not in (DEVICE, TIMESTAMP, ERROR)
+        }
+    return {}
+
+
+def _reason_kind(reason: str) -> str:
+    """Group reasons by kind: drop the row-specific value part."""
+    if " (label): " in reason:
+        return reason  # label reasons hold no value
+    for marker in (
+        ": cannot parse",
+        ": required value missing",
+        ": invalid UTF-8",
+        ": out of range",
+        ": key contains control characters",
+    ):
+        if marker in reason:
+            return reason.split(marker, maxsplit=1)[0] + marker
+    if reason.startswith("exact duplicate"):
+        return "exact duplicate"
+    if reason.startswith("duplicate key"):
+        return "duplicate key (one row per entity required)"
+    if reason.startswith("device"):
+        return "device not in entity map"
+    return reason.split(" (", maxsplit=1)[0]
+
+
+def _reason_counts(reasons: pl.DataFrame, bad_lines: list[tuple[int, str, str]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for text in [*reasons[REASON].to_list(), *(r for _, _, r in bad_lines)]:
+        for part in text.split("; "):
+            kind = _reason_kind(part)
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def device_map(
+    raw: pl.DataFrame, spec: EntityMapSpec, *, entity: str, normalisation: KeyNormalisation
+) -> pl.DataFrame:
+    """Coerce the device -> entity side table; a device mapped to two entities is an error."""
+    frame, _ = coerce_frame(
+        raw, spec.columns, file=spec.path, key=None, normalisation=normalisation, vocabularies={}
+    )
+    frame = frame.with_columns(
+        normalise_key(pl.col(DEVICE), normalisation).alias(DEVICE),
+        normalise_key(pl.col(entity), normalisation).alias(entity),
+    ).filter(
+        # a map row whose keys are unusable (invalid UTF-8, control characters) maps nothing:
+        # that device's events are quarantined as not in the entity map
+        pl.col(DEVICE).is_not_null()
+        & pl.col(entity).is_not_null()
+        & pl.col(REASON).is_null()
+        & ~pl.col(DEVICE).str.contains(KEY_CONTROL)
+        & ~pl.col(entity).str.contains(KEY_CONTROL)
+    )
+    pairs = frame.select(DEVICE, entity).unique()
+    clash = pairs.group_by(DEVICE).agg(pl.col(entity).sort()).filter(pl.col(entity).list.len() > 1)
+    if clash.height:
+        rows = frame.join(clash.select(DEVICE), on=DEVICE)[ROW].sort().to_list()
+        shown = ", ".join(str(r) for r in rows[:20]) + (", ..." if len(rows) > 20 else "")
+        raise PreprocessError(  # rows of the party's own file, never the ids
+            f"{spec.path}: {clash.height} device(s) mapped to several entities "
+            f"({len(rows)} rows: {shown}); one entity per device is required"
+        )
+    return pairs

@@ -1,0 +1,306 @@
+"""Per-party pipeline steps: thin Prefect tasks around the pure transforms.
+
+Each step reads its inputs by reference, calls one pure function, writes its outputs through
+the party's :class:`~storage.store.Store` and returns small typed references. Cache keys come
+from those references (content hashes), so unchanged work is skipped on retries and reruns.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from prefect import task
+from prefect.client.schemas.objects import State
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage.files import confined
+from storage.secrets import resolve_secret, secret_fingerprint
+from storage.sources import read_source
+from storage.store import FileRef, Store, TableRef, fingerprint, read_table, scan_table
+from tasks.caching import content_cache_key
+from tasks.prepare.align import FeatureColumn, align_features, fuse_tables
+from tasks.prepare.modalities.table import entity_attributes, transaction_features
+from tasks.prepare.preprocess import LabelRule, QualityReport, preprocess
+from tasks.spec.models import FedSpec, SecretRef, SourceSpec, label_source
+from tasks.types import CATEGORY, DEVICE, ERROR, TIMESTAMP, JoinKind, KeyNormalisation, Objective
+
+IO_RETRIES = 2
+IO_RETRY_DELAYS: list[float] = [1.0, 5.0]
+#: Failures a second try cannot fix: a missing, unreadable or malformed file fails at once.
+DETERMINISTIC_IO: tuple[type[OSError], ...] = (
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a step that failed with ``exc`` may succeed on a second try: time-outs, lost
+    connections and other I/O errors of network file systems and object stores. Validation
+    errors (``ValueError``: a bad file, a missing column) and missing or unreadable files
+    are deterministic and never retried."""
+    if isinstance(exc, TimeoutError | ConnectionError):
+        return True
+    return isinstance(exc, OSError) and not isinstance(exc, DETERMINISTIC_IO)
+
+
+def retry_transient(task: object, task_run: object, state: State[Any]) -> bool:
+    """Prefect ``retry_condition_fn``: retry only :func:`is_transient` failures."""
+    exc = state.data
+    return isinstance(exc, BaseException) and is_transient(exc)
+
+
+class PartyContext(BaseModel):
+    """What a party's steps need to know of the consortium (no secret value)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    party: str
+    store: str
+    entity: str
+    normalisation: KeyNormalisation
+    vocabularies: dict[str, list[str]]
+    as_of: dt.date
+    task: Objective
+    label: str
+    label_source: str | None
+    secret: SecretRef
+    join: JoinKind
+    num_classes: int | None = None
+    roots: list[str] = Field(
+        default_factory=list,
+        description="Folders the party's sources may be read from (its store and imports)",
+    )
+
+    @classmethod
+    def from_spec(
+        cls, spec: FedSpec, party_id: str, *, as_of: dt.date | None = None
+    ) -> PartyContext:
+        party = spec.party(party_id)
+        holder = label_source(spec, party)
+        return cls(
+            party=party.id,
+            store=party.store,
+            entity=spec.consortium.entity,
+            normalisation=spec.consortium.key_normalisation,
+            vocabularies=spec.vocabularies,
+            as_of=as_of or spec.consortium.as_of,
+            task=spec.consortium.task,
+            label=spec.consortium.label.column,
+            label_source=holder.id if holder else None,
+            secret=spec.consortium.secret,
+            join=spec.fusion.join,
+            num_classes=spec.consortium.label.num_classes,
+            roots=party.roots,
+        )
+
+
+class CleanOutput(BaseModel):
+    source: str
+    clean: TableRef
+    rejected: TableRef | None
+    quality: QualityReport
+
+
+class AlignedOutput(BaseModel):
+    source: str
+    table: TableRef
+    schema_: list[FeatureColumn]
+
+
+class FusedOutput(BaseModel):
+    party: str
+    table: TableRef
+    schema_file: FileRef
+    features: list[FeatureColumn]
+    quality: list[QualityReport]
+    feature_tables: dict[str, TableRef] = Field(
+        default_factory=dict,
+        description="Per-source features tables (in the party's store; they hold its own keys)",
+    )
+
+
+def secret_tag(ref: SecretRef) -> str:
+    """Fingerprint of the current secret: part of alignment cache keys, reveals nothing."""
+    return secret_fingerprint(resolve_secret(env=ref.env, block=ref.block))
+
+
+@task(
+    name="fingerprint-source",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_transient,
+)
+def fingerprint_source(location: str, roots: list[str] | None = None) -> FileRef:
+    """Hash a raw source where it lies (its content hash keys every later step); with
+    ``roots``, only when it lies (symlinks resolved) inside one of them."""
+    return fingerprint(location, roots=roots or None)
+
+
+def run_preprocess(
+    ctx: PartyContext, source: SourceSpec, raw: FileRef, entity_map: FileRef | None
+) -> CleanOutput:
+    if ctx.roots:  # again at the read: a link swapped since the fingerprint is refused too
+        confined(raw.uri, ctx.roots)
+        if entity_map is not None:
+            confined(entity_map.uri, ctx.roots)
+    data = read_source(raw.uri, source.file_format, encoding=source.encoding)
+    mapping = None
+    if source.entity_map is not None and entity_map is not None:
+        fmt = source.entity_map.format or _format_of(source.entity_map.path)
+        mapping = read_source(entity_map.uri, fmt).frame
+    result = preprocess(
+        data.frame,
+        source,
+        party=ctx.party,
+        entity=ctx.entity,
+        normalisation=ctx.normalisation,
+        vocabularies=ctx.vocabularies,
+        entity_map=mapping,
+        bad_lines=data.bad_lines,
+        label=label_rule(ctx, source),
+    )
+    store = Store(ctx.store)
+    clean = store.write_table(result.clean, "clean", source.id)
+    rejected = (
+        store.write_table(result.rejected, "rejected", source.id)
+        if result.rejected.height
+        else None
+    )
+    store.write_json("reports", f"quality-{source.id}.json", result.quality.model_dump(mode="json"))
+    return CleanOutput(source=source.id, clean=clean, rejected=rejected, quality=result.quality)
+
+
+def label_rule(ctx: PartyContext, source: SourceSpec) -> LabelRule | None:
+    """The label check for the party's label source (none elsewhere, nor when scoring)."""
+    if source.id != ctx.label_source or ctx.label not in source.columns:
+        return None
+    return LabelRule(column=ctx.label, task=ctx.task, num_classes=ctx.num_classes)
+
+
+def _format_of(path: str) -> str:
+    from tasks.spec.models import infer_format
+
+    return infer_format(path)
+
+
+def event_measures(source: SourceSpec) -> list[str]:
+    return [
+        name
+        for name, column in source.columns.items()
+        if column.dtype in ("float", "int") and name not in (DEVICE, TIMESTAMP, ERROR)
+    ]
+
+
+def run_features(ctx: PartyContext, source: SourceSpec, cleaned: CleanOutput) -> TableRef:
+    options = source.features
+    clean = cleaned.clean
+    if source.kind == "table" and source.grain == "transaction":
+        has_category = CATEGORY in source.columns
+        frame = transaction_features(
+            scan_table(clean),
+            entity=ctx.entity,
+            as_of=ctx.as_of,
+            windows=options.windows,
+            categories=ctx.vocabularies.get(CATEGORY, []) if has_category else [],
+        )
+    elif source.kind == "table":
+        frame = entity_attributes(
+            read_table(clean), entity=ctx.entity, as_of=ctx.as_of, columns=source.columns
+        )
+    elif source.kind == "text":
+        from tasks.prepare.modalities.text import (
+            text_features,  # loads language models: only when needed
+        )
+
+        frame = text_features(
+            read_table(clean), entity=ctx.entity, as_of=ctx.as_of, options=options
+        )
+    else:
+        from tasks.prepare.modalities.events import events_features
+
+        frame = events_features(
+            scan_table(clean),
+            entity=ctx.entity,
+            measures=event_measures(source),
+            as_of=ctx.as_of,
+            windows=options.windows,
+        )
+    return Store(ctx.store).write_table(frame, "features", source.id)
+
+
+def run_align(ctx: PartyContext, source: SourceSpec, features: TableRef, tag: str) -> AlignedOutput:
+    secret = resolve_secret(env=ctx.secret.env, block=ctx.secret.block)
+    if secret_fingerprint(secret) != tag:
+        raise RuntimeError("the consortium secret changed while the run was in progress")
+    label = ctx.label if source.id == ctx.label_source else None
+    aligned, schema = align_features(
+        read_table(features),
+        entity=ctx.entity,
+        party=ctx.party,
+        source=source.id,
+        modality=source.kind,
+        prefix=source.feature_prefix,
+        secret=secret,
+        vocabularies=ctx.vocabularies,
+        label_column=label,
+        task=ctx.task,
+    )
+    ref = Store(ctx.store).write_table(aligned, "aligned", source.id)
+    return AlignedOutput(source=source.id, table=ref, schema_=schema)
+
+
+def run_fuse(
+    ctx: PartyContext, aligned: list[AlignedOutput], quality: list[QualityReport]
+) -> FusedOutput:
+    tables = {a.source: read_table(a.table) for a in aligned}
+    fused = fuse_tables(tables, join=ctx.join)
+    store = Store(ctx.store)
+    ref = store.write_table(fused, "fused", "fused")
+    features = [c for a in aligned for c in a.schema_]
+    schema_file = store.write_json(
+        "fused", "feature-schema.json", [c.model_dump(mode="json") for c in features]
+    )
+    store.write_json("reports", "quality.json", [q.model_dump(mode="json") for q in quality])
+    return FusedOutput(
+        party=ctx.party, table=ref, schema_file=schema_file, features=features, quality=quality
+    )
+
+
+def run_party(ctx: PartyContext, sources: list[SourceSpec]) -> FusedOutput:
+    """A party's whole pipeline in this process, no orchestration (benchmarks, notebooks):
+    the steps the ``party-pipeline`` flow runs as cached tasks, in the same order."""
+    tag = secret_tag(ctx.secret)
+    cleaned: list[CleanOutput] = []
+    aligned: list[AlignedOutput] = []
+    for source in sources:
+        roots = ctx.roots or None
+        raw = fingerprint(source.path, roots=roots)
+        emap = (
+            fingerprint(source.entity_map.path, roots=roots)
+            if source.entity_map is not None
+            else None
+        )
+        clean = run_preprocess(ctx, source, raw, emap)
+        aligned.append(run_align(ctx, source, run_features(ctx, source, clean), tag))
+        cleaned.append(clean)
+    return run_fuse(ctx, aligned, [c.quality for c in cleaned])
+
+
+preprocess_source = task(
+    name="preprocess-source",
+    cache_key_fn=content_cache_key,
+    persist_result=True,
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_transient,
+)(run_preprocess)
+extract_features = task(
+    name="extract-features", cache_key_fn=content_cache_key, persist_result=True
+)(run_features)
+align_source = task(name="align-source", cache_key_fn=content_cache_key, persist_result=True)(
+    run_align
+)
+fuse_party = task(name="fuse-party", cache_key_fn=content_cache_key, persist_result=True)(run_fuse)
