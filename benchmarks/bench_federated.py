@@ -83,7 +83,7 @@ def prepared(customers: int, parties: int, partition: str, seed: int) -> Prepare
     from storage.store import read_table
     from tasks.demo_data import write_demo_consortium
     from tasks.prepare.design import consortium_schema
-    from tasks.spec.models import load_spec
+    from tasks.spec.load import load_spec
 
     folder = config_dir(customers, parties, partition, seed)
     done = folder / "prepared" / "schema.json"
@@ -212,7 +212,7 @@ def run_config(
         train_federated,
         train_local_only,
     )
-    from tasks.spec.models import load_spec
+    from tasks.spec.load import load_spec
 
     data = prepared(customers, parties, partition, seed)
     spec = load_spec(data.spec_path)

@@ -95,7 +95,7 @@ def prepared(customers: int, seed: int) -> tuple[dict[str, PartyTable], str]:
     """Every party's fused table (generated and prepared once, cached) and the spec path."""
     from storage.store import read_table
     from tasks.demo_data import write_demo_consortium
-    from tasks.spec.models import load_spec
+    from tasks.spec.load import load_spec
 
     folder = config_dir(customers, seed)
     done = folder / "prepared" / "meta.json"
@@ -524,7 +524,7 @@ def goals(result: Result) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> Result:
-    from tasks.spec.models import load_spec
+    from tasks.spec.load import load_spec
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter

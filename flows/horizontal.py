@@ -59,7 +59,8 @@ from tasks.report import (
     plot_importance,
     plot_rounds,
 )
-from tasks.spec.models import FedSpec, TrainingSpec, load_spec
+from tasks.spec.load import load_spec
+from tasks.spec.models import FedSpec, TrainingSpec
 from tasks.types import Objective
 
 T = TypeVar("T")

@@ -162,7 +162,7 @@ def plan_deployments(
     party's ``party-pipeline``, ``party-step`` and ``score`` deployments on its own pool.
     With party pools, the coordinator's deployments get ``dispatch=<name>`` so their runs
     send each party's steps to the party's pool."""
-    from tasks.spec.models import load_spec
+    from tasks.spec.load import load_spec
 
     spec_file = Path(spec_path).resolve()
     spec = load_spec(str(spec_file))

@@ -27,7 +27,8 @@ from tasks.prepare.steps import (
     preprocess_source,
     secret_tag,
 )
-from tasks.spec.models import SourceSpec, load_spec
+from tasks.spec.load import load_spec
+from tasks.spec.models import SourceSpec
 
 
 @flow(

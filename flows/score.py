@@ -13,7 +13,8 @@ from storage.files import resolve_location
 from storage.store import Store, TableRef
 from tasks.prepare.steps import PartyContext
 from tasks.scoring import score_party
-from tasks.spec.models import FedSpec, load_spec
+from tasks.spec.load import load_spec
+from tasks.spec.models import FedSpec
 
 
 class NoModelError(FileNotFoundError):

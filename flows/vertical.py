@@ -25,7 +25,8 @@ from storage.store import FileRef, Store, TableRef
 from tasks.prepare.design import FeatureSchema, consortium_schema
 from tasks.prepare.steps import FusedOutput
 from tasks.report import markdown_table, metric_rows
-from tasks.spec.models import FedSpec, FusionSpec, TrainingSpec, load_spec
+from tasks.spec.load import load_spec
+from tasks.spec.models import FedSpec, FusionSpec, TrainingSpec
 from tasks.vertical.steps import (
     PsiOverlap,
     StateRef,
@@ -90,7 +91,7 @@ def align_parties(
 
 def check_vertical(spec: FedSpec, spec_path: str) -> str:
     """The label party. A loaded vertical spec has one, and has opted in to what its mode
-    shares (:func:`tasks.spec.models.semantic_problems`); refused here: a horizontal spec, or a
+    shares (:func:`tasks.spec.checks.semantic_problems`); refused here: a horizontal spec, or a
     vertical one that has not chosen a mode (it can be prepared, not trained)."""
     label = spec.consortium.label.party
     if spec.consortium.layout != "vertical" or label is None:

@@ -12,7 +12,7 @@ passing them along.
 
 Trade-off of that process-wide registry: it is global mutable state (the last
 registration of a prefix wins; two specs in one process naming the same root with different
-credentials clash), it must be filled before the first access (``tasks.spec.models.load_spec``
+credentials clash), it must be filled before the first access (``tasks.spec.load.load_spec``
 does it for every store root of the spec it loads; a process that gets references without
 loading the spec, e.g. a bare worker, falls back to the file system's default credentials),
 and fsspec caches one file-system instance per option set. In exchange no option value

@@ -11,7 +11,7 @@ object-store credentials) in the server's database in plain text. So a URI gets 
 with the options given in this process or else those registered for the location
 (:func:`storage.files.register_options`). The credentials stay in memory; a process that
 loads the block by id (say a worker reading a persisted result) needs the options registered
-too (``tasks.spec.models.load_spec`` does it).
+too (``tasks.spec.load.load_spec`` does it).
 """
 
 from __future__ import annotations

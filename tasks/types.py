@@ -6,7 +6,9 @@ from typing import Literal
 
 Layout = Literal["horizontal", "vertical"]
 Objective = Literal["binary", "multiclass", "regression"]
-SourceKind = Literal["table", "text", "events"]
+#: A source's kind (its modality): a registered modality of :mod:`tasks.prepare.modalities`
+#: (table, text, events, ...), checked against that registry by the spec.
+SourceKind = str
 TableGrain = Literal["entity", "transaction"]
 FileFormat = Literal["csv", "parquet", "jsonl", "arrow"]
 ColumnType = Literal["str", "int", "float", "bool", "datetime", "date", "category"]
@@ -15,7 +17,6 @@ JoinKind = Literal["inner", "left"]
 #: lr_scaled, cyclic, ...), checked against that registry by the spec.
 Aggregation = str
 KeyNormalisation = Literal["none", "strip", "strip_lower"]
-Modality = Literal["table", "text", "events"]
 
 #: Canonical column names every source kind understands (besides the entity key).
 TIMESTAMP = "timestamp"

@@ -13,7 +13,8 @@ from storage.sources import SourceError, read_source
 from storage.store import FileRef, Store, fingerprint
 from tasks.prepare.align import hash_keys
 from tasks.prepare.steps import PartyContext, run_party, run_preprocess
-from tasks.spec.models import SourceSpec, load_spec
+from tasks.spec.load import load_spec
+from tasks.spec.models import SourceSpec
 from tasks.types import ENTITY_HASH, LABEL, REASON
 from tests.factories import set_label_cells
 

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from flows.cli.app import app
 from storage.files import ConfinementError, confined, real_location
-from tasks.spec.models import SpecError, load_spec, parse_spec
+from tasks.spec.load import load_spec, parse_spec
+from tasks.spec.models import SpecError
 
 APART = (
     "every party's store and import areas and the coordinator's store must be separate "
@@ -256,7 +257,7 @@ def test_a_link_swapped_after_validation_is_refused_at_run_time(
 
     from storage.files import ConfinementError
     from tasks.prepare.steps import PartyContext, run_party
-    from tasks.spec.models import load_spec
+    from tasks.spec.load import load_spec
     from tests.factories import write_tiny
 
     spec_path = write_tiny(tmp_path, with_text_events=False)

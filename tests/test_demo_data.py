@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from tasks.demo_data import write_demo_consortium
-from tasks.spec.models import load_spec
+from tasks.spec.load import load_spec
 
 
 def _digests(root: Path) -> dict[str, str]:

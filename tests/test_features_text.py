@@ -9,15 +9,15 @@ from polars.testing import assert_frame_equal
 
 from tasks.prepare.modalities.text import (
     FIXED_FEATURES,
+    TextOptions,
     analyse_text,
     chinese_lexicon,
     text_feature_names,
     text_features,
 )
-from tasks.spec.models import FeatureOptions
 
 AS_OF = dt.date(2024, 6, 30)
-OPTIONS = FeatureOptions(text_width=8)
+OPTIONS = TextOptions(text_width=8)
 TOKS = [f"tok_{i}" for i in range(8)]
 
 
@@ -34,7 +34,7 @@ def frame(rows: list[dict[str, Any]], *, rating: bool = True, time: bool = True)
     return pl.DataFrame([{k: r.get(k) for k in schema} for r in rows], schema=schema, orient="row")
 
 
-def features(clean: pl.DataFrame, options: FeatureOptions = OPTIONS) -> pl.DataFrame:
+def features(clean: pl.DataFrame, options: TextOptions = OPTIONS) -> pl.DataFrame:
     return text_features(clean, entity="cid", as_of=AS_OF, options=options)
 
 
@@ -101,7 +101,7 @@ def test_shape_dtypes_and_fixed_width() -> None:
         **dict(FIXED_FEATURES),
         **dict.fromkeys(TOKS, pl.Float64()),
     }
-    wide = features(clean, FeatureOptions(text_width=32))
+    wide = features(clean, TextOptions(text_width=32))
     assert wide.width == 1 + len(FIXED_FEATURES) + 32
     # no rating column: the same schema, rating features null
     no_rating = features(clean.drop("rating"))
@@ -164,8 +164,8 @@ def test_emoji_only_and_cjk_shares() -> None:
 def test_long_text_truncated_for_scoring_but_counted_in_chars() -> None:
     text = "great, wonderful. " + "terrible awful horrible. " * 400
     clean = frame([{"cid": "a", "text": text, "timestamp": ts(1)}])
-    short = row(features(clean, FeatureOptions(text_width=8, text_max_chars=18)), "a")
-    full = row(features(clean, FeatureOptions(text_width=8, text_max_chars=100_000)), "a")
+    short = row(features(clean, TextOptions(text_width=8, text_max_chars=18)), "a")
+    full = row(features(clean, TextOptions(text_width=8, text_max_chars=100_000)), "a")
     assert short["chars_max"] == full["chars_max"] == len(text)
     assert short["sentiment_mean"] > 0 > full["sentiment_mean"]
     assert short["tokens_mean"] == 2.0

@@ -9,12 +9,11 @@ from typer.testing import CliRunner
 
 from flows.cli.app import app
 from tasks.horizontal.training import RESERVED_PARAMS as training_reserved
+from tasks.spec.load import load_spec, parse_spec
 from tasks.spec.models import (
     RESERVED_PARAMS,
     SpecError,
     TrainingSpec,
-    load_spec,
-    parse_spec,
     reserved_param_message,
 )
 

@@ -95,7 +95,7 @@ def test_pipeline_steps_on_a_remote_file_system(tmp_path: Path, secret: str) -> 
         run_preprocess,
         secret_tag,
     )
-    from tasks.spec.models import load_spec
+    from tasks.spec.load import load_spec
     from tests.factories import write_tiny
 
     spec_path = write_tiny(tmp_path)

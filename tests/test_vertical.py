@@ -11,7 +11,8 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from tasks.horizontal.training import evaluate
-from tasks.spec.models import FusionSpec, SpecError, TrainingSpec, parse_spec
+from tasks.spec.load import parse_spec
+from tasks.spec.models import FusionSpec, SpecError, TrainingSpec
 from tasks.types import Objective
 from tasks.vertical.training import (
     LabelData,

@@ -11,7 +11,8 @@ import polars as pl
 import pytest
 
 from tasks.demo_data import write_demo_consortium
-from tasks.spec.models import SpecError, load_spec
+from tasks.spec.load import load_spec
+from tasks.spec.models import SpecError
 from tasks.types import ENTITY_HASH
 
 pytestmark = pytest.mark.prefect

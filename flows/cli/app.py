@@ -35,7 +35,8 @@ DEMO_SECRET_ENV = "FEDFUSE_SECRET"
 @app.command()
 def validate(spec: Annotated[Path, typer.Argument(help="Consortium spec (TOML)")]) -> None:
     """Check a consortium spec; print a summary or every problem with its key path."""
-    from tasks.spec.models import SpecError, load_spec, summary
+    from tasks.spec.load import load_spec, summary
+    from tasks.spec.models import SpecError
 
     try:
         loaded = load_spec(str(spec))
@@ -163,7 +164,7 @@ def prepare(
     quiet_prefect()
     with reported():
         from flows.prepare import prepare as prepare_flow
-        from tasks.spec.models import load_spec
+        from tasks.spec.load import load_spec
 
         load_spec(str(spec))  # fail fast with key paths before any flow starts
         with progress_display():
@@ -269,7 +270,7 @@ def train(
     quiet_prefect()
     with reported(), _flow_settings():
         from flows.horizontal import federated_training
-        from tasks.spec.models import load_spec
+        from tasks.spec.load import load_spec
 
         loaded = load_spec(str(spec))
         if loaded.consortium.layout == "vertical":
@@ -377,7 +378,7 @@ def predict(
         from flows.vertical import vertical_score
         from storage.files import write_text_atomic
         from storage.store import read_table
-        from tasks.spec.models import load_spec
+        from tasks.spec.load import load_spec
 
         if load_spec(str(spec)).consortium.layout == "vertical":
             ref = vertical_score(
@@ -420,7 +421,7 @@ def export(
         from storage.files import write_text_atomic
         from tasks.horizontal.ensemble import ensemble_size, export_model
         from tasks.scoring import load_ensemble
-        from tasks.spec.models import load_spec
+        from tasks.spec.load import load_spec
 
         ensemble = load_ensemble(manifest or latest_manifest(load_spec(str(spec))))
         upto = ensemble.resolve_round(rounds)

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from flows.cli.console import console, errors, quiet_prefect, reported
-from tasks.spec.models import load_spec
+from tasks.spec.load import load_spec
 
 if TYPE_CHECKING:
     from flows.ops import Schedules

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import polars as pl
 from pydantic import BaseModel
 
-from tasks.types import ENTITY_HASH, LABEL, JoinKind, Modality, Objective
+from tasks.types import ENTITY_HASH, LABEL, JoinKind, Objective, SourceKind
 
 SEPARATOR = "__"
 
@@ -27,7 +27,7 @@ class FeatureColumn(BaseModel):
     dtype: str  # "float" or "category"
     party: str
     source: str
-    modality: Modality
+    modality: SourceKind
     vocabulary: list[str] | None = None
 
 
@@ -69,7 +69,7 @@ def align_features(
     entity: str,
     party: str,
     source: str,
-    modality: Modality,
+    modality: SourceKind,
     prefix: str,
     secret: bytes,
     vocabularies: Mapping[str, list[str]],

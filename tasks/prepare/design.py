@@ -9,9 +9,8 @@ import polars as pl
 from pydantic import BaseModel
 
 from tasks.prepare.align import FeatureColumn
+from tasks.prepare.modalities import display_order
 from tasks.types import ENTITY_HASH, LABEL
-
-MODALITY_ORDER = {"table": 0, "text": 1, "events": 2}
 
 
 class SchemaError(ValueError):
@@ -48,7 +47,7 @@ def consortium_schema(schemas: Mapping[str, Sequence[FeatureColumn]]) -> Feature
                 )
             seen.setdefault(column.name, column)
             holders.setdefault(column.name, []).append(party)
-    names = sorted(seen, key=lambda n: (MODALITY_ORDER.get(seen[n].modality, 9), n))
+    names = sorted(seen, key=lambda n: (display_order(seen[n].modality), n))
     return FeatureSchema(
         names=names,
         categorical=[n for n in names if seen[n].dtype == "category"],

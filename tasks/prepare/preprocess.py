@@ -6,7 +6,9 @@ also listed there. The label column (in the source that maps it) is checked per 
 the consortium's task: a missing, NaN or infinite label, or one outside the task's classes, is
 quarantined the same way, with a reason naming the column but never the cell's value. Problems
 that make the whole source unusable (a mapped column missing, an ambiguous device map) raise
-:class:`PreprocessError` naming file and column.
+:class:`PreprocessError` naming file and column. What differs by kind (the key column, how
+rows reach the entity key, value bounds, one row per entity) comes from the source's
+modality (:mod:`tasks.prepare.modalities`).
 """
 
 from __future__ import annotations
@@ -18,11 +20,10 @@ import polars as pl
 from pydantic import BaseModel, Field
 
 from storage.sources import INVALID_UTF8, ROW
-from tasks.prepare.modalities.events import MAX_ABS_READING
-from tasks.prepare.modalities.table import MAX_ABS_AMOUNT
+from tasks.prepare.modalities import modality_of
 from tasks.prepare.units import to_canonical
-from tasks.spec.models import ColumnSpec, EntityMapSpec, SourceSpec
-from tasks.types import AMOUNT, DEVICE, ERROR, REASON, TIMESTAMP, KeyNormalisation, Objective
+from tasks.spec.models import ColumnSpec, SourceSpec
+from tasks.types import REASON, KeyNormalisation, Objective
 
 #: Control (Cc: C0, DEL, C1, NUL) and format (Cf: zero-width space/joiners, U+FEFF, bidi
 #: controls, soft hyphen) characters: refused inside an entity key (invisible look-alikes).
@@ -66,16 +67,17 @@ class Preprocessed:
     quality: QualityReport
 
 
-def _raw_name(canonical: str, column: ColumnSpec) -> str:
+def raw_name(canonical: str, column: ColumnSpec) -> str:
+    """The party's own name of a canonical column."""
     return column.source or canonical
 
 
 def _check_columns(frame: pl.DataFrame, columns: Mapping[str, ColumnSpec], file: str) -> None:
     available = [c for c in frame.columns if c not in (ROW, INVALID_UTF8)]
     for canonical, column in columns.items():
-        raw = _raw_name(canonical, column)
+        raw = raw_name(canonical, column)
         if raw not in frame.columns:
-            found = [_raw_name(c, s) for c, s in columns.items() if _raw_name(c, s) in available]
+            found = [raw_name(c, s) for c, s in columns.items() if raw_name(c, s) in available]
             raise PreprocessError(  # the file's own header is not shown: it may be data
                 f"{file}: column {raw!r} (mapped to {canonical!r}) is missing; "
                 f"the file has {len(available)} column(s), of which {len(found)} in the "
@@ -310,7 +312,7 @@ def coerce_frame(
     values: list[pl.Expr] = [pl.col(ROW)]
     reasons: list[pl.Expr] = []
     for canonical, column in columns.items():
-        name = _raw_name(canonical, column)
+        name = raw_name(canonical, column)
         src, dtype = pl.col(name), schema[name]
         out = normalise_key(src, normalisation) if canonical == key else coerce(src, dtype, column)
         values.append(out.alias(canonical))
@@ -403,7 +405,8 @@ def preprocess(
 
     ``label``: the source maps the consortium's label; its rows are checked against the task.
     """
-    key = DEVICE if source.kind == "events" else entity
+    kind = modality_of(source)
+    key = kind.key_column(source, entity=entity)
     if label is not None and label.column not in source.columns:
         label = None
     frame, unknown = coerce_frame(
@@ -414,28 +417,11 @@ def preprocess(
         normalisation=normalisation,
         vocabularies=vocabularies,
         label=label,
-        bounds=_bounds(source),
+        bounds=kind.bounds(source),
     )
-    canonical = list(source.columns)
-    if source.kind == "events":
-        if entity_map is None or source.entity_map is None:
-            raise PreprocessError(f"{source.path}: events source needs its entity map")
-        mapping = device_map(
-            entity_map, source.entity_map, entity=entity, normalisation=normalisation
-        )
-        frame = frame.join(mapping, on=DEVICE, how="left")
-        frame = frame.with_columns(
-            pl.when(pl.col(REASON).is_null() & pl.col(entity).is_null())
-            .then(
-                pl.lit(
-                    f"device not in entity map "
-                    f"(column '{_raw_name(DEVICE, source.columns[DEVICE])}')"
-                )
-            )
-            .otherwise(pl.col(REASON))
-            .alias(REASON)
-        )
-        canonical = [entity, *canonical]
+    frame, canonical = kind.attach_entity(
+        frame, source, entity_map, entity=entity, normalisation=normalisation
+    )
     bad = frame.filter(pl.col(REASON).is_not_null()).select(ROW, REASON)
     good = frame.filter(pl.col(REASON).is_null())
     # exact duplicates (on canonical values): keep the first occurrence
@@ -445,7 +431,7 @@ def preprocess(
     )
     good = good.filter(pl.col(ROW) == pl.col("__first")).drop("__first")
     conflicts = pl.DataFrame(schema={ROW: pl.Int64, REASON: pl.String})
-    if source.kind == "table" and source.grain == "entity":
+    if kind.one_row_per_entity(source):
         counts = good.group_by(entity).agg(
             pl.col(ROW).sort().alias("__rows"), pl.len().alias("__n")
         )
@@ -455,7 +441,7 @@ def preprocess(
                 ROW,
                 pl.format(
                     "duplicate key in column '{}' (rows {}): one row per entity required",
-                    pl.lit(_raw_name(entity, source.columns[entity])),
+                    pl.lit(raw_name(entity, source.columns[entity])),
                     pl.col("__rows").cast(pl.List(pl.String)).list.join(", "),
                 ).alias(REASON),
             )
@@ -491,21 +477,6 @@ def preprocess(
     return Preprocessed(clean=clean, rejected=rejected, quality=quality)
 
 
-def _bounds(source: SourceSpec) -> dict[str, tuple[float, str]]:
-    """Largest magnitudes (after unit conversion) that the features' arithmetic takes:
-    table amounts (exact integer millionths, :data:`~tasks.prepare.modalities.table.MAX_ABS_AMOUNT`)
-    and event readings (:data:`~tasks.prepare.modalities.events.MAX_ABS_READING`)."""
-    if source.kind == "table" and AMOUNT in source.columns:
-        return {AMOUNT: (MAX_ABS_AMOUNT, f"|amount| > {MAX_ABS_AMOUNT:.0e} currency units")}
-    if source.kind == "events":
-        return {
-            name: (MAX_ABS_READING, f"|value| > {MAX_ABS_READING:.0e}")
-            for name, column in source.columns.items()
-            if column.dtype in ("float", "int") and name not in (DEVICE, TIMESTAMP, ERROR)
-        }
-    return {}
-
-
 def _reason_kind(reason: str) -> str:
     """Group reasons by kind: drop the row-specific value part."""
     if " (label): " in reason:
@@ -535,34 +506,3 @@ def _reason_counts(reasons: pl.DataFrame, bad_lines: list[tuple[int, str, str]])
             kind = _reason_kind(part)
             counts[kind] = counts.get(kind, 0) + 1
     return dict(sorted(counts.items()))
-
-
-def device_map(
-    raw: pl.DataFrame, spec: EntityMapSpec, *, entity: str, normalisation: KeyNormalisation
-) -> pl.DataFrame:
-    """Coerce the device -> entity side table; a device mapped to two entities is an error."""
-    frame, _ = coerce_frame(
-        raw, spec.columns, file=spec.path, key=None, normalisation=normalisation, vocabularies={}
-    )
-    frame = frame.with_columns(
-        normalise_key(pl.col(DEVICE), normalisation).alias(DEVICE),
-        normalise_key(pl.col(entity), normalisation).alias(entity),
-    ).filter(
-        # a map row whose keys are unusable (invalid UTF-8, control characters) maps nothing:
-        # that device's events are quarantined as not in the entity map
-        pl.col(DEVICE).is_not_null()
-        & pl.col(entity).is_not_null()
-        & pl.col(REASON).is_null()
-        & ~pl.col(DEVICE).str.contains(KEY_CONTROL)
-        & ~pl.col(entity).str.contains(KEY_CONTROL)
-    )
-    pairs = frame.select(DEVICE, entity).unique()
-    clash = pairs.group_by(DEVICE).agg(pl.col(entity).sort()).filter(pl.col(entity).list.len() > 1)
-    if clash.height:
-        rows = frame.join(clash.select(DEVICE), on=DEVICE)[ROW].sort().to_list()
-        shown = ", ".join(str(r) for r in rows[:20]) + (", ..." if len(rows) > 20 else "")
-        raise PreprocessError(  # rows of the party's own file, never the ids
-            f"{spec.path}: {clash.height} device(s) mapped to several entities "
-            f"({len(rows)} rows: {shown}); one entity per device is required"
-        )
-    return pairs

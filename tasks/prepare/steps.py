@@ -20,10 +20,10 @@ from storage.sources import read_source
 from storage.store import FileRef, Store, TableRef, fingerprint, read_table, scan_table
 from tasks.caching import content_cache_key
 from tasks.prepare.align import FeatureColumn, align_features, fuse_tables
-from tasks.prepare.modalities.table import entity_attributes, transaction_features
+from tasks.prepare.modalities import FeatureInputs, modality_of
 from tasks.prepare.preprocess import LabelRule, QualityReport, preprocess
-from tasks.spec.models import FedSpec, SecretRef, SourceSpec, label_source
-from tasks.types import CATEGORY, DEVICE, ERROR, TIMESTAMP, JoinKind, KeyNormalisation, Objective
+from tasks.spec.models import FedSpec, SecretRef, SourceSpec, infer_format, label_source
+from tasks.types import JoinKind, KeyNormalisation, Objective
 
 IO_RETRIES = 2
 IO_RETRY_DELAYS: list[float] = [1.0, 5.0]
@@ -149,7 +149,7 @@ def run_preprocess(
     data = read_source(raw.uri, source.file_format, encoding=source.encoding)
     mapping = None
     if source.entity_map is not None and entity_map is not None:
-        fmt = source.entity_map.format or _format_of(source.entity_map.path)
+        fmt = source.entity_map.format or infer_format(source.entity_map.path)
         mapping = read_source(entity_map.uri, fmt).frame
     result = preprocess(
         data.frame,
@@ -180,54 +180,10 @@ def label_rule(ctx: PartyContext, source: SourceSpec) -> LabelRule | None:
     return LabelRule(column=ctx.label, task=ctx.task, num_classes=ctx.num_classes)
 
 
-def _format_of(path: str) -> str:
-    from tasks.spec.models import infer_format
-
-    return infer_format(path)
-
-
-def event_measures(source: SourceSpec) -> list[str]:
-    return [
-        name
-        for name, column in source.columns.items()
-        if column.dtype in ("float", "int") and name not in (DEVICE, TIMESTAMP, ERROR)
-    ]
-
-
 def run_features(ctx: PartyContext, source: SourceSpec, cleaned: CleanOutput) -> TableRef:
-    options = source.features
-    clean = cleaned.clean
-    if source.kind == "table" and source.grain == "transaction":
-        has_category = CATEGORY in source.columns
-        frame = transaction_features(
-            scan_table(clean),
-            entity=ctx.entity,
-            as_of=ctx.as_of,
-            windows=options.windows,
-            categories=ctx.vocabularies.get(CATEGORY, []) if has_category else [],
-        )
-    elif source.kind == "table":
-        frame = entity_attributes(
-            read_table(clean), entity=ctx.entity, as_of=ctx.as_of, columns=source.columns
-        )
-    elif source.kind == "text":
-        from tasks.prepare.modalities.text import (
-            text_features,  # loads language models: only when needed
-        )
-
-        frame = text_features(
-            read_table(clean), entity=ctx.entity, as_of=ctx.as_of, options=options
-        )
-    else:
-        from tasks.prepare.modalities.events import events_features
-
-        frame = events_features(
-            scan_table(clean),
-            entity=ctx.entity,
-            measures=event_measures(source),
-            as_of=ctx.as_of,
-            windows=options.windows,
-        )
+    """The source's features, extracted by its modality."""
+    inputs = FeatureInputs(entity=ctx.entity, as_of=ctx.as_of, vocabularies=ctx.vocabularies)
+    frame = modality_of(source).extract(scan_table(cleaned.clean), source, inputs)
     return Store(ctx.store).write_table(frame, "features", source.id)
 
 
@@ -242,7 +198,7 @@ def run_align(ctx: PartyContext, source: SourceSpec, features: TableRef, tag: st
         party=ctx.party,
         source=source.id,
         modality=source.kind,
-        prefix=source.feature_prefix,
+        prefix=modality_of(source).prefix(source),
         secret=secret,
         vocabularies=ctx.vocabularies,
         label_column=label,

