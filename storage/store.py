@@ -12,10 +12,12 @@ import hashlib
 import io
 import json
 import logging
+import os
 import posixpath
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import polars as pl
@@ -90,9 +92,11 @@ def _hash_stream(handle: Any) -> tuple[str, int]:
 
 
 def fingerprint(location: str, *, roots: Sequence[str] | None = None) -> FileRef:
-    """Hash a file where it lies (used for raw sources, which we never copy). With ``roots``
-    (a party's store and import areas), a location leading outside them (``..``, symlinks)
-    is refused with :class:`storage.files.ConfinementError` before anything is read."""
+    """Hash a file or a folder of files where it lies (used for raw sources, which we never
+    copy). With ``roots`` (a party's store and import areas), a location leading outside them
+    (``..``, symlinks) is refused with :class:`storage.files.ConfinementError` before
+    anything is read. A folder's hash covers its files' relative paths and bytes
+    (:func:`folder_digest`); its size is the files' total."""
     if roots is not None:
         fs, path = filesystem(confined(location, roots))
     else:
@@ -100,10 +104,67 @@ def fingerprint(location: str, *, roots: Sequence[str] | None = None) -> FileRef
     if not fs.exists(path):
         raise FileNotFoundError(f"{location}: no such file")
     if fs.isdir(path):
-        raise IsADirectoryError(f"{location}: is a folder, not a file")
+        sha, size = folder_digest(location)
+        return FileRef(uri=location, sha256=sha, size=size)
     with fs.open(path, "rb") as handle:
         sha, size = _hash_stream(handle)
     return FileRef(uri=location, sha256=sha, size=size)
+
+
+class FolderError(ValueError):
+    """A folder source holds an entry that cannot be part of its content hash."""
+
+
+def folder_files(location: str) -> list[tuple[str, str]]:
+    """The files under a folder, as (relative POSIX path, path in its file system), sorted
+    by relative path. A symlink anywhere in the folder, or an entry leading outside it, is
+    refused with :class:`FolderError` naming the entry (relative to the folder)."""
+    fs, path = filesystem(location)
+    root = path.rstrip("/")
+    if is_uri(location) and not location.lower().startswith(("file://", "local://")):
+        return sorted(_remote_files(location, fs, root))
+    real_root = real_location(location)
+    files: list[tuple[str, str]] = []
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        for name in [*dirs, *names]:
+            entry = Path(folder) / name
+            if entry.is_symlink() or not lies_within(str(entry.resolve()), real_root):
+                raise FolderError(
+                    f"{location}: {entry.relative_to(root).as_posix()!r} is a symbolic link "
+                    "or leads outside the folder; a folder source holds plain files and "
+                    "folders only"
+                )
+        files += [((Path(folder) / n).relative_to(root).as_posix(), f"{folder}/{n}") for n in names]
+    return sorted(files)
+
+
+def _remote_files(location: str, fs: Any, root: str) -> list[tuple[str, str]]:
+    """Files under an object-store prefix (no symlinks there; entries stay under it)."""
+    files: list[tuple[str, str]] = []
+    for found in fs.find(root, detail=False):
+        entry = str(found)
+        if not entry.startswith(root + "/"):
+            raise FolderError(f"{location}: entry {entry!r} lies outside the folder")
+        files.append((entry[len(root) + 1 :], entry))
+    return files
+
+
+def folder_digest(location: str) -> tuple[str, int]:
+    """SHA-256 over a folder's files in relative-path order (each: path, byte count, bytes)
+    and their total size: the same files under the same names give the same hash anywhere."""
+    fs, _ = filesystem(location)
+    digest = hashlib.sha256()
+    total = 0
+    for rel, entry in folder_files(location):
+        with fs.open(entry, "rb") as handle:
+            data_digest, size = _hash_stream(handle)
+        digest.update(rel.encode())
+        digest.update(b"\0")
+        digest.update(str(size).encode())
+        digest.update(b"\0")
+        digest.update(bytes.fromhex(data_digest))
+        total += size
+    return digest.hexdigest(), total
 
 
 def _schema_summary(schema: pl.Schema | dict[str, Any]) -> dict[str, str]:
