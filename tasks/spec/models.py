@@ -151,11 +151,11 @@ class SourceSpec(SpecModel):
     @field_validator("features", mode="before")
     @classmethod
     def _kind_options(cls, value: object, info: ValidationInfo) -> object:
-        """Validate the options with the model of the source's kind (left alone when the
+        """Validate the options with the model of the source's kind (not at all when the
         kind is unknown: that error is reported at ``kind``)."""
         kind = info.data.get("kind")
         if kind is None:
-            return value
+            return FeatureOptions()
         from tasks.prepare.modalities import MODALITIES, modality
 
         model = modality(kind).options
