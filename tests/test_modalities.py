@@ -21,7 +21,7 @@ from tasks.prepare.modalities import (
 )
 from tasks.prepare.modalities.table import Table
 from tasks.spec.load import parse_spec, summary
-from tasks.spec.models import SpecError, SpecProblem
+from tasks.spec.models import FedSpec, SpecError, SpecProblem
 
 TOY_MODULE = '''
 """A toy modality: page clicks per customer, registered from outside fedfuse."""
@@ -139,7 +139,7 @@ def _write_consortium(root: Path, spec: str = SPEC) -> Path:
     return path
 
 
-def _load(spec: str, base: Path) -> object:
+def _load(spec: str, base: Path) -> FedSpec:
     import tomllib
 
     return parse_spec(tomllib.loads(spec), source="spec.toml", base=str(base))
@@ -203,7 +203,7 @@ def test_a_registered_kind_is_checked_by_its_modality(toy: Path, tmp_path: Path)
 
 def test_a_registered_kind_is_summarised(toy: Path, tmp_path: Path) -> None:
     loaded = _load(SPEC, tmp_path)
-    text = summary(loaded)  # type: ignore[arg-type]
+    text = summary(loaded)
     assert "customers (table/entity, csv), web (clicks, csv)" in text
 
 
