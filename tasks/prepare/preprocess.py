@@ -405,8 +405,8 @@ def preprocess(
 
     ``label``: the source maps the consortium's label; its rows are checked against the task.
     """
-    kind = modality_of(source)
-    key = kind.key_column(source, entity=entity)
+    modality = modality_of(source)
+    key = modality.key_column(source, entity=entity)
     if label is not None and label.column not in source.columns:
         label = None
     frame, unknown = coerce_frame(
@@ -417,9 +417,9 @@ def preprocess(
         normalisation=normalisation,
         vocabularies=vocabularies,
         label=label,
-        bounds=kind.bounds(source),
+        bounds=modality.bounds(source),
     )
-    frame, canonical = kind.attach_entity(
+    frame, canonical = modality.attach_entity(
         frame, source, entity_map, entity=entity, normalisation=normalisation
     )
     bad = frame.filter(pl.col(REASON).is_not_null()).select(ROW, REASON)
@@ -431,7 +431,7 @@ def preprocess(
     )
     good = good.filter(pl.col(ROW) == pl.col("__first")).drop("__first")
     conflicts = pl.DataFrame(schema={ROW: pl.Int64, REASON: pl.String})
-    if kind.one_row_per_entity(source):
+    if modality.one_row_per_entity(source):
         counts = good.group_by(entity).agg(
             pl.col(ROW).sort().alias("__rows"), pl.len().alias("__n")
         )

@@ -77,8 +77,8 @@ def source_problems(spec: FedSpec, source: SourceSpec, *, at: str) -> list[SpecP
         _ = source.file_format
     except ValueError as exc:
         problems.append(SpecProblem(path=f"{at}.format", message=str(exc)))
-    kind = modality_of(source)
-    for name in kind.required_columns(source):
+    modality = modality_of(source)
+    for name in modality.required_columns(source):
         if name not in source.columns:
             problems.append(
                 SpecProblem(
@@ -86,7 +86,7 @@ def source_problems(spec: FedSpec, source: SourceSpec, *, at: str) -> list[SpecP
                     message=f"a {source.kind} source needs a '{name}' column mapping",
                 )
             )
-    problems += kind.key_problems(source, at=at, entity=spec.consortium.entity)
+    problems += modality.key_problems(source, at=at, entity=spec.consortium.entity)
     return problems + column_problems(spec, source, at=at)
 
 
