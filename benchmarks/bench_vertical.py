@@ -207,8 +207,8 @@ def check_intersection(keys: Mapping[str, pl.Series], psi: PSIResult) -> None:
 # -- aligned blocks ---------------------------------------------------------------------------
 @dataclass
 class Aligned:
-    labels: Any  # tasks.vertical.training.LabelData
-    blocks: dict[str, Any]  # party -> tasks.vertical.training.PartyBlock
+    labels: Any  # tasks.vertical.data.LabelData
+    blocks: dict[str, Any]  # party -> tasks.vertical.data.PartyBlock
     ids: dict[str, pl.Series]  # split -> alignment ids in row order
     a_all: Any  # A's block over all its customers (train / valid), test = the overlap's
     a_all_labels: Any
@@ -232,8 +232,8 @@ def align_blocks(
     """Each party's overlap rows in alignment-id order; splits from the alignment id."""
     from tasks.horizontal.training import split_assignments
     from tasks.types import ENTITY_HASH, LABEL
+    from tasks.vertical.data import LabelData, PartyBlock
     from tasks.vertical.psi_protocol import ALIGN_ID, ROW
-    from tasks.vertical.training import LabelData, PartyBlock
 
     ordered: dict[str, pl.DataFrame] = {}
     for p, t in tables.items():
@@ -366,20 +366,12 @@ def timed(fn: Callable[[], T]) -> tuple[T, float]:
 def train_models(data: Aligned, spec: Any) -> list[Model]:
     from tasks.horizontal.ensemble import count_trees
     from tasks.horizontal.training import evaluate
-    from tasks.vertical.training import (
-        DEFAULT_COMBINE,
-        Combine,
-        LabelData,
-        PartyBlock,
-        VerticalRun,
-        fixed_fusion,
-        fuse_scores,
-        learn_fusion,
-        model_trees,
-        score_table,
-        train_one_shot,
-        train_vertical_rounds,
-    )
+    from tasks.vertical.data import LabelData, PartyBlock
+    from tasks.vertical.fusion import fixed_fusion, fuse_scores, learn_fusion, score_table
+    from tasks.vertical.loop import VerticalRun, train_vertical_rounds
+    from tasks.vertical.one_shot import train_one_shot
+    from tasks.vertical.party_model import model_trees
+    from tasks.vertical.rounds import DEFAULT_COMBINE, Combine
 
     labels: LabelData = data.labels
     assert labels.y_test is not None

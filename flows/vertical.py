@@ -26,10 +26,9 @@ from tasks.prepare.design import FeatureSchema, consortium_schema
 from tasks.prepare.steps import FusedOutput
 from tasks.report import markdown_table, metric_rows
 from tasks.spec.models import FedSpec, FusionSpec, TrainingSpec, load_spec
+from tasks.vertical.fusion import Fusion
+from tasks.vertical.refs import PsiOverlap, StateRef, VerticalSetup
 from tasks.vertical.steps import (
-    PsiOverlap,
-    StateRef,
-    VerticalSetup,
     baselines_task,
     combine_task,
     finish_task,
@@ -309,7 +308,7 @@ def _rounds(
         stop_reason=state.next,
         trees=state.trees,
         models=models,
-        fusion=state.fusion,
+        fusion=state.fusion.model_dump(mode="json"),
     )
 
 
@@ -346,7 +345,7 @@ def _one_shot(
         stop_reason=None,
         trees=sum(o.trees for o in shots.values()),
         models={p: o.model for p, o in shots.items()},
-        fusion=fused.fusion,
+        fusion=fused.fusion.model_dump(mode="json"),
     )
 
 
@@ -449,7 +448,7 @@ def vertical_score(
         fuse_predictions_task,
         setups[label],
         aligns[label],
-        body["fusion"],
+        Fusion.model_validate(body["fusion"]),
         models[label],
         upto,
         scores,

@@ -28,6 +28,7 @@ import multiprocessing
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from contextlib import contextmanager
 
 import gmpy2  # type: ignore[import-untyped]
 import numpy as np
@@ -49,6 +50,8 @@ _U_MASK = (1 << 255) - 1
 _DOMAIN_POINT = b"fedfuse/psi/v2/hash-to-curve\x00"
 _MAX_TRIES = 128
 DEFAULT_CHUNK = 25_000
+#: Below this many X25519 operations a process pool costs more than it saves.
+POOL_MIN_OPS = 50_000
 
 
 class PSIError(ValueError):
@@ -232,3 +235,17 @@ def pool(workers: int | None = None) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(
         max_workers=workers or os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn")
     )
+
+
+@contextmanager
+def pool_for(ops: int) -> Iterator[Executor | None]:
+    """A process pool over the machine's cores for a step of ``ops`` X25519 operations when
+    that pays (:data:`POOL_MIN_OPS`, at least two cores), else none."""
+    if ops < POOL_MIN_OPS or (os.cpu_count() or 1) < 2:
+        yield None
+        return
+    executor = pool()
+    try:
+        yield executor
+    finally:
+        executor.shutdown()
