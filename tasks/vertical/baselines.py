@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import lightgbm as lgb
 import numpy as np
 
 from storage.store import TableRef
-from tasks.horizontal.training import evaluate
+from tasks.horizontal.training import evaluate, lgb_params
 from tasks.vertical.inputs import label_data, party_block
 from tasks.vertical.one_shot import train_one_shot
 from tasks.vertical.refs import VerticalSetup
@@ -23,10 +24,6 @@ def pooled_baselines(
     party's block alone (one model on its block with the overlap's labels) and a centralised
     model on the joined blocks, same parameters, budget rounds x trees_per_round x parties
     and early stopping on the validation split."""
-    import lightgbm as lgb
-
-    from tasks.horizontal.training import lgb_params
-
     data = label_data(setups[label_party], alignments[label_party])
     blocks = {p: party_block(s, alignments[p]) for p, s in setups.items()}
     first = setups[label_party]

@@ -103,6 +103,7 @@ def prepare_keys(
 
 
 def key_digests(keys_hashed: pl.Series, party: str) -> bytes:
+    """Hashed keys (:func:`prepare_keys`) as packed 32-byte digests, checked and unique."""
     if keys_hashed.len() == 0:
         raise PSIError(f"party {party}: no entity keys to intersect")
     ok = keys_hashed.cast(pl.String).str.contains("^[0-9a-f]{64}$").fill_null(False)

@@ -291,8 +291,9 @@ def blind_own(
 ) -> BlindedSet:
     """Step 1, every party: hash its keys onto the curve, blind them, shuffle.
 
-    ``keys_hashed`` come from :func:`prepare_keys` (one per row, in row order). The label
-    party sends the same set to every feature party (:meth:`BlindedSet.forward`).
+    ``keys_hashed`` come from :func:`tasks.vertical.psi_curve.prepare_keys` (one per row, in
+    row order). The label party sends the same set to every feature party
+    (:meth:`BlindedSet.forward`).
     """
     return start_blind_own(
         keys_hashed, secret, party=party, to=to, executor=executor, chunk_size=chunk_size

@@ -29,7 +29,6 @@ from tasks.scoring import entity_keys
 from tasks.spec.models import SecretRef
 from tasks.types import ENTITY_HASH
 from tasks.vertical.arrays import arrays_frame, frame_arrays, split_frame, unsplit_frame
-from tasks.vertical.data import LabelData
 from tasks.vertical.fusion import (
     Fusion,
     apply_fusion,
@@ -117,7 +116,8 @@ def psi_label_intersect(
 # -- gradient rounds -------------------------------------------------------------------------
 
 
-def _save_state(setup: VerticalSetup, state: LabelState, data: LabelData) -> StateRef:
+def _save_state(setup: VerticalSetup, state: LabelState) -> StateRef:
+    """Checkpoint ``state`` in the label party's store and point its latest-state file at it."""
     store = Store(setup.store)
     document, arrays = state.checkpoint()
     table = store.write_table(
@@ -149,11 +149,13 @@ def _save_state(setup: VerticalSetup, state: LabelState, data: LabelData) -> Sta
 
 
 def load_state(ref: StateRef, num_class: int) -> LabelState:
+    """The label state a checkpoint reference points at (arrays verified)."""
     document = json.loads(read_text(ref.document.uri))
     return LabelState.from_checkpoint(document, unsplit_frame(read_table(ref.arrays), num_class))
 
 
 def latest_state(setup: VerticalSetup) -> StateRef | None:
+    """Label party: its latest checkpoint of this run, if any (resuming)."""
     store = Store(setup.store)
     name = f"{setup.run_key}-vertical-latest.json"
     if not store.exists("checkpoints", name):
@@ -168,6 +170,7 @@ def start_state(
     weights: Mapping[str, float] | None,
     combine: Combine,
 ) -> StateRef:
+    """Label party: round 0 (the prior and the coefficients), checkpointed."""
     data = label_data(setup, alignment)
     state = start_label_state(
         data,
@@ -178,7 +181,7 @@ def start_state(
         weights=weights,
         combine=combine,
     )
-    return _save_state(setup, state, data)
+    return _save_state(setup, state)
 
 
 def send_gradients(setup: VerticalSetup, alignment: TableRef, state: StateRef) -> TableRef:
@@ -209,12 +212,12 @@ def combine(
     new = combine_round(
         load_state(state, setup.num_class), received, data, min_parties=setup.training.min_parties
     )
-    return _save_state(setup, new, data)
+    return _save_state(setup, new)
 
 
 def finish_state(setup: VerticalSetup, alignment: TableRef, state: StateRef) -> StateRef:
-    data = label_data(setup, alignment)
-    return _save_state(setup, finish(load_state(state, setup.num_class), setup.training), data)
+    """Label party: mark the run as stopped (when it is), so the checkpoint says why."""
+    return _save_state(setup, finish(load_state(state, setup.num_class), setup.training))
 
 
 def fused_test_metrics(
@@ -227,11 +230,11 @@ def fused_test_metrics(
         return {}
     k = setup.num_class
     parts = {p: frame_arrays(read_table(ref), ["raw"], k)["raw"] for p, ref in scores.items()}
-    raw = fuse_aligned(parts, state.fusion)
+    raw = _fuse_aligned(parts, state.fusion)
     return evaluate(data.y_test, raw, setup.objective, k)
 
 
-def fuse_aligned(parts: Mapping[str, np.ndarray], fusion: Fusion) -> np.ndarray:
+def _fuse_aligned(parts: Mapping[str, np.ndarray], fusion: Fusion) -> np.ndarray:
     """Fused raw scores of position-aligned per-party outputs (same rows at every party)."""
     k = fusion.num_class
     tables = {
@@ -292,7 +295,7 @@ def one_shot_fusion(
     out: dict[str, dict[str, float]] = {}
     assert data.y_test is not None
     for split, y in (("valid", data.y_valid), ("test", data.y_test)):
-        raw = fuse_aligned({p: v[split] for p, v in parts.items()}, fusion)
+        raw = _fuse_aligned({p: v[split] for p, v in parts.items()}, fusion)
         out[split] = evaluate(y, raw, setup.objective, k) if len(y) else {}
     return OneShotFusion(fusion=fusion, valid=out["valid"], test=out["test"])
 

@@ -30,12 +30,8 @@ from tasks.vertical.inputs import (
 from tasks.vertical.one_shot import train_one_shot
 from tasks.vertical.party_model import PartyModel, party_model_text, score_block, train_party_round
 from tasks.vertical.psi_curve import PSIError, pool_for
-from tasks.vertical.psi_protocol import (
-    AlignmentMessage,
-    answer,
-    message_from_arrow,
-    receive_alignment,
-)
+from tasks.vertical.psi_protocol import AlignmentMessage, message_from_arrow, receive_alignment
+from tasks.vertical.psi_protocol import answer as psi_answer
 from tasks.vertical.refs import OneShotOut, PartyRoundOut, VerticalSetup
 from tasks.vertical.rounds import GradientMessage
 
@@ -48,7 +44,7 @@ def psi_party_answer(setup: VerticalSetup, received: FileRef) -> tuple[FileRef, 
     secret = psi_secret(setup)
     keys = entity_hashes(setup)
     with pool_for(keys.len() + len(message)) as ex:
-        own, back = answer(keys, message, secret, party=setup.party, executor=ex)
+        own, back = psi_answer(keys, message, secret, party=setup.party, executor=ex)
     coordinator = Store(setup.coordinator)
     run = psi_run_id(setup)
     return (
