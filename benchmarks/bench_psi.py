@@ -1,4 +1,4 @@
-"""Benchmark: private set intersection (tasks.vertical.psi) against the plain hash join it replaces.
+"""Benchmark: private set intersection (tasks.vertical.psi_*) against the plain hash join.
 
     python -m benchmarks.bench_psi [--keys 1000000] [--parties 3] [--overlap 0.8] [--workers N]
 
@@ -8,9 +8,9 @@ all parties, the rest is the party's own. Prints:
 * the X25519 rate of one core (``cryptography`` / OpenSSL, and PyNaCl / libsodium when it
   is installed) on this machine, for reference, and the one-core rate of each kind of
   protocol step (a party blinding its own keys; a party re-blinding a received set);
-* the private intersection (``run_psi``: key checks, HMAC, hashing onto the curve, all
-  X25519 operations over a process pool, matching, alignment) with its wall time, X25519
-  operations per second per core and keys per second per core;
+* the private intersection (``tasks.vertical.psi_memory.run_psi``: key checks, HMAC, hashing
+  onto the curve, all X25519 operations over a process pool, matching, alignment) with its
+  wall time, X25519 operations per second per core and keys per second per core;
 * the plain baseline: ``tasks.prepare.align.hash_keys`` per party and a polars inner join of the
   HMAC-hashed keys (the non-private intersection), and the ratio of the two wall times.
 
@@ -29,7 +29,8 @@ import polars as pl
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from tasks.prepare.align import hash_keys
-from tasks.vertical.psi import ALIGN_ID, BlindedSet, blind_own, new_secret, reblind, run_psi
+from tasks.vertical.psi_memory import run_psi
+from tasks.vertical.psi_protocol import ALIGN_ID, BlindedSet, blind_own, new_secret, reblind
 
 SECRET = b"benchmark-consortium-secret"
 

@@ -12,10 +12,11 @@ tables are cached under ``benchmarks/.data/`` keyed by the parameters.
 
 Then, all in this process:
 
-1. Private set intersection (``tasks.vertical.psi``: ``blind_own`` / ``reblind`` / ``intersect`` /
-   ``receive_alignment``, the star protocol around the label party, X25519 over a process
-   pool of ``--psi-workers``) on the parties' hashed keys; timed, and checked against the
-   plain join of the hashed keys (same overlap, same entity behind every alignment id).
+1. Private set intersection (``tasks.vertical.psi_protocol``: ``blind_own`` / ``reblind`` /
+   ``intersect`` / ``receive_alignment``, the star protocol around the label party, X25519
+   over a process pool of ``--psi-workers``) on the parties' hashed keys; timed, and checked
+   against the plain join of the hashed keys (same overlap, same entity behind every
+   alignment id).
 2. Aligned blocks: every party's fused rows of the all-party overlap, ordered by alignment
    id, split train / valid / test from the alignment id (``split_assignments``, the demo
    spec's fractions).
@@ -153,7 +154,7 @@ class PSIResult:
 
 def party_secrets(seed: int) -> dict[str, Any]:
     """Fixed per-party PSI secrets, so alignment ids (and so the splits) repeat run to run."""
-    from tasks.vertical.psi import PartySecret
+    from tasks.vertical.psi_protocol import PartySecret
 
     return {
         p: PartySecret(hashlib.sha256(f"fedfuse/bench-vertical/{seed}/{p}".encode()).digest())
@@ -165,7 +166,7 @@ def run_intersection(
     keys: Mapping[str, pl.Series], *, seed: int, workers: int, min_overlap: int
 ) -> PSIResult:
     """The PSI star on hashed keys (timed, with the process pool's start-up)."""
-    from tasks.vertical.psi import run_psi_hashed
+    from tasks.vertical.psi_memory import run_psi_hashed
 
     started = time.perf_counter()
     run = run_psi_hashed(
@@ -184,7 +185,7 @@ def run_intersection(
 def check_intersection(keys: Mapping[str, pl.Series], psi: PSIResult) -> None:
     """The PSI must find exactly the plain join's overlap, and every alignment id must name
     the same entity at every party (a benchmark check: it needs everyone's keys)."""
-    from tasks.vertical.psi import ALIGN_ID, ROW
+    from tasks.vertical.psi_protocol import ALIGN_ID, ROW
 
     common = set(keys[PARTIES[0]].to_list())
     for p in PARTIES[1:]:
@@ -206,8 +207,8 @@ def check_intersection(keys: Mapping[str, pl.Series], psi: PSIResult) -> None:
 # -- aligned blocks ---------------------------------------------------------------------------
 @dataclass
 class Aligned:
-    labels: Any  # tasks.vertical.training.LabelData
-    blocks: dict[str, Any]  # party -> tasks.vertical.training.PartyBlock
+    labels: Any  # tasks.vertical.data.LabelData
+    blocks: dict[str, Any]  # party -> tasks.vertical.data.PartyBlock
     ids: dict[str, pl.Series]  # split -> alignment ids in row order
     a_all: Any  # A's block over all its customers (train / valid), test = the overlap's
     a_all_labels: Any
@@ -231,8 +232,8 @@ def align_blocks(
     """Each party's overlap rows in alignment-id order; splits from the alignment id."""
     from tasks.horizontal.training import split_assignments
     from tasks.types import ENTITY_HASH, LABEL
-    from tasks.vertical.psi import ALIGN_ID, ROW
-    from tasks.vertical.training import LabelData, PartyBlock
+    from tasks.vertical.data import LabelData, PartyBlock
+    from tasks.vertical.psi_protocol import ALIGN_ID, ROW
 
     ordered: dict[str, pl.DataFrame] = {}
     for p, t in tables.items():
@@ -365,20 +366,12 @@ def timed(fn: Callable[[], T]) -> tuple[T, float]:
 def train_models(data: Aligned, spec: Any) -> list[Model]:
     from tasks.horizontal.ensemble import count_trees
     from tasks.horizontal.training import evaluate
-    from tasks.vertical.training import (
-        DEFAULT_COMBINE,
-        Combine,
-        LabelData,
-        PartyBlock,
-        VerticalRun,
-        fixed_fusion,
-        fuse_scores,
-        learn_fusion,
-        model_trees,
-        score_table,
-        train_one_shot,
-        train_vertical_rounds,
-    )
+    from tasks.vertical.data import LabelData, PartyBlock
+    from tasks.vertical.fusion import fixed_fusion, fuse_scores, learn_fusion, score_table
+    from tasks.vertical.loop import VerticalRun, train_vertical_rounds
+    from tasks.vertical.one_shot import train_one_shot
+    from tasks.vertical.party_model import model_trees
+    from tasks.vertical.rounds import DEFAULT_COMBINE, Combine
 
     labels: LabelData = data.labels
     assert labels.y_test is not None

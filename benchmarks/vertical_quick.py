@@ -40,17 +40,11 @@ from sklearn.datasets import make_classification
 from tasks.horizontal.ensemble import count_trees
 from tasks.horizontal.training import evaluate, split_assignments
 from tasks.spec.models import TrainingSpec
-from tasks.vertical.training import (
-    LabelData,
-    PartyBlock,
-    fixed_fusion,
-    fuse_scores,
-    learn_fusion,
-    model_trees,
-    score_table,
-    train_one_shot,
-    train_vertical_rounds,
-)
+from tasks.vertical.data import LabelData, PartyBlock
+from tasks.vertical.fusion import fixed_fusion, fuse_scores, learn_fusion, score_table
+from tasks.vertical.loop import train_vertical_rounds
+from tasks.vertical.one_shot import train_one_shot
+from tasks.vertical.party_model import model_trees
 
 PARTIES = ("A", "B", "C")
 KEY = "alignment_id"

@@ -208,29 +208,9 @@ CALL_FLOW = "party-call"
 
 def call_registry() -> dict[str, Any]:
     """The party steps a ``party-call`` run may execute, by name (the vertical layout's)."""
-    from tasks.vertical import steps as v
+    from tasks.vertical.steps import STEP_TASKS
 
-    tasks = [
-        v.psi_blind_task,
-        v.psi_answer_task,
-        v.psi_intersect_task,
-        v.psi_receive_task,
-        v.start_state_task,
-        v.gradients_task,
-        v.party_round_task,
-        v.combine_task,
-        v.finish_task,
-        v.test_scores_task,
-        v.test_metrics_task,
-        v.latest_state_task,
-        v.model_at_task,
-        v.send_labels_task,
-        v.one_shot_task,
-        v.one_shot_fusion_task,
-        v.party_scores_task,
-        v.fuse_predictions_task,
-    ]
-    return {t.name: t for t in tasks}
+    return {t.name: t for t in STEP_TASKS}
 
 
 def _hints(fn: Any) -> dict[str, Any]:

@@ -27,10 +27,9 @@ from tasks.prepare.steps import FusedOutput
 from tasks.report import markdown_table, metric_rows
 from tasks.spec.load import load_spec
 from tasks.spec.models import FedSpec, FusionSpec, TrainingSpec
+from tasks.vertical.fusion import Fusion
+from tasks.vertical.refs import PsiOverlap, StateRef, VerticalSetup
 from tasks.vertical.steps import (
-    PsiOverlap,
-    StateRef,
-    VerticalSetup,
     baselines_task,
     combine_task,
     finish_task,
@@ -310,7 +309,7 @@ def _rounds(
         stop_reason=state.next,
         trees=state.trees,
         models=models,
-        fusion=state.fusion,
+        fusion=state.fusion.model_dump(mode="json"),
     )
 
 
@@ -347,7 +346,7 @@ def _one_shot(
         stop_reason=None,
         trees=sum(o.trees for o in shots.values()),
         models={p: o.model for p, o in shots.items()},
-        fusion=fused.fusion,
+        fusion=fused.fusion.model_dump(mode="json"),
     )
 
 
@@ -450,7 +449,7 @@ def vertical_score(
         fuse_predictions_task,
         setups[label],
         aligns[label],
-        body["fusion"],
+        Fusion.model_validate(body["fusion"]),
         models[label],
         upto,
         scores,

@@ -20,7 +20,7 @@ from tasks.caching import (
     reachable_modules,
 )
 from tasks.horizontal import steps as train_steps
-from tasks.vertical import psi
+from tasks.vertical import psi_memory
 
 ROOT = Path(caching.__file__).resolve().parent.parent
 PACKAGES = ("tasks", "storage")
@@ -46,12 +46,13 @@ def test_training_step_covers_what_it_imports() -> None:
     # tasks.horizontal.strategies finds its strategies with importlib: all of them count.
     assert "tasks/horizontal/strategies/cyclic.py" in files
     assert "tasks/report.py" not in files
-    assert "tasks/vertical/psi.py" not in files
+    assert "tasks/vertical/psi_curve.py" not in files
 
 
 def test_psi_step_does_not_cover_report() -> None:
-    files = _files(psi.run_psi.__module__)
-    assert "tasks/vertical/psi.py" in files
+    files = _files(psi_memory.run_psi.__module__)
+    assert "tasks/vertical/psi_memory.py" in files
+    assert "tasks/vertical/psi_curve.py" in files
     assert "tasks/prepare/align.py" in files
     assert "tasks/report.py" not in files
     assert "tasks/horizontal/steps.py" not in files
@@ -61,7 +62,7 @@ def test_real_fingerprints() -> None:
     key = function_fingerprint(train_steps.train_round)
     assert key.startswith("m-")
     assert key == function_fingerprint(train_steps.compute_stats)  # same module
-    assert key != function_fingerprint(psi.run_psi)
+    assert key != function_fingerprint(psi_memory.run_psi)
 
 
 def test_untraceable_function_falls_back_to_package_version() -> None:

@@ -13,27 +13,28 @@ from polars.testing import assert_frame_equal
 from storage.psi import read_message, write_alignment, write_message
 from storage.store import Store, read_table
 from tasks.prepare.align import hash_keys
-from tasks.vertical.psi import (
-    ALIGN_ID,
+from tasks.vertical.psi_curve import (
     POINT_BYTES,
+    PSIError,
+    check_keys,
+    hash_to_point,
+    hash_to_points,
+    prepare_keys,
+)
+from tasks.vertical.psi_memory import PSIRun, run_psi
+from tasks.vertical.psi_protocol import (
+    ALIGN_ID,
     ROW,
     AlignmentMessage,
     BlindedSet,
     Message,
     PartySecret,
-    PSIError,
-    PSIRun,
     blind_own,
-    check_keys,
     derive_secret,
-    hash_to_point,
-    hash_to_points,
     intersect,
     message_from_arrow,
-    prepare_keys,
     reblind,
     receive_alignment,
-    run_psi,
 )
 
 SECRET = b"consortium-secret"
@@ -213,7 +214,7 @@ def test_blinding_commutes_and_the_fast_loader_matches_the_public_api() -> None:
         X25519PublicKey,
     )
 
-    from tasks.vertical.psi import _mult_chunk, _public_key_loader
+    from tasks.vertical.psi_curve import _mult_chunk, _public_key_loader
 
     a, b = _secrets("a", "b")["a"].scalar, _secrets("a", "b")["b"].scalar
     h = hash_to_points(hash_keys(_keys("c", range(5)), SECRET))
@@ -424,7 +425,8 @@ def test_low_order_points_in_a_message_are_refused(u: int) -> None:
 def test_own_key_hashing_to_a_low_order_point_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     """Practically impossible (a SHA-512 preimage), so the hash is replaced to get there."""
     monkeypatch.setattr(
-        "tasks.vertical.psi.hash_to_point", lambda d: bytes(32) if d[0] % 2 else hash_to_point(d)
+        "tasks.vertical.psi_curve.hash_to_point",
+        lambda d: bytes(32) if d[0] % 2 else hash_to_point(d),
     )
     hashed = hash_keys(_keys("c", range(20)), SECRET)
     bad = next(i for i, h in enumerate(hashed.to_list()) if int(h[:2], 16) % 2)

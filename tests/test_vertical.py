@@ -14,31 +14,33 @@ from tasks.horizontal.training import evaluate
 from tasks.spec.load import parse_spec
 from tasks.spec.models import FusionSpec, SpecError, TrainingSpec
 from tasks.types import Objective
-from tasks.vertical.training import (
-    LabelData,
-    LabelState,
-    PartyBlock,
-    PartyDelta,
-    PartyModel,
-    combine_round,
+from tasks.vertical.data import LabelData, PartyBlock
+from tasks.vertical.fusion import (
     fixed_fusion,
     fuse_scores,
     fusion_weights,
-    gradient_message,
-    gradients,
     join_scores,
     learn_fusion,
+    score_table,
+)
+from tasks.vertical.loop import predict_rounds, train_vertical_rounds
+from tasks.vertical.one_shot import train_one_shot
+from tasks.vertical.party_model import (
+    PartyModel,
     party_model_text,
-    predict_rounds,
     rewind,
+    score_block,
+    train_party_round,
+)
+from tasks.vertical.rounds import (
+    LabelState,
+    PartyDelta,
+    combine_round,
+    gradient_message,
+    gradients,
     round_coefficients,
     rounds_fusion,
-    score_block,
-    score_table,
     start_label_state,
-    train_one_shot,
-    train_party_round,
-    train_vertical_rounds,
 )
 
 KEY = "alignment_id"

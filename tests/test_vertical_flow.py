@@ -138,7 +138,7 @@ def test_overlap_below_the_minimum_stops_training_with_the_counts(
     prefect_api: str, tmp_path: Path, secret: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from flows.vertical import vertical_training
-    from tasks.vertical.psi import PSIError
+    from tasks.vertical.psi_curve import PSIError
 
     monkeypatch.setenv("FEDFUSE_SECRET", secret)
     spec = _spec(tmp_path)
