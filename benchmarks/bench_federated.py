@@ -10,7 +10,7 @@ pure pipeline steps of ``tasks.prepare.steps`` (preprocess -> features -> align 
 and caches the consortium and the fused tables under ``benchmarks/.data/`` keyed by the
 parameters. Then trains, with the same training settings and tree budget:
 
-* federated: ``tasks.horizontal.training.train_federated`` over the parties' fused tables;
+* federated: ``tasks.horizontal.loop.train_federated`` over the parties' fused tables;
 * local-only: ``train_local_only``, every party alone;
 * centralised: ``train_centralised`` on the pooled fused tables. This POOLS DATA, which a
   federation forbids: it is a comparison only;
@@ -204,14 +204,11 @@ def run_config(
     party_threads: int = 1,
     repeat: int = 1,
 ) -> Row:
+    from tasks.horizontal.baselines import train_centralised, train_local_only
     from tasks.horizontal.ensemble import ensemble_size, predict_raw
+    from tasks.horizontal.loop import train_federated
     from tasks.horizontal.lossless import train_lossless
-    from tasks.horizontal.training import (
-        party_data,
-        train_centralised,
-        train_federated,
-        train_local_only,
-    )
+    from tasks.horizontal.training import party_data
     from tasks.spec.models import load_spec
 
     data = prepared(customers, parties, partition, seed)

@@ -363,7 +363,7 @@ def timed(fn: Callable[[], T]) -> tuple[T, float]:
 
 
 def train_models(data: Aligned, spec: Any) -> list[Model]:
-    from tasks.horizontal.ensemble import count_trees
+    from tasks.horizontal.model_text import count_trees
     from tasks.horizontal.training import evaluate
     from tasks.vertical.training import (
         DEFAULT_COMBINE,

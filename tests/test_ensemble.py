@@ -19,21 +19,19 @@ import pytest
 from sklearn.datasets import make_classification, make_regression
 
 import tasks.horizontal.ensemble as ensemble_module
+import tasks.horizontal.model_text as model_text_module
 from storage.store import FileRef, Store, UnverifiedError, read_verified_text
 from tasks.horizontal.ensemble import (
     GlobalEnsemble,
-    aggregation_weights,
-    check_update,
-    count_trees,
     ensemble_from_manifest,
     ensemble_manifest,
     ensemble_size,
     export_model,
-    leaf_bound,
-    parse_model_text,
     predict_raw,
 )
-from tasks.horizontal.training import lgb_params, party_learning_rates, train_update
+from tasks.horizontal.model_text import check_update, count_trees, leaf_bound, parse_model_text
+from tasks.horizontal.strategies import make_strategy
+from tasks.horizontal.training import lgb_params, train_update
 from tasks.prepare.design import FeatureSchema
 from tasks.report import importance_by_party_modality
 from tasks.spec.models import TrainingSpec
@@ -71,7 +69,9 @@ def _ensemble(
     if base is None:
         base = [0.4, -0.25, 0.1] if k == 3 else [0.7 if objective == "binary" else 12.5]
     parts = {"a": slice(0, 450), "b": slice(450, 750), "c": slice(750, 900)}
-    weights = aggregation_weights({p: s.stop - s.start for p, s in parts.items()}, "samples")
+    weights = make_strategy("samples", learning_rate=1.0).weights(
+        {p: s.stop - s.start for p, s in parts.items()}
+    )
     ensemble = GlobalEnsemble(
         objective=objective,
         num_class=k,
@@ -331,6 +331,7 @@ def _forbid_lightgbm(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         raise AssertionError("LightGBM was called on a rejected update")
 
     monkeypatch.setattr(lgb, "Booster", forbidden)
+    monkeypatch.setattr(model_text_module, "load_booster", forbidden)
     monkeypatch.setattr(ensemble_module, "load_booster", forbidden)
     return calls
 
@@ -827,22 +828,28 @@ def test_sha_mismatch(tmp_path: Path) -> None:
 
 
 def test_aggregation_weights() -> None:
+    def weights(n: dict[str, int], mode: str) -> dict[str, float]:
+        return make_strategy(mode, learning_rate=1.0).weights(n)
+
+    def rates(n: dict[str, int], mode: str) -> dict[str, float]:
+        return make_strategy(mode, learning_rate=0.1).learning_rates(n)
+
     n = {"a": 600, "b": 300, "c": 100}
-    samples = aggregation_weights(n, "samples")
+    samples = weights(n, "samples")
     assert samples == pytest.approx({"a": 0.6, "b": 0.3, "c": 0.1})
     assert sum(samples.values()) == pytest.approx(1.0)
-    assert aggregation_weights(n, "uniform") == pytest.approx(dict.fromkeys(n, 1 / 3))
-    assert aggregation_weights(n, "lr_scaled") == dict.fromkeys(n, 1.0)
-    rates = party_learning_rates(n, 0.1, "lr_scaled")
-    assert rates == pytest.approx({"a": 0.06, "b": 0.03, "c": 0.01})
-    assert sum(rates.values()) == pytest.approx(0.1)
-    assert party_learning_rates(n, 0.1, "samples") == dict.fromkeys(n, 0.1)
+    assert weights(n, "uniform") == pytest.approx(dict.fromkeys(n, 1 / 3))
+    assert weights(n, "lr_scaled") == dict.fromkeys(n, 1.0)
+    scaled = rates(n, "lr_scaled")
+    assert scaled == pytest.approx({"a": 0.06, "b": 0.03, "c": 0.01})
+    assert sum(scaled.values()) == pytest.approx(0.1)
+    assert rates(n, "samples") == dict.fromkeys(n, 0.1)
     with pytest.raises(ValueError, match="no updates"):
-        aggregation_weights({}, "samples")
+        weights({}, "samples")
     with pytest.raises(ValueError, match="at least one training row"):
-        aggregation_weights({"a": 0}, "samples")
+        weights({"a": 0}, "samples")
     with pytest.raises(ValueError, match="negative"):
-        aggregation_weights({"a": -1}, "uniform")
+        weights({"a": -1}, "uniform")
 
 
 def test_ensemble_validates_its_shape() -> None:

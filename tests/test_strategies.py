@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from tasks.horizontal.loop import train_federated
 from tasks.horizontal.strategies import make_strategy, strategy_names
-from tasks.horizontal.training import train_federated
 from tests.test_training import NAMES, _frames, _spec
 
 

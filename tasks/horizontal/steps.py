@@ -8,7 +8,6 @@ metrics are written to the coordinator store.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
 import polars as pl
@@ -26,7 +25,8 @@ from storage.store import (
     read_verified_text,
 )
 from tasks.caching import content_cache_key
-from tasks.horizontal.ensemble import MemberTuple, count_trees, round_increment
+from tasks.horizontal.ensemble import MemberTuple, round_increment
+from tasks.horizontal.model_text import count_trees
 from tasks.horizontal.rounds import (
     MAX_UPDATE_BYTES,
     Candidate,
@@ -79,15 +79,13 @@ class PartyStats(BaseModel):
 
 def model_rules(setup: TrainSetup, span: float = 0.0) -> ModelRules:
     """What every accepted update of this training run must look like."""
-    t = setup.training
-    return ModelRules.for_training(
+    return ModelRules.for_spec(
+        setup.training,
         feature_names=setup.schema_.names,
         categorical=setup.schema_.categorical,
         objective=setup.objective,
         num_class=setup.num_class,
-        trees_per_round=t.trees_per_round,
-        learning_rate=t.learning_rate,
-        label_span=span if setup.objective == "regression" else 0.0,
+        label_span=span,
     )
 
 
@@ -286,7 +284,7 @@ def evaluate_round(
     last = aggregates[-1].round
     store = Store(setup.store)
     ref = store.write_table(_scores_frame(running), "models", f"{setup.run_key}-scores-r{last:04d}")
-    out: dict[str, Any] = {}
+    out: dict[str, dict[str, float]] = {}
     for part in ("valid", "test"):
         mask = split == part
         out[part] = (

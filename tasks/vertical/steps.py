@@ -33,7 +33,7 @@ from storage.psi import party_master_secret, read_message, write_alignment, writ
 from storage.secrets import resolve_secret
 from storage.store import FileRef, Store, TableRef, fingerprint, read_table
 from tasks.caching import content_cache_key
-from tasks.horizontal.ensemble import count_trees
+from tasks.horizontal.model_text import count_trees
 from tasks.horizontal.training import base_score, evaluate, label_stats, split_assignments
 from tasks.links import probabilities
 from tasks.prepare.design import FeatureSchema, design_matrix, labels

@@ -102,7 +102,7 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sklearn.linear_model import LinearRegression, LogisticRegression
 
-from tasks.horizontal.ensemble import check_task, count_trees, load_booster
+from tasks.horizontal.model_text import check_task, count_trees, load_booster
 from tasks.horizontal.rounds import StopReason, stop_before
 from tasks.horizontal.training import (
     LOSS_METRIC,
