@@ -63,11 +63,9 @@ from tasks.horizontal.training import (
     aggregate_metrics,
     base_score,
     evaluate,
+    fit_round,
     label_stats,
-    lgb_params,
     party_data,
-    party_seed,
-    train_update,
 )
 from tasks.spec.models import TrainingSpec
 from tasks.types import Objective
@@ -137,15 +135,17 @@ def train_party(
     learning_rate: float,
 ) -> RoundUpdate:
     """Party step: fit this round's trees from the running scores."""
-    seed = party_seed(spec.seed, state.data.party, round_)
-    params = lgb_params(spec, objective, num_class, seed=seed, learning_rate=learning_rate)
-    text = train_update(
+    text, seed = fit_round(
         state.data.X_train,
         state.data.y_train,
         state.raw_train,
-        params,
-        spec.trees_per_round,
-        categorical,
+        training=spec,
+        objective=objective,
+        num_class=num_class,
+        party=state.data.party,
+        round_=round_,
+        learning_rate=learning_rate,
+        categorical=categorical,
         feature_names=feature_names,
     )
     return RoundUpdate(

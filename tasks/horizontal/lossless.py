@@ -4,7 +4,7 @@ LightGBM's distributed *data-parallel* learner (``tree_learner="data"``) grows e
 from histograms of gradients and hessians summed over all machines. With one machine per
 party, each holding only its own rows (``pre_partition=True``), the parties exchange
 per-feature, per-bin histogram sums, never rows, and the trees are those of a single model
-trained on the pooled rows: unlike output averaging (:mod:`tasks.horizontal.training`), label skew
+trained on the pooled rows: unlike output averaging (:mod:`tasks.horizontal.loop`), label skew
 costs no accuracy.
 
 Protocol (:func:`train_lossless`), one OS process per party (LightGBM's network is global
@@ -50,8 +50,11 @@ bin mappers (a sample of one party's feature quantiles and category values per f
 are part of what the parties share, and end up in the model's ``feature_infos``.
 
 The model text is identical at every party (checked); only the network settings are removed
-from its parameters section. Nothing here writes files; the process orchestration is the
-only side effect.
+from its parameters section. This module holds the protocol: what a party process computes,
+the messages it exchanges with the coordinator and what the coordinator decides each round.
+Starting the processes, the pipes, ports and LightGBM's network settings are
+:mod:`tasks.horizontal.lossless_network`. Nothing here writes files; the party processes are
+the only side effect.
 """
 
 from __future__ import annotations

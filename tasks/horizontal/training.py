@@ -254,6 +254,37 @@ def train_update(
     return str(booster.model_to_string())
 
 
+def fit_round(
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    init_score: np.ndarray,
+    *,
+    training: TrainingSpec,
+    objective: Objective,
+    num_class: int,
+    party: str,
+    round_: int,
+    learning_rate: float,
+    categorical: Sequence[str] | Sequence[int],
+    feature_names: Sequence[str],
+) -> tuple[str, int]:
+    """A party's fit of round ``round_``: ``trees_per_round`` trees from its running scores
+    ``init_score`` with its per-round seed (:func:`party_seed`); the model text and the
+    seed. The in-memory loop and the Prefect step fit through this one function."""
+    seed = party_seed(training.seed, party, round_)
+    params = lgb_params(training, objective, num_class, seed=seed, learning_rate=learning_rate)
+    text = train_update(
+        X_train,
+        y_train,
+        init_score,
+        params,
+        training.trees_per_round,
+        categorical,
+        feature_names=feature_names,
+    )
+    return text, seed
+
+
 def evaluate(
     y: np.ndarray, raw: np.ndarray, objective: Objective, num_class: int
 ) -> dict[str, float]:
@@ -277,6 +308,23 @@ def evaluate(
         }
     mse = float(mean_squared_error(y, raw.reshape(-1)))
     return {"mse": mse, "rmse": math.sqrt(mse)}
+
+
+def split_metrics(
+    y: np.ndarray,
+    raw: np.ndarray,
+    split: np.ndarray,
+    parts: Sequence[Split],
+    objective: Objective,
+    num_class: int,
+) -> dict[Split, dict[str, float]]:
+    """:func:`evaluate` on the rows of each split in ``parts`` (empty for a split without
+    rows)."""
+    out: dict[Split, dict[str, float]] = {}
+    for part in parts:
+        mask = split == part
+        out[part] = evaluate(y[mask], raw[mask], objective, num_class) if mask.any() else {}
+    return out
 
 
 def aggregate_metrics(per_party: Mapping[str, tuple[int, Mapping[str, float]]]) -> dict[str, float]:
