@@ -10,7 +10,7 @@ pure pipeline steps of ``tasks.prepare.steps`` (preprocess -> features -> align 
 and caches the consortium and the fused tables under ``benchmarks/.data/`` keyed by the
 parameters. Then trains, with the same training settings and tree budget:
 
-* federated: ``tasks.horizontal.training.train_federated`` over the parties' fused tables;
+* federated: ``tasks.horizontal.loop.train_federated`` over the parties' fused tables;
 * local-only: ``train_local_only``, every party alone;
 * centralised: ``train_centralised`` on the pooled fused tables. This POOLS DATA, which a
   federation forbids: it is a comparison only;
@@ -204,14 +204,11 @@ def run_config(
     party_threads: int = 1,
     repeat: int = 1,
 ) -> Row:
-    from tasks.horizontal.ensemble import ensemble_size, predict_raw
+    from tasks.horizontal.baselines import train_centralised, train_local_only
+    from tasks.horizontal.ensemble import GlobalEnsemble, ensemble_size, predict_raw
+    from tasks.horizontal.loop import train_federated
     from tasks.horizontal.lossless import train_lossless
-    from tasks.horizontal.training import (
-        party_data,
-        train_centralised,
-        train_federated,
-        train_local_only,
-    )
+    from tasks.horizontal.training import party_data
     from tasks.spec.load import load_spec
 
     data = prepared(customers, parties, partition, seed)
@@ -237,7 +234,7 @@ def run_config(
     X_test = np.concatenate([d.X_test for d in splits.values()])
     y_test = np.concatenate([d.y_test for d in splits.values()])
 
-    def auc(model: Any, X: np.ndarray = X_test, y: np.ndarray = y_test) -> float:
+    def auc(model: GlobalEnsemble, X: np.ndarray = X_test, y: np.ndarray = y_test) -> float:
         return float(roc_auc_score(y, predict_raw(model, X)))
 
     # training is deterministic: repeats only time it again (median), alternating the order
@@ -268,7 +265,7 @@ def run_config(
     # within-party AUC: size-weighted over the parties whose test rows hold both classes
     both = [p for p, d in splits.items() if len(np.unique(d.y_test)) == 2]
 
-    def within(models: dict[str, Any]) -> float:
+    def within(models: dict[str, GlobalEnsemble]) -> float:
         return sum(
             sizes[p] * auc(models[p], splits[p].X_test, splits[p].y_test) for p in both
         ) / sum(sizes[p] for p in both)

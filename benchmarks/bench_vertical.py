@@ -364,7 +364,7 @@ def timed(fn: Callable[[], T]) -> tuple[T, float]:
 
 
 def train_models(data: Aligned, spec: Any) -> list[Model]:
-    from tasks.horizontal.ensemble import count_trees
+    from tasks.horizontal.model_text import count_trees
     from tasks.horizontal.training import evaluate
     from tasks.vertical.data import LabelData, PartyBlock
     from tasks.vertical.fusion import fixed_fusion, fuse_scores, learn_fusion, score_table

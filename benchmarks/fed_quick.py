@@ -23,13 +23,9 @@ import polars as pl
 from sklearn.datasets import make_classification
 from sklearn.metrics import roc_auc_score
 
+from tasks.horizontal.baselines import train_centralised, train_local_only
 from tasks.horizontal.ensemble import GlobalEnsemble, ensemble_size, predict_raw
-from tasks.horizontal.training import (
-    TrainingHistory,
-    train_centralised,
-    train_federated,
-    train_local_only,
-)
+from tasks.horizontal.loop import TrainingHistory, train_federated
 from tasks.spec.models import TrainingSpec
 from tasks.types import ENTITY_HASH, LABEL
 

@@ -37,7 +37,7 @@ import numpy as np
 import polars as pl
 from sklearn.datasets import make_classification
 
-from tasks.horizontal.ensemble import count_trees
+from tasks.horizontal.model_text import count_trees
 from tasks.horizontal.training import evaluate, split_assignments
 from tasks.spec.models import TrainingSpec
 from tasks.vertical.data import LabelData, PartyBlock

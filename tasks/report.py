@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from pydantic import BaseModel, Field
 
-from tasks.horizontal.ensemble import GlobalEnsemble, load_booster
+from tasks.horizontal.ensemble import GlobalEnsemble
+from tasks.horizontal.model_text import load_booster
 from tasks.prepare.design import FeatureSchema
 from tasks.types import Objective
 

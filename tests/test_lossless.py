@@ -15,16 +15,17 @@ from sklearn.metrics import roc_auc_score
 
 from storage.files import read_text
 from storage.store import read_manifest
+from tasks.horizontal.baselines import train_centralised
 from tasks.horizontal.ensemble import ensemble_from_manifest, export_model, predict_raw
-from tasks.horizontal.lossless import (
+from tasks.horizontal.loop import train_federated
+from tasks.horizontal.lossless import round_budget, train_lossless
+from tasks.horizontal.lossless_network import (
     NETWORK_PARAMS,
     free_ports,
     network_params,
-    round_budget,
-    train_lossless,
     without_network_params,
 )
-from tasks.horizontal.training import lgb_params, party_data, train_centralised, train_federated
+from tasks.horizontal.training import lgb_params, party_data
 from tasks.prepare.design import FeatureSchema, design_matrix
 from tasks.spec.models import TrainingSpec
 from tasks.types import ENTITY_HASH, LABEL

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from tasks.horizontal.loop import train_federated
 from tasks.horizontal.strategies import make_strategy, strategy_names
-from tasks.horizontal.training import train_federated
 from tests.test_training import NAMES, _frames, _spec
 
 
@@ -68,3 +68,33 @@ def test_a_one_class_party_is_left_out_of_training_but_evaluated() -> None:
     assert history.left_out == {"p1": "one class only in its training rows"}
     assert all(p != "p1" for r in ensemble.rounds for p, _, _ in r)
     assert "p1" in history.rounds[0].party_valid
+
+
+# --------------------------------------------------------------------------------------
+# Aggregation weights and learning rates
+# --------------------------------------------------------------------------------------
+
+
+def test_aggregation_weights() -> None:
+    def weights(n: dict[str, int], mode: str) -> dict[str, float]:
+        return make_strategy(mode, learning_rate=1.0).weights(n)
+
+    def rates(n: dict[str, int], mode: str) -> dict[str, float]:
+        return make_strategy(mode, learning_rate=0.1).learning_rates(n)
+
+    n = {"a": 600, "b": 300, "c": 100}
+    samples = weights(n, "samples")
+    assert samples == pytest.approx({"a": 0.6, "b": 0.3, "c": 0.1})
+    assert sum(samples.values()) == pytest.approx(1.0)
+    assert weights(n, "uniform") == pytest.approx(dict.fromkeys(n, 1 / 3))
+    assert weights(n, "lr_scaled") == dict.fromkeys(n, 1.0)
+    scaled = rates(n, "lr_scaled")
+    assert scaled == pytest.approx({"a": 0.06, "b": 0.03, "c": 0.01})
+    assert sum(scaled.values()) == pytest.approx(0.1)
+    assert rates(n, "samples") == dict.fromkeys(n, 0.1)
+    with pytest.raises(ValueError, match="no updates"):
+        weights({}, "samples")
+    with pytest.raises(ValueError, match="at least one training row"):
+        weights({"a": 0}, "samples")
+    with pytest.raises(ValueError, match="negative"):
+        weights({"a": -1}, "uniform")

@@ -9,26 +9,28 @@ import polars as pl
 import pytest
 from sklearn.datasets import make_classification, make_regression
 
-from tasks.horizontal.ensemble import GlobalEnsemble, RoundUpdate, ensemble_size, predict_raw
+from tasks.horizontal.baselines import train_centralised, train_local_only
+from tasks.horizontal.ensemble import GlobalEnsemble, ensemble_size, predict_raw
+from tasks.horizontal.loop import (
+    RoundUpdate,
+    aggregate_updates,
+    run_round,
+    start_state,
+    train_federated,
+)
+from tasks.horizontal.rounds import ModelRules, RoundError
+from tasks.horizontal.strategies import make_strategy
 from tasks.horizontal.training import (
     EarlyStopping,
     LabelStats,
-    RoundError,
     aggregate_metrics,
-    aggregate_updates,
     base_score,
     evaluate,
     label_stats,
     lgb_params,
     party_data,
-    party_learning_rates,
     party_seed,
-    run_round,
     split_assignments,
-    start_state,
-    train_centralised,
-    train_federated,
-    train_local_only,
     train_update,
 )
 from tasks.spec.models import TrainingSpec
@@ -234,8 +236,8 @@ def _states(frames: dict[str, pl.DataFrame], objective: Objective, spec: Trainin
         aggregation=spec.aggregation,
         trees_per_round=spec.trees_per_round,
     )
-    rates = party_learning_rates(
-        {p: s.n_train for p, s in stats.items()}, spec.learning_rate, spec.aggregation
+    rates = make_strategy(spec.aggregation, learning_rate=spec.learning_rate).learning_rates(
+        {p: s.n_train for p, s in stats.items()}
     )
     return ensemble, {p: start_state(d, base, k) for p, d in data.items()}, rates
 
@@ -290,7 +292,7 @@ def test_lr_scaled_equals_samples_with_one_tree_per_round() -> None:
 def test_bad_update_is_rejected_and_weights_renormalised() -> None:
     spec = _spec(min_parties=2)
     ensemble, states, rates = _states(_frames(n=1500), "binary", spec)
-    from tasks.horizontal.training import train_party
+    from tasks.horizontal.loop import train_party
 
     updates = [
         train_party(
@@ -308,22 +310,22 @@ def test_bad_update_is_rejected_and_weights_renormalised() -> None:
     poisoned = updates[0].model_copy(
         update={"model_text": updates[0].model_text.replace("leaf_value=", "leaf_value=nan ", 1)}
     )
+    rules = ModelRules.for_spec(
+        spec, feature_names=NAMES, categorical=["cat"], objective="binary", num_class=1
+    )
+    kw = {"rules": rules, "strategy": make_strategy("samples", learning_rate=spec.learning_rate)}
     new, rejected = aggregate_updates(
-        ensemble, [poisoned, *updates[1:]], round_=1, mode="samples", min_parties=2
+        ensemble, [poisoned, *updates[1:]], round_=1, min_parties=2, **kw
     )
     assert list(rejected) == ["p0"]
     assert [p for p, _, _ in new.rounds[0]] == ["p1", "p2"]
     assert sum(w for _, w, _ in new.rounds[0]) == pytest.approx(1.0)
     with pytest.raises(RoundError, match="min_parties is 3"):
-        aggregate_updates(
-            ensemble, [poisoned, *updates[1:]], round_=1, mode="samples", min_parties=3
-        )
+        aggregate_updates(ensemble, [poisoned, *updates[1:]], round_=1, min_parties=3, **kw)
     with pytest.raises(RoundError, match="does not follow"):
-        aggregate_updates(ensemble, updates, round_=2, mode="samples", min_parties=1)
+        aggregate_updates(ensemble, updates, round_=2, min_parties=1, **kw)
     late = RoundUpdate(**{**updates[1].model_dump(), "round": 5})
-    _, rejected = aggregate_updates(
-        ensemble, [late, updates[2]], round_=1, mode="samples", min_parties=1
-    )
+    _, rejected = aggregate_updates(ensemble, [late, updates[2]], round_=1, min_parties=1, **kw)
     assert "p1" in rejected
 
 

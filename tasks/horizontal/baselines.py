@@ -1,13 +1,16 @@
 """Baselines for the training report: local-only models and a centralised model.
 
-The centralised model pools every party's fused rows in one place, which a federation
-forbids: it is computed for comparison only, by whoever runs the evaluation with access to
-all stores (the embedded demo), and is labelled as such everywhere it appears.
+:func:`train_local_only` trains every party alone, :func:`train_centralised` one model on the
+pooled rows, both with the in-memory loop (:func:`tasks.horizontal.loop.train_federated`);
+:func:`compare` scores them beside the federated model. The centralised model pools every
+party's fused rows in one place, which a federation forbids: it is computed for comparison
+only, by whoever runs the evaluation with access to all stores (the embedded demo), and is
+labelled as such everywhere it appears.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import polars as pl
 from prefect import task
@@ -15,17 +18,68 @@ from prefect import task
 from storage.store import TableRef, read_table
 from tasks.caching import content_cache_key
 from tasks.horizontal.ensemble import GlobalEnsemble, predict_raw
-from tasks.horizontal.training import (
-    aggregate_metrics,
-    evaluate,
-    party_data,
-    train_centralised,
-    train_local_only,
-)
+from tasks.horizontal.loop import TrainingHistory, train_federated
+from tasks.horizontal.training import aggregate_metrics, evaluate, party_data
 from tasks.prepare.design import FeatureSchema
 from tasks.report import Comparison
 from tasks.spec.models import TrainingSpec
-from tasks.types import Objective
+from tasks.types import ENTITY_HASH, LABEL, Objective
+
+
+def train_centralised(
+    party_frames: Mapping[str, pl.DataFrame],
+    *,
+    spec: TrainingSpec,
+    objective: Objective,
+    num_class: int,
+    categorical: Sequence[str],
+    feature_names: Sequence[str],
+) -> tuple[GlobalEnsemble, TrainingHistory]:
+    """COMPARISON BASELINE ONLY: pools every party's raw rows, which federation forbids.
+
+    The same loop with a single party "pooled": same base score, splits, params, early
+    stopping and tree budget (rounds × trees_per_round). Boosting ``trees_per_round`` trees
+    from the running scores, round after round, is exactly continued LightGBM training.
+    """
+    pooled = pl.concat(
+        [f.select(ENTITY_HASH, LABEL, *feature_names) for f in party_frames.values()],
+        how="vertical",
+    )
+    single = spec.model_copy(update={"min_parties": 1, "aggregation": "samples"})
+    return train_federated(
+        {"pooled": pooled},
+        spec=single,
+        objective=objective,
+        num_class=num_class,
+        categorical=categorical,
+        feature_names=feature_names,
+    )
+
+
+def train_local_only(
+    party_frames: Mapping[str, pl.DataFrame],
+    *,
+    spec: TrainingSpec,
+    objective: Objective,
+    num_class: int,
+    categorical: Sequence[str],
+    feature_names: Sequence[str],
+) -> dict[str, tuple[GlobalEnsemble, TrainingHistory]]:
+    """Baseline: every party trains alone on its own rows (own base score and validation).
+    A party that cannot train (one class only) keeps its prior: zero rounds."""
+    single = spec.model_copy(update={"min_parties": 1, "aggregation": "samples", "order": None})
+    out: dict[str, tuple[GlobalEnsemble, TrainingHistory]] = {}
+    for party, frame in party_frames.items():
+        out[party] = train_federated(
+            {party: frame},
+            spec=single,
+            objective=objective,
+            num_class=num_class,
+            categorical=categorical,
+            feature_names=feature_names,
+            idle_ok=True,
+        )
+    return out
 
 
 def _frames(fused: Mapping[str, TableRef], schema: FeatureSchema) -> dict[str, pl.DataFrame]:
@@ -54,15 +108,22 @@ def compare(
     model (per party, size-weighted); with ``ensemble`` also the federated model on each
     party's own test rows, beside that party's local-only model."""
     frames = _frames(fused, schema)
-    kwargs = {
-        "spec": training,
-        "objective": objective,
-        "num_class": num_class,
-        "categorical": schema.categorical,
-        "feature_names": schema.names,
-    }
-    local = train_local_only(frames, **kwargs)  # type: ignore[arg-type]
-    central, _ = train_centralised(frames, **kwargs)  # type: ignore[arg-type]
+    local = train_local_only(
+        frames,
+        spec=training,
+        objective=objective,
+        num_class=num_class,
+        categorical=schema.categorical,
+        feature_names=schema.names,
+    )
+    central, _ = train_centralised(
+        frames,
+        spec=training,
+        objective=objective,
+        num_class=num_class,
+        categorical=schema.categorical,
+        feature_names=schema.names,
+    )
     tests = {
         p: party_data(
             f,

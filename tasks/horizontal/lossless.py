@@ -4,7 +4,7 @@ LightGBM's distributed *data-parallel* learner (``tree_learner="data"``) grows e
 from histograms of gradients and hessians summed over all machines. With one machine per
 party, each holding only its own rows (``pre_partition=True``), the parties exchange
 per-feature, per-bin histogram sums, never rows, and the trees are those of a single model
-trained on the pooled rows: unlike output averaging (:mod:`tasks.horizontal.training`), label skew
+trained on the pooled rows: unlike output averaging (:mod:`tasks.horizontal.loop`), label skew
 costs no accuracy.
 
 Protocol (:func:`train_lossless`), one OS process per party (LightGBM's network is global
@@ -20,7 +20,7 @@ inherited):
    back. LightGBM's own ``boost_from_average`` is left off: in distributed mode it takes
    the *unweighted* mean of the machines' local averages, which under label skew and
    unequal party sizes is not the pooled one. F_0 is every row's ``init_score`` instead,
-   exactly as :func:`tasks.horizontal.training.train_centralised` starts;
+   exactly as :func:`tasks.horizontal.baselines.train_centralised` starts;
 3. the parties join one LightGBM network (``machines`` = every party's ``host:port``,
    ``local_listen_port`` = its own, ``num_machines`` = P, ``time_out`` in minutes) and train
    the full tree budget, ``rounds × trees_per_round`` iterations, with the same params as
@@ -29,7 +29,7 @@ inherited):
    validation and test rows (running raw scores) and sends the validation metrics to the
    coordinator; the coordinator aggregates them (weighted by validation size,
    :func:`tasks.horizontal.training.aggregate_metrics`), updates federated early stopping
-   (:class:`tasks.horizontal.training.EarlyStopping`, as :func:`tasks.horizontal.training.train_federated`) and
+   (:class:`tasks.horizontal.training.EarlyStopping`, as :func:`tasks.horizontal.loop.train_federated`) and
    sends *every* party the same go / stop decision before the next iteration starts (a
    LightGBM callback waits for it). At the end the parties report their per-round test
    metrics and the model, which is cut at the best round.
@@ -50,33 +50,46 @@ bin mappers (a sample of one party's feature quantiles and category values per f
 are part of what the parties share, and end up in the model's ``feature_infos``.
 
 The model text is identical at every party (checked); only the network settings are removed
-from its parameters section. Nothing here writes files; the process orchestration is the
-only side effect.
+from its parameters section. This module holds the protocol: what a party process computes,
+the messages it exchanges with the coordinator and what the coordinator decides each round.
+Starting the processes, the pipes, ports and LightGBM's network settings are
+:mod:`tasks.horizontal.lossless_network`. Nothing here writes files; the party processes are
+the only side effect.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import multiprocessing as mp
-import socket
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from multiprocessing.connection import Connection, wait
-from typing import Any
+from multiprocessing.connection import Connection
+from typing import Literal
 
 import lightgbm as lgb
 import numpy as np
 from pydantic import BaseModel, Field
 
 from storage.store import TableRef, read_table
-from tasks.horizontal.ensemble import GlobalEnsemble, MemberTuple, check_task, text_sha256
+from tasks.horizontal.ensemble import GlobalEnsemble, MemberTuple, text_sha256
+from tasks.horizontal.lossless_network import (
+    PORT_ATTEMPTS,
+    Failure,
+    LightGBMLog,
+    LosslessError,
+    PartyProcesses,
+    PortInUse,
+    free_ports,
+    network_params,
+    without_network_params,
+)
+from tasks.horizontal.model_text import check_task
 from tasks.horizontal.rounds import StopReason, rounds_in_budget
 from tasks.horizontal.training import (
     LOSS_METRIC,
     EarlyStopping,
     LabelStats,
+    LgbParams,
     PartyData,
     aggregate_metrics,
     base_score,
@@ -94,22 +107,6 @@ logger = logging.getLogger(__name__)
 
 #: Party name of the single member of a lossless model's one-round ensemble.
 LOSSLESS_MEMBER = "lossless"
-#: Host the party processes listen on (they all run on this machine).
-LOCALHOST = "127.0.0.1"
-#: Parameters-section keys that differ per party or only describe the network.
-NETWORK_PARAMS = frozenset(
-    {"machines", "local_listen_port", "num_machines", "time_out", "machine_list_filename"}
-)
-#: Attempts with fresh ports when a port found free was taken before LightGBM bound it.
-PORT_ATTEMPTS = 3
-
-
-class LosslessError(RuntimeError):
-    """A party process failed, or the parties disagree on the trained model."""
-
-
-class PortInUse(LosslessError):
-    """LightGBM could not bind a listen port (taken between probing and binding)."""
 
 
 @dataclass(frozen=True)
@@ -141,12 +138,47 @@ class _Job:
     """What one party process needs (pickled to it)."""
 
     source: PartySource
-    params: dict[str, Any]
+    params: LgbParams
     objective: Objective
     num_class: int
     trees_per_round: int
     feature_names: list[str]
     categorical: list[str]
+
+
+# --------------------------------------------------------------------------------------
+# Messages between the coordinator and the party processes
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Stats:
+    """Party -> coordinator, first: the label aggregates and the validation size."""
+
+    party: str
+    stats: LabelStats
+    n_valid: int
+
+
+@dataclass(frozen=True)
+class _Train:
+    """Coordinator -> party: the base score, the rounds to train and the party's params."""
+
+    base: list[float]
+    rounds: int
+    params: LgbParams
+
+
+@dataclass(frozen=True)
+class _RoundReport:
+    """Party -> coordinator, after every round: the validation metrics of its own rows."""
+
+    party: str
+    valid: dict[str, float]
+
+
+#: Coordinator -> party, after every round: train on, or stop after this iteration.
+_Decision = Literal["go", "stop"]
 
 
 class PartyResult(BaseModel):
@@ -216,62 +248,11 @@ class LosslessResult(BaseModel):
 
 
 # --------------------------------------------------------------------------------------
-# Pure helpers
-# --------------------------------------------------------------------------------------
-
-
-def network_params(
-    params: dict[str, Any], ports: Sequence[int], rank: int, *, timeout_minutes: int
-) -> dict[str, Any]:
-    """``params`` plus the data-parallel network settings of the party at ``rank``."""
-    out = dict(params)
-    out.update(
-        {
-            "tree_learner": "data",
-            "num_machines": len(ports),
-            "machines": ",".join(f"{LOCALHOST}:{p}" for p in ports),
-            "local_listen_port": ports[rank],
-            "pre_partition": True,
-            "num_threads": 1,
-            "time_out": timeout_minutes,
-        }
-    )
-    return out
-
-
-def without_network_params(model_text: str) -> str:
-    """The model text without the per-party network lines of its parameters section."""
-    lines = model_text.split("\n")
-    keep = []
-    inside = False
-    for line in lines:
-        if line == "parameters:":
-            inside = True
-        elif line == "end of parameters":
-            inside = False
-        elif inside and line.startswith("[") and line[1:].split(":", 1)[0] in NETWORK_PARAMS:
-            continue
-        keep.append(line)
-    return "\n".join(keep)
 
 
 def round_budget(spec: TrainingSpec, num_class: int) -> tuple[int, StopReason]:
     """Rounds to train: ``spec.rounds``, fewer if ``spec.max_trees`` caps the trees."""
     return rounds_in_budget(spec.rounds, spec.trees_per_round * num_class, spec.max_trees)
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports the OS reports free (bound to port 0, then released)."""
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("", 0))
-            sockets.append(sock)
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 # --------------------------------------------------------------------------------------
@@ -322,7 +303,7 @@ class _RoundSync:
         self.raw_test = self._add(model, d.X_test, self.raw_test, done - tpr)
         self.valid.append(evaluate(d.y_valid, self.raw_valid, self.job.objective, k))
         self.test.append(evaluate(d.y_test, self.raw_test, self.job.objective, k))
-        self.conn.send(("round", d.party, self.valid[-1]))
+        self.conn.send(_RoundReport(d.party, self.valid[-1]))
         if self.conn.recv() == "stop":
             raise lgb.callback.EarlyStopException(env.iteration, [])
 
@@ -355,112 +336,22 @@ def _train_party(
     )
 
 
-class _LightGBMLog:
-    """LightGBM's C++ log in a party process: network chatter (binding, connecting, the
-    retries while the other parties start) is debug output; other warnings stay warnings."""
-
-    def info(self, message: str) -> None:
-        if message.strip():
-            logger.debug("LightGBM: %s", message.strip())
-
-    def warning(self, message: str) -> None:
-        text = message.strip()
-        if "waiting for" in text or "TCP_NODELAY" in text:
-            logger.debug("LightGBM: %s", text)
-        elif text:
-            logger.warning("LightGBM: %s", text)
-
-
 def _party_process(job: _Job, conn: Connection) -> None:
     """Entry point of a party process: stats out, (base, rounds) in, result out."""
-    lgb.register_logger(_LightGBMLog())
+    lgb.register_logger(LightGBMLog())
     try:
         data = job.source.load() if isinstance(job.source, FusedSource) else job.source
         stats = label_stats(data.y_train, job.objective, job.num_class)
-        conn.send(("stats", data.party, stats, len(data.y_valid)))
+        conn.send(_Stats(data.party, stats, len(data.y_valid)))
         message = conn.recv()
-        if message[0] != "train":
+        if not isinstance(message, _Train):
             return
-        _, base, rounds, params = message
-        job = replace(job, params=params)
-        conn.send(("result", _train_party(job, data, base, rounds, conn)))
+        job = replace(job, params=message.params)
+        conn.send(_train_party(job, data, message.base, message.rounds, conn))
     except Exception as exc:  # reported to the coordinator, which raises
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        conn.send(Failure(f"{type(exc).__name__}: {exc}"))
     finally:
         conn.close()
-
-
-# --------------------------------------------------------------------------------------
-# Orchestration
-# --------------------------------------------------------------------------------------
-
-
-class _Parties:
-    """The running party processes and their pipes."""
-
-    def __init__(self, jobs: Sequence[_Job]) -> None:
-        ctx = mp.get_context("spawn")
-        self.conns: list[Connection] = []
-        self.procs: list[mp.process.BaseProcess] = []
-        for i, job in enumerate(jobs):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=_party_process, args=(job, child), name=f"lossless-party-{i}", daemon=True
-            )
-            proc.start()
-            child.close()
-            self.conns.append(parent)
-            self.procs.append(proc)
-
-    def gather(self, kind: str, timeout: float) -> list[Any]:
-        """One ``kind`` message from every party (in rank order); raises on any failure."""
-        out: dict[int, Any] = {}
-        deadline = time.monotonic() + timeout
-        while len(out) < len(self.conns):
-            pending = [i for i in range(len(self.conns)) if i not in out]
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise LosslessError(f"no {kind} from parties {pending} within {timeout:.0f} s")
-            # a process that dies before taking its pipe end never closes it: watch both
-            ready = wait(
-                [self.conns[i] for i in pending] + [self.procs[i].sentinel for i in pending],
-                timeout=left,
-            )
-            for i in pending:
-                conn = self.conns[i]
-                if conn not in ready and self.procs[i].sentinel not in ready:
-                    continue
-                try:
-                    if not conn.poll():
-                        raise EOFError
-                    message = conn.recv()
-                except EOFError:
-                    code = self.procs[i].exitcode
-                    raise LosslessError(
-                        f"party process {i} exited (code {code}) without its {kind}"
-                    ) from None
-                if message[0] == "error":
-                    text = str(message[1])
-                    error = PortInUse if "binding port" in text.lower() else LosslessError
-                    raise error(f"party process {i}: {text}")
-                out[i] = message[1:] if len(message) > 2 else message[1]
-        return [out[i] for i in range(len(self.conns))]
-
-    def send(self, messages: Sequence[Any]) -> None:
-        for conn, message in zip(self.conns, messages, strict=True):
-            conn.send(message)
-
-    def close(self, *, failed: bool) -> None:
-        """Wait for the processes to exit (end them at once after a failure)."""
-        for proc in self.procs:
-            if failed and proc.is_alive():
-                proc.terminate()
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        for conn in self.conns:
-            conn.close()
 
 
 @dataclass
@@ -487,20 +378,19 @@ def _run_parties(
     """Start the party processes, exchange stats and base score, run the rounds with
     federated early stopping; one attempt."""
     timeout = 60.0 * timeout_minutes
-    parties = _Parties(jobs)
+    parties = PartyProcesses(_party_process, jobs)
     failed = True
     try:
-        stats: list[tuple[str, LabelStats, int]] = parties.gather("label stats", timeout)
-        empty = [p for p, s, _ in stats if s.n_train == 0]
+        stats = parties.gather("label stats", timeout, _Stats)
+        empty = [s.party for s in stats if s.stats.n_train == 0]
         if empty:
             raise ValueError(f"parties {empty} hold no training rows; lossless mode needs rows")
-        n_valid = {p: n for p, _, n in stats}
-        base = base_score([s for _, s, _ in stats], objective, num_class)
+        n_valid = {s.party: s.n_valid for s in stats}
+        base = base_score([s.stats for s in stats], objective, num_class)
         ports = free_ports(len(jobs)) if len(jobs) > 1 else []
         parties.send(
             [
-                (
-                    "train",
+                _Train(
                     base,
                     budget,
                     network_params(job.params, ports, i, timeout_minutes=timeout_minutes)
@@ -515,13 +405,14 @@ def _run_parties(
         stopped = False
         loss_name = LOSS_METRIC[objective]
         for r in range(1, budget + 1):
-            reports: list[tuple[str, dict[str, float]]] = parties.gather(f"round {r}", timeout)
-            valid.append(aggregate_metrics({p: (n_valid[p], m) for p, m in reports}))
+            reports = parties.gather(f"round {r}", timeout, _RoundReport)
+            valid.append(aggregate_metrics({m.party: (n_valid[m.party], m.valid) for m in reports}))
             stopped = stopper.update(r, valid[-1].get(loss_name, math.nan))
-            parties.send(["stop" if stopped else "go"] * len(jobs))
+            decision: _Decision = "stop" if stopped else "go"
+            parties.send([decision] * len(jobs))
             if stopped:
                 break
-        results: list[PartyResult] = parties.gather("model", timeout)
+        results = parties.gather("model", timeout, PartyResult)
         failed = False
     finally:
         parties.close(failed=failed)
@@ -544,7 +435,7 @@ def train_lossless(
 
     ``sources`` holds one entry per party: its rows (:class:`tasks.horizontal.training.PartyData`) or
     a :class:`FusedSource` its process reads. Same splits, params, base score, tree budget
-    and early stopping as :func:`tasks.horizontal.training.train_centralised`; the spec's ``seed``
+    and early stopping as :func:`tasks.horizontal.baselines.train_centralised`; the spec's ``seed``
     seeds LightGBM. ``timeout_minutes`` is LightGBM's socket time-out and bounds the wait
     for any one party message.
     """

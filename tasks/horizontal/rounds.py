@@ -2,7 +2,7 @@
 the tree budget and the decision to stop, with its reason.
 
 Both the Prefect flow (:mod:`flows.horizontal`) and the in-memory loop
-(:func:`tasks.horizontal.training.train_federated`) call these; nothing here reads files or the clock
+(:func:`tasks.horizontal.loop.train_federated`) call these; nothing here reads files or the clock
 (the caller passes elapsed seconds).
 """
 
@@ -15,7 +15,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field
 
-from tasks.horizontal.ensemble import check_update, leaf_bound
+from tasks.horizontal.model_text import check_update, leaf_bound
 from tasks.horizontal.strategies import Strategy, make_strategy
 from tasks.spec.models import TrainingSpec
 from tasks.types import Objective
@@ -77,6 +77,29 @@ class ModelRules:
             max_abs_leaf=leaf_bound(objective, learning_rate, num_class, label_span),
         )
 
+    @classmethod
+    def for_spec(
+        cls,
+        training: TrainingSpec,
+        *,
+        feature_names: Sequence[str],
+        categorical: Sequence[str],
+        objective: Objective,
+        num_class: int,
+        label_span: float = 0.0,
+    ) -> ModelRules:
+        """The rules of a training run under ``training``: its tree limit and, for the leaf
+        bound, its learning rate and (regression only) the pooled ``label_span``."""
+        return cls.for_training(
+            feature_names=feature_names,
+            categorical=categorical,
+            objective=objective,
+            num_class=num_class,
+            trees_per_round=training.trees_per_round,
+            learning_rate=training.learning_rate,
+            label_span=label_span if objective == "regression" else 0.0,
+        )
+
 
 @dataclass
 class Review:
@@ -96,7 +119,7 @@ def review_updates(
     failed: Mapping[str, str] | None = None,
 ) -> Review:
     """Accept or reject each update: readable, for this round, one per party, from a party
-    the strategy asked, and a LightGBM model :func:`~tasks.horizontal.ensemble.check_update` passes."""
+    the strategy asked, and a LightGBM model :func:`~tasks.horizontal.model_text.check_update` passes."""
     review = Review(rejected=dict(failed or {}))
     for update in candidates:
         problems: list[str] = []

@@ -8,7 +8,6 @@ metrics are written to the coordinator store.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
 import polars as pl
@@ -26,7 +25,8 @@ from storage.store import (
     read_verified_text,
 )
 from tasks.caching import content_cache_key
-from tasks.horizontal.ensemble import MemberTuple, count_trees, round_increment
+from tasks.horizontal.ensemble import MemberTuple, round_increment
+from tasks.horizontal.model_text import count_trees
 from tasks.horizontal.rounds import (
     MAX_UPDATE_BYTES,
     Candidate,
@@ -36,14 +36,7 @@ from tasks.horizontal.rounds import (
     weigh,
 )
 from tasks.horizontal.strategies import Strategy
-from tasks.horizontal.training import (
-    evaluate,
-    label_stats,
-    lgb_params,
-    party_seed,
-    split_assignments,
-    train_update,
-)
+from tasks.horizontal.training import fit_round, label_stats, split_assignments, split_metrics
 from tasks.prepare.design import FeatureSchema, design_matrix, labels
 from tasks.spec.models import TrainingSpec
 from tasks.types import ENTITY_HASH, Objective
@@ -79,15 +72,13 @@ class PartyStats(BaseModel):
 
 def model_rules(setup: TrainSetup, span: float = 0.0) -> ModelRules:
     """What every accepted update of this training run must look like."""
-    t = setup.training
-    return ModelRules.for_training(
+    return ModelRules.for_spec(
+        setup.training,
         feature_names=setup.schema_.names,
         categorical=setup.schema_.categorical,
         objective=setup.objective,
         num_class=setup.num_class,
-        trees_per_round=t.trees_per_round,
-        learning_rate=t.learning_rate,
-        label_span=span if setup.objective == "regression" else 0.0,
+        label_span=span,
     )
 
 
@@ -173,20 +164,17 @@ def train_round(
     x, y, split = _party_data(setup)
     running = _scores_array(scores)
     mask = split == "train"
-    params = lgb_params(
-        setup.training,
-        setup.objective,
-        setup.num_class,
-        seed=party_seed(setup.training.seed, setup.party, round_),
-        learning_rate=learning_rate,
-    )
-    text = train_update(
+    text, _ = fit_round(
         x[mask],
         y[mask],
         running[mask],
-        params,
-        setup.training.trees_per_round,
-        setup.schema_.categorical_index,
+        training=setup.training,
+        objective=setup.objective,
+        num_class=setup.num_class,
+        party=setup.party,
+        round_=round_,
+        learning_rate=learning_rate,
+        categorical=setup.schema_.categorical_index,
         feature_names=setup.schema_.names,
     )
     ref = Store(setup.coordinator).write_text(
@@ -286,12 +274,7 @@ def evaluate_round(
     last = aggregates[-1].round
     store = Store(setup.store)
     ref = store.write_table(_scores_frame(running), "models", f"{setup.run_key}-scores-r{last:04d}")
-    out: dict[str, Any] = {}
-    for part in ("valid", "test"):
-        mask = split == part
-        out[part] = (
-            evaluate(y[mask], running[mask], setup.objective, setup.num_class) if mask.any() else {}
-        )
+    out = split_metrics(y, running, split, ("valid", "test"), setup.objective, setup.num_class)
     return PartyEval(
         party=setup.party,
         round=last,

@@ -1,35 +1,26 @@
-"""Pure core of horizontal federated training: splits, params, party and coordinator steps.
+"""A party's local side of horizontal training: splits, LightGBM params, label statistics,
+base score, local update fits, evaluation, metric aggregation and early stopping.
 
 Every party holds a fused table (``entity_hash``, ``label``, the consortium's feature
-columns). Training is output averaging with residual rounds (see :mod:`tasks.horizontal.ensemble`):
-
-1. each party splits its rows into train/valid/test from the entity hash
-   (:func:`split_assignments`) and reports only label aggregates (:class:`LabelStats`);
-2. the coordinator computes the base score F_0 (:func:`base_score`) and the parties'
-   learning rates (:func:`party_learning_rates`);
-3. per round, each party fits ``trees_per_round`` trees from its *running* raw scores
-   F_{t-1}(x) as ``init_score`` (:func:`train_party`), the coordinator checks and weights the
-   updates (:func:`aggregate_updates`), each party adds Σ_k w_k f_k(x) to its running scores
-   and evaluates on its validation rows (:func:`apply_round`, :func:`evaluate_party`), and the
-   coordinator aggregates the metrics (weighted by validation size) and applies federated
-   early stopping (:class:`EarlyStopping`).
-
-:func:`run_round` is one round wired in memory, :func:`train_federated` the whole loop; both
-are references for the Prefect flows, which run the same pure steps as tasks. The comparison
-baselines :func:`train_centralised` (pools raw rows: a benchmark only, never a production
-mode) and :func:`train_local_only` reuse the same loop. Nothing here reads files or the clock,
-and every random choice is seeded from the spec.
+columns). It splits its rows into train/valid/test from the entity hash
+(:func:`split_assignments`), reports only label aggregates (:class:`LabelStats`) from which
+the coordinator computes the base score F_0 (:func:`base_score`), fits each round's trees
+from its running raw scores as ``init_score`` (:func:`train_update`, params from
+:func:`lgb_params`) and evaluates raw scores (:func:`evaluate`); the coordinator aggregates
+the metrics (:func:`aggregate_metrics`, weighted by validation size) and applies federated
+early stopping (:class:`EarlyStopping`). The in-memory loop (:mod:`tasks.horizontal.loop`),
+the Prefect steps (:mod:`tasks.horizontal.steps`), lossless mode and the vertical layout
+reuse these. Nothing here reads files or the clock, and every random choice is seeded from
+the spec.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor
-from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import lightgbm as lgb
 import numpy as np
@@ -37,43 +28,19 @@ import polars as pl
 from pydantic import BaseModel, Field
 from sklearn.metrics import accuracy_score, log_loss, mean_squared_error, roc_auc_score
 
-from tasks.horizontal.ensemble import (
-    LGB_OBJECTIVE,
-    GlobalEnsemble,
-    MemberTuple,
-    RoundUpdate,
-    check_task,
-    ensemble_size,
-    feature_matrix,
-    predict_raw,
-    round_increment,
-)
-from tasks.horizontal.rounds import (
-    Candidate,
-    ModelRules,
-    RoundError,
-    StopReason,
-    cannot_train,
-    require_quorum,
-    require_trainers,
-    review_updates,
-    round_trees,
-    stop_before,
-    strategy_for,
-    weigh,
-)
-from tasks.horizontal.rounds import (
-    label_span as rounds_label_span,
-)
-from tasks.horizontal.strategies import make_strategy
+from tasks.horizontal.ensemble import feature_matrix
+from tasks.horizontal.model_text import LGB_OBJECTIVE
 from tasks.links import sigmoid, softmax
 from tasks.spec.models import RESERVED_PARAMS as RESERVED_PARAMS  # noqa: PLC0414  (re-exported)
-from tasks.spec.models import TrainingSpec
-from tasks.types import ENTITY_HASH, LABEL, Aggregation, Objective
-
-logger = logging.getLogger(__name__)
+from tasks.spec.models import ParamValue, TrainingSpec
+from tasks.types import ENTITY_HASH, LABEL, Objective
 
 Split = Literal["train", "valid", "test"]
+
+#: A LightGBM param value: a scalar, or a custom objective function (``objective=fn``).
+LgbParamValue = ParamValue | Callable[..., object]
+#: LightGBM params of one local fit.
+LgbParams = dict[str, LgbParamValue]
 
 #: Validation metric that drives early stopping (lower is better).
 LOSS_METRIC: dict[str, str] = {"binary": "logloss", "multiclass": "logloss", "regression": "rmse"}
@@ -129,7 +96,7 @@ def lgb_params(
     *,
     seed: int,
     learning_rate: float | None = None,
-) -> dict[str, Any]:
+) -> LgbParams:
     """LightGBM params of one party's local fit: deterministic, quiet, single-threaded.
 
     ``num_class`` counts raw-score columns (1 for binary and regression). Categorical
@@ -140,7 +107,7 @@ def lgb_params(
     reserved = sorted(set(training_spec.params) & RESERVED_PARAMS)
     if reserved:
         raise ValueError(f"training.params may not set {reserved}: the round controls them")
-    params: dict[str, Any] = {
+    params: LgbParams = {
         "objective": LGB_OBJECTIVE[objective],
         "learning_rate": training_spec.learning_rate if learning_rate is None else learning_rate,
         "num_leaves": training_spec.num_leaves,
@@ -164,14 +131,6 @@ def party_seed(seed: int, party: str, round_: int) -> int:
     """A stable per-party, per-round seed (Python's ``hash`` is salted per process)."""
     digest = hashlib.sha256(f"{seed}:{party}:{round_}".encode()).digest()
     return int.from_bytes(digest[:4], "big") % (2**31 - 1)
-
-
-def party_learning_rates(
-    n_train: Mapping[str, int], learning_rate: float, mode: Aggregation
-) -> dict[str, float]:
-    """Local learning rate per party under the strategy ``mode`` (e.g. η, or η · n_k / Σ n
-    for ``lr_scaled``, NVFlare bagging)."""
-    return make_strategy(mode, learning_rate=learning_rate).learning_rates(n_train)
 
 
 class LabelStats(BaseModel):
@@ -258,7 +217,7 @@ def train_update(
     X_train: pl.DataFrame | np.ndarray,
     y_train: np.ndarray,
     init_score: np.ndarray,
-    params: Mapping[str, Any],
+    params: Mapping[str, LgbParamValue],
     trees: int,
     categorical: Sequence[str] | Sequence[int],
     *,
@@ -295,6 +254,37 @@ def train_update(
     return str(booster.model_to_string())
 
 
+def fit_round(
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    init_score: np.ndarray,
+    *,
+    training: TrainingSpec,
+    objective: Objective,
+    num_class: int,
+    party: str,
+    round_: int,
+    learning_rate: float,
+    categorical: Sequence[str] | Sequence[int],
+    feature_names: Sequence[str],
+) -> tuple[str, int]:
+    """A party's fit of round ``round_``: ``trees_per_round`` trees from its running scores
+    ``init_score`` with its per-round seed (:func:`party_seed`); the model text and the
+    seed. The in-memory loop and the Prefect step fit through this one function."""
+    seed = party_seed(training.seed, party, round_)
+    params = lgb_params(training, objective, num_class, seed=seed, learning_rate=learning_rate)
+    text = train_update(
+        X_train,
+        y_train,
+        init_score,
+        params,
+        training.trees_per_round,
+        categorical,
+        feature_names=feature_names,
+    )
+    return text, seed
+
+
 def evaluate(
     y: np.ndarray, raw: np.ndarray, objective: Objective, num_class: int
 ) -> dict[str, float]:
@@ -318,6 +308,23 @@ def evaluate(
         }
     mse = float(mean_squared_error(y, raw.reshape(-1)))
     return {"mse": mse, "rmse": math.sqrt(mse)}
+
+
+def split_metrics(
+    y: np.ndarray,
+    raw: np.ndarray,
+    split: np.ndarray,
+    parts: Sequence[Split],
+    objective: Objective,
+    num_class: int,
+) -> dict[Split, dict[str, float]]:
+    """:func:`evaluate` on the rows of each split in ``parts`` (empty for a split without
+    rows)."""
+    out: dict[Split, dict[str, float]] = {}
+    for part in parts:
+        mask = split == part
+        out[part] = evaluate(y[mask], raw[mask], objective, num_class) if mask.any() else {}
+    return out
 
 
 def aggregate_metrics(per_party: Mapping[str, tuple[int, Mapping[str, float]]]) -> dict[str, float]:
@@ -380,7 +387,7 @@ class EarlyStopping:
 
 
 # --------------------------------------------------------------------------------------
-# Party-side state and steps
+# A party's rows
 # --------------------------------------------------------------------------------------
 
 
@@ -425,368 +432,3 @@ def split_party_data(party: str, X: np.ndarray, y: np.ndarray, split: np.ndarray
         X_test=X[parts["test"]],
         y_test=y[parts["test"]],
     )
-
-
-@dataclass(frozen=True)
-class PartyState:
-    """A party's data and its running raw scores F_t on its train and valid rows."""
-
-    data: PartyData
-    raw_train: np.ndarray
-    raw_valid: np.ndarray
-    round: int = 0
-
-
-def start_state(data: PartyData, base: Sequence[float], num_class: int) -> PartyState:
-    def tile(n: int) -> np.ndarray:
-        out = np.tile(np.asarray(base, dtype=np.float64), (n, 1))
-        return out.reshape(n) if num_class == 1 else out
-
-    return PartyState(
-        data=data, raw_train=tile(len(data.y_train)), raw_valid=tile(len(data.y_valid))
-    )
-
-
-def train_party(
-    state: PartyState,
-    *,
-    round_: int,
-    spec: TrainingSpec,
-    objective: Objective,
-    num_class: int,
-    categorical: Sequence[str],
-    feature_names: Sequence[str],
-    learning_rate: float,
-) -> RoundUpdate:
-    """Party step: fit this round's trees from the running scores."""
-    seed = party_seed(spec.seed, state.data.party, round_)
-    params = lgb_params(spec, objective, num_class, seed=seed, learning_rate=learning_rate)
-    text = train_update(
-        state.data.X_train,
-        state.data.y_train,
-        state.raw_train,
-        params,
-        spec.trees_per_round,
-        categorical,
-        feature_names=feature_names,
-    )
-    return RoundUpdate(
-        party=state.data.party,
-        round=round_,
-        model_text=text,
-        n_train=len(state.data.y_train),
-        learning_rate=learning_rate,
-        seed=seed,
-    )
-
-
-def apply_round(state: PartyState, members: Sequence[MemberTuple], num_class: int) -> PartyState:
-    """Party step: add Σ_k w_k f_k(x) of an accepted round to the running scores."""
-    d = state.data
-    return replace(
-        state,
-        raw_train=state.raw_train + round_increment(members, d.X_train, num_class),
-        raw_valid=state.raw_valid + round_increment(members, d.X_valid, num_class),
-        round=state.round + 1,
-    )
-
-
-def evaluate_party(
-    state: PartyState, objective: Objective, num_class: int
-) -> tuple[int, dict[str, float]]:
-    """Party step: (validation size, metrics of the running scores on it)."""
-    d = state.data
-    return len(d.y_valid), evaluate(d.y_valid, state.raw_valid, objective, num_class)
-
-
-# --------------------------------------------------------------------------------------
-# Coordinator-side steps
-# --------------------------------------------------------------------------------------
-
-
-def aggregate_updates(
-    ensemble: GlobalEnsemble,
-    updates: Sequence[RoundUpdate],
-    *,
-    round_: int,
-    mode: Aggregation,
-    min_parties: int,
-    learning_rate: float = 0.1,
-    planned: Sequence[str] | None = None,
-    label_span: float = 0.0,
-) -> tuple[GlobalEnsemble, dict[str, str]]:
-    """Coordinator step in memory: the round rules of :mod:`tasks.horizontal.rounds` (the flow's own),
-    then the accepted updates appended as the ensemble's next round.
-
-    Returns the new ensemble and the rejected parties with their reasons. Raises
-    :class:`RoundError` below ``min_parties`` accepted updates.
-    """
-    if round_ != len(ensemble.rounds) + 1:
-        raise RoundError(f"round {round_} does not follow the ensemble's {len(ensemble.rounds)}")
-    rules = ModelRules.for_training(
-        feature_names=ensemble.feature_names,
-        categorical=ensemble.categorical,
-        objective=ensemble.objective,
-        num_class=ensemble.num_class,
-        trees_per_round=ensemble.trees_per_round,
-        learning_rate=learning_rate,
-        label_span=label_span,
-    )
-    candidates = [
-        Candidate(party=u.party, round=u.round, n_train=u.n_train, text=u.model_text)
-        for u in updates
-    ]
-    review = review_updates(candidates, round_=round_, rules=rules, planned=planned)
-    for party, reason in review.rejected.items():
-        logger.warning("round %d: update of %s rejected: %s", round_, party, reason)
-    require_quorum(review, round_=round_, min_parties=min_parties)
-    weights = weigh(review, make_strategy(mode, learning_rate=learning_rate))
-    members = [(c.party, weights[c.party], c.text or "") for c in review.accepted]
-    return ensemble.with_round(members), review.rejected
-
-
-class RoundRecord(BaseModel):
-    round: int
-    weights: dict[str, float]
-    rejected: dict[str, str] = Field(default_factory=dict)
-    valid: dict[str, float]
-    party_valid: dict[str, dict[str, float]]
-    trees: int
-    model_bytes: int
-
-
-class TrainingHistory(BaseModel):
-    rounds: list[RoundRecord] = Field(default_factory=list)
-    best_round: int = 0
-    best_loss: float | None = None
-    stop_reason: StopReason = "rounds"
-    left_out: dict[str, str] = Field(default_factory=dict, description="Parties that cannot train")
-    n_train: dict[str, int] = Field(default_factory=dict)
-    learning_rates: dict[str, float] = Field(default_factory=dict)
-    test: dict[str, float] = Field(default_factory=dict)
-
-
-def run_round(
-    ensemble: GlobalEnsemble,
-    states: Mapping[str, PartyState],
-    *,
-    round_: int,
-    spec: TrainingSpec,
-    learning_rates: Mapping[str, float],
-    executor: Executor | None = None,
-    label_span: float = 0.0,
-) -> tuple[GlobalEnsemble, dict[str, PartyState], RoundRecord]:
-    """One round in memory: train at the parties ``learning_rates`` names (the strategy's
-    plan), aggregate, apply and evaluate everywhere, aggregate the metrics.
-
-    With an ``executor`` the parties' fits and score updates run in it side by side (as the
-    parties' own machines would; LightGBM releases the GIL); the results are the same.
-    """
-    k = ensemble.num_class
-    run: Callable[..., Iterator[Any]] = map if executor is None else executor.map
-
-    def fit(item: tuple[str, PartyState]) -> RoundUpdate:
-        party, state = item
-        return train_party(
-            state,
-            round_=round_,
-            spec=spec,
-            objective=ensemble.objective,
-            num_class=k,
-            categorical=ensemble.categorical,
-            feature_names=ensemble.feature_names,
-            learning_rate=learning_rates[party],
-        )
-
-    active = [(p, s) for p, s in states.items() if p in learning_rates and len(s.data.y_train)]
-    updates: list[RoundUpdate] = list(run(fit, active))
-    ensemble, rejected = aggregate_updates(
-        ensemble,
-        updates,
-        round_=round_,
-        mode=spec.aggregation,
-        min_parties=spec.min_parties,
-        learning_rate=spec.learning_rate,
-        planned=list(learning_rates),
-        label_span=label_span,
-    )
-    members = ensemble.rounds[-1]
-    new_states = dict(
-        zip(states, run(lambda s: apply_round(s, members, k), states.values()), strict=True)
-    )
-    per_party = {p: evaluate_party(s, ensemble.objective, k) for p, s in new_states.items()}
-    valid = aggregate_metrics(per_party)
-    ensemble = ensemble.with_metrics(round_, valid)
-    size = ensemble_size(ensemble)
-    record = RoundRecord(
-        round=round_,
-        weights={p: w for p, w, _ in members},
-        rejected=rejected,
-        valid=valid,
-        party_valid={p: m for p, (_, m) in per_party.items()},
-        trees=size.trees,
-        model_bytes=size.bytes,
-    )
-    return ensemble, new_states, record
-
-
-def train_federated(
-    party_frames: Mapping[str, pl.DataFrame],
-    *,
-    spec: TrainingSpec,
-    objective: Objective,
-    num_class: int,
-    categorical: Sequence[str],
-    feature_names: Sequence[str],
-    executor: Executor | None = None,
-    idle_ok: bool = False,
-) -> tuple[GlobalEnsemble, TrainingHistory]:
-    """The in-memory loop of horizontal federated training, on the round rules of
-    :mod:`tasks.horizontal.rounds` and the strategies of :mod:`tasks.horizontal.strategies` (as the flow).
-
-    Parties that cannot train (:func:`~tasks.horizontal.rounds.cannot_train`) are left out
-    (``history.left_out``) and still evaluated; ``idle_ok`` lets a run where nobody can
-    train end with the prior alone (a one-class party's local-only model).
-
-    Stops after ``spec.rounds``, on early stopping (``spec.patience`` rounds without a better
-    aggregated validation loss, :data:`LOSS_METRIC`), or before a round that could take the
-    ensemble past ``spec.max_trees`` LightGBM trees (all classes; a round adds at most
-    parties × trees_per_round × num_class). The returned ensemble keeps every round run and
-    sets ``best_round``; ``history.test`` holds the size-weighted test metrics at that round.
-    ``executor`` runs the parties' steps of each round side by side (see :func:`run_round`).
-    """
-    check_task(objective, num_class)
-    data = {
-        p: party_data(
-            frame,
-            party=p,
-            feature_names=feature_names,
-            validation_fraction=spec.validation_fraction,
-            test_fraction=spec.test_fraction,
-        )
-        for p, frame in party_frames.items()
-    }
-    stats = {p: label_stats(d.y_train, objective, num_class) for p, d in data.items()}
-    n_train = {p: s.n_train for p, s in stats.items()}
-    left_out = {p: why for p, st in stats.items() if (why := cannot_train(st, objective))}
-    trainers = {p: (0 if p in left_out else n) for p, n in n_train.items()}
-    able = sum(1 for n in trainers.values() if n)
-    if not (idle_ok and able == 0):
-        require_trainers(trainers, left_out, min_parties=spec.min_parties)
-    base = base_score(stats, objective, num_class)
-    strategy = strategy_for(spec)
-    rates = strategy.learning_rates(n_train)
-    ensemble = GlobalEnsemble(
-        objective=objective,
-        num_class=num_class,
-        base_score=base,
-        feature_names=list(feature_names),
-        categorical=list(categorical),
-        aggregation=spec.aggregation,
-        trees_per_round=spec.trees_per_round,
-    )
-    states = {p: start_state(d, base, num_class) for p, d in data.items()}
-    stopper = EarlyStopping(patience=spec.patience)
-    history = TrainingHistory(n_train=n_train, learning_rates=rates, left_out=left_out)
-    loss_name = LOSS_METRIC[objective]
-    per_round = round_trees(strategy, trainers, spec.trees_per_round, num_class)
-    span = rounds_label_span(list(stats.values())) if objective == "regression" else 0.0
-    t = 0
-    while able:
-        t += 1
-        reason = stop_before(
-            t,
-            rounds=spec.rounds,
-            trees=ensemble_size(ensemble).trees,
-            next_trees=per_round,
-            max_trees=spec.max_trees,
-        )
-        if reason is not None:
-            history.stop_reason = reason
-            break
-        plan = strategy.plan(t, trainers)
-        ensemble, states, record = run_round(
-            ensemble,
-            states,
-            round_=t,
-            spec=spec,
-            learning_rates=plan.learning_rates,
-            executor=executor,
-            label_span=span,
-        )
-        history.rounds.append(record)
-        loss = record.valid.get(loss_name, math.nan)
-        logger.info("round %d: valid %s, %d trees", t, record.valid, record.trees)
-        if stopper.update(t, loss):
-            history.stop_reason = "early_stopping"
-            break
-    if stopper.best_round == 0 and not any(len(d.y_valid) for d in data.values()):
-        stopper.best_round = len(ensemble.rounds)  # nothing to validate on: keep every round
-    ensemble = ensemble.model_copy(update={"best_round": stopper.best_round})
-    history.best_round = stopper.best_round
-    history.best_loss = stopper.best_loss
-    history.test = aggregate_metrics(
-        {
-            p: (
-                len(d.y_test),
-                evaluate(d.y_test, predict_raw(ensemble, d.X_test), objective, num_class),
-            )
-            for p, d in data.items()
-            if len(d.y_test)
-        }
-    )
-    return ensemble, history
-
-
-def train_centralised(
-    party_frames: Mapping[str, pl.DataFrame],
-    *,
-    spec: TrainingSpec,
-    objective: Objective,
-    num_class: int,
-    categorical: Sequence[str],
-    feature_names: Sequence[str],
-) -> tuple[GlobalEnsemble, TrainingHistory]:
-    """COMPARISON BASELINE ONLY: pools every party's raw rows, which federation forbids.
-
-    The same loop with a single party "pooled": same base score, splits, params, early
-    stopping and tree budget (rounds × trees_per_round). Boosting ``trees_per_round`` trees
-    from the running scores, round after round, is exactly continued LightGBM training.
-    """
-    pooled = pl.concat(
-        [f.select(ENTITY_HASH, LABEL, *feature_names) for f in party_frames.values()],
-        how="vertical",
-    )
-    single = spec.model_copy(update={"min_parties": 1, "aggregation": "samples"})
-    return train_federated(
-        {"pooled": pooled},
-        spec=single,
-        objective=objective,
-        num_class=num_class,
-        categorical=categorical,
-        feature_names=feature_names,
-    )
-
-
-def train_local_only(
-    party_frames: Mapping[str, pl.DataFrame],
-    *,
-    spec: TrainingSpec,
-    objective: Objective,
-    num_class: int,
-    categorical: Sequence[str],
-    feature_names: Sequence[str],
-) -> dict[str, tuple[GlobalEnsemble, TrainingHistory]]:
-    """Baseline: every party trains alone on its own rows (own base score and validation).
-    A party that cannot train (one class only) keeps its prior: zero rounds."""
-    single = spec.model_copy(update={"min_parties": 1, "aggregation": "samples", "order": None})
-    out: dict[str, tuple[GlobalEnsemble, TrainingHistory]] = {}
-    for party, frame in party_frames.items():
-        kwargs: dict[str, Any] = {
-            "objective": objective,
-            "num_class": num_class,
-            "categorical": categorical,
-            "feature_names": feature_names,
-        }
-        out[party] = train_federated({party: frame}, spec=single, idle_ok=True, **kwargs)
-    return out

@@ -32,7 +32,7 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sklearn.linear_model import LinearRegression, LogisticRegression
 
-from tasks.horizontal.ensemble import check_task
+from tasks.horizontal.model_text import check_task
 from tasks.horizontal.training import check_labels
 from tasks.types import Objective
 from tasks.vertical.data import raw_shape

@@ -15,7 +15,7 @@ from typing import Any
 import lightgbm as lgb
 import numpy as np
 
-from tasks.horizontal.ensemble import check_task
+from tasks.horizontal.model_text import check_task
 from tasks.horizontal.training import check_labels, lgb_params, party_seed
 from tasks.spec.models import TrainingSpec
 from tasks.types import Objective

@@ -22,7 +22,7 @@ import lightgbm as lgb
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.horizontal.ensemble import check_task, count_trees, load_booster
+from tasks.horizontal.model_text import check_task, count_trees, load_booster
 from tasks.horizontal.training import lgb_params, party_seed
 from tasks.spec.models import TrainingSpec
 from tasks.types import Objective

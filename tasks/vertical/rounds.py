@@ -59,7 +59,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
-from tasks.horizontal.ensemble import check_task
+from tasks.horizontal.model_text import check_task
 from tasks.horizontal.rounds import StopReason, stop_before
 from tasks.horizontal.training import (
     LOSS_METRIC,

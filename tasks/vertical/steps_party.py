@@ -14,7 +14,7 @@ import polars as pl
 
 from storage.psi import read_message, write_alignment, write_message
 from storage.store import FileRef, Store, TableRef, fingerprint, read_table
-from tasks.horizontal.ensemble import count_trees
+from tasks.horizontal.model_text import count_trees
 from tasks.prepare.design import design_matrix
 from tasks.vertical.arrays import arrays_frame, frame_arrays, split_frame, unsplit_frame
 from tasks.vertical.data import LabelData

@@ -1,7 +1,9 @@
 """Aggregation strategies, one module each, found by name (``training.aggregation``).
 
 Adding a strategy is one module in this package with a :func:`~tasks.horizontal.strategies.base.register`
-ed subclass of :class:`~tasks.horizontal.strategies.base.Strategy`; it is imported here on first use.
+ed subclass of :class:`~tasks.horizontal.strategies.base.Strategy` (its ``weigh_counts`` and,
+when they differ from the defaults, its learning rates and plan); it is imported here on
+first use. The weights of a round's updates are computed here and nowhere else.
 """
 
 from __future__ import annotations

@@ -52,9 +52,15 @@ class Strategy(ABC):
         rates = self.learning_rates(n_train)
         return RoundPlan(round_, parties, {p: rates[p] for p in parties})
 
-    @abstractmethod
     def weights(self, accepted: Mapping[str, int]) -> dict[str, float]:
         """Weights w_k of a round's accepted updates (party -> training rows)."""
+        if any(n < 0 for n in accepted.values()):
+            raise ValueError(f"negative sample counts: {dict(accepted)}")
+        return self.weigh_counts(accepted)
+
+    @abstractmethod
+    def weigh_counts(self, accepted: Mapping[str, int]) -> dict[str, float]:
+        """The strategy's weights of accepted updates with non-negative training rows."""
 
     def max_trainers(self, n_train: Mapping[str, int]) -> int:
         """At most this many updates per round (the tree budget counts with it)."""

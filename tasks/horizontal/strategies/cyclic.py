@@ -33,7 +33,7 @@ class Cyclic(Strategy):
         party = turns[(round_ - 1) % len(turns)]
         return RoundPlan(round_, (party,), {party: self.learning_rate})
 
-    def weights(self, accepted: Mapping[str, int]) -> dict[str, float]:
+    def weigh_counts(self, accepted: Mapping[str, int]) -> dict[str, float]:
         if len(accepted) != 1:
             raise ValueError(f"cyclic takes one update per round, got {len(accepted)}")
         return dict.fromkeys(accepted, 1.0)

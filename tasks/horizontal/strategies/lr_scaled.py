@@ -22,7 +22,7 @@ class LrScaled(Strategy):
         # a party without training rows never trains; give it a positive rate all the same
         return {p: self.learning_rate * max(n, 1) / total for p, n in n_train.items()}
 
-    def weights(self, accepted: Mapping[str, int]) -> dict[str, float]:
+    def weigh_counts(self, accepted: Mapping[str, int]) -> dict[str, float]:
         if not accepted:
             raise ValueError("no updates to weight")
         return dict.fromkeys(accepted, 1.0)

@@ -12,7 +12,7 @@ class Samples(Strategy):
     name = "samples"
     description = "every party trains with η; updates weighted by training rows"
 
-    def weights(self, accepted: Mapping[str, int]) -> dict[str, float]:
+    def weigh_counts(self, accepted: Mapping[str, int]) -> dict[str, float]:
         if not accepted:
             raise ValueError("no updates to weight")
         total = sum(accepted.values())

@@ -12,7 +12,7 @@ class Uniform(Strategy):
     name = "uniform"
     description = "every party trains with η; accepted updates weighted equally"
 
-    def weights(self, accepted: Mapping[str, int]) -> dict[str, float]:
+    def weigh_counts(self, accepted: Mapping[str, int]) -> dict[str, float]:
         if not accepted:
             raise ValueError("no updates to weight")
         return {p: 1.0 / len(accepted) for p in accepted}
