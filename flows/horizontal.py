@@ -20,9 +20,8 @@ from pydantic import BaseModel, Field
 
 from flows import progress
 from flows.common import artifact_key, publish_training_artifacts, task_options, threads
-from flows.party import submit_job
 from flows.prepare import prepare
-from flows.transport import STEP_FLOW, PartyJob, party_deployments
+from flows.transport import PartyJob, PartyRunner, pooled_parties
 from storage.results import DEFAULT_RESULTS
 from storage.store import Store, TableRef, write_manifest
 from tasks.horizontal.baselines import compare_baselines
@@ -80,7 +79,8 @@ class RoundInput(BaseModel):
     results: str
     refresh: bool = False
     remote: dict[str, str] = Field(
-        default_factory=dict, description="Party -> its party-step deployment (own work pool)"
+        default_factory=dict,
+        description="Party -> the prefix of its deployments (its steps run on its own pool)",
     )
     timeout: float = Field(default=3600.0, description="Seconds to wait for a dispatched step")
     prefetched: dict[str, PartyUpdate] = Field(
@@ -161,25 +161,35 @@ def _job(state: RoundInput, setup: TrainSetup, **fields: Any) -> PartyJob:
     )
 
 
+def _runner(state: RoundInput) -> PartyRunner:
+    coordinator = state.setups[0].coordinator
+    return PartyRunner(
+        state.remote,
+        coordinator=coordinator,
+        results=state.results,
+        refresh=state.refresh,
+        timeout=state.timeout,
+    )
+
+
 def _catch_up(
     state: RoundInput, setups: dict[str, TrainSetup]
 ) -> tuple[dict[str, TableRef], dict[str, int], dict[str, str]]:
     """Bring parties that missed rounds up to date before they train again."""
     logger = get_run_logger()
+    runner = _runner(state)
     scores, at = dict(state.scores), dict(state.scores_round)
     failed: dict[str, str] = {}
     behind = {p: at[p] for p in setups if at[p] < state.round - 1}
     futures = {
-        p: submit_job(
+        p: runner.submit_job(
             _job(
                 state,
                 setups[p],
                 op="evaluate",
                 aggregates=state.history[r : state.round - 1],
                 scores=scores[p],
-            ),
-            state.remote,
-            timeout=state.timeout,
+            )
         )
         for p, r in behind.items()
     }
@@ -210,6 +220,7 @@ def federated_round(state: RoundInput) -> RoundOutput:
     spec's ``min_parties`` decides whether the round proceeds.
     """
     logger = get_run_logger()
+    runner = _runner(state)
     setups = {s.party: s for s in state.setups}
     scores, at, failed = _catch_up(state, setups)
     ready = {
@@ -222,16 +233,14 @@ def federated_round(state: RoundInput) -> RoundOutput:
             "round %d: updates of %s came with the last evaluation", state.round, sorted(ready)
         )
     futures = {
-        party: submit_job(
+        party: runner.submit_job(
             _job(
                 state,
                 setup,
                 op="train",
                 scores=scores[party],
                 learning_rate=state.learning_rates[party],
-            ),
-            state.remote,
-            timeout=state.timeout,
+            )
         )
         for party, setup in setups.items()
         if party in state.learning_rates and party not in failed and party not in ready
@@ -250,7 +259,7 @@ def federated_round(state: RoundInput) -> RoundOutput:
         updates, failed, state.round, first, sorted(state.learning_rates), state.label_span
     )
     evals_f = {
-        party: submit_job(
+        party: runner.submit_job(
             _job(
                 state,
                 setup,
@@ -262,9 +271,7 @@ def federated_round(state: RoundInput) -> RoundOutput:
                     if state.prefetch and party in state.remote
                     else None
                 ),
-            ),
-            state.remote,
-            timeout=state.timeout,
+            )
         )
         for party, setup in setups.items()
         if at[party] == state.round - 1
@@ -399,7 +406,7 @@ def federated_training(
     training: TrainingSpec = spec.training
     if rounds is not None:
         training = training.model_copy(update={"rounds": rounds})
-    remote = party_deployments(spec, dispatch, STEP_FLOW)
+    remote = pooled_parties(spec, dispatch)
     if baselines and remote:
         raise ValueError(
             "baselines pool the parties' fused tables in one process; they cannot run while "
@@ -447,13 +454,18 @@ def federated_training(
             opts=opts,
         )
     timeout = spec.run.party_timeout
+    runner = PartyRunner(
+        remote,
+        coordinator=spec.coordinator.store,
+        results=results,
+        refresh=refresh,
+        timeout=timeout,
+    )
 
     def job(setup: TrainSetup, **fields: Any) -> PartyJob:
         return PartyJob(setup=setup, results=results, refresh=refresh, **fields)
 
-    stat_futures = {
-        s.party: submit_job(job(s, op="stats"), remote, timeout=timeout) for s in setups
-    }
+    stat_futures = {s.party: runner.submit_job(job(s, op="stats")) for s in setups}
     wait(list(stat_futures.values()))
     stats: dict[str, PartyStats] = {}
     left_out: dict[str, str] = {}
@@ -476,10 +488,7 @@ def federated_training(
     coordinator = Store(spec.coordinator.store)
     checkpoint = None if refresh else load_checkpoint(coordinator, key)
     if checkpoint is None:
-        start = {
-            s.party: submit_job(job(s, op="start", base=base), remote, timeout=timeout)
-            for s in setups
-        }
+        start = {s.party: runner.submit_job(job(s, op="start", base=base)) for s in setups}
         scores = {p: f.result() for p, f in start.items()}
         checkpoint = Checkpoint(
             run_key=key,

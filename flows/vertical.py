@@ -16,9 +16,14 @@ from pydantic import BaseModel
 from flows import progress
 from flows.common import publish_training_artifacts, task_options, threads
 from flows.horizontal import num_classes, run_key
-from flows.party import PartyCalls
 from flows.prepare import party_pipeline, prepare
-from flows.transport import CALL_FLOW, PIPELINE_FLOW, dispatch_pipeline, party_deployments
+from flows.transport import (
+    PIPELINE_FLOW,
+    PartyRunner,
+    dispatch_pipeline,
+    party_deployments,
+    pooled_parties,
+)
 from storage.files import read_text
 from storage.results import DEFAULT_RESULTS
 from storage.store import FileRef, Store, TableRef
@@ -70,7 +75,7 @@ class VerticalResult(BaseModel):
 
 
 def align_parties(
-    setups: dict[str, VerticalSetup], label: str, min_overlap: int, call: PartyCalls
+    setups: dict[str, VerticalSetup], label: str, min_overlap: int, call: PartyRunner
 ) -> tuple[PsiOverlap, dict[str, TableRef]]:
     """Private set intersection, a star around the label party; each party's alignment
     (its rows -> alignment ids) lands in its own store."""
@@ -129,7 +134,7 @@ def vertical_training(
     """
     spec = load_spec(spec_path)
     label = check_vertical(spec, spec_path)
-    remote = party_deployments(spec, dispatch, CALL_FLOW)
+    remote = pooled_parties(spec, dispatch)
     if baselines and remote:
         raise ValueError(
             "baselines pool the parties' blocks in one process; they cannot run while "
@@ -163,7 +168,7 @@ def vertical_training(
         )
         for p in parties
     }
-    call = PartyCalls(
+    call = PartyRunner(
         remote,
         coordinator=spec.coordinator.store,
         results=results,
@@ -250,7 +255,7 @@ def _rounds(
     fusion: FusionSpec,
     refresh: bool,
     stop_after: int | None,
-    call: PartyCalls,
+    call: PartyRunner,
 ) -> _Fit:
     logger = get_run_logger()
     parties = list(setups)
@@ -319,7 +324,7 @@ def _one_shot(
     aligns: dict[str, TableRef],
     weights: dict[str, float] | None,
     learned: bool,
-    call: PartyCalls,
+    call: PartyRunner,
 ) -> _Fit:
     labels_ref = call(label, send_labels_task, setups[label], aligns[label])
     futures = {
@@ -385,8 +390,8 @@ def vertical_score(
     schemas = {p: FeatureSchema.model_validate(v) for p, v in body["feature_schema"].items()}
     results = spec.run.results or DEFAULT_RESULTS
     remote = party_deployments(spec, dispatch, PIPELINE_FLOW)
-    call = PartyCalls(
-        party_deployments(spec, dispatch, CALL_FLOW),
+    call = PartyRunner(
+        pooled_parties(spec, dispatch),
         coordinator=spec.coordinator.store,
         results=results,
         refresh=False,
