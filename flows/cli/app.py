@@ -19,7 +19,7 @@ from flows.cli import ops_commands as cli_ops
 from flows.cli.console import console, errors, quiet_prefect, reported
 
 if TYPE_CHECKING:
-    from flows.horizontal import TrainingResult
+    from flows.publish import TrainingResult
     from flows.vertical import VerticalResult
 
 app = typer.Typer(
