@@ -382,9 +382,14 @@ def federated_training(
         if stop_after is not None:
             logger.warning("lossless mode trains in one synchronous run: stop_after is ignored")
         return lossless_run(
-            spec, training, schema=schema, fused=fused, key=key, num_class=k,
-            baselines=baselines, results=results, refresh=refresh,
-        )  # fmt: skip
+            spec,
+            training,
+            schema=schema,
+            fused=fused,
+            key=key,
+            baselines=baselines,
+            refresh=refresh,
+        )
     setups = training_setups(spec, training, key=key, schema=schema, fused=fused, num_class=k)
     job: dict[str, Any] = {"results": results, "refresh": refresh}
     runner = PartyRunner(

@@ -8,10 +8,12 @@ from prefect import get_run_logger, task
 
 from flows import progress
 from flows.publish import FinishedTraining, TrainingResult, publish_training
+from storage.results import DEFAULT_RESULTS
 from storage.store import TableRef
 from tasks.horizontal.lossless import FusedSource, LosslessResult, train_lossless
 from tasks.horizontal.session import loss_name
 from tasks.prepare.design import FeatureSchema
+from tasks.run_identity import num_classes
 from tasks.spec.models import FedSpec, TrainingSpec
 from tasks.types import Objective
 
@@ -42,15 +44,14 @@ def lossless_run(
     schema: FeatureSchema,
     fused: dict[str, TableRef],
     key: str,
-    num_class: int,
     baselines: bool,
-    results: str,
     refresh: bool,
 ) -> TrainingResult:
     """Train one data-parallel model over the parties' fused tables and publish it as a
     one-round ensemble (manifest) and exported model."""
     logger = get_run_logger()
     objective = spec.consortium.task
+    num_class = max(num_classes(spec), 1)
     sources = [
         FusedSource(
             party=p,
@@ -95,7 +96,7 @@ def lossless_run(
         fused=fused,
         schema_=schema,
         training=training,
-        results=results,
+        results=spec.run.results or DEFAULT_RESULTS,
         refresh=refresh,
     )
     return publish_training(spec, finished)

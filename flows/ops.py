@@ -339,7 +339,9 @@ class _Seen:
     flows: dict[UUID, str] = field(default_factory=dict)
 
 
-def flow_names_of(client: SyncPrefectClient, runs: Sequence[FlowRun], cache: dict[UUID, str]) -> None:
+def flow_names_of(
+    client: SyncPrefectClient, runs: Sequence[FlowRun], cache: dict[UUID, str]
+) -> None:
     from prefect.client.schemas.filters import FlowFilter, FlowFilterId
 
     missing = list({r.flow_id for r in runs} - set(cache))
