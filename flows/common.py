@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
@@ -32,16 +31,3 @@ def run_name(text: str) -> str:
 def artifact_key(name: str) -> str:
     """Artifact keys allow lowercase letters, digits and dashes only."""
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "fedfuse"
-
-
-def publish_training_artifacts(
-    consortium: str, valid: list[dict[str, float]], report: str, *, description: str
-) -> None:
-    """A training run's artifacts in the UI: validation metrics per round and the report."""
-    key = artifact_key(consortium)
-    create_table_artifact(
-        table=[{"round": i, **v} for i, v in enumerate(valid, start=1)],
-        key=f"{key}-round-metrics",
-        description=description,
-    )
-    create_markdown_artifact(report, key=f"{key}-training-report", description="Training report")

@@ -339,7 +339,9 @@ class _Seen:
     flows: dict[UUID, str] = field(default_factory=dict)
 
 
-def _flow_names(client: SyncPrefectClient, runs: Sequence[FlowRun], cache: dict[UUID, str]) -> None:
+def flow_names_of(
+    client: SyncPrefectClient, runs: Sequence[FlowRun], cache: dict[UUID, str]
+) -> None:
     from prefect.client.schemas.filters import FlowFilter, FlowFilterId
 
     missing = list({r.flow_id for r in runs} - set(cache))
@@ -348,7 +350,7 @@ def _flow_names(client: SyncPrefectClient, runs: Sequence[FlowRun], cache: dict[
             cache[f.id] = f.name
 
 
-def _descendants(client: SyncPrefectClient, run_id: UUID) -> list[FlowRun]:
+def descendants(client: SyncPrefectClient, run_id: UUID) -> list[FlowRun]:
     """All nested subflow runs of a run, oldest first."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
     from prefect.client.schemas.sorting import FlowRunSort
@@ -411,8 +413,8 @@ def watch(
     with get_client(sync_client=True) as client:
         while True:
             run = client.read_flow_run(flow_run_id)
-            runs = [run, *_descendants(client, flow_run_id)]
-            _flow_names(client, runs, seen.flows)
+            runs = [run, *descendants(client, flow_run_id)]
+            flow_names_of(client, runs, seen.flows)
             changed = [r for r in runs if seen.states.get(r.id) != _state_name(r)]
             # in the order the states were entered (a subflow ends before its parent)
             changed.sort(key=lambda r: r.state.timestamp if r.state else EPOCH)
@@ -479,7 +481,7 @@ def recent_runs(limit: int = 20, *, subflows: bool = False) -> list[RunRow]:
             flow_run_filter=flow_filter, sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit
         )
         flows: dict[UUID, str] = {}
-        _flow_names(client, runs, flows)
+        flow_names_of(client, runs, flows)
         ids = list({r.deployment_id for r in runs if r.deployment_id})
         deployments = (
             {

@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger
 from flows.common import threads
 from flows.prepare import rebased_sources, run_party_steps
 from storage.files import resolve_location
+from storage.runs import read_latest
 from storage.store import Store, TableRef
 from tasks.prepare.steps import PartyContext
 from tasks.scoring import score_party
@@ -22,12 +23,13 @@ class NoModelError(FileNotFoundError):
 
 
 def latest_manifest(spec: FedSpec) -> str:
-    coordinator = Store(spec.coordinator.store)
-    if not coordinator.exists("models", "latest.json"):
+    """The manifest of the latest training run."""
+    latest = read_latest(Store(spec.coordinator.store))
+    if latest is None:
         raise NoModelError(
             f"{spec.coordinator.store}: no trained model yet (run `fedfuse train` first)"
         )
-    return str(coordinator.read_json("models", "latest.json")["manifest"])
+    return latest.manifest
 
 
 @flow(name="score", persist_result=True, task_runner=threads(4))

@@ -1,44 +1,71 @@
-"""Per-party work pools: a party's steps run as deployment runs on the party's own pool.
+"""One way to run a step at a party: a task of the calling flow, or a deployment run on the
+party's own work pool.
 
-A party with a ``work_pool`` in the spec gets two deployments of its own on that pool
-(``fedfuse deploy`` registers them): ``party-pipeline/<prefix>-<party>`` (preprocess,
-features, align, fuse) and ``party-step/<prefix>-<party>`` (one training step: label
-statistics, start scores, a round's update, an evaluation). The coordinator's flows, run with
-``dispatch=<prefix>``, start those deployments with ``run_deployment`` (linked as subflows, so
-the UI shows them nested under the coordinator's run) instead of running the steps in their
-own process; a party without a pool still runs in process.
+A party with a ``work_pool`` in the spec gets deployments of its own on that pool (``fedfuse
+deploy`` registers them): ``party-pipeline/<prefix>-<party>`` (preprocess, features, align,
+fuse), ``party-step/<prefix>-<party>`` (a horizontal training step: label statistics, start
+scores, a round's update, an evaluation) and, for a vertical consortium,
+``party-call/<prefix>-<party>`` (a vertical step: PSI, a gradient round, scores). The
+coordinator's flows, run with ``dispatch=<prefix>``, start those deployments with
+``run_deployment`` (linked as subflows, so the UI shows them nested under the coordinator's
+run) instead of running the steps in their own process; a party without a pool still runs in
+process.
+
+Every step a party runs is registered in one table (:func:`steps`): its op name, its task,
+the party flow that serves it, its argument and result types. One codec
+(:class:`StepCall`: op + arguments as JSON, typed by the op's parameters; the result typed by
+its return type) carries a step to the party and its result back; :class:`PartyRunner`
+submits a step at a party, :func:`dispatch_step` is the one dispatching task and
+:func:`run_call` the party-side runner both party flows share.
 
 What comes back travels through the coordinator store only: the party's flow writes its
 result (table references, counts, aggregate metrics, model files; never rows or entity ids)
 to ``exchange/<flow-run-id>.json`` and the coordinator reads it there. The dispatching task
-persists that result under a content cache key, so a retried coordinator run does not start a
-party's finished step again.
+persists that result under a content cache key, so a retried coordinator run does not start
+a party's finished step again.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+import typing
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from dataclasses import dataclass
+from typing import Any, Literal, ParamSpec, TypeVar
 
-from prefect import task
-from pydantic import BaseModel, Field
+from prefect import Task, task
+from prefect.futures import PrefectFuture
+from pydantic import BaseModel, Field, JsonValue, TypeAdapter
 
+from flows.common import run_name, task_options
 from storage.results import DEFAULT_RESULTS
+from storage.runs import exchange_location, read_exchange, write_exchange
 from storage.store import Store, TableRef
 from tasks.caching import content_cache_key, parameters_key
-from tasks.horizontal.steps import PartyEval, PartyStats, PartyUpdate, RoundAggregate, TrainSetup
+from tasks.horizontal.steps import (
+    RoundAggregate,
+    TrainSetup,
+    evaluate_party,
+    party_stats,
+    start_scores,
+    train_party,
+)
 from tasks.prepare.steps import FusedOutput
 from tasks.spec.models import FedSpec
 
 logger = logging.getLogger(__name__)
-
-PIPELINE_FLOW = "party-pipeline"
-STEP_FLOW = "party-step"
-DEFAULT_TIMEOUT = 3600.0
+P = ParamSpec("P")
+R = TypeVar("R")
 
 StepOp = Literal["stats", "start", "train", "evaluate"]
-M = TypeVar("M", bound=BaseModel)
+PartyFlow = Literal["party-step", "party-call"]
+
+PIPELINE_FLOW = "party-pipeline"
+STEP_FLOW: PartyFlow = "party-step"
+CALL_FLOW: PartyFlow = "party-call"
+DEFAULT_TIMEOUT = 3600.0
 
 
 class DispatchError(RuntimeError):
@@ -46,7 +73,7 @@ class DispatchError(RuntimeError):
 
 
 class PartyJob(BaseModel):
-    """One training step of one party, as the parameter of its ``party-step`` run."""
+    """One horizontal training step of one party, as the parameter of its ``party-step`` run."""
 
     op: StepOp = Field(description="stats | start | train | evaluate")
     setup: TrainSetup
@@ -65,13 +92,165 @@ class PartyJob(BaseModel):
     results: str = DEFAULT_RESULTS
     refresh: bool = False
 
+    def task_args(self) -> tuple[object, ...]:
+        """The arguments of the op's task."""
+        if self.op == "stats":
+            return (self.setup,)
+        if self.op == "start":
+            return (self.setup, self.base)
+        if self.scores is None:
+            raise ValueError(f"{self.op} step for {self.setup.party}: no running scores given")
+        if self.op == "train":
+            if self.learning_rate is None:
+                raise ValueError(f"train step for {self.setup.party}: no learning rate given")
+            return (self.setup, self.round, self.scores, self.learning_rate)
+        return (self.setup, self.aggregates, self.scores)
 
-RESULT_TYPES: dict[StepOp, type[BaseModel]] = {
-    "stats": PartyStats,
-    "start": TableRef,
-    "train": PartyUpdate,
-    "evaluate": PartyEval,
-}
+    def title(self) -> str:
+        """A person's name for the step: ``site-b: train round 3``."""
+        what = {"stats": "label statistics", "start": "start scores"}.get(self.op)
+        if what is None:
+            r = (
+                self.aggregates[-1].round
+                if self.op == "evaluate" and self.aggregates
+                else self.round
+            )
+            what = f"{self.op} round {r}"
+        return f"{self.setup.party}: {what}"
+
+
+# -- the registry of party steps ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """A step a party runs: its op name, its task, the party flow that serves it when
+    dispatched, and whether a dispatched run may come back from the cache."""
+
+    op: str
+    task: Task[..., Any]
+    flow: PartyFlow
+    cached: bool = True
+
+    @functools.cached_property
+    def _hints(self) -> dict[str, Any]:
+        return typing.get_type_hints(self.task.fn)
+
+    @property
+    def wire_types(self) -> tuple[Any, ...]:
+        """Types of the arguments as they cross: a ``PartyJob`` for a horizontal step, the
+        task's own parameters for a vertical one."""
+        if self.flow == STEP_FLOW:
+            return (PartyJob,)
+        names = list(inspect.signature(self.task.fn).parameters)
+        return tuple(self._hints[n] for n in names)
+
+    def task_args(self, args: Sequence[object]) -> tuple[object, ...]:
+        """Wire arguments -> the task's arguments."""
+        if self.flow == STEP_FLOW:
+            (job,) = args
+            assert isinstance(job, PartyJob)
+            return job.task_args()
+        return tuple(args)
+
+    @property
+    def result_type(self) -> Any:
+        return self._hints["return"]
+
+
+def vertical_step_tasks() -> list[Task[..., Any]]:
+    """The vertical layout's party steps (:data:`tasks.vertical.steps.STEP_TASKS`)."""
+    from tasks.vertical.steps import STEP_TASKS
+
+    return list(STEP_TASKS)
+
+
+#: Vertical steps that read the party's current state: never cached when dispatched.
+UNCACHED = frozenset({"vertical-latest-state", "vertical-model-at"})
+
+
+@functools.cache
+def steps() -> dict[str, Step]:
+    """Every step a party runs, by op: the horizontal ops, then the vertical tasks by name."""
+    horizontal: dict[StepOp, Task[..., Any]] = {
+        "stats": party_stats,
+        "start": start_scores,
+        "train": train_party,
+        "evaluate": evaluate_party,
+    }
+    table: dict[str, Step] = {op: Step(op, t, STEP_FLOW) for op, t in horizontal.items()}
+    for t in vertical_step_tasks():
+        table[t.name] = Step(t.name, t, CALL_FLOW, cached=t.name not in UNCACHED)
+    return table
+
+
+def step(op: str) -> Step:
+    table = steps()
+    if op not in table:
+        raise ValueError(f"unknown party step {op!r}; known: {sorted(table)}")
+    return table[op]
+
+
+# -- the codec ---------------------------------------------------------------------------------
+
+
+class StepCall(BaseModel):
+    """A step at a party as it crosses: the op, its arguments as JSON (typed by the op's
+    parameters), where the result goes and where task results persist."""
+
+    op: str
+    args: list[JsonValue]
+    coordinator: str
+    results: str = DEFAULT_RESULTS
+    refresh: bool = False
+
+    @classmethod
+    def of(
+        cls, op: str, args: Sequence[object], *, coordinator: str, results: str, refresh: bool
+    ) -> StepCall:
+        encoded = TypeAdapter(list[Any]).dump_python(list(args), mode="json")
+        return cls(op=op, args=encoded, coordinator=coordinator, results=results, refresh=refresh)
+
+    @classmethod
+    def of_job(cls, job: PartyJob) -> StepCall:
+        return cls.of(
+            job.op,
+            [job],
+            coordinator=job.setup.coordinator,
+            results=job.results,
+            refresh=job.refresh,
+        )
+
+    def decoded_args(self) -> list[object]:
+        """The arguments, validated as the op's parameter types."""
+        types = step(self.op).wire_types
+        if len(self.args) > len(types):
+            raise ValueError(f"{self.op}: {len(self.args)} arguments for {len(types)} parameters")
+        return [TypeAdapter(t).validate_python(a) for t, a in zip(types, self.args, strict=False)]
+
+    def flow_parameters(self) -> dict[str, JsonValue]:
+        """The parameters of the party flow that serves the op."""
+        if step(self.op).flow == STEP_FLOW:
+            return {"job": self.args[0]}
+        return {
+            "op": self.op,
+            "args": self.args,
+            "coordinator": self.coordinator,
+            "results": self.results,
+            "refresh": self.refresh,
+        }
+
+
+def encode_result(op: str, result: object) -> JsonValue:
+    body: JsonValue = TypeAdapter(step(op).result_type).dump_python(result, mode="json")
+    return body
+
+
+def decode_result(op: str, body: JsonValue) -> object:
+    return TypeAdapter(step(op).result_type).validate_python(body)
+
+
+# -- deployments and the exchange --------------------------------------------------------------
 
 
 def deployment_name(flow_name: str, prefix: str, party: str) -> str:
@@ -79,37 +258,40 @@ def deployment_name(flow_name: str, prefix: str, party: str) -> str:
     return f"{flow_name}/{prefix}-{party}"
 
 
-def party_deployments(spec: FedSpec, prefix: str | None, flow_name: str) -> dict[str, str]:
-    """Party -> full deployment name, for the parties with a work pool (none without a
-    prefix: everything runs in process)."""
+def pooled_parties(spec: FedSpec, prefix: str | None) -> dict[str, str]:
+    """Party -> deployment prefix, for the parties with a work pool (none without a prefix:
+    everything runs in process)."""
     if not prefix:
         return {}
-    return {p.id: deployment_name(flow_name, prefix, p.id) for p in spec.parties if p.work_pool}
+    return {p.id: prefix for p in spec.parties if p.work_pool}
 
 
-def exchange_name(flow_run_id: str) -> str:
-    return f"{flow_run_id}.json"
+def party_deployments(spec: FedSpec, prefix: str | None, flow_name: str) -> dict[str, str]:
+    """Party -> full deployment name of ``flow_name``, for the parties with a work pool."""
+    return {
+        p: deployment_name(flow_name, pre, p) for p, pre in pooled_parties(spec, prefix).items()
+    }
 
 
-def publish(coordinator: str, result: Any) -> None:
-    """Hand a dispatched party run's result (a model, or JSON-able data) to the coordinator
-    (a no-op outside a deployment run: in process the caller gets the return value)."""
+def publish(coordinator: str, result: BaseModel | JsonValue) -> None:
+    """Hand a dispatched party run's result to the coordinator (a no-op outside a deployment
+    run: in process the caller gets the return value)."""
     from prefect.runtime import deployment, flow_run
 
     if deployment.id is None:
         return
     body = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
-    Store(coordinator).write_json("exchange", exchange_name(str(flow_run.get_id())), body)
+    write_exchange(Store(coordinator), str(flow_run.get_id()), body)
 
 
-def run_remote_json(
+def run_remote(
     deployment: str,
-    parameters: Mapping[str, Any],
+    parameters: Mapping[str, JsonValue],
     *,
     coordinator: str,
     timeout: float = DEFAULT_TIMEOUT,
     poll: float = 1.0,
-) -> Any:
+) -> JsonValue:
     """Run a party's deployment, wait for it and read its result (JSON) from the
     coordinator store. Raises :class:`DispatchError` naming the deployment and run unless
     it completed."""
@@ -134,42 +316,35 @@ def run_remote_json(
     if not state.is_completed():
         raise DispatchError(f"{deployment}: flow run {run.name} {state.name}: {state.message}")
     store = Store(coordinator)
-    name = exchange_name(str(run.id))
-    if not store.exists("exchange", name):
+    body = read_exchange(store, str(run.id))
+    if body is None:
         raise DispatchError(
             f"{deployment}: flow run {run.name} completed but left no result at "
-            f"{store.location('exchange', name)}"
+            f"{exchange_location(store, str(run.id))}"
         )
     logger.info("%s: flow run %s completed", deployment, run.name)
-    return store.read_json("exchange", name)
+    return body
 
 
-def run_remote(
-    deployment: str,
-    parameters: Mapping[str, Any],
-    *,
-    coordinator: str,
-    result_type: type[M],
-    timeout: float = DEFAULT_TIMEOUT,
-    poll: float = 1.0,
-) -> M:
-    """:func:`run_remote_json`, validated as ``result_type``."""
-    body = run_remote_json(
-        deployment, parameters, coordinator=coordinator, timeout=timeout, poll=poll
+# -- dispatching -------------------------------------------------------------------------------
+
+
+def step_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
+    """The content key of a dispatched step (none for a step that reads current state)."""
+    call = parameters.get("call")
+    op = call.op if isinstance(call, StepCall) else None
+    if op is not None and not step(op).cached:
+        return None
+    return content_cache_key(context, parameters)
+
+
+@task(name="dispatch-party-step", cache_key_fn=step_cache_key, persist_result=True)
+def dispatch_step(deployment: str, call: StepCall, timeout: float = DEFAULT_TIMEOUT) -> object:
+    """Run one step on the party's own work pool; the result typed as the op's."""
+    body = run_remote(
+        deployment, call.flow_parameters(), coordinator=call.coordinator, timeout=timeout
     )
-    return result_type.model_validate(body)
-
-
-@task(name="dispatch-party-step", cache_key_fn=content_cache_key, persist_result=True)
-def dispatch_step(deployment: str, job: PartyJob, timeout: float = DEFAULT_TIMEOUT) -> Any:
-    """Run one training step on the party's own work pool."""
-    return run_remote(
-        deployment,
-        {"job": job.model_dump(mode="json")},
-        coordinator=job.setup.coordinator,
-        result_type=RESULT_TYPES[job.op],
-        timeout=timeout,
-    )
+    return decode_result(call.op, body)
 
 
 def root_run_cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -184,105 +359,76 @@ def root_run_cache_key(context: Any, parameters: dict[str, Any]) -> str:
 @task(name="dispatch-party-pipeline", cache_key_fn=root_run_cache_key, persist_result=True)
 def dispatch_pipeline(
     deployment: str,
-    parameters: dict[str, Any],
+    parameters: dict[str, JsonValue],
     coordinator: str,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> FusedOutput:
-    """Run a party's pipeline on its own work pool. Cached within one top-level run only
-    (a retry does not start a finished party again; a new run does, since only the party
-    sees whether its raw data changed, and its steps skip what their content-hashed cache
-    keys say is done)."""
-    return run_remote(
-        deployment,
-        parameters,
-        coordinator=coordinator,
-        result_type=FusedOutput,
-        timeout=timeout,
-    )
+    """Run a party's pipeline on its own work pool. A different thing from a step: a flow
+    of many tasks whose inputs (raw data) only the party sees, so it is cached within one
+    top-level run only (a retry does not start a finished party again; a new run does,
+    and its steps skip what their content-hashed cache keys say is done)."""
+    body = run_remote(deployment, parameters, coordinator=coordinator, timeout=timeout)
+    return FusedOutput.model_validate(body)
 
 
-# -- generic party calls (vertical steps) ------------------------------------------------------
-
-CALL_FLOW = "party-call"
-
-
-def call_registry() -> dict[str, Any]:
-    """The party steps a ``party-call`` run may execute, by name (the vertical layout's)."""
-    from tasks.vertical.steps import STEP_TASKS
-
-    return {t.name: t for t in STEP_TASKS}
+def run_call(call: StepCall, *, title: str | None = None) -> PrefectFuture[Any]:
+    """Submit a step as a task of the running flow (a party's own run, or the coordinator's
+    for a party without a pool)."""
+    s = step(call.op)
+    opts = task_options(call.results, call.refresh)
+    opts["task_run_name"] = run_name(title or call.op)
+    return s.task.with_options(**opts).submit(*s.task_args(call.decoded_args()))
 
 
-def _hints(fn: Any) -> dict[str, Any]:
-    import typing
+class PartyRunner:
+    """Runs each step at its party: a task of the calling flow, or a run of the party flow
+    that serves the step on the party's own work pool when ``remote`` names a deployment
+    prefix for the party."""
 
-    return typing.get_type_hints(fn)
+    def __init__(
+        self,
+        remote: Mapping[str, str],
+        *,
+        coordinator: str,
+        results: str,
+        refresh: bool,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.remote = dict(remote)
+        self.coordinator = coordinator
+        self.results = results
+        self.refresh = refresh
+        self.timeout = timeout
 
+    def _submit(self, party: str, call: StepCall, title: str) -> PrefectFuture[Any]:
+        if party not in self.remote:
+            return run_call(call, title=title)
+        s = step(call.op)
+        opts = {**task_options(call.results, call.refresh), "task_run_name": run_name(title)}
+        dispatch = dispatch_step.with_options(name=f"dispatch-{s.flow}", **opts)
+        deployment = deployment_name(s.flow, self.remote[party], party)
+        return dispatch.submit(deployment, call, self.timeout)
 
-def encode_args(args: Sequence[Any]) -> list[Any]:
-    """Step arguments as JSON (models become dicts; references only, never tables)."""
-    from pydantic import TypeAdapter
+    def submit(
+        self, party: str, task_: Task[P, R], *args: P.args, **kwargs: P.kwargs
+    ) -> PrefectFuture[R]:
+        """Submit a registered step task at ``party``, with its positional arguments (checked
+        against the task's own signature; keyword arguments are refused, the wire carries
+        positions)."""
+        if kwargs:
+            raise TypeError(f"{task_.name}: pass the step's arguments by position")
+        call = StepCall.of(
+            task_.name,
+            args,
+            coordinator=self.coordinator,
+            results=self.results,
+            refresh=self.refresh,
+        )
+        return self._submit(party, call, f"{party}: {task_.name}")
 
-    return list(TypeAdapter(list[Any]).dump_python(list(args), mode="json"))
+    def __call__(self, party: str, task_: Task[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.submit(party, task_, *args, **kwargs).result()
 
-
-def decode_args(op: str, args: Sequence[Any]) -> list[Any]:
-    """JSON arguments back into the step's typed parameters."""
-    import inspect
-
-    from pydantic import TypeAdapter
-
-    step = call_registry()[op]
-    hints = _hints(step.fn)
-    names = list(inspect.signature(step.fn).parameters)
-    if len(args) > len(names):
-        raise ValueError(f"{op}: {len(args)} arguments for {len(names)} parameters")
-    return [TypeAdapter(hints[n]).validate_python(a) for n, a in zip(names, args, strict=False)]
-
-
-def encode_result(op: str, result: Any) -> Any:
-    from pydantic import TypeAdapter
-
-    return TypeAdapter(_hints(call_registry()[op].fn)["return"]).dump_python(result, mode="json")
-
-
-def decode_result(op: str, body: Any) -> Any:
-    from pydantic import TypeAdapter
-
-    return TypeAdapter(_hints(call_registry()[op].fn)["return"]).validate_python(body)
-
-
-#: Steps that read the party's current state: never cached.
-UNCACHED_CALLS = frozenset({"vertical-latest-state", "vertical-model-at"})
-
-
-def call_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
-    if parameters.get("op") in UNCACHED_CALLS:
-        return None
-    return content_cache_key(context, parameters)
-
-
-@task(name="dispatch-party-call", cache_key_fn=call_cache_key, persist_result=True)
-def dispatch_call(
-    deployment: str,
-    op: str,
-    args: list[Any],
-    coordinator: str,
-    results: str,
-    refresh: bool,
-    timeout: float = DEFAULT_TIMEOUT,
-) -> Any:
-    """Run one step on the party's own work pool (``party-call`` deployment)."""
-    body = run_remote_json(
-        deployment,
-        {
-            "op": op,
-            "args": args,
-            "coordinator": coordinator,
-            "results": results,
-            "refresh": refresh,
-        },
-        coordinator=coordinator,
-        timeout=timeout,
-    )
-    return decode_result(op, body)
+    def submit_job(self, job: PartyJob) -> PrefectFuture[Any]:
+        """Submit a horizontal training step at its party."""
+        return self._submit(job.setup.party, StepCall.of_job(job), job.title())

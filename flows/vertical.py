@@ -4,27 +4,32 @@ every party fits trees on its own feature block and the label party fuses their 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 import posixpath
-from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, wait
-from pydantic import BaseModel
+from pydantic import BaseModel, JsonValue
 
 from flows import progress
-from flows.common import publish_training_artifacts, task_options, threads
-from flows.horizontal import num_classes, run_key
-from flows.party import PartyCalls
+from flows.common import task_options, threads
 from flows.prepare import party_pipeline, prepare
-from flows.transport import CALL_FLOW, PIPELINE_FLOW, dispatch_pipeline, party_deployments
+from flows.publish import VerticalReport, publish_vertical
+from flows.score import NoModelError
+from flows.transport import (
+    PIPELINE_FLOW,
+    PartyRunner,
+    dispatch_pipeline,
+    party_deployments,
+    pooled_parties,
+)
 from storage.files import read_text
 from storage.results import DEFAULT_RESULTS
+from storage.runs import read_latest
 from storage.store import FileRef, Store, TableRef
+from tasks.manifest import VerticalManifest
 from tasks.prepare.design import FeatureSchema, consortium_schema
 from tasks.prepare.steps import FusedOutput
-from tasks.report import markdown_table, metric_rows
+from tasks.run_identity import num_classes, run_key, scoring_run_key, vertical_run_key
 from tasks.spec.load import load_spec
 from tasks.spec.models import FedSpec, FusionSpec, TrainingSpec
 from tasks.vertical.fusion import Fusion
@@ -70,7 +75,7 @@ class VerticalResult(BaseModel):
 
 
 def align_parties(
-    setups: dict[str, VerticalSetup], label: str, min_overlap: int, call: PartyCalls
+    setups: dict[str, VerticalSetup], label: str, min_overlap: int, call: PartyRunner
 ) -> tuple[PsiOverlap, dict[str, TableRef]]:
     """Private set intersection, a star around the label party; each party's alignment
     (its rows -> alignment ids) lands in its own store."""
@@ -105,6 +110,46 @@ def check_vertical(spec: FedSpec, spec_path: str) -> str:
     return label
 
 
+def _vertical_setups(
+    spec: FedSpec,
+    label: str,
+    *,
+    key: str,
+    fused: dict[str, TableRef],
+    schemas: dict[str, FeatureSchema],
+    training: TrainingSpec,
+    scoring: bool = False,
+) -> dict[str, VerticalSetup]:
+    """Every party's setup (stores under ``scoring/`` when scoring new data)."""
+    return {
+        p: VerticalSetup(
+            party=p,
+            label_party=label,
+            store=(
+                posixpath.join(spec.party(p).store, "scoring") if scoring else spec.party(p).store
+            ),
+            coordinator=spec.coordinator.store,
+            run_key=key,
+            fused=fused[p],
+            schema_=schemas[p],
+            objective=spec.consortium.task,
+            num_class=max(num_classes(spec), 1),
+            training=training,
+        )
+        for p in fused
+    }
+
+
+def _runner(spec: FedSpec, dispatch: str | None, refresh: bool) -> PartyRunner:
+    return PartyRunner(
+        pooled_parties(spec, dispatch),
+        coordinator=spec.coordinator.store,
+        results=spec.run.results or DEFAULT_RESULTS,
+        refresh=refresh,
+        timeout=spec.run.party_timeout,
+    )
+
+
 @flow(name="vertical-training", persist_result=True, task_runner=threads(4))
 def vertical_training(
     spec_path: str,
@@ -129,11 +174,11 @@ def vertical_training(
     """
     spec = load_spec(spec_path)
     label = check_vertical(spec, spec_path)
-    remote = party_deployments(spec, dispatch, CALL_FLOW)
-    if baselines and remote:
+    call = _runner(spec, dispatch, refresh)
+    if baselines and call.remote:
         raise ValueError(
             "baselines pool the parties' blocks in one process; they cannot run while "
-            f"parties {sorted(remote)} work on their own pools"
+            f"parties {sorted(call.remote)} work on their own pools"
         )
     training: TrainingSpec = spec.training
     if rounds is not None:
@@ -143,73 +188,39 @@ def vertical_training(
     schema = consortium_schema({p: out.features for p, out in prepared.items()})
     fused = {p: out.table for p, out in prepared.items()}
     base_key = run_key(spec.model_copy(update={"training": training}), schema, fused)
-    fusion_blob = json.dumps(spec.fusion.model_dump(mode="json"), sort_keys=True)
-    key = hashlib.sha256(f"{base_key}\n{fusion_blob}".encode()).hexdigest()[:12]
-    results = spec.run.results or DEFAULT_RESULTS
-    opts = task_options(results, refresh)
-    k = max(num_classes(spec), 1)
-    setups = {
-        p: VerticalSetup(
-            party=p,
-            label_party=label,
-            store=spec.party(p).store,
-            coordinator=spec.coordinator.store,
-            run_key=key,
-            fused=fused[p],
-            schema_=consortium_schema({p: prepared[p].features}),
-            objective=spec.consortium.task,
-            num_class=k,
-            training=training,
-        )
-        for p in parties
-    }
-    call = PartyCalls(
-        remote,
-        coordinator=spec.coordinator.store,
-        results=results,
-        refresh=refresh,
-        timeout=spec.run.party_timeout,
-    )
+    key = vertical_run_key(base_key, spec.fusion)
+    schemas = {p: consortium_schema({p: prepared[p].features}) for p in parties}
+    setups = _vertical_setups(spec, label, key=key, fused=fused, schemas=schemas, training=training)
     overlap, aligns = align_parties(setups, label, spec.fusion.min_overlap, call)
     if spec.fusion.mode == "one_shot":
         fit = _one_shot(setups, label, aligns, spec.fusion.weights, spec.fusion.learned, call)
     else:
         fit = _rounds(setups, label, aligns, spec.fusion, refresh, stop_after, call)
-    test = fit.test
-    comparison: dict[str, dict[str, float]] = {"vertical (fused)": test}
+    comparison: dict[str, dict[str, float]] = {"vertical (fused)": fit.test}
     if baselines:
+        opts = task_options(call.results, refresh)
         comparison |= baselines_task.with_options(**opts)(setups, aligns, label)
-    history = fit.valid
-    body: dict[str, Any] = {
-        "layout": "vertical",
-        "mode": fit.mode,
-        "run_key": key,
-        "label_party": label,
-        "parties": parties,
-        "fusion": fit.fusion,
-        "upto_round": fit.upto_round,
-        "models": {p: (m.model_dump(mode="json") if m else None) for p, m in fit.models.items()},
-        "feature_schema": {p: s.schema_.model_dump(mode="json") for p, s in setups.items()},
-    }
-    coordinator = Store(spec.coordinator.store)
-    manifest = coordinator.write_json("models", f"{key}-vertical-manifest.json", body)
-    coordinator.write_json(
-        "models", "latest.json", {"run_key": key, "layout": "vertical", "manifest": manifest.uri}
+    manifest = VerticalManifest(
+        mode=fit.mode,
+        run_key=key,
+        label_party=label,
+        parties=parties,
+        fusion=fit.fusion,
+        upto_round=fit.upto_round,
+        models=fit.models,
+        feature_schema={p: s.schema_ for p, s in setups.items()},
     )
-    lines = [
-        f"# Vertical training `{spec.consortium.name}`",
-        "",
-        f"- entities at every party (PSI): {overlap.overlap} (set sizes {overlap.sizes})",
-        f"- mode {fit.mode}: rounds {fit.rounds_run}, best {fit.best_round}; trees: {fit.trees}",
-        "",
-        *markdown_table(metric_rows(list(comparison.items()))),
-    ]
-    publish_training_artifacts(
-        spec.consortium.name,
-        history,
-        "\n".join(lines),
-        description="Validation metrics per vertical round (label party)",
+    report = VerticalReport(
+        overlap=overlap.overlap,
+        set_sizes=overlap.sizes,
+        mode=fit.mode,
+        rounds_run=fit.rounds_run,
+        best_round=fit.best_round,
+        trees=fit.trees,
+        valid=fit.valid,
+        comparison=comparison,
     )
+    written = publish_vertical(spec, manifest, report)
     return VerticalResult(
         run_key=key,
         parties=parties,
@@ -219,12 +230,12 @@ def vertical_training(
         rounds_run=fit.rounds_run,
         best_round=fit.best_round,
         stop_reason=fit.stop_reason,
-        valid=history,
-        test=test,
+        valid=fit.valid,
+        test=fit.test,
         trees=fit.trees,
         models={p: (m.uri if m else "") for p, m in fit.models.items()},
         comparison=comparison,
-        manifest=manifest.uri,
+        manifest=written.uri,
     )
 
 
@@ -240,7 +251,7 @@ class _Fit(BaseModel):
     stop_reason: str | None
     trees: int
     models: dict[str, FileRef | None]
-    fusion: dict[str, Any]
+    fusion: Fusion
 
 
 def _rounds(
@@ -250,7 +261,7 @@ def _rounds(
     fusion: FusionSpec,
     refresh: bool,
     stop_after: int | None,
-    call: PartyCalls,
+    call: PartyRunner,
 ) -> _Fit:
     logger = get_run_logger()
     parties = list(setups)
@@ -309,7 +320,7 @@ def _rounds(
         stop_reason=state.next,
         trees=state.trees,
         models=models,
-        fusion=state.fusion.model_dump(mode="json"),
+        fusion=state.fusion,
     )
 
 
@@ -319,7 +330,7 @@ def _one_shot(
     aligns: dict[str, TableRef],
     weights: dict[str, float] | None,
     learned: bool,
-    call: PartyCalls,
+    call: PartyRunner,
 ) -> _Fit:
     labels_ref = call(label, send_labels_task, setups[label], aligns[label])
     futures = {
@@ -346,7 +357,7 @@ def _one_shot(
         stop_reason=None,
         trees=sum(o.trees for o in shots.values()),
         models={p: o.model for p, o in shots.items()},
-        fusion=fused.fusion.model_dump(mode="json"),
+        fusion=fused.fusion,
     )
 
 
@@ -375,69 +386,23 @@ def vertical_score(
     logger = get_run_logger()
     spec = load_spec(spec_path)
     label = check_vertical(spec, spec_path)
-    coordinator = Store(spec.coordinator.store)
-    if manifest is None:
-        latest = coordinator.read_json("models", "latest.json")
-        if latest.get("layout") != "vertical":
-            raise ValueError(f"{spec_path}: the latest training run is not a vertical one")
-        manifest = str(latest["manifest"])
-    body = json.loads(read_text(manifest))
-    schemas = {p: FeatureSchema.model_validate(v) for p, v in body["feature_schema"].items()}
-    results = spec.run.results or DEFAULT_RESULTS
-    remote = party_deployments(spec, dispatch, PIPELINE_FLOW)
-    call = PartyCalls(
-        party_deployments(spec, dispatch, CALL_FLOW),
-        coordinator=spec.coordinator.store,
-        results=results,
-        refresh=False,
-        timeout=spec.run.party_timeout,
-    )
-    # every party's pipeline on its (new) data: on its own pool when it has one
-    pipelines: dict[str, Any] = {}
-    for p in spec.parties:
-        params: dict[str, Any] = {
-            "spec_path": spec_path,
-            "party": p.id,
-            "as_of": as_of.isoformat() if as_of else None,
-            "scoring": True,
-            "data": data if p.id == party else None,
-        }
-        if p.id in remote:
-            pipelines[p.id] = dispatch_pipeline.submit(
-                remote[p.id], params, spec.coordinator.store, spec.run.party_timeout
-            )
-        else:
-            pipelines[p.id] = party_pipeline(
-                spec_path, p.id, as_of=as_of, scoring=True, data=params["data"]
-            )
-    prepared: dict[str, FusedOutput] = {
-        p: (v.result() if isinstance(v, PrefectFuture) else v) for p, v in pipelines.items()
-    }
+    body = _vertical_manifest(spec, spec_path, manifest)
+    call = _runner(spec, dispatch, False)
+    prepared = _score_pipelines(spec, spec_path, party, data, as_of, dispatch)
     fused = {p: out.table for p, out in prepared.items()}
-    key = (
-        "s"
-        + hashlib.sha256(
-            json.dumps([body["run_key"], sorted((p, r.sha256) for p, r in fused.items())]).encode()
-        ).hexdigest()[:12]
+    key = scoring_run_key(body.run_key, fused)
+    setups = _vertical_setups(
+        spec,
+        label,
+        key=key,
+        fused=fused,
+        schemas=body.feature_schema,
+        training=spec.training,
+        scoring=True,
     )
-    setups = {
-        p: VerticalSetup(
-            party=p,
-            label_party=label,
-            store=posixpath.join(spec.party(p).store, "scoring"),
-            coordinator=spec.coordinator.store,
-            run_key=key,
-            fused=fused[p],
-            schema_=schemas[p],
-            objective=spec.consortium.task,
-            num_class=max(num_classes(spec), 1),
-            training=spec.training,
-        )
-        for p in fused
-    }
     overlap, aligns = align_parties(setups, label, 1, call)
-    models = {p: (FileRef.model_validate(m) if m else None) for p, m in body["models"].items()}
-    upto = int(body["upto_round"])
+    models = body.models
+    upto = body.upto_round
     score_f = {
         p: call.submit(p, party_scores_task, setups[p], aligns[p], models[p], upto)
         for p in setups
@@ -449,7 +414,7 @@ def vertical_score(
         fuse_predictions_task,
         setups[label],
         aligns[label],
-        Fusion.model_validate(body["fusion"]),
+        body.fusion,
         models[label],
         upto,
         scores,
@@ -461,3 +426,45 @@ def vertical_score(
         "%d entities scored (%d known to every party) -> %s", out.rows, overlap.overlap, out.uri
     )
     return out
+
+
+def _vertical_manifest(spec: FedSpec, spec_path: str, manifest: str | None) -> VerticalManifest:
+    """The given vertical manifest, or the latest training run's (which must be vertical)."""
+    if manifest is None:
+        latest = read_latest(Store(spec.coordinator.store))
+        if latest is None:
+            raise NoModelError(
+                f"{spec.coordinator.store}: no trained model yet (run `fedfuse train` first)"
+            )
+        if not latest.is_vertical:
+            raise ValueError(f"{spec_path}: the latest training run is not a vertical one")
+        manifest = latest.manifest
+    return VerticalManifest.model_validate_json(read_text(manifest))
+
+
+def _score_pipelines(
+    spec: FedSpec,
+    spec_path: str,
+    party: str | None,
+    data: str | None,
+    as_of: dt.date | None,
+    dispatch: str | None,
+) -> dict[str, FusedOutput]:
+    """Every party's pipeline on its (new) data: on its own pool when it has one."""
+    remote = party_deployments(spec, dispatch, PIPELINE_FLOW)
+    pipelines: dict[str, PrefectFuture[FusedOutput] | FusedOutput] = {}
+    for p in spec.parties:
+        params: dict[str, JsonValue] = {
+            "spec_path": spec_path,
+            "party": p.id,
+            "as_of": as_of.isoformat() if as_of else None,
+            "scoring": True,
+            "data": (new := data if p.id == party else None),
+        }
+        if p.id in remote:
+            pipelines[p.id] = dispatch_pipeline.submit(
+                remote[p.id], params, spec.coordinator.store, spec.run.party_timeout
+            )
+        else:
+            pipelines[p.id] = party_pipeline(spec_path, p.id, as_of=as_of, scoring=True, data=new)
+    return {p: (v.result() if isinstance(v, PrefectFuture) else v) for p, v in pipelines.items()}

@@ -42,6 +42,7 @@ def _task_names() -> dict[str, str]:
         "tasks.scoring",
         "flows.transport",
         "flows.horizontal",
+        "flows.lossless",
     ):
         for value in vars(importlib.import_module(module)).values():
             if isinstance(value, Task):

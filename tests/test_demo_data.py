@@ -149,7 +149,7 @@ def test_fused_table_beats_every_single_modality(tmp_path: Path, secret: str) ->
 def test_demo_default_size_follows_the_layout() -> None:
     """The vertical demo aligns about a fifth of its customers, so it starts from more;
     an explicit size wins for both layouts."""
-    from flows.cli.app import demo_customers
+    from flows.cli.commands import demo_customers
 
     assert demo_customers("horizontal", None) == 5000
     assert demo_customers("vertical", None) == 20_000

@@ -242,12 +242,12 @@ def run_tree(flow_run_id: UUID) -> tuple[list[Any], dict[UUID, str], list[Any]]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.ops import _descendants, _flow_names
+    from flows.ops import descendants, flow_names_of
 
     with get_client(sync_client=True) as client:
-        runs = [client.read_flow_run(flow_run_id), *_descendants(client, flow_run_id)]
+        runs = [client.read_flow_run(flow_run_id), *descendants(client, flow_run_id)]
         names: dict[UUID, str] = {}
-        _flow_names(client, runs, names)
+        flow_names_of(client, runs, names)
         tasks = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in runs]))
         )

@@ -1,5 +1,5 @@
-"""Console output and error reporting shared by the ``fedfuse`` commands (``flows.cli.app`` and
-``flows.cli.ops_commands``)."""
+"""Console output and error reporting shared by the ``fedfuse`` commands
+(:mod:`flows.cli.commands` and :mod:`flows.cli.ops_commands`)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,258 @@
+"""What every finished training leaves behind (horizontal, lossless, vertical): manifest,
+exported model, baselines, plots, report, the latest-run pointer and the UI's artifacts.
+
+The model and its manifest are the product; the baselines, plots and importance are
+optional: a failure there becomes a warning in the report and the result, never a failed
+training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from prefect import get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import BaseModel, Field
+
+from flows.common import artifact_key, task_options
+from storage.runs import (
+    LatestRun,
+    manifest_name,
+    model_name,
+    plot_name,
+    report_name,
+    write_latest,
+    write_vertical_manifest,
+)
+from storage.store import FileRef, Store, TableRef, write_manifest
+from tasks.horizontal.baselines import compare_baselines
+from tasks.horizontal.ensemble import GlobalEnsemble, ensemble_size, export_model
+from tasks.horizontal.rounds import STOP_TEXT, StopReason
+from tasks.manifest import EnsembleManifest, VerticalManifest
+from tasks.prepare.design import FeatureSchema
+from tasks.report import (
+    Comparison,
+    importance_by_party_modality,
+    markdown_report,
+    markdown_table,
+    metric_rows,
+    plot_importance,
+    plot_rounds,
+)
+from tasks.spec.models import FedSpec, TrainingSpec
+
+T = TypeVar("T")
+
+
+class FinishedTraining(BaseModel):
+    """A finished horizontal (or lossless) training run, as publishing needs it."""
+
+    run_key: str
+    ensemble: GlobalEnsemble
+    upto_round: int | None = Field(description="Export up to this round (None: all)")
+    valid: list[dict[str, float]]
+    test: list[dict[str, float]]
+    best_round: int
+    rounds_run: int
+    best_test: dict[str, float]
+    dropped: dict[int, dict[str, str]] = Field(default_factory=dict)
+    parties: list[str]
+    stop_reason: StopReason | None = None
+    left_out: dict[str, str] = Field(default_factory=dict)
+    description: str = Field(description="Caption of the round-metrics artifact")
+    baselines: bool = False
+    fused: dict[str, TableRef] = Field(description="The parties' fused tables (baselines)")
+    schema_: FeatureSchema
+    training: TrainingSpec
+    results: str
+    refresh: bool = False
+
+
+class TrainingResult(BaseModel):
+    run_key: str
+    rounds_run: int
+    best_round: int
+    valid: list[dict[str, float]]
+    test: list[dict[str, float]]
+    manifest: str
+    model: str
+    trees: int
+    model_bytes: int
+    parties: list[str]
+    dropped: dict[int, dict[str, str]]
+    comparison: Comparison
+    report: str
+    stop_reason: StopReason | None = None
+    left_out: dict[str, str] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
+
+
+def publish_training_artifacts(
+    consortium: str, valid: list[dict[str, float]], report: str, *, description: str
+) -> None:
+    """A training run's artifacts in the UI: validation metrics per round and the report."""
+    key = artifact_key(consortium)
+    create_table_artifact(
+        table=[{"round": i, **v} for i, v in enumerate(valid, start=1)],
+        key=f"{key}-round-metrics",
+        description=description,
+    )
+    create_markdown_artifact(report, key=f"{key}-training-report", description="Training report")
+
+
+class _Optional:
+    """Runs the optional parts of publishing; a failure becomes a warning."""
+
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    def __call__(self, what: str, fn: Callable[[], T], default: T) -> T:
+        try:
+            return fn()
+        except Exception as exc:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            self.warnings.append(f"{what} failed: {type(exc).__name__}: {first}")
+            get_run_logger().warning("%s failed (%s); the trained model is unaffected", what, first)
+            return default
+
+
+def publish_training(spec: FedSpec, run: FinishedTraining) -> TrainingResult:
+    """Manifest, exported model, baselines, plots, report, ``latest.json`` and artifacts of
+    a finished horizontal training run (both modes)."""
+    optional = _Optional()
+    key, ensemble, upto = run.run_key, run.ensemble, run.upto_round
+    objective = ensemble.objective
+    coordinator = Store(spec.coordinator.store)
+    body, texts = EnsembleManifest.of(ensemble)
+    manifest = write_manifest(coordinator, manifest_name(key), body.model_dump(mode="json"), texts)
+    exported = coordinator.write_text(
+        "models", model_name(key), export_model(ensemble, upto_round=upto)
+    )
+    size = ensemble_size(ensemble, upto_round=upto)
+    comparison = Comparison(federated=run.best_test)
+    if run.baselines:
+        comparison = optional(
+            "baselines",
+            lambda: compare_baselines.with_options(**task_options(run.results, run.refresh))(
+                run.fused,
+                schema=run.schema_,
+                training=run.training,
+                objective=objective,
+                num_class=ensemble.num_class,
+                federated=run.best_test,
+                ensemble=ensemble,
+                upto_round=upto,
+            ),
+            comparison,
+        )
+    no_importance: dict[str, dict[str, float]] = {}
+    importance = optional(
+        "feature importance",
+        lambda: importance_by_party_modality(ensemble, run.schema_, upto_round=upto),
+        no_importance,
+    )
+    artefacts = {"manifest": manifest.uri, "model (LightGBM text)": exported.uri}
+    rounds_png = optional(
+        "validation plot",
+        lambda: (
+            coordinator.write_bytes(
+                "reports",
+                plot_name(key, "rounds"),
+                plot_rounds(run.valid, objective=objective, best_round=run.best_round),
+            ).uri
+        ),
+        "",
+    )
+    importance_png = optional(
+        "importance plot",
+        lambda: (
+            coordinator.write_bytes(
+                "reports", plot_name(key, "importance"), plot_importance(importance)
+            ).uri
+        ),
+        "",
+    )
+    if rounds_png:
+        artefacts["validation plot"] = rounds_png
+    if importance_png:
+        artefacts["importance plot"] = importance_png
+    text = (
+        markdown_report(
+            consortium=spec.consortium.name,
+            objective=objective,
+            comparison=comparison,
+            valid=run.valid,
+            best_round=run.best_round,
+            trees=size.trees,
+            model_bytes=size.bytes,
+            importance=importance,
+            artefacts=artefacts,
+            dropped=run.dropped,
+            stopped=STOP_TEXT[run.stop_reason] if run.stop_reason else None,
+            left_out=run.left_out or None,
+            warnings=optional.warnings,
+        )
+        .replace("(rounds.png)", f"({plot_name(key, 'rounds')})")
+        .replace("(importance.png)", f"({plot_name(key, 'importance')})")
+    )
+    report = coordinator.write_text("reports", report_name(key), text)
+    write_latest(coordinator, LatestRun(run_key=key, manifest=manifest.uri, model=exported.uri))
+    publish_training_artifacts(spec.consortium.name, run.valid, text, description=run.description)
+    return TrainingResult(
+        run_key=key,
+        rounds_run=run.rounds_run,
+        best_round=run.best_round,
+        valid=run.valid,
+        test=run.test,
+        manifest=manifest.uri,
+        model=exported.uri,
+        trees=size.trees,
+        model_bytes=size.bytes,
+        parties=run.parties,
+        dropped=run.dropped,
+        comparison=comparison,
+        report=report.uri,
+        stop_reason=run.stop_reason,
+        left_out=run.left_out,
+        warnings=optional.warnings,
+    )
+
+
+class VerticalReport(BaseModel):
+    """The facts of a finished vertical run the report shows."""
+
+    overlap: int
+    set_sizes: dict[str, int]
+    mode: str
+    rounds_run: int
+    best_round: int
+    trees: int
+    valid: list[dict[str, float]]
+    comparison: dict[str, dict[str, float]]
+
+
+def publish_vertical(spec: FedSpec, manifest: VerticalManifest, report: VerticalReport) -> FileRef:
+    """A finished vertical run's manifest, ``latest.json`` and artifacts; the manifest's
+    reference."""
+    coordinator = Store(spec.coordinator.store)
+    written = write_vertical_manifest(coordinator, manifest.run_key, manifest)
+    write_latest(
+        coordinator, LatestRun(run_key=manifest.run_key, layout="vertical", manifest=written.uri)
+    )
+    lines = [
+        f"# Vertical training `{spec.consortium.name}`",
+        "",
+        f"- entities at every party (PSI): {report.overlap} (set sizes {report.set_sizes})",
+        f"- mode {report.mode}: rounds {report.rounds_run}, best {report.best_round}; "
+        f"trees: {report.trees}",
+        "",
+        *markdown_table(metric_rows(list(report.comparison.items()))),
+    ]
+    publish_training_artifacts(
+        spec.consortium.name,
+        report.valid,
+        "\n".join(lines),
+        description="Validation metrics per vertical round (label party)",
+    )
+    return written

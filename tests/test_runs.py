@@ -1,0 +1,77 @@
+"""Run artefact names and the party-step codec: exact paths and file contents."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from storage.runs import (
+    LatestRun,
+    checkpoint_name,
+    read_latest,
+    round_checkpoint_name,
+    vertical_checkpoint_name,
+    write_latest,
+)
+from storage.store import Store
+
+
+def test_latest_pointer_keeps_its_file_format(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    assert read_latest(store) is None
+    write_latest(store, LatestRun(run_key="k", manifest="m.json", model="k-model.txt"))
+    path = tmp_path / "models" / "latest.json"
+    assert json.loads(path.read_text()) == {
+        "run_key": "k",
+        "manifest": "m.json",
+        "model": "k-model.txt",
+    }
+    write_latest(store, LatestRun(run_key="v", layout="vertical", manifest="v.json"))
+    assert json.loads(path.read_text()) == {
+        "run_key": "v",
+        "layout": "vertical",
+        "manifest": "v.json",
+    }
+    latest = read_latest(store)
+    assert latest is not None and latest.is_vertical and latest.manifest == "v.json"
+
+
+def test_checkpoint_names() -> None:
+    assert checkpoint_name("abc") == "abc-latest.json"
+    assert round_checkpoint_name("abc", 3) == "abc-r0003.json"
+    assert vertical_checkpoint_name("abc") == "abc-vertical-latest.json"
+
+
+def test_one_registry_holds_both_layouts_steps() -> None:
+    from flows.transport import CALL_FLOW, STEP_FLOW, steps
+
+    table = steps()
+    assert {op for op, s in table.items() if s.flow == STEP_FLOW} == {
+        "stats",
+        "start",
+        "train",
+        "evaluate",
+    }
+    assert table["vertical-party-round"].flow == CALL_FLOW
+    assert not table["vertical-latest-state"].cached
+    assert table["psi-label-blind"].cached
+
+
+def test_step_call_carries_json_and_types_the_result() -> None:
+    from flows.transport import StepCall, decode_result, encode_result
+    from storage.store import TableRef
+
+    ref = TableRef(uri="memory://t.parquet", sha256="0" * 64, rows=3, columns={"a": "Int64"})
+    call = StepCall.of(
+        "psi-party-receive", [None, ref], coordinator="c", results="r", refresh=False
+    )
+    assert call.args[1] == ref.model_dump(mode="json")
+    assert call.flow_parameters() == {
+        "op": "psi-party-receive",
+        "args": call.args,
+        "coordinator": "c",
+        "results": "r",
+        "refresh": False,
+    }
+    body = json.loads(json.dumps(encode_result("psi-party-receive", ref)))
+    assert decode_result("psi-party-receive", body) == ref
