@@ -7,12 +7,13 @@ a vertical run's names every party's trees, the fusion rule and each party's fea
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
 from storage.store import FileRef
-from tasks.horizontal.ensemble import GlobalEnsemble, ensemble_manifest
+from tasks.horizontal.ensemble import GlobalEnsemble, MemberTuple, text_sha256
 from tasks.prepare.design import FeatureSchema
 from tasks.types import Aggregation, Objective
 from tasks.vertical.fusion import Fusion
@@ -36,9 +37,35 @@ class EnsembleManifest(BaseModel):
 
     @classmethod
     def of(cls, ensemble: GlobalEnsemble) -> tuple[EnsembleManifest, dict[str, str]]:
-        """The manifest of ``ensemble`` and its model texts by sha256."""
-        body, texts = ensemble_manifest(ensemble)
-        return cls.model_validate(body), texts
+        """The manifest of ``ensemble`` and its model texts by sha256 (the storage layer
+        writes each text once under its hash; :meth:`ensemble` reverses this)."""
+        texts: dict[str, str] = {}
+        rounds: list[list[tuple[str, float, str]]] = []
+        for members in ensemble.rounds:
+            row: list[tuple[str, float, str]] = []
+            for party, weight, text in members:
+                digest = text_sha256(text)
+                texts[digest] = text
+                row.append((party, weight, digest))
+            rounds.append(row)
+        body = ensemble.model_dump(exclude={"rounds"})
+        return cls.model_validate({**body, "rounds": rounds}), texts
+
+    def ensemble(self, texts: Mapping[str, str]) -> GlobalEnsemble:
+        """The global ensemble, every model text checked against its hash."""
+        rounds: list[list[MemberTuple]] = []
+        for members in self.rounds:
+            row: list[MemberTuple] = []
+            for party, weight, digest in members:
+                text = texts.get(digest)
+                if text is None or text_sha256(text) != digest:
+                    raise ValueError(
+                        f"model text of party {party!r} is missing or does not match its hash"
+                    )
+                row.append((party, float(weight), text))
+            rounds.append(row)
+        body = self.model_dump(exclude={"rounds", "model_texts"})
+        return GlobalEnsemble.model_validate({**body, "rounds": rounds})
 
 
 class VerticalManifest(BaseModel):

@@ -7,8 +7,9 @@ from prefect import task
 
 from storage.secrets import resolve_secret
 from storage.store import Store, TableRef, read_manifest, read_table
-from tasks.horizontal.ensemble import GlobalEnsemble, ensemble_from_manifest, predict_raw
+from tasks.horizontal.ensemble import GlobalEnsemble, predict_raw
 from tasks.links import probabilities
+from tasks.manifest import EnsembleManifest
 from tasks.prepare.align import hash_keys
 from tasks.prepare.design import FeatureSchema, design_matrix
 from tasks.spec.models import SecretRef
@@ -17,7 +18,7 @@ from tasks.types import ENTITY_HASH
 
 def load_ensemble(manifest_uri: str) -> GlobalEnsemble:
     body, texts = read_manifest(manifest_uri)
-    return ensemble_from_manifest(body, texts)
+    return EnsembleManifest.model_validate(body).ensemble(texts)
 
 
 def schema_of(ensemble: GlobalEnsemble) -> FeatureSchema:

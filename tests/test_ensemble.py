@@ -11,8 +11,6 @@ from sklearn.datasets import make_classification, make_regression
 
 from tasks.horizontal.ensemble import (
     GlobalEnsemble,
-    ensemble_from_manifest,
-    ensemble_manifest,
     ensemble_size,
     export_model,
     predict_raw,
@@ -20,6 +18,7 @@ from tasks.horizontal.ensemble import (
 from tasks.horizontal.model_text import parse_model_text
 from tasks.horizontal.strategies import make_strategy
 from tasks.horizontal.training import lgb_params, train_update
+from tasks.manifest import EnsembleManifest
 from tasks.spec.models import TrainingSpec
 from tasks.types import Objective
 
@@ -139,16 +138,16 @@ def test_ensemble_json_and_manifest_round_trip() -> None:
     ensemble = ensemble.with_metrics(1, {"logloss": 0.5}).model_copy(update={"best_round": 1})
     again = GlobalEnsemble.model_validate_json(ensemble.model_dump_json())
     assert again == ensemble
-    manifest, texts = ensemble_manifest(ensemble)
-    blob = json.dumps(manifest)
+    manifest, texts = EnsembleManifest.of(ensemble)
+    blob = manifest.model_dump_json()
     assert "Tree=0" not in blob
     assert len(texts) == 3
-    back = ensemble_from_manifest(json.loads(blob), texts)
+    back = EnsembleManifest.model_validate(json.loads(blob)).ensemble(texts)
     assert back == ensemble
     np.testing.assert_array_equal(predict_raw(back, x), predict_raw(ensemble, x))
     bad = {h: t.replace("Tree=0", "Tree=0 ") for h, t in texts.items()}
     with pytest.raises(ValueError, match="does not match its hash"):
-        ensemble_from_manifest(manifest, bad)
+        manifest.ensemble(bad)
 
 
 def test_ensemble_size_counts_all_trees_and_bytes() -> None:

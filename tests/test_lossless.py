@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 from storage.files import read_text
 from storage.store import read_manifest
 from tasks.horizontal.baselines import train_centralised
-from tasks.horizontal.ensemble import ensemble_from_manifest, export_model, predict_raw
+from tasks.horizontal.ensemble import export_model, predict_raw
 from tasks.horizontal.loop import train_federated
 from tasks.horizontal.lossless import round_budget, train_lossless
 from tasks.horizontal.lossless_network import (
@@ -26,6 +26,7 @@ from tasks.horizontal.lossless_network import (
     without_network_params,
 )
 from tasks.horizontal.training import lgb_params, party_data
+from tasks.manifest import EnsembleManifest
 from tasks.prepare.design import FeatureSchema, design_matrix
 from tasks.spec.models import TrainingSpec
 from tasks.types import ENTITY_HASH, LABEL
@@ -200,7 +201,7 @@ def test_lossless_flow_exports_and_scores(prefect_api: str, tmp_path: Path, secr
     assert 1 <= result.best_round <= result.rounds_run <= 6
     assert result.test[result.best_round - 1]["auc"] > 0.65
     body, texts = read_manifest(result.manifest)
-    ensemble = ensemble_from_manifest(body, texts)
+    ensemble = EnsembleManifest.model_validate(body).ensemble(texts)
     assert [[m[0] for m in r] for r in ensemble.rounds] == [["lossless"]]
     assert read_text(result.model) == export_model(ensemble)  # what `fedfuse export` writes
     exported = lgb.Booster(model_str=read_text(result.model))

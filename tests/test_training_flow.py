@@ -12,10 +12,11 @@ import pytest
 
 from storage.files import read_text
 from storage.store import Store, read_manifest
-from tasks.horizontal.ensemble import GlobalEnsemble, ensemble_from_manifest, predict_raw
+from tasks.horizontal.ensemble import GlobalEnsemble, predict_raw
 from tasks.horizontal.rounds import ModelRules, QuorumError
 from tasks.horizontal.steps import PartyUpdate, aggregate
 from tasks.horizontal.strategies import make_strategy
+from tasks.manifest import EnsembleManifest
 from tasks.prepare.design import FeatureSchema, design_matrix
 from tasks.types import ENTITY_HASH
 from tests.factories import write_synthetic
@@ -37,7 +38,7 @@ def _spec(root: Path, **training: int) -> Path:
 
 def _ensemble(manifest_uri: str) -> GlobalEnsemble:
     body, texts = read_manifest(manifest_uri)
-    return ensemble_from_manifest(body, texts)
+    return EnsembleManifest.model_validate(body).ensemble(texts)
 
 
 def test_training_exports_a_model_equal_to_the_ensemble(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -111,42 +111,6 @@ class GlobalEnsemble(BaseModel):
 
 def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def ensemble_manifest(ensemble: GlobalEnsemble) -> tuple[dict[str, Any], dict[str, str]]:
-    """Split an ensemble into a JSON manifest (texts replaced by sha256) and the texts.
-
-    The storage layer writes each text once under its hash; :func:`ensemble_from_manifest`
-    reverses this and verifies every hash.
-    """
-    body = ensemble.model_dump(mode="json")
-    texts: dict[str, str] = {}
-    rounds: list[list[list[Any]]] = []
-    for members in ensemble.rounds:
-        row: list[list[Any]] = []
-        for party, weight, text in members:
-            digest = text_sha256(text)
-            texts[digest] = text
-            row.append([party, weight, digest])
-        rounds.append(row)
-    body["rounds"] = rounds
-    body["model_texts"] = "sha256"
-    return body, texts
-
-
-def ensemble_from_manifest(manifest: Mapping[str, Any], texts: Mapping[str, str]) -> GlobalEnsemble:
-    body = {k: v for k, v in manifest.items() if k != "model_texts"}
-    rounds: list[list[MemberTuple]] = []
-    for members in manifest["rounds"]:
-        row: list[MemberTuple] = []
-        for party, weight, digest in members:
-            text = texts[digest]
-            if text_sha256(text) != digest:
-                raise ValueError(f"model text of party {party!r} does not match its hash {digest}")
-            row.append((party, float(weight), text))
-        rounds.append(row)
-    body["rounds"] = rounds
-    return GlobalEnsemble.model_validate(body)
 
 
 # --------------------------------------------------------------------------------------
