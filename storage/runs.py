@@ -1,6 +1,11 @@
 """Names of run artefacts, in one place: checkpoints, manifests, exported models, reports,
-the ``models/latest.json`` pointer to the latest training run and the
-``exchange/<flow-run-id>.json`` results of dispatched party runs.
+the ``models/latest.json`` pointer to the latest training run, the
+``exchange/<flow-run-id>.json`` results of dispatched party runs, and the per-round files of
+a run (running scores, model updates, the vertical exchange tables and party models).
+
+A name here is the file name (``.json``/``.txt``) or, for a table, the stem the store adds
+its content hash and ``.parquet`` to; the folder (``models``, ``exchange``, ...) is the
+caller's.
 
 Everything else reads and writes these through the functions here, with typed models; a
 caller passes the model class of what it reads (storage knows no task-level type).
@@ -71,9 +76,14 @@ def vertical_checkpoint_name(run_key: str) -> str:
 
 
 def vertical_round_name(run_key: str, round_: int) -> str:
-    """A vertical run's label-party state after round ``round_`` (stem; ``.json`` added for
-    the document, the score arrays are a table of that name)."""
+    """A vertical run's label-party state after round ``round_``: the score arrays' table
+    (``checkpoints/``); the document is :func:`vertical_round_document_name`."""
     return f"{run_key}-vertical-r{round_:04d}"
+
+
+def vertical_round_document_name(run_key: str, round_: int) -> str:
+    """The document of a vertical run's label-party state after round ``round_``."""
+    return f"{vertical_round_name(run_key, round_)}.json"
 
 
 def read_checkpoint(coordinator: Store, run_key: str, model: type[M]) -> M | None:
@@ -89,6 +99,71 @@ def write_checkpoint(coordinator: Store, run_key: str, round_: int, checkpoint: 
     body = checkpoint.model_dump(mode="json")
     coordinator.write_json("checkpoints", round_checkpoint_name(run_key, round_), body)
     coordinator.write_json("checkpoints", checkpoint_name(run_key), body)
+
+
+# -- horizontal rounds -----------------------------------------------------------------------
+
+
+def running_scores_name(run_key: str, round_: int) -> str:
+    """A party's running raw scores after round ``round_`` (table, the party's ``models/``);
+    round 0 holds the base score."""
+    return f"{run_key}-scores-r{round_:04d}"
+
+
+def update_name(run_key: str, round_: int, party: str) -> str:
+    """A party's model update of round ``round_``, LightGBM text (coordinator ``models/``)."""
+    return f"{run_key}-r{round_:04d}-{party}.txt"
+
+
+# -- vertical rounds ---------------------------------------------------------------------------
+
+
+def vertical_gradients_name(run_key: str, round_: int) -> str:
+    """The label party's gradients of round ``round_`` (table, coordinator ``exchange/``)."""
+    return f"{run_key}-gradients-r{round_:04d}"
+
+
+def vertical_party_model_name(run_key: str, party: str, round_: int) -> str:
+    """A party's model after round ``round_`` (the party's ``models/``)."""
+    return f"{run_key}-vertical-{party}-r{round_:04d}.json"
+
+
+def vertical_delta_name(run_key: str, party: str, round_: int) -> str:
+    """A party's per-entity score deltas of round ``round_`` (table, coordinator
+    ``exchange/``)."""
+    return f"{run_key}-delta-{party}-r{round_:04d}"
+
+
+def vertical_test_scores_name(run_key: str, party: str, upto_round: int) -> str:
+    """A party's raw test-block scores up to round ``upto_round`` (table, coordinator
+    ``exchange/``)."""
+    return f"{run_key}-test-{party}-r{upto_round:04d}"
+
+
+def vertical_labels_name(run_key: str) -> str:
+    """The overlap's shared labels, one-shot mode (table, coordinator ``exchange/``)."""
+    return f"{run_key}-labels"
+
+
+def one_shot_model_name(run_key: str, party: str) -> str:
+    """A party's one-shot model (the party's ``models/``)."""
+    return f"{run_key}-oneshot-{party}.json"
+
+
+def one_shot_scores_name(run_key: str, party: str) -> str:
+    """A party's one-shot raw scores on valid and test (table, coordinator ``exchange/``)."""
+    return f"{run_key}-oneshot-scores-{party}"
+
+
+def vertical_scores_name(run_key: str, party: str) -> str:
+    """A party's raw scores on every aligned row at inference (table, coordinator
+    ``exchange/``)."""
+    return f"{run_key}-scores-{party}"
+
+
+def vertical_predictions_name(run_key: str) -> str:
+    """The label party's fused predictions at inference (table, its ``reports/``)."""
+    return f"{run_key}-predictions"
 
 
 # -- manifests, models, reports ----------------------------------------------------------------

@@ -8,9 +8,28 @@ from pathlib import Path
 from storage.runs import (
     LatestRun,
     checkpoint_name,
+    exchange_name,
+    manifest_name,
+    model_name,
+    one_shot_model_name,
+    one_shot_scores_name,
+    plot_name,
     read_latest,
+    report_name,
     round_checkpoint_name,
+    running_scores_name,
+    update_name,
     vertical_checkpoint_name,
+    vertical_delta_name,
+    vertical_gradients_name,
+    vertical_labels_name,
+    vertical_manifest_name,
+    vertical_party_model_name,
+    vertical_predictions_name,
+    vertical_round_document_name,
+    vertical_round_name,
+    vertical_scores_name,
+    vertical_test_scores_name,
     write_latest,
 )
 from storage.store import Store
@@ -40,6 +59,31 @@ def test_checkpoint_names() -> None:
     assert checkpoint_name("abc") == "abc-latest.json"
     assert round_checkpoint_name("abc", 3) == "abc-r0003.json"
     assert vertical_checkpoint_name("abc") == "abc-vertical-latest.json"
+    assert vertical_round_name("abc", 3) == "abc-vertical-r0003"
+    assert vertical_round_document_name("abc", 3) == "abc-vertical-r0003.json"
+
+
+def test_run_artefact_names() -> None:
+    """The exact names on disk: a rename would orphan the files of earlier runs."""
+    assert running_scores_name("abc", 0) == "abc-scores-r0000"
+    assert running_scores_name("abc", 12) == "abc-scores-r0012"
+    assert update_name("abc", 2, "p1") == "abc-r0002-p1.txt"
+    assert vertical_gradients_name("abc", 4) == "abc-gradients-r0004"
+    assert vertical_party_model_name("abc", "p1", 4) == "abc-vertical-p1-r0004.json"
+    assert vertical_delta_name("abc", "p1", 4) == "abc-delta-p1-r0004"
+    assert vertical_test_scores_name("abc", "p1", 4) == "abc-test-p1-r0004"
+    assert vertical_labels_name("abc") == "abc-labels"
+    assert one_shot_model_name("abc", "p1") == "abc-oneshot-p1.json"
+    assert one_shot_scores_name("abc", "p1") == "abc-oneshot-scores-p1"
+    assert vertical_scores_name("abc", "p1") == "abc-scores-p1"
+    assert vertical_predictions_name("abc") == "abc-predictions"
+    assert manifest_name("abc") == "abc-manifest.json"
+    assert vertical_manifest_name("abc") == "abc-vertical-manifest.json"
+    assert model_name("abc") == "abc-model.txt"
+    assert report_name("abc") == "abc-report.md"
+    assert plot_name("abc", "rounds") == "abc-rounds.png"
+    assert plot_name("abc", "importance") == "abc-importance.png"
+    assert exchange_name("run-1") == "run-1.json"
 
 
 def test_one_registry_holds_both_layouts_steps() -> None:

@@ -15,6 +15,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.files import ConfinementError, confined
+from storage.runs import running_scores_name, update_name
 from storage.store import (
     FileRef,
     IntegrityError,
@@ -154,7 +155,7 @@ def initial_scores(setup: TrainSetup, base: list[float]) -> TableRef:
     fused = read_table(setup.fused, columns=[ENTITY_HASH])
     raw = np.tile(np.asarray(base, dtype=np.float64), (fused.height, 1))
     store = Store(setup.store)
-    return store.write_table(_scores_frame(raw), "models", f"{setup.run_key}-scores-r0000")
+    return store.write_table(_scores_frame(raw), "models", running_scores_name(setup.run_key, 0))
 
 
 def train_round(
@@ -178,7 +179,7 @@ def train_round(
         feature_names=setup.schema_.names,
     )
     ref = Store(setup.coordinator).write_text(
-        "models", f"{setup.run_key}-r{round_:04d}-{setup.party}.txt", text
+        "models", update_name(setup.run_key, round_, setup.party), text
     )
     return PartyUpdate(party=setup.party, round=round_, model=ref, n_train=int(mask.sum()))
 
@@ -273,7 +274,9 @@ def evaluate_round(
         running = running + round_increment(members(aggregate_), x, setup.num_class)
     last = aggregates[-1].round
     store = Store(setup.store)
-    ref = store.write_table(_scores_frame(running), "models", f"{setup.run_key}-scores-r{last:04d}")
+    ref = store.write_table(
+        _scores_frame(running), "models", running_scores_name(setup.run_key, last)
+    )
     out = split_metrics(y, running, split, ("valid", "test"), setup.objective, setup.num_class)
     return PartyEval(
         party=setup.party,

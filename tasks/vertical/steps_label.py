@@ -20,6 +20,14 @@ import polars as pl
 
 from storage.files import read_text
 from storage.psi import write_alignment, write_message
+from storage.runs import (
+    vertical_checkpoint_name,
+    vertical_gradients_name,
+    vertical_labels_name,
+    vertical_predictions_name,
+    vertical_round_document_name,
+    vertical_round_name,
+)
 from storage.secrets import resolve_secret
 from storage.store import FileRef, Store, TableRef, read_table
 from tasks.horizontal.training import base_score, evaluate, label_stats
@@ -123,10 +131,10 @@ def _save_state(setup: VerticalSetup, state: LabelState) -> StateRef:
     table = store.write_table(
         split_frame(arrays),
         "checkpoints",
-        f"{setup.run_key}-vertical-r{state.progress.round:04d}",
+        vertical_round_name(setup.run_key, state.progress.round),
     )
     doc = store.write_json(
-        "checkpoints", f"{setup.run_key}-vertical-r{state.progress.round:04d}.json", document
+        "checkpoints", vertical_round_document_name(setup.run_key, state.progress.round), document
     )
     p = state.progress
     valid = p.history[-1].valid if p.history else {}
@@ -143,7 +151,7 @@ def _save_state(setup: VerticalSetup, state: LabelState) -> StateRef:
         fusion=rounds_fusion(p),
     )
     store.write_json(
-        "checkpoints", f"{setup.run_key}-vertical-latest.json", ref.model_dump(mode="json")
+        "checkpoints", vertical_checkpoint_name(setup.run_key), ref.model_dump(mode="json")
     )
     return ref
 
@@ -157,7 +165,7 @@ def load_state(ref: StateRef, num_class: int) -> LabelState:
 def latest_state(setup: VerticalSetup) -> StateRef | None:
     """Label party: its latest checkpoint of this run, if any (resuming)."""
     store = Store(setup.store)
-    name = f"{setup.run_key}-vertical-latest.json"
+    name = vertical_checkpoint_name(setup.run_key)
     if not store.exists("checkpoints", name):
         return None
     return StateRef.model_validate(store.read_json("checkpoints", name))
@@ -190,7 +198,7 @@ def send_gradients(setup: VerticalSetup, alignment: TableRef, state: StateRef) -
     message = gradient_message(load_state(state, setup.num_class), data)
     frame = arrays_frame({"grad": message.grad, "hess": message.hess})
     return Store(setup.coordinator).write_table(
-        frame, "exchange", f"{setup.run_key}-gradients-r{message.round:04d}"
+        frame, "exchange", vertical_gradients_name(setup.run_key, message.round)
     )
 
 
@@ -253,7 +261,9 @@ def send_labels(setup: VerticalSetup, alignment: TableRef) -> TableRef:
     valid labels, position-aligned, to every party."""
     data = label_data(setup, alignment)
     frame = split_frame({"train": data.y_train, "valid": data.y_valid})
-    return Store(setup.coordinator).write_table(frame, "exchange", f"{setup.run_key}-labels")
+    return Store(setup.coordinator).write_table(
+        frame, "exchange", vertical_labels_name(setup.run_key)
+    )
 
 
 def one_shot_fusion(
@@ -357,4 +367,4 @@ def fuse_predictions(
         out = out.join(keys, on=ENTITY_HASH, how="left", validate="1:1").select(
             entity, pl.exclude(entity)
         )
-    return Store(setup.store).write_table(out, "reports", f"{setup.run_key}-predictions")
+    return Store(setup.store).write_table(out, "reports", vertical_predictions_name(setup.run_key))

@@ -13,6 +13,14 @@ from __future__ import annotations
 import polars as pl
 
 from storage.psi import read_message, write_alignment, write_message
+from storage.runs import (
+    one_shot_model_name,
+    one_shot_scores_name,
+    vertical_delta_name,
+    vertical_party_model_name,
+    vertical_scores_name,
+    vertical_test_scores_name,
+)
 from storage.store import FileRef, Store, TableRef, fingerprint, read_table
 from tasks.horizontal.model_text import count_trees
 from tasks.prepare.design import design_matrix
@@ -90,14 +98,14 @@ def party_round(
     store = Store(setup.store)
     model_ref = store.write_text(
         "models",
-        f"{setup.run_key}-vertical-{setup.party}-r{round_:04d}.json",
+        vertical_party_model_name(setup.run_key, setup.party, round_),
         current.model_dump_json(),
     )
     table = split_frame({"train": delta.train, "valid": delta.valid}).with_columns(
         pl.lit(delta.trees).alias("trees")
     )
     delta_ref = Store(setup.coordinator).write_table(
-        table, "exchange", f"{setup.run_key}-delta-{setup.party}-r{round_:04d}"
+        table, "exchange", vertical_delta_name(setup.run_key, setup.party, round_)
     )
     return PartyRoundOut(model=model_ref, delta=delta_ref)
 
@@ -113,14 +121,14 @@ def party_test_scores(
     return Store(setup.coordinator).write_table(
         arrays_frame({"raw": raw}),
         "exchange",
-        f"{setup.run_key}-test-{setup.party}-r{upto_round:04d}",
+        vertical_test_scores_name(setup.run_key, setup.party, upto_round),
     )
 
 
 def model_at(setup: VerticalSetup, round_: int) -> FileRef | None:
     """Any party: its model after ``round_`` (resuming a stopped run), if it has one."""
     store = Store(setup.store)
-    name = f"{setup.run_key}-vertical-{setup.party}-r{round_:04d}.json"
+    name = vertical_party_model_name(setup.run_key, setup.party, round_)
     if round_ == 0 or not store.exists("models", name):
         return None
     return fingerprint(store.location("models", name))
@@ -145,12 +153,12 @@ def party_one_shot(setup: VerticalSetup, alignment: TableRef, labels_ref: TableR
         iterations=[shot.iterations],
     )
     model_ref = Store(setup.store).write_text(
-        "models", f"{setup.run_key}-oneshot-{setup.party}.json", model.model_dump_json()
+        "models", one_shot_model_name(setup.run_key, setup.party), model.model_dump_json()
     )
     assert shot.test is not None
     frame = split_frame({"valid": shot.valid, "test": shot.test})
     scores = Store(setup.coordinator).write_table(
-        frame, "exchange", f"{setup.run_key}-oneshot-scores-{setup.party}"
+        frame, "exchange", one_shot_scores_name(setup.run_key, setup.party)
     )
     return OneShotOut(model=model_ref, scores=scores, trees=count_trees(shot.model_text))
 
@@ -167,5 +175,5 @@ def party_scores(
     text = party_model_text(read_party_model(model, setup), upto_round)
     raw = score_block(text, design_matrix(frame, setup.schema_), setup.num_class)
     return Store(setup.coordinator).write_table(
-        arrays_frame({"raw": raw}), "exchange", f"{setup.run_key}-scores-{setup.party}"
+        arrays_frame({"raw": raw}), "exchange", vertical_scores_name(setup.run_key, setup.party)
     )
