@@ -10,20 +10,28 @@ cells holding them are decoded lossily, and the frame gets a column ``__invalid_
 per row the columns with invalid bytes (only when there are any); preprocessing quarantines
 those rows naming the column. Undecodable JSONL lines come back in ``bad_lines``, as do JSONL
 lines that are not one JSON object or repeat a key inside one object.
+
+A source that is a folder of files is listed by :func:`read_folder`: its files' relative
+paths and sizes, each read on demand (:meth:`FolderFile.read`), within limits on the number
+of files and the size of each.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.files import filesystem, is_uri
+from storage.files import filesystem, is_uri, lies_within, real_location
+from storage.store import FolderError, folder_files
 
 ROW = "__row"
 #: Per row, the columns whose cells held invalid UTF-8 (present only when some did).
@@ -68,6 +76,129 @@ def read_source(location: str, fmt: str, *, encoding: str = "utf8") -> RawSource
     if fmt == "jsonl":
         return _read_jsonl(location, encoding)
     raise SourceError(f"{location}: unknown format {fmt!r} (csv, parquet, jsonl, arrow)")
+
+
+#: Default limits of a folder source: files matched, bytes per file.
+MAX_FOLDER_FILES = 100_000
+MAX_FILE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FolderFile:
+    """One file of a folder source: its path relative to the folder (POSIX), its size, and
+    where it lies; its bytes are read by :meth:`read`."""
+
+    path: str
+    size: int
+    uri: str
+    folder: str
+    max_bytes: int
+
+    @property
+    def oversized(self) -> bool:
+        """Whether the file is larger than the listing's limit (:meth:`read` refuses it)."""
+        return self.size > self.max_bytes
+
+    def read(self) -> bytes:
+        """The file's bytes. Refused with :class:`SourceError` naming the file (relative to
+        the folder) when it is over the size limit, or has become a symbolic link, or leads
+        outside the folder since it was listed."""
+        if self.oversized:
+            raise SourceError(
+                f"{self.folder}: {self.path!r} holds {self.size} bytes, over the limit of "
+                f"{self.max_bytes} bytes per file"
+            )
+        fs, path = filesystem(self.uri)
+        if is_uri(self.uri) and not self.uri.lower().startswith(("file://", "local://")):
+            with fs.open(path, "rb") as handle:
+                data: bytes = handle.read(self.max_bytes + 1)
+        else:
+            if not lies_within(real_location(path), real_location(self.folder)):
+                raise SourceError(f"{self.folder}: {self.path!r} leads outside the folder")
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError as exc:
+                if Path(path).is_symlink():
+                    raise SourceError(
+                        f"{self.folder}: {self.path!r} is a symbolic link; a folder source "
+                        "holds plain files and folders only"
+                    ) from None
+                raise SourceError(
+                    f"{self.folder}: {self.path!r} cannot be read ({type(exc).__name__})"
+                ) from None
+            with os.fdopen(fd, "rb") as handle:
+                data = handle.read(self.max_bytes + 1)
+        if len(data) > self.max_bytes:
+            raise SourceError(
+                f"{self.folder}: {self.path!r} grew over the limit of {self.max_bytes} bytes "
+                "per file since it was listed"
+            )
+        return data
+
+
+@dataclass(frozen=True)
+class FolderListing:
+    """The files of a folder source matching a pattern, sorted by relative path."""
+
+    location: str
+    pattern: str
+    files: list[FolderFile]
+
+
+def read_folder(
+    location: str,
+    pattern: str = "*",
+    *,
+    max_bytes: int = MAX_FILE_BYTES,
+    max_files: int = MAX_FOLDER_FILES,
+) -> FolderListing:
+    """List the files of a folder source whose relative paths match ``pattern`` (``fnmatch``
+    on the POSIX path relative to the folder; ``*`` crosses subfolders). Nothing is read
+    yet: each :class:`FolderFile` reads its bytes on demand, refusing more than
+    ``max_bytes``. Refused with :class:`SourceError` naming the folder (and the entry): a
+    missing folder or a file in its place, a pattern or an entry leading outside it (``..``,
+    absolute), a symbolic link inside it, no matching file, more than ``max_files``."""
+    parts = pattern.replace("\\", "/").split("/")
+    if pattern.startswith("/") or ".." in parts:
+        raise SourceError(f"{location}: file pattern {pattern!r} leads outside the folder")
+    fs, path = filesystem(location)
+    if not fs.exists(path):
+        raise SourceError(f"{location}: source folder not found")
+    if not fs.isdir(path):
+        raise SourceError(f"{location}: is a file, expected a folder of files")
+    try:
+        entries = folder_files(location)
+    except FolderError as exc:
+        raise SourceError(str(exc)) from None
+    matched = [(rel, entry) for rel, entry in entries if fnmatch.fnmatchcase(rel, pattern)]
+    for rel, _ in matched:
+        if ".." in rel.split("/"):
+            raise SourceError(f"{location}: {rel!r} leads outside the folder")
+    if not matched:
+        raise SourceError(
+            f"{location}: folder holds no file matching {pattern!r} ({len(entries)} file(s) in all)"
+        )
+    if len(matched) > max_files:
+        raise SourceError(
+            f"{location}: folder holds {len(matched)} files matching {pattern!r}, more than "
+            f"the limit of {max_files}"
+        )
+    files = [
+        FolderFile(
+            path=rel,
+            size=int(fs.size(entry)),
+            uri=entry if not is_uri(location) else _entry_uri(location, path, entry),
+            folder=location,
+            max_bytes=max_bytes,
+        )
+        for rel, entry in matched
+    ]
+    return FolderListing(location=location, pattern=pattern, files=files)
+
+
+def _entry_uri(location: str, root: str, entry: str) -> str:
+    """An entry's URI under the folder's (``entry``: its path in the file system)."""
+    return location.rstrip("/") + entry[len(root.rstrip("/")) :]
 
 
 def _empty_check(location: str, frame: pl.DataFrame) -> pl.DataFrame:

@@ -20,6 +20,7 @@ from tasks.prepare.modalities import (
     register,
 )
 from tasks.prepare.modalities.table import Table
+from tasks.prepare.steps import CleanOutput, PartyContext
 from tasks.spec.load import parse_spec, summary
 from tasks.spec.models import FedSpec, SpecError, SpecProblem
 
@@ -231,3 +232,230 @@ def test_a_new_modality_runs_through_the_party_pipeline(
     assert table["clicks__weighted"].to_list() == [2.0, 14.0, 14.0]
     assert table["clicks__sessions"].to_list() == [1.0, 2.0, 3.0]
     assert {c.name: c.modality for c in fused.features}["clicks__weighted"] == "clicks"
+
+
+FOLDER_MODULE = '''
+"""A toy folder modality: one small text file per customer, ``<customer>.txt``."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from tasks.prepare.modalities import FileRejected, FolderModality, register
+from tasks.spec.models import SourceSpec
+from storage.sources import FolderFile
+
+
+class Notes(FolderModality):
+    kind = "notes"
+    order = 6
+    pattern = "*.txt"
+    max_file_bytes = 64
+    file_columns = {"lines": pl.Int64()}
+
+    def one_row_per_entity(self, source: SourceSpec) -> bool:
+        return True
+
+    def parse_file(self, file: FolderFile, data: bytes, source: SourceSpec) -> dict[str, object]:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FileRejected("not UTF-8 text") from None
+        if "\\x00" in text:
+            raise FileRejected("binary content")
+        return {"lines": len(text.splitlines())}
+
+    def extract(self, clean, source, inputs):
+        return (
+            clean.select(
+                inputs.entity,
+                pl.col("size").cast(pl.Float64).alias("bytes"),
+                pl.col("lines").cast(pl.Float64),
+            )
+            .sort(inputs.entity)
+            .collect()
+        )
+
+
+NOTES = register(Notes())
+'''
+
+NOTES_SOURCE = """
+[[parties.sources]]
+id = "notes"
+kind = "notes"
+path = "raw/notes"
+[parties.sources.columns]
+customer_id = { from = "stem", dtype = "str" }
+size = { dtype = "int" }
+lines = { dtype = "int" }
+"""
+#: The toy spec with the folder source in place of the clicks source.
+FOLDER_SPEC = SPEC.split('[[parties.sources]]\nid = "web"', maxsplit=1)[0] + NOTES_SOURCE.lstrip(
+    "\n"
+)
+
+
+@pytest.fixture
+def notes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The toy folder modality imported from a temporary module; unregistered after."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "toy_notes.py").write_text(FOLDER_MODULE)
+    monkeypatch.syspath_prepend(str(folder))
+    importlib.import_module("toy_notes")
+    try:
+        yield folder
+    finally:
+        MODALITIES.pop("notes", None)
+        sys.modules.pop("toy_notes", None)
+
+
+def _write_notes(root: Path, spec: str = FOLDER_SPEC) -> Path:
+    path = _write_consortium(root, spec)
+    notes = root / "raw" / "notes"
+    (notes / "old").mkdir(parents=True)
+    (notes / "c1.txt").write_text("late delivery\nrefund asked\n")
+    (notes / "c2.txt").write_text("happy\n")
+    (notes / "old" / "c3.txt").write_text("one\ntwo\nthree\n")
+    (notes / "README.md").write_text("not a note: the pattern leaves it out\n")
+    return path
+
+
+def _notes_run(spec_path: Path) -> tuple[CleanOutput, PartyContext]:
+    from storage.store import fingerprint
+    from tasks.prepare.steps import run_preprocess
+    from tasks.spec.load import load_spec
+
+    spec = load_spec(str(spec_path))
+    ctx = PartyContext.from_spec(spec, "a")
+    source = next(s for s in spec.party("a").sources if s.id == "notes")
+    return run_preprocess(ctx, source, fingerprint(source.path, roots=ctx.roots), None), ctx
+
+
+def test_a_folder_kind_is_summarised_and_checked(notes: Path, tmp_path: Path) -> None:
+    _write_notes(tmp_path)
+    assert "customers (table/entity, csv), notes (notes, folder)" in summary(
+        _load(FOLDER_SPEC, tmp_path)
+    )
+    with_format = FOLDER_SPEC.replace('path = "raw/notes"', 'path = "raw/notes"\nformat = "csv"')
+    assert _problems(with_format, tmp_path) == [
+        "parties[0].sources[1].format: a notes source is a folder of files; leave 'format' out"
+    ]
+
+
+def test_a_folder_is_refused_for_a_file_kind_and_a_file_for_a_folder_kind(
+    notes: Path, tmp_path: Path
+) -> None:
+    _write_notes(tmp_path)
+    table_on_folder = FOLDER_SPEC.replace('path = "raw/customers.csv"', 'path = "raw/notes"')
+    assert (
+        "parties[0].sources[0].path: raw/notes is a folder; a table source reads one file "
+        "(csv, parquet, jsonl, arrow); only kinds that read folders take one (notes)"
+    ) in _problems(table_on_folder, tmp_path)
+    folder_on_file = FOLDER_SPEC.replace('path = "raw/notes"', 'path = "raw/clicks.csv"')
+    assert _problems(folder_on_file, tmp_path) == [
+        "parties[0].sources[1].path: raw/clicks.csv is a file; a notes source is a folder of files"
+    ]
+
+
+def test_a_folder_source_is_confined_like_a_file(notes: Path, tmp_path: Path) -> None:
+    _write_notes(tmp_path / "c")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "c" / "raw" / "away").symlink_to(elsewhere, target_is_directory=True)
+    for written in ("raw/../../elsewhere", "raw/away"):
+        spec = FOLDER_SPEC.replace('path = "raw/notes"', f'path = "{written}"')
+        (problem,) = _problems(spec, tmp_path / "c")
+        assert problem.startswith(f"parties[0].sources[1].path: {written} leads to {elsewhere},")
+        assert "outside the store of party 'a' (stores/a) and its import areas (raw)" in problem
+
+
+def test_a_symlink_inside_a_folder_source_is_refused(
+    notes: Path, tmp_path: Path, secret: str
+) -> None:
+    from storage.sources import SourceError, read_folder
+    from storage.store import FolderError, fingerprint
+    from tasks.prepare.steps import PartyContext, run_preprocess
+
+    spec_path = _write_notes(tmp_path)
+    outside = tmp_path / "private.txt"
+    outside.write_text("not the party's to share\n")
+    link = tmp_path / "raw" / "notes" / "old" / "c4.txt"
+    link.symlink_to(outside)
+    assert _problems(FOLDER_SPEC, tmp_path) == [
+        "parties[0].sources[1].path: raw/notes: 'old/c4.txt' is a symbolic link or leads "
+        "outside the folder; a folder source holds plain files and folders only"
+    ]
+    link.unlink()
+    spec = _load(spec_path.read_text(), tmp_path)  # checked before the link appears
+    ctx = PartyContext.from_spec(spec, "a")
+    source = next(s for s in spec.party("a").sources if s.id == "notes")
+    link.symlink_to(outside)
+    with pytest.raises(FolderError, match=r"'old/c4.txt' is a symbolic link"):
+        run_preprocess(ctx, source, fingerprint(source.path, roots=ctx.roots), None)
+    with pytest.raises(SourceError, match=r"'old/c4.txt' is a symbolic link"):
+        read_folder(source.path, "*.txt")
+
+
+def test_an_empty_folder_source_is_a_clear_error(notes: Path, tmp_path: Path, secret: str) -> None:
+    from storage.sources import SourceError
+
+    spec_path = _write_notes(tmp_path)
+    for file in (tmp_path / "raw" / "notes").rglob("*.txt"):
+        file.unlink()
+    with pytest.raises(SourceError) as info:
+        _notes_run(spec_path)
+    assert str(info.value) == (
+        f"{tmp_path / 'raw' / 'notes'}: folder holds no file matching '*.txt' (1 file(s) in all)"
+    )
+
+
+def test_oversized_and_binary_files_are_quarantined_without_their_names(
+    notes: Path, tmp_path: Path, secret: str
+) -> None:
+    spec_path = _write_notes(tmp_path)
+    folder = tmp_path / "raw" / "notes"
+    (folder / "c7.txt").write_text("x" * 65)
+    (folder / "c8.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (folder / "c9.txt").write_bytes(b"zero\x00bytes\n")
+    cleaned, _ = _notes_run(spec_path)
+    assert cleaned.quality.rows_in == 6
+    assert cleaned.quality.rows_out == 3
+    assert cleaned.quality.rejected_by_reason == {
+        "binary content": 1,
+        "file over 64 bytes": 1,
+        "not UTF-8 text": 1,
+    }
+    assert cleaned.rejected is not None
+    rejected = pl.read_parquet(cleaned.rejected.uri)  # in the party's store only
+    assert rejected.select("__row", "reject_reason", "__raw_line").rows() == [
+        (3, "file over 64 bytes", "c7.txt"),
+        (4, "not UTF-8 text", "c8.txt"),
+        (5, "binary content", "c9.txt"),
+    ]
+    assert "c7" not in cleaned.quality.model_dump_json()
+    clean = pl.read_parquet(cleaned.clean.uri).sort("customer_id")
+    assert clean.rows() == [("c1", 27, 2), ("c2", 6, 1), ("c3", 14, 3)]
+
+
+@pytest.mark.prefect
+def test_a_folder_modality_runs_through_the_party_pipeline(
+    prefect_api: str, notes: Path, tmp_path: Path, secret: str
+) -> None:
+    from flows.prepare import party_pipeline
+
+    spec_path = _write_notes(tmp_path)
+    (tmp_path / "raw" / "notes" / "c9.txt").write_bytes(b"\xff\xfe binary")  # quarantined
+    fused = party_pipeline(str(spec_path), "a")
+    table = pl.read_parquet(fused.table.uri).sort("notes__lines")
+    assert {"profile__plan", "notes__bytes", "notes__lines"} <= set(table.columns)
+    assert table["notes__lines"].to_list() == [1.0, 2.0, 3.0]
+    assert table["notes__bytes"].to_list() == [6.0, 27.0, 14.0]
+    assert {c.name: c.modality for c in fused.features}["notes__lines"] == "notes"
+    (quality,) = [q for q in fused.quality if q.source == "notes"]
+    assert (quality.rows_in, quality.rows_out, quality.rejected_by_reason) == (
+        4,
+        3,
+        {"not UTF-8 text": 1},
+    )

@@ -146,7 +146,7 @@ def run_preprocess(
         confined(raw.uri, ctx.roots)
         if entity_map is not None:
             confined(entity_map.uri, ctx.roots)
-    data = read_source(raw.uri, source.file_format, encoding=source.encoding)
+    data = modality_of(source).read(raw.uri, source)
     mapping = None
     if source.entity_map is not None and entity_map is not None:
         fmt = source.entity_map.format or infer_format(source.entity_map.path)

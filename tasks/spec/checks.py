@@ -9,9 +9,18 @@ concatenates the section checks (confinement, which resolves paths, is run by th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from storage.files import ConfinementError, confined, join_location, lies_within, real_location
-from tasks.prepare.modalities import modality_of
+from storage.files import (
+    ConfinementError,
+    confined,
+    is_uri,
+    join_location,
+    lies_within,
+    real_location,
+)
+from storage.store import FolderError, folder_files
+from tasks.prepare.modalities import MODALITIES, modality_names, modality_of
 from tasks.spec.models import FedSpec, SourceSpec, SpecProblem
 
 
@@ -73,11 +82,20 @@ def source_problems(spec: FedSpec, source: SourceSpec, *, at: str) -> list[SpecP
     """One source (``at``: its key path): its format, the columns and key its modality
     requires, and its column mappings."""
     problems: list[SpecProblem] = []
-    try:
-        _ = source.file_format
-    except ValueError as exc:
-        problems.append(SpecProblem(path=f"{at}.format", message=str(exc)))
     modality = modality_of(source)
+    if modality.reads_folders:
+        if source.format is not None:
+            problems.append(
+                SpecProblem(
+                    path=f"{at}.format",
+                    message=f"a {source.kind} source is a folder of files; leave 'format' out",
+                )
+            )
+    else:
+        try:
+            _ = source.file_format
+        except ValueError as exc:
+            problems.append(SpecProblem(path=f"{at}.format", message=str(exc)))
     for name in modality.required_columns(source):
         if name not in source.columns:
             problems.append(
@@ -279,6 +297,8 @@ def confinement_problems(spec: FedSpec, base: str) -> list[SpecProblem]:
     none inside another (a party's own store and import areas aside); every source and
     entity map of a party lies in its store or one of its import areas (``imports``).
     Nothing is read: messages name paths as the spec writes them and where they lead.
+    A confined local source path that exists must also be what its kind reads
+    (:func:`source_shape_problems`).
     """
     problems: list[SpecProblem] = []
     areas = _areas(spec, base)
@@ -322,4 +342,44 @@ def confinement_problems(spec: FedSpec, base: str) -> list[SpecProblem]:
                             f"parties[{i}].imports",
                         )
                     )
+                    continue
+                if key == f"parties[{i}].sources[{j}].path":
+                    problems += source_shape_problems(source, base, at=key)
     return problems
+
+
+def source_shape_problems(source: SourceSpec, base: str, *, at: str) -> list[SpecProblem]:
+    """A local source path that exists is a folder exactly when its kind reads folders
+    (:attr:`~tasks.prepare.modalities.base.Modality.reads_folders`), and a folder source
+    holds no symbolic link; paths not there yet, and object stores, are checked at the read.
+    Lists the folder's entries, reads no file."""
+    location = join_location(source.path, base)
+    if is_uri(location) and not location.lower().startswith(("file://", "local://")):
+        return []
+    real = Path(real_location(location))
+    if not real.exists():
+        return []
+    modality = modality_of(source)
+    if modality.reads_folders and not real.is_dir():
+        return [
+            SpecProblem(
+                path=at,
+                message=f"{source.path} is a file; a {source.kind} source is a folder of files",
+            )
+        ]
+    if not modality.reads_folders and real.is_dir():
+        folders = [k for k in modality_names() if MODALITIES[k].reads_folders]
+        which = f" ({', '.join(folders)})" if folders else " (none is registered)"
+        return [
+            SpecProblem(
+                path=at,
+                message=f"{source.path} is a folder; a {source.kind} source reads one file "
+                f"(csv, parquet, jsonl, arrow); only kinds that read folders take one{which}",
+            )
+        ]
+    if modality.reads_folders:
+        try:
+            folder_files(location)
+        except FolderError as exc:  # named as the spec writes it
+            return [SpecProblem(path=at, message=str(exc).replace(location, source.path, 1))]
+    return []

@@ -144,7 +144,9 @@ def summary(spec: FedSpec) -> str:
     ]
     for party in spec.parties:
         kinds = ", ".join(
-            f"{s.id} ({modality_of(s).describe(s)}, {s.file_format})" for s in party.sources
+            f"{s.id} ({modality_of(s).describe(s)}, "
+            f"{'folder' if modality_of(s).reads_folders else s.file_format})"
+            for s in party.sources
         )
         pool = f", work pool {party.work_pool}" if party.work_pool else ""
         lines.append(f"  party {party.id}: {len(party.sources)} source(s): {kinds}{pool}")

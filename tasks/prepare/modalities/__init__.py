@@ -3,7 +3,8 @@
 Adding a modality is one module in this package that :func:`register` s an instance of a
 :class:`~tasks.prepare.modalities.base.Modality` subclass; the package's modules are imported
 here on first use. A modality defined elsewhere is registered by calling :func:`register`
-before the spec is loaded. Registering imports no feature dependency: a modality module
+before the spec is loaded. A modality whose source is a folder of files subclasses
+:class:`~tasks.prepare.modalities.base.FolderModality`. Registering imports no feature dependency: a modality module
 imports its heavy libraries (language models, ...) inside its extraction.
 """
 
@@ -12,7 +13,15 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from tasks.prepare.modalities.base import MODALITIES, FeatureInputs, Modality, register
+from tasks.prepare.modalities.base import (
+    FOLDER_COLUMNS,
+    MODALITIES,
+    FeatureInputs,
+    FileRejected,
+    FolderModality,
+    Modality,
+    register,
+)
 from tasks.spec.models import SourceSpec
 
 #: Display order of a feature whose modality is not registered here.
@@ -52,8 +61,11 @@ def display_order(kind: str) -> int:
 
 
 __all__ = [
+    "FOLDER_COLUMNS",
     "MODALITIES",
     "FeatureInputs",
+    "FileRejected",
+    "FolderModality",
     "Modality",
     "display_order",
     "modality",

@@ -3,8 +3,14 @@
 A modality says everything fedfuse needs to know about one ``kind`` of source: the canonical
 columns it requires, the column that keys its raw rows, its feature options (the
 ``[parties.sources.features]`` table of the spec), its default feature prefix and display
-order, its extra spec checks, its preprocessing hooks and the extraction of its feature
-frame. Each one is an instance of a :class:`Modality` subclass passed to :func:`register`.
+order, its extra spec checks, how its raw source is read, its preprocessing hooks and the
+extraction of its feature frame. Each one is an instance of a :class:`Modality` subclass
+passed to :func:`register`.
+
+A source is one file (CSV, Parquet, JSONL, Arrow), read by :meth:`Modality.read`; a
+modality whose source is a folder of files (images, documents, per-device logs) subclasses
+:class:`FolderModality`, which lists the folder through :func:`storage.sources.read_folder`
+and turns each file into one raw row (:meth:`FolderModality.parse_file`).
 """
 
 from __future__ import annotations
@@ -13,10 +19,20 @@ import datetime as dt
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import ClassVar
 
 import polars as pl
 
+from storage.sources import (
+    MAX_FILE_BYTES,
+    MAX_FOLDER_FILES,
+    ROW,
+    FolderFile,
+    RawSource,
+    read_folder,
+    read_source,
+)
 from tasks.spec.models import FeatureOptions, SourceSpec, SpecProblem
 from tasks.types import KeyNormalisation
 
@@ -43,6 +59,15 @@ class Modality(ABC):
     order: ClassVar[int]
     #: Model of its ``features`` options (a subclass of :class:`FeatureOptions`).
     options: ClassVar[type[FeatureOptions]] = FeatureOptions
+    #: Whether a source's ``path`` names a folder of files (else one file).
+    reads_folders: ClassVar[bool] = False
+
+    def read(self, location: str, source: SourceSpec) -> RawSource:
+        """The source's raw rows (its own columns plus ``__row``) and the lines that could
+        not be parsed. ``location`` is where the source lies (confined to the party's
+        folders already); default: the file read by :func:`storage.sources.read_source`
+        in the source's format and encoding."""
+        return read_source(location, source.file_format, encoding=source.encoding)
 
     def required_columns(self, source: SourceSpec) -> tuple[str, ...]:
         """Canonical columns the source must map (besides the key)."""
@@ -106,6 +131,70 @@ class Modality(ABC):
         self, clean: pl.LazyFrame, source: SourceSpec, inputs: FeatureInputs
     ) -> pl.DataFrame:
         """The feature frame: one row per entity, the entity key and unprefixed features."""
+
+
+class FileRejected(ValueError):
+    """One file of a folder source cannot be a raw row: it is quarantined with this reason
+    (a reason names what is wrong, never the file's name or content)."""
+
+
+#: Columns every row of a folder source has: the file's path relative to the folder, its
+#: name without the last suffix, its size in bytes.
+FOLDER_COLUMNS: dict[str, pl.DataType] = {
+    "path": pl.String(),
+    "stem": pl.String(),
+    "size": pl.Int64(),
+}
+
+
+class FolderModality(Modality):
+    """A modality whose source is a folder of files, one raw row per file matching
+    :attr:`pattern` (sorted by relative path; ``__row`` is the position in that order).
+
+    Every row has :data:`FOLDER_COLUMNS`; :meth:`parse_file` adds :attr:`file_columns` from
+    the file's bytes. The spec maps these like any raw columns (e.g. the entity key from
+    ``stem`` for files named ``<entity>.txt``). A file over :attr:`max_file_bytes`, or one
+    :meth:`parse_file` rejects (:class:`FileRejected`), is quarantined to ``rejected/`` with
+    its reason and its relative path; an empty folder, one with more than :attr:`max_files`
+    matching files, or one holding a symbolic link is refused naming the folder."""
+
+    reads_folders = True
+    #: Which files are rows: ``fnmatch`` on the path relative to the folder (``*`` crosses
+    #: subfolders).
+    pattern: ClassVar[str] = "*"
+    max_files: ClassVar[int] = MAX_FOLDER_FILES
+    max_file_bytes: ClassVar[int] = MAX_FILE_BYTES
+    #: Columns :meth:`parse_file` returns, with their dtypes.
+    file_columns: ClassVar[Mapping[str, pl.DataType]] = {}
+
+    def parse_file(self, file: FolderFile, data: bytes, source: SourceSpec) -> dict[str, object]:
+        """The :attr:`file_columns` of one file from its bytes; raise :class:`FileRejected`
+        to quarantine it."""
+        return {}
+
+    def read(self, location: str, source: SourceSpec) -> RawSource:
+        listing = read_folder(
+            location, self.pattern, max_bytes=self.max_file_bytes, max_files=self.max_files
+        )
+        schema = {ROW: pl.Int64(), **FOLDER_COLUMNS, **self.file_columns}
+        rows: dict[str, list[object]] = {name: [] for name in schema}
+        bad: list[tuple[int, str, str]] = []
+        for number, file in enumerate(listing.files, start=1):
+            if file.oversized:
+                bad.append((number, file.path, f"file over {self.max_file_bytes} bytes"))
+                continue
+            try:
+                parsed = self.parse_file(file, file.read(), source)
+            except FileRejected as exc:
+                bad.append((number, file.path, str(exc)))
+                continue
+            stem = PurePosixPath(file.path).stem
+            record = {ROW: number, "path": file.path, "stem": stem, "size": file.size}
+            for name in self.file_columns:
+                record[name] = parsed.get(name)
+            for name, value in record.items():
+                rows[name].append(value)
+        return RawSource(pl.DataFrame(rows, schema=schema), bad)
 
 
 def register(modality: Modality) -> Modality:
