@@ -85,14 +85,22 @@ MAX_FILE_BYTES = 16 * 1024 * 1024
 
 @dataclass(frozen=True)
 class FolderFile:
-    """One file of a folder source: its path relative to the folder (POSIX), its size, and
-    where it lies; its bytes are read by :meth:`read`."""
+    """One file of a folder source: its path relative to the folder (POSIX), its size, where
+    it lies and its position in the sorted listing; its bytes are read by :meth:`read`.
+
+    Errors name the file by position, never by name: a file name may be an entity id."""
 
     path: str
     size: int
     uri: str
     folder: str
     max_bytes: int
+    position: int = 0
+
+    @property
+    def shown(self) -> str:
+        """How errors name the file: its position in the folder's sorted listing."""
+        return f"file {self.position} (in path order)"
 
     @property
     def oversized(self) -> bool:
@@ -100,12 +108,12 @@ class FolderFile:
         return self.size > self.max_bytes
 
     def read(self) -> bytes:
-        """The file's bytes. Refused with :class:`SourceError` naming the file (relative to
-        the folder) when it is over the size limit, or has become a symbolic link, or leads
+        """The file's bytes. Refused with :class:`SourceError` naming the file by position
+        when it is over the size limit, or has become a symbolic link, or leads
         outside the folder since it was listed."""
         if self.oversized:
             raise SourceError(
-                f"{self.folder}: {self.path!r} holds {self.size} bytes, over the limit of "
+                f"{self.folder}: {self.shown} holds {self.size} bytes, over the limit of "
                 f"{self.max_bytes} bytes per file"
             )
         fs, path = filesystem(self.uri)
@@ -114,23 +122,23 @@ class FolderFile:
                 data: bytes = handle.read(self.max_bytes + 1)
         else:
             if not lies_within(real_location(path), real_location(self.folder)):
-                raise SourceError(f"{self.folder}: {self.path!r} leads outside the folder")
+                raise SourceError(f"{self.folder}: {self.shown} leads outside the folder")
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
             except OSError as exc:
                 if Path(path).is_symlink():
                     raise SourceError(
-                        f"{self.folder}: {self.path!r} is a symbolic link; a folder source "
+                        f"{self.folder}: {self.shown} is a symbolic link; a folder source "
                         "holds plain files and folders only"
                     ) from None
                 raise SourceError(
-                    f"{self.folder}: {self.path!r} cannot be read ({type(exc).__name__})"
+                    f"{self.folder}: {self.shown} cannot be read ({type(exc).__name__})"
                 ) from None
             with os.fdopen(fd, "rb") as handle:
                 data = handle.read(self.max_bytes + 1)
         if len(data) > self.max_bytes:
             raise SourceError(
-                f"{self.folder}: {self.path!r} grew over the limit of {self.max_bytes} bytes "
+                f"{self.folder}: {self.shown} grew over the limit of {self.max_bytes} bytes "
                 "per file since it was listed"
             )
         return data
@@ -173,7 +181,7 @@ def read_folder(
     matched = [(rel, entry) for rel, entry in entries if fnmatch.fnmatchcase(rel, pattern)]
     for rel, _ in matched:
         if ".." in rel.split("/"):
-            raise SourceError(f"{location}: {rel!r} leads outside the folder")
+            raise SourceError(f"{location}: holds an entry leading outside the folder")
     if not matched:
         raise SourceError(
             f"{location}: folder holds no file matching {pattern!r} ({len(entries)} file(s) in all)"
@@ -190,8 +198,9 @@ def read_folder(
             uri=entry if not is_uri(location) else _entry_uri(location, path, entry),
             folder=location,
             max_bytes=max_bytes,
+            position=position,
         )
-        for rel, entry in matched
+        for position, (rel, entry) in enumerate(matched, start=1)
     ]
     return FolderListing(location=location, pattern=pattern, files=files)
 

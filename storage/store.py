@@ -130,9 +130,9 @@ def folder_files(location: str) -> list[tuple[str, str]]:
             entry = Path(folder) / name
             if entry.is_symlink() or not lies_within(str(entry.resolve()), real_root):
                 raise FolderError(
-                    f"{location}: {entry.relative_to(root).as_posix()!r} is a symbolic link "
-                    "or leads outside the folder; a folder source holds plain files and "
-                    "folders only"
+                    f"{location}: holds a symbolic link or an entry leading outside the "
+                    "folder (list them with: find FOLDER -type l); a folder source holds "
+                    "plain files and folders only"
                 )
         files += [((Path(folder) / n).relative_to(root).as_posix(), f"{folder}/{n}") for n in names]
     return sorted(files)
@@ -144,7 +144,7 @@ def _remote_files(location: str, fs: Any, root: str) -> list[tuple[str, str]]:
     for found in fs.find(root, detail=False):
         entry = str(found)
         if not entry.startswith(root + "/"):
-            raise FolderError(f"{location}: entry {entry!r} lies outside the folder")
+            raise FolderError(f"{location}: holds an entry that lies outside the folder")
         files.append((entry[len(root) + 1 :], entry))
     return files
 

@@ -45,21 +45,21 @@ def test_symlinks_in_a_folder_are_refused(tmp_path: Path) -> None:
     outside = tmp_path / "secret.txt"
     outside.write_text("not yours")
     (folder / "b" / "link.png").symlink_to(outside)
-    with pytest.raises(FolderError, match=r"'b/link.png' is a symbolic link"):
+    with pytest.raises(FolderError, match=r"holds a symbolic link or an entry leading outside"):
         fingerprint(str(folder))
 
 
 def test_a_link_to_a_folder_inside_is_refused_too(tmp_path: Path) -> None:
     folder = _folder(tmp_path)
     (folder / "again").symlink_to(folder / "b")
-    with pytest.raises(FolderError, match=r"'again' is a symbolic link"):
+    with pytest.raises(FolderError, match=r"holds a symbolic link or an entry leading outside"):
         fingerprint(str(folder))
 
 
 def test_a_dangling_link_is_refused(tmp_path: Path) -> None:
     folder = _folder(tmp_path)
     (folder / "gone.png").symlink_to(tmp_path / "gone")
-    with pytest.raises(FolderError, match=r"'gone.png' is a symbolic link"):
+    with pytest.raises(FolderError, match=r"holds a symbolic link or an entry leading outside"):
         fingerprint(str(folder))
 
 
@@ -101,11 +101,11 @@ def test_read_folder_limits_the_file_count_and_each_file_size(tmp_path: Path) ->
     small, big = read_folder(str(folder), max_bytes=8).files
     (folder / "b" / "c.png").write_bytes(b"\x89PNG two, now longer")  # grew since listed
     assert not big.oversized
-    with pytest.raises(SourceError, match=r"'b/c.png' grew over the limit of 8 bytes"):
+    with pytest.raises(SourceError, match=r"file 2 \(in path order\) grew over the limit of 8 bytes"):
         big.read()
     (big,) = read_folder(str(folder), "b/*", max_bytes=8).files
     assert big.oversized
-    with pytest.raises(SourceError, match=r"'b/c.png' holds 20 bytes, over the limit of 8"):
+    with pytest.raises(SourceError, match=r"file 1 \(in path order\) holds 20 bytes, over the limit of 8"):
         big.read()
     assert small.read() == b"\x89PNG one"
 
@@ -118,11 +118,11 @@ def test_read_folder_refuses_links_and_escapes_naming_the_entry(tmp_path: Path) 
         with pytest.raises(SourceError, match=r"file pattern .* leads outside the folder"):
             read_folder(str(folder), pattern)
     (folder / "b" / "link.png").symlink_to(outside)
-    with pytest.raises(SourceError, match=r"'b/link.png' is a symbolic link"):
+    with pytest.raises(SourceError, match=r"holds a symbolic link or an entry leading outside"):
         read_folder(str(folder))
     (folder / "b" / "link.png").unlink()
     (file,) = read_folder(str(folder), "b/*").files
     (folder / "b" / "c.png").unlink()  # swapped for a link after the listing
     (folder / "b" / "c.png").symlink_to(outside)
-    with pytest.raises(SourceError, match=r"'b/c.png' (is a symbolic link|leads outside)"):
+    with pytest.raises(SourceError, match=r"file 1 \(in path order\) (is a symbolic link|leads outside)"):
         file.read()
