@@ -225,7 +225,12 @@ def label_rule(ctx: PartyContext, source: SourceSpec) -> LabelRule | None:
 
 def run_features(ctx: PartyContext, source: SourceSpec, cleaned: CleanOutput) -> TableRef:
     """The source's features, extracted by its modality."""
-    inputs = FeatureInputs(entity=ctx.entity, as_of=ctx.as_of, vocabularies=ctx.vocabularies)
+    inputs = FeatureInputs(
+        entity=ctx.entity,
+        as_of=ctx.as_of,
+        vocabularies=ctx.vocabularies,
+        label=ctx.label if source.id == ctx.label_source else None,
+    )
     with naming_source(ctx.party, source.id, "feature extraction"):
         frame = modality_of(source).extract(scan_table(cleaned.clean), source, inputs)
         return Store(ctx.store).write_table(frame, "features", source.id)
