@@ -80,8 +80,8 @@ def test_an_unforeseen_step_failure_names_party_source_and_step() -> None:
 
 
 @pytest.mark.prefect
-def test_label_table_of_key_and_label_prepares_and_trains(
-    prefect_api: str, tmp_path: Path, secret: str
+def test_label_table_of_key_and_label_prepares_trains_and_exports(
+    prefect_api: str, tmp_path: Path, secret: str, cli: CliRunner
 ) -> None:
     from flows.horizontal import federated_training
     from flows.prepare import prepare
@@ -97,6 +97,13 @@ def test_label_table_of_key_and_label_prepares_and_trains(
         assert {f.source for f in outputs[party].features} == {"orders"}
     result = federated_training(str(spec))
     assert result.test[result.best_round - 1]["auc"] > 0.6
+
+    model = tmp_path / "model.txt"
+    exported = cli.invoke(app, ["export", str(spec), "--out", str(model)])
+    assert exported.exit_code == 0, exported.output
+    assert exported.stdout.startswith(f"wrote {model}: ")
+    names = lgb.Booster(model_file=str(model)).feature_name()
+    assert sorted(names) == sorted(f.name for f in outputs["p0"].features)
 
 
 # -- a text multiclass label ---------------------------------------------------------------
