@@ -19,9 +19,13 @@ from tasks.prepare.steps import StepError, naming_source
 from tasks.spec.load import load_spec
 from tasks.spec.models import SpecError
 from tasks.types import ENTITY_HASH, LABEL
-from tests.factories import write_synthetic
+from tests.factories import write_synthetic, write_tiny
 
 ACTIVITIES = ["walking", "sitting", "standing"]
+PLAN_MAPPING_A = (
+    'plan = { from = "Plan", dtype = "category", values = { B = "basic", P = "plus" } }\n'
+)
+SIGNUP_MAPPING_A = 'signup = { from = "Joined", dtype = "date" }\n'
 
 
 @pytest.fixture
@@ -69,6 +73,25 @@ def test_key_and_label_table_aligns_with_every_row() -> None:
     assert schema == []
     assert aligned.columns == [ENTITY_HASH, LABEL]
     assert aligned.height == 3 and sorted(aligned[LABEL].to_list()) == [0.0, 1.0, 1.0]
+
+
+def test_key_and_label_table_beside_text_and_events_prepares(tmp_path: Path, secret: str) -> None:
+    """The layout beside a text and an IoT source: the entity table holds the key and the
+    label only; the label comes from it, every feature from the other two."""
+    from tasks.prepare.steps import PartyContext, run_party
+
+    spec_path = write_tiny(tmp_path)
+    text = spec_path.read_text()
+    for line in (PLAN_MAPPING_A, SIGNUP_MAPPING_A):
+        assert line in text
+        text = text.replace(line, "")
+    spec_path.write_text(text)
+    spec = load_spec(str(spec_path))
+    assert list(spec.party("a").sources[0].columns) == ["customer_id", "churned"]
+    fused = run_party(PartyContext.from_spec(spec, "a"), spec.party("a").sources)
+    table = pl.read_parquet(fused.table.uri)
+    assert table.height == 4 and sorted(table[LABEL].to_list()) == [0.0, 0.0, 1.0, 1.0]
+    assert {f.source for f in fused.features} == {"transactions", "feedback", "iot"}
 
 
 def test_an_unforeseen_step_failure_names_party_source_and_step() -> None:
