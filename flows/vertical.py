@@ -4,6 +4,7 @@ every party fits trees on its own feature block and the label party fuses their 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import posixpath
 
 from prefect import flow, get_run_logger
@@ -22,17 +23,19 @@ from flows.transport import (
     party_deployments,
     pooled_parties,
 )
-from storage.files import read_text
+from storage.files import read_text, write_text_atomic
 from storage.results import DEFAULT_RESULTS
 from storage.runs import read_latest
-from storage.store import FileRef, Store, TableRef
+from storage.store import FileRef, IntegrityError, Store, TableRef
 from tasks.manifest import VerticalManifest
 from tasks.prepare.design import FeatureSchema, consortium_schema
 from tasks.prepare.steps import FusedOutput
 from tasks.run_identity import num_classes, run_key, scoring_run_key, vertical_run_key
 from tasks.spec.load import load_spec
 from tasks.spec.models import FedSpec, FusionSpec, TrainingSpec
+from tasks.vertical.export import vertical_export
 from tasks.vertical.fusion import Fusion
+from tasks.vertical.party_model import PartyModel
 from tasks.vertical.refs import PsiOverlap, StateRef, VerticalSetup
 from tasks.vertical.steps import (
     baselines_task,
@@ -440,6 +443,31 @@ def _vertical_manifest(spec: FedSpec, spec_path: str, manifest: str | None) -> V
             raise ValueError(f"{spec_path}: the latest training run is not a vertical one")
         manifest = latest.manifest
     return VerticalManifest.model_validate_json(read_text(manifest))
+
+
+def _read_party_model(party: str, ref: FileRef) -> PartyModel:
+    """A party's trained model as the manifest names it (its bytes checked against it)."""
+    text = read_text(ref.uri)
+    if hashlib.sha256(text.encode()).hexdigest() != ref.sha256:
+        raise IntegrityError(f"{ref.uri}: party {party}'s model does not match the manifest")
+    return PartyModel.model_validate_json(text)
+
+
+def export_vertical(spec_path: str, out: str, manifest: str | None = None) -> list[str]:
+    """Write a vertical run (``manifest``, default the latest) into the folder ``out``: one
+    LightGBM model file per party with trees and ``fusion.json``
+    (:mod:`tasks.vertical.export`). Returns the locations written."""
+    spec = load_spec(spec_path)
+    body = _vertical_manifest(spec, spec_path, manifest)
+    models = {
+        p: None if ref is None else _read_party_model(p, ref) for p, ref in body.models.items()
+    }
+    written: list[str] = []
+    for name, text in vertical_export(body, models).items():
+        location = posixpath.join(out, name)
+        write_text_atomic(location, text)
+        written.append(location)
+    return written
 
 
 def _score_pipelines(

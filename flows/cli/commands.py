@@ -390,34 +390,76 @@ def predict(
 
 def export(
     spec: Annotated[Path, typer.Argument(help="Consortium spec (TOML)")],
-    out: Annotated[Path, typer.Option(help="Where to write the native LightGBM model file")] = Path(
-        "model.txt"
-    ),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where to write: the native LightGBM model file (default model.txt); for a "
+            "vertical run, the folder for the per-party model files and fusion.json "
+            "(default model)"
+        ),
+    ] = None,
     manifest: Annotated[
-        str | None, typer.Option(help="Ensemble manifest (default: the latest training run)")
+        str | None, typer.Option(help="Model manifest (default: the latest training run)")
     ] = None,
     rounds: Annotated[
-        int | None, typer.Option(min=0, help="Rounds to include (default: the best round)")
+        int | None,
+        typer.Option(min=0, help="Rounds to include (default: the best round; horizontal only)"),
     ] = None,
 ) -> None:
-    """Write the global ensemble as one native LightGBM model file."""
+    """Write the global ensemble as one native LightGBM model file; a vertical run as one
+    LightGBM model file per party and the fusion rule (fusion.json) in a folder."""
     with reported():
         from flows.score import latest_manifest
         from storage.files import write_text_atomic
+        from storage.runs import read_latest
+        from storage.store import Store, read_manifest
         from tasks.horizontal.ensemble import ensemble_size, export_model
         from tasks.scoring import load_ensemble
         from tasks.spec.load import load_spec
 
-        ensemble = load_ensemble(manifest or latest_manifest(load_spec(str(spec))))
+        loaded = load_spec(str(spec))
+        if manifest is None:
+            latest = read_latest(Store(loaded.coordinator.store))
+            vertical = latest is not None and latest.is_vertical
+        else:
+            vertical = read_manifest(manifest)[0].get("layout") == "vertical"
+        if vertical:
+            _export_vertical(spec, out or Path("model"), manifest, rounds)
+            return
+        ensemble = load_ensemble(manifest or latest_manifest(loaded))
         upto = ensemble.resolve_round(rounds)
         text = export_model(ensemble, upto_round=upto)
-        write_text_atomic(str(out.resolve()), text)
+        target = out or Path("model.txt")
+        write_text_atomic(str(target.resolve()), text)
         size = ensemble_size(ensemble, upto_round=upto)
         console.print(
-            f"wrote {escape(str(out))}: {size.trees} trees, {size.bytes / 1024:.0f} KiB "
+            f"wrote {escape(str(target))}: {size.trees} trees, {size.bytes / 1024:.0f} KiB "
             f"(round {upto} of {len(ensemble.rounds)})",
             highlight=False,
         )
+
+
+def _export_vertical(spec: Path, out: Path, manifest: str | None, rounds: int | None) -> None:
+    """The vertical export: per-party model files and fusion.json in the folder ``out``."""
+    from flows.vertical import export_vertical
+
+    if rounds is not None:
+        errors.print(
+            "[bold red]error:[/] --rounds applies to horizontal ensembles; a vertical run is "
+            "exported at the round its fusion rule was fitted for",
+            highlight=False,
+        )
+        raise typer.Exit(code=1)
+    if out.is_file():
+        errors.print(
+            f"[bold red]error:[/] {escape(str(out))} is a file; a vertical run is exported "
+            "into a folder",
+            highlight=False,
+        )
+        raise typer.Exit(code=1)
+    written = export_vertical(str(spec.resolve()), str(out.resolve()), manifest)
+    for location in written:
+        console.print(f"wrote {escape(location)}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

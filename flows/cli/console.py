@@ -29,7 +29,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from storage.files import ConfinementError
     from storage.secrets import SecretError
     from storage.sources import SourceError
-    from storage.store import FolderError
+    from storage.store import FolderError, IntegrityError
     from tasks.prepare.align import AlignError
     from tasks.prepare.preprocess import PreprocessError
     from tasks.spec.models import SpecError
@@ -44,6 +44,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         FileNotFoundError,
         PrepareError,
         ConfinementError,
+        IntegrityError,
     )
 
 

@@ -126,10 +126,10 @@ def align_features(
                 f"{unusable.sum()} row(s) (prepare quarantines such rows: rerun it)"
             )
         columns.append(label)
-    aligned = (
-        features.select(exprs)
-        .with_columns(columns)
-        .select(ENTITY_HASH, *([LABEL] if label_column else []), *(c.name for c in schema))
+    # features and keys are computed side by side on the input rows: a source with no
+    # feature column (a table of the key and the label only) keeps every row
+    aligned = features.with_columns(*exprs, *columns).select(
+        ENTITY_HASH, *([LABEL] if label_column else []), *(c.name for c in schema)
     )
     return aligned.sort(ENTITY_HASH), schema
 

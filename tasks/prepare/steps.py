@@ -8,21 +8,30 @@ from those references (content hashes), so unchanged work is skipped on retries 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prefect import task
 from prefect.client.schemas.objects import State
 from pydantic import BaseModel, ConfigDict, Field
 
-from storage.files import confined
-from storage.secrets import resolve_secret, secret_fingerprint
-from storage.sources import read_source
+from storage.files import ConfinementError, confined
+from storage.secrets import SecretError, resolve_secret, secret_fingerprint
+from storage.sources import SourceError, read_source
 from storage.store import FileRef, Store, TableRef, fingerprint, read_table, scan_table
 from tasks.caching import content_cache_key
-from tasks.prepare.align import FeatureColumn, align_features, fuse_tables
+from tasks.prepare.align import AlignError, FeatureColumn, align_features, fuse_tables
 from tasks.prepare.modalities import FeatureInputs, modality_of
-from tasks.prepare.preprocess import LabelRule, QualityReport, preprocess
-from tasks.spec.models import FedSpec, SecretRef, SourceSpec, infer_format, label_source
+from tasks.prepare.preprocess import LabelRule, PreprocessError, QualityReport, preprocess
+from tasks.spec.models import (
+    FedSpec,
+    SecretRef,
+    SourceSpec,
+    SpecError,
+    infer_format,
+    label_source,
+)
 from tasks.types import JoinKind, KeyNormalisation, Objective
 
 IO_RETRIES = 2
@@ -44,6 +53,39 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, TimeoutError | ConnectionError):
         return True
     return isinstance(exc, OSError) and not isinstance(exc, DETERMINISTIC_IO)
+
+
+class StepError(RuntimeError):
+    """A party pipeline step failed in an unforeseen way; the message names the party, the
+    source and the step (the error itself, which may quote values, stays in the party's
+    logs as the cause)."""
+
+
+#: Errors whose messages already name the file, source or column they are about (and
+#: I/O errors, which keep their type so that :func:`retry_transient` can judge them).
+NAMED_ERRORS: tuple[type[BaseException], ...] = (
+    SourceError,
+    PreprocessError,
+    AlignError,
+    SecretError,
+    ConfinementError,
+    SpecError,
+    OSError,
+)
+
+
+@contextmanager
+def naming_source(party: str, source: str, step: str) -> Iterator[None]:
+    """Re-raise any other failure of ``step`` as a :class:`StepError` naming the source."""
+    try:
+        yield
+    except NAMED_ERRORS:
+        raise
+    except Exception as exc:
+        raise StepError(
+            f"{party}/{source}: {step} failed ({type(exc).__name__}); the party's logs hold "
+            "the details"
+        ) from exc
 
 
 def retry_transient(task: object, task_run: object, state: State[Any]) -> bool:
@@ -146,29 +188,30 @@ def run_preprocess(
         confined(raw.uri, ctx.roots)
         if entity_map is not None:
             confined(entity_map.uri, ctx.roots)
-    data = modality_of(source).read(raw.uri, source)
-    mapping = None
-    if source.entity_map is not None and entity_map is not None:
-        fmt = source.entity_map.format or infer_format(source.entity_map.path)
-        mapping = read_source(entity_map.uri, fmt).frame
-    result = preprocess(
-        data.frame,
-        source,
-        party=ctx.party,
-        entity=ctx.entity,
-        normalisation=ctx.normalisation,
-        vocabularies=ctx.vocabularies,
-        entity_map=mapping,
-        bad_lines=data.bad_lines,
-        label=label_rule(ctx, source),
-    )
-    store = Store(ctx.store)
-    clean = store.write_table(result.clean, "clean", source.id)
-    rejected = (
-        store.write_table(result.rejected, "rejected", source.id)
-        if result.rejected.height
-        else None
-    )
+    with naming_source(ctx.party, source.id, "preprocess"):
+        data = modality_of(source).read(raw.uri, source)
+        mapping = None
+        if source.entity_map is not None and entity_map is not None:
+            fmt = source.entity_map.format or infer_format(source.entity_map.path)
+            mapping = read_source(entity_map.uri, fmt).frame
+        result = preprocess(
+            data.frame,
+            source,
+            party=ctx.party,
+            entity=ctx.entity,
+            normalisation=ctx.normalisation,
+            vocabularies=ctx.vocabularies,
+            entity_map=mapping,
+            bad_lines=data.bad_lines,
+            label=label_rule(ctx, source),
+        )
+        store = Store(ctx.store)
+        clean = store.write_table(result.clean, "clean", source.id)
+        rejected = (
+            store.write_table(result.rejected, "rejected", source.id)
+            if result.rejected.height
+            else None
+        )
     store.write_json("reports", f"quality-{source.id}.json", result.quality.model_dump(mode="json"))
     return CleanOutput(source=source.id, clean=clean, rejected=rejected, quality=result.quality)
 
@@ -182,9 +225,15 @@ def label_rule(ctx: PartyContext, source: SourceSpec) -> LabelRule | None:
 
 def run_features(ctx: PartyContext, source: SourceSpec, cleaned: CleanOutput) -> TableRef:
     """The source's features, extracted by its modality."""
-    inputs = FeatureInputs(entity=ctx.entity, as_of=ctx.as_of, vocabularies=ctx.vocabularies)
-    frame = modality_of(source).extract(scan_table(cleaned.clean), source, inputs)
-    return Store(ctx.store).write_table(frame, "features", source.id)
+    inputs = FeatureInputs(
+        entity=ctx.entity,
+        as_of=ctx.as_of,
+        vocabularies=ctx.vocabularies,
+        label=ctx.label if source.id == ctx.label_source else None,
+    )
+    with naming_source(ctx.party, source.id, "feature extraction"):
+        frame = modality_of(source).extract(scan_table(cleaned.clean), source, inputs)
+        return Store(ctx.store).write_table(frame, "features", source.id)
 
 
 def run_align(ctx: PartyContext, source: SourceSpec, features: TableRef, tag: str) -> AlignedOutput:
@@ -192,19 +241,20 @@ def run_align(ctx: PartyContext, source: SourceSpec, features: TableRef, tag: st
     if secret_fingerprint(secret) != tag:
         raise RuntimeError("the consortium secret changed while the run was in progress")
     label = ctx.label if source.id == ctx.label_source else None
-    aligned, schema = align_features(
-        read_table(features),
-        entity=ctx.entity,
-        party=ctx.party,
-        source=source.id,
-        modality=source.kind,
-        prefix=modality_of(source).prefix(source),
-        secret=secret,
-        vocabularies=ctx.vocabularies,
-        label_column=label,
-        task=ctx.task,
-    )
-    ref = Store(ctx.store).write_table(aligned, "aligned", source.id)
+    with naming_source(ctx.party, source.id, "alignment"):
+        aligned, schema = align_features(
+            read_table(features),
+            entity=ctx.entity,
+            party=ctx.party,
+            source=source.id,
+            modality=source.kind,
+            prefix=modality_of(source).prefix(source),
+            secret=secret,
+            vocabularies=ctx.vocabularies,
+            label_column=label,
+            task=ctx.task,
+        )
+        ref = Store(ctx.store).write_table(aligned, "aligned", source.id)
     return AlignedOutput(source=source.id, table=ref, schema_=schema)
 
 
@@ -212,7 +262,8 @@ def run_fuse(
     ctx: PartyContext, aligned: list[AlignedOutput], quality: list[QualityReport]
 ) -> FusedOutput:
     tables = {a.source: read_table(a.table) for a in aligned}
-    fused = fuse_tables(tables, join=ctx.join)
+    with naming_source(ctx.party, "+".join(tables), "fusion"):
+        fused = fuse_tables(tables, join=ctx.join)
     store = Store(ctx.store)
     ref = store.write_table(fused, "fused", "fused")
     features = [c for a in aligned for c in a.schema_]

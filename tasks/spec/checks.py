@@ -21,7 +21,7 @@ from storage.files import (
 )
 from storage.store import FolderError, folder_files
 from tasks.prepare.modalities import MODALITIES, modality_names, modality_of
-from tasks.spec.models import FedSpec, SourceSpec, SpecProblem
+from tasks.spec.models import FedSpec, SourceSpec, SpecProblem, label_source
 
 
 def training_problems(spec: FedSpec) -> list[SpecProblem]:
@@ -212,9 +212,42 @@ def opt_in_problems(spec: FedSpec) -> list[SpecProblem]:
 
 
 def class_count_problems(spec: FedSpec) -> list[SpecProblem]:
-    """A multiclass task says how many classes its label has."""
-    if spec.consortium.task == "multiclass" and spec.consortium.label.num_classes is None:
+    """A multiclass task says how many classes its label has; a text label lists its
+    classes in ``[vocabularies]`` (their order is the class index at every party)."""
+    label = spec.consortium.label
+    if spec.consortium.task != "multiclass":
+        return []
+    if label.num_classes is None:
         return [SpecProblem(path="consortium.label.num_classes", message="multiclass needs it")]
+    text = any(
+        source.columns[label.column].dtype in ("str", "category")
+        for party in spec.parties
+        if (source := label_source(spec, party)) is not None
+    )
+    if not text:
+        return []
+    classes = spec.vocabularies.get(label.column)
+    if classes is None:
+        return [
+            SpecProblem(
+                path=f"vocabularies.{label.column}",
+                message=(
+                    f"the multiclass label '{label.column}' is text: list its "
+                    f"{label.num_classes} classes in order as [vocabularies].{label.column} "
+                    "(the order is the class index at every party)"
+                ),
+            )
+        ]
+    if len(classes) != label.num_classes:
+        return [
+            SpecProblem(
+                path=f"vocabularies.{label.column}",
+                message=(
+                    f"lists {len(classes)} classes but consortium.label.num_classes is "
+                    f"{label.num_classes}"
+                ),
+            )
+        ]
     return []
 
 

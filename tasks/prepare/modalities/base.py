@@ -47,6 +47,9 @@ class FeatureInputs:
     entity: str
     as_of: dt.date
     vocabularies: Mapping[str, list[str]]
+    #: The consortium's label column when this source holds it: passed through unchanged
+    #: (alignment encodes it as the model's target).
+    label: str | None = None
 
 
 class Modality(ABC):

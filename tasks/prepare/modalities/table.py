@@ -165,12 +165,17 @@ def entity_attributes(
     as_of: dt.date,
     columns: Mapping[str, ColumnSpec],
     exclude: Sequence[str] = (),
+    label: str | None = None,
 ) -> pl.DataFrame:
-    """One row per entity with attributes in model-ready types."""
+    """One row per entity with attributes in model-ready types; the ``label`` column, when
+    given, passes through unchanged whatever its dtype (alignment encodes it)."""
     end = window_end(as_of)
     exprs: list[pl.Expr] = [pl.col(entity)]
     for name, column in columns.items():
         if name == entity or name in exclude:
+            continue
+        if name == label:
+            exprs.append(pl.col(name))
             continue
         match column.dtype:
             case "int" | "float":
@@ -254,7 +259,11 @@ class Table(Modality):
                 categories=inputs.vocabularies.get(CATEGORY, []) if has_category else [],
             )
         return entity_attributes(
-            clean.collect(), entity=inputs.entity, as_of=inputs.as_of, columns=source.columns
+            clean.collect(),
+            entity=inputs.entity,
+            as_of=inputs.as_of,
+            columns=source.columns,
+            label=inputs.label,
         )
 
 

@@ -1,0 +1,72 @@
+"""A vertical run as portable files: one native LightGBM model per party and the fusion rule.
+
+Each party's model text is cut at the run's chosen round (the one its fusion was fitted
+for) and named ``<party>.txt``; ``fusion.json`` (:class:`VerticalExport`) holds the rule
+that combines the parties' raw scores (:mod:`tasks.vertical.fusion`), which file is whose,
+and the feature names each party's model reads, in order. A party whose model has no tree
+gets no file (``null`` in ``models``): it contributes the prior.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from tasks.manifest import VerticalManifest
+from tasks.vertical.fusion import Fusion
+from tasks.vertical.party_model import PartyModel, party_model_text
+
+FUSION_FILE = "fusion.json"
+
+
+def model_file_name(party: str) -> str:
+    return f"{party}.txt"
+
+
+class VerticalExport(BaseModel):
+    """``fusion.json``: how the per-party model files combine into one raw score."""
+
+    layout: Literal["vertical"] = "vertical"
+    mode: str = Field(description="rounds | one_shot")
+    run_key: str
+    label_party: str
+    upto_round: int = Field(description="Round the model files are cut at")
+    fusion: Fusion
+    models: dict[str, str | None] = Field(
+        description="Party -> its model file in this folder (null: no trees, the prior)"
+    )
+    feature_names: dict[str, list[str]] = Field(
+        description="Party -> the features its model reads, in column order"
+    )
+    categorical: dict[str, list[str]]
+
+
+def vertical_export(
+    manifest: VerticalManifest, models: Mapping[str, PartyModel | None]
+) -> dict[str, str]:
+    """File name -> text of a vertical run's export: every party's model text cut at the
+    manifest's round, and :data:`FUSION_FILE`. ``models`` holds each party's model (None
+    for a party without one)."""
+    files: dict[str, str] = {}
+    names: dict[str, str | None] = {}
+    for party in manifest.parties:
+        model = models.get(party)
+        text = None if model is None else party_model_text(model, manifest.upto_round)
+        names[party] = None if text is None else model_file_name(party)
+        if text is not None:
+            files[model_file_name(party)] = text
+    schema = manifest.feature_schema
+    doc = VerticalExport(
+        mode=manifest.mode,
+        run_key=manifest.run_key,
+        label_party=manifest.label_party,
+        upto_round=manifest.upto_round,
+        fusion=manifest.fusion,
+        models=names,
+        feature_names={p: schema[p].names for p in manifest.parties if p in schema},
+        categorical={p: schema[p].categorical for p in manifest.parties if p in schema},
+    )
+    files[FUSION_FILE] = doc.model_dump_json(indent=2) + "\n"
+    return files
