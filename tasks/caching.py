@@ -27,6 +27,7 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,10 @@ from pydantic import BaseModel
 _PACKAGES = ("tasks", "storage")
 _ROOT = Path(__file__).resolve().parent.parent
 _DYNAMIC_IMPORTS = frozenset({"import_module", "__import__"})
+#: ``ast.parse`` is not safe to run in several threads at once on CPython 3.11 (it can raise
+#: ``SystemError: AST constructor recursion depth mismatch``), and Prefect computes cache keys
+#: in the task runner's threads: module fingerprints are computed one at a time.
+_PARSE_LOCK = threading.Lock()
 
 
 @functools.cache
@@ -198,10 +203,11 @@ def fingerprint(module: str, *, root: Path, packages: Sequence[str]) -> str:
 def module_fingerprint(module: str) -> str:
     """Code version of one module of fedfuse: the hash of the project modules it reaches, or
     the package version + :func:`code_version` when its imports cannot be traced."""
-    try:
-        return f"m-{fingerprint(module, root=_ROOT, packages=_PACKAGES)}"
-    except UntraceableError:
-        return f"v-{package_version()}-{code_version()}"
+    with _PARSE_LOCK:
+        try:
+            return f"m-{fingerprint(module, root=_ROOT, packages=_PACKAGES)}"
+        except UntraceableError:
+            return f"v-{package_version()}-{code_version()}"
 
 
 def function_fingerprint(fn: Callable[..., Any]) -> str:

@@ -171,3 +171,17 @@ def test_content_cache_key_on_a_real_task() -> None:
     assert content_cache_key(context, {"x": 1}) == parameters_key(
         task.name, {"x": 1}, fn=train_steps.train_round
     )
+
+
+def test_module_fingerprints_from_many_threads_agree() -> None:
+    """Prefect computes cache keys in its task runner's threads; fingerprints are computed
+    one at a time (``ast.parse`` is not thread-safe on CPython 3.11) and agree."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    modules = ["tasks.horizontal.steps", "tasks.vertical.steps", "tasks.prepare.steps"]
+    caching.module_fingerprint.cache_clear()
+    with ThreadPoolExecutor(6) as pool:
+        found = list(pool.map(caching.module_fingerprint, modules * 4))
+    assert all(f.startswith("m-") for f in found)
+    caching.module_fingerprint.cache_clear()
+    assert found[: len(modules)] == [caching.module_fingerprint(m) for m in modules]
