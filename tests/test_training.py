@@ -186,7 +186,8 @@ def test_evaluate_and_aggregate_metrics() -> None:
             "d": (0, {}),
         }
     )
-    assert agg["auc"] == pytest.approx((90 + 210) / 400)
+    assert agg["auc_weighted_mean"] == pytest.approx((90 + 210) / 400)
+    assert "auc" not in agg  # the pooled AUC needs the parties' score histograms
     assert agg["logloss"] == pytest.approx((30 + 150 + 5) / 450)
     pooled = aggregate_metrics(
         {"a": (1, {"mse": 1.0, "rmse": 1.0}), "b": (1, {"mse": 9.0, "rmse": 3.0})}
