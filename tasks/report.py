@@ -148,7 +148,7 @@ def comparison_rows(comparison: Comparison, objective: Objective) -> list[dict[s
     only fair comparison for a single party's model)."""
     rows = [("federated", comparison.federated)]
     if comparison.local_only_mean:
-        rows.append(("local-only (each party its own model)", comparison.local_only_mean))
+        rows.append(("local-only (per party)", comparison.local_only_mean))
     if comparison.centralised:
         rows.append(("centralised (pools data; comparison only)", comparison.centralised))
     for party, local in comparison.local_only.items():

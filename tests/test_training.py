@@ -484,7 +484,7 @@ def test_baselines_score_the_federated_model_on_each_partys_rows(tmp_path: Path)
     names = [row["model"] for row in comparison_rows(comparison, "binary")]
     assert names[:3] == [
         "federated",
-        "local-only (each party its own model)",
+        "local-only (per party)",
         "centralised (pools data; comparison only)",
     ]
     assert names[3:5] == ["p0: federated", "p0: local-only"]
