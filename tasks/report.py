@@ -36,6 +36,13 @@ AUC_NOTE = (
 )
 
 
+#: Why a vertical run's AUC needs no histograms (its report and the CLI print it).
+VERTICAL_AUC_NOTE = (
+    "auc is on the label party's test rows: it holds every label and the fused score of "
+    "every aligned entity, so this is already the AUC of the pooled test rows."
+)
+
+
 def metric_title(name: str) -> str:
     return METRIC_TITLES.get(name, name)
 

@@ -235,9 +235,11 @@ def _print_vertical(result: VerticalResult) -> None:
     _print_rounds(
         "vertical rounds (label party's validation metrics)", result.valid, result.best_round
     )
-    from tasks.report import metric_rows
+    from tasks.report import VERTICAL_AUC_NOTE, metric_rows
 
     _print_metrics(metric_rows(list(result.comparison.items())))
+    if any("auc" in m for m in result.comparison.values()):
+        console.print(VERTICAL_AUC_NOTE, highlight=False)
     console.print(
         f"{result.trees} trees over {len(result.parties)} parties, best round "
         f"{result.best_round} of {result.rounds_run}; each party's trees stay in its store",
