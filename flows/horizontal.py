@@ -209,8 +209,14 @@ def federated_round(state: RoundInput) -> RoundOutput:
         scores[party], at[party] = done.scores, state.round
     require_evaluations(state.round, first.training.min_parties, asked, list(evals))
     typed: dict[str, PartyEval] = evals
-    valid = aggregate_metrics({p: (e.n_valid, e.valid) for p, e in typed.items()})
-    test = aggregate_metrics({p: (e.n_test, e.test) for p, e in typed.items()})
+    valid = aggregate_metrics(
+        {p: (e.n_valid, e.valid) for p, e in typed.items()},
+        {p: e.valid_histogram for p, e in typed.items()},
+    )
+    test = aggregate_metrics(
+        {p: (e.n_test, e.test) for p, e in typed.items()},
+        {p: e.test_histogram for p, e in typed.items()},
+    )
     logger.info(
         "round %d: %d/%d updates averaged; valid %s",
         state.round,

@@ -32,6 +32,7 @@ from tasks.horizontal.rounds import STOP_TEXT, StopReason
 from tasks.manifest import EnsembleManifest, VerticalManifest
 from tasks.prepare.design import FeatureSchema
 from tasks.report import (
+    VERTICAL_AUC_NOTE,
     Comparison,
     importance_by_party_modality,
     markdown_report,
@@ -248,6 +249,7 @@ def publish_vertical(spec: FedSpec, manifest: VerticalManifest, report: Vertical
         f"trees: {report.trees}",
         "",
         *markdown_table(metric_rows(list(report.comparison.items()))),
+        *(["", VERTICAL_AUC_NOTE] if any("auc" in m for m in report.comparison.values()) else []),
     ]
     publish_training_artifacts(
         spec.consortium.name,

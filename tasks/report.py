@@ -19,6 +19,42 @@ from tasks.types import Objective
 
 HEADLINE = {"binary": "auc", "multiclass": "accuracy", "regression": "rmse"}
 
+#: Column titles of metrics whose key alone would not say what they are.
+METRIC_TITLES = {
+    "auc_bound": "auc ± (binned)",
+    "auc_weighted_mean": "auc (size-weighted mean)",
+}
+
+#: What the AUC columns of an aggregate row mean (the report and the CLI print it).
+AUC_NOTE = (
+    "auc of an aggregate row is the AUC over the pooled test rows of every party "
+    "(multiclass: one-vs-rest macro), computed from the parties' summed per-label "
+    "histograms of predicted probabilities on 2^14 bins; it is within auc ± (half the "
+    "share of positive-negative pairs sharing a bin) of the exact pooled AUC. "
+    "auc (size-weighted mean) is the mean of the parties' own AUCs weighted by test "
+    "rows, leaving out parties with one class; a party row's auc is on its own test rows."
+)
+
+
+#: Why a vertical run's AUC needs no histograms (its report and the CLI print it).
+VERTICAL_AUC_NOTE = (
+    "auc is on the label party's test rows: it holds every label and the fused score of "
+    "every aligned entity, so this is already the AUC of the pooled test rows."
+)
+
+
+def metric_title(name: str) -> str:
+    return METRIC_TITLES.get(name, name)
+
+
+def format_metric(name: str, value: float, digits: int = 4) -> str:
+    """A metric as shown: the AUC bound in two significant digits, the rest fixed."""
+    return f"{value:.1e}" if name == "auc_bound" else f"{value:.{digits}f}"
+
+
+def has_pooled_auc(models: Sequence[Mapping[str, float]]) -> bool:
+    return any("auc_bound" in m or "auc_weighted_mean" in m for m in models)
+
 
 class Comparison(BaseModel):
     """Test metrics of the federated model and its baselines (same parameters, tree budget)."""
@@ -119,7 +155,7 @@ def comparison_rows(comparison: Comparison, objective: Objective) -> list[dict[s
     only fair comparison for a single party's model)."""
     rows = [("federated", comparison.federated)]
     if comparison.local_only_mean:
-        rows.append(("local-only (mean)", comparison.local_only_mean))
+        rows.append(("local-only (per party)", comparison.local_only_mean))
     if comparison.centralised:
         rows.append(("centralised (pools data; comparison only)", comparison.centralised))
     for party, local in comparison.local_only.items():
@@ -131,10 +167,13 @@ def comparison_rows(comparison: Comparison, objective: Objective) -> list[dict[s
 
 def metric_rows(models: Sequence[tuple[str, Mapping[str, float]]]) -> list[dict[str, str]]:
     """One row per model, a column per metric any model has (``-`` where it lacks one;
-    MSE left out beside its root), four decimals."""
+    MSE left out beside its root; titles from :data:`METRIC_TITLES`), four decimals."""
     metrics = sorted({k for _, m in models for k in m if k != "mse"})
     return [
-        {"model": name, **{k: f"{m[k]:.4f}" if k in m else "-" for k in metrics}}
+        {
+            "model": name,
+            **{metric_title(k): format_metric(k, m[k]) if k in m else "-" for k in metrics},
+        }
         for name, m in models
     ]
 
@@ -176,16 +215,19 @@ def markdown_report(
         "",
         *markdown_table(comparison_rows(comparison, objective)),
         "",
+        *([AUC_NOTE, ""] if has_pooled_auc([comparison.federated, *valid]) else []),
         "The centralised model pools every party's rows and exists only as a yardstick.",
         "",
         "## Validation per round",
         "",
         "![validation per round](rounds.png)",
         "",
-        "| round | " + " | ".join(sorted(valid[0]) if valid else []) + " |",
+        "| round | "
+        + " | ".join(metric_title(k) for k in (sorted(valid[0]) if valid else []))
+        + " |",
         "|---|" + "---|" * (len(valid[0]) if valid else 0),
         *(
-            f"| {i} | " + " | ".join(f"{v[k]:.5f}" for k in sorted(v)) + " |"
+            f"| {i} | " + " | ".join(format_metric(k, v[k], 5) for k in sorted(v)) + " |"
             for i, v in enumerate(valid, start=1)
         ),
         "",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -205,8 +206,16 @@ def set_label_cells(spec_path: Path, cells: dict[str, str], *, dtype: str = "flo
     return path
 
 
-def write_synthetic(root: Path, *, customers: int = 600, parties: int = 2, seed: int = 0) -> Path:
-    """A table-only horizontal consortium with signal in both sources (for training tests)."""
+def write_synthetic(
+    root: Path,
+    *,
+    customers: int = 600,
+    parties: int = 2,
+    seed: int = 0,
+    label_shift: Sequence[float] | None = None,
+) -> Path:
+    """A table-only horizontal consortium with signal in both sources (for training tests);
+    ``label_shift`` adds a per-party offset to the churn log-odds (label skew)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -216,7 +225,8 @@ def write_synthetic(root: Path, *, customers: int = 600, parties: int = 2, seed:
         (root / "raw" / pid).mkdir(parents=True)
         n = customers // parties + 37 * p
         z = rng.normal(size=n)
-        churn = rng.random(n) < 1 / (1 + np.exp(-(1.5 * z - 1.0)))
+        shift = label_shift[p] if label_shift is not None else 0.0
+        churn = rng.random(n) < 1 / (1 + np.exp(-(1.5 * z - 1.0 + shift)))
         ids = [f"{pid}-{i}" for i in range(n)]
         pl.DataFrame(
             {

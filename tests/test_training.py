@@ -186,7 +186,8 @@ def test_evaluate_and_aggregate_metrics() -> None:
             "d": (0, {}),
         }
     )
-    assert agg["auc"] == pytest.approx((90 + 210) / 400)
+    assert agg["auc_weighted_mean"] == pytest.approx((90 + 210) / 400)
+    assert "auc" not in agg  # the pooled AUC needs the parties' score histograms
     assert agg["logloss"] == pytest.approx((30 + 150 + 5) / 450)
     pooled = aggregate_metrics(
         {"a": (1, {"mse": 1.0, "rmse": 1.0}), "b": (1, {"mse": 9.0, "rmse": 3.0})}
@@ -483,7 +484,7 @@ def test_baselines_score_the_federated_model_on_each_partys_rows(tmp_path: Path)
     names = [row["model"] for row in comparison_rows(comparison, "binary")]
     assert names[:3] == [
         "federated",
-        "local-only (mean)",
+        "local-only (per party)",
         "centralised (pools data; comparison only)",
     ]
     assert names[3:5] == ["p0: federated", "p0: local-only"]

@@ -174,13 +174,15 @@ def _flow_settings() -> Iterator[None]:
 
 def _print_rounds(title: str, valid: list[dict[str, float]], best_round: int) -> None:
     """Validation metrics per round, the best round marked."""
+    from tasks.report import format_metric, metric_title
+
     rounds = Table(title=title, header_style="bold")
     metrics = sorted(valid[0]) if valid else []
-    for column in ("round", *metrics):
+    for column in ("round", *map(metric_title, metrics)):
         rounds.add_column(column, justify="right")
     for i, values in enumerate(valid, start=1):
         mark = " *" if i == best_round else ""
-        rounds.add_row(f"{i}{mark}", *(f"{values[m]:.4f}" for m in metrics))
+        rounds.add_row(f"{i}{mark}", *(format_metric(m, values[m]) for m in metrics))
     console.print(rounds)
 
 
@@ -195,12 +197,14 @@ def _print_metrics(rows: list[dict[str, str]]) -> None:
 
 def _print_training(result: TrainingResult) -> None:
     from tasks.horizontal.rounds import STOP_TEXT
-    from tasks.report import comparison_rows
+    from tasks.report import AUC_NOTE, comparison_rows, has_pooled_auc
 
     _print_rounds(
         "federated rounds (aggregated validation metrics)", result.valid, result.best_round
     )
     _print_metrics(comparison_rows(result.comparison, "binary"))
+    if has_pooled_auc([result.comparison.federated, *result.valid]):
+        console.print(AUC_NOTE, highlight=False)
     console.print(
         f"global ensemble: {result.trees} trees ({result.model_bytes / 1024:.0f} KiB), "
         f"best round {result.best_round} of {result.rounds_run}"
@@ -231,9 +235,11 @@ def _print_vertical(result: VerticalResult) -> None:
     _print_rounds(
         "vertical rounds (label party's validation metrics)", result.valid, result.best_round
     )
-    from tasks.report import metric_rows
+    from tasks.report import VERTICAL_AUC_NOTE, metric_rows
 
     _print_metrics(metric_rows(list(result.comparison.items())))
+    if any("auc" in m for m in result.comparison.values()):
+        console.print(VERTICAL_AUC_NOTE, highlight=False)
     console.print(
         f"{result.trees} trees over {len(result.parties)} parties, best round "
         f"{result.best_round} of {result.rounds_run}; each party's trees stay in its store",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import polars as pl
 from prefect import task
 
@@ -19,6 +20,7 @@ from storage.store import TableRef, read_table
 from tasks.caching import content_cache_key
 from tasks.horizontal.ensemble import GlobalEnsemble, predict_raw
 from tasks.horizontal.loop import TrainingHistory, train_federated
+from tasks.horizontal.score_histograms import ScoreHistogram, score_histogram
 from tasks.horizontal.training import aggregate_metrics, evaluate, party_data
 from tasks.prepare.design import FeatureSchema
 from tasks.report import Comparison
@@ -135,15 +137,23 @@ def compare(
         for p, f in frames.items()
     }
     sizes = {p: len(d.y_test) for p, d in tests.items()}
+    local_raw = {p: predict_raw(local[p][0], d.X_test) for p, d in tests.items()}
+    central_raw = {p: predict_raw(central, d.X_test) for p, d in tests.items()}
     local_test = {
-        p: evaluate(d.y_test, predict_raw(local[p][0], d.X_test), objective, num_class)
-        for p, d in tests.items()
+        p: evaluate(d.y_test, local_raw[p], objective, num_class) for p, d in tests.items()
     }
-    # every model is scored the way the federation scores its own: per party, size-weighted
+    # every model is scored the way the federation scores its own: per party, size-weighted,
+    # and over the pooled test rows through the same score histograms
     central_test = {
-        p: (sizes[p], evaluate(d.y_test, predict_raw(central, d.X_test), objective, num_class))
+        p: (sizes[p], evaluate(d.y_test, central_raw[p], objective, num_class))
         for p, d in tests.items()
     }
+
+    def histograms(raw: Mapping[str, np.ndarray]) -> dict[str, ScoreHistogram | None]:
+        return {
+            p: score_histogram(d.y_test, raw[p], objective, num_class) for p, d in tests.items()
+        }
+
     by_party = (
         {
             p: evaluate(
@@ -161,8 +171,10 @@ def compare(
         federated=federated,
         federated_by_party=by_party,
         local_only=local_test,
-        local_only_mean=aggregate_metrics({p: (sizes[p], m) for p, m in local_test.items()}),
-        centralised=aggregate_metrics(central_test),
+        local_only_mean=aggregate_metrics(
+            {p: (sizes[p], m) for p, m in local_test.items()}, histograms(local_raw)
+        ),
+        centralised=aggregate_metrics(central_test, histograms(central_raw)),
     )
 
 

@@ -55,6 +55,7 @@ from tasks.horizontal.rounds import (
 from tasks.horizontal.rounds import (
     label_span as rounds_label_span,
 )
+from tasks.horizontal.score_histograms import ScoreHistogram, score_histogram
 from tasks.horizontal.strategies import Strategy
 from tasks.horizontal.training import (
     LOSS_METRIC,
@@ -171,10 +172,15 @@ def apply_round(state: PartyState, members: Sequence[MemberTuple], num_class: in
 
 def evaluate_party(
     state: PartyState, objective: Objective, num_class: int
-) -> tuple[int, dict[str, float]]:
-    """Party step: (validation size, metrics of the running scores on it)."""
+) -> tuple[int, dict[str, float], ScoreHistogram | None]:
+    """Party step: (validation size, metrics of the running scores on it, their per-label
+    histogram for the pooled AUC)."""
     d = state.data
-    return len(d.y_valid), evaluate(d.y_valid, state.raw_valid, objective, num_class)
+    return (
+        len(d.y_valid),
+        evaluate(d.y_valid, state.raw_valid, objective, num_class),
+        score_histogram(d.y_valid, state.raw_valid, objective, num_class),
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -294,7 +300,10 @@ def run_round(
         )
     )
     per_party = {p: evaluate_party(s, ensemble.objective, k) for p, s in new_states.items()}
-    valid = aggregate_metrics(per_party)
+    valid = aggregate_metrics(
+        {p: (n, m) for p, (n, m, _) in per_party.items()},
+        {p: h for p, (_, _, h) in per_party.items()},
+    )
     ensemble = ensemble.with_metrics(round_, valid)
     size = ensemble_size(ensemble)
     record = RoundRecord(
@@ -302,7 +311,7 @@ def run_round(
         weights={p: w for p, w, _ in members},
         rejected=rejected,
         valid=valid,
-        party_valid={p: m for p, (_, m) in per_party.items()},
+        party_valid={p: m for p, (_, m, _) in per_party.items()},
         trees=size.trees,
         model_bytes=size.bytes,
     )
@@ -404,14 +413,15 @@ def train_federated(
     ensemble = ensemble.model_copy(update={"best_round": stopper.best_round})
     history.best_round = stopper.best_round
     history.best_loss = stopper.best_loss
+    raw_test = {p: predict_raw(ensemble, d.X_test) for p, d in data.items() if len(d.y_test)}
     history.test = aggregate_metrics(
         {
-            p: (
-                len(d.y_test),
-                evaluate(d.y_test, predict_raw(ensemble, d.X_test), objective, num_class),
-            )
-            for p, d in data.items()
-            if len(d.y_test)
-        }
+            p: (len(data[p].y_test), evaluate(data[p].y_test, raw, objective, num_class))
+            for p, raw in raw_test.items()
+        },
+        {
+            p: score_histogram(data[p].y_test, raw, objective, num_class)
+            for p, raw in raw_test.items()
+        },
     )
     return ensemble, history

@@ -85,6 +85,7 @@ from tasks.horizontal.lossless_network import (
 )
 from tasks.horizontal.model_text import check_task
 from tasks.horizontal.rounds import StopReason, rounds_in_budget
+from tasks.horizontal.score_histograms import ScoreHistogram, score_histogram
 from tasks.horizontal.training import (
     LOSS_METRIC,
     EarlyStopping,
@@ -175,6 +176,7 @@ class _RoundReport:
 
     party: str
     valid: dict[str, float]
+    valid_histogram: ScoreHistogram | None = None
 
 
 #: Coordinator -> party, after every round: train on, or stop after this iteration.
@@ -191,6 +193,9 @@ class PartyResult(BaseModel):
     n_test: int
     valid: list[dict[str, float]] = Field(description="Metrics after each round, round 1 first")
     test: list[dict[str, float]]
+    test_histograms: list[ScoreHistogram | None] = Field(
+        default_factory=list, description="Per-label score counts of the test rows per round"
+    )
 
 
 class LosslessResult(BaseModel):
@@ -274,6 +279,7 @@ class _RoundSync:
         self.raw_test = self._start(base, len(data.y_test))
         self.valid: list[dict[str, float]] = []
         self.test: list[dict[str, float]] = []
+        self.test_histograms: list[ScoreHistogram | None] = []
 
     def _start(self, base: Sequence[float], n: int) -> np.ndarray:
         raw = np.tile(np.asarray(base, dtype=np.float64), (n, 1))
@@ -301,9 +307,12 @@ class _RoundSync:
             raise TypeError("lossless training runs lgb.train, not lgb.cv")
         self.raw_valid = self._add(model, d.X_valid, self.raw_valid, done - tpr)
         self.raw_test = self._add(model, d.X_test, self.raw_test, done - tpr)
-        self.valid.append(evaluate(d.y_valid, self.raw_valid, self.job.objective, k))
-        self.test.append(evaluate(d.y_test, self.raw_test, self.job.objective, k))
-        self.conn.send(_RoundReport(d.party, self.valid[-1]))
+        objective = self.job.objective
+        self.valid.append(evaluate(d.y_valid, self.raw_valid, objective, k))
+        self.test.append(evaluate(d.y_test, self.raw_test, objective, k))
+        self.test_histograms.append(score_histogram(d.y_test, self.raw_test, objective, k))
+        valid_histogram = score_histogram(d.y_valid, self.raw_valid, objective, k)
+        self.conn.send(_RoundReport(d.party, self.valid[-1], valid_histogram))
         if self.conn.recv() == "stop":
             raise lgb.callback.EarlyStopException(env.iteration, [])
 
@@ -333,6 +342,7 @@ def _train_party(
         n_test=len(data.y_test),
         valid=sync.valid,
         test=sync.test,
+        test_histograms=sync.test_histograms,
     )
 
 
@@ -406,7 +416,12 @@ def _run_parties(
         loss_name = LOSS_METRIC[objective]
         for r in range(1, budget + 1):
             reports = parties.gather(f"round {r}", timeout, _RoundReport)
-            valid.append(aggregate_metrics({m.party: (n_valid[m.party], m.valid) for m in reports}))
+            valid.append(
+                aggregate_metrics(
+                    {m.party: (n_valid[m.party], m.valid) for m in reports},
+                    {m.party: m.valid_histogram for m in reports},
+                )
+            )
             stopped = stopper.update(r, valid[-1].get(loss_name, math.nan))
             decision: _Decision = "stop" if stopped else "go"
             parties.send([decision] * len(jobs))
@@ -483,7 +498,10 @@ def train_lossless(
     if any(len(r.test) != rounds_run for r in run.results):
         raise LosslessError("the parties ran different numbers of rounds")
     test = [
-        aggregate_metrics({r.party: (r.n_test, r.test[t]) for r in run.results})
+        aggregate_metrics(
+            {r.party: (r.n_test, r.test[t]) for r in run.results},
+            {r.party: r.test_histograms[t] for r in run.results},
+        )
         for t in range(rounds_run)
     ]
     best = run.stopper.best_round

@@ -36,6 +36,7 @@ from tasks.horizontal.rounds import (
     review_updates,
     weigh,
 )
+from tasks.horizontal.score_histograms import ScoreHistogram, score_histogram
 from tasks.horizontal.strategies import Strategy
 from tasks.horizontal.training import fit_round, label_stats, split_assignments, split_metrics
 from tasks.prepare.design import FeatureSchema, design_matrix, labels
@@ -110,6 +111,13 @@ class PartyEval(BaseModel):
     n_test: int
     valid: dict[str, float]
     test: dict[str, float]
+    valid_histogram: ScoreHistogram | None = Field(
+        default=None,
+        description="Per-label counts of the validation split's scores (the pooled AUC)",
+    )
+    test_histogram: ScoreHistogram | None = Field(
+        default=None, description="Per-label counts of the test split's scores (the pooled AUC)"
+    )
     scores: TableRef
     next: PartyUpdate | None = Field(
         default=None,
@@ -278,6 +286,12 @@ def evaluate_round(
         _scores_frame(running), "models", running_scores_name(setup.run_key, last)
     )
     out = split_metrics(y, running, split, ("valid", "test"), setup.objective, setup.num_class)
+    hist = {
+        part: score_histogram(
+            y[split == part], running[split == part], setup.objective, setup.num_class
+        )
+        for part in ("valid", "test")
+    }
     return PartyEval(
         party=setup.party,
         round=last,
@@ -285,6 +299,8 @@ def evaluate_round(
         n_test=int((split == "test").sum()),
         valid=out["valid"],
         test=out["test"],
+        valid_histogram=hist["valid"],
+        test_histogram=hist["test"],
         scores=ref,
     )
 

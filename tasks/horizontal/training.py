@@ -30,6 +30,7 @@ from sklearn.metrics import accuracy_score, log_loss, mean_squared_error, roc_au
 
 from tasks.horizontal.ensemble import feature_matrix
 from tasks.horizontal.model_text import LGB_OBJECTIVE
+from tasks.horizontal.score_histograms import ScoreHistogram, pooled_auc, sum_histograms
 from tasks.links import sigmoid, softmax
 from tasks.spec.models import RESERVED_PARAMS as RESERVED_PARAMS  # noqa: PLC0414  (re-exported)
 from tasks.spec.models import ParamValue, TrainingSpec
@@ -327,12 +328,19 @@ def split_metrics(
     return out
 
 
-def aggregate_metrics(per_party: Mapping[str, tuple[int, Mapping[str, float]]]) -> dict[str, float]:
-    """Size-weighted mean of each metric over the parties that report it.
+def aggregate_metrics(
+    per_party: Mapping[str, tuple[int, Mapping[str, float]]],
+    histograms: Mapping[str, ScoreHistogram | None] | None = None,
+) -> dict[str, float]:
+    """Size-weighted mean of each metric over the parties that report it, and the AUC of
+    the pooled rows from the parties' score histograms.
 
     ``rmse`` is recomputed as sqrt of the pooled ``mse`` when that is reported (the pooled
-    RMSE, not a mean of RMSEs). AUC is a size-weighted mean of per-party AUCs, which is not
-    the AUC of the pooled rows.
+    RMSE, not a mean of RMSEs). The size-weighted mean of per-party AUCs is not the AUC of
+    the pooled rows and is kept as ``auc_weighted_mean``; ``auc`` is the pooled AUC
+    (multiclass: one-vs-rest macro) from the summed ``histograms`` and ``auc_bound`` its
+    error bound (:mod:`tasks.horizontal.score_histograms`). A party with one class has no
+    AUC of its own but its rows count in the pooled one.
     """
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
@@ -346,6 +354,11 @@ def aggregate_metrics(per_party: Mapping[str, tuple[int, Mapping[str, float]]]) 
     out = {name: sums[name] / weights[name] for name in sums}
     if "mse" in out:
         out["rmse"] = math.sqrt(out["mse"])
+    if "auc" in out:
+        out["auc_weighted_mean"] = out.pop("auc")
+    summed = sum_histograms({p: h for p, h in (histograms or {}).items() if h is not None})
+    if summed is not None:
+        out.update(pooled_auc(summed))
     return out
 
 
