@@ -23,6 +23,10 @@ class NoModelError(FileNotFoundError):
     """No trained ensemble to score with."""
 
 
+class ScoringInputError(ValueError):
+    """New data that cannot be scored as given (unknown party, no overlap)."""
+
+
 def resolve_run(spec: FedSpec, run_key: str | None = None) -> LatestRun:
     """The run this spec predicts with: ``run_key``, else its latest
     (:func:`storage.runs.choose_run`)."""

@@ -14,7 +14,7 @@ from flows import progress
 from flows.common import task_options, threads
 from flows.prepare import party_pipeline, prepare
 from flows.publish import VerticalReport, publish_vertical
-from flows.score import party_labels, resolve_run
+from flows.score import ScoringInputError, party_labels, resolve_run
 from flows.transport import (
     PIPELINE_FLOW,
     PartyRunner,
@@ -413,7 +413,7 @@ def vertical_score(
         sizes = ", ".join(f"{p} {n}" for p, n in overlap.sizes.items())
         source = {p: "new data" if p in new_data else "training exports" for p in setups}
         given = ", ".join(f"{p} {source[p]}" for p in setups)
-        raise ValueError(
+        raise ScoringInputError(
             f"{spec_path}: no entity of the data scored is known to every party (rows: "
             f"{sizes}; {given}), so nothing can be scored; give every party's new data "
             "with --data PARTY=DIR"
@@ -464,12 +464,12 @@ def _new_data(
         return {}
     if isinstance(data, str):
         if party is None:
-            raise ValueError(f"{spec_path}: new data given as one folder needs its party")
+            raise ScoringInputError(f"{spec_path}: new data given as one folder needs its party")
         data = {party: data}
     known = {p.id for p in spec.parties}
     for p in data:
         if p not in known:
-            raise ValueError(
+            raise ScoringInputError(
                 f"{spec_path}: new data for party {p!r}, which the spec does not name "
                 f"(parties: {', '.join(sorted(known))})"
             )

@@ -56,7 +56,7 @@ class RunIndex(BaseModel):
     runs: list[LatestRun] = Field(default_factory=list)
 
 
-class RunChoiceError(LookupError):
+class RunChoiceError(ValueError):
     """The coordinator store cannot tell which run a spec's prediction should use."""
 
 

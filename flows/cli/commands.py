@@ -366,14 +366,17 @@ def predict(
     """Run a party's pipeline on new raw data and score it with the global ensemble."""
     quiet_prefect()
     with reported(), _flow_settings():
-        from flows.score import resolve_run, score
+        from flows.score import ScoringInputError, resolve_run, score
         from flows.vertical import vertical_score
         from storage.files import write_text_atomic
         from storage.store import read_table
         from tasks.spec.load import load_spec
 
         loaded = load_spec(str(spec))
-        folders = _data_folders(data or [], party, {p.id for p in loaded.parties})
+        try:
+            folders = _data_folders(data or [], party, {p.id for p in loaded.parties})
+        except ValueError as exc:
+            raise ScoringInputError(str(exc)) from None
         if manifest is None:
             chosen = resolve_run(loaded, run)
             manifest = chosen.manifest
@@ -392,7 +395,7 @@ def predict(
             )
         else:
             if set(folders) - {party}:
-                raise ValueError(
+                raise ScoringInputError(
                     f"{spec}: a horizontal prediction scores one party's data (--party "
                     f"{party}); --data names {', '.join(sorted(set(folders) - {party}))}"
                 )

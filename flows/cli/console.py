@@ -26,7 +26,9 @@ def quiet_prefect() -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from flows.prepare import PrepareError
+    from flows.score import ScoringInputError
     from storage.files import ConfinementError
+    from storage.runs import RunChoiceError
     from storage.secrets import SecretError
     from storage.sources import SourceError
     from tasks.prepare.align import AlignError
@@ -42,6 +44,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         FileNotFoundError,
         PrepareError,
         ConfinementError,
+        RunChoiceError,
+        ScoringInputError,
     )
 
 
