@@ -146,3 +146,17 @@ def test_vertical_predict_takes_new_data_for_every_party(
 
     output = _cli("predict", str(spec), "--party", "A", data[0])
     assert "no new data for B, C" in output.replace("\n", " ")
+
+    # customers only A knows: the overlap with B's and C's training exports is empty
+    fresh_a = tmp_path / "fresh-a"
+    fresh_a.mkdir()
+    for name in ("customers.csv", "transactions.csv"):
+        text = (new / "stores" / "A" / "raw" / name).read_text()
+        (fresh_a / name).write_text(text.replace("\nc0", "\nN0"))
+    result = runner.invoke(app, ["predict", str(spec), "--party", "A", f"--data=A={fresh_a}"])
+    assert result.exit_code == 1, result.output
+    message = result.output.replace("\n", " ")
+    assert "no new data for B, C" in message
+    assert "no entity of the data scored is known to every party" in message
+    assert "A new data, B training exports, C training exports" in message
+    assert "secret" not in message and "Traceback" not in message
