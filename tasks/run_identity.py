@@ -18,10 +18,11 @@ def _digest(text: str) -> str:
 
 def spec_identity(spec: FedSpec) -> str:
     """Which spec trained a run: the consortium's name plus a fingerprint of its consortium
-    section and parties (runs of several specs can share one coordinator store)."""
+    section (``as_of`` aside: scoring at a later date is the same spec) and parties (runs of
+    several specs can share one coordinator store)."""
     blob = json.dumps(
         {
-            "consortium": spec.consortium.model_dump(mode="json"),
+            "consortium": spec.consortium.model_dump(mode="json", exclude={"as_of"}),
             "parties": sorted(p.id for p in spec.parties),
         },
         sort_keys=True,
