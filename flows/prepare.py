@@ -25,6 +25,7 @@ from tasks.prepare.steps import (
     fingerprint_source,
     fuse_party,
     preprocess_source,
+    read_raw_keys,
     secret_tag,
 )
 from tasks.spec.load import load_spec
@@ -69,7 +70,9 @@ def party_pipeline(
             }
         )
         sources = rebased_sources(sources, data, spec.consortium.label.column)
-    fused, features = run_party_steps(ctx, sources, results=spec.run.results, refresh=refresh)
+    fused, features = run_party_steps(
+        ctx, sources, results=spec.run.results, refresh=refresh, keys=scoring
+    )
     fused = fused.model_copy(update={"feature_tables": features})
     publish(spec.coordinator.store, fused)
     return fused
@@ -101,10 +104,16 @@ def raise_first_failure(futures: list[PrefectFuture[Any]]) -> None:
 
 
 def run_party_steps(
-    ctx: PartyContext, sources: list[SourceSpec], *, results: str | None, refresh: bool
+    ctx: PartyContext,
+    sources: list[SourceSpec],
+    *,
+    results: str | None,
+    refresh: bool,
+    keys: bool = False,
 ) -> tuple[FusedOutput, dict[str, TableRef]]:
     """Submit every source's steps, then fuse; returns the fused output and the features
-    tables (keyed by source), which still carry the party's own entity keys."""
+    tables (keyed by source), which still carry the party's own entity keys. With ``keys``
+    (scoring), the fused output also names each source's raw-key table."""
     logger = get_run_logger()
     party = ctx.party
     opts = task_options(results, refresh)
@@ -114,6 +123,7 @@ def run_party_steps(
         tuple[PrefectFuture[CleanOutput], PrefectFuture[TableRef], PrefectFuture[AlignedOutput]],
     ] = {}
     fingerprints: list[PrefectFuture[Any]] = []
+    key_f: dict[str, PrefectFuture[TableRef]] = {}
     for source in sources:
         raw = fingerprint_source.submit(source.path, ctx.roots)
         emap = (
@@ -127,7 +137,10 @@ def run_party_steps(
         feats = extract_features.with_options(**opts).submit(ctx, source, clean)
         aligned = align_source.with_options(**opts).submit(ctx, source, feats, tag)  # type: ignore[call-overload]
         futures[source.id] = (clean, feats, aligned)
+        if keys:
+            key_f[source.id] = read_raw_keys.with_options(**opts).submit(ctx, source, raw, emap)  # type: ignore[call-overload]
     pending: list[PrefectFuture[Any]] = [f for group in futures.values() for f in group]
+    pending += list(key_f.values())
     wait(pending)
     raise_first_failure(fingerprints + pending)
     cleaned = [futures[s.id][0].result() for s in sources]
@@ -145,6 +158,8 @@ def run_party_steps(
                 q.rejected_by_reason,
             )
     fused = fuse_party.with_options(**opts)(ctx, aligned_outputs, [c.quality for c in cleaned])
+    if key_f:
+        fused = fused.model_copy(update={"key_tables": {s: f.result() for s, f in key_f.items()}})
     logger.info("%s: fused table %s", party, fused.table.short)
     progress.emit(party, "fused", fused.table.short)
     return fused, {s.id: futures[s.id][1].result() for s in sources}

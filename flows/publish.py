@@ -41,6 +41,7 @@ from tasks.report import (
     plot_importance,
     plot_rounds,
 )
+from tasks.run_identity import spec_identity
 from tasks.spec.models import FedSpec, TrainingSpec
 
 T = TypeVar("T")
@@ -198,7 +199,10 @@ def publish_training(spec: FedSpec, run: FinishedTraining) -> TrainingResult:
         .replace("(importance.png)", f"({plot_name(key, 'importance')})")
     )
     report = coordinator.write_text("reports", report_name(key), text)
-    write_latest(coordinator, LatestRun(run_key=key, manifest=manifest.uri, model=exported.uri))
+    write_latest(
+        coordinator,
+        LatestRun(run_key=key, manifest=manifest.uri, model=exported.uri, spec=spec_identity(spec)),
+    )
     publish_training_artifacts(spec.consortium.name, run.valid, text, description=run.description)
     return TrainingResult(
         run_key=key,
@@ -239,7 +243,13 @@ def publish_vertical(spec: FedSpec, manifest: VerticalManifest, report: Vertical
     coordinator = Store(spec.coordinator.store)
     written = write_vertical_manifest(coordinator, manifest.run_key, manifest)
     write_latest(
-        coordinator, LatestRun(run_key=manifest.run_key, layout="vertical", manifest=written.uri)
+        coordinator,
+        LatestRun(
+            run_key=manifest.run_key,
+            layout="vertical",
+            manifest=written.uri,
+            spec=spec_identity(spec),
+        ),
     )
     lines = [
         f"# Vertical training `{spec.consortium.name}`",

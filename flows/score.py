@@ -10,26 +10,50 @@ from prefect import flow, get_run_logger
 from flows.common import threads
 from flows.prepare import rebased_sources, run_party_steps
 from storage.files import resolve_location
-from storage.runs import read_latest
+from storage.runs import LatestRun, choose_run
 from storage.store import Store, TableRef
 from tasks.prepare.steps import PartyContext
-from tasks.scoring import score_party
+from tasks.run_identity import num_classes, spec_identity
+from tasks.scoring import label_values, score_party
 from tasks.spec.load import load_spec
-from tasks.spec.models import FedSpec
+from tasks.spec.models import FedSpec, label_source
 
 
 class NoModelError(FileNotFoundError):
     """No trained ensemble to score with."""
 
 
-def latest_manifest(spec: FedSpec) -> str:
-    """The manifest of the latest training run."""
-    latest = read_latest(Store(spec.coordinator.store))
-    if latest is None:
+class ScoringInputError(ValueError):
+    """New data that cannot be scored as given (unknown party, no overlap)."""
+
+
+def resolve_run(spec: FedSpec, run_key: str | None = None) -> LatestRun:
+    """The run this spec predicts with: ``run_key``, else its latest
+    (:func:`storage.runs.choose_run`)."""
+    run = choose_run(Store(spec.coordinator.store), spec_identity(spec), run_key)
+    if run is None:
         raise NoModelError(
             f"{spec.coordinator.store}: no trained model yet (run `fedfuse train` first)"
         )
-    return latest.manifest
+    return run
+
+
+def latest_manifest(spec: FedSpec) -> str:
+    """The manifest of this spec's latest training run."""
+    return resolve_run(spec).manifest
+
+
+def party_labels(spec: FedSpec, party: str) -> list[str]:
+    """The party's own label value of each class (from its label source's mapping)."""
+    source = label_source(spec, spec.party(party))
+    name = spec.consortium.label.column
+    column = source.columns.get(name) if source is not None else None
+    return label_values(
+        column,
+        task=spec.consortium.task,
+        classes=num_classes(spec),
+        vocabulary=spec.vocabularies.get(name),
+    )
 
 
 @flow(name="score", persist_result=True, task_runner=threads(4))
@@ -55,7 +79,15 @@ def score(
         }
     )
     sources = rebased_sources(spec.party(party).sources, data, spec.consortium.label.column)
-    fused, features = run_party_steps(ctx, sources, results=spec.run.results, refresh=False)
-    out = score_party(store, fused.table, list(features.values()), manifest, ctx.entity, ctx.secret)
+    fused, _ = run_party_steps(ctx, sources, results=spec.run.results, refresh=False, keys=True)
+    out = score_party(
+        store,
+        fused.table,
+        list(fused.key_tables.values()),
+        manifest,
+        ctx.entity,
+        ctx.secret,
+        party_labels(spec, party),
+    )
     logger.info("%s: %d entities scored -> %s", party, out.rows, out.uri)
     return out

@@ -15,7 +15,7 @@ from flows import progress
 from flows.common import task_options, threads
 from flows.prepare import party_pipeline, prepare
 from flows.publish import VerticalReport, publish_vertical
-from flows.score import NoModelError
+from flows.score import ScoringInputError, party_labels, resolve_run
 from flows.transport import (
     PIPELINE_FLOW,
     PartyRunner,
@@ -25,8 +25,7 @@ from flows.transport import (
 )
 from storage.files import read_text, write_text_atomic
 from storage.results import DEFAULT_RESULTS
-from storage.runs import read_latest
-from storage.store import FileRef, IntegrityError, Store, TableRef
+from storage.store import FileRef, IntegrityError, TableRef
 from tasks.manifest import VerticalManifest
 from tasks.prepare.design import FeatureSchema, consortium_schema
 from tasks.prepare.steps import FusedOutput
@@ -368,7 +367,7 @@ def _one_shot(
 def vertical_score(
     spec_path: str,
     party: str | None = None,
-    data: str | None = None,
+    data: str | dict[str, str] | None = None,
     manifest: str | None = None,
     as_of: dt.date | None = None,
     dispatch: str | None = None,
@@ -379,8 +378,9 @@ def vertical_score(
 
     Args:
         spec_path: Consortium spec (TOML).
-        party: Whose raw data is new (read from ``data``); the others use their spec's sources.
-        data: Folder with that party's new raw exports (same file names as its sources).
+        party: Whose raw data ``data`` is when it is one folder.
+        data: New raw exports per party (party -> folder, same file names as its sources),
+            or one folder for ``party``; a party without one scores on its spec's sources.
         manifest: Vertical manifest (default: the latest training run).
         as_of: End of every feature window (default: the spec's).
         dispatch: Deployment prefix of the per-party deployments: parties with a work pool
@@ -391,7 +391,15 @@ def vertical_score(
     label = check_vertical(spec, spec_path)
     body = _vertical_manifest(spec, spec_path, manifest)
     call = _runner(spec, dispatch, False)
-    prepared = _score_pipelines(spec, spec_path, party, data, as_of, dispatch)
+    new_data = _new_data(spec, spec_path, party, data)
+    stale = [p.id for p in spec.parties if p.id not in new_data]
+    if new_data and stale:
+        logger.warning(
+            "new data for %s only: %s score on their training exports",
+            ", ".join(sorted(new_data)),
+            ", ".join(stale),
+        )
+    prepared = _score_pipelines(spec, spec_path, new_data, as_of, dispatch)
     fused = {p: out.table for p, out in prepared.items()}
     key = scoring_run_key(body.run_key, fused)
     setups = _vertical_setups(
@@ -403,7 +411,16 @@ def vertical_score(
         training=spec.training,
         scoring=True,
     )
-    overlap, aligns = align_parties(setups, label, 1, call)
+    overlap, aligns = align_parties(setups, label, 0, call)
+    if overlap.overlap == 0:
+        sizes = ", ".join(f"{p} {n}" for p, n in overlap.sizes.items())
+        source = {p: "new data" if p in new_data else "training exports" for p in setups}
+        given = ", ".join(f"{p} {source[p]}" for p in setups)
+        raise ScoringInputError(
+            f"{spec_path}: no entity of the data scored is known to every party (rows: "
+            f"{sizes}; {given}), so nothing can be scored; give every party's new data "
+            "with --data PARTY=DIR"
+        )
     models = body.models
     upto = body.upto_round
     score_f = {
@@ -421,9 +438,10 @@ def vertical_score(
         models[label],
         upto,
         scores,
-        list(prepared[label].feature_tables.values()),
+        list(prepared[label].key_tables.values()),
         spec.consortium.entity,
         spec.consortium.secret,
+        party_labels(spec, label),
     )
     logger.info(
         "%d entities scored (%d known to every party) -> %s", out.rows, overlap.overlap, out.uri
@@ -434,11 +452,7 @@ def vertical_score(
 def _vertical_manifest(spec: FedSpec, spec_path: str, manifest: str | None) -> VerticalManifest:
     """The given vertical manifest, or the latest training run's (which must be vertical)."""
     if manifest is None:
-        latest = read_latest(Store(spec.coordinator.store))
-        if latest is None:
-            raise NoModelError(
-                f"{spec.coordinator.store}: no trained model yet (run `fedfuse train` first)"
-            )
+        latest = resolve_run(spec)
         if not latest.is_vertical:
             raise ValueError(f"{spec_path}: the latest training run is not a vertical one")
         manifest = latest.manifest
@@ -470,11 +484,30 @@ def export_vertical(spec_path: str, out: str, manifest: str | None = None) -> li
     return written
 
 
+def _new_data(
+    spec: FedSpec, spec_path: str, party: str | None, data: str | dict[str, str] | None
+) -> dict[str, str]:
+    """Party -> folder of its new raw exports (one folder means ``party``'s)."""
+    if data is None:
+        return {}
+    if isinstance(data, str):
+        if party is None:
+            raise ScoringInputError(f"{spec_path}: new data given as one folder needs its party")
+        data = {party: data}
+    known = {p.id for p in spec.parties}
+    for p in data:
+        if p not in known:
+            raise ScoringInputError(
+                f"{spec_path}: new data for party {p!r}, which the spec does not name "
+                f"(parties: {', '.join(sorted(known))})"
+            )
+    return dict(data)
+
+
 def _score_pipelines(
     spec: FedSpec,
     spec_path: str,
-    party: str | None,
-    data: str | None,
+    data: dict[str, str],
     as_of: dt.date | None,
     dispatch: str | None,
 ) -> dict[str, FusedOutput]:
@@ -487,7 +520,7 @@ def _score_pipelines(
             "party": p.id,
             "as_of": as_of.isoformat() if as_of else None,
             "scoring": True,
-            "data": (new := data if p.id == party else None),
+            "data": (new := data.get(p.id)),
         }
         if p.id in remote:
             pipelines[p.id] = dispatch_pipeline.submit(

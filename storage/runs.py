@@ -22,12 +22,15 @@ from storage.store import FileRef, Store
 M = TypeVar("M", bound=BaseModel)
 
 LATEST = "latest.json"
+RUNS = "runs.json"
 
 Layout = Literal["horizontal", "vertical"]
 
 
 class LatestRun(BaseModel):
-    """``models/latest.json``: the latest finished training run of a consortium."""
+    """A finished training run of a consortium: ``models/latest.json`` (the latest of any
+    spec), ``models/latest-<spec>.json`` (the latest of one spec) and the entries of
+    ``models/runs.json``."""
 
     run_key: str
     layout: Layout | None = Field(
@@ -35,26 +38,86 @@ class LatestRun(BaseModel):
     )
     manifest: str = Field(description="URI of the run's manifest")
     model: str | None = Field(default=None, description="URI of the exported model (horizontal)")
+    spec: str | None = Field(
+        default=None, description="Identity of the spec that trained it (absent in old stores)"
+    )
 
     @property
     def is_vertical(self) -> bool:
         return self.layout == "vertical"
 
+    def describe(self) -> str:
+        return f"{self.run_key} ({self.layout or 'horizontal'}, spec {self.spec or 'unknown'})"
 
-# -- the latest-run pointer --------------------------------------------------------------------
+
+class RunIndex(BaseModel):
+    """``models/runs.json``: every finished run, oldest first (one entry per run key)."""
+
+    runs: list[LatestRun] = Field(default_factory=list)
+
+
+class RunChoiceError(ValueError):
+    """The coordinator store cannot tell which run a spec's prediction should use."""
+
+
+# -- the latest-run pointers and the run index -------------------------------------------------
+
+
+def latest_spec_name(spec: str) -> str:
+    """The latest run of one spec identity (``models/``)."""
+    return f"latest-{spec}.json"
+
+
+def read_runs(coordinator: Store) -> list[LatestRun]:
+    """Every recorded run, oldest first; an old store's single pointer counts as one run."""
+    if coordinator.exists("models", RUNS):
+        return RunIndex.model_validate(coordinator.read_json("models", RUNS)).runs
+    latest = read_latest(coordinator)
+    return [latest] if latest is not None else []
 
 
 def write_latest(coordinator: Store, latest: LatestRun) -> FileRef:
-    return coordinator.write_json(
-        "models", LATEST, latest.model_dump(mode="json", exclude_none=True)
-    )
+    """Record a finished run: the run index, the spec's pointer and ``latest.json``."""
+    body = latest.model_dump(mode="json", exclude_none=True)
+    runs = [r for r in read_runs(coordinator) if r.run_key != latest.run_key]
+    index = RunIndex(runs=[*runs, latest])
+    coordinator.write_json("models", RUNS, index.model_dump(mode="json", exclude_none=True))
+    if latest.spec is not None:
+        coordinator.write_json("models", latest_spec_name(latest.spec), body)
+    return coordinator.write_json("models", LATEST, body)
 
 
 def read_latest(coordinator: Store) -> LatestRun | None:
-    """The latest run, ``None`` before the first training."""
+    """The latest run of any spec, ``None`` before the first training."""
     if not coordinator.exists("models", LATEST):
         return None
     return LatestRun.model_validate(coordinator.read_json("models", LATEST))
+
+
+def choose_run(coordinator: Store, spec: str, run_key: str | None = None) -> LatestRun | None:
+    """The run a spec predicts with: ``run_key`` when given, else the spec's latest run, else
+    the only run of an old store that recorded no spec identity; ``None`` before the first
+    training. Raises :class:`RunChoiceError`, listing the runs, when none fits."""
+    runs = read_runs(coordinator)
+    listing = "; ".join(r.describe() for r in runs) or "none"
+    if run_key is not None:
+        for run in reversed(runs):
+            if run.run_key == run_key:
+                return run
+        raise RunChoiceError(
+            f"{coordinator.root}: no run {run_key} in the coordinator store (runs: {listing})"
+        )
+    if coordinator.exists("models", latest_spec_name(spec)):
+        return LatestRun.model_validate(coordinator.read_json("models", latest_spec_name(spec)))
+    if not runs:
+        return None
+    unnamed = [r for r in runs if r.spec is None]
+    if len(runs) == len(unnamed) == 1:
+        return runs[0]
+    raise RunChoiceError(
+        f"{coordinator.root}: no run of this spec ({spec}) among the coordinator's runs; "
+        f"pick one with --run RUN_KEY (runs: {listing})"
+    )
 
 
 # -- checkpoints -------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 from storage.store import TableRef
 from tasks.prepare.design import FeatureSchema
@@ -13,6 +14,21 @@ from tasks.spec.models import FedSpec, FusionSpec
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def spec_identity(spec: FedSpec) -> str:
+    """Which spec trained a run: the consortium's name plus a fingerprint of its consortium
+    section (``as_of`` aside: scoring at a later date is the same spec) and parties (runs of
+    several specs can share one coordinator store)."""
+    blob = json.dumps(
+        {
+            "consortium": spec.consortium.model_dump(mode="json", exclude={"as_of"}),
+            "parties": sorted(p.id for p in spec.parties),
+        },
+        sort_keys=True,
+    )
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.consortium.name)[:40]
+    return f"{name}-{_digest(blob)}"
 
 
 def run_key(spec: FedSpec, schema: FeatureSchema, fused: dict[str, TableRef]) -> str:

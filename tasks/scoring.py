@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 from prefect import task
 
@@ -12,8 +13,10 @@ from tasks.links import probabilities
 from tasks.manifest import EnsembleManifest
 from tasks.prepare.align import hash_keys
 from tasks.prepare.design import FeatureSchema, design_matrix
-from tasks.spec.models import SecretRef
-from tasks.types import ENTITY_HASH
+from tasks.prepare.preprocess import FALSE_TEXT, TRUE_TEXT
+from tasks.prepare.steps import RAW_KEY
+from tasks.spec.models import ColumnSpec, SecretRef
+from tasks.types import ENTITY_HASH, Objective
 
 
 def load_ensemble(manifest_uri: str) -> GlobalEnsemble:
@@ -27,49 +30,124 @@ def schema_of(ensemble: GlobalEnsemble) -> FeatureSchema:
     )
 
 
+def label_values(
+    column: ColumnSpec | None,
+    *,
+    task: Objective,
+    classes: int,
+    vocabulary: list[str] | None = None,
+) -> list[str]:
+    """The label value of each class (index = class): a text label's consortium vocabulary
+    value, else the raw value the label column's mapping (raw value -> canonical) sends to
+    that class; a class no raw value maps to shows as its canonical value. Empty for
+    regression."""
+    if task == "regression":
+        return []
+    if column is not None and column.dtype in ("str", "category") and vocabulary:
+        return list(vocabulary)
+    canonical = ["false", "true"] if column is not None and column.dtype == "bool" else None
+    out = (canonical or ["0", "1"]) if task == "binary" else [str(k) for k in range(classes)]
+    seen: set[int] = set()
+    for raw, value in (column.values if column is not None else {}).items():
+        k = _class_of(value)
+        if k is not None and k < len(out) and k not in seen:
+            out[k] = raw
+            seen.add(k)
+    return out
+
+
+def _class_of(value: str) -> int | None:
+    text = value.strip().lower()
+    if text in TRUE_TEXT:
+        return 1
+    if text in FALSE_TEXT:
+        return 0
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() and number >= 0 else None
+
+
 def predictions(
-    fused: pl.DataFrame, ensemble: GlobalEnsemble, keys: pl.DataFrame, *, entity: str
+    fused: pl.DataFrame,
+    ensemble: GlobalEnsemble,
+    keys: pl.DataFrame,
+    *,
+    entity: str,
+    labels: list[str] | None = None,
 ) -> pl.DataFrame:
     """One row per scored entity: the party's own key, the hashed key and the scores."""
     raw = predict_raw(ensemble, design_matrix(fused, schema_of(ensemble)))
-    out = fused.select(ENTITY_HASH)
-    if ensemble.objective == "multiclass":
-        probs = probabilities(raw, ensemble.objective, ensemble.num_class)
-        out = out.with_columns(
-            [pl.Series(f"probability_{k}", probs[:, k]) for k in range(probs.shape[1])]
-            + [pl.Series("prediction", probs.argmax(axis=1))]
-        )
-    else:
-        out = out.with_columns(
-            pl.Series("raw_score", raw.reshape(-1)),
-            pl.Series("prediction", probabilities(raw, ensemble.objective, ensemble.num_class)),
-        )
+    probs = probabilities(raw, ensemble.objective, ensemble.num_class)
+    out = fused.select(ENTITY_HASH).with_columns(
+        score_columns(raw, probs, objective=ensemble.objective, labels=labels)
+    )
+    return with_raw_keys(out, keys, entity=entity)
+
+
+def score_columns(
+    raw: np.ndarray, probs: np.ndarray, *, objective: Objective, labels: list[str] | None
+) -> list[pl.Series]:
+    """The score columns of predictions (both layouts). Multiclass: one probability per
+    class named by its label value, ``prediction`` the most likely class's label value;
+    binary: ``raw_score``, ``probability`` of the positive class and ``prediction`` (the
+    positive label value at probability >= 0.5); regression: ``raw_score``, ``prediction``."""
+    if objective == "multiclass":
+        k = probs.shape[1]
+        names = labels if labels is not None and len(labels) == k else [str(i) for i in range(k)]
+        best = probs.argmax(axis=1)
+        return [pl.Series(f"probability_{names[i]}", probs[:, i]) for i in range(k)] + [
+            pl.Series("prediction", np.asarray(names, dtype=object)[best].tolist(), pl.String)
+        ]
+    flat = np.asarray(raw).reshape(-1)
+    if objective == "binary":
+        names = labels if labels is not None and len(labels) == 2 else ["0", "1"]
+        p = np.asarray(probs).reshape(-1)
+        return [
+            pl.Series("raw_score", flat),
+            pl.Series("probability", p),
+            pl.Series("prediction", [names[int(v >= 0.5)] for v in p], pl.String),
+        ]
+    return [pl.Series("raw_score", flat), pl.Series("prediction", np.asarray(probs).reshape(-1))]
+
+
+def with_raw_keys(out: pl.DataFrame, keys: pl.DataFrame, *, entity: str) -> pl.DataFrame:
+    """Predictions keyed by the party's own raw ids (``keys``: :func:`entity_keys`)."""
     return out.join(keys, on=ENTITY_HASH, how="left", validate="1:1").select(
         entity, pl.exclude(entity)
     )
 
 
-def entity_keys(features: list[pl.DataFrame], *, entity: str, secret: bytes) -> pl.DataFrame:
-    """The party's own keys beside their hashes (never leaves the party's store)."""
-    keys = pl.concat([f.select(entity) for f in features]).unique().sort(entity)
-    return keys.with_columns(hash_keys(keys[entity], secret))
+def entity_keys(key_tables: list[pl.DataFrame], *, entity: str, secret: bytes) -> pl.DataFrame:
+    """The party's own raw keys beside their hashes (never leaves the party's store);
+    ``key_tables``: the pipeline's raw-key tables (normalised key, raw key)."""
+    keys = (
+        pl.concat([t.select(entity, RAW_KEY) for t in key_tables])
+        .unique(entity, keep="first", maintain_order=True)
+        .sort(entity)
+    )
+    return keys.with_columns(hash_keys(keys[entity], secret)).select(
+        pl.col(RAW_KEY).alias(entity), ENTITY_HASH
+    )
 
 
 def run_scoring(
     store: str,
     fused: TableRef,
-    features: list[TableRef],
+    key_tables: list[TableRef],
     manifest: str,
     entity: str,
     secret: SecretRef,
+    labels: list[str] | None = None,
 ) -> TableRef:
     ensemble = load_ensemble(manifest)
     keys = entity_keys(
-        [read_table(f, columns=[entity]) for f in features],
+        [read_table(t) for t in key_tables],
         entity=entity,
         secret=resolve_secret(env=secret.env, block=secret.block),
     )
-    frame = predictions(read_table(fused), ensemble, keys, entity=entity)
+    frame = predictions(read_table(fused), ensemble, keys, entity=entity, labels=labels)
     return Store(store).write_table(frame, "reports", "predictions")
 
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from storage.runs import (
     LatestRun,
+    RunChoiceError,
     checkpoint_name,
+    choose_run,
     exchange_name,
     manifest_name,
     model_name,
@@ -15,6 +19,7 @@ from storage.runs import (
     one_shot_scores_name,
     plot_name,
     read_latest,
+    read_runs,
     report_name,
     round_checkpoint_name,
     running_scores_name,
@@ -53,6 +58,29 @@ def test_latest_pointer_keeps_its_file_format(tmp_path: Path) -> None:
     }
     latest = read_latest(store)
     assert latest is not None and latest.is_vertical and latest.manifest == "v.json"
+
+
+def test_runs_are_chosen_per_spec_and_old_single_pointer_stores_stay_readable(
+    tmp_path: Path,
+) -> None:
+    old = tmp_path / "models"
+    old.mkdir()
+    (old / "latest.json").write_text('{"run_key": "k0", "manifest": "k0.json"}')
+    store = Store(str(tmp_path))
+    assert choose_run(store, "any-spec") == LatestRun(run_key="k0", manifest="k0.json")
+
+    write_latest(store, LatestRun(run_key="k1", manifest="k1.json", spec="one-aaa"))
+    write_latest(store, LatestRun(run_key="k2", manifest="k2.json", spec="two-bbb"))
+    assert [r.run_key for r in read_runs(store)] == ["k0", "k1", "k2"]
+    assert json.loads((old / "latest-one-aaa.json").read_text())["run_key"] == "k1"
+    assert (run := choose_run(store, "one-aaa")) is not None and run.run_key == "k1"
+    assert (run := choose_run(store, "two-bbb")) is not None and run.run_key == "k2"
+    assert (run := choose_run(store, "two-bbb", "k0")) is not None and run.manifest == "k0.json"
+    with pytest.raises(RunChoiceError, match=r"no run of this spec \(three-ccc\).*k1 .*k2 "):
+        choose_run(store, "three-ccc")
+    with pytest.raises(RunChoiceError, match="no run nope"):
+        choose_run(store, "one-aaa", "nope")
+    assert choose_run(Store(str(tmp_path / "empty")), "one-aaa") is None
 
 
 def test_checkpoint_names() -> None:

@@ -70,7 +70,8 @@ def test_vertical_flow_aligns_trains_and_keeps_ids_at_the_parties(
     assert scored.height == len(hashes["A"])
     assert set(scored[ENTITY_HASH]) == hashes["A"]
     assert int(scored["all_parties"].sum()) == len(common)
-    assert scored["prediction"].is_between(0, 1).all()
+    assert scored["probability"].is_between(0, 1).all()
+    assert set(scored["prediction"]) <= {"yes", "no"}  # the label party's own values
 
     # the coordinator store holds blinded sets, alignment answers, gradients, deltas and
     # the manifest: no raw id, and no hashed id of any entity
@@ -131,7 +132,8 @@ def test_vertical_one_shot_with_learned_fusion_trains_and_scores(
     assert len(manifest["fusion"]["coef"][0]) == 3  # one coefficient per party
     scored = pl.read_parquet(vertical_score(str(spec), "A").uri)
     assert int(scored["all_parties"].sum()) == result.overlap
-    assert scored["prediction"].is_between(0, 1).all()
+    assert scored["probability"].is_between(0, 1).all()
+    assert set(scored["prediction"]) <= {"yes", "no"}  # the label party's own values
 
 
 def test_overlap_below_the_minimum_stops_training_with_the_counts(

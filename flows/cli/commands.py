@@ -349,15 +349,21 @@ def demo(
 
 def predict(
     spec: Annotated[Path, typer.Argument(help="Consortium spec (TOML)")],
-    party: Annotated[str, typer.Option(help="The party whose new data is scored")],
+    party: Annotated[
+        str, typer.Option(help="The party whose new data is scored (vertical: the label party)")
+    ],
     data: Annotated[
-        Path | None,
+        list[str] | None,
         typer.Option(
-            help="Folder with new raw exports (same file names as the spec's sources); default: the spec's sources"
+            help="New raw exports (same file names as the spec's sources): DIR for --party, "
+            "or PARTY=DIR, repeatable (vertical: one per party); default: the spec's sources"
         ),
     ] = None,
+    run: Annotated[
+        str | None, typer.Option(help="Run key of the model (default: this spec's latest run)")
+    ] = None,
     manifest: Annotated[
-        str | None, typer.Option(help="Ensemble manifest (default: the latest training run)")
+        str | None, typer.Option(help="Ensemble manifest (default: the run's)")
     ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Also write the predictions to this CSV file")
@@ -366,32 +372,59 @@ def predict(
     """Run a party's pipeline on new raw data and score it with the global ensemble."""
     quiet_prefect()
     with reported(), _flow_settings():
-        from flows.score import score
+        from flows.score import ScoringInputError, resolve_run, score
         from flows.vertical import vertical_score
         from storage.files import write_text_atomic
         from storage.store import read_table
         from tasks.spec.load import load_spec
 
-        if load_spec(str(spec)).consortium.layout == "vertical":
+        loaded = load_spec(str(spec))
+        try:
+            folders = _data_folders(data or [], party, {p.id for p in loaded.parties})
+        except ValueError as exc:
+            raise ScoringInputError(str(exc)) from None
+        if manifest is None:
+            chosen = resolve_run(loaded, run)
+            manifest = chosen.manifest
+            console.print(f"model: run {escape(chosen.describe())}", highlight=False)
+        console.print(f"manifest: {escape(manifest)}", highlight=False)
+        if loaded.consortium.layout == "vertical":
+            stale = [p.id for p in loaded.parties if p.id not in folders]
+            if folders and stale:
+                errors.print(
+                    f"[yellow]warning:[/] no new data for {escape(', '.join(stale))}: "
+                    "they score on their training exports",
+                    highlight=False,
+                )
             ref = vertical_score(
-                str(spec.resolve()),
-                party,
-                data=str(data.resolve()) if data else None,
-                manifest=manifest,
+                str(spec.resolve()), party, data=folders or None, manifest=manifest
             )
         else:
-            ref = score(
-                str(spec.resolve()),
-                party,
-                data=str(data.resolve()) if data else None,
-                manifest=manifest,
-            )
+            if set(folders) - {party}:
+                raise ScoringInputError(
+                    f"{spec}: a horizontal prediction scores one party's data (--party "
+                    f"{party}); --data names {', '.join(sorted(set(folders) - {party}))}"
+                )
+            ref = score(str(spec.resolve()), party, data=folders.get(party), manifest=manifest)
         frame = read_table(ref)
         console.print(f"{frame.height} entities scored -> {escape(ref.uri)}", highlight=False)
         console.print(frame.head(5))
         if out is not None:
             write_text_atomic(str(out.resolve()), frame.write_csv())
             console.print(f"predictions written to {escape(str(out))}", highlight=False)
+
+
+def _data_folders(items: list[str], party: str, parties: set[str]) -> dict[str, str]:
+    """``--data`` values: ``PARTY=DIR`` or a plain ``DIR`` (the ``--party`` party's)."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or name not in parties:
+            name, folder = party, item
+        if name in out:
+            raise ValueError(f"--data: two folders for party {name}")
+        out[name] = str(Path(folder).resolve())
+    return out
 
 
 def export(
@@ -415,18 +448,16 @@ def export(
     """Write the global ensemble as one native LightGBM model file; a vertical run as one
     LightGBM model file per party and the fusion rule (fusion.json) in a folder."""
     with reported():
-        from flows.score import latest_manifest
+        from flows.score import latest_manifest, resolve_run
         from storage.files import write_text_atomic
-        from storage.runs import read_latest
-        from storage.store import Store, read_manifest
+        from storage.store import read_manifest
         from tasks.horizontal.ensemble import ensemble_size, export_model
         from tasks.scoring import load_ensemble
         from tasks.spec.load import load_spec
 
         loaded = load_spec(str(spec))
         if manifest is None:
-            latest = read_latest(Store(loaded.coordinator.store))
-            vertical = latest is not None and latest.is_vertical
+            vertical = resolve_run(loaded).is_vertical
         else:
             vertical = read_manifest(manifest)[0].get("layout") == "vertical"
         if vertical:

@@ -26,7 +26,9 @@ def quiet_prefect() -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from flows.prepare import PrepareError
+    from flows.score import ScoringInputError
     from storage.files import ConfinementError
+    from storage.runs import RunChoiceError
     from storage.secrets import SecretError
     from storage.sources import SourceError
     from storage.store import FolderError, IntegrityError
@@ -45,6 +47,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         PrepareError,
         ConfinementError,
         IntegrityError,
+        RunChoiceError,
+        ScoringInputError,
     )
 
 

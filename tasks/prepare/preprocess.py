@@ -28,8 +28,9 @@ from tasks.types import REASON, KeyNormalisation, Objective
 #: Control (Cc: C0, DEL, C1, NUL) and format (Cf: zero-width space/joiners, U+FEFF, bidi
 #: controls, soft hyphen) characters: refused inside an entity key (invisible look-alikes).
 KEY_CONTROL = r"[\p{Cc}\p{Cf}]"
-_TRUE = ("true", "1", "yes", "y", "t")
-_FALSE = ("false", "0", "no", "n", "f")
+TRUE_TEXT = ("true", "1", "yes", "y", "t")
+FALSE_TEXT = ("false", "0", "no", "n", "f")
+_TRUE, _FALSE = TRUE_TEXT, FALSE_TEXT
 _ISO_FORMATS_TZ = ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z")
 _ISO_FORMATS_NAIVE = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d")
 

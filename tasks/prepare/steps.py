@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import polars as pl
 from prefect import task
 from prefect.client.schemas.objects import State
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,7 +24,14 @@ from storage.store import FileRef, Store, TableRef, fingerprint, read_table, sca
 from tasks.caching import content_cache_key
 from tasks.prepare.align import AlignError, FeatureColumn, align_features, fuse_tables
 from tasks.prepare.modalities import FeatureInputs, modality_of
-from tasks.prepare.preprocess import LabelRule, PreprocessError, QualityReport, preprocess
+from tasks.prepare.preprocess import (
+    LabelRule,
+    PreprocessError,
+    QualityReport,
+    normalise_key,
+    preprocess,
+    raw_name,
+)
 from tasks.spec.models import (
     FedSpec,
     SecretRef,
@@ -162,6 +170,10 @@ class FusedOutput(BaseModel):
         default_factory=dict,
         description="Per-source features tables (in the party's store; they hold its own keys)",
     )
+    key_tables: dict[str, TableRef] = Field(
+        default_factory=dict,
+        description="Scoring: per-source normalised key -> the party's raw key (its store only)",
+    )
 
 
 def secret_tag(ref: SecretRef) -> str:
@@ -214,6 +226,41 @@ def run_preprocess(
         )
     store.write_json("reports", f"quality-{source.id}.json", result.quality.model_dump(mode="json"))
     return CleanOutput(source=source.id, clean=clean, rejected=rejected, quality=result.quality)
+
+
+#: The party's own entity key, exactly as exported (key tables, predictions).
+RAW_KEY = "__raw_key"
+
+
+def run_raw_keys(
+    ctx: PartyContext, source: SourceSpec, raw: FileRef, entity_map: FileRef | None
+) -> TableRef:
+    """The source's entity keys as the party exported them beside their normalised form
+    (first spelling of each normalised key), in the party's ``clean/keys-<source>``:
+    predictions show the party's own ids. Events sources take them from their entity map."""
+    if source.entity_map is not None and entity_map is not None:
+        if ctx.roots:
+            confined(entity_map.uri, ctx.roots)
+        fmt = source.entity_map.format or infer_format(source.entity_map.path)
+        frame = read_source(entity_map.uri, fmt).frame
+        column = source.entity_map.columns.get(ctx.entity)
+    else:
+        if ctx.roots:
+            confined(raw.uri, ctx.roots)
+        frame = read_source(raw.uri, source.file_format, encoding=source.encoding).frame
+        column = source.columns.get(ctx.entity)
+    name = raw_name(ctx.entity, column) if column is not None else ctx.entity
+    if name not in frame.columns:
+        keys = pl.DataFrame(schema={ctx.entity: pl.String, RAW_KEY: pl.String})
+    else:
+        keys = (
+            frame.select(pl.col(name).cast(pl.String).alias(RAW_KEY))
+            .with_columns(normalise_key(pl.col(RAW_KEY), ctx.normalisation).alias(ctx.entity))
+            .drop_nulls()
+            .unique(ctx.entity, keep="first", maintain_order=True)
+            .select(ctx.entity, RAW_KEY)
+        )
+    return Store(ctx.store).write_table(keys, "clean", f"keys-{source.id}")
 
 
 def label_rule(ctx: PartyContext, source: SourceSpec) -> LabelRule | None:
@@ -310,4 +357,12 @@ extract_features = task(
 align_source = task(name="align-source", cache_key_fn=content_cache_key, persist_result=True)(
     run_align
 )
+read_raw_keys = task(
+    name="read-raw-keys",
+    cache_key_fn=content_cache_key,
+    persist_result=True,
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_transient,
+)(run_raw_keys)
 fuse_party = task(name="fuse-party", cache_key_fn=content_cache_key, persist_result=True)(run_fuse)

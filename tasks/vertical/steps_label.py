@@ -33,7 +33,7 @@ from storage.store import FileRef, Store, TableRef, read_table
 from tasks.horizontal.training import base_score, evaluate, label_stats
 from tasks.links import probabilities
 from tasks.prepare.design import design_matrix
-from tasks.scoring import entity_keys
+from tasks.scoring import entity_keys, score_columns, with_raw_keys
 from tasks.spec.models import SecretRef
 from tasks.types import ENTITY_HASH
 from tasks.vertical.arrays import arrays_frame, frame_arrays, split_frame, unsplit_frame
@@ -320,9 +320,10 @@ def fuse_predictions(
     model: FileRef | None,
     upto_round: int,
     scores: Mapping[str, TableRef],
-    features: Sequence[TableRef] = (),
+    key_tables: Sequence[TableRef] = (),
     entity: str | None = None,
     secret: SecretRef | None = None,
+    labels: list[str] | None = None,
 ) -> TableRef:
     """Label party (inference): fuse its own model's output on every row of its scoring
     table with the other parties' outputs on the overlap. Rule for an entity another party
@@ -349,22 +350,15 @@ def fuse_predictions(
     present = count == len(fusion.parties)
     out = fused.select(ENTITY_HASH).with_columns(
         pl.Series("all_parties", present),
-        *(
-            [
-                pl.Series("raw_score", raw),
-                pl.Series("prediction", probabilities(raw, setup.objective, k)),
-            ]
-            if k == 1
-            else [pl.Series("prediction", np.asarray(raw).argmax(axis=1))]
+        *score_columns(
+            raw, probabilities(raw, setup.objective, k), objective=setup.objective, labels=labels
         ),
     )
-    if features and entity is not None and secret is not None:
+    if key_tables and entity is not None and secret is not None:
         keys = entity_keys(
-            [read_table(f, columns=[entity]) for f in features],
+            [read_table(t) for t in key_tables],
             entity=entity,
             secret=resolve_secret(env=secret.env, block=secret.block),
         )
-        out = out.join(keys, on=ENTITY_HASH, how="left", validate="1:1").select(
-            entity, pl.exclude(entity)
-        )
+        out = with_raw_keys(out, keys, entity=entity)
     return Store(setup.store).write_table(out, "reports", vertical_predictions_name(setup.run_key))
