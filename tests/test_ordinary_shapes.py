@@ -193,7 +193,9 @@ def test_text_multiclass_label_trains_with_classes_in_declared_order(
         assert got.rows() == want.rows()
     result = federated_training(str(spec))
     metrics = result.test[result.best_round - 1]
-    assert set(metrics) == {"logloss", "accuracy"} and metrics["accuracy"] > 0.6
+    # the pooled one-vs-rest macro AUC from the parties' score histograms, with its bound
+    assert set(metrics) == {"logloss", "accuracy", "auc", "auc_bound"}
+    assert metrics["accuracy"] > 0.6 and metrics["auc"] > 0.6
 
 
 # -- fedfuse export of a vertical run ------------------------------------------------------
