@@ -193,9 +193,12 @@ def test_a_registered_kind_is_checked_by_its_modality(toy: Path, tmp_path: Path)
     spec = spec.replace("weight = 2.0", "weight = 0\nwindows = [7]\nsparkle = 1")
     assert _problems(spec, tmp_path) == [
         "parties[0].sources[1].features.weight: Input should be greater than 0",
+        # an option of another kind is refused like an unknown key: it would do nothing
+        "parties[0].sources[1].features.windows: Extra inputs are not permitted",
         "parties[0].sources[1].features.sparkle: Extra inputs are not permitted",
     ]
-    spec = spec.replace("weight = 0\n", "").replace("sparkle = 1", "")
+    spec = spec.replace("weight = 0\n", "").replace("windows = [7]\n", "")
+    spec = spec.replace("sparkle = 1", "")
     assert _problems(spec, tmp_path) == [
         "parties[0].sources[1].columns: a clicks source needs a 'clicks' column mapping",
         "parties[0].sources[1].encoding: clicks are utf8",

@@ -156,18 +156,15 @@ class SourceSpec(SpecModel):
         kind = info.data.get("kind")
         if kind is None:
             return FeatureOptions()
-        from tasks.prepare.modalities import MODALITIES, modality
+        from tasks.prepare.modalities import modality
 
         model = modality(kind).options
         if isinstance(value, model):
             return value
         if isinstance(value, FeatureOptions):
             value = value.model_dump(exclude_unset=True)
-        if isinstance(value, dict):
-            # an option of another kind (e.g. windows on a text source) has no effect here
-            # and is accepted, as when every source had every option; unknown keys are not
-            others = {name for m in MODALITIES.values() for name in m.options.model_fields}
-            value = {k: v for k, v in value.items() if k in model.model_fields or k not in others}
+        # an option of another kind (e.g. windows on a text source) would have no effect:
+        # refused like an unknown key, at its own key path
         return model.model_validate(value)
 
     @property
