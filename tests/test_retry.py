@@ -86,12 +86,16 @@ def flow_run(run_id: UUID):  # type: ignore[no-untyped-def]
 def kill_when(run_id: UUID, ready: Callable[[], bool], *, timeout: float = 240) -> None:
     """SIGKILL the flow run's process as soon as ``ready()`` holds."""
     deadline = time.monotonic() + timeout
+    pid = None
     while not ready():
         run = flow_run(run_id)
         assert run.state is None or not run.state.is_final(), f"run ended first: {run.state}"
         assert time.monotonic() < deadline, "the run never got there"
+        pid = run.infrastructure_pid or pid
         time.sleep(0.02)
-    pid = flow_run(run_id).infrastructure_pid
+    # the process id is read while waiting, so the kill follows ready() at once (an API call
+    # in between can take seconds on a loaded machine, and a short run may finish meanwhile)
+    pid = pid or flow_run(run_id).infrastructure_pid
     assert pid, "the worker recorded no process id"
     os.kill(int(str(pid).rsplit(":", 1)[-1]), signal.SIGKILL)
 
@@ -279,7 +283,7 @@ def test_vertical_retry_after_sigkill_gives_the_uninterrupted_model(
     before = log.read_text().count(WORKER_DONE)
     run_id = deployed_run(spec, work_pool, f"vretry-{uuid4().hex[:6]}", flow="vertical-training")
     folder = spec.parent / "stores" / "A" / "checkpoints"
-    kill_when(run_id, lambda: any(folder.glob("*-vertical-r0002.json")))
+    kill_when(run_id, lambda: any(folder.glob("*-vertical-r0001.json")))
     assert wait_final(run_id) == "CRASHED"
     worker_done(log, before)
     retry_like_the_ui(run_id, prefect_api)
