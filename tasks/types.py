@@ -17,6 +17,9 @@ JoinKind = Literal["inner", "left"]
 #: lr_scaled, cyclic, ...), checked against that registry by the spec.
 Aggregation = str
 KeyNormalisation = Literal["none", "strip", "strip_lower"]
+#: Where a source's feature windows end: the end of the ``as_of`` day, or per entity at its
+#: last event (inclusive).
+WindowEnd = Literal["as_of", "last_event"]
 
 #: Canonical column names every source kind understands (besides the entity key).
 TIMESTAMP = "timestamp"

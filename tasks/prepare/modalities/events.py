@@ -1,7 +1,11 @@
 """Features for IoT / usage event logs (one row per device reading or usage event).
 
-Per entity, for every window of ``w`` days ending at the end of the ``as_of`` day (suffix
-``{w}d``) and for the whole history (suffix ``all``):
+Per entity, for every window of length ``w`` (whole days or a duration such as ``10s``,
+:mod:`tasks.prepare.windows`; suffix ``30d``, ``6h``, ``10s``, ...) and for the whole history
+(suffix ``all``). Windows end at the end of the ``as_of`` day (``window_end = "as_of"``) or,
+with ``window_end = "last_event"``, at each entity's own last event before it (inclusive: the
+``10s`` window holds the events of the last ten seconds of that entity's recording, up to
+and including its last one):
 
 * ``n_events``, ``active_days`` (distinct UTC dates with events), ``error_rate`` (when the
   source has an ``error`` flag: mean of the non-null flags) and ``longest_gap_days`` (longest
@@ -13,16 +17,25 @@ Per entity, for every window of ``w`` days ending at the end of the ``as_of`` da
   readings or when they all share one timestamp);
 
 and over the whole history ``{m}_last`` (latest non-null reading), ``days_since_last_event``
-and ``n_devices``. An entity with no event in a window gets 0 counts and null statistics
-there (``longest_gap_days`` too). Events at or after the window end are ignored; the wall
-clock is never read. Timestamp ties keep the input order (for ``{m}_last``).
+and ``n_devices``. Gaps and slopes are in days for every window length (a ``1s`` window's
+gaps are fractions of a day). An entity with no event in a window gets 0 counts and null
+statistics there (``longest_gap_days`` too). Events at or after the end of the ``as_of`` day
+are ignored in both modes; the wall clock is never read. Timestamp ties keep the input order
+(for ``{m}_last``).
+
+Under ``last_event`` the windows move, the recency does not: ``days_since_last_event`` stays
+the time from the entity's last event to the end of the ``as_of`` day (how long ago its
+recording ended), and ``longest_gap_days`` has no trailing gap (the window ends at the last
+event), so it is the longest gap between two of the window's events (0 for a single event).
 
 How it stays fast -- one lazy query, collected once:
 
 1. Sort by (64-bit hash of the entity, timestamp, input position). A hash sorts several
    times faster than strings; the position makes the order total, hence deterministic.
    Each entity is now one contiguous *run*.
-2. Cut each run into *buckets* at the window starts: windows are nested suffixes of the
+2. Cut each run into *buckets* at the window starts (compared as integer microseconds
+   before the window end: the end of the ``as_of`` day, or the run's last event, found with
+   one windowed max over the sorted runs): windows are nested suffixes of the
    history, and bucket ``j`` holds the events inside exactly the ``j`` longest windows
    (:func:`_bucket`). Bucket keys ascend along the sorted rows, so the group_by over them
    takes polars' fast path over contiguous slices, and every row feeds one group only: no
@@ -38,6 +51,9 @@ twice in the result; this is detected and the query reruns ordered by the entity
 
 The ``events`` modality is registered here: its raw rows are keyed by ``device_id``, which
 the source's entity map (device -> entity) turns into the entity key during preprocessing.
+A source without an entity map maps the entity key itself (the device is the entity, or the
+file holds the entity key); its ``device_id`` is then optional (without one, ``n_devices``
+is 1).
 """
 
 from __future__ import annotations
@@ -51,7 +67,7 @@ import polars as pl
 
 from storage.sources import ROW
 from tasks.prepare.modalities.base import FeatureInputs, Modality, register
-from tasks.prepare.modalities.table import DAY_US, WindowOptions, window_end, window_options
+from tasks.prepare.modalities.table import WindowOptions, window_end, window_options
 from tasks.prepare.preprocess import (
     KEY_CONTROL,
     PreprocessError,
@@ -59,8 +75,9 @@ from tasks.prepare.preprocess import (
     normalise_key,
     raw_name,
 )
+from tasks.prepare.windows import DAY_US, WindowValue, parse_windows
 from tasks.spec.models import EntityMapSpec, SourceSpec, SpecProblem
-from tasks.types import DEVICE, ERROR, REASON, TIMESTAMP, KeyNormalisation
+from tasks.types import DEVICE, ERROR, REASON, TIMESTAMP, KeyNormalisation, WindowEnd
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +106,16 @@ _GROUP = "__group"
 _X = "__x"
 _GAP = "__gap"
 _NEW_DAY = "__new_day"
+_OFFSET = "__offset"
+_TRAIL = "__trail"
 
 
 def event_feature_names(
-    measures: Sequence[str], windows: Sequence[int], *, error: bool
+    measures: Sequence[str], windows: Sequence[WindowValue], *, error: bool
 ) -> list[str]:
     """Columns of :func:`events_features` after the entity key, in order."""
     names: list[str] = []
-    for suffix in [*(f"{w}d" for w in sorted(set(windows))), ALL]:
+    for suffix in [*(w.suffix for w in parse_windows(windows)), ALL]:
         names += [f"n_events_{suffix}", f"active_days_{suffix}"]
         if error:
             names.append(f"error_rate_{suffix}")
@@ -117,14 +136,15 @@ def _entity_order(entity: str) -> pl.Expr:
     return pl.col(entity).hash()
 
 
-def _bucket(expr: pl.Expr, starts: Sequence[dt.datetime]) -> pl.Expr:
-    """How many window starts (ascending) lie at or before ``expr``.
+def _bucket(offset: pl.Expr, starts: Sequence[int]) -> pl.Expr:
+    """How many window starts (ascending offsets in microseconds from the window end) lie
+    at or before ``offset``.
 
     Bucket ``j`` lies inside exactly the ``j`` longest windows: bucket 0 is older than every
     window, so window ``k`` (1-based, longest first) holds buckets ``k..K`` and the whole
     history ``0..K``.
     """
-    inside = [(expr >= pl.lit(start)).cast(pl.UInt8) for start in starts]
+    inside = [(offset >= start).cast(pl.UInt8) for start in starts]
     return pl.sum_horizontal(inside).cast(pl.UInt8) if inside else pl.lit(0, pl.UInt8)
 
 
@@ -133,15 +153,27 @@ def _ordered_events(
     *,
     entity: str,
     end: dt.datetime,
-    starts: Sequence[dt.datetime],
+    lengths: Sequence[int],
+    end_at: WindowEnd,
     exact: bool,
 ) -> pl.LazyFrame:
-    """Events before ``end`` in (entity, time) runs, with the per-row helper columns."""
+    """Events before ``end`` in (entity, time) runs, with the per-row helper columns.
+
+    ``lengths``: the windows in microseconds, longest first. Offsets are microseconds from
+    the window end: ``end`` (exclusive) or the run's last event (inclusive).
+    """
     ts = pl.col(TIMESTAMP)
     key = pl.col(entity)
     first = pl.col(_FIRST)
     prev = pl.col(_PREV)
-    bucket = _bucket(ts, starts)
+    if end_at == "last_event":
+        anchor = ts.max().over(_RUN)
+        starts = [1 - n for n in lengths]  # (last - w, last]
+    else:
+        anchor = pl.lit(end)
+        starts = [-n for n in lengths]  # [end - w, end)
+    offset = pl.col(_OFFSET)
+    bucket = _bucket(offset, starts)
     return (
         lf.filter(ts < pl.lit(end))
         .with_row_index(_POS)
@@ -152,12 +184,15 @@ def _ordered_events(
             first.cum_sum().cast(pl.UInt64).alias(_RUN),
             pl.when(~first).then(ts.shift(1)).alias(_PREV),
         )
+        .with_columns((ts - anchor).dt.total_microseconds().alias(_OFFSET))
         .with_columns(
             # ascends along the sorted rows: the group_by takes its sorted fast path
             (pl.col(_RUN) * (len(starts) + 1) + bucket).set_sorted().alias(_GROUP),
             bucket.alias(_BUCKET),
-            pl.when(prev.is_not_null()).then(_bucket(prev, starts)).alias(_PREV_BUCKET),
-            _days(ts - pl.lit(end)).alias(_X),
+            pl.when(prev.is_not_null())
+            .then(_bucket(offset - (ts - prev).dt.total_microseconds(), starts))
+            .alias(_PREV_BUCKET),
+            (offset.cast(pl.Float64) / DAY_US).alias(_X),
             _days(ts - prev).alias(_GAP),
             (prev.is_null() | (ts.dt.date() != prev.dt.date())).alias(_NEW_DAY),
         )
@@ -172,6 +207,9 @@ def _bucket_stats(measures: Sequence[str], *, error: bool) -> list[pl.Expr]:
         pl.col(_BUCKET).first(),
         pl.len().cast(pl.Int64).alias("n"),
         pl.col(_NEW_DAY).sum().cast(pl.Int64).alias("days"),
+        # whether the first event starts a date against the event before it (a window whose
+        # first event shares its date with an older event outside it counts that date too)
+        pl.col(_NEW_DAY).first().alias("day_in"),
         # gaps between two events of the bucket, and the gap into its first event, which
         # comes from an older bucket (or is null: the entity's first event)
         pl.when(pl.col(_PREV_BUCKET) == pl.col(_BUCKET)).then(pl.col(_GAP)).max().alias("gap"),
@@ -225,11 +263,18 @@ def _window_features(
     ]
     totals: list[pl.Expr] = [total("n").alias(n), pl.max_horizontal(gaps).alias(f"__gap_{suffix}")]
     has_events = pl.col(n) > 0
+    # the window's first event opens a date when the event before it lies outside the window
+    # (at whole-day windows ending at midnight it always does: its date differs anyway)
+    opened = [
+        pl.when((pl.col(f"gap_from@{j}") < k) & ~pl.col(f"day_in@{j}")).then(1).otherwise(0)
+        for j in js
+        if k > 0
+    ]
     features: list[pl.Expr] = [
         pl.col(n),
-        total("days").alias(f"active_days_{suffix}"),
+        pl.sum_horizontal(total("days"), *opened).cast(pl.Int64).alias(f"active_days_{suffix}"),
         pl.when(has_events)
-        .then(pl.max_horizontal(f"__gap_{suffix}", "days_since_last_event"))
+        .then(pl.max_horizontal(f"__gap_{suffix}", _TRAIL))
         .alias(f"longest_gap_days_{suffix}"),
     ]
     if error:
@@ -276,19 +321,38 @@ def _features_query(
     entity: str,
     measures: Sequence[str],
     end: dt.datetime,
-    windows: Sequence[int],
+    windows: Sequence[WindowValue],
+    end_at: WindowEnd,
     error: bool,
     exact: bool,
 ) -> pl.LazyFrame:
-    by_length = sorted(windows, reverse=True)
-    starts = [end - dt.timedelta(days=w) for w in by_length]  # ascending
-    n_buckets = len(starts) + 1
+    by_length = parse_windows(windows)[::-1]
+    n_buckets = len(by_length) + 1
     # sorted once, read twice (the optimizer would otherwise sort once per projection)
-    events = _ordered_events(lf, entity=entity, end=end, starts=starts, exact=exact).cache()
+    events = _ordered_events(
+        lf,
+        entity=entity,
+        end=end,
+        lengths=[w.micros for w in by_length],
+        end_at=end_at,
+        exact=exact,
+    ).cache()
     buckets = events.group_by(_GROUP).agg(_bucket_stats(measures, error=error))
-    side_by_side = events.group_by(_RUN).agg(
-        pl.col(entity).first(), pl.col(DEVICE).n_unique().cast(pl.Int64).alias("n_devices")
-    )
+    per_entity = [
+        pl.col(entity).first(),
+        (
+            pl.col(DEVICE).drop_nulls().n_unique()
+            if DEVICE in lf.collect_schema().names()
+            else pl.lit(1)
+        )
+        .cast(pl.Int64)
+        .alias("n_devices"),
+    ]
+    if end_at == "last_event":  # recency against the as_of end, not the window end
+        per_entity.append(
+            _days(pl.lit(end) - pl.col(TIMESTAMP).max()).alias("days_since_last_event")
+        )
+    side_by_side = events.group_by(_RUN).agg(per_entity)
     for j in range(n_buckets):
         part = buckets.filter(pl.col(_BUCKET) == j).drop(_GROUP, _BUCKET)
         side_by_side = side_by_side.join(
@@ -298,8 +362,11 @@ def _features_query(
             validate="1:1",
         )
     newest_first = range(n_buckets - 1, -1, -1)
+    # from the last event to the window end: the as_of recency, or 0 under last_event
+    trail = -pl.coalesce(pl.col(f"x_last@{j}") for j in newest_first)
     overall = [
-        (-pl.coalesce(pl.col(f"x_last@{j}") for j in newest_first)).alias("days_since_last_event"),
+        trail.alias(_TRAIL),
+        *([] if end_at == "last_event" else [trail.alias("days_since_last_event")]),
         *(
             pl.coalesce(pl.col(f"{m}.last@{j}") for j in newest_first).alias(f"{m}_last")
             for m in measures
@@ -307,7 +374,7 @@ def _features_query(
     ]
     totals: list[pl.Expr] = []
     features: list[pl.Expr] = []
-    for k, suffix in [(0, ALL), *((i + 1, f"{w}d") for i, w in enumerate(by_length))]:
+    for k, suffix in [(0, ALL), *((i + 1, w.suffix) for i, w in enumerate(by_length))]:
         more_totals, more_features = _window_features(k, n_buckets, suffix, measures, error=error)
         totals += more_totals
         features += more_features
@@ -326,28 +393,38 @@ def events_features(
     entity: str,
     measures: Sequence[str],
     as_of: dt.date,
-    windows: Sequence[int],
+    windows: Sequence[WindowValue],
+    end_at: WindowEnd = "as_of",
     engine: Engine = "in-memory",
 ) -> pl.DataFrame:
     """Windowed activity, reliability and measure statistics per entity, sorted by entity.
 
-    ``clean`` holds ``entity``, ``device_id``, ``timestamp`` (UTC), the ``measures`` (float,
-    null = missing reading) and optionally ``error`` (bool). ``windows`` are day counts.
-    ``engine`` is the polars engine that runs the query (figures in benchmarks/README.md).
+    ``clean`` holds ``entity``, ``timestamp`` (UTC), the ``measures`` (float, null = missing
+    reading) and optionally ``device_id`` and ``error`` (bool). ``windows`` are day counts
+    or duration strings (:func:`tasks.prepare.windows.parse_window`); ``end_at`` is where
+    they end. ``engine`` is the polars engine that runs the query (figures in
+    benchmarks/README.md).
     """
-    ws = sorted(set(windows))
-    if any(w <= 0 for w in ws):
-        raise ValueError(f"windows must be positive day counts, got {list(windows)}")
+    ws = [w.spec_value for w in parse_windows(windows)]
     measures = list(measures)
     lf = clean.lazy()
-    error = ERROR in lf.collect_schema().names()
-    columns = [entity, DEVICE, TIMESTAMP, *measures] + ([ERROR] if error else [])
+    names = lf.collect_schema().names()
+    error = ERROR in names
+    devices = [DEVICE] if DEVICE in names else []
+    columns = [entity, *devices, TIMESTAMP, *measures] + ([ERROR] if error else [])
     lf = lf.select(columns).with_columns(pl.col(measures).cast(pl.Float64))
     end = window_end(as_of)
 
     def query(*, exact: bool) -> pl.LazyFrame:
         return _features_query(
-            lf, entity=entity, measures=measures, end=end, windows=ws, error=error, exact=exact
+            lf,
+            entity=entity,
+            measures=measures,
+            end=end,
+            windows=ws,
+            end_at=end_at,
+            error=error,
+            exact=exact,
         )
 
     out = query(exact=False).collect(engine=engine)
@@ -402,24 +479,37 @@ def device_map(
 
 
 class Events(Modality):
-    """Device readings and usage events, keyed by device and mapped to the entity."""
+    """Device readings and usage events, keyed by device and mapped to the entity through
+    the source's entity map, or keyed by the entity itself when the source has none."""
 
     kind = "events"
     order = 2
     options = WindowOptions
 
     def required_columns(self, source: SourceSpec) -> tuple[str, ...]:
-        return (DEVICE, TIMESTAMP)
+        return (DEVICE, TIMESTAMP) if source.entity_map is not None else (TIMESTAMP,)
 
     def key_column(self, source: SourceSpec, *, entity: str) -> str:
-        return DEVICE
+        return DEVICE if source.entity_map is not None else entity
 
     def key_problems(self, source: SourceSpec, *, at: str, entity: str) -> list[SpecProblem]:
         if source.entity_map is None:
+            if entity in source.columns:
+                return []
             return [
                 SpecProblem(
-                    path=f"{at}.entity_map",
-                    message="an events source needs an entity_map (device -> entity)",
+                    path=f"{at}.columns",
+                    message=f"needs a mapping for the entity key '{entity}' (when the device "
+                    "is the entity or the file holds the key) or an entity_map (device -> "
+                    "entity)",
+                )
+            ]
+        if entity in source.columns:
+            return [
+                SpecProblem(
+                    path=f"{at}.columns.{entity}",
+                    message="the entity_map gives the entity key: remove this mapping or the "
+                    "entity_map",
                 )
             ]
         return [
@@ -443,8 +533,16 @@ class Events(Modality):
         entity: str,
         normalisation: KeyNormalisation,
     ) -> tuple[pl.DataFrame, list[str]]:
-        """Join the device map; an event of an unmapped device is quarantined."""
-        if entity_map is None or source.entity_map is None:
+        """Join the device map; an event of an unmapped device is quarantined. Without a
+        map the rows carry the entity key already (device ids, if any, are normalised like
+        keys, so that ``n_devices`` counts each device once)."""
+        if source.entity_map is None:
+            if DEVICE in source.columns:
+                frame = frame.with_columns(
+                    normalise_key(pl.col(DEVICE), normalisation).alias(DEVICE)
+                )
+            return frame, list(source.columns)
+        if entity_map is None:
             raise PreprocessError(f"{source.path}: events source needs its entity map")
         mapping = device_map(
             entity_map, source.entity_map, entity=entity, normalisation=normalisation
@@ -472,6 +570,7 @@ class Events(Modality):
             measures=event_measures(source),
             as_of=inputs.as_of,
             windows=window_options(source).windows,
+            end_at=window_options(source).window_end,
         )
 
 

@@ -2,27 +2,38 @@
 
 * transaction grain (one row per purchase): recency, frequency, monetary value, per-window
   counts and sums, a trend comparing the shortest window's daily rate with the rest of the
-  longest window, tenure, and category shares of spend over the consortium vocabulary;
+  longest window (rates per day, also for sub-day windows), tenure, and category shares of
+  spend over the consortium vocabulary;
 * entity grain (one row per entity): attributes passed through with canonical types (dates
   become "days before as_of", booleans 0/1, categories stay strings for alignment to encode).
 
-All windows end at the end of the ``as_of`` day; later rows are ignored. The ``table``
-modality (registered here) picks one of the two by the source's ``grain``.
+All windows end at the end of the ``as_of`` day; later rows are ignored. With
+``window_end = "last_event"`` each entity's windows end at its own last transaction
+(inclusive) instead; ``recency_days`` and ``tenure_days`` stay days before the end of the
+``as_of`` day either way. Window lengths are whole days or durations
+(:mod:`tasks.prepare.windows`). The ``table`` modality (registered here) picks one of the two
+by the source's ``grain``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping, Sequence
+from typing import Annotated
 
 import polars as pl
-from pydantic import Field, field_validator
+from pydantic import Field, PlainValidator, field_validator
 
 from tasks.prepare.modalities.base import FeatureInputs, Modality, register
+from tasks.prepare.windows import (
+    DAY_US,
+    Window,
+    WindowValue,
+    parse_window,
+    parse_windows,
+)
 from tasks.spec.models import ColumnSpec, FeatureOptions, SourceSpec
-from tasks.types import AMOUNT, CATEGORY, TIMESTAMP
-
-DAY_US = 86_400_000_000
+from tasks.types import AMOUNT, CATEGORY, TIMESTAMP, WindowEnd
 
 
 def window_end(as_of: dt.date) -> dt.datetime:
@@ -91,11 +102,17 @@ def transaction_features(
     *,
     entity: str,
     as_of: dt.date,
-    windows: Sequence[int],
+    windows: Sequence[WindowValue],
     categories: Sequence[str] = (),
+    end_at: WindowEnd = "as_of",
 ) -> pl.DataFrame:
-    """Recency / frequency / monetary and windowed aggregates per entity."""
+    """Recency / frequency / monetary and windowed aggregates per entity.
+
+    ``windows``: day counts or duration strings; ``end_at``: where the windows end (the end
+    of the ``as_of`` day, or each entity's last transaction, inclusive).
+    """
     end = window_end(as_of)
+    spans = parse_windows(windows)
     # rows sorted by entity (flagged sorted): every group is one contiguous slice, so its
     # float sums are taken in one fixed order and the same input gives the same bytes
     lf = (
@@ -104,7 +121,6 @@ def transaction_features(
         .sort([entity, TIMESTAMP, AMOUNT])
         .with_columns(pl.col(entity).set_sorted())
     )
-    ws = sorted(windows)
     aggs: list[pl.Expr] = [
         _days_before(end, pl.col(TIMESTAMP).max()).alias("recency_days"),
         _days_before(end, pl.col(TIMESTAMP).min()).alias("tenure_days"),
@@ -114,11 +130,16 @@ def transaction_features(
         pl.col(AMOUNT).max().alias("amount_max"),
         _amount_std().alias("amount_std"),
     ]
-    for w in ws:
-        inside = pl.col(TIMESTAMP) >= pl.lit(end - dt.timedelta(days=w))
+    for w in spans:
+        length = dt.timedelta(microseconds=w.micros)
+        inside = (
+            pl.col(TIMESTAMP) > pl.col(TIMESTAMP).max() - pl.lit(length)
+            if end_at == "last_event"
+            else pl.col(TIMESTAMP) >= pl.lit(end - length)
+        )
         aggs += [
-            inside.sum().cast(pl.Int64).alias(f"count_{w}d"),
-            _amount_sum(inside).alias(f"amount_{w}d"),
+            inside.sum().cast(pl.Int64).alias(f"count_{w.suffix}"),
+            _amount_sum(inside).alias(f"amount_{w.suffix}"),
         ]
     # the mean from the exact sum, in the place of the count it divides by
     columns = [entity, *(e.meta.output_name() for e in aggs)]
@@ -133,13 +154,15 @@ def transaction_features(
         .select(columns)
         .rename({_AMOUNTS: "amount_mean"})
     )
-    if len(ws) >= 2:
-        short, long = ws[0], ws[-1]
-        rest = long - short
+    if len(spans) >= 2:
+        short, long = spans[0], spans[-1]
+        rest = long.days - short.days  # per-day rates, whatever the windows' unit
 
         def rate_change(column: str) -> pl.Expr:
-            recent = pl.col(f"{column}_{short}d") / short
-            earlier = (pl.col(f"{column}_{long}d") - pl.col(f"{column}_{short}d")) / rest
+            recent = pl.col(f"{column}_{short.suffix}") / short.days
+            earlier = (
+                pl.col(f"{column}_{long.suffix}") - pl.col(f"{column}_{short.suffix}")
+            ) / rest
             return (recent - earlier).alias(f"{column}_trend")
 
         out = out.with_columns(rate_change("count"), rate_change("amount"))
@@ -197,17 +220,42 @@ def entity_attributes(
     return clean.select(exprs).sort(entity)
 
 
-class WindowOptions(FeatureOptions):
-    """Feature options of windowed sources (table and events): the window lengths."""
+def _window_value(value: object) -> WindowValue:
+    return parse_window(value).spec_value
 
-    windows: list[int] = Field(default_factory=lambda: [30, 90])
+
+def _default_windows() -> list[WindowValue]:
+    return [30, 90]
+
+
+class WindowOptions(FeatureOptions):
+    """Feature options of windowed sources (table and events): the window lengths and where
+    the windows end."""
+
+    windows: list[
+        Annotated[WindowValue, PlainValidator(_window_value, json_schema_input_type=WindowValue)]
+    ] = Field(
+        default_factory=_default_windows,
+        description='Window lengths: whole days (30) or durations "500ms", "10s", "15min", '
+        '"6h", "30d" (at most 100 years; each length once)',
+    )
+    window_end: WindowEnd = Field(
+        default="as_of",
+        description="Where each entity's windows end: the end of the as_of day (as_of) or "
+        "the entity's own last event before it, inclusive (last_event)",
+    )
 
     @field_validator("windows")
     @classmethod
-    def _positive(cls, value: list[int]) -> list[int]:
-        if not value or any(w <= 0 for w in value):
-            raise ValueError("windows must be a non-empty list of positive day counts")
-        return sorted(set(value))
+    def _distinct(cls, value: list[WindowValue]) -> list[WindowValue]:
+        if not value:
+            raise ValueError("windows must be a non-empty list")
+        return [w.spec_value for w in parse_windows(value)]
+
+    @property
+    def spans(self) -> list[Window]:
+        """The windows, shortest first."""
+        return parse_windows(self.windows)
 
 
 def window_options(source: SourceSpec) -> WindowOptions:
@@ -256,6 +304,7 @@ class Table(Modality):
                 entity=inputs.entity,
                 as_of=inputs.as_of,
                 windows=window_options(source).windows,
+                end_at=window_options(source).window_end,
                 categories=inputs.vocabularies.get(CATEGORY, []) if has_category else [],
             )
         return entity_attributes(

@@ -90,7 +90,8 @@ import polars as pl
 from pydantic import Field
 
 from tasks.prepare.modalities.base import FeatureInputs, Modality, register
-from tasks.prepare.modalities.table import DAY_US, window_end
+from tasks.prepare.modalities.table import window_end
+from tasks.prepare.windows import DAY_US
 from tasks.spec.models import FeatureOptions, SourceSpec
 from tasks.types import RATING, TEXT, TIMESTAMP
 
