@@ -151,6 +151,11 @@ def _write_sensor_consortium(root: Path) -> Path:
         f"{person},{when.strftime('%Y-%m-%d %H:%M:%S.%f')[:-3]},{'' if v is None else repr(v)}"
         for person, when, v in rows
     ]
+    lines += [  # bad rows: no key, no time, a reading that is no number
+        ",2015-06-01 10:00:01.000,1.0",
+        "P1,..,2.0",
+        "P1,2015-06-01 10:00:01.000,..",
+    ]
     (root / "raw" / "a" / "watch.csv").write_text("\n".join(lines) + "\n")
     spec = root / "spec.toml"
     spec.write_text(SPEC_HEAD.format() + SENSOR_PARTY)
@@ -204,7 +209,12 @@ def test_sensor_windows_end_at_each_watchs_last_event(
     spec_path = _write_sensor_consortium(tmp_path)
     fused = party_pipeline(str(spec_path), "a")
     quality = {q.source: q for q in fused.quality}
-    assert (quality["watch"].rows_in, quality["watch"].rows_out) == (560, 560)
+    assert (quality["watch"].rows_in, quality["watch"].rows_out) == (563, 560)
+    assert quality["watch"].rejected_by_reason == {
+        "column 'watch' (customer_id): required value missing": 1,
+        "column 'time' (timestamp): cannot parse": 1,
+        "column 'accel' (accel): cannot parse": 1,
+    }
     table = pl.read_parquet(fused.feature_tables["watch"].uri).sort("customer_id")
     assert table["customer_id"].to_list() == ["p1", "p2", "p3"]  # strip_lower keys
     names = event_feature_names(["accel"], ["1s", "5s"], error=False)

@@ -135,7 +135,7 @@ def transaction_features(
         inside = (
             pl.col(TIMESTAMP) > pl.col(TIMESTAMP).max() - pl.lit(length)
             if end_at == "last_event"
-            else pl.col(TIMESTAMP) >= pl.lit(end - length)
+            else pl.col(TIMESTAMP) >= pl.lit(end) - pl.lit(length)
         )
         aggs += [
             inside.sum().cast(pl.Int64).alias(f"count_{w.suffix}"),
