@@ -237,7 +237,7 @@ def run_raw_keys(
 ) -> TableRef:
     """The source's entity keys as the party exported them beside their normalised form
     (first spelling of each normalised key), in the party's ``clean/keys-<source>``:
-    predictions show the party's own ids. Events sources take them from their entity map."""
+    predictions show the party's own ids. Events sources with an entity map take them from it."""
     if source.entity_map is not None and entity_map is not None:
         if ctx.roots:
             confined(entity_map.uri, ctx.roots)
