@@ -411,6 +411,31 @@ class RunSpec(SpecModel):
     )
 
 
+class DefaultsSpec(SpecModel):
+    """Keys a party that leaves them out takes, ``{party}`` in every string value replaced by
+    the party's id (:mod:`tasks.spec.defaults`); a party that gives a key keeps its own."""
+
+    store: str | None = Field(
+        default=None, description="Store of every party that gives none, e.g. 'stores/{party}'"
+    )
+    imports: list[str] | None = Field(
+        default=None, description="Import areas of every party that gives none"
+    )
+    work_pool: str | None = Field(
+        default=None, description="Work pool of every party that gives none, e.g. 'pool-{party}'"
+    )
+    storage_options: SecretRef | None = Field(
+        default=None,
+        description="Storage options reference of every party that gives none "
+        "(e.g. env = 'FEDFUSE_S3_{party}')",
+    )
+    sources: list[SourceSpec] | None = Field(
+        default=None,
+        description="Source tables of every party that gives none, as [[parties.sources]] "
+        "(a party that lists sources lists all of its own)",
+    )
+
+
 class FedSpec(SpecModel):
     consortium: ConsortiumSpec
     parties: list[PartySpec] = Field(min_length=1)
@@ -419,6 +444,20 @@ class FedSpec(SpecModel):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     fusion: FusionSpec = Field(default_factory=FusionSpec)
     run: RunSpec = Field(default_factory=RunSpec)
+    defaults: DefaultsSpec | None = Field(
+        default=None,
+        exclude=True,
+        description="Keys a party that omits them takes ({party} replaced by its id); "
+        "already applied to the parties, and left out of the spec's dumps and fingerprints",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_defaults(cls, data: object) -> object:
+        """Every party takes the ``[defaults]`` keys it leaves out, before validation."""
+        from tasks.spec.defaults import apply_defaults
+
+        return apply_defaults(data, DefaultsSpec.model_fields)
 
     def party(self, party_id: str) -> PartySpec:
         for party in self.parties:
