@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli.app import app
-from tasks.spec.defaults import apply_defaults, expand, relocate
+from tasks.spec.defaults import apply_defaults, expand, placeholder_problems, relocate
 from tasks.spec.load import load_spec, parse_spec
 from tasks.spec.models import DefaultsSpec, SpecError
 from tests.factories import CUSTOMERS_A, SPEC_HEAD, TRANSACTIONS_A
@@ -303,3 +304,16 @@ def test_storage_options_reference_per_party(
     monkeypatch.setenv("FEDFUSE_S3_east", "not json")
     problems = _problems(tmp_path / "spec.toml")
     assert [p.split(": ", 1)[0] for p in problems] == ["parties[2].storage_options"]
+
+
+def test_readme_example_expands() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```toml\n(.*?)```", readme, flags=re.DOTALL)
+    example = tomllib.loads(next(b for b in blocks if "[defaults]" in b))
+    assert placeholder_problems(example) == []
+    DefaultsSpec.model_validate(example["defaults"])
+    parties = apply_defaults(example, DefaultsSpec.model_fields)["parties"]  # type: ignore[index]
+    assert parties[0]["store"] == "stores/site-a"
+    assert parties[0]["sources"][0]["path"] == "exports/site-a/transactions.csv"
+    assert parties[1]["work_pool"] == "site-b-pool"
+    assert parties[1]["storage_options"] == {"env": "FEDFUSE_S3_site-b"}

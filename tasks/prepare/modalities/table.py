@@ -200,7 +200,9 @@ def entity_attributes(
 class WindowOptions(FeatureOptions):
     """Feature options of windowed sources (table and events): the window lengths."""
 
-    windows: list[int] = Field(default_factory=lambda: [30, 90])
+    windows: list[int] = Field(
+        default_factory=lambda: [30, 90], description="Window lengths in days, ending at as_of"
+    )
 
     @field_validator("windows")
     @classmethod
