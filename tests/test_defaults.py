@@ -317,3 +317,55 @@ def test_readme_example_expands() -> None:
     assert parties[0]["sources"][0]["path"] == "exports/site-a/transactions.csv"
     assert parties[1]["work_pool"] == "site-b-pool"
     assert parties[1]["storage_options"] == {"env": "FEDFUSE_S3_site-b"}
+
+
+def test_party_placeholder_in_a_party_of_its_own_is_refused(tmp_path: Path) -> None:
+    parties = PARTIES.replace('store = "hub/store"', 'store = "hub/{party}"')
+    problems = _problems(write_consortium(tmp_path, parties=parties))
+    assert problems == [
+        "parties[4].store: {party} is replaced in [defaults] only; write the party's id here"
+    ]
+
+
+def test_empty_default_sources_named_once_for_every_party(tmp_path: Path) -> None:
+    defaults = DEFAULTS.split("[[defaults.sources]]", 1)[0] + "sources = []\n"
+    problems = _problems(write_consortium(tmp_path, defaults=defaults))
+    assert problems == [
+        "defaults.sources (for parties[0], parties[1], parties[2], parties[3], parties[4]): "
+        "List should have at least 1 item after validation, not 0"
+    ]
+
+
+def test_defaults_that_is_not_a_table(tmp_path: Path) -> None:
+    spec = write_consortium(tmp_path, defaults="")
+    spec.write_text('defaults = "stores/{party}"\n' + spec.read_text())
+    problems = _problems(spec)
+    assert problems[-1].startswith("defaults: Input should be a valid dictionary")
+    assert {p.split(": ", 1)[0] for p in problems[:-1]} == {
+        f"parties[{i}].{key}" for i in range(5) for key in ("store", "sources")
+    } - {"parties[4].store"}
+
+
+@pytest.mark.prefect
+def test_prepare_runs_every_expanded_party(prefect_api: str, tmp_path: Path, secret: str) -> None:
+    """The party pipelines of a spec written with [defaults] read each party's own exports
+    and write to each party's own store."""
+    import polars as pl
+
+    from flows.prepare import prepare
+    from tasks.types import LABEL
+
+    defaults = DEFAULTS.replace('work_pool = "pool-{party}"\n', "")
+    parties = PARTIES.replace('work_pool = "hub-pool"\n', "")
+    spec = write_consortium(tmp_path, defaults=defaults, parties=parties)
+    (tmp_path / "exports" / "west" / "customers.csv").write_text(
+        CUSTOMERS_A.replace("C4,yes,P,2025-04-13\n", "")
+    )
+    outputs = prepare(str(spec))
+    assert set(outputs) == set(SITES)
+    for site in SITES:
+        store = tmp_path / ("hub/store" if site == "Hub-2" else f"stores/{site}")
+        assert Path(outputs[site].table.uri).is_relative_to(store / "fused")
+        fused = pl.read_parquet(outputs[site].table.uri)
+        assert fused.height == (3 if site == "west" else 4)
+        assert fused[LABEL].to_list().count(1.0) == (1 if site == "west" else 2)

@@ -133,18 +133,35 @@ def _problem(path: str, text: str | None, *, relative: str | None) -> str | None
     return None
 
 
+def _own_placeholders(data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``{party}`` in a value a party gives itself (it is replaced in ``[defaults]`` only)."""
+    parties = data.get("parties")
+    if not isinstance(parties, list):
+        return []
+    found: list[tuple[str, str]] = []
+    for i, party in enumerate(parties):
+        if not isinstance(party, Mapping):
+            continue
+        for path, text in _strings(dict(party), f"parties[{i}]"):
+            if text is not None and (PARTY, None, "") in (_fields(text) or []):
+                found.append(
+                    (path, "{party} is replaced in [defaults] only; write the party's id here")
+                )
+    return found
+
+
 def placeholder_problems(data: object) -> list[tuple[str, str]]:
-    """(key path, message) for every string of ``[defaults]`` holding a placeholder other
-    than ``{party}`` or an unbalanced brace, for ``{party}`` in a source key whose value must
+    """(key path, message) for ``{party}`` in a party's own values, for every string of
+    ``[defaults]`` holding a placeholder other than ``{party}`` or an unbalanced brace, for ``{party}`` in a source key whose value must
     be the same at every party (:data:`SAME_AT_EVERY_PARTY`) and for a placeholder in a
     table key; also for a ``store`` without ``{party}`` that several parties take (every
     party needs a store of its own)."""
     if not isinstance(data, Mapping):
         return []
+    found = _own_placeholders(data)
     defaults = data.get("defaults")
     if not isinstance(defaults, Mapping):
-        return []
-    found: list[tuple[str, str]] = []
+        return found
     for path, text in _strings(dict(defaults), "defaults"):
         match = re.match(r"^defaults\.sources\[\d+\]", path)
         relative = path[match.end() :] if match else None
