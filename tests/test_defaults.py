@@ -168,6 +168,7 @@ def test_source_outside_the_store_names_the_defaults_key(tmp_path: Path) -> None
     assert paths == [
         f"defaults.sources[0].path (for parties[{i}])" for i in (1, 2, 3, 4)
     ]  # north reads its own file
+    assert all(p.endswith("list its folder in defaults.imports") for p in problems)
 
 
 def test_shared_store_refused(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ the storage options its stores reference, and summarise it in a few lines."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -84,12 +85,18 @@ def _located(
     problems: Iterable[tuple[str, str]], data: dict[str, Any], *, first: Iterable[tuple[str, str]]
 ) -> list[SpecProblem]:
     """``first`` then ``problems``, those in a key a party took from ``[defaults]`` moved to
-    that key (:func:`tasks.spec.defaults.relocate`), repeats joined; a problem at a key
+    that key (:func:`tasks.spec.defaults.relocate`), as are the keys their messages name;
+    repeats joined; a problem at a key
     ``first`` already names (for any party) is left out."""
     taken = defaulted_keys(data, DefaultsSpec.model_fields)
     first = list(first)
     named = {path for path, _ in first}
-    moved = [(relocate(path, taken), message) for path, message in problems]
+    keys = re.compile(r"parties\[\d+\]\.[A-Za-z_]+")
+
+    def key(match: re.Match[str]) -> str:  # a key the message names, e.g. as a remedy
+        return relocate(match[0], taken).split(" (for ")[0]
+
+    moved = [(relocate(path, taken), keys.sub(key, message)) for path, message in problems]
     kept = [(path, message) for path, message in moved if path.split(" (for ")[0] not in named]
     return [SpecProblem(path=p, message=m) for p, m in merge_relocated([*first, *kept])]
 
