@@ -4,10 +4,12 @@ the storage options its stores reference, and summarise it in a few lines."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from storage.files import (
     StorageOptionsError,
@@ -20,7 +22,15 @@ from storage.files import (
 from storage.results import DEFAULT_RESULTS
 from tasks.prepare.modalities import modality_of
 from tasks.spec.checks import confinement_problems, semantic_problems
-from tasks.spec.models import FedSpec, SecretRef, SourceSpec, SpecError, SpecProblem
+from tasks.spec.defaults import defaulted_keys, merge_relocated, placeholder_problems, relocate
+from tasks.spec.models import (
+    DefaultsSpec,
+    FedSpec,
+    SecretRef,
+    SourceSpec,
+    SpecError,
+    SpecProblem,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,18 +73,51 @@ def _resolve_paths(spec: FedSpec, base: str) -> FedSpec:
     return spec.model_copy(update={"parties": parties, "coordinator": coordinator, "run": run})
 
 
+def _unknown_default(err: ErrorDetails) -> str:
+    """The message of a pydantic error, plainer for a key ``[defaults]`` does not take."""
+    loc = err["loc"]
+    if err["type"] == "extra_forbidden" and len(loc) == 2 and loc[0] == "defaults":
+        return f"not a key [defaults] takes; it takes {', '.join(DefaultsSpec.model_fields)}"
+    return err["msg"]
+
+
+def _located(
+    problems: Iterable[tuple[str, str]], data: dict[str, Any], *, first: Iterable[tuple[str, str]]
+) -> list[SpecProblem]:
+    """``first`` then ``problems``, those in a key a party took from ``[defaults]`` moved to
+    that key (:func:`tasks.spec.defaults.relocate`), as are the keys their messages name;
+    repeats joined; a problem at a key
+    ``first`` already names (for any party) is left out."""
+    taken = defaulted_keys(data, DefaultsSpec.model_fields)
+    first = list(first)
+    named = {path for path, _ in first}
+    keys = re.compile(r"parties\[\d+\]\.[A-Za-z_]+")
+
+    def key(match: re.Match[str]) -> str:  # a key the message names, e.g. as a remedy
+        return relocate(match[0], taken).split(" (for ")[0]
+
+    moved = [(relocate(path, taken), keys.sub(key, message)) for path, message in problems]
+    kept = [(path, message) for path, message in moved if path.split(" (for ")[0] not in named]
+    return [SpecProblem(path=p, message=m) for p, m in merge_relocated([*first, *kept])]
+
+
 def parse_spec(data: dict[str, Any], *, source: str, base: str) -> FedSpec:
-    """Validate a parsed TOML document; raise :class:`SpecError` listing every problem."""
+    """Validate a parsed TOML document; raise :class:`SpecError` listing every problem.
+
+    Parties take the ``[defaults]`` keys they leave out (:mod:`tasks.spec.defaults`); a
+    problem in such a key is reported at the ``[defaults]`` key with the party it is for,
+    e.g. ``defaults.sources[0].columns.x (for parties[2])``."""
+    placeholders = placeholder_problems(data)
     try:
         spec = FedSpec.model_validate(data)
     except ValidationError as exc:
-        problems = [
-            SpecProblem(path=format_loc(err["loc"]), message=err["msg"]) for err in exc.errors()
-        ]
-        raise SpecError(source, problems) from None
-    problems = semantic_problems(spec) + confinement_problems(spec, base)
-    if problems:
-        raise SpecError(source, problems)
+        errors = [(format_loc(err["loc"]), _unknown_default(err)) for err in exc.errors()]
+        raise SpecError(source, _located(errors, data, first=placeholders)) from None
+    if placeholders:
+        raise SpecError(source, _located([], data, first=placeholders))
+    found = semantic_problems(spec) + confinement_problems(spec, base)
+    if found:
+        raise SpecError(source, _located([(p.path, p.message) for p in found], data, first=[]))
     return _resolve_paths(spec, base)
 
 
@@ -142,6 +185,12 @@ def summary(spec: FedSpec) -> str:
         f"consortium {c.name!r}: {c.layout} layout, {c.task} task, label '{c.label.column}', "
         f"entity '{c.entity}', as_of {c.as_of.isoformat()}",
     ]
+    if spec.defaults is not None:
+        given = [k for k in DefaultsSpec.model_fields if getattr(spec.defaults, k) is not None]
+        lines.append(
+            f"  [defaults]: {', '.join(given) or 'nothing'} (for every party that omits them; "
+            "parties below as expanded)"
+        )
     for party in spec.parties:
         kinds = ", ".join(
             f"{s.id} ({modality_of(s).describe(s)}, "
@@ -149,7 +198,10 @@ def summary(spec: FedSpec) -> str:
             for s in party.sources
         )
         pool = f", work pool {party.work_pool}" if party.work_pool else ""
-        lines.append(f"  party {party.id}: {len(party.sources)} source(s): {kinds}{pool}")
+        lines.append(
+            f"  party {party.id}: {len(party.sources)} source(s): {kinds}{pool}, "
+            f"store {party.store}"
+        )
     t = spec.training
     lines.append(
         f"  training: {t.rounds} rounds x {t.trees_per_round} trees, aggregation {t.aggregation}"

@@ -49,7 +49,7 @@ class SpecModel(BaseModel):
 class SecretRef(SpecModel):
     """Where the consortium hashing secret lives. Never the secret itself."""
 
-    env: str | None = None
+    env: str | None = Field(default=None, description="Name of an environment variable")
     block: str | None = Field(default=None, description="Name of a Prefect Secret block")
 
     @model_validator(mode="after")
@@ -62,17 +62,31 @@ class SecretRef(SpecModel):
 class LabelSpec(SpecModel):
     column: str = Field(description="Canonical name of the label column")
     party: str | None = Field(default=None, description="Label-holding party (vertical layout)")
-    num_classes: int | None = Field(default=None, ge=3)
+    num_classes: int | None = Field(
+        default=None, ge=3, description="Number of classes of a multiclass task"
+    )
 
 
 class ConsortiumSpec(SpecModel):
-    name: str = Field(min_length=1)
-    layout: Layout = "horizontal"
-    entity: str = Field(default="customer_id", min_length=1)
-    key_normalisation: KeyNormalisation = "strip_lower"
-    secret: SecretRef
-    task: Objective = "binary"
-    label: LabelSpec
+    name: str = Field(min_length=1, description="Name of the consortium")
+    layout: Layout = Field(
+        default="horizontal",
+        description="horizontal: parties hold different entities with the same features; "
+        "vertical: the same entities with different features",
+    )
+    entity: str = Field(
+        default="customer_id", min_length=1, description="Canonical name of the entity key"
+    )
+    key_normalisation: KeyNormalisation = Field(
+        default="strip_lower",
+        description="How entity keys are normalised before hashing (strip_lower also "
+        "NFKC-normalises)",
+    )
+    secret: SecretRef = Field(
+        description="Where the key-hashing secret lives (env or block); never the secret"
+    )
+    task: Objective = Field(default="binary", description="The learning task")
+    label: LabelSpec = Field(description="The label column and who holds it")
     as_of: dt.date = Field(description="End of every feature window (never the wall clock)")
 
 
@@ -80,8 +94,10 @@ class ColumnSpec(SpecModel):
     """One canonical column and where it comes from in the party's own export."""
 
     source: str | None = Field(default=None, alias="from", description="Raw column name")
-    dtype: ColumnType
-    unit: str | None = None
+    dtype: ColumnType = Field(description="Canonical type the raw values are coerced to")
+    unit: str | None = Field(
+        default=None, description="Unit of the raw values, converted to the canonical unit"
+    )
     tz: str | None = Field(default=None, description="Zone of naive timestamps (default UTC)")
     format: str | None = Field(default=None, description="strptime format of raw timestamps")
     values: dict[str, str] = Field(default_factory=dict, description="Raw value -> canonical")
@@ -105,9 +121,13 @@ class ColumnSpec(SpecModel):
 class EntityMapSpec(SpecModel):
     """A side table mapping a source key (e.g. device id) to the entity key."""
 
-    path: str
-    format: FileFormat | None = None
-    columns: dict[str, ColumnSpec]
+    path: str = Field(description="Location of the map (relative to the spec's folder)")
+    format: FileFormat | None = Field(
+        default=None, description="File format (default: from the file's suffix)"
+    )
+    columns: dict[str, ColumnSpec] = Field(
+        description="Canonical column -> mapping; the source key and the entity key"
+    )
 
 
 class FeatureOptions(SpecModel):
@@ -122,16 +142,31 @@ class FeatureOptions(SpecModel):
 
 
 class SourceSpec(SpecModel):
-    id: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
+    id: str = Field(
+        pattern=r"^[A-Za-z0-9_\-]+$",
+        description="Source id, unique within its party (names its tables and reports)",
+    )
     kind: SourceKind = Field(
         description="A registered modality (tasks/prepare/modalities: table, text, events, ...)"
     )
-    path: str
-    format: FileFormat | None = None
-    grain: TableGrain = "transaction"
-    encoding: str = "utf8"
-    columns: dict[str, ColumnSpec]
-    entity_map: EntityMapSpec | None = None
+    path: str = Field(
+        description="Location of the export, a file or (for kinds that read folders) a "
+        "folder; relative to the spec's folder"
+    )
+    format: FileFormat | None = Field(
+        default=None, description="File format (default: from the file's suffix)"
+    )
+    grain: TableGrain = Field(
+        default="transaction",
+        description="table sources: one row per entity (entity) or per event (transaction)",
+    )
+    encoding: str = Field(default="utf8", description="Text encoding of the export")
+    columns: dict[str, ColumnSpec] = Field(
+        description="Canonical column -> where it comes from in the export"
+    )
+    entity_map: EntityMapSpec | None = Field(
+        default=None, description="events sources: the device -> entity table"
+    )
     features: SerializeAsAny[FeatureOptions] = Field(
         default_factory=FeatureOptions,
         validate_default=True,
@@ -173,19 +208,25 @@ class SourceSpec(SpecModel):
 
 
 class PartySpec(SpecModel):
-    id: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
-    store: str
+    id: str = Field(pattern=r"^[A-Za-z0-9_\-]+$", description="Party id, unique")
+    store: str = Field(
+        description="The party's store: a local folder (relative to the spec's folder) or a "
+        "file-system URI (s3://, gs://, ...)"
+    )
     imports: list[str] = Field(
         default_factory=list,
         description="Folders outside the store this party's sources may be read from",
     )
-    work_pool: str | None = None
+    work_pool: str | None = Field(
+        default=None,
+        description="Prefect work pool whose worker runs this party's steps (default: in process)",
+    )
     storage_options: SecretRef | None = Field(
         default=None,
         description="Where the fsspec storage options (credentials) of the store live: a JSON "
         "object in an environment variable or a Prefect Secret block; never the options",
     )
-    sources: list[SourceSpec] = Field(min_length=1)
+    sources: list[SourceSpec] = Field(min_length=1, description="The party's exports")
 
     @property
     def roots(self) -> list[str]:
@@ -194,7 +235,10 @@ class PartySpec(SpecModel):
 
 
 class CoordinatorSpec(SpecModel):
-    store: str
+    store: str = Field(
+        description="The coordinator's store (models, checkpoints, reports): a local folder or "
+        "a file-system URI"
+    )
     storage_options: SecretRef | None = Field(
         default=None,
         description="Where the fsspec storage options (credentials) of the store live: a JSON "
@@ -300,11 +344,19 @@ def _param_value_problem(key: str, value: object) -> str | None:
 
 
 class TrainingSpec(SpecModel):
-    rounds: int = Field(default=30, ge=1, le=10_000)
-    trees_per_round: int = Field(default=4, ge=1, le=1000)
-    learning_rate: float = Field(default=0.1, gt=0, le=1, allow_inf_nan=False)
-    num_leaves: int = Field(default=31, ge=2, le=131_072, description="At most LightGBM's 131072")
-    min_data_in_leaf: int = Field(default=20, ge=1, le=1_000_000)
+    rounds: int = Field(default=30, ge=1, le=10_000, description="Round limit")
+    trees_per_round: int = Field(
+        default=4, ge=1, le=1000, description="Trees each party fits per round"
+    )
+    learning_rate: float = Field(
+        default=0.1, gt=0, le=1, allow_inf_nan=False, description="LightGBM learning rate"
+    )
+    num_leaves: int = Field(
+        default=31, ge=2, le=131_072, description="Leaves per tree, at most LightGBM's 131072"
+    )
+    min_data_in_leaf: int = Field(
+        default=20, ge=1, le=1_000_000, description="Fewest rows in a leaf"
+    )
     params: dict[str, ParamValue] = Field(
         default_factory=dict,
         description="Extra LightGBM params (string, number or boolean values); not the keys "
@@ -319,11 +371,32 @@ class TrainingSpec(SpecModel):
         default=None,
         description="cyclic: the parties' turns (default: shuffled by the seed)",
     )
-    patience: int = Field(default=5, ge=1, le=1000)
-    validation_fraction: float = Field(default=0.2, gt=0, lt=0.5, allow_inf_nan=False)
-    test_fraction: float = Field(default=0.2, ge=0, lt=0.5, allow_inf_nan=False)
-    min_parties: int = Field(default=1, ge=1, le=1000)
-    max_trees: int | None = Field(default=None, ge=1, le=1_000_000)
+    patience: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="Early stopping: rounds without a better pooled validation loss",
+    )
+    validation_fraction: float = Field(
+        default=0.2,
+        gt=0,
+        lt=0.5,
+        allow_inf_nan=False,
+        description="Share of entities in the validation split (from the hashed key)",
+    )
+    test_fraction: float = Field(
+        default=0.2,
+        ge=0,
+        lt=0.5,
+        allow_inf_nan=False,
+        description="Share of entities in the test split (from the hashed key)",
+    )
+    min_parties: int = Field(
+        default=1, ge=1, le=1000, description="Quorum: accepted updates a round needs"
+    )
+    max_trees: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="Tree budget of a run (none: no budget)"
+    )
     max_seconds: float | None = Field(
         default=None,
         gt=0,
@@ -332,7 +405,7 @@ class TrainingSpec(SpecModel):
         description="Stop training after this many seconds of wall time (the round running "
         "then finishes)",
     )
-    seed: int = 0
+    seed: int = Field(default=0, description="Seeds every party's fits")
     mode: Literal["averaging", "lossless"] = Field(
         default="averaging",
         description="averaging: party models averaged per round; lossless: LightGBM data-parallel",
@@ -371,10 +444,25 @@ VerticalMode = Literal["rounds", "one_shot"]
 
 
 class FusionSpec(SpecModel):
-    join: JoinKind = "left"
-    weights: dict[str, float] | None = None
-    learned: bool = False
-    min_overlap: int = Field(default=100, ge=1)
+    join: JoinKind = Field(
+        default="left",
+        description="How a party's aligned sources are joined on the hashed key: left keeps "
+        "every labelled entity (without a label: every entity of any source), inner only the "
+        "entities every source knows",
+    )
+    weights: dict[str, float] | None = Field(
+        default=None,
+        description="Vertical: party id -> weight of its output in the fused score "
+        "(default: equal)",
+    )
+    learned: bool = Field(
+        default=False,
+        description="Vertical one_shot: learn the weights on the validation scores "
+        "(logistic stacking; non-negative least squares for regression)",
+    )
+    min_overlap: int = Field(
+        default=100, ge=1, description="Vertical: fewest entities at every party (PSI)"
+    )
     mode: VerticalMode | None = Field(
         default=None,
         description="Vertical training mode: rounds (opt in with share_gradients) or one_shot "
@@ -411,14 +499,58 @@ class RunSpec(SpecModel):
     )
 
 
+class DefaultsSpec(SpecModel):
+    """Keys a party that leaves them out takes, ``{party}`` in every string value replaced by
+    the party's id (:mod:`tasks.spec.defaults`); a party that gives a key keeps its own."""
+
+    store: str | None = Field(
+        default=None, description="Store of every party that gives none, e.g. 'stores/{party}'"
+    )
+    imports: list[str] | None = Field(
+        default=None, description="Import areas of every party that gives none"
+    )
+    work_pool: str | None = Field(
+        default=None, description="Work pool of every party that gives none, e.g. 'pool-{party}'"
+    )
+    storage_options: SecretRef | None = Field(
+        default=None,
+        description="Storage options reference of every party that gives none "
+        "(e.g. env = 'FEDFUSE_S3_{party}')",
+    )
+    sources: list[SourceSpec] | None = Field(
+        default=None,
+        description="Source tables of every party that gives none, as [[parties.sources]] "
+        "(a party that lists sources lists all of its own)",
+    )
+
+
 class FedSpec(SpecModel):
-    consortium: ConsortiumSpec
-    parties: list[PartySpec] = Field(min_length=1)
-    coordinator: CoordinatorSpec
-    vocabularies: dict[str, list[str]] = Field(default_factory=dict)
-    training: TrainingSpec = Field(default_factory=TrainingSpec)
-    fusion: FusionSpec = Field(default_factory=FusionSpec)
-    run: RunSpec = Field(default_factory=RunSpec)
+    consortium: ConsortiumSpec = Field(description="Who, what and how of the consortium")
+    parties: list[PartySpec] = Field(min_length=1, description="The parties and their sources")
+    coordinator: CoordinatorSpec = Field(description="The coordinator's store")
+    vocabularies: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Category column -> its consortium vocabulary (the order gives the codes)",
+    )
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training settings")
+    fusion: FusionSpec = Field(
+        default_factory=FusionSpec, description="Joining sources and vertical fusion"
+    )
+    run: RunSpec = Field(default_factory=RunSpec, description="Where results persist")
+    defaults: DefaultsSpec | None = Field(
+        default=None,
+        exclude=True,
+        description="Keys a party that omits them takes ({party} replaced by its id); "
+        "already applied to the parties, and left out of the spec's dumps and fingerprints",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_defaults(cls, data: object) -> object:
+        """Every party takes the ``[defaults]`` keys it leaves out, before validation."""
+        from tasks.spec.defaults import apply_defaults
+
+        return apply_defaults(data, DefaultsSpec.model_fields)
 
     def party(self, party_id: str) -> PartySpec:
         for party in self.parties:

@@ -463,7 +463,9 @@ class TextOptions(FeatureOptions):
     """Feature options of text sources."""
 
     text_width: int = Field(default=16, ge=2, le=256, description="Token components per entity")
-    text_max_chars: int = Field(default=5000, ge=1)
+    text_max_chars: int = Field(
+        default=5000, ge=1, description="Texts longer than this (code points) are cut to it"
+    )
 
 
 class Text(Modality):
