@@ -92,7 +92,7 @@ def plain_lightgbm(
     from tasks.prepare.preprocess import normalise_key
 
     t = spec.training
-    keys = frame.select(normalise_key(pl.col(ID), spec.consortium.key_normalisation))[ID]
+    keys = frame.select(normalise_key(pl.col(ID), spec.consortium.key_normalisation).alias(ID))[ID]
     split = split_assignments(
         hash_keys(keys, secret),
         validation_fraction=t.validation_fraction,

@@ -113,11 +113,11 @@ def test_public_data_set_validates_prepares_and_trains(
         if label.label in exported.columns:
             assert fused[LABEL].sum() == (exported[label.label] == label.positive).sum()
     if label.layout == "vertical":
-        vertical = vertical_training(spec_path)
+        vertical = vertical_training(spec_path, rounds=10)
         assert vertical.overlap == ROWS
         auc = vertical.test["auc"]
     else:
-        result = federated_training(spec_path)
+        result = federated_training(spec_path, rounds=10)
         auc = result.test[result.best_round - 1]["auc"]
         assert set(result.parties) <= {p.id for p in spec.parties}
     assert auc > floor
