@@ -99,10 +99,9 @@ def plain_lightgbm(
         test_fraction=t.test_fraction,
     ).to_numpy()
     y = (frame[label] == positive).to_numpy().astype(np.float64)
-    x = frame.drop(ID, label).to_pandas()
-    for name in x.columns:
-        if x[name].dtype == object:
-            x[name] = x[name].astype("category")
+    features = frame.drop(ID, label)
+    text = [n for n, dtype in features.schema.items() if dtype == pl.String]
+    x = features.with_columns(pl.col(text).cast(pl.Categorical)).to_pandas()  # native categories
     params = lgb_params(t, "binary", 1, seed=t.seed) | {"boost_from_average": True}
     train = lgb.Dataset(x[split == "train"], y[split == "train"])
     valid = lgb.Dataset(x[split == "valid"], y[split == "valid"], reference=train)
