@@ -70,6 +70,7 @@ class DataSetResult:
     figures: list[Figure]
     rounds_run: int
     best_round: int
+    notes: list[str]
 
     def auc(self, model: str) -> float:
         return next(f.auc for f in self.figures if f.model == model)
@@ -136,10 +137,15 @@ def run_dataset(
     spec = load_spec(spec_path)
     frame = subsample(ds.load(), rows, seed)
     figures: list[Figure] = []
+    notes: list[str] = []
     if ds.layout == "vertical":
         vertical = vertical_training(spec_path, rounds=rounds, baselines=True)
         figures = [_figure(model, m) for model, m in vertical.comparison.items()]
         rounds_run, best = vertical.rounds_run, vertical.best_round
+        notes.append(
+            f"{vertical.overlap:,} customers at every party; the plain baseline's split is "
+            "drawn from the hashed key, the vertical one from the PSI alignment ids"
+        )
     else:
         result = federated_training(spec_path, rounds=rounds, baselines=True)
         c = result.comparison
@@ -152,12 +158,15 @@ def run_dataset(
             if "auc" in c.federated_by_party.get(party, {}) and "auc" in c.local_only[party]:
                 figures.append(_figure(f"{party}: federated", c.federated_by_party[party]))
                 figures.append(_figure(f"{party}: local-only", c.local_only[party]))
+            else:
+                notes.append(f"{party}: no AUC on its own test rows (one class there)")
+        notes += [f"{p} left out of training: {why}" for p, why in result.left_out.items()]
         rounds_run, best = result.rounds_run, result.best_round
     secret = resolve_secret(env=SECRET_ENV)
     auc = plain_lightgbm(frame, label=ds.label, positive=ds.positive, spec=spec, secret=secret)
     figures.append(Figure("plain LightGBM on the raw columns (pools data)", auc))
     return DataSetResult(
-        name, ds.layout, frame.height, len(spec.parties), figures, rounds_run, best
+        name, ds.layout, frame.height, len(spec.parties), figures, rounds_run, best, notes
     )
 
 
@@ -177,6 +186,7 @@ def table(result: DataSetResult) -> str:
         lines.append(
             f"| {f.model} | {f.auc:.4f} | {cell(f.bound, '.1e')} | {cell(f.weighted_mean, '.4f')} |"
         )
+    lines += [f"- {note}" for note in result.notes]
     return "\n".join(lines)
 
 
