@@ -23,9 +23,8 @@ set; the benchmark secret of ``bench_federated`` is set in the spec's env var):
 Then a plain centralised LightGBM on the raw rows (POOLS DATA): the package's columns as
 they are (text columns as pandas categories), the spec's LightGBM parameters, a budget of
 rounds x trees per round x parties with early stopping on the validation split. Its split
-is fedfuse's horizontal one (``split_assignments`` of the hashed key), so in the horizontal
-layout it scores exactly the federation's test rows; the vertical split comes from the PSI
-alignment ids instead (same fractions, another draw).
+is fedfuse's (``split_assignments`` of the hashed key, in both layouts), so it scores
+exactly the test rows the flows score.
 
 ``--quick``: 1500 rows per data set and at most 4 rounds (a smoke run).
 """
@@ -84,7 +83,7 @@ def plain_lightgbm(
     frame: pl.DataFrame, *, label: str, positive: str, spec: Any, secret: bytes
 ) -> float:
     """FOR COMPARISON ONLY (pools the raw rows): LightGBM on the package's columns as they
-    are, split like fedfuse's horizontal layout (hashed key), the spec's parameters and a
+    are, split as fedfuse splits (from the hashed key), the spec's parameters and a
     budget of rounds x trees per round x parties; test AUC."""
     import lightgbm as lgb
 
@@ -142,10 +141,7 @@ def run_dataset(
         vertical = vertical_training(spec_path, rounds=rounds, baselines=True)
         figures = [_figure(model, m) for model, m in vertical.comparison.items()]
         rounds_run, best = vertical.rounds_run, vertical.best_round
-        notes.append(
-            f"{vertical.overlap:,} customers at every party; the plain baseline's split is "
-            "drawn from the hashed key, the vertical one from the PSI alignment ids"
-        )
+        notes.append(f"{vertical.overlap:,} customers at every party (PSI)")
     else:
         result = federated_training(spec_path, rounds=rounds, baselines=True)
         c = result.comparison

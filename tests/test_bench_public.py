@@ -33,6 +33,7 @@ def test_bench_public_quick(
         f.model for f in vertical.figures
     }
     assert vertical.auc("vertical (fused)") > 0.7
+    assert "- 900 customers at every party (PSI)" in out
     for r in (skewed, wide):
         fed = next(f for f in r.figures if f.model == "federated")
         assert fed.bound is not None and fed.bound < 0.05  # the pooled AUC and its bound
