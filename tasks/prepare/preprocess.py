@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from storage.sources import INVALID_UTF8, ROW
 from tasks.prepare.modalities import modality_of
 from tasks.prepare.units import to_canonical
-from tasks.spec.models import ColumnSpec, SourceSpec
+from tasks.spec.models import OTHER, ColumnSpec, SourceSpec
 from tasks.types import REASON, KeyNormalisation, Objective
 
 #: Control (Cc: C0, DEL, C1, NUL) and format (Cf: zero-width space/joiners, U+FEFF, bidi
@@ -304,7 +304,10 @@ def coerce_frame(
     parse/required checks (whose reasons would show the value). ``bounds``: canonical column
     -> (largest magnitude after unit conversion, how the reason states it); a value beyond
     it is out of range. The ``key`` column is refused when it holds control or format
-    characters. Returns the frame (``__row``, canonical columns, reason) and
+    characters. A category value outside its vocabulary becomes ``other`` when the
+    vocabulary holds it (the other bucket), else missing; either way it is counted per
+    column (never shown). A category column without a vocabulary (one being learned) keeps
+    its mapped values. Returns the frame (``__row``, canonical columns, reason) and
     unknown-category counts.
     """
     _check_columns(raw, columns, file)
@@ -367,14 +370,16 @@ def coerce_frame(
     for canonical, column in columns.items():
         if column.dtype != "category" or (label is not None and canonical == label.column):
             continue  # a label outside its classes is quarantined, not counted or mapped
-        vocab = vocabularies[canonical]
+        vocab = vocabularies.get(canonical)
+        if vocab is None:
+            continue  # being learned: the counting step sees the mapped values
         outside = frame.filter(pl.col(canonical).is_not_null() & ~pl.col(canonical).is_in(vocab))
         if outside.height:
             unknown[canonical] = outside.height
-        fallback = pl.lit("other") if "other" in vocab else pl.lit(None, pl.String)
+        fallback = pl.lit(OTHER) if OTHER in vocab else pl.lit(None, pl.String)
         updates.append(
-            pl.when(pl.col(canonical).is_in(vocab))
-            .then(pl.col(canonical))
+            pl.when(pl.col(canonical).is_null() | pl.col(canonical).is_in(vocab))
+            .then(pl.col(canonical))  # a missing value stays missing, not "other"
             .otherwise(fallback)
             .alias(canonical)
         )
