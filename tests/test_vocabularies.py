@@ -5,6 +5,7 @@ and used by training and every later prediction of the spec."""
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -261,10 +262,10 @@ def _write_party(folder: Path, pid: str, held: dict[str, int], *, customers: int
         for _ in range(n):
             times = 5 if value == "rare" else 1
             for k in range(times):
-                rows.append(f"{ids[owner]},2026-03-{1 + k:02d} 10:00,{10 + owner % 13}.5,{value}")
+                rows.append(f"{ids[owner]},2026-03-{1 + k:02d}T10:00,{10 + owner % 13}.5,{value}")
             owner += 1
     for i in range(customers):  # everyone buys something uncategorised too
-        rows.append(f"{ids[i]},2026-02-{1 + i % 27:02d} 09:00,{5 + ages[i] % 11}.25,")
+        rows.append(f"{ids[i]},2026-02-{1 + i % 27:02d}T09:00,{5 + ages[i] % 11}.25,")
     (folder / "transactions.csv").write_text("\n".join(rows) + "\n")
 
 
@@ -357,3 +358,72 @@ def test_an_empty_learned_vocabulary_stops_prepare_naming_column_and_k(
         "by at least 500 entities"
     )
     assert _learned_files(tmp_path) == []
+
+
+# -- through the parties' own work pools -------------------------------------------------------
+
+
+def _pooled(root: Path, tag: str) -> tuple[Path, dict[str, str]]:
+    spec = _learned_consortium(root)
+    pools = {pid: f"vocab-{pid}-{tag}" for pid in HELD}
+    text = spec.read_text()
+    for pid, pool in pools.items():
+        text = text.replace(
+            f'store = "stores/{pid}"\n', f'store = "stores/{pid}"\nwork_pool = "{pool}"\n'
+        )
+    spec.write_text(text)
+    return spec, pools
+
+
+def test_a_pooled_party_of_a_learning_spec_gets_a_party_call_deployment(tmp_path: Path) -> None:
+    from flows.ops import plan_deployments
+
+    spec, pools = _pooled(tmp_path, "plan")
+    planned = plan_deployments(spec, name="v", work_pool="coord")
+    assert [(p.entry.name, p.name, p.work_pool) for p in planned][3:] == [
+        (flow, f"v-{pid}", pools[pid])
+        for pid in HELD
+        for flow in ("party-pipeline", "party-step", "score", "party-call")
+    ]
+
+
+@pytest.mark.prefect
+def test_vocabulary_counts_run_on_each_partys_own_pool(
+    prefect_api: str, tmp_path: Path, secret: str
+) -> None:
+    """``prepare`` with ``dispatch``: each party counts its values in a ``party-call`` run on
+    its own pool; only the counts come back (the exchange holds no key and no rare value)."""
+    from uuid import uuid4
+
+    from flows.ops import deploy
+    from flows.prepare import prepare
+    from tests.workers import running_worker
+
+    tag = uuid4().hex[:6]
+    spec, pools = _pooled(tmp_path / "consortium", tag)
+    deploy(spec, pool=f"vocab-coord-{tag}", name=f"v{tag}")
+    with (
+        running_worker(pools["p0"], tmp_path / "w0", secret, prefect_api) as log_p0,
+        running_worker(pools["p1"], tmp_path / "w1", secret, prefect_api) as log_p1,
+    ):
+        outputs = prepare(str(spec), dispatch=f"v{tag}")
+        logs = {"p0": log_p0.read_text(), "p1": log_p1.read_text()}
+    [stored] = _learned_files(spec.parent)
+    assert json.loads(stored.read_text())["columns"] == {"category": LEARNED}
+    exchange = spec.parent / "stores" / "coordinator" / "exchange"
+    bodies = {p.stem: p.read_text() for p in exchange.glob("*.json")}
+    # a dispatched run hands its result back through the exchange (an in-process step does
+    # not): one counts document per party, each from a run its own pool's worker ran
+    counts = {k: json.loads(b) for k, b in bodies.items() if set(json.loads(b)) == {"category"}}
+    assert len(counts) == 2
+    assert sorted(c["category"]["alpha"] for c in counts.values()) == [30, 40]
+    for run, c in counts.items():
+        party = "p0" if c["category"]["alpha"] == 40 else "p1"
+        assert run in logs[party] and run not in logs["p1" if party == "p0" else "p0"]
+    for party in HELD:
+        names = {f.name for f in outputs[party].features}
+        assert sorted(n.split("share_", 1)[1] for n in names if "share_" in n) == sorted(
+            [*LEARNED, "other"]
+        )
+    for blob in bodies.values():  # no rare value and no key in anything that came back
+        assert '"rare"' not in blob and not re.search(r"\bp[01]-\d+\b", blob)
