@@ -47,7 +47,7 @@ def test_a_plain_list_means_values_and_other_in_it_is_the_bucket(tiny_table_spec
     assert spec.vocabularies["category"].has_other
     resolved = resolve_vocabularies(spec.vocabularies, {})
     assert resolved == {"category": ["grocery", "electronics", "other"], "plan": ["basic", "plus"]}
-    assert other_columns(resolved) == ["category"]
+    assert other_columns(spec.vocabularies) == ["category"]
 
 
 def test_a_table_with_other_appends_the_bucket_once(tiny_table_spec: Path) -> None:
@@ -181,6 +181,24 @@ def test_values_outside_go_to_other_and_are_counted_not_shown() -> None:
         raw, columns, file="f.csv", key=None, normalisation="strip", vocabularies={"c": ["a"]}
     )
     assert frame["c"].to_list() == ["a", None, None, None] and unknown == {"c": 2}
+
+
+def test_a_learned_other_value_without_the_bucket_is_an_ordinary_value() -> None:
+    vocab = {"c": VocabularySpec(learn=True, min_entities=1)}
+    resolved = resolve_vocabularies(vocab, {"c": ["a", "other"]})
+    assert resolved == {"c": ["a", "other"]} and other_columns(vocab) == []
+    raw = pl.DataFrame({"__row": [1, 2, 3], "c": ["a", "other", "zz"]})
+    columns = {"c": ColumnSpec.model_validate({"dtype": "category"})}
+    frame, unknown = coerce_frame(
+        raw,
+        columns,
+        file="f.csv",
+        key=None,
+        normalisation="strip",
+        vocabularies=resolved,
+        other=other_columns(vocab),
+    )
+    assert frame["c"].to_list() == ["a", "other", None] and unknown == {"c": 1}
 
 
 # -- learned at prepare, used by training and prediction --------------------------------------

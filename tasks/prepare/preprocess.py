@@ -13,7 +13,7 @@ modality (:mod:`tasks.prepare.modalities`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import polars as pl
@@ -297,6 +297,7 @@ def coerce_frame(
     vocabularies: Mapping[str, list[str]],
     label: LabelRule | None = None,
     bounds: Mapping[str, tuple[float, str]] | None = None,
+    other: Collection[str] | None = None,
 ) -> tuple[pl.DataFrame, dict[str, int]]:
     """Coerce every mapped column; add a ``reject_reason`` column (null for good rows).
 
@@ -304,9 +305,9 @@ def coerce_frame(
     parse/required checks (whose reasons would show the value). ``bounds``: canonical column
     -> (largest magnitude after unit conversion, how the reason states it); a value beyond
     it is out of range. The ``key`` column is refused when it holds control or format
-    characters. A category value outside its vocabulary becomes ``other`` when the
-    vocabulary holds it (the other bucket), else missing; either way it is counted per
-    column (never shown). A category column without a vocabulary (one being learned) keeps
+    characters. A category value outside its vocabulary becomes ``other`` in the columns of
+    ``other`` (the other bucket; default: the columns whose vocabulary holds ``other``),
+    else missing; either way it is counted per column (never shown). A category column without a vocabulary (one being learned) keeps
     its mapped values. Returns the frame (``__row``, canonical columns, reason) and
     unknown-category counts.
     """
@@ -365,6 +366,8 @@ def coerce_frame(
                 )
             )
     frame = raw.select(*values, _reason(reasons).alias(REASON))
+    if other is None:
+        other = [name for name, vocab in vocabularies.items() if OTHER in vocab]
     unknown: dict[str, int] = {}
     updates: list[pl.Expr] = []
     for canonical, column in columns.items():
@@ -376,7 +379,7 @@ def coerce_frame(
         outside = frame.filter(pl.col(canonical).is_not_null() & ~pl.col(canonical).is_in(vocab))
         if outside.height:
             unknown[canonical] = outside.height
-        fallback = pl.lit(OTHER) if OTHER in vocab else pl.lit(None, pl.String)
+        fallback = pl.lit(OTHER) if canonical in other else pl.lit(None, pl.String)
         updates.append(
             pl.when(pl.col(canonical).is_null() | pl.col(canonical).is_in(vocab))
             .then(pl.col(canonical))  # a missing value stays missing, not "other"
@@ -406,10 +409,12 @@ def preprocess(
     entity_map: pl.DataFrame | None = None,
     bad_lines: list[tuple[int, str, str]] | None = None,
     label: LabelRule | None = None,
+    other: Collection[str] | None = None,
 ) -> Preprocessed:
     """Coerce, normalise, deduplicate and validate one raw source.
 
     ``label``: the source maps the consortium's label; its rows are checked against the task.
+    ``other``: the columns with an other bucket (:func:`coerce_frame`).
     """
     modality = modality_of(source)
     key = modality.key_column(source, entity=entity)
@@ -424,6 +429,7 @@ def preprocess(
         vocabularies=vocabularies,
         label=label,
         bounds=modality.bounds(source),
+        other=other,
     )
     frame, canonical = modality.attach_entity(
         frame, source, entity_map, entity=entity, normalisation=normalisation

@@ -37,6 +37,7 @@ from tasks.prepare.preprocess import (
 from tasks.prepare.vocabulary import (
     VocabularyError,
     entity_value_counts,
+    other_columns,
     resolve_vocabularies,
 )
 from tasks.spec.models import (
@@ -125,6 +126,10 @@ class PartyContext(BaseModel):
     vocabularies: dict[str, list[str]] = Field(
         description="Resolved vocabularies (listed or learned; 'other' last for a bucket)"
     )
+    other: list[str] = Field(
+        default_factory=list,
+        description="Category columns whose values outside the vocabulary map to 'other'",
+    )
     as_of: dt.date
     task: Objective
     label: str
@@ -158,6 +163,7 @@ class PartyContext(BaseModel):
             entity=spec.consortium.entity,
             normalisation=spec.consortium.key_normalisation,
             vocabularies=dict(vocabularies),
+            other=other_columns(spec.vocabularies),
             as_of=as_of or spec.consortium.as_of,
             task=spec.consortium.task,
             label=spec.consortium.label.column,
@@ -234,6 +240,7 @@ def read_preprocessed(
         entity_map=mapping,
         bad_lines=data.bad_lines,
         label=label_rule(ctx, source),
+        other=ctx.other,
     )
 
 

@@ -86,8 +86,9 @@ def resolve_vocabularies(
     vocabularies: Mapping[str, VocabularySpec], learned: Mapping[str, Sequence[str]]
 ) -> dict[str, list[str]]:
     """The one form every consumer reads: column -> values, listed or learned, with
-    :data:`~tasks.spec.models.OTHER` last when values outside map to the other bucket (a
-    value list holding it maps them there too)."""
+    :data:`~tasks.spec.models.OTHER` last when ``other = true`` (the bucket is then a value
+    like any other for features and codes); :func:`other_columns` tells which columns map
+    values outside to it."""
     out: dict[str, list[str]] = {}
     for name, vocabulary in vocabularies.items():
         if vocabulary.values is not None:
@@ -105,6 +106,7 @@ def resolve_vocabularies(
     return out
 
 
-def other_columns(vocabularies: Mapping[str, Sequence[str]]) -> list[str]:
-    """The columns whose values outside the vocabulary map to the other bucket."""
-    return sorted(name for name, values in vocabularies.items() if OTHER in values)
+def other_columns(vocabularies: Mapping[str, VocabularySpec]) -> list[str]:
+    """The columns whose values outside the vocabulary map to the other bucket: ``other =
+    true``, or a value list holding ``other`` (a learned ``other`` is an ordinary value)."""
+    return sorted(name for name, vocabulary in vocabularies.items() if vocabulary.has_other)
