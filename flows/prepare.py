@@ -199,17 +199,19 @@ def consortium_vocabularies(spec: FedSpec) -> dict[str, list[str]]:
 
 
 def learn_vocabularies(spec: FedSpec, *, dispatch: str | None, refresh: bool) -> None:
-    """Learn the spec's ``learn = true`` vocabularies unless they are stored for this spec
-    (``refresh`` learns again): every party counts the distinct entities per value of its
-    own data (only values held by at least ``min_entities`` of them), the coordinator adds
-    the counts, keeps the ``max_size`` most frequent values and stores them."""
+    """Learn the spec's ``learn = true`` vocabularies unless they are stored for this spec:
+    every party counts the distinct entities per value of its own data (only values held by
+    at least ``min_entities`` of them), the coordinator adds the counts, keeps the
+    ``max_size`` most frequent values and stores them. A stored vocabulary is never learned
+    again (not even with ``refresh``, which recomputes the steps): a model trained on it
+    keeps being scored with it; removing the file or changing the spec learns anew."""
     logger = get_run_logger()
     wanted = spec.learned_vocabularies()
     if not wanted:
         return
     coordinator = Store(spec.coordinator.store)
     fingerprint = spec.vocabulary_fingerprint()
-    if not refresh and read_learned_vocabularies(coordinator, fingerprint, LearnedVocabularies):
+    if read_learned_vocabularies(coordinator, fingerprint, LearnedVocabularies) is not None:
         logger.info("learned vocabularies of this spec already stored: %s", ", ".join(wanted))
         return
     runner = PartyRunner(

@@ -353,6 +353,14 @@ def test_learned_vocabulary_is_thresholded_per_party_stored_and_used_for_predict
     assert json.loads(report.read_text())["unknown_categories"] == {"category": 30}
     assert "zeta" not in report.read_text()
 
+    # a refreshed prepare on changed data keeps the vocabulary the model was trained on
+    _write_party(tmp_path / "raw" / "p1", "p1", {"zeta": 60}, customers=90)
+    refreshed = prepare(str(spec_path), refresh=True)
+    assert json.loads(stored.read_text()) == body
+    assert {q.source: q for q in refreshed["p1"].quality}["transactions"].unknown_categories == {
+        "category": 60
+    }
+
     # without the stored vocabulary a prediction stops with one line; it does not relearn
     stored.unlink()
     with pytest.raises(VocabularyError) as info:
