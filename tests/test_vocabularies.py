@@ -371,18 +371,23 @@ def test_learned_vocabulary_is_thresholded_per_party_stored_and_used_for_predict
 
 @pytest.mark.prefect
 def test_an_empty_learned_vocabulary_stops_prepare_naming_column_and_k(
-    prefect_api: str, tmp_path: Path, secret: str
+    prefect_api: str, tmp_path: Path, secret: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.prepare import prepare
+    from typer.testing import CliRunner
 
+    from flows.cli.app import app
+
+    for name in ("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "DO_NOT_TRACK"):
+        monkeypatch.setenv(name, "WARNING" if "LEVEL" in name else "1")
     spec_path = _learned_consortium(tmp_path)
     spec_path.write_text(spec_path.read_text().replace("min_entities = 3", "min_entities = 500"))
-    with pytest.raises(VocabularyError) as info:
-        prepare(str(spec_path))
-    assert str(info.value).startswith(
+    result = CliRunner().invoke(app, ["prepare", str(spec_path)])
+    assert result.exit_code == 1
+    assert (
         "vocabularies.category: learned an empty vocabulary: no value of 'category' is held "
-        "by at least 500 entities"
-    )
+        "by at least 500 entities (min_entities) at any party"
+    ) in result.output
+    assert "Traceback" not in result.output
     assert _learned_files(tmp_path) == []
 
 
