@@ -144,6 +144,20 @@ def test_a_learned_vocabulary_needs_to_be_learned_before_use(tiny_table_spec: Pa
     assert "plan (learned: k=3)" in summary(spec)
 
 
+def test_the_vocabulary_fingerprint_follows_what_decides_a_learned_vocabulary(
+    tiny_table_spec: Path,
+) -> None:
+    data = _data(tiny_table_spec)
+    data["vocabularies"]["plan"] = {"learn": True, "min_entities": 3}
+    base = _parse(data).vocabulary_fingerprint()
+    data["training"] = {"rounds": 7}
+    data["parties"][0]["work_pool"] = "pool-a"
+    data["consortium"]["as_of"] = "2026-06-30"
+    assert _parse(data).vocabulary_fingerprint() == base
+    data["vocabularies"]["plan"]["min_entities"] = 4
+    assert _parse(data).vocabulary_fingerprint() != base
+
+
 # -- merging and the other bucket (pure) ------------------------------------------------------
 
 
@@ -199,6 +213,38 @@ def test_a_learned_other_value_without_the_bucket_is_an_ordinary_value() -> None
         other=other_columns(vocab),
     )
     assert frame["c"].to_list() == ["a", "other", None] and unknown == {"c": 1}
+
+
+def test_a_party_counts_distinct_entities_of_good_rows_after_its_value_map(
+    tiny_table_spec: Path, secret: str
+) -> None:
+    """The party's count over its real export: value maps applied, a quarantined row and a
+    value that cannot name a feature not counted, entities counted once, no key returned."""
+    from tasks.prepare.steps import PartyContext, run_count_values
+    from tasks.spec.load import load_spec
+
+    text = tiny_table_spec.read_text()
+    tiny_table_spec.write_text(
+        text.replace(
+            'category = ["grocery", "electronics", "other"]',
+            "category = { learn = true, min_entities = 1 }",
+        )
+    )
+    (tiny_table_spec.parent / "raw" / "a" / "transactions.csv").write_text(
+        "cust,when,amt_cents,cat\n"
+        "C1,01/05/2026 10:00,1250,groc\n"
+        "C1,03/01/2026 09:30,800,groc\n"
+        "C2,03/20/2026 18:00,4599,elec\n"
+        "C3,02/14/2026 12:00,300,groc\n"
+        'C3,02/15/2026 12:00,300,"a,b"\n'
+        "C4,not a time,10000,elec\n"
+    )
+    spec = load_spec(str(tiny_table_spec))
+    ctx = PartyContext.from_spec(spec, "a", vocabularies={"plan": ["basic", "plus"]})
+    counts = run_count_values(ctx, spec.party("a").sources, {"category": 1})
+    assert counts == {"category": {"grocery": 2, "electronics": 1}}
+    ctx_b = PartyContext.from_spec(spec, "b", vocabularies={"plan": ["basic", "plus"]})
+    assert run_count_values(ctx_b, spec.party("b").sources, {"category": 1}) == {"category": {}}
 
 
 # -- learned at prepare, used by training and prediction --------------------------------------

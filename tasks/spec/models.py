@@ -537,11 +537,15 @@ class FedSpec(SpecModel):
 
     def vocabulary_fingerprint(self) -> str:
         """Hash of what decides a learned vocabulary: the consortium section (``as_of``
-        aside), the parties and their sources, and the vocabularies section."""
+        aside), the parties' ids and sources (not their stores or pools), and the
+        vocabularies section."""
         blob = json.dumps(
             {
                 "consortium": self.consortium.model_dump(mode="json", exclude={"as_of"}),
-                "parties": [p.model_dump(mode="json", by_alias=True) for p in self.parties],
+                "parties": [
+                    p.model_dump(mode="json", by_alias=True, include={"id", "sources"})
+                    for p in self.parties
+                ],
                 "vocabularies": {
                     k: v.model_dump(mode="json") for k, v in sorted(self.vocabularies.items())
                 },
