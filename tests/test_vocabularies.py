@@ -132,6 +132,8 @@ def test_a_multiclass_label_vocabulary_stays_an_explicit_list(
     assert len(problems) == 1, problems
     assert problems[0].startswith("vocabularies.churned: the classes of the multiclass label")
     assert "class index" in problems[0]
+    data["vocabularies"]["churned"] = ["walking", "sitting", "other"]  # a class named other
+    assert _parse(data).vocabularies["churned"].values == ["walking", "sitting", "other"]
 
 
 def test_a_learned_vocabulary_needs_to_be_learned_before_use(tiny_table_spec: Path) -> None:

@@ -227,7 +227,8 @@ def class_count_problems(spec: FedSpec) -> list[SpecProblem]:
     if not text:
         return []
     vocabulary = spec.vocabularies.get(label.column)
-    if vocabulary is not None and (vocabulary.learn or vocabulary.has_other):
+    # a class named "other" in the list is a class: a label is never mapped to a bucket
+    if vocabulary is not None and (vocabulary.learn or vocabulary.other):
         return [
             SpecProblem(
                 path=f"vocabularies.{label.column}",
