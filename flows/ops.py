@@ -78,6 +78,9 @@ PARTY_FLOWS: tuple[FlowEntry, ...] = (
     FlowEntry("score", "flows/score.py:score", "flows.score"),
 )
 
+#: A horizontal party's deployment for the named steps of ``prepare`` (learned vocabularies).
+VOCABULARY_COUNT_FLOW = FlowEntry("party-call", "flows/party.py:party_call", "flows.party")
+
 
 @dataclass(frozen=True)
 class Schedules:
@@ -187,8 +190,11 @@ def plan_deployments(
                 description=consortium,
             )
         )
+    party_flows = VERTICAL_PARTY_FLOWS if vertical else PARTY_FLOWS
+    if not vertical and spec.learned_vocabularies():  # prepare counts values at each party
+        party_flows = (*PARTY_FLOWS, VOCABULARY_COUNT_FLOW)
     for party in pooled:
-        for entry in VERTICAL_PARTY_FLOWS if vertical else PARTY_FLOWS:
+        for entry in party_flows:
             params = dict(base, party=party.id) if entry.name in ("party-pipeline", "score") else {}
             planned.append(
                 PlannedDeployment(

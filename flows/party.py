@@ -2,8 +2,8 @@
 :func:`flows.transport.run_call`.
 
 ``party-step`` runs a horizontal training step (label statistics, start scores, a round's
-update, an evaluation); ``party-call`` runs a named vertical step (PSI, a gradient round,
-scores). Both run the same cached tasks the in-process flows run, so a step finished once is
+update, an evaluation); ``party-call`` runs a named step (a vertical one: PSI, a gradient
+round, scores; or the vocabulary count of ``prepare``). Both run the same cached tasks the in-process flows run, so a step finished once is
 not computed again, wherever it ran, and hand the result back through the coordinator store.
 """
 
@@ -75,11 +75,11 @@ def party_step(job: PartyJob) -> BaseModel:
 def party_call(
     op: str, args: list[JsonValue], coordinator: str, results: str, refresh: bool = False
 ) -> object:
-    """One step of a vertical consortium (PSI, a training round, scores), run where the
-    party's data lives.
+    """One named step (of a vertical consortium: PSI, a training round, scores; or the
+    vocabulary count of prepare), run where the party's data lives.
 
     Args:
-        op: The step (a task name of tasks.vertical.steps, e.g. vertical-party-round).
+        op: The step (a task name, e.g. vertical-party-round or count-vocabulary-values).
         args: Its arguments as JSON (references to the party's own tables, messages).
         coordinator: The coordinator store the result goes to.
         results: Folder for persisted task results.

@@ -12,15 +12,25 @@ from prefect.futures import PrefectFuture, wait
 
 from flows import progress
 from flows.common import artifact_key, task_options, threads
-from flows.transport import PIPELINE_FLOW, dispatch_pipeline, party_deployments, publish
+from flows.transport import (
+    PIPELINE_FLOW,
+    PartyRunner,
+    dispatch_pipeline,
+    party_deployments,
+    pooled_parties,
+    publish,
+)
 from storage.files import resolve_location
-from storage.store import TableRef
+from storage.results import DEFAULT_RESULTS
+from storage.runs import read_learned_vocabularies, write_learned_vocabularies
+from storage.store import Store, TableRef
 from tasks.prepare.steps import (
     AlignedOutput,
     CleanOutput,
     FusedOutput,
     PartyContext,
     align_source,
+    count_vocabulary_values,
     extract_features,
     fingerprint_source,
     fuse_party,
@@ -28,8 +38,13 @@ from tasks.prepare.steps import (
     read_raw_keys,
     secret_tag,
 )
+from tasks.prepare.vocabulary import (
+    LearnedVocabularies,
+    learned_from_counts,
+    resolve_vocabularies,
+)
 from tasks.spec.load import load_spec
-from tasks.spec.models import SourceSpec
+from tasks.spec.models import FedSpec, SourceSpec
 
 
 @flow(
@@ -59,7 +74,9 @@ def party_pipeline(
             party's sources); default: the spec's sources.
     """
     spec = load_spec(spec_path)
-    ctx = PartyContext.from_spec(spec, party, as_of=as_of)
+    ctx = PartyContext.from_spec(
+        spec, party, as_of=as_of, vocabularies=consortium_vocabularies(spec)
+    )
     sources = spec.party(party).sources
     if scoring:
         ctx = ctx.model_copy(
@@ -169,6 +186,65 @@ class PrepareError(RuntimeError):
     """One or more parties' pipelines failed."""
 
 
+def consortium_vocabularies(spec: FedSpec) -> dict[str, list[str]]:
+    """The spec's resolved vocabularies: listed ones as written, learned ones as stored in
+    the coordinator store for this spec (never learned again here)."""
+    learned: dict[str, list[str]] = {}
+    if spec.learned_vocabularies():
+        stored = read_learned_vocabularies(
+            Store(spec.coordinator.store), spec.vocabulary_fingerprint(), LearnedVocabularies
+        )
+        learned = stored.columns if stored is not None else {}
+    return resolve_vocabularies(spec.vocabularies, learned)
+
+
+def learn_vocabularies(spec: FedSpec, *, dispatch: str | None, refresh: bool) -> None:
+    """Learn the spec's ``learn = true`` vocabularies unless they are stored for this spec:
+    every party counts the distinct entities per value of its own data (only values held by
+    at least ``min_entities`` of them), the coordinator adds the counts, keeps the
+    ``max_size`` most frequent values and stores them. A stored vocabulary is never learned
+    again (not even with ``refresh``, which recomputes the steps): a model trained on it
+    keeps being scored with it; removing the file or changing the spec learns anew."""
+    logger = get_run_logger()
+    wanted = spec.learned_vocabularies()
+    if not wanted:
+        return
+    coordinator = Store(spec.coordinator.store)
+    fingerprint = spec.vocabulary_fingerprint()
+    if read_learned_vocabularies(coordinator, fingerprint, LearnedVocabularies) is not None:
+        logger.info("learned vocabularies of this spec already stored: %s", ", ".join(wanted))
+        return
+    runner = PartyRunner(
+        pooled_parties(spec, dispatch),
+        coordinator=spec.coordinator.store,
+        results=spec.run.results or DEFAULT_RESULTS,
+        refresh=refresh,
+        timeout=spec.run.party_timeout,
+    )
+    listed = {k: v for k, v in spec.vocabularies.items() if not v.learn}
+    thresholds = {name: v.min_entities for name, v in wanted.items()}
+    futures = {
+        party.id: runner.submit(
+            party.id,
+            count_vocabulary_values,
+            PartyContext.from_spec(spec, party.id, vocabularies=resolve_vocabularies(listed, {})),
+            party.sources,
+            thresholds,
+        )
+        for party in spec.parties
+    }
+    wait(list(futures.values()))
+    raise_first_failure(list(futures.values()))
+    counts = [futures[p.id].result() for p in spec.parties]
+    learned = learned_from_counts(spec.vocabularies, counts, spec=fingerprint)
+    ref = write_learned_vocabularies(coordinator, fingerprint, learned)
+    logger.info(
+        "learned vocabularies %s -> %s",
+        ", ".join(f"{k} ({len(v)} values)" for k, v in learned.columns.items()),
+        ref.uri,
+    )
+
+
 def quality_rows(outputs: list[FusedOutput]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for out in outputs:
@@ -184,6 +260,12 @@ def quality_rows(outputs: list[FusedOutput]) -> list[dict[str, Any]]:
                     "reasons": "; ".join(f"{k}: {v}" for k, v in q.rejected_by_reason.items())
                     or "-",
                     "max_null_rate": max(q.null_rates.values(), default=0.0),
+                    # rows per column whose value was outside the vocabulary (mapped to the
+                    # other bucket where there is one, else missing); never the values
+                    "outside_vocabulary": "; ".join(
+                        f"{k}: {v}" for k, v in sorted(q.unknown_categories.items())
+                    )
+                    or "-",
                 }
             )
     return rows
@@ -207,6 +289,7 @@ def prepare(
     """
     logger = get_run_logger()
     spec = load_spec(spec_path)
+    learn_vocabularies(spec, dispatch=dispatch, refresh=refresh)
     remote = party_deployments(spec, dispatch, PIPELINE_FLOW)
     # Parties on their own work pools run side by side; the others run here as subflows one
     # after the other (each party's sources side by side). A failed party does not stop the

@@ -8,7 +8,7 @@ import posixpath
 from prefect import flow, get_run_logger
 
 from flows.common import threads
-from flows.prepare import rebased_sources, run_party_steps
+from flows.prepare import consortium_vocabularies, rebased_sources, run_party_steps
 from storage.files import resolve_location
 from storage.runs import LatestRun, choose_run
 from storage.store import Store, TableRef
@@ -52,7 +52,7 @@ def party_labels(spec: FedSpec, party: str) -> list[str]:
         column,
         task=spec.consortium.task,
         classes=num_classes(spec),
-        vocabulary=spec.vocabularies.get(name),
+        vocabulary=consortium_vocabularies(spec).get(name),
     )
 
 
@@ -70,7 +70,9 @@ def score(
     spec = load_spec(spec_path)
     manifest = manifest or latest_manifest(spec)
     store = posixpath.join(spec.party(party).store, "scoring")
-    ctx = PartyContext.from_spec(spec, party, as_of=as_of)
+    ctx = PartyContext.from_spec(
+        spec, party, as_of=as_of, vocabularies=consortium_vocabularies(spec)
+    )
     ctx = ctx.model_copy(
         update={
             "store": store,

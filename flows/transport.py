@@ -4,8 +4,9 @@ party's own work pool.
 A party with a ``work_pool`` in the spec gets deployments of its own on that pool (``fedfuse
 deploy`` registers them): ``party-pipeline/<prefix>-<party>`` (preprocess, features, align,
 fuse), ``party-step/<prefix>-<party>`` (a horizontal training step: label statistics, start
-scores, a round's update, an evaluation) and, for a vertical consortium,
-``party-call/<prefix>-<party>`` (a vertical step: PSI, a gradient round, scores). The
+scores, a round's update, an evaluation) and, for a vertical consortium or one with
+learned vocabularies, ``party-call/<prefix>-<party>`` (a named step: a vertical one such as PSI, a gradient round
+or scores, or the vocabulary count ``prepare`` runs for learned vocabularies). The
 coordinator's flows, run with ``dispatch=<prefix>``, start those deployments with
 ``run_deployment`` (linked as subflows, so the UI shows them nested under the coordinator's
 run) instead of running the steps in their own process; a party without a pool still runs in
@@ -165,13 +166,21 @@ def vertical_step_tasks() -> list[Task[..., Any]]:
     return list(STEP_TASKS)
 
 
-#: Vertical steps that read the party's current state: never cached when dispatched.
-UNCACHED = frozenset({"vertical-latest-state", "vertical-model-at"})
+def prepare_step_tasks() -> list[Task[..., Any]]:
+    """The steps ``prepare`` runs at a party before its pipeline (vocabulary counts)."""
+    from tasks.prepare.steps import count_vocabulary_values
+
+    return [count_vocabulary_values]
+
+
+#: Steps that read the party's current state or data: never cached when dispatched.
+UNCACHED = frozenset({"vertical-latest-state", "vertical-model-at", "count-vocabulary-values"})
 
 
 @functools.cache
 def steps() -> dict[str, Step]:
-    """Every step a party runs, by op: the horizontal ops, then the vertical tasks by name."""
+    """Every step a party runs, by op: the horizontal ops, then the prepare and vertical
+    tasks by name."""
     horizontal: dict[StepOp, Task[..., Any]] = {
         "stats": party_stats,
         "start": start_scores,
@@ -179,7 +188,7 @@ def steps() -> dict[str, Step]:
         "evaluate": evaluate_party,
     }
     table: dict[str, Step] = {op: Step(op, t, STEP_FLOW) for op, t in horizontal.items()}
-    for t in vertical_step_tasks():
+    for t in [*prepare_step_tasks(), *vertical_step_tasks()]:
         table[t.name] = Step(t.name, t, CALL_FLOW, cached=t.name not in UNCACHED)
     return table
 

@@ -1,5 +1,5 @@
 """Names of run artefacts, in one place: checkpoints, manifests, exported models, reports,
-the ``models/latest.json`` pointer to the latest training run, the
+the ``models/latest.json`` pointer to the latest training run, the learned vocabularies, the
 ``exchange/<flow-run-id>.json`` results of dispatched party runs, and the per-round files of
 a run (running scores, model updates, the vertical exchange tables and party models).
 
@@ -259,6 +259,34 @@ def write_vertical_manifest(coordinator: Store, run_key: str, manifest: BaseMode
     return coordinator.write_json(
         "models", vertical_manifest_name(run_key), manifest.model_dump(mode="json")
     )
+
+
+# -- learned vocabularies ----------------------------------------------------------------------
+
+
+def learned_vocabularies_name(spec_fingerprint: str) -> str:
+    """The vocabularies learned for one spec (its vocabulary fingerprint), ``models/``: what
+    its training and every later prediction use."""
+    return f"vocabularies-{spec_fingerprint[:16]}.json"
+
+
+def write_learned_vocabularies(
+    coordinator: Store, spec_fingerprint: str, learned: BaseModel
+) -> FileRef:
+    """Store learned vocabularies (written to a temporary name, then renamed into place)."""
+    return coordinator.write_json(
+        "models", learned_vocabularies_name(spec_fingerprint), learned.model_dump(mode="json")
+    )
+
+
+def read_learned_vocabularies(
+    coordinator: Store, spec_fingerprint: str, model: type[M]
+) -> M | None:
+    """The vocabularies learned for a spec as ``model``, ``None`` before they are learned."""
+    name = learned_vocabularies_name(spec_fingerprint)
+    if not coordinator.exists("models", name):
+        return None
+    return model.model_validate(coordinator.read_json("models", name))
 
 
 # -- results of dispatched party runs ----------------------------------------------------------

@@ -34,6 +34,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from storage.store import FolderError, IntegrityError
     from tasks.prepare.align import AlignError
     from tasks.prepare.preprocess import PreprocessError
+    from tasks.prepare.vocabulary import VocabularyError
     from tasks.spec.models import SpecError
 
     return (
@@ -49,6 +50,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         IntegrityError,
         RunChoiceError,
         ScoringInputError,
+        VocabularyError,
     )
 
 

@@ -13,7 +13,7 @@ modality (:mod:`tasks.prepare.modalities`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import polars as pl
@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from storage.sources import INVALID_UTF8, ROW
 from tasks.prepare.modalities import modality_of
 from tasks.prepare.units import to_canonical
-from tasks.spec.models import ColumnSpec, SourceSpec
+from tasks.spec.models import OTHER, ColumnSpec, SourceSpec
 from tasks.types import REASON, KeyNormalisation, Objective
 
 #: Control (Cc: C0, DEL, C1, NUL) and format (Cf: zero-width space/joiners, U+FEFF, bidi
@@ -297,6 +297,7 @@ def coerce_frame(
     vocabularies: Mapping[str, list[str]],
     label: LabelRule | None = None,
     bounds: Mapping[str, tuple[float, str]] | None = None,
+    other: Collection[str] | None = None,
 ) -> tuple[pl.DataFrame, dict[str, int]]:
     """Coerce every mapped column; add a ``reject_reason`` column (null for good rows).
 
@@ -304,7 +305,10 @@ def coerce_frame(
     parse/required checks (whose reasons would show the value). ``bounds``: canonical column
     -> (largest magnitude after unit conversion, how the reason states it); a value beyond
     it is out of range. The ``key`` column is refused when it holds control or format
-    characters. Returns the frame (``__row``, canonical columns, reason) and
+    characters. A category value outside its vocabulary becomes ``other`` in the columns of
+    ``other`` (the other bucket; default: the columns whose vocabulary holds ``other``),
+    else missing; either way it is counted per column (never shown). A category column without a vocabulary (one being learned) keeps
+    its mapped values. Returns the frame (``__row``, canonical columns, reason) and
     unknown-category counts.
     """
     _check_columns(raw, columns, file)
@@ -362,19 +366,23 @@ def coerce_frame(
                 )
             )
     frame = raw.select(*values, _reason(reasons).alias(REASON))
+    if other is None:
+        other = [name for name, vocab in vocabularies.items() if OTHER in vocab]
     unknown: dict[str, int] = {}
     updates: list[pl.Expr] = []
     for canonical, column in columns.items():
         if column.dtype != "category" or (label is not None and canonical == label.column):
             continue  # a label outside its classes is quarantined, not counted or mapped
-        vocab = vocabularies[canonical]
+        vocab = vocabularies.get(canonical)
+        if vocab is None:
+            continue  # being learned: the counting step sees the mapped values
         outside = frame.filter(pl.col(canonical).is_not_null() & ~pl.col(canonical).is_in(vocab))
         if outside.height:
             unknown[canonical] = outside.height
-        fallback = pl.lit("other") if "other" in vocab else pl.lit(None, pl.String)
+        fallback = pl.lit(OTHER) if canonical in other else pl.lit(None, pl.String)
         updates.append(
-            pl.when(pl.col(canonical).is_in(vocab))
-            .then(pl.col(canonical))
+            pl.when(pl.col(canonical).is_null() | pl.col(canonical).is_in(vocab))
+            .then(pl.col(canonical))  # a missing value stays missing, not "other"
             .otherwise(fallback)
             .alias(canonical)
         )
@@ -401,10 +409,12 @@ def preprocess(
     entity_map: pl.DataFrame | None = None,
     bad_lines: list[tuple[int, str, str]] | None = None,
     label: LabelRule | None = None,
+    other: Collection[str] | None = None,
 ) -> Preprocessed:
     """Coerce, normalise, deduplicate and validate one raw source.
 
     ``label``: the source maps the consortium's label; its rows are checked against the task.
+    ``other``: the columns with an other bucket (:func:`coerce_frame`).
     """
     modality = modality_of(source)
     key = modality.key_column(source, entity=entity)
@@ -419,6 +429,7 @@ def preprocess(
         vocabularies=vocabularies,
         label=label,
         bounds=modality.bounds(source),
+        other=other,
     )
     frame, canonical = modality.attach_entity(
         frame, source, entity_map, entity=entity, normalisation=normalisation

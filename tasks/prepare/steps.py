@@ -8,7 +8,8 @@ from those references (content hashes), so unchanged work is skipped on retries 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,11 +27,18 @@ from tasks.prepare.align import AlignError, FeatureColumn, align_features, fuse_
 from tasks.prepare.modalities import FeatureInputs, modality_of
 from tasks.prepare.preprocess import (
     LabelRule,
+    Preprocessed,
     PreprocessError,
     QualityReport,
     normalise_key,
     preprocess,
     raw_name,
+)
+from tasks.prepare.vocabulary import (
+    VocabularyError,
+    entity_value_counts,
+    other_columns,
+    resolve_vocabularies,
 )
 from tasks.spec.models import (
     FedSpec,
@@ -39,8 +47,11 @@ from tasks.spec.models import (
     SpecError,
     infer_format,
     label_source,
+    vocabulary_value_problem,
 )
 from tasks.types import JoinKind, KeyNormalisation, Objective
+
+logger = logging.getLogger(__name__)
 
 IO_RETRIES = 2
 IO_RETRY_DELAYS: list[float] = [1.0, 5.0]
@@ -78,6 +89,7 @@ NAMED_ERRORS: tuple[type[BaseException], ...] = (
     SecretError,
     ConfinementError,
     SpecError,
+    VocabularyError,
     OSError,
 )
 
@@ -111,7 +123,13 @@ class PartyContext(BaseModel):
     store: str
     entity: str
     normalisation: KeyNormalisation
-    vocabularies: dict[str, list[str]]
+    vocabularies: dict[str, list[str]] = Field(
+        description="Resolved vocabularies (listed or learned; 'other' last for a bucket)"
+    )
+    other: list[str] = Field(
+        default_factory=list,
+        description="Category columns whose values outside the vocabulary map to 'other'",
+    )
     as_of: dt.date
     task: Objective
     label: str
@@ -126,16 +144,26 @@ class PartyContext(BaseModel):
 
     @classmethod
     def from_spec(
-        cls, spec: FedSpec, party_id: str, *, as_of: dt.date | None = None
+        cls,
+        spec: FedSpec,
+        party_id: str,
+        *,
+        as_of: dt.date | None = None,
+        vocabularies: Mapping[str, list[str]] | None = None,
     ) -> PartyContext:
+        """``vocabularies``: the resolved ones (:func:`resolve_vocabularies`; default: the
+        spec's listed ones, an error when the spec learns one)."""
         party = spec.party(party_id)
         holder = label_source(spec, party)
+        if vocabularies is None:
+            vocabularies = resolve_vocabularies(spec.vocabularies, {})
         return cls(
             party=party.id,
             store=party.store,
             entity=spec.consortium.entity,
             normalisation=spec.consortium.key_normalisation,
-            vocabularies=spec.vocabularies,
+            vocabularies=dict(vocabularies),
+            other=other_columns(spec.vocabularies),
             as_of=as_of or spec.consortium.as_of,
             task=spec.consortium.task,
             label=spec.consortium.label.column,
@@ -193,6 +221,29 @@ def fingerprint_source(location: str, roots: list[str] | None = None) -> FileRef
     return fingerprint(location, roots=roots or None)
 
 
+def read_preprocessed(
+    ctx: PartyContext, source: SourceSpec, raw: FileRef, entity_map: FileRef | None
+) -> Preprocessed:
+    """Read one source (and its entity map) and preprocess it; nothing is written."""
+    data = modality_of(source).read(raw.uri, source)
+    mapping = None
+    if source.entity_map is not None and entity_map is not None:
+        fmt = source.entity_map.format or infer_format(source.entity_map.path)
+        mapping = read_source(entity_map.uri, fmt).frame
+    return preprocess(
+        data.frame,
+        source,
+        party=ctx.party,
+        entity=ctx.entity,
+        normalisation=ctx.normalisation,
+        vocabularies=ctx.vocabularies,
+        entity_map=mapping,
+        bad_lines=data.bad_lines,
+        label=label_rule(ctx, source),
+        other=ctx.other,
+    )
+
+
 def run_preprocess(
     ctx: PartyContext, source: SourceSpec, raw: FileRef, entity_map: FileRef | None
 ) -> CleanOutput:
@@ -201,22 +252,7 @@ def run_preprocess(
         if entity_map is not None:
             confined(entity_map.uri, ctx.roots)
     with naming_source(ctx.party, source.id, "preprocess"):
-        data = modality_of(source).read(raw.uri, source)
-        mapping = None
-        if source.entity_map is not None and entity_map is not None:
-            fmt = source.entity_map.format or infer_format(source.entity_map.path)
-            mapping = read_source(entity_map.uri, fmt).frame
-        result = preprocess(
-            data.frame,
-            source,
-            party=ctx.party,
-            entity=ctx.entity,
-            normalisation=ctx.normalisation,
-            vocabularies=ctx.vocabularies,
-            entity_map=mapping,
-            bad_lines=data.bad_lines,
-            label=label_rule(ctx, source),
-        )
+        result = read_preprocessed(ctx, source, raw, entity_map)
         store = Store(ctx.store)
         clean = store.write_table(result.clean, "clean", source.id)
         rejected = (
@@ -323,6 +359,55 @@ def run_fuse(
     )
 
 
+def run_count_values(
+    ctx: PartyContext, sources: list[SourceSpec], min_entities: dict[str, int]
+) -> dict[str, dict[str, int]]:
+    """The party's side of learned vocabularies: for each column of ``min_entities`` (its
+    threshold k), the distinct entities per value over the sources mapping it as a category,
+    read and preprocessed as the pipeline does (value maps applied, bad rows left out).
+    Only values held by at least k entities are counted; no key or row leaves. ``ctx``'s
+    vocabularies leave those columns out, so their mapped values are seen."""
+    frames: dict[str, list[pl.DataFrame]] = {name: [] for name in min_entities}
+    for source in sources:
+        held = [
+            name
+            for name in min_entities
+            if name in source.columns and source.columns[name].dtype == "category"
+        ]
+        if not held:
+            continue
+        roots = ctx.roots or None
+        raw = fingerprint(source.path, roots=roots)
+        emap = (
+            fingerprint(source.entity_map.path, roots=roots)
+            if source.entity_map is not None
+            else None
+        )
+        with naming_source(ctx.party, source.id, "vocabulary count"):
+            clean = read_preprocessed(ctx, source, raw, emap).clean
+            for name in held:
+                frames[name].append(clean.select(ctx.entity, pl.col(name).cast(pl.String)))
+    out: dict[str, dict[str, int]] = {}
+    for name, parts in frames.items():
+        counts = (
+            entity_value_counts(
+                pl.concat(parts), key=ctx.entity, column=name, min_entities=min_entities[name]
+            )
+            if parts
+            else {}
+        )
+        out[name] = {v: n for v, n in counts.items() if vocabulary_value_problem(v) is None}
+        if len(out[name]) < len(counts):
+            logger.warning(  # the party's own log; the values are not named
+                "%s: %d value(s) of '%s' cannot name features and are not counted (like any "
+                "value outside the vocabulary, they map to the other bucket or to missing)",
+                ctx.party,
+                len(counts) - len(out[name]),
+                name,
+            )
+    return out
+
+
 def run_party(ctx: PartyContext, sources: list[SourceSpec]) -> FusedOutput:
     """A party's whole pipeline in this process, no orchestration (benchmarks, notebooks):
     the steps the ``party-pipeline`` flow runs as cached tasks, in the same order."""
@@ -366,3 +451,10 @@ read_raw_keys = task(
     retry_condition_fn=retry_transient,
 )(run_raw_keys)
 fuse_party = task(name="fuse-party", cache_key_fn=content_cache_key, persist_result=True)(run_fuse)
+#: Reads the party's current raw data: never cached (a rerun counts again).
+count_vocabulary_values = task(
+    name="count-vocabulary-values",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_transient,
+)(run_count_values)

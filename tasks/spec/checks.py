@@ -226,7 +226,20 @@ def class_count_problems(spec: FedSpec) -> list[SpecProblem]:
     )
     if not text:
         return []
-    classes = spec.vocabularies.get(label.column)
+    vocabulary = spec.vocabularies.get(label.column)
+    # a class named "other" in the list is a class: a label is never mapped to a bucket
+    if vocabulary is not None and (vocabulary.learn or vocabulary.other):
+        return [
+            SpecProblem(
+                path=f"vocabularies.{label.column}",
+                message=(
+                    f"the classes of the multiclass label '{label.column}' must be listed "
+                    "explicitly, without learn or an other bucket: their order is the class "
+                    "index at every party"
+                ),
+            )
+        ]
+    classes = vocabulary.values if vocabulary is not None else None
     if classes is None:
         return [
             SpecProblem(
@@ -251,6 +264,26 @@ def class_count_problems(spec: FedSpec) -> list[SpecProblem]:
     return []
 
 
+def vocabulary_problems(spec: FedSpec) -> list[SpecProblem]:
+    """A learned vocabulary is for a column some source maps as a category (otherwise no
+    party would count anything)."""
+    mapped = {
+        name
+        for party in spec.parties
+        for source in party.sources
+        for name, column in source.columns.items()
+        if column.dtype == "category"
+    }
+    return [
+        SpecProblem(
+            path=f"vocabularies.{name}",
+            message=f"learn = true, but no source maps '{name}' as a category column",
+        )
+        for name in spec.learned_vocabularies()
+        if name not in mapped
+    ]
+
+
 def fusion_problems(spec: FedSpec) -> list[SpecProblem]:
     """Fusion weights name known parties and are non-negative."""
     problems: list[SpecProblem] = []
@@ -273,6 +306,7 @@ def semantic_problems(spec: FedSpec) -> list[SpecProblem]:
         *label_problems(spec),
         *opt_in_problems(spec),
         *class_count_problems(spec),
+        *vocabulary_problems(spec),
         *fusion_problems(spec),
     ]
 

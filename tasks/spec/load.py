@@ -24,12 +24,14 @@ from tasks.prepare.modalities import modality_of
 from tasks.spec.checks import confinement_problems, semantic_problems
 from tasks.spec.defaults import defaulted_keys, merge_relocated, placeholder_problems, relocate
 from tasks.spec.models import (
+    OTHER,
     DefaultsSpec,
     FedSpec,
     SecretRef,
     SourceSpec,
     SpecError,
     SpecProblem,
+    VocabularySpec,
 )
 
 logger = logging.getLogger(__name__)
@@ -202,8 +204,26 @@ def summary(spec: FedSpec) -> str:
             f"  party {party.id}: {len(party.sources)} source(s): {kinds}{pool}, "
             f"store {party.store}"
         )
+    if spec.vocabularies:
+        lines.append(
+            "  vocabularies: " + ", ".join(_vocabulary(n, v) for n, v in spec.vocabularies.items())
+        )
     t = spec.training
     lines.append(
         f"  training: {t.rounds} rounds x {t.trees_per_round} trees, aggregation {t.aggregation}"
     )
     return "\n".join(lines)
+
+
+def _vocabulary(name: str, vocabulary: VocabularySpec) -> str:
+    """``category (5 values, other)``, ``merchant (learned: k=10, at most 64, other)``."""
+    if vocabulary.values is not None:
+        listed = len([v for v in vocabulary.values if v != OTHER])
+        what = [f"{listed} values"]
+    else:
+        what = [f"learned: k={vocabulary.min_entities}"]
+        if vocabulary.max_size is not None:
+            what.append(f"at most {vocabulary.max_size}")
+    if vocabulary.has_other:
+        what.append("other")
+    return f"{name} ({', '.join(what)})"

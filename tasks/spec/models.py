@@ -499,6 +499,107 @@ class RunSpec(SpecModel):
     )
 
 
+#: The bucket a vocabulary with ``other`` maps every value outside it to.
+OTHER = "other"
+#: Largest ``max_size`` a vocabulary may give.
+MAX_VOCABULARY_SIZE = 100_000
+#: Longest vocabulary value: values become parts of feature names (``txn__share_<value>``).
+MAX_VALUE_LENGTH = 64
+#: Characters a vocabulary value may not hold: LightGBM refuses them in feature names.
+FORBIDDEN_VALUE_CHARACTERS = frozenset('",:[]{}')
+
+
+def vocabulary_value_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a vocabulary value (``None`` when it can): empty, padded with
+    spaces (cells are compared stripped), too long, or holding a character a feature name
+    may not hold. The reason never quotes the value."""
+    if not value or value.strip() != value:
+        return "is empty or has surrounding spaces (cells are compared stripped)"
+    if len(value) > MAX_VALUE_LENGTH:
+        return f"is longer than {MAX_VALUE_LENGTH} characters (values name features)"
+    if any(c in FORBIDDEN_VALUE_CHARACTERS or not c.isprintable() for c in value):
+        return 'holds a control character or one of " , : [ ] { } (values name features)'
+    return None
+
+
+class VocabularySpec(SpecModel):
+    """The consortium's values of one category column: listed, or learned from the parties'
+    thresholded entity counts at ``prepare``. A plain list is short for ``values = [...]``."""
+
+    values: list[str] | None = Field(
+        default=None,
+        description="The values, in order (a multiclass label's order is its class index)",
+    )
+    learn: bool = Field(
+        default=False,
+        description="Learn the values at prepare from the parties' entity counts per value "
+        "(only counts of values held by at least min_entities entities leave a party)",
+    )
+    min_entities: int = Field(
+        default=10,
+        ge=1,
+        description="learn: a party counts a value only when at least this many of its "
+        "entities hold it",
+    )
+    max_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_VOCABULARY_SIZE,
+        description="At most this many values (learn: the most frequent; the other bucket "
+        "comes in addition)",
+    )
+    other: bool = Field(
+        default=False,
+        description="Map values outside the vocabulary to an 'other' value instead of missing "
+        "(a list holding 'other' does the same)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_list(cls, value: object) -> object:
+        return {"values": value} if isinstance(value, list) else value
+
+    @field_validator("values")
+    @classmethod
+    def _distinct(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("an empty vocabulary: list at least one value (or learn = true)")
+        seen: dict[str, int] = {}
+        for i, item in enumerate(value):
+            problem = vocabulary_value_problem(item)
+            if problem is not None:
+                raise ValueError(f"value {i + 1} {problem}")
+            if item in seen:
+                raise ValueError(
+                    f"duplicate value {item!r} (positions {seen[item] + 1} and {i + 1})"
+                )
+            seen[item] = i
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VocabularySpec:
+        if (self.values is None) == (not self.learn):
+            raise ValueError(
+                "give exactly one of 'values' (a list) or learn = true"
+                if self.values is None
+                else "give either 'values' or learn = true, not both"
+            )
+        if not self.learn and "min_entities" in self.model_fields_set:
+            raise ValueError("min_entities applies to learn = true only")
+        if self.values is not None and self.max_size is not None:
+            listed = len([v for v in self.values if v != OTHER])
+            if listed > self.max_size:
+                raise ValueError(f"lists {listed} values, more than max_size = {self.max_size}")
+        return self
+
+    @property
+    def has_other(self) -> bool:
+        """Whether values outside the vocabulary map to :data:`OTHER`."""
+        return self.other or (self.values is not None and OTHER in self.values)
+
+
 class DefaultsSpec(SpecModel):
     """Keys a party that leaves them out takes, ``{party}`` in every string value replaced by
     the party's id (:mod:`tasks.spec.defaults`); a party that gives a key keeps its own."""
@@ -528,9 +629,10 @@ class FedSpec(SpecModel):
     consortium: ConsortiumSpec = Field(description="Who, what and how of the consortium")
     parties: list[PartySpec] = Field(min_length=1, description="The parties and their sources")
     coordinator: CoordinatorSpec = Field(description="The coordinator's store")
-    vocabularies: dict[str, list[str]] = Field(
+    vocabularies: dict[str, VocabularySpec] = Field(
         default_factory=dict,
-        description="Category column -> its consortium vocabulary (the order gives the codes)",
+        description="Category vocabularies by canonical column: a list of values (short for "
+        "values = [...]) or a table with values or learn = true",
     )
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training settings")
     fusion: FusionSpec = Field(
@@ -557,6 +659,29 @@ class FedSpec(SpecModel):
             if party.id == party_id:
                 return party
         raise KeyError(f"no party {party_id!r} in consortium {self.consortium.name!r}")
+
+    def learned_vocabularies(self) -> dict[str, VocabularySpec]:
+        """The vocabularies learned at ``prepare`` (``learn = true``), by column."""
+        return {name: v for name, v in self.vocabularies.items() if v.learn}
+
+    def vocabulary_fingerprint(self) -> str:
+        """Hash of what decides a learned vocabulary: the consortium section (``as_of``
+        aside), the parties' ids and sources (not their stores or pools), and the
+        vocabularies section."""
+        blob = json.dumps(
+            {
+                "consortium": self.consortium.model_dump(mode="json", exclude={"as_of"}),
+                "parties": [
+                    p.model_dump(mode="json", by_alias=True, include={"id", "sources"})
+                    for p in self.parties
+                ],
+                "vocabularies": {
+                    k: v.model_dump(mode="json") for k, v in sorted(self.vocabularies.items())
+                },
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
 
     def label_party_ids(self) -> list[str]:
         return [p.id for p in self.parties if label_source(self, p) is not None]
