@@ -1,0 +1,328 @@
+"""``fedfuse init``: a spec drafted from real sample export files written by the test.
+
+Drafts using the keys ``csv``, ``key``, ``positive``, vocabulary tables or ``[defaults]``
+are checked on their TOML and model output; :func:`test_plain_draft_validates` runs
+``fedfuse validate`` on a draft that uses the keys every spec takes.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli.app import app
+from storage.sample import read_sample
+from storage.sources import SourceError
+from tasks.spec.draft import DraftError, DraftOptions, draft_spec, plan_label, profile, render_toml
+from tasks.spec.models import infer_format
+
+PLANS = ["basic", "plus", "premium"]
+
+
+def _customers(party: str, n: int, *, sep: str = ";", missing: str = "?") -> tuple[str, list[str]]:
+    """A customers export: id, age (some missing as ``missing``), plan, churn (Yes rarer)."""
+    ids = [f"{party}-cust-{i:04d}" for i in range(n)]
+    lines = [sep.join(["CustID", "Age", "Plan", "Churn"])]
+    for i, cid in enumerate(ids):
+        age = missing if i % 7 == 3 else str(20 + i % 50)
+        plan = "rare-plan" if i == 0 else PLANS[i % 3]
+        churn = "Yes" if i % 4 == 0 else "No"
+        lines.append(sep.join([cid, age, plan, churn]))
+    return "\n".join(lines) + "\n", ids
+
+
+def _transactions(ids: list[str]) -> str:
+    lines = ["cust;when;amt_cents;cat"]
+    for i, cid in enumerate(ids):
+        for j in range(2):
+            lines.append(f"{cid};03/{1 + (i + j) % 28:02d}/2026 10:{j:02d};{100 + i * 7 + j};{'groc' if j else 'elec'}")
+    return "\n".join(lines) + "\n"
+
+
+def _write_alike(root: Path, parties: list[str], n: int = 31) -> tuple[list[str], list[str]]:
+    args: list[str] = []
+    ids: list[str] = []
+    for party in parties:
+        folder = root / "exports" / party
+        folder.mkdir(parents=True)
+        text, party_ids = _customers(party, n)
+        (folder / "customers.csv").write_text(text)
+        (folder / "transactions.csv").write_text(_transactions(party_ids))
+        args += ["--party", f"{party}={folder / 'customers.csv'}"]
+        args += ["--party", f"{party}={folder / 'transactions.csv'}"]
+        ids += party_ids
+    return args, ids
+
+
+def _init(root: Path, args: list[str], *extra: str) -> tuple[int, str, str]:
+    out = root / "spec.toml"
+    result = CliRunner().invoke(app, ["init", str(out), *args, "--label", "Churn", *extra])
+    text = out.read_text() if out.exists() else ""
+    return result.exit_code, result.output, text
+
+
+def test_semicolon_csv_with_question_marks_and_yes_no_label(tmp_path: Path) -> None:
+    args, ids = _write_alike(tmp_path, ["site-a", "site-b"])
+    code, output, text = _init(tmp_path, args, "--as-of", "2026-06-30")
+    assert code == 0, output
+    spec = tomllib.loads(text)
+    assert spec["consortium"]["layout"] == "horizontal"
+    assert spec["consortium"]["task"] == "binary"
+    assert spec["consortium"]["entity"] == "cust_id"
+    assert spec["consortium"]["label"] == {"column": "churn", "positive": "Yes"}
+    assert 'positive = "Yes"  # every other value is class 0' in text
+    assert "positive: the rarer value (16 of 62 rows) is class 1" in text
+    # both parties export alike: their sources are given once under [defaults]
+    defaults = spec["defaults"]
+    assert defaults["store"] == "stores/{party}"
+    assert defaults["imports"] == ["exports/{party}"]
+    assert [p for p in spec["parties"]] == [{"id": "site-a"}, {"id": "site-b"}]
+    customers, transactions = defaults["sources"]
+    assert customers["path"] == "exports/{party}/customers.csv"
+    assert customers["grain"] == "entity"
+    assert customers["csv"] == {"delimiter": ";", "null_values": ["?"]}
+    assert customers["columns"] == {
+        "cust_id": {"from": "CustID", "dtype": "str", "required": True},
+        "age": {"from": "Age", "dtype": "int"},
+        "plan": {"from": "Plan", "dtype": "category"},
+        "churn": {"from": "Churn", "dtype": "str"},
+    }
+    assert transactions["grain"] == "transaction"
+    assert transactions["columns"] == {
+        "cust_id": {"from": "cust", "dtype": "str", "required": True},
+        "timestamp": {"from": "when", "dtype": "datetime", "format": "%m/%d/%Y %H:%M", "required": True},
+        "amount": {"from": "amt_cents", "dtype": "float", "unit": "cents", "required": True},
+        "category": {"from": "cat", "dtype": "category"},
+    }
+    assert "naive timestamps are read as UTC" in text
+    assert "unit cents read from the column name" in text
+    # vocabularies from thresholded entity counts: the value only one customer holds is
+    # held back and only counted
+    vocab = spec["vocabularies"]
+    assert vocab["plan"] == {"values": ["basic", "plus", "premium"], "other": True, "min_entities": 10}
+    assert vocab["category"] == {"values": ["elec", "groc"], "other": True, "min_entities": 10}
+    assert "1 value(s) held by fewer than 10 entities" in text
+    assert "rare-plan" not in text
+    for cid in ids:
+        assert cid not in text
+    assert "20" not in text.replace("2026", "")  # no cell value (ages) either
+
+
+def test_headerless_csv(tmp_path: Path) -> None:
+    folder = tmp_path / "exports" / "a"
+    folder.mkdir(parents=True)
+    rows = [f"k{i:03d},{i % 2},{1.5 * i:.2f},2026-01-{1 + i % 28:02d}" for i in range(25)]
+    (folder / "accounts.csv").write_text("\n".join(rows) + "\n")
+    code, output, text = _init(tmp_path, ["--party", f"a={folder / 'accounts.csv'}"], "--label", "column_2")
+    assert code == 0, output
+    spec = tomllib.loads(text)
+    source = spec["parties"][0]["sources"][0]
+    assert source["csv"] == {"header": False, "names": ["column_1", "column_2", "column_3", "column_4"]}
+    assert source["columns"]["column_4"] == {"from": "column_4", "dtype": "date", "format": "%Y-%m-%d"}
+    assert source["columns"]["column_3"]["dtype"] == "float"
+    assert spec["consortium"]["label"] == {"column": "column_2"}
+    assert spec["consortium"]["task"] == "binary"
+    assert "k001" not in text
+
+
+def test_jsonl_events_text_and_device_map(tmp_path: Path) -> None:
+    folder = tmp_path / "exports" / "a"
+    folder.mkdir(parents=True)
+    ids = [f"C{i}" for i in range(12)]
+    (folder / "customers.csv").write_text(
+        "customer_id,churned\n" + "".join(f"{c},{i % 2}\n" for i, c in enumerate(ids))
+    )
+    (folder / "devices.csv").write_text(
+        "device,owner\n" + "".join(f"dev{i},{c}\n" for i, c in enumerate(ids))
+    )
+    with (folder / "readings.jsonl").open("w") as handle:
+        for i in range(60):
+            handle.write(
+                json.dumps({"device": f"dev{i % 12}", "ts": f"2026-03-{1 + i % 28:02d}T10:00:00+01:00", "usage_wh": 100 + i, "status_error": i % 9 == 0}) + "\n"
+            )
+    with (folder / "feedback.jsonl").open("w") as handle:
+        for i, c in enumerate(ids):
+            handle.write(
+                json.dumps({"user": c, "comment": f"the service was fine and quick, number {i} of many words here", "stars": i % 5}) + "\n"
+            )
+    args = [arg for name in ("customers.csv", "devices.csv", "readings.jsonl", "feedback.jsonl") for arg in ("--party", f"a={folder / name}")]
+    out = tmp_path / "spec.toml"
+    result = CliRunner().invoke(app, ["init", str(out), *args, "--label", "churned", "--entity", "customer_id"])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    spec = tomllib.loads(text)
+    sources = {s["id"]: s for s in spec["parties"][0]["sources"]}
+    assert sorted(sources) == ["customers", "feedback", "readings"]  # devices: the entity map
+    events = sources["readings"]
+    assert events["kind"] == "events"
+    assert events["columns"]["device_id"] == {"from": "device", "dtype": "str", "required": True}
+    assert events["columns"]["timestamp"]["format"] == "%Y-%m-%dT%H:%M:%S%.f%#z"
+    assert events["columns"]["usage_kwh"] == {"from": "usage_wh", "dtype": "float", "unit": "Wh"}
+    assert events["columns"]["error"] == {"from": "status_error", "dtype": "bool"}
+    assert events["entity_map"] == {
+        "path": "exports/a/devices.csv",
+        "columns": {
+            "device_id": {"from": "device", "dtype": "str"},
+            "customer_id": {"from": "owner", "dtype": "str"},
+        },
+    }
+    assert "offsets in the data: converted to UTC" in text
+    feedback = sources["feedback"]
+    assert feedback["kind"] == "text"
+    assert feedback["columns"]["text"] == {"from": "comment", "dtype": "str"}
+    assert feedback["columns"]["rating"] == {"from": "stars", "dtype": "float"}
+    assert feedback["columns"]["customer_id"]["from"] == "user"
+    assert spec["consortium"]["label"] == {"column": "churned"}
+    assert "dev1" not in text and "C1" not in text
+
+
+def test_plain_draft_validates(tmp_path: Path) -> None:
+    """A plain horizontal CSV case (header, id column) drafts a spec ``fedfuse validate``
+    accepts as it is."""
+    args: list[str] = []
+    for party, extra in (("site-a", ""), ("site-b", ",tenure")):
+        folder = tmp_path / "exports" / party
+        folder.mkdir(parents=True)
+        lines = [f"customer_id,age,balance,churned{extra}"]
+        lines += [
+            f"{party}-{i},{30 + i % 40},{10.5 * i:.2f},{i % 3 == 0:d}" + (f",{i}" if extra else "")
+            for i in range(40)
+        ]
+        (folder / "customers.csv").write_text("\n".join(lines) + "\n")
+        args += ["--party", f"{party}={folder / 'customers.csv'}"]
+    out = tmp_path / "spec.toml"
+    result = CliRunner().invoke(app, ["init", str(out), *args, "--label", "churned", "--as-of", "2026-06-30", "--name", "plain"])
+    assert result.exit_code == 0, result.output
+    spec = tomllib.loads(out.read_text())
+    assert "defaults" not in spec and "vocabularies" not in spec
+    checked = CliRunner().invoke(app, ["validate", str(out)])
+    assert checked.exit_code == 0, checked.output
+    assert "consortium 'plain': horizontal layout, binary task" in checked.output
+
+
+def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    args, _ = _write_alike(tmp_path, ["site-a"], n=12)
+    out = tmp_path / "spec.toml"
+    out.write_text("# mine\n")
+    code, output, text = _init(tmp_path, args)
+    assert code == 1
+    assert "exists; give --force" in output
+    assert text == "# mine\n"
+    code, output, text = _init(tmp_path, args, "--force")
+    assert code == 0, output
+    assert text.startswith("# Drafted by fedfuse init")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "file is empty"),
+        (b"\x00\x01\x02PK\x03\x04binary", "holds NUL bytes"),
+        (b"CustID;Churn\n", "holds no data rows"),
+        (b"\xff\xfe\xfa;\xfb\n", "not UTF-8 text"),
+    ],
+)
+def test_bad_files_give_one_line(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "exports" / "a.csv"
+    path.parent.mkdir()
+    path.write_bytes(content)
+    code, output, text = _init(tmp_path, ["--party", f"a={path}"])
+    assert code == 1
+    assert message in output
+    assert "Traceback" not in output and len(output.strip().splitlines()) == 1
+    assert text == ""
+
+
+def test_worst_columns(tmp_path: Path) -> None:
+    """One row, a column of all nulls, 10k distinct strings, mixed types."""
+    one = tmp_path / "one.csv"
+    one.write_text("CustID,Churn,empty\nC1,1,\n")
+    sample = read_sample(str(one), "csv")
+    assert profile(sample.frame["empty"]).note == "all values missing"
+    with pytest.raises(DraftError, match="holds one value only"):
+        draft_spec([("a", sample)], _options(tmp_path))
+    many = tmp_path / "many.csv"
+    many.write_text(
+        "CustID,Churn,token,mixed\n"
+        + "".join(f"C{i},{i % 2},tok-{i},{i if i % 3 else 'x'}\n" for i in range(10_000))
+    )
+    draft = draft_spec([("a", read_sample(str(many), "csv"))], _options(tmp_path))
+    columns = {c.raw: c for c in draft.parties[0].sources[0].columns}  # type: ignore[index]
+    assert columns["token"].dtype == "str"
+    assert columns["mixed"].dtype == "str"
+    assert columns["mixed"].note == "mixed: 6666 of 10000 values are numbers; mapped as str"
+    text = render_toml(draft)
+    assert "tok-" not in text and "C17" not in text
+    assert draft.vocabularies == []
+
+
+def test_no_unique_column_gives_row_number_key(tmp_path: Path) -> None:
+    path = tmp_path / "survey.csv"
+    path.write_text("region,score,Churn\n" + "".join(f"r{i % 3},{i % 5},{i % 2}\n" for i in range(30)))
+    draft = draft_spec([("a", read_sample(str(path), "csv"))], _options(tmp_path))
+    source = draft.parties[0].sources[0]  # type: ignore[index]
+    assert source.row_number_key
+    text = render_toml(draft)
+    assert "key = { row_number = true }" in text
+    assert "no column is unique and non-null" in text
+    assert tomllib.loads(text)["parties"][0]["sources"][0]["key"] == {"row_number": True}
+
+
+def test_vertical_layout_and_label_party(tmp_path: Path) -> None:
+    a = tmp_path / "exports" / "A" / "accounts.csv"
+    b = tmp_path / "exports" / "B" / "usage.csv"
+    a.parent.mkdir(parents=True)
+    b.parent.mkdir(parents=True)
+    a.write_text("customer_id,plan_fee,churned\n" + "".join(f"c{i},{i * 1.5},{i % 2}\n" for i in range(20)))
+    b.write_text("customer_id,minutes,sms\n" + "".join(f"c{i},{i * 3},{i}\n" for i in range(20)))
+    code, output, text = _init(
+        tmp_path, ["--party", f"A={a}", "--party", f"B={b}"], "--label", "churned"
+    )
+    assert code == 0, output
+    spec = tomllib.loads(text)
+    assert spec["consortium"]["layout"] == "vertical"
+    assert spec["consortium"]["label"] == {"column": "churned", "party": "A"}
+    code, output, _ = _init(
+        tmp_path, ["--party", f"A={a}", "--party", f"B={b}"], "--label", "churned", "--layout", "horizontal", "--force"
+    )
+    assert code == 1
+    assert "have no file with the label column" in output
+
+
+def test_label_plans() -> None:
+    import polars as pl
+
+    assert plan_label("y", pl.Series(["0", "1", "1"])).task == "binary"
+    multi = plan_label("y", pl.Series(["walk", "sit", "stand", "sit"]))
+    assert (multi.task, multi.num_classes, multi.classes) == ("multiclass", 3, ["sit", "stand", "walk"])
+    assert plan_label("y", pl.Series(["1.5", "2.25", "3"])).task == "regression"
+    with pytest.raises(DraftError, match="21 distinct text values"):
+        plan_label("y", pl.Series([f"v{i}" for i in range(21)]))
+
+
+def test_toml_quoting(tmp_path: Path) -> None:
+    path = tmp_path / "odd.csv"
+    path.write_text('"Cust ""ID""","we\\ird\tname",Churn\n' + "".join(f"c{i},{i},{i % 2}\n" for i in range(12)))
+    sample = read_sample(str(path), infer_format(str(path)))
+    text = render_toml(draft_spec([("a", sample)], _options(tmp_path)))
+    columns = tomllib.loads(text)["parties"][0]["sources"][0]["columns"]
+    assert {c["from"] for c in columns.values()} == {'Cust "ID"', "we\\ird\tname", "Churn"}
+
+
+def test_unknown_source_format(tmp_path: Path) -> None:
+    path = tmp_path / "data.xlsx"
+    path.write_bytes(b"PK\x03\x04")
+    code, output, _ = _init(tmp_path, ["--party", f"a={path}"])
+    assert code == 1 and "unknown format" in output
+    with pytest.raises(SourceError, match="source file not found"):
+        read_sample(str(tmp_path / "missing.csv"), "csv")
+
+
+def _options(root: Path) -> DraftOptions:
+    import datetime as dt
+
+    return DraftOptions(label="Churn", as_of=dt.date(2026, 6, 30), name="t", spec_folder=str(root))
