@@ -100,9 +100,7 @@ def _decode(location: str, data: bytes, *, truncated: bool) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise SourceError(
-            f"{location}: not UTF-8 text (byte {exc.start}: {exc.reason})"
-        ) from None
+        raise SourceError(f"{location}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
 
 
 def _field_counts(lines: list[str], delimiter: str) -> list[int]:
@@ -181,9 +179,7 @@ def sniff_csv(location: str, text: str) -> tuple[CsvDialect, list[str], list[lis
     lines = text.splitlines()
     if not any(line.strip() for line in lines):
         raise SourceError(f"{location}: file is empty")
-    prefix = next(
-        (p for p in COMMENT_PREFIXES if any(line.startswith(p) for line in lines)), None
-    )
+    prefix = next((p for p in COMMENT_PREFIXES if any(line.startswith(p) for line in lines)), None)
     content = [
         (n, line)
         for n, line in enumerate(lines)
@@ -197,16 +193,15 @@ def sniff_csv(location: str, text: str) -> tuple[CsvDialect, list[str], list[lis
     start = next((i for i, count in enumerate(counts) if count == modal), 0)
     # a preamble (title lines before the table) is skipped by line count, comments included
     skip_rows = content[start][0] if start else 0
-    if start and not any(
-        line.startswith(prefix or "\0") for line in lines[content[start][0] :]
-    ):
+    if start and not any(line.startswith(prefix or "\0") for line in lines[content[start][0] :]):
         prefix = None
     body = "\n".join(line for _, line in content[start:])
     quote = '"' if '"' in body else ""
     reader = csv.reader(
-        io.StringIO(body), delimiter=delimiter, quotechar=quote or None, quoting=csv.QUOTE_MINIMAL
-        if quote
-        else csv.QUOTE_NONE,
+        io.StringIO(body),
+        delimiter=delimiter,
+        quotechar=quote or None,
+        quoting=csv.QUOTE_MINIMAL if quote else csv.QUOTE_NONE,
     )
     try:
         rows = [row for row in reader if row]
@@ -219,7 +214,9 @@ def sniff_csv(location: str, text: str) -> tuple[CsvDialect, list[str], list[lis
         rows = rows[1:]
         empty = [i for i, name in enumerate(names, start=1) if not name]
         if empty:
-            raise SourceError(f"{location}: empty column name(s) in the header, at column(s) {empty}")
+            raise SourceError(
+                f"{location}: empty column name(s) in the header, at column(s) {empty}"
+            )
         repeated = [i for i, name in enumerate(names, start=1) if names.index(name) < i - 1]
         if repeated:  # positions, not names: a header may be a line of data
             raise SourceError(

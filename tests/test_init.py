@@ -39,7 +39,9 @@ def _transactions(ids: list[str]) -> str:
     lines = ["cust;when;amt_cents;cat"]
     for i, cid in enumerate(ids):
         for j in range(2):
-            lines.append(f"{cid};03/{1 + (i + j) % 28:02d}/2026 10:{j:02d};{100 + i * 7 + j};{'groc' if j else 'elec'}")
+            lines.append(
+                f"{cid};03/{1 + (i + j) % 28:02d}/2026 10:{j:02d};{100 + i * 7 + j};{'groc' if j else 'elec'}"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -80,7 +82,7 @@ def test_semicolon_csv_with_question_marks_and_yes_no_label(tmp_path: Path) -> N
     defaults = spec["defaults"]
     assert defaults["store"] == "stores/{party}"
     assert defaults["imports"] == ["exports/{party}"]
-    assert [p for p in spec["parties"]] == [{"id": "site-a"}, {"id": "site-b"}]
+    assert list(spec["parties"]) == [{"id": "site-a"}, {"id": "site-b"}]
     customers, transactions = defaults["sources"]
     assert customers["path"] == "exports/{party}/customers.csv"
     assert customers["grain"] == "entity"
@@ -94,7 +96,12 @@ def test_semicolon_csv_with_question_marks_and_yes_no_label(tmp_path: Path) -> N
     assert transactions["grain"] == "transaction"
     assert transactions["columns"] == {
         "cust_id": {"from": "cust", "dtype": "str", "required": True},
-        "timestamp": {"from": "when", "dtype": "datetime", "format": "%m/%d/%Y %H:%M", "required": True},
+        "timestamp": {
+            "from": "when",
+            "dtype": "datetime",
+            "format": "%m/%d/%Y %H:%M",
+            "required": True,
+        },
         "amount": {"from": "amt_cents", "dtype": "float", "unit": "cents", "required": True},
         "category": {"from": "cat", "dtype": "category"},
     }
@@ -103,7 +110,11 @@ def test_semicolon_csv_with_question_marks_and_yes_no_label(tmp_path: Path) -> N
     # vocabularies from thresholded entity counts: the value only one customer holds is
     # held back and only counted
     vocab = spec["vocabularies"]
-    assert vocab["plan"] == {"values": ["basic", "plus", "premium"], "other": True, "min_entities": 10}
+    assert vocab["plan"] == {
+        "values": ["basic", "plus", "premium"],
+        "other": True,
+        "min_entities": 10,
+    }
     assert vocab["category"] == {"values": ["elec", "groc"], "other": True, "min_entities": 10}
     assert "1 value(s) held by fewer than 10 entities" in text
     assert "rare-plan" not in text
@@ -117,12 +128,21 @@ def test_headerless_csv(tmp_path: Path) -> None:
     folder.mkdir(parents=True)
     rows = [f"k{i:03d},{i % 2},{1.5 * i:.2f},2026-01-{1 + i % 28:02d}" for i in range(25)]
     (folder / "accounts.csv").write_text("\n".join(rows) + "\n")
-    code, output, text = _init(tmp_path, ["--party", f"a={folder / 'accounts.csv'}"], "--label", "column_2")
+    code, output, text = _init(
+        tmp_path, ["--party", f"a={folder / 'accounts.csv'}"], "--label", "column_2"
+    )
     assert code == 0, output
     spec = tomllib.loads(text)
     source = spec["parties"][0]["sources"][0]
-    assert source["csv"] == {"header": False, "names": ["column_1", "column_2", "column_3", "column_4"]}
-    assert source["columns"]["column_4"] == {"from": "column_4", "dtype": "date", "format": "%Y-%m-%d"}
+    assert source["csv"] == {
+        "header": False,
+        "names": ["column_1", "column_2", "column_3", "column_4"],
+    }
+    assert source["columns"]["column_4"] == {
+        "from": "column_4",
+        "dtype": "date",
+        "format": "%Y-%m-%d",
+    }
     assert source["columns"]["column_3"]["dtype"] == "float"
     assert spec["consortium"]["label"] == {"column": "column_2"}
     assert spec["consortium"]["task"] == "binary"
@@ -142,16 +162,37 @@ def test_jsonl_events_text_and_device_map(tmp_path: Path) -> None:
     with (folder / "readings.jsonl").open("w") as handle:
         for i in range(60):
             handle.write(
-                json.dumps({"device": f"dev{i % 12}", "ts": f"2026-03-{1 + i % 28:02d}T10:00:00+01:00", "usage_wh": 100 + i, "status_error": i % 9 == 0}) + "\n"
+                json.dumps(
+                    {
+                        "device": f"dev{i % 12}",
+                        "ts": f"2026-03-{1 + i % 28:02d}T10:00:00+01:00",
+                        "usage_wh": 100 + i,
+                        "status_error": i % 9 == 0,
+                    }
+                )
+                + "\n"
             )
     with (folder / "feedback.jsonl").open("w") as handle:
         for i, c in enumerate(ids):
             handle.write(
-                json.dumps({"user": c, "comment": f"the service was fine and quick, number {i} of many words here", "stars": i % 5}) + "\n"
+                json.dumps(
+                    {
+                        "user": c,
+                        "comment": f"the service was fine and quick, number {i} of many words here",
+                        "stars": i % 5,
+                    }
+                )
+                + "\n"
             )
-    args = [arg for name in ("customers.csv", "devices.csv", "readings.jsonl", "feedback.jsonl") for arg in ("--party", f"a={folder / name}")]
+    args = [
+        arg
+        for name in ("customers.csv", "devices.csv", "readings.jsonl", "feedback.jsonl")
+        for arg in ("--party", f"a={folder / name}")
+    ]
     out = tmp_path / "spec.toml"
-    result = CliRunner().invoke(app, ["init", str(out), *args, "--label", "churned", "--entity", "customer_id"])
+    result = CliRunner().invoke(
+        app, ["init", str(out), *args, "--label", "churned", "--entity", "customer_id"]
+    )
     assert result.exit_code == 0, result.output
     text = out.read_text()
     spec = tomllib.loads(text)
@@ -195,7 +236,10 @@ def test_plain_draft_validates(tmp_path: Path) -> None:
         (folder / "customers.csv").write_text("\n".join(lines) + "\n")
         args += ["--party", f"{party}={folder / 'customers.csv'}"]
     out = tmp_path / "spec.toml"
-    result = CliRunner().invoke(app, ["init", str(out), *args, "--label", "churned", "--as-of", "2026-06-30", "--name", "plain"])
+    result = CliRunner().invoke(
+        app,
+        ["init", str(out), *args, "--label", "churned", "--as-of", "2026-06-30", "--name", "plain"],
+    )
     assert result.exit_code == 0, result.output
     spec = tomllib.loads(out.read_text())
     assert "defaults" not in spec and "vocabularies" not in spec
@@ -262,7 +306,9 @@ def test_worst_columns(tmp_path: Path) -> None:
 
 def test_no_unique_column_gives_row_number_key(tmp_path: Path) -> None:
     path = tmp_path / "survey.csv"
-    path.write_text("region,score,Churn\n" + "".join(f"r{i % 3},{i % 5},{i % 2}\n" for i in range(30)))
+    path.write_text(
+        "region,score,Churn\n" + "".join(f"r{i % 3},{i % 5},{i % 2}\n" for i in range(30))
+    )
     draft = draft_spec([("a", read_sample(str(path), "csv"))], _options(tmp_path))
     source = draft.parties[0].sources[0]  # type: ignore[index]
     assert source.row_number_key
@@ -277,7 +323,9 @@ def test_vertical_layout_and_label_party(tmp_path: Path) -> None:
     b = tmp_path / "exports" / "B" / "usage.csv"
     a.parent.mkdir(parents=True)
     b.parent.mkdir(parents=True)
-    a.write_text("customer_id,plan_fee,churned\n" + "".join(f"c{i},{i * 1.5},{i % 2}\n" for i in range(20)))
+    a.write_text(
+        "customer_id,plan_fee,churned\n" + "".join(f"c{i},{i * 1.5},{i % 2}\n" for i in range(20))
+    )
     b.write_text("customer_id,minutes,sms\n" + "".join(f"c{i},{i * 3},{i}\n" for i in range(20)))
     code, output, text = _init(
         tmp_path, ["--party", f"A={a}", "--party", f"B={b}"], "--label", "churned"
@@ -287,7 +335,13 @@ def test_vertical_layout_and_label_party(tmp_path: Path) -> None:
     assert spec["consortium"]["layout"] == "vertical"
     assert spec["consortium"]["label"] == {"column": "churned", "party": "A"}
     code, output, _ = _init(
-        tmp_path, ["--party", f"A={a}", "--party", f"B={b}"], "--label", "churned", "--layout", "horizontal", "--force"
+        tmp_path,
+        ["--party", f"A={a}", "--party", f"B={b}"],
+        "--label",
+        "churned",
+        "--layout",
+        "horizontal",
+        "--force",
     )
     assert code == 1
     assert "have no file with the label column" in output
@@ -298,7 +352,11 @@ def test_label_plans() -> None:
 
     assert plan_label("y", pl.Series(["0", "1", "1"])).task == "binary"
     multi = plan_label("y", pl.Series(["walk", "sit", "stand", "sit"]))
-    assert (multi.task, multi.num_classes, multi.classes) == ("multiclass", 3, ["sit", "stand", "walk"])
+    assert (multi.task, multi.num_classes, multi.classes) == (
+        "multiclass",
+        3,
+        ["sit", "stand", "walk"],
+    )
     assert plan_label("y", pl.Series(["1.5", "2.25", "3"])).task == "regression"
     with pytest.raises(DraftError, match="21 distinct text values"):
         plan_label("y", pl.Series([f"v{i}" for i in range(21)]))
@@ -306,7 +364,9 @@ def test_label_plans() -> None:
 
 def test_toml_quoting(tmp_path: Path) -> None:
     path = tmp_path / "odd.csv"
-    path.write_text('"Cust ""ID""","we\\ird\tname",Churn\n' + "".join(f"c{i},{i},{i % 2}\n" for i in range(12)))
+    path.write_text(
+        '"Cust ""ID""","we\\ird\tname",Churn\n' + "".join(f"c{i},{i},{i % 2}\n" for i in range(12))
+    )
     sample = read_sample(str(path), infer_format(str(path)))
     text = render_toml(draft_spec([("a", sample)], _options(tmp_path)))
     columns = tomllib.loads(text)["parties"][0]["sources"][0]["columns"]

@@ -310,9 +310,13 @@ def profile(series: pl.Series) -> Profile:
         return Profile(series.name, "date", rows, nulls, series.drop_nulls().n_unique())
     if isinstance(dtype, pl.Datetime):
         return Profile(
-            series.name, "datetime", rows, nulls, series.drop_nulls().n_unique(),
+            series.name,
+            "datetime",
+            rows,
+            nulls,
+            series.drop_nulls().n_unique(),
             aware=dtype.time_zone is not None,
-        )  # fmt: skip
+        )
     if dtype != pl.String:
         return Profile(
             series.name, "str", rows, nulls, 0, note=f"nested values ({dtype}); mapped as str"
@@ -408,17 +412,23 @@ def _overlap(values: set[str], f: _File, raw: str) -> float:
     return len(own & values) / len(own)
 
 
-def _choose_key(party: str, files: list[_File], entity: str | None) -> list[str]:
-    """Set each file's key column (or none) and return the comments on the choice."""
-    candidates: list[tuple[tuple[int, int, int, int], str, _File]] = []
+def _choose_key(files: list[_File], entity: str | None, parties: Counter[str]) -> list[str]:
+    """Set each file's key column (or none) and return the comments on the choice. The best
+    candidate is unique and non-null in a file; then named like ``entity``, in most of the
+    party's files, in most parties' files (``parties``: raw name -> parties holding it),
+    named like a key, leftmost."""
+    candidates: list[tuple[tuple[int, int, int, int, int], str, _File]] = []
     for f in files:
         for position, p in enumerate(f.profiles.values()):
             if not (_key_like(p) and p.unique):
                 continue
+            if p.dtype == "int" and not _KEY_HINT.search(snake(p.raw)):
+                continue  # unique numbers (amounts, counts) are keys only when named so
             in_files = sum(p.raw in g.profiles for g in files)
             hinted = int(entity is not None and snake(p.raw) == snake(entity))
             named = int(bool(_KEY_HINT.search(snake(p.raw))))
-            candidates.append(((hinted, in_files, named, -position), p.raw, f))
+            score = (hinted, in_files, parties[p.raw], named, -position)
+            candidates.append((score, p.raw, f))
     if not candidates:
         return ["key: no column is unique and non-null in any file of this party"]
     candidates.sort(key=lambda c: c[0], reverse=True)
@@ -433,12 +443,16 @@ def _choose_key(party: str, files: list[_File], entity: str | None) -> list[str]
             continue
         # the key may have another name in this file: the column whose values it holds
         best = max(
-            ((_overlap(values, f, p.raw), p.raw) for p in f.profiles.values() if _key_like(p, repeated=True)),
+            (
+                (_overlap(values, f, p.raw), p.raw)
+                for p in f.profiles.values()
+                if _key_like(p, repeated=True)
+            ),
             default=(0.0, ""),
         )
         if best[0] >= 0.5:
             f.key, f.key_share = best[1], best[0]
-    others = sorted({name for _, name, _ in candidates[1:]} - {raw})
+    others = sorted({name for _, name, _ in candidates[1:]} - {f.key for f in files})
     notes = [
         f"key: {raw!r} (unique and non-null in {home.sample.location.rsplit('/', 1)[-1]}, "
         f"found in {sum(f.key is not None for f in files)} of {len(files)} file(s))"
@@ -451,7 +465,9 @@ def _choose_key(party: str, files: list[_File], entity: str | None) -> list[str]
 def _classify(f: _File) -> None:
     """Set the file's role: entity_map, events, text, entity or transaction."""
     devices = [
-        p for p in f.profiles.values() if _is_device(p.raw) and p.dtype in ("str", "int", "category")
+        p
+        for p in f.profiles.values()
+        if _is_device(p.raw) and p.dtype in ("str", "int", "category")
     ]
     times = f.of("datetime", "date")
     if devices and f.key and len(f.profiles) == 2 and f.key != devices[0].raw:
@@ -467,12 +483,18 @@ def _classify(f: _File) -> None:
 
 
 def _column(
-    name: str, p: Profile, *, dtype: ColumnType | None = None, required: bool = False,
+    name: str,
+    p: Profile,
+    *,
+    dtype: ColumnType | None = None,
+    required: bool = False,
     note: str | None = None,
-) -> DraftColumn:  # fmt: skip
+) -> DraftColumn:
     chosen: ColumnType = dtype or ("str" if p.dtype == "text" else p.dtype)  # type: ignore[assignment]
     unit = unit_of(p.raw) if chosen in ("int", "float") else None
-    notes = [n for n in (p.note, _time_note(p) if chosen in ("datetime", "date") else None, note) if n]
+    notes = [
+        n for n in (p.note, _time_note(p) if chosen in ("datetime", "date") else None, note) if n
+    ]
     if unit:
         notes.append(f"unit {unit} read from the column name")
     return DraftColumn(
@@ -496,7 +518,9 @@ def _unique_names(columns: list[DraftColumn]) -> list[DraftColumn]:
     out = []
     for c in columns:
         seen[c.name] += 1
-        out.append(c if seen[c.name] == 1 else c.model_copy(update={"name": f"{c.name}_{seen[c.name]}"}))
+        out.append(
+            c if seen[c.name] == 1 else c.model_copy(update={"name": f"{c.name}_{seen[c.name]}"})
+        )
     return out
 
 
@@ -540,11 +564,13 @@ def plan_label(raw: str, values: pl.Series) -> _LabelPlan:
     if lowered <= {"true", "false"}:
         return _LabelPlan("binary", "bool", note="values true and false")
     if distinct == 2:
-        (a, na), (b, nb) = sorted(counts.items(), key=lambda kv: (kv[1], kv[0]))
+        (a, na), (_, nb) = sorted(counts.items(), key=lambda kv: (kv[1], kv[0]))
         return _LabelPlan(
-            "binary", "str", positive=a,
+            "binary",
+            "str",
+            positive=a,
             note=f"positive: the rarer value ({na} of {na + nb} rows) is class 1, the other class 0",
-        )  # fmt: skip
+        )
     if distinct > MAX_LABEL_CLASSES:
         raise DraftError(
             f"label column {raw!r} holds {distinct} distinct text values (at most "
@@ -552,9 +578,12 @@ def plan_label(raw: str, values: pl.Series) -> _LabelPlan:
         )
     classes = [v for v, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
     return _LabelPlan(
-        "multiclass", "str", num_classes=distinct, classes=classes,
+        "multiclass",
+        "str",
+        num_classes=distinct,
+        classes=classes,
         note=f"{distinct} classes, listed under [vocabularies] by frequency",
-    )  # fmt: skip
+    )
 
 
 # -- sources -------------------------------------------------------------------------------
@@ -597,17 +626,22 @@ def _source_notes(f: _File, mapped: set[str]) -> list[str]:
 
 
 def _build_source(
-    f: _File, *, entity: str, label_raw: str | None, label_plan: _LabelPlan | None,
-    label_name: str, folder: str, entity_map: _File | None, source_id: str,
-) -> DraftSource:  # fmt: skip
+    f: _File,
+    *,
+    entity: str,
+    label_raw: str | None,
+    label_plan: _LabelPlan | None,
+    label_name: str,
+    folder: str,
+    entity_map: _File | None,
+    source_id: str,
+) -> DraftSource:
     P = f.profiles
     cols: list[DraftColumn] = []
-    key_col = (
-        [_column(entity, P[f.key], dtype="str", required=True, note=None)] if f.key else []
-    )
+    key_col = [_column(entity, P[f.key], dtype="str", required=True, note=None)] if f.key else []
     grain: TableGrain | None = None
     emap: DraftEntityMap | None = None
-    others = [p for p in P.values() if p.raw != f.key and p.raw != label_raw]
+    others = [p for p in P.values() if p.raw not in {f.key, label_raw}]
     if f.role == "events":
         device = next(p for p in others if _is_device(p.raw))
         time = next(p for p in others if p.dtype in ("datetime", "date"))
@@ -634,7 +668,10 @@ def _build_source(
         elif f.key:
             emap = DraftEntityMap(
                 path=_relative(f.sample.location, folder),
-                columns=[_column(DEVICE, device, dtype="str"), key_col[0].model_copy(update={"required": False})],
+                columns=[
+                    _column(DEVICE, device, dtype="str"),
+                    key_col[0].model_copy(update={"required": False}),
+                ],
             )
         key_col = []
     elif f.role == "text":
@@ -643,20 +680,20 @@ def _build_source(
         rating = _pick((p for p in others if p.dtype in ("int", "float")), _RATING_NAME)
         if rating is not None and _RATING_NAME.search(snake(rating.raw)):
             cols.append(_column(RATING, rating, dtype="float"))
-        time = next((p for p in others if p.dtype in ("datetime", "date")), None)
-        if time is not None:
-            cols.append(_column(TIMESTAMP, time, dtype="datetime"))
+        when = next((p for p in others if p.dtype in ("datetime", "date")), None)
+        if when is not None:
+            cols.append(_column(TIMESTAMP, when, dtype="datetime"))
     elif f.role == "entity":
         grain = "entity"
         for p in others:
             cols.append(_column(canonical_name(p.raw, unit_of(p.raw)), p))
     else:
         grain = "transaction"
-        time = next((p for p in others if p.dtype in ("datetime", "date")), None)
-        if time is None:
+        when = next((p for p in others if p.dtype in ("datetime", "date")), None)
+        if when is None:
             f.notes.append("rows repeat the key but no timestamp column was found")
         else:
-            cols.append(_column(TIMESTAMP, time, dtype="datetime", required=True))
+            cols.append(_column(TIMESTAMP, when, dtype="datetime", required=True))
         numeric = [p for p in others if p.dtype in ("int", "float")]
         amount = _pick(numeric, _AMOUNT_NAME)
         if amount is None:
@@ -668,11 +705,13 @@ def _build_source(
         if category is not None and category.raw not in (f.key, label_raw):
             cols.append(_column(CATEGORY, category))
     if label_raw is not None and label_plan is not None:
-        cols.append(
-            DraftColumn(name=label_name, raw=label_raw, dtype=label_plan.dtype, note=None)
-        )
+        cols.append(DraftColumn(name=label_name, raw=label_raw, dtype=label_plan.dtype, note=None))
     columns = _unique_names(key_col + cols)
-    mapped = {c.raw for c in columns} | ({c.raw for c in emap.columns} if emap and emap.path == _relative(f.sample.location, folder) else set())
+    mapped = {c.raw for c in columns} | (
+        {c.raw for c in emap.columns}
+        if emap and emap.path == _relative(f.sample.location, folder)
+        else set()
+    )
     notes = []
     if f.key is None and f.role != "events":
         notes.append("no column is unique and non-null: the data row number is the entity id")
@@ -713,27 +752,26 @@ def _layout(files: dict[str, list[_File]], options: DraftOptions) -> tuple[Layou
     if len(files) == 1:
         return "horizontal", "one party"
     names = {
-        party: {snake(raw) for f in fs for raw in f.profiles if raw != f.key} for party, fs in files.items()
+        party: {snake(raw) for f in fs for raw in f.profiles if raw != f.key}
+        for party, fs in files.items()
     }
     sets = list(names.values())
-    shared = min(
-        len(a & b) / max(len(a | b), 1) for i, a in enumerate(sets) for b in sets[i + 1 :]
-    )
+    shared = min(len(a & b) / max(len(a | b), 1) for i, a in enumerate(sets) for b in sets[i + 1 :])
     if shared >= 0.5:
         return "horizontal", f"the parties export the same columns ({shared:.0%} shared at least)"
     return "vertical", f"the parties share few columns besides the key ({shared:.0%})"
 
 
-def _vocabulary(
-    name: str, sites: list[tuple[pl.DataFrame, str, str]], k: int
-) -> DraftVocabulary:
+def _vocabulary(name: str, sites: list[tuple[pl.DataFrame, str, str]], k: int) -> DraftVocabulary:
     counts = []
     seen: set[str] = set()
     for frame, key, raw in sites:
         counts.append(entity_value_counts(frame, key=key, column=raw, min_entities=k))
         seen |= set(_text(frame[raw]).unique().to_list())
     values = merge_counts(counts)
-    return DraftVocabulary(name=name, values=values, min_entities=k, held_back=len(seen) - len(values))
+    return DraftVocabulary(
+        name=name, values=values, min_entities=k, held_back=len(seen) - len(values)
+    )
 
 
 def _template(source: DraftSource, party: str) -> DraftSource | None:
@@ -780,13 +818,14 @@ def _with_defaults(parties: list[DraftParty]) -> tuple[DraftDefaults | None, lis
     signature, members = max(groups.items(), key=lambda kv: len(kv[1]))
     if len(members) < 2:
         return None, parties
-    sources, imports = templates[signature]
+    shared_sources, shared_imports = templates[signature]
     out = [
-        p.model_copy(update={"store": None, "imports": None, "sources": None}) if i in members
+        p.model_copy(update={"store": None, "imports": None, "sources": None})
+        if i in members
         else p.model_copy(update={"store": None})
         for i, p in enumerate(parties)
-    ]  # fmt: skip
-    return DraftDefaults(store=store, imports=imports, sources=sources), out
+    ]
+    return DraftDefaults(store=store, imports=shared_imports, sources=shared_sources), out
 
 
 def draft_spec(samples: Sequence[tuple[str, SampleFile]], options: DraftOptions) -> SpecDraft:
@@ -799,15 +838,14 @@ def draft_spec(samples: Sequence[tuple[str, SampleFile]], options: DraftOptions)
         files.setdefault(party, []).append(_File(party, sample, profiles))
     if options.label_party is not None and options.label_party not in files:
         raise DraftError(f"--label-party {options.label_party!r} is not one of the parties")
-    key_notes = {party: _choose_key(party, fs, options.entity) for party, fs in files.items()}
+    holding = Counter(raw for fs in files.values() for raw in {r for f in fs for r in f.profiles})
+    key_notes = {party: _choose_key(fs, options.entity, holding) for party, fs in files.items()}
     for fs in files.values():
         for f in fs:
             _classify(f)
     layout, layout_note = _layout(files, options)
 
-    holders = [
-        (party, f) for party, fs in files.items() for f in fs if options.label in f.profiles
-    ]
+    holders = [(party, f) for party, fs in files.items() for f in fs if options.label in f.profiles]
     if not holders:
         raise DraftError(f"no sample file has the label column {options.label!r}")
     if layout == "vertical":
@@ -825,18 +863,25 @@ def draft_spec(samples: Sequence[tuple[str, SampleFile]], options: DraftOptions)
                 f"horizontal layout: part(ies) {missing} have no file with the label column "
                 f"{options.label!r}; give --layout vertical if only one party holds it"
             )
-    for party, f in holders:
+    for _, f in holders:
         if f.role != "entity":
             raise DraftError(
                 f"{f.sample.location}: the label column {options.label!r} must be in a file "
                 "with one row per entity (its key unique and non-null)"
             )
-    label_files = {id(f) for _, f in holders[:1]} if layout == "vertical" else {id(f) for _, f in holders}
+    label_files = (
+        {id(f) for _, f in holders[:1]} if layout == "vertical" else {id(f) for _, f in holders}
+    )
     plan = plan_label(options.label, pl.concat([_text(f.frame[options.label]) for _, f in holders]))
     label_name = snake(options.label)
 
     first_key = next(
-        (f.key for fs in ([files[label_party]] if label_party else []) + list(files.values()) for f in fs if f.key),
+        (
+            f.key
+            for fs in ([files[label_party]] if label_party else []) + list(files.values())
+            for f in fs
+            if f.key
+        ),
         None,
     )
     entity = options.entity or (snake(first_key) if first_key else "entity_id")
@@ -854,27 +899,39 @@ def draft_spec(samples: Sequence[tuple[str, SampleFile]], options: DraftOptions)
                 continue
             holds = id(f) in label_files
             source = _build_source(
-                f, entity=entity, label_raw=options.label if holds else None,
-                label_plan=plan if holds else None, label_name=label_name,
-                folder=options.spec_folder, entity_map=maps[0] if maps and f.role == "events" else None,
+                f,
+                entity=entity,
+                label_raw=options.label if holds else None,
+                label_plan=plan if holds else None,
+                label_name=label_name,
+                folder=options.spec_folder,
+                entity_map=maps[0] if maps and f.role == "events" else None,
                 source_id=_source_id(f.sample.location, taken),
-            )  # fmt: skip
+            )
             sources.append(source)
             frame = f.frame if f.key else f.frame.with_row_index("__row_key")
             key = f.key or "__row_key"
             for c in source.columns:
                 if c.dtype == "category" and c.name != label_name:
                     category_sites.setdefault(c.name, []).append((frame, key, c.raw))
-        folders = sorted({posixpath.dirname(_relative(f.sample.location, options.spec_folder)) or "." for f in fs})
+        folders = sorted(
+            {
+                posixpath.dirname(_relative(f.sample.location, options.spec_folder)) or "."
+                for f in fs
+            }
+        )
         parties.append(
             DraftParty(
-                id=party, store=f"stores/{party}",
-                imports=[d for d in folders if not is_uri(d)], sources=sources,
+                id=party,
+                store=f"stores/{party}",
+                imports=[d for d in folders if not is_uri(d)],
+                sources=sources,
                 notes=key_notes[party],
-            )  # fmt: skip
+            )
         )
     vocabularies = [
-        _vocabulary(name, sites, options.min_entities) for name, sites in sorted(category_sites.items())
+        _vocabulary(name, sites, options.min_entities)
+        for name, sites in sorted(category_sites.items())
     ]
     if plan.classes:
         vocabularies.append(DraftVocabulary(name=label_name, values=plan.classes, classes=True))
@@ -890,9 +947,12 @@ def draft_spec(samples: Sequence[tuple[str, SampleFile]], options: DraftOptions)
         task=plan.task,
         as_of=options.as_of,
         label=DraftLabel(
-            column=label_name, party=label_party, positive=plan.positive,
-            num_classes=plan.num_classes, note=plan.note,
-        ),  # fmt: skip
+            column=label_name,
+            party=label_party,
+            positive=plan.positive,
+            num_classes=plan.num_classes,
+            note=plan.note,
+        ),
         coordinator_store=coordinator,
         vocabularies=vocabularies,
         defaults=defaults,
