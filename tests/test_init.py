@@ -386,3 +386,49 @@ def _options(root: Path) -> DraftOptions:
     import datetime as dt
 
     return DraftOptions(label="Churn", as_of=dt.date(2026, 6, 30), name="t", spec_folder=str(root))
+
+
+def test_duplicate_key_free_text_in_the_label_file_and_label_elsewhere(tmp_path: Path) -> None:
+    """A customers file with one repeated id (of 150) and a free-text notes column keeps its
+    key and stays a one-row-per-entity table holding the label; a vertical party exporting
+    a column of the label's name does not map it."""
+    a = tmp_path / "exports" / "A" / "customers.csv"
+    b = tmp_path / "exports" / "B" / "usage.csv"
+    a.parent.mkdir(parents=True)
+    b.parent.mkdir(parents=True)
+    rows = [
+        f"c{i},{i % 2},this customer called about the bill and asked for a refund {i}"
+        for i in range(150)
+    ]
+    rows.append("c7,1,called again about the refund and still not happy with the service")
+    a.write_text("customer_id,churned,notes\n" + "\n".join(rows) + "\n")
+    b.write_text(
+        "customer_id,minutes,churned\n" + "".join(f"c{i},{i * 3},{i % 2}\n" for i in range(150))
+    )
+    code, output, text = _init(
+        tmp_path,
+        ["--party", f"A={a}", "--party", f"B={b}"],
+        "--label",
+        "churned",
+        "--layout",
+        "vertical",
+        "--label-party",
+        "A",
+    )
+    assert code == 0, output
+    spec = tomllib.loads(text)
+    first, second = spec["parties"]
+    source = first["sources"][0]
+    assert (source["kind"], source["grain"]) == ("table", "entity")
+    assert source["columns"]["customer_id"] == {
+        "from": "customer_id",
+        "dtype": "str",
+        "required": True,
+    }
+    assert source["columns"]["notes"]["dtype"] == "str"
+    assert "free text: a text source of its own would use it" in text
+    assert source["columns"]["churned"] == {"from": "churned", "dtype": "int"}
+    assert "0 row(s) without a key and 1 repeating one: quarantined" in text
+    assert "churned" not in second["sources"][0]["columns"]
+    assert "not mapped: 'churned'" in text
+    assert spec["consortium"]["label"] == {"column": "churned", "party": "A"}

@@ -249,6 +249,16 @@ class Profile:
     def unique(self) -> bool:
         return self.rows > 0 and self.nulls == 0 and self.distinct == self.rows
 
+    @property
+    def repeats(self) -> int:
+        """Values that repeat an earlier one."""
+        return self.rows - self.nulls - self.distinct
+
+    @property
+    def near_unique(self) -> bool:
+        """Unique and non-null but for at most 1% of the rows (quarantined by the pipeline)."""
+        return self.rows > 0 and self.distinct > 0 and self.nulls + self.repeats <= self.rows // 100
+
 
 def snake(name: str) -> str:
     """A canonical column name from a raw one: lowercase words joined by ``_``."""
@@ -274,8 +284,11 @@ def canonical_name(raw: str, unit: str | None) -> str:
     if unit is None:
         return name
     words = name.split("_")[:-1]
-    suffix = CANONICAL_SUFFIX[UNITS[unit].dimension]
-    return "_".join([*words, suffix] if suffix else words) or name
+    dimension = UNITS[unit].dimension
+    suffix = CANONICAL_SUFFIX[dimension]
+    if not words:  # the name is the unit alone ("minutes", "cents")
+        words = ["amount" if dimension == "money" else dimension]
+    return "_".join([*words, suffix] if suffix else words)
 
 
 def _text(series: pl.Series) -> pl.Series:
@@ -397,7 +410,7 @@ def _key_like(p: Profile, *, repeated: bool = False) -> bool:
     """Whether the column may hold entity ids (``repeated``: in a file of several rows per
     entity, where ids may look like a category)."""
     types = ("str", "int", "category") if repeated else ("str", "int")
-    return p.dtype in types and p.rows > 0 and p.nulls == 0 and not _is_device(p.raw)
+    return p.dtype in types and p.distinct > 0 and p.nulls * 100 <= p.rows and not _is_device(p.raw)
 
 
 def _key_values(f: _File, raw: str) -> set[str]:
@@ -420,7 +433,7 @@ def _choose_key(files: list[_File], entity: str | None, parties: Counter[str]) -
     candidates: list[tuple[tuple[int, int, int, int, int], str, _File]] = []
     for f in files:
         for position, p in enumerate(f.profiles.values()):
-            if not (_key_like(p) and p.unique):
+            if not (_key_like(p) and p.near_unique):
                 continue
             if p.dtype == "int" and not _KEY_HINT.search(snake(p.raw)):
                 continue  # unique numbers (amounts, counts) are keys only when named so
@@ -438,7 +451,7 @@ def _choose_key(files: list[_File], entity: str | None, parties: Counter[str]) -
     for f in files:
         if f is home:
             continue
-        if raw in f.profiles and f.profiles[raw].nulls == 0:
+        if raw in f.profiles and f.profiles[raw].distinct > 0:
             f.key, f.key_share = raw, _overlap(values, f, raw)
             continue
         # the key may have another name in this file: the column whose values it holds
@@ -454,7 +467,7 @@ def _choose_key(files: list[_File], entity: str | None, parties: Counter[str]) -
             f.key, f.key_share = best[1], best[0]
     others = sorted({name for _, name, _ in candidates[1:]} - {f.key for f in files})
     notes = [
-        f"key: {raw!r} (unique and non-null in {home.sample.location.rsplit('/', 1)[-1]}, "
+        f"key: {raw!r} ({'unique and non-null' if home.profiles[raw].unique else 'unique and non-null but for a few rows'} in {home.sample.location.rsplit('/', 1)[-1]}, "
         f"found in {sum(f.key is not None for f in files)} of {len(files)} file(s))"
     ]
     if others:
@@ -462,8 +475,9 @@ def _choose_key(files: list[_File], entity: str | None, parties: Counter[str]) -
     return notes
 
 
-def _classify(f: _File) -> None:
-    """Set the file's role: entity_map, events, text, entity or transaction."""
+def _classify(f: _File, label: str) -> None:
+    """Set the file's role: entity_map, events, text (a file with free text, unless it holds
+    the label), entity or transaction."""
     devices = [
         p
         for p in f.profiles.values()
@@ -474,9 +488,9 @@ def _classify(f: _File) -> None:
         f.role = "entity_map"
     elif devices and times and f.of("int", "float", "bool"):
         f.role = "events"
-    elif f.of("text"):
+    elif f.of("text") and label not in f.profiles:
         f.role = "text"
-    elif f.key is None or f.profiles[f.key].unique:
+    elif f.key is None or f.profiles[f.key].near_unique:
         f.role = "entity"  # without a key column: one entity per data row
     else:
         f.role = "transaction"
@@ -629,6 +643,7 @@ def _build_source(
     f: _File,
     *,
     entity: str,
+    label: str,
     label_raw: str | None,
     label_plan: _LabelPlan | None,
     label_name: str,
@@ -641,7 +656,7 @@ def _build_source(
     key_col = [_column(entity, P[f.key], dtype="str", required=True, note=None)] if f.key else []
     grain: TableGrain | None = None
     emap: DraftEntityMap | None = None
-    others = [p for p in P.values() if p.raw not in {f.key, label_raw}]
+    others = [p for p in P.values() if p.raw not in {f.key, label}]
     if f.role == "events":
         device = next(p for p in others if _is_device(p.raw))
         time = next(p for p in others if p.dtype in ("datetime", "date"))
@@ -686,7 +701,8 @@ def _build_source(
     elif f.role == "entity":
         grain = "entity"
         for p in others:
-            cols.append(_column(canonical_name(p.raw, unit_of(p.raw)), p))
+            note = "free text: a text source of its own would use it" if p.dtype == "text" else None
+            cols.append(_column(canonical_name(p.raw, unit_of(p.raw)), p, note=note))
     else:
         grain = "transaction"
         when = next((p for p in others if p.dtype in ("datetime", "date")), None)
@@ -715,6 +731,11 @@ def _build_source(
     notes = []
     if f.key is None and f.role != "events":
         notes.append("no column is unique and non-null: the data row number is the entity id")
+    elif f.role == "entity" and f.key is not None and not P[f.key].unique:
+        key = P[f.key]
+        notes.append(
+            f"{key.nulls} row(s) without a key and {key.repeats} repeating one: quarantined"
+        )
     elif f.key is not None and f.key_share < 1.0:
         notes.append(f"{f.key_share:.0%} of the key values are found in the party's key file")
     if f.role == "events" and emap is None:
@@ -842,10 +863,14 @@ def draft_spec(samples: Sequence[tuple[str, SampleFile]], options: DraftOptions)
     key_notes = {party: _choose_key(fs, options.entity, holding) for party, fs in files.items()}
     for fs in files.values():
         for f in fs:
-            _classify(f)
+            _classify(f, options.label)
     layout, layout_note = _layout(files, options)
 
-    holders = [(party, f) for party, fs in files.items() for f in fs if options.label in f.profiles]
+    holders = []  # per party, its first file holding the label, one row per entity if any
+    for party, fs in files.items():
+        found = [f for f in fs if options.label in f.profiles]
+        found.sort(key=lambda f: f.role != "entity")
+        holders += [(party, found[0])] if found else []
     if not holders:
         raise DraftError(f"no sample file has the label column {options.label!r}")
     if layout == "vertical":
@@ -869,9 +894,7 @@ def draft_spec(samples: Sequence[tuple[str, SampleFile]], options: DraftOptions)
                 f"{f.sample.location}: the label column {options.label!r} must be in a file "
                 "with one row per entity (its key unique and non-null)"
             )
-    label_files = (
-        {id(f) for _, f in holders[:1]} if layout == "vertical" else {id(f) for _, f in holders}
-    )
+    label_files = {id(f) for _, f in holders}
     plan = plan_label(options.label, pl.concat([_text(f.frame[options.label]) for _, f in holders]))
     label_name = snake(options.label)
 
@@ -901,6 +924,7 @@ def draft_spec(samples: Sequence[tuple[str, SampleFile]], options: DraftOptions)
             source = _build_source(
                 f,
                 entity=entity,
+                label=options.label,
                 label_raw=options.label if holds else None,
                 label_plan=plan if holds else None,
                 label_name=label_name,
