@@ -22,6 +22,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
@@ -101,10 +102,12 @@ _RATING_NAME = re.compile(r"rating|stars|score")
 _ERROR_NAME = re.compile(r"error|fault|fail|alarm")
 _INT_TEXT = r"^[+-]?\d+$"
 _BOOL_TEXT = frozenset(TRUE_TEXT + FALSE_TEXT) - {"0", "1"}
+#: Inferred types a column of ids may have (repeated ids look like a category).
+_ID_TYPES = ("str", "int", "category")
 _SOURCE_ID = re.compile(r"[^A-Za-z0-9_\-]+")
 
 #: A column's inferred type: a spec dtype, or ``text`` (free text: a text source's column).
-InferredType = ColumnType | str
+InferredType = ColumnType | Literal["text"]
 
 
 class DraftError(ValueError):
@@ -296,6 +299,15 @@ def _text(series: pl.Series) -> pl.Series:
     return stripped.filter(stripped.is_not_null() & (stripped != ""))
 
 
+def _parsed(values: pl.Series, fmt: str) -> int:
+    """How many of ``values`` parse as timestamps in ``fmt``."""
+    try:
+        parsed = values.str.to_datetime(fmt, strict=False, exact=True, time_unit="us")
+    except pl.exceptions.PolarsError:
+        return 0
+    return parsed.len() - parsed.null_count()
+
+
 def _parses_all(values: pl.Series, fmt: str, *, date: bool) -> bool:
     try:
         parsed = (
@@ -362,6 +374,10 @@ def profile(series: pl.Series) -> Profile:
     if numeric:
         base.note = f"mixed: {numeric} of {n} values are numbers; mapped as str"
         return base
+    stamps = max(_parsed(values, fmt) for fmt in DATETIME_FORMATS + DATE_FORMATS)
+    if stamps * 2 >= n:
+        base.note = f"mixed: {stamps} of {n} values are timestamps of one format; mapped as str"
+        return base
     chars = values.str.len_chars().mean()
     words = values.str.count_matches(r"\s+").mean()
     mean_chars = float(chars) if isinstance(chars, int | float) else 0.0
@@ -409,7 +425,7 @@ def _is_device(name: str) -> bool:
 def _key_like(p: Profile, *, repeated: bool = False) -> bool:
     """Whether the column may hold entity ids (``repeated``: in a file of several rows per
     entity, where ids may look like a category)."""
-    types = ("str", "int", "category") if repeated else ("str", "int")
+    types = _ID_TYPES if repeated else ("str", "int")
     return p.dtype in types and p.distinct > 0 and p.nulls * 100 <= p.rows and not _is_device(p.raw)
 
 
@@ -478,11 +494,7 @@ def _choose_key(files: list[_File], entity: str | None, parties: Counter[str]) -
 def _classify(f: _File, label: str) -> None:
     """Set the file's role: entity_map, events, text (a file with free text, unless it holds
     the label), entity or transaction."""
-    devices = [
-        p
-        for p in f.profiles.values()
-        if _is_device(p.raw) and p.dtype in ("str", "int", "category")
-    ]
+    devices = [p for p in f.profiles.values() if _is_device(p.raw) and p.dtype in _ID_TYPES]
     times = f.of("datetime", "date")
     if devices and f.key and len(f.profiles) == 2 and f.key != devices[0].raw:
         f.role = "entity_map"
@@ -496,6 +508,11 @@ def _classify(f: _File, label: str) -> None:
         f.role = "transaction"
 
 
+def _spec_dtype(inferred: InferredType) -> ColumnType:
+    """The spec dtype of an inferred type (free text is read as str)."""
+    return "str" if inferred == "text" else inferred
+
+
 def _column(
     name: str,
     p: Profile,
@@ -504,7 +521,7 @@ def _column(
     required: bool = False,
     note: str | None = None,
 ) -> DraftColumn:
-    chosen: ColumnType = dtype or ("str" if p.dtype == "text" else p.dtype)  # type: ignore[assignment]
+    chosen = dtype or _spec_dtype(p.dtype)
     unit = unit_of(p.raw) if chosen in ("int", "float") else None
     notes = [
         n for n in (p.note, _time_note(p) if chosen in ("datetime", "date") else None, note) if n
@@ -651,14 +668,16 @@ def _build_source(
     entity_map: _File | None,
     source_id: str,
 ) -> DraftSource:
-    P = f.profiles
+    profiles = f.profiles
     cols: list[DraftColumn] = []
-    key_col = [_column(entity, P[f.key], dtype="str", required=True, note=None)] if f.key else []
+    key_col = (
+        [_column(entity, profiles[f.key], dtype="str", required=True, note=None)] if f.key else []
+    )
     grain: TableGrain | None = None
     emap: DraftEntityMap | None = None
-    others = [p for p in P.values() if p.raw not in {f.key, label}]
+    others = [p for p in profiles.values() if p.raw not in {f.key, label}]
     if f.role == "events":
-        device = next(p for p in others if _is_device(p.raw))
+        device = next(p for p in others if _is_device(p.raw) and p.dtype in _ID_TYPES)
         time = next(p for p in others if p.dtype in ("datetime", "date"))
         cols += [
             _column(DEVICE, device, dtype="str", required=True),
@@ -731,8 +750,8 @@ def _build_source(
     notes = []
     if f.key is None and f.role != "events":
         notes.append("no column is unique and non-null: the data row number is the entity id")
-    elif f.role == "entity" and f.key is not None and not P[f.key].unique:
-        key = P[f.key]
+    elif f.role == "entity" and f.key is not None and not profiles[f.key].unique:
+        key = profiles[f.key]
         notes.append(
             f"{key.nulls} row(s) without a key and {key.repeats} repeating one: quarantined"
         )
@@ -770,6 +789,8 @@ def _source_id(location: str, taken: set[str]) -> str:
 def _layout(files: dict[str, list[_File]], options: DraftOptions) -> tuple[Layout, str]:
     if options.layout is not None:
         return options.layout, "given"
+    if options.label_party is not None:
+        return "vertical", "a label party is given"
     if len(files) == 1:
         return "horizontal", "one party"
     names = {
@@ -853,12 +874,20 @@ def draft_spec(samples: Sequence[tuple[str, SampleFile]], options: DraftOptions)
     """Draft a spec from the parties' sample files (``(party id, sample)`` pairs)."""
     if not samples:
         raise DraftError("no sample file given")
+    given = Counter(sample.location for _, sample in samples)
+    twice = sorted(location for location, n in given.items() if n > 1)
+    if twice:
+        raise DraftError(f"{twice[0]}: given {given[twice[0]]} times; give each file once")
     files: dict[str, list[_File]] = {}
     for party, sample in samples:
         profiles = {name: profile(sample.frame[name]) for name in sample.frame.columns}
         files.setdefault(party, []).append(_File(party, sample, profiles))
     if options.label_party is not None and options.label_party not in files:
         raise DraftError(f"--label-party {options.label_party!r} is not one of the parties")
+    if options.label_party is not None and options.layout == "horizontal":
+        raise DraftError(
+            "--label-party applies to the vertical layout; every party holds the label in the horizontal one"
+        )
     holding = Counter(raw for fs in files.values() for raw in {r for f in fs for r in f.profiles})
     key_notes = {party: _choose_key(fs, options.entity, holding) for party, fs in files.items()}
     for fs in files.values():
@@ -1099,6 +1128,15 @@ def render_toml(draft: SpecDraft) -> str:
     if draft.label.num_classes is not None:
         lines.append(_line("num_classes", draft.label.num_classes))
     lines += ["", "[coordinator]", _line("store", draft.coordinator_store)]
+    if draft.layout == "vertical":
+        lines += [
+            "",
+            "[fusion]",
+            _comment(
+                'choose how to train: mode = "rounds" with share_gradients = true, or '
+                'mode = "one_shot" with share_labels = true (both share label information)'
+            ),
+        ]
     if draft.vocabularies:
         lines += ["", "[vocabularies]"]
         for v in draft.vocabularies:
