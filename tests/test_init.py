@@ -432,3 +432,48 @@ def test_duplicate_key_free_text_in_the_label_file_and_label_elsewhere(tmp_path:
     assert "churned" not in second["sources"][0]["columns"]
     assert "not mapped: 'churned'" in text
     assert spec["consortium"]["label"] == {"column": "churned", "party": "A"}
+
+
+def test_preamble_tabs_na_and_mixed_timestamps(tmp_path: Path) -> None:
+    """Title lines before the header, tab separators, NA markers in a numeric column, and
+    a column of timestamps in two formats (read as str, said in a comment)."""
+    path = tmp_path / "exports" / "a" / "accounts.csv"
+    path.parent.mkdir(parents=True)
+    lines = ["Accounts export", "generated nightly", "id\tbalance\topened\tChurn"]
+    for i in range(30):
+        balance = "NA" if i % 5 == 0 else f"{i * 2.5}"
+        opened = f"2026-01-{1 + i % 28:02d} 10:00" if i % 2 else f"{1 + i % 28:02d}.01.2026 10:00"
+        lines.append(f"a{i}\t{balance}\t{opened}\t{i % 2}")
+    path.write_text("\n".join(lines) + "\n")
+    code, output, text = _init(tmp_path, ["--party", f"a={path}"])
+    assert code == 0, output
+    source = tomllib.loads(text)["parties"][0]["sources"][0]
+    assert source["csv"] == {"delimiter": "\t", "skip_rows": 2, "null_values": ["NA"]}
+    assert source["columns"]["balance"] == {"from": "balance", "dtype": "float"}
+    assert source["columns"]["opened"] == {"from": "opened", "dtype": "str"}
+    assert "mixed: 15 of 30 values are timestamps of one format; mapped as str" in text
+
+
+def test_label_party_implies_vertical_and_files_once(tmp_path: Path) -> None:
+    a = tmp_path / "exports" / "A" / "accounts.csv"
+    b = tmp_path / "exports" / "B" / "accounts.csv"
+    for path in (a, b):
+        path.parent.mkdir(parents=True)
+        path.write_text(
+            "customer_id,fee,churned\n" + "".join(f"c{i},{i},{i % 2}\n" for i in range(20))
+        )
+    code, output, text = _init(
+        tmp_path,
+        ["--party", f"A={a}", "--party", f"B={b}"],
+        "--label",
+        "churned",
+        "--label-party",
+        "B",
+    )
+    assert code == 0, output
+    spec = tomllib.loads(text)
+    assert spec["consortium"]["layout"] == "vertical"
+    assert spec["consortium"]["label"] == {"column": "churned", "party": "B"}
+    assert "fusion" in spec and 'mode = "rounds" with share_gradients' in text
+    code, output, _ = _init(tmp_path, ["--party", f"A={a}", "--party", f"A={a}"], "--force")
+    assert code == 1 and "given 2 times" in output
