@@ -60,9 +60,9 @@ def _write_alike(root: Path, parties: list[str], n: int = 31) -> tuple[list[str]
     return args, ids
 
 
-def _init(root: Path, args: list[str], *extra: str) -> tuple[int, str, str]:
+def _init(root: Path, args: list[str], *extra: str, label: str = "Churn") -> tuple[int, str, str]:
     out = root / "spec.toml"
-    result = CliRunner().invoke(app, ["init", str(out), *args, "--label", "Churn", *extra])
+    result = CliRunner().invoke(app, ["init", str(out), *args, "--label", label, *extra])
     text = out.read_text() if out.exists() else ""
     return result.exit_code, result.output, text
 
@@ -129,7 +129,7 @@ def test_headerless_csv(tmp_path: Path) -> None:
     rows = [f"k{i:03d},{i % 2},{1.5 * i:.2f},2026-01-{1 + i % 28:02d}" for i in range(25)]
     (folder / "accounts.csv").write_text("\n".join(rows) + "\n")
     code, output, text = _init(
-        tmp_path, ["--party", f"a={folder / 'accounts.csv'}"], "--label", "column_2"
+        tmp_path, ["--party", f"a={folder / 'accounts.csv'}"], label="column_2"
     )
     assert code == 0, output
     spec = tomllib.loads(text)
@@ -328,7 +328,7 @@ def test_vertical_layout_and_label_party(tmp_path: Path) -> None:
     )
     b.write_text("customer_id,minutes,sms\n" + "".join(f"c{i},{i * 3},{i}\n" for i in range(20)))
     code, output, text = _init(
-        tmp_path, ["--party", f"A={a}", "--party", f"B={b}"], "--label", "churned"
+        tmp_path, ["--party", f"A={a}", "--party", f"B={b}"], label="churned"
     )
     assert code == 0, output
     spec = tomllib.loads(text)
@@ -337,11 +337,10 @@ def test_vertical_layout_and_label_party(tmp_path: Path) -> None:
     code, output, _ = _init(
         tmp_path,
         ["--party", f"A={a}", "--party", f"B={b}"],
-        "--label",
-        "churned",
         "--layout",
         "horizontal",
         "--force",
+        label="churned",
     )
     assert code == 1
     assert "have no file with the label column" in output
@@ -408,12 +407,11 @@ def test_duplicate_key_free_text_in_the_label_file_and_label_elsewhere(tmp_path:
     code, output, text = _init(
         tmp_path,
         ["--party", f"A={a}", "--party", f"B={b}"],
-        "--label",
-        "churned",
         "--layout",
         "vertical",
         "--label-party",
         "A",
+        label="churned",
     )
     assert code == 0, output
     spec = tomllib.loads(text)
@@ -463,12 +461,7 @@ def test_label_party_implies_vertical_and_files_once(tmp_path: Path) -> None:
             "customer_id,fee,churned\n" + "".join(f"c{i},{i},{i % 2}\n" for i in range(20))
         )
     code, output, text = _init(
-        tmp_path,
-        ["--party", f"A={a}", "--party", f"B={b}"],
-        "--label",
-        "churned",
-        "--label-party",
-        "B",
+        tmp_path, ["--party", f"A={a}", "--party", f"B={b}"], "--label-party", "B", label="churned"
     )
     assert code == 0, output
     spec = tomllib.loads(text)
@@ -477,3 +470,54 @@ def test_label_party_implies_vertical_and_files_once(tmp_path: Path) -> None:
     assert "fusion" in spec and 'mode = "rounds" with share_gradients' in text
     code, output, _ = _init(tmp_path, ["--party", f"A={a}", "--party", f"A={a}"], "--force")
     assert code == 1 and "given 2 times" in output
+
+
+def test_events_and_text_draft_validates_and_runs_the_party_pipeline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CSV customers, a device map, JSONL readings with offsets and JSONL feedback: the
+    draft uses keys every spec takes, validates, and the party's pipeline reads every row
+    of every source through it (nothing quarantined)."""
+    from tasks.prepare.steps import PartyContext, run_party
+    from tasks.spec.load import load_spec
+
+    monkeypatch.setenv("FEDFUSE_SECRET", "0123456789abcdef0123456789abcdef")
+    folder = tmp_path / "exports" / "a"
+    folder.mkdir(parents=True)
+    ids = [f"C{i}" for i in range(12)]
+    (folder / "customers.csv").write_text(
+        "customer_id,churned,joined\n"
+        + "".join(f"{c},{i % 2},2025-0{1 + i % 9}-1{i % 10}\n" for i, c in enumerate(ids))
+    )
+    (folder / "devices.csv").write_text(
+        "device,owner\n" + "".join(f"dev{i},{c}\n" for i, c in enumerate(ids))
+    )
+    with (folder / "readings.jsonl").open("w") as handle:
+        for i in range(60):
+            record = {
+                "device": f"dev{i % 12}",
+                "ts": f"2026-03-{1 + i % 28:02d}T10:00:00{'+01:00' if i % 2 else 'Z'}",
+                "usage_wh": 100 + i,
+                "temp_f": 60.5 + i % 4,
+                "status_error": i % 9 == 0,
+            }
+            handle.write(json.dumps(record) + "\n")
+    with (folder / "feedback.jsonl").open("w") as handle:
+        for i, c in enumerate(ids):
+            comment = f"the service was fine and quick, visit {i} of many, thank you all"
+            handle.write(json.dumps({"user": c, "comment": comment, "stars": i % 5}) + "\n")
+    names = ("customers.csv", "devices.csv", "readings.jsonl", "feedback.jsonl")
+    args = [arg for name in names for arg in ("--party", f"a={folder / name}")]
+    code, output, _ = _init(tmp_path, args, "--as-of", "2026-03-31", label="churned")
+    assert code == 0, output
+    spec_path = tmp_path / "spec.toml"
+    checked = CliRunner().invoke(app, ["validate", str(spec_path)])
+    assert checked.exit_code == 0, checked.output
+    spec = load_spec(str(spec_path))
+    out = run_party(PartyContext.from_spec(spec, "a"), spec.party("a").sources)
+    assert {q.source: (q.rows_in, q.rows_rejected) for q in out.quality} == {
+        "customers": (12, 0),
+        "readings": (60, 0),
+        "feedback": (12, 0),
+    }
+    assert out.table.rows == 12
