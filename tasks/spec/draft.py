@@ -482,21 +482,21 @@ def _choose_key(files: list[_File], entity: str | None, parties: Counter[str]) -
         if best[0] >= 0.5:
             f.key, f.key_share = best[1], best[0]
     others = sorted({name for _, name, _ in candidates[1:]} - {f.key for f in files})
-    notes = [
-        f"key: {raw!r} ({'unique and non-null' if home.profiles[raw].unique else 'unique and non-null but for a few rows'} in {home.sample.location.rsplit('/', 1)[-1]}, "
-        f"found in {sum(f.key is not None for f in files)} of {len(files)} file(s))"
-    ]
+    how = "unique and non-null" + ("" if home.profiles[raw].unique else " but for a few rows")
+    where = home.sample.location.rsplit("/", 1)[-1]
+    found = sum(f.key is not None for f in files)
+    notes = [f"key: {raw!r} ({how} in {where}, found in {found} of {len(files)} file(s))"]
     if others:
         notes.append("other key candidates: " + ", ".join(repr(o) for o in others))
     return notes
 
 
-def _classify(f: _File, label: str) -> None:
-    """Set the file's role: entity_map, events, text (a file with free text, unless it holds
-    the label), entity or transaction."""
+def _classify(f: _File, label: str, *, maps: bool = True) -> None:
+    """Set the file's role: entity_map (unless ``maps`` is false), events, text (a file with
+    free text, unless it holds the label), entity or transaction."""
     devices = [p for p in f.profiles.values() if _is_device(p.raw) and p.dtype in _ID_TYPES]
     times = f.of("datetime", "date")
-    if devices and f.key and len(f.profiles) == 2 and f.key != devices[0].raw:
+    if maps and devices and f.key and len(f.profiles) == 2 and f.key != devices[0].raw:
         f.role = "entity_map"
     elif devices and times and f.of("int", "float", "bool"):
         f.role = "events"
@@ -736,8 +736,8 @@ def _build_source(
         else:
             guessed = None if _AMOUNT_NAME.search(snake(amount.raw)) else "amount guessed; check"
             cols.append(_column(AMOUNT, amount, dtype="float", required=True, note=guessed))
-        category = _pick(f.of("category"), re.compile(r"cat"))
-        if category is not None and category.raw not in (f.key, label_raw):
+        category = _pick((p for p in others if p.dtype == "category"), re.compile(r"cat"))
+        if category is not None:
             cols.append(_column(CATEGORY, category))
     if label_raw is not None and label_plan is not None:
         cols.append(DraftColumn(name=label_name, raw=label_raw, dtype=label_plan.dtype, note=None))
@@ -886,13 +886,18 @@ def draft_spec(samples: Sequence[tuple[str, SampleFile]], options: DraftOptions)
         raise DraftError(f"--label-party {options.label_party!r} is not one of the parties")
     if options.label_party is not None and options.layout == "horizontal":
         raise DraftError(
-            "--label-party applies to the vertical layout; every party holds the label in the horizontal one"
+            "--label-party applies to the vertical layout; in the horizontal one every party "
+            "holds the label"
         )
     holding = Counter(raw for fs in files.values() for raw in {r for f in fs for r in f.profiles})
     key_notes = {party: _choose_key(fs, options.entity, holding) for party, fs in files.items()}
     for fs in files.values():
         for f in fs:
             _classify(f, options.label)
+        if not any(f.role == "events" for f in fs):  # a device map without events is a table
+            for f in fs:
+                if f.role == "entity_map":
+                    _classify(f, options.label, maps=False)
     layout, layout_note = _layout(files, options)
 
     holders = []  # per party, its first file holding the label, one row per entity if any
