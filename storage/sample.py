@@ -163,13 +163,13 @@ def _has_header(rows: list[list[str]]) -> bool:
 
 def _null_markers(columns: list[list[str]]) -> tuple[str, ...]:
     """The markers of :data:`NULL_MARKERS` standing in for a value in some column whose
-    other cells are all numbers, dates or booleans."""
+    other cells (if any) are all numbers, dates or booleans."""
     found: set[str] = set()
     for cells in columns:
         stripped = [c.strip() for c in cells if c.strip()]
         markers = {c for c in stripped if c in NULL_MARKERS}
         others = [c for c in stripped if c not in markers]
-        if markers and others and all(_kind_of_cell(c) != "text" for c in others):
+        if markers and all(_kind_of_cell(c) != "text" for c in others):
             found |= markers
     return tuple(sorted(found))
 
