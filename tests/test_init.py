@@ -350,6 +350,13 @@ def test_label_plans() -> None:
     import polars as pl
 
     assert plan_label("y", pl.Series(["0", "1", "1"])).task == "binary"
+    assert (
+        plan_label("y", pl.Series(["0.0", "1.0"])).task,
+        plan_label("y", pl.Series(["0.0", "1.0"])).dtype,
+    ) == ("binary", "float")
+    assert plan_label("y", pl.Series(["true", "False"])).dtype == "bool"
+    yes_no = plan_label("y", pl.Series(["No", "Yes", "No", None]))
+    assert (yes_no.task, yes_no.dtype, yes_no.positive) == ("binary", "str", "Yes")
     multi = plan_label("y", pl.Series(["walk", "sit", "stand", "sit"]))
     assert (multi.task, multi.num_classes, multi.classes) == (
         "multiclass",

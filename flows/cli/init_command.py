@@ -65,6 +65,8 @@ def init(
     from tasks.spec.draft import DraftError, DraftOptions, draft_spec, render_toml
     from tasks.spec.models import infer_format
 
+    if out.is_dir():
+        raise _fail(f"{out}: is a folder; give the spec file to write")
     if out.exists() and not force:
         raise _fail(f"{out}: exists; give --force to overwrite it")
     samples = []

@@ -586,6 +586,8 @@ def plan_label(raw: str, values: pl.Series) -> _LabelPlan:
         seen = sorted({int(float(v)) for v in counts}) if whole else []
         if whole and set(seen) <= {0, 1}:
             return _LabelPlan("binary", "int", note="values 0 and 1")
+        if set(numbers.unique().to_list()) <= {0.0, 1.0}:
+            return _LabelPlan("binary", "float", note="values 0 and 1")
         if whole and 3 <= distinct <= MAX_LABEL_CLASSES and seen == list(range(distinct)):
             return _LabelPlan(
                 "multiclass", "int", num_classes=distinct, note=f"classes 0..{distinct - 1}"
