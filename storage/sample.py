@@ -212,11 +212,6 @@ def sniff_csv(location: str, text: str) -> tuple[CsvDialect, list[str], list[lis
     if header:
         names = [name.strip() for name in rows[0]]
         rows = rows[1:]
-        empty = [i for i, name in enumerate(names, start=1) if not name]
-        if empty:
-            raise SourceError(
-                f"{location}: empty column name(s) in the header, at column(s) {empty}"
-            )
         repeated = [i for i, name in enumerate(names, start=1) if names.index(name) < i - 1]
         if repeated:  # positions, not names: a header may be a line of data
             raise SourceError(
