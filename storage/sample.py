@@ -62,6 +62,8 @@ class SampleFile:
     dialect: CsvDialect | None = None
     #: Whether only the start of the file was looked at (:data:`MAX_SAMPLE_ROWS`, bytes).
     truncated: bool = False
+    #: Rows or lines that could not be parsed (quarantined by the pipeline).
+    bad_lines: int = 0
 
 
 def read_sample(location: str, fmt: str) -> SampleFile:
@@ -73,7 +75,13 @@ def read_sample(location: str, fmt: str) -> SampleFile:
     raw = read_source(location, fmt)
     frame = raw.frame.drop([c for c in (ROW, INVALID_UTF8) if c in raw.frame.columns])
     truncated = frame.height > MAX_SAMPLE_ROWS
-    return SampleFile(location, fmt, frame.head(MAX_SAMPLE_ROWS), truncated=truncated)
+    return SampleFile(
+        location,
+        fmt,
+        frame.head(MAX_SAMPLE_ROWS),
+        truncated=truncated,
+        bad_lines=len(raw.bad_lines),
+    )
 
 
 def _head(location: str, limit: int) -> tuple[bytes, bool]:
@@ -255,4 +263,6 @@ def _read_csv_sample(location: str) -> SampleFile:
             for i, name in enumerate(names)
         }
     )
-    return SampleFile(location, "csv", frame, dialect=dialect, truncated=truncated)
+    return SampleFile(
+        location, "csv", frame, dialect=dialect, truncated=truncated, bad_lines=dialect.bad_rows
+    )

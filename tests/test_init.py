@@ -579,3 +579,71 @@ def test_drafts_with_every_key_validate(tmp_path: Path, case: object) -> None:
     assert code == 0, output
     checked = CliRunner().invoke(app, ["validate", str(tmp_path / "spec.toml")])
     assert checked.exit_code == 0, checked.output
+
+
+def test_parquet_native_types_and_bad_jsonl_lines(tmp_path: Path) -> None:
+    import datetime as dt
+
+    import polars as pl
+
+    folder = tmp_path / "exports" / "b"
+    folder.mkdir(parents=True)
+    n = 24
+    pl.DataFrame(
+        {
+            "id": [f"b{i}" for i in range(n)],
+            "left": [i % 3 == 0 for i in range(n)],
+            "tier": [["basic", "plus"][i % 2] for i in range(n)],
+            "opened": [dt.datetime(2025, 1, 1 + i, tzinfo=dt.UTC) for i in range(n)],
+            "spend_cents": list(range(n)),
+        }
+    ).write_parquet(folder / "accounts.parquet")
+    with (folder / "notes.jsonl").open("w") as handle:
+        for i in range(n):
+            handle.write(
+                json.dumps(
+                    {
+                        "account": f"b{i}",
+                        "body": f"called about the invoice number {i} and the plan change request",
+                    }
+                )
+                + "\n"
+            )
+        handle.write("{not json\n")
+    args = ["--party", f"b={folder / 'accounts.parquet'}", "--party", f"b={folder / 'notes.jsonl'}"]
+    code, output, text = _init(tmp_path, args, "--min-entities", "5", label="left")
+    assert code == 0, output
+    spec = tomllib.loads(text)
+    accounts, notes = spec["parties"][0]["sources"]
+    assert accounts["columns"] == {
+        "id": {"from": "id", "dtype": "str", "required": True},
+        "tier": {"from": "tier", "dtype": "category"},
+        "opened": {"from": "opened", "dtype": "datetime"},
+        "spend": {"from": "spend_cents", "dtype": "float", "unit": "cents"},
+        "left": {"from": "left", "dtype": "bool"},
+    }
+    assert "csv" not in accounts
+    assert notes["kind"] == "text"
+    assert notes["columns"]["id"] == {"from": "account", "dtype": "str", "required": True}
+    assert "1 line(s) not a JSON object (quarantined)" in text
+    assert spec["vocabularies"]["tier"]["values"] == ["basic", "plus"]
+    assert spec["consortium"]["task"] == "binary"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("a.parquet", b"PAR1 not really", "not a readable Parquet file"),
+        ("a.jsonl", b"\x00\x00\x00", "holds NUL bytes"),
+        ("a.jsonl", b"\n\n", "holds no data rows"),
+        ("a.arrow", b"ARROW1", "not a readable Arrow IPC file"),
+    ],
+)
+def test_bad_files_of_other_formats(
+    tmp_path: Path, name: str, content: bytes, message: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    code, output, _ = _init(tmp_path, ["--party", f"a={path}"])
+    assert code == 1
+    assert message in output and len(output.strip().splitlines()) == 1

@@ -648,8 +648,9 @@ def _source_notes(f: _File, mapped: set[str]) -> list[str]:
     s = f.sample
     if s.truncated:
         notes.append(f"drafted from the first {s.frame.height} rows of the file")
-    if s.dialect is not None and s.dialect.bad_rows:
-        notes.append(f"{s.dialect.bad_rows} row(s) with another field count (quarantined)")
+    if s.bad_lines:
+        what = "row(s) with another field count" if s.dialect else "line(s) not a JSON object"
+        notes.append(f"{s.bad_lines} {what} (quarantined)")
     if s.dialect is not None and not s.dialect.header:
         notes.append("no header: rename the columns in csv.names")
     left = [raw for raw in f.profiles if raw not in mapped]
