@@ -647,3 +647,13 @@ def test_bad_files_of_other_formats(
     code, output, _ = _init(tmp_path, ["--party", f"a={path}"])
     assert code == 1
     assert message in output and len(output.strip().splitlines()) == 1
+
+
+def test_day_month_order_ambiguity_is_said() -> None:
+    import polars as pl
+
+    ambiguous = profile(pl.Series("d", ["01/02/2026", "03/04/2026", "12/11/2026"]))
+    assert (ambiguous.dtype, ambiguous.format) == ("date", "%m/%d/%Y")
+    assert ambiguous.note == "day and month could be either way round in the samples; %m/%d assumed"
+    clear = profile(pl.Series("d", ["25/02/2026 10:00", "03/04/2026 11:30"]))
+    assert (clear.dtype, clear.format, clear.note) == ("datetime", "%d/%m/%Y %H:%M", None)

@@ -308,6 +308,15 @@ def _parsed(values: pl.Series, fmt: str) -> int:
     return parsed.len() - parsed.null_count()
 
 
+def _ambiguity(values: pl.Series, fmt: str, *, date: bool) -> str | None:
+    """A remark when the values parse with day and month swapped too (all days <= 12)."""
+    swapped = {"%m/%d": "%d/%m", "%d/%m": "%m/%d"}
+    for a, b in swapped.items():
+        if fmt.startswith(a) and _parses_all(values, b + fmt[len(a) :], date=date):
+            return f"day and month could be either way round in the samples; {a} assumed"
+    return None
+
+
 def _parses_all(values: pl.Series, fmt: str, *, date: bool) -> bool:
     try:
         parsed = (
@@ -365,11 +374,12 @@ def profile(series: pl.Series) -> Profile:
         return base
     for fmt in DATE_FORMATS:
         if _parses_all(values, fmt, date=True):
-            base.dtype, base.format = "date", fmt
+            base.dtype, base.format, base.note = "date", fmt, _ambiguity(values, fmt, date=True)
             return base
     for fmt in DATETIME_FORMATS:
         if _parses_all(values, fmt, date=False):
             base.dtype, base.format, base.aware = "datetime", fmt, "%#z" in fmt
+            base.note = _ambiguity(values, fmt, date=False)
             return base
     if numeric:
         base.note = f"mixed: {numeric} of {n} values are numbers; mapped as str"
