@@ -150,9 +150,9 @@ def _kind_of_cell(cell: str) -> str:
 
 
 def _has_header(rows: list[list[str]]) -> bool:
-    """Whether the first row names the columns: per column, a text first cell over typed
-    cells votes for a header, a typed first cell over typed cells against it, and a first
-    cell repeated below in an all-text column against it. A tie is a header."""
+    """Whether the first row names the columns: per column of mostly numbers, dates or
+    booleans, a first cell of that kind votes against a header and any other for it; in a
+    column of text, a first cell repeated below votes against it. A tie is a header."""
     first, rest = rows[0], rows[1:]
     if not rest:
         return True
@@ -160,10 +160,10 @@ def _has_header(rows: list[list[str]]) -> bool:
     for index, cell in enumerate(first):
         below = [row[index] for row in rest if index < len(row)]
         kinds = Counter(_kind_of_cell(c) for c in below if c.strip())
-        typed = sum(n for kind, n in kinds.items() if kind != "text")
         head = _kind_of_cell(cell)
-        if typed and typed >= sum(kinds.values()) / 2:
-            votes += 1 if head in ("text", "empty") else -1
+        common, times = kinds.most_common(1)[0] if kinds else ("text", 0)
+        if common != "text" and times >= kinds.total() / 2:
+            votes += -1 if head == common else 1
         elif cell.strip() and cell.strip() in {c.strip() for c in below}:
             votes -= 1
     return votes >= 0
@@ -182,12 +182,11 @@ def _null_markers(columns: list[list[str]]) -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
-def sniff_csv(location: str, text: str) -> tuple[CsvDialect, list[str], list[list[str]]]:
-    """The dialect of a CSV export's text, its column names and its data rows (as text)."""
-    lines = text.splitlines()
-    if not any(line.strip() for line in lines):
-        raise SourceError(f"{location}: file is empty")
-    prefix = next((p for p in COMMENT_PREFIXES if any(line.startswith(p) for line in lines)), None)
+def _table(
+    location: str, lines: list[str], prefix: str | None
+) -> tuple[list[tuple[int, str]], str, int]:
+    """The non-empty lines that are not comments (with their line index), the delimiter,
+    and the position among them of the header: the first line of the modal field count."""
     content = [
         (n, line)
         for n, line in enumerate(lines)
@@ -198,11 +197,29 @@ def sniff_csv(location: str, text: str) -> tuple[CsvDialect, list[str], list[lis
     probe = [line for _, line in content[:500]]
     delimiter, modal = _sniff_delimiter(probe)
     counts = _field_counts(probe, delimiter)
-    start = next((i for i, count in enumerate(counts) if count == modal), 0)
+    return content, delimiter, next((i for i, n in enumerate(counts) if n == modal), 0)
+
+
+def sniff_csv(location: str, text: str) -> tuple[CsvDialect, list[str], list[list[str]]]:
+    """The dialect of a CSV export's text, its column names and its data rows (as text)."""
+    lines = text.splitlines()
+    if not any(line.strip() for line in lines):
+        raise SourceError(f"{location}: file is empty")
+    prefix = next((p for p in COMMENT_PREFIXES if any(line.startswith(p) for line in lines)), None)
+    content, delimiter, start = _table(location, lines, prefix)
+    header_line = content[start][0]
+    if prefix is not None:
+        # lines of the table starting with the prefix but shaped like rows are data
+        modal = _field_counts([content[start][1]], delimiter)[0]
+        after = [line for line in lines[header_line:] if line.startswith(prefix)]
+        if not after:  # comments before the header only: skipped with the preamble
+            prefix = None
+        elif any(n == modal for n in _field_counts(after, delimiter)):
+            prefix = None
+            content, delimiter, start = _table(location, lines, None)
+            header_line = content[start][0]
     # a preamble (title lines before the table) is skipped by line count, comments included
-    skip_rows = content[start][0] if start else 0
-    if start and not any(line.startswith(prefix or "\0") for line in lines[content[start][0] :]):
-        prefix = None
+    skip_rows = header_line
     body = "\n".join(line for _, line in content[start:])
     quote = '"' if '"' in body else ""
     reader = csv.reader(

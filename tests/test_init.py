@@ -657,3 +657,26 @@ def test_day_month_order_ambiguity_is_said() -> None:
     assert ambiguous.note == "day and month could be either way round in the samples; %m/%d assumed"
     clear = profile(pl.Series("d", ["25/02/2026 10:00", "03/04/2026 11:30"]))
     assert (clear.dtype, clear.format, clear.note) == ("datetime", "%d/%m/%Y %H:%M", None)
+
+
+@pytest.mark.parametrize(
+    ("text", "skip_rows", "comment_prefix", "rows"),
+    [
+        ("# export, v2\nid,n\na,1\nb,2\n", 1, None, 2),
+        ("id,n\n# totals follow\na,1\n# page 2\nb,2\n", 0, "#", 2),
+        ("id,n\n#a1,1\n#b2,2\nc3,3\n", 0, None, 3),
+        ("Report\nid,n\na,1\n", 1, None, 1),
+    ],
+)
+def test_comment_and_preamble_lines(
+    tmp_path: Path, text: str, skip_rows: int, comment_prefix: str | None, rows: int
+) -> None:
+    """Comment lines before the header are skipped as preamble, comment lines among the rows
+    give comment_prefix, and lines starting with '#' shaped like rows are data."""
+    path = tmp_path / "a.csv"
+    path.write_text(text)
+    sample = read_sample(str(path), "csv")
+    assert sample.dialect is not None
+    assert (sample.dialect.skip_rows, sample.dialect.comment_prefix) == (skip_rows, comment_prefix)
+    assert sample.frame.columns == ["id", "n"]
+    assert sample.frame.height == rows
