@@ -249,13 +249,16 @@ def sniff_csv(location: str, text: str) -> tuple[CsvDialect, list[str], list[lis
         raise SourceError(f"{location}: file holds no data rows")
     good = [row for row in rows if len(row) == width]
     columns = [[row[i] for row in good] for i in range(width)]
+    markers = _null_markers(columns)
+    if markers and any(not cell.strip() for cells in columns for cell in cells):
+        markers = ("", *markers)  # empty cells stay missing beside the markers
     dialect = CsvDialect(
         delimiter=delimiter,
         header=header,
         skip_rows=skip_rows,
         comment_prefix=prefix,
         quote_char=quote or '"',
-        null_values=_null_markers(columns),
+        null_values=markers,
         bad_rows=len(rows) - len(good),
     )
     return dialect, names, good

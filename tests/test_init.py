@@ -680,3 +680,13 @@ def test_comment_and_preamble_lines(
     assert (sample.dialect.skip_rows, sample.dialect.comment_prefix) == (skip_rows, comment_prefix)
     assert sample.frame.columns == ["id", "n"]
     assert sample.frame.height == rows
+
+
+def test_empty_cells_stay_missing_beside_markers(tmp_path: Path) -> None:
+    path = tmp_path / "a.csv"
+    path.write_text("id,n,m\na,1,?\nb,,2\nc,3,NA\n")
+    sample = read_sample(str(path), "csv")
+    assert sample.dialect is not None
+    assert sample.dialect.null_values == ("", "?", "NA")
+    assert sample.frame["m"].to_list() == [None, "2", None]
+    assert sample.frame["n"].to_list() == ["1", None, "3"]
