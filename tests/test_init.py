@@ -690,3 +690,49 @@ def test_empty_cells_stay_missing_beside_markers(tmp_path: Path) -> None:
     assert sample.dialect.null_values == ("", "?", "NA")
     assert sample.frame["m"].to_list() == [None, "2", None]
     assert sample.frame["n"].to_list() == ["1", None, "3"]
+
+
+def test_draft_of_the_tiny_consortiums_exports(tmp_path: Path) -> None:
+    """Party a's raw exports of the tiny consortium (CSV customers and transactions, JSONL
+    feedback with offsets, Parquet IoT events, a CSV device map) drafted as one party."""
+    from tests.factories import write_tiny
+
+    write_tiny(tmp_path)
+    raw = tmp_path / "raw" / "a"
+    names = ("customers.csv", "transactions.csv", "feedback.jsonl", "events.parquet", "devices.csv")
+    args = [arg for name in names for arg in ("--party", f"a={raw / name}")]
+    out = tmp_path / "draft.toml"
+    result = CliRunner().invoke(
+        app, ["init", str(out), *args, "--label", "Churn", "--entity", "customer_id"]
+    )
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    spec = tomllib.loads(text)
+    assert spec["consortium"]["label"] == {"column": "churn", "positive": "yes"}
+    sources = {s["id"]: s for s in spec["parties"][0]["sources"]}
+    assert sorted(sources) == ["customers", "events", "feedback", "transactions"]
+    assert sources["customers"]["columns"]["customer_id"]["from"] == "CustID"
+    assert sources["customers"]["columns"]["joined"] == {
+        "from": "Joined",
+        "dtype": "date",
+        "format": "%Y-%m-%d",
+    }
+    transactions = sources["transactions"]
+    assert transactions["grain"] == "transaction"
+    assert transactions["columns"]["customer_id"]["from"] == "cust"
+    assert transactions["columns"]["timestamp"]["format"] == "%m/%d/%Y %H:%M"
+    assert transactions["columns"]["amount"]["unit"] == "cents"
+    assert transactions["columns"]["category"]["from"] == "cat"
+    feedback = sources["feedback"]
+    assert (feedback["kind"], feedback["columns"]["text"]["from"]) == ("text", "comment")
+    assert feedback["columns"]["customer_id"]["from"] == "user"
+    events = sources["events"]
+    assert events["kind"] == "events"
+    assert events["columns"]["device_id"]["from"] == "dev"
+    assert events["columns"]["energy_kwh"] == {"from": "wh", "dtype": "float", "unit": "Wh"}
+    assert events["entity_map"]["columns"]["customer_id"]["from"] == "owner"
+    # four customers: no category value reaches 10 entities, so none is shown
+    assert spec["vocabularies"]["plan"]["values"] == []
+    assert spec["vocabularies"]["category"]["values"] == []
+    for cell in ("C1", "C2", "groc", "elec", "d1", "Terrible"):
+        assert cell not in text

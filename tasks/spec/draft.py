@@ -98,6 +98,7 @@ CANONICAL_SUFFIX = {"money": "", "energy": "kwh", "temperature": "c", "duration"
 _DEVICE_NAME = re.compile(r"(^|_)(device|dev|sensor|meter|machine|serial)(_?(id|no|ref))?$")
 _KEY_HINT = re.compile(r"(^|_)(id|key|ref|no|number|code|account)$|^(id|cust|customer|user)")
 _AMOUNT_NAME = re.compile(r"amount|amt|value|price|total|spend|sum|paid|cost")
+_TEXT_NAME = re.compile(r"comment|text|review|feedback|message|body|note|description|remark")
 _RATING_NAME = re.compile(r"rating|stars|score")
 _ERROR_NAME = re.compile(r"error|fault|fail|alarm")
 _INT_TEXT = r"^[+-]?\d+$"
@@ -392,7 +393,9 @@ def profile(series: pl.Series) -> Profile:
     words = values.str.count_matches(r"\s+").mean()
     mean_chars = float(chars) if isinstance(chars, int | float) else 0.0
     mean_words = float(words) + 1 if isinstance(words, int | float) else 1.0
-    if mean_chars >= TEXT_MEAN_CHARS or (mean_words >= TEXT_MEAN_WORDS and distinct * 2 > n):
+    varied = distinct * 2 > n
+    named = bool(_TEXT_NAME.search(snake(series.name)))
+    if mean_chars >= TEXT_MEAN_CHARS or (varied and (mean_words >= TEXT_MEAN_WORDS or named)):
         base.dtype = "text"
     elif distinct <= MAX_CATEGORY_VALUES and distinct * 2 <= n:
         base.dtype = "category"
@@ -607,7 +610,10 @@ def plan_label(raw: str, values: pl.Series) -> _LabelPlan:
     if lowered <= {"true", "false"}:
         return _LabelPlan("binary", "bool", note="values true and false")
     if distinct == 2:
-        (a, na), (_, nb) = sorted(counts.items(), key=lambda kv: (kv[1], kv[0]))
+        # the rarer value; on a tie, one that reads as true (yes, 1, ...)
+        (a, na), (_, nb) = sorted(
+            counts.items(), key=lambda kv: (kv[1], kv[0].lower() not in TRUE_TEXT, kv[0])
+        )
         return _LabelPlan(
             "binary",
             "str",
