@@ -736,3 +736,23 @@ def test_draft_of_the_tiny_consortiums_exports(tmp_path: Path) -> None:
     assert spec["vocabularies"]["category"]["values"] == []
     for cell in ("C1", "C2", "groc", "elec", "d1", "Terrible"):
         assert cell not in text
+
+
+def test_defaults_for_the_parties_exporting_alike_only(tmp_path: Path) -> None:
+    args, _ = _write_alike(tmp_path, ["site-a", "site-b"])
+    folder = tmp_path / "exports" / "site-c"
+    folder.mkdir(parents=True)
+    text, _ = _customers("site-c", 31)
+    lines = text.splitlines()
+    lines = [lines[0] + ";Region"] + [f"{line};north" for line in lines[1:]]
+    (folder / "customers.csv").write_text("\n".join(lines) + "\n")
+    args += ["--party", f"site-c={folder / 'customers.csv'}"]
+    code, output, text = _init(tmp_path, args)
+    assert code == 0, output
+    spec = tomllib.loads(text)
+    assert [len(s) for s in (spec["defaults"]["sources"],)] == [2]
+    first, second, third = spec["parties"]
+    assert first == {"id": "site-a"} and second == {"id": "site-b"}
+    assert third["imports"] == ["exports/site-c"] and "store" not in third
+    assert [s["id"] for s in third["sources"]] == ["customers"]
+    assert third["sources"][0]["columns"]["region"] == {"from": "Region", "dtype": "category"}

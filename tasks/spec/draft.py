@@ -817,7 +817,10 @@ def _layout(files: dict[str, list[_File]], options: DraftOptions) -> tuple[Layou
         for party, fs in files.items()
     }
     sets = list(names.values())
-    shared = min(len(a & b) / max(len(a | b), 1) for i, a in enumerate(sets) for b in sets[i + 1 :])
+    # per pair, the share of the narrower party's columns (key aside) the other exports too
+    shared = min(
+        len(a & b) / max(min(len(a), len(b)), 1) for i, a in enumerate(sets) for b in sets[i + 1 :]
+    )
     if shared >= 0.5:
         return "horizontal", f"the parties export the same columns ({shared:.0%} shared at least)"
     return "vertical", f"the parties share few columns besides the key ({shared:.0%})"
