@@ -300,10 +300,14 @@ def _text(series: pl.Series) -> pl.Series:
     return stripped.filter(stripped.is_not_null() & (stripped != ""))
 
 
-def _parsed(values: pl.Series, fmt: str) -> int:
-    """How many of ``values`` parse as timestamps in ``fmt``."""
+def _parsed(values: pl.Series, fmt: str, *, date: bool = False) -> int:
+    """How many of ``values`` parse as dates or timestamps in ``fmt``."""
     try:
-        parsed = values.str.to_datetime(fmt, strict=False, exact=True, time_unit="us")
+        parsed = (
+            values.str.to_date(fmt, strict=False, exact=True)
+            if date
+            else values.str.to_datetime(fmt, strict=False, exact=True, time_unit="us")
+        )
     except pl.exceptions.PolarsError:
         return 0
     return parsed.len() - parsed.null_count()
@@ -313,21 +317,16 @@ def _ambiguity(values: pl.Series, fmt: str, *, date: bool) -> str | None:
     """A remark when the values parse with day and month swapped too (all days <= 12)."""
     swapped = {"%m/%d": "%d/%m", "%d/%m": "%m/%d"}
     for a, b in swapped.items():
-        if fmt.startswith(a) and _parses_all(values, b + fmt[len(a) :], date=date):
+        other = b + fmt[len(a) :]
+        if fmt.startswith(a) and _parsed(values, other, date=date) >= _parsed(
+            values, fmt, date=date
+        ):
             return f"day and month could be either way round in the samples; {a} assumed"
     return None
 
 
-def _parses_all(values: pl.Series, fmt: str, *, date: bool) -> bool:
-    try:
-        parsed = (
-            values.str.to_date(fmt, strict=False, exact=True)
-            if date
-            else values.str.to_datetime(fmt, strict=False, exact=True, time_unit="us")
-        )
-    except pl.exceptions.PolarsError:
-        return False
-    return parsed.null_count() == 0
+def _failing(bad: int, n: int, what: str) -> str | None:
+    return f"{bad} of {n} values {what}: those rows are quarantined" if bad else None
 
 
 def profile(series: pl.Series) -> Profile:
@@ -368,19 +367,24 @@ def profile(series: pl.Series) -> Profile:
     if set(lowered.unique().to_list()) <= _BOOL_TEXT:
         base.dtype = "bool"
         return base
+    # up to 1% of the values may fail their column's type (the pipeline quarantines them)
+    tolerance = n // 100
     numbers = values.cast(pl.Float64, strict=False)
     numeric = n - numbers.null_count()
-    if numeric == n:
-        base.dtype = "int" if values.str.contains(_INT_TEXT).all() else "float"
+    if numeric and n - numeric <= tolerance:
+        whole = values.filter(numbers.is_not_null()).str.contains(_INT_TEXT).all()
+        base.dtype = "int" if whole else "float"
+        base.note = _failing(n - numeric, n, "are not numbers")
         return base
-    for fmt in DATE_FORMATS:
-        if _parses_all(values, fmt, date=True):
-            base.dtype, base.format, base.note = "date", fmt, _ambiguity(values, fmt, date=True)
-            return base
-    for fmt in DATETIME_FORMATS:
-        if _parses_all(values, fmt, date=False):
-            base.dtype, base.format, base.aware = "datetime", fmt, "%#z" in fmt
-            base.note = _ambiguity(values, fmt, date=False)
+    for date, formats in ((True, DATE_FORMATS), (False, DATETIME_FORMATS)):
+        for fmt in formats:
+            bad = n - _parsed(values, fmt, date=date)
+            if bad > tolerance:
+                continue
+            base.dtype, base.format = ("date" if date else "datetime"), fmt
+            base.aware = "%#z" in fmt
+            notes = [_failing(bad, n, f"do not parse as {fmt}"), _ambiguity(values, fmt, date=date)]
+            base.note = "; ".join(note for note in notes if note) or None
             return base
     if numeric:
         base.note = f"mixed: {numeric} of {n} values are numbers; mapped as str"
@@ -791,6 +795,14 @@ def _build_source(
     )
 
 
+def _within(folder: str, store: str) -> bool:
+    """Whether ``folder`` (relative to the spec, like ``store``) lies in the store."""
+    if is_uri(folder):
+        return False
+    path = posixpath.normpath(folder)
+    return path == store or path.startswith(store + "/")
+
+
 def _source_id(location: str, taken: set[str]) -> str:
     stem = location.rsplit("/", 1)[-1].split(".", 1)[0]
     base = _SOURCE_ID.sub("_", stem).strip("_") or "source"
@@ -1004,7 +1016,7 @@ def draft_spec(samples: Sequence[tuple[str, SampleFile]], options: DraftOptions)
             DraftParty(
                 id=party,
                 store=f"stores/{party}",
-                imports=[d for d in folders if not is_uri(d)],
+                imports=[d for d in folders if not _within(d, f"stores/{party}")],
                 sources=sources,
                 notes=key_notes[party],
             )
@@ -1182,7 +1194,7 @@ def render_toml(draft: SpecDraft) -> str:
         d = draft.defaults
         lines += ["", _comment("what the parties exporting alike share ({party}: the party id)")]
         lines += ["[defaults]", _line("store", d.store)]
-        if d.imports is not None:
+        if d.imports:
             lines.append(_line("imports", d.imports))
         for s in d.sources or []:
             lines += _source_lines(s, "defaults.sources")
@@ -1190,7 +1202,7 @@ def render_toml(draft: SpecDraft) -> str:
         lines += ["", "[[parties]]", *(_comment(n) for n in p.notes), _line("id", p.id)]
         if p.store is not None:
             lines.append(_line("store", p.store))
-        if p.imports is not None:
+        if p.imports:
             lines.append(_line("imports", p.imports))
         for s in p.sources or []:
             lines += _source_lines(s, "parties.sources")
