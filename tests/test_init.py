@@ -756,3 +756,36 @@ def test_defaults_for_the_parties_exporting_alike_only(tmp_path: Path) -> None:
     assert third["imports"] == ["exports/site-c"] and "store" not in third
     assert [s["id"] for s in third["sources"]] == ["customers"]
     assert third["sources"][0]["columns"]["region"] == {"from": "Region", "dtype": "category"}
+
+
+def test_draft_of_demo_exports_with_unparsable_cells(tmp_path: Path) -> None:
+    """The demo's site-a exports (CSV with a few unparsable timestamps and amounts, JSONL
+    feedback, Parquet IoT events, a device map): the columns keep their types and the
+    failing values are counted, as the rows the pipeline will quarantine."""
+    from tasks.demo_data import write_demo_consortium
+
+    write_demo_consortium(str(tmp_path / "demo"), parties=1, customers=600, seed=1)
+    raw = tmp_path / "demo" / "stores" / "site-a" / "raw"
+    files = sorted(p.name for p in raw.iterdir())
+    args = [arg for name in files for arg in ("--party", f"site-a={raw / name}")]
+    code, output, text = _init(tmp_path, args, "--as-of", "2026-06-30")
+    assert code == 0, output
+    spec = tomllib.loads(text)
+    assert spec["consortium"]["label"]["positive"] == "yes"
+    sources = {s["id"]: s for s in spec["parties"][0]["sources"]}
+    assert {s: sources[s]["kind"] for s in sources} == {
+        "customers": "table",
+        "events": "events",
+        "feedback": "text",
+        "transactions": "table",
+    }
+    assert spec["parties"][0]["imports"] == ["demo/stores/site-a/raw"]
+    timestamp = sources["transactions"]["columns"]["timestamp"]
+    assert (timestamp["from"], timestamp["format"]) == ("txn_time", "%m/%d/%Y %H:%M")
+    assert "values do not parse as %m/%d/%Y %H:%M: those rows are quarantined" in text
+    assert sources["events"]["entity_map"]["columns"]["customer_id"]["from"] == "owner"
+    # a spec beside the stores: the exports lie in the party's store, no import is needed
+    code, output, text = _init(tmp_path / "demo", args, "--force")
+    assert code == 0, output
+    party = tomllib.loads(text)["parties"][0]
+    assert party["store"] == "stores/site-a" and "imports" not in party

@@ -399,7 +399,12 @@ def profile(series: pl.Series) -> Profile:
     mean_words = float(words) + 1 if isinstance(words, int | float) else 1.0
     varied = distinct * 2 > n
     named = bool(_TEXT_NAME.search(snake(series.name)))
-    if mean_chars >= TEXT_MEAN_CHARS or (varied and (mean_words >= TEXT_MEAN_WORDS or named)):
+    wordy = mean_words >= TEXT_MEAN_WORDS
+    if (
+        mean_chars >= TEXT_MEAN_CHARS
+        or (varied and (wordy or named))
+        or (named and mean_words >= 3)
+    ):
         base.dtype = "text"
     elif distinct <= MAX_CATEGORY_VALUES and distinct * 2 <= n:
         base.dtype = "category"
