@@ -789,3 +789,16 @@ def test_draft_of_demo_exports_with_unparsable_cells(tmp_path: Path) -> None:
     assert code == 0, output
     party = tomllib.loads(text)["parties"][0]
     assert party["store"] == "stores/site-a" and "imports" not in party
+
+
+def test_parties_alike_but_for_counts_share_defaults(tmp_path: Path) -> None:
+    args, _ = _write_alike(tmp_path, ["site-a", "site-b"])
+    with (tmp_path / "exports" / "site-b" / "customers.csv").open("a") as handle:
+        handle.write("site-b-extra;30;basic;No;surplus\n")
+    code, output, text = _init(tmp_path, args)
+    assert code == 0, output
+    spec = tomllib.loads(text)
+    assert spec["parties"] == [{"id": "site-a"}, {"id": "site-b"}]
+    # a count of one party only: said at that party
+    assert text.count("another field count") == 1
+    assert 'id = "site-b"' in text.split("# customers: 1 row(s) with another field count")[1]

@@ -881,7 +881,7 @@ def _with_defaults(parties: list[DraftParty]) -> tuple[DraftDefaults | None, lis
     once under ``[defaults]``."""
     store = "stores/{party}"
     groups: dict[str, list[int]] = {}
-    templates: dict[str, tuple[list[DraftSource], list[str] | None]] = {}
+    templates: dict[str, list[tuple[list[DraftSource], list[str]]]] = {}
     for i, party in enumerate(parties):
         sources = [_template(s, party.id) for s in party.sources or []]
         imports = [
@@ -891,17 +891,42 @@ def _with_defaults(parties: list[DraftParty]) -> tuple[DraftDefaults | None, lis
         if any(s is None for s in sources) or any("{party}" not in f for f in imports):
             continue
         listed = [s for s in sources if s is not None]
-        signature = repr(([s.model_dump() for s in listed], imports))
+        # alike whatever the comments say (counts differ from party to party)
+        signature = repr(([s.model_dump(exclude={"notes"}) for s in listed], imports))
         groups.setdefault(signature, []).append(i)
-        templates[signature] = (listed, imports)
+        templates.setdefault(signature, []).append((listed, imports))
     if not groups:
         return None, parties
     signature, members = max(groups.items(), key=lambda kv: len(kv[1]))
     if len(members) < 2:
         return None, parties
-    shared_sources, shared_imports = templates[signature]
+    alike = templates[signature]
+    shared_imports = alike[0][1]
+    shared_sources = [  # the comments every member's source has
+        source.model_copy(
+            update={"notes": [n for n in source.notes if all(n in s[j].notes for s, _ in alike)]}
+        )
+        for j, source in enumerate(alike[0][0])
+    ]
+
+    def own_notes(party: DraftParty) -> list[str]:
+        """The party's source comments the defaults do not carry, named by source."""
+        return [
+            f"{source.id}: {note}"
+            for source, shared in zip(party.sources or [], shared_sources, strict=True)
+            for note in source.notes
+            if note not in shared.notes
+        ]
+
     out = [
-        p.model_copy(update={"store": None, "imports": None, "sources": None})
+        p.model_copy(
+            update={
+                "store": None,
+                "imports": None,
+                "sources": None,
+                "notes": [*p.notes, *own_notes(p)],
+            }
+        )
         if i in members
         else p.model_copy(update={"store": None})
         for i, p in enumerate(parties)
