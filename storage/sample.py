@@ -1,0 +1,288 @@
+"""Reading sample export files for ``fedfuse init``: the CSV dialect sniffed from the bytes
+(delimiter, header or not, missing-value markers, comment and preamble lines, quoting), and
+every file read into a frame of its own columns for the draft to look at.
+
+Parquet, Arrow and JSONL files are read by :func:`storage.sources.read_source`; a CSV file
+is parsed here with the dialect it was sniffed with. Errors are :class:`SourceError` naming
+the file, never a cell.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import polars as pl
+
+from storage.files import filesystem
+from storage.sources import INVALID_UTF8, ROW, SourceError, read_source
+
+#: Bytes of a sample file read at most (a larger file is sampled from its start).
+MAX_SAMPLE_BYTES = 64 * 1024 * 1024
+#: Data rows of a sample file looked at most.
+MAX_SAMPLE_ROWS = 200_000
+#: Field separators a CSV file is tried with, in order of preference on a tie.
+DELIMITERS = (",", ";", "\t", "|")
+#: Cells read as missing when a column is otherwise numeric, a date or a boolean.
+NULL_MARKERS = ("?", "NA", "N/A", "n/a", "na", "NULL", "null", "None", "none", "-", "--", "nan")
+#: Lines starting with one of these (after the preamble) are comments.
+COMMENT_PREFIXES = ("#", "//")
+_BOM = b"\xef\xbb\xbf"
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_DATEISH = re.compile(r"^\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}([ T].*)?$")
+_BOOLISH = frozenset({"true", "false", "yes", "no", "y", "n", "t", "f"})
+
+
+@dataclass(frozen=True)
+class CsvDialect:
+    """How a CSV export is written (the keys of ``[parties.sources.csv]``)."""
+
+    delimiter: str = ","
+    header: bool = True
+    skip_rows: int = 0
+    comment_prefix: str | None = None
+    quote_char: str = '"'
+    null_values: tuple[str, ...] = ()
+    #: Rows with another number of fields than the header (skipped here; quarantined by the
+    #: pipeline).
+    bad_rows: int = 0
+
+
+@dataclass(frozen=True)
+class SampleFile:
+    """One sample export: where it lies, its format, its CSV dialect (CSV only) and its
+    rows (the file's own columns; CSV and JSONL cells as text, missing cells null)."""
+
+    location: str
+    format: str
+    frame: pl.DataFrame
+    dialect: CsvDialect | None = None
+    #: Whether only the start of the file was looked at (:data:`MAX_SAMPLE_ROWS`, bytes).
+    truncated: bool = False
+    #: Rows or lines that could not be parsed (quarantined by the pipeline).
+    bad_lines: int = 0
+
+
+def read_sample(location: str, fmt: str) -> SampleFile:
+    """Read one sample export file (``fmt``: csv, parquet, jsonl or arrow)."""
+    if fmt == "csv":
+        return _read_csv_sample(location)
+    if fmt == "jsonl":
+        _refuse_binary(location, _head(location, 1 << 16)[0])
+    raw = read_source(location, fmt)
+    frame = raw.frame.drop([c for c in (ROW, INVALID_UTF8) if c in raw.frame.columns])
+    truncated = frame.height > MAX_SAMPLE_ROWS
+    return SampleFile(
+        location,
+        fmt,
+        frame.head(MAX_SAMPLE_ROWS),
+        truncated=truncated,
+        bad_lines=len(raw.bad_lines),
+    )
+
+
+def _head(location: str, limit: int) -> tuple[bytes, bool]:
+    fs, path = filesystem(location)
+    if not fs.exists(path):
+        raise SourceError(f"{location}: source file not found")
+    if fs.isdir(path):
+        raise SourceError(f"{location}: is a folder, expected a file")
+    with fs.open(path, "rb") as handle:
+        data: bytes = handle.read(limit + 1)
+    return data[:limit], len(data) > limit
+
+
+def _refuse_binary(location: str, data: bytes) -> None:
+    if b"\x00" in data:
+        raise SourceError(f"{location}: holds NUL bytes; not a text export")
+
+
+def _decode(location: str, data: bytes, *, truncated: bool) -> str:
+    data = data.removeprefix(_BOM)
+    _refuse_binary(location, data)
+    if truncated:  # the sample ends at the last complete line
+        data = data[: data.rfind(b"\n") + 1]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{location}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+
+
+def _field_counts(lines: list[str], delimiter: str) -> list[int]:
+    counts = []
+    for line in lines:
+        try:
+            counts.append(len(next(csv.reader([line], delimiter=delimiter))))
+        except (csv.Error, StopIteration):
+            counts.append(0)
+    return counts
+
+
+def _sniff_delimiter(lines: list[str]) -> tuple[str, int]:
+    """The delimiter whose field count is the most consistent over the lines (and above 1),
+    and that count."""
+    best: tuple[float, int, str] = (0.0, 1, ",")
+    for delimiter in DELIMITERS:
+        counts = _field_counts(lines, delimiter)
+        modal, times = Counter(counts).most_common(1)[0]
+        if modal < 2:
+            continue
+        share = times / len(counts)
+        if (share, modal) > best[:2]:
+            best = (share, modal, delimiter)
+    return best[2], best[1]
+
+
+def _kind_of_cell(cell: str) -> str:
+    text = cell.strip()
+    if not text:
+        return "empty"
+    if _NUMBER.match(text):
+        return "number"
+    if _DATEISH.match(text):
+        return "date"
+    if text.lower() in _BOOLISH:
+        return "bool"
+    return "text"
+
+
+def _has_header(rows: list[list[str]]) -> bool:
+    """Whether the first row names the columns: per column of mostly numbers, dates or
+    booleans, a first cell of that kind votes against a header and any other for it; in a
+    column of text, a first cell repeated below votes against it. A tie is a header."""
+    first, rest = rows[0], rows[1:]
+    if not rest:
+        return True
+    votes = 0
+    for index, cell in enumerate(first):
+        below = [row[index] for row in rest if index < len(row)]
+        kinds = Counter(_kind_of_cell(c) for c in below if c.strip())
+        head = _kind_of_cell(cell)
+        common, times = kinds.most_common(1)[0] if kinds else ("text", 0)
+        if common != "text" and times >= kinds.total() / 2:
+            votes += -1 if head == common else 1
+        elif cell.strip() and cell.strip() in {c.strip() for c in below}:
+            votes -= 1
+    return votes >= 0
+
+
+def _null_markers(columns: list[list[str]]) -> tuple[str, ...]:
+    """The markers of :data:`NULL_MARKERS` standing in for a value in some column whose
+    other cells (if any) are all numbers, dates or booleans."""
+    found: set[str] = set()
+    for cells in columns:
+        stripped = [c.strip() for c in cells if c.strip()]
+        markers = {c for c in stripped if c in NULL_MARKERS}
+        others = [c for c in stripped if c not in markers]
+        if markers and all(_kind_of_cell(c) != "text" for c in others):
+            found |= markers
+    return tuple(sorted(found))
+
+
+def _table(
+    location: str, lines: list[str], prefix: str | None
+) -> tuple[list[tuple[int, str]], str, int]:
+    """The non-empty lines that are not comments (with their line index), the delimiter,
+    and the position among them of the header: the first line of the modal field count."""
+    content = [
+        (n, line)
+        for n, line in enumerate(lines)
+        if line.strip() and not (prefix and line.startswith(prefix))
+    ]
+    if not content:
+        raise SourceError(f"{location}: holds comment lines only, no data rows")
+    probe = [line for _, line in content[:500]]
+    delimiter, modal = _sniff_delimiter(probe)
+    counts = _field_counts(probe, delimiter)
+    return content, delimiter, next((i for i, n in enumerate(counts) if n == modal), 0)
+
+
+def sniff_csv(location: str, text: str) -> tuple[CsvDialect, list[str], list[list[str]]]:
+    """The dialect of a CSV export's text, its column names and its data rows (as text)."""
+    lines = text.splitlines()
+    if not any(line.strip() for line in lines):
+        raise SourceError(f"{location}: file is empty")
+    prefix = next((p for p in COMMENT_PREFIXES if any(line.startswith(p) for line in lines)), None)
+    content, delimiter, start = _table(location, lines, prefix)
+    header_line = content[start][0]
+    if prefix is not None:
+        # lines of the table starting with the prefix but shaped like rows are data
+        modal = _field_counts([content[start][1]], delimiter)[0]
+        after = [line for line in lines[header_line:] if line.startswith(prefix)]
+        if not after:  # comments before the header only: skipped with the preamble
+            prefix = None
+        elif any(n == modal for n in _field_counts(after, delimiter)):
+            prefix = None
+            content, delimiter, start = _table(location, lines, None)
+            header_line = content[start][0]
+    # a preamble (title lines before the table) is skipped by line count, comments included
+    skip_rows = header_line
+    body = "\n".join(line for _, line in content[start:])
+    quote = '"' if '"' in body else ""
+    reader = csv.reader(
+        io.StringIO(body),
+        delimiter=delimiter,
+        quotechar=quote or None,
+        quoting=csv.QUOTE_MINIMAL if quote else csv.QUOTE_NONE,
+    )
+    try:
+        rows = [row for row in reader if row]
+    except csv.Error as exc:
+        raise SourceError(f"{location}: malformed CSV ({exc})") from None
+    header = _has_header(rows)
+    width = len(rows[0])
+    if header:
+        names = [name.strip() for name in rows[0]]
+        rows = rows[1:]
+        repeated = [i for i, name in enumerate(names, start=1) if names.index(name) < i - 1]
+        if repeated:  # positions, not names: a header may be a line of data
+            raise SourceError(
+                f"{location}: duplicate column names in the header ({len(repeated)} of "
+                f"{len(names)} repeat an earlier one, at column(s) {repeated})"
+            )
+    else:
+        names = [f"column_{i}" for i in range(1, width + 1)]
+    if not rows:
+        raise SourceError(f"{location}: file holds no data rows")
+    good = [row for row in rows if len(row) == width]
+    columns = [[row[i] for row in good] for i in range(width)]
+    markers = _null_markers(columns)
+    if markers and any(not cell.strip() for cells in columns for cell in cells):
+        markers = ("", *markers)  # empty cells stay missing beside the markers
+    dialect = CsvDialect(
+        delimiter=delimiter,
+        header=header,
+        skip_rows=skip_rows,
+        comment_prefix=prefix,
+        quote_char=quote or '"',
+        null_values=markers,
+        bad_rows=len(rows) - len(good),
+    )
+    return dialect, names, good
+
+
+def _read_csv_sample(location: str) -> SampleFile:
+    data, truncated = _head(location, MAX_SAMPLE_BYTES)
+    if not data.removeprefix(_BOM).strip():
+        raise SourceError(f"{location}: file is empty")
+    text = _decode(location, data, truncated=truncated)
+    dialect, names, rows = sniff_csv(location, text)
+    if len(rows) > MAX_SAMPLE_ROWS:
+        rows, truncated = rows[:MAX_SAMPLE_ROWS], True
+    missing = {"", *dialect.null_values}
+    frame = pl.DataFrame(
+        {
+            name: pl.Series(
+                name,
+                [None if row[i].strip() in missing else row[i] for row in rows],
+                dtype=pl.String,
+            )
+            for i, name in enumerate(names)
+        }
+    )
+    return SampleFile(
+        location, "csv", frame, dialect=dialect, truncated=truncated, bad_lines=dialect.bad_rows
+    )
