@@ -43,10 +43,10 @@ CUSTOMERS_A = (
 )
 TRANSACTIONS_A = (
     "branch,account_no,when,amount\n"
-    "N1,001,2026-03-01 10:00,12.50\n"
-    "N1,002,2026-03-02 10:00,8.00\n"
-    "S;2,001,2026-03-03 10:00,45.99\n"
-    "N1,003,2026-02-01 10:00,3.00\n"
+    "N1,001,2026-03-01T10:00:00,12.50\n"
+    "N1,002,2026-03-02T10:00:00,8.00\n"
+    "S;2,001,2026-03-03T10:00:00,45.99\n"
+    "N1,003,2026-02-01T10:00:00,3.00\n"
 )
 # party b: no header; the row number is the entity id
 ACCOUNTS_B = "Yes\tplus\nNo\tbasic\nno\tplus\n\nYes\tbasic\n"
@@ -215,7 +215,9 @@ def test_bad_csv_options_and_keys_are_refused_at_their_key_paths(tmp_path: Path)
     )
     problems = _problems(spec)
     assert f"{at_b}.csv: CSV options apply to CSV sources only; this source is parquet" in problems
-    assert any(p.startswith(f"{at_b}.columns.customer_id: the source gives a 'key'") for p in problems)
+    assert any(
+        p.startswith(f"{at_b}.columns.customer_id: the source gives a 'key'") for p in problems
+    )
     spec.write_text(base.replace("key = { row_number = true }", 'key = { columns = ["id"] }'))
     assert _problems(spec) == [f"{at_b}.key.columns: ['id'] not among the columns in csv.names"]
 
@@ -230,9 +232,7 @@ def test_label_positive_and_values_are_checked(tmp_path: Path) -> None:
     spec = _spec(tmp_path, label='label = { column = "churned", values = { Yes = nan } }')
     assert any("must be finite numbers" in p for p in _problems(spec))
     spec = _spec(tmp_path)
-    spec.write_text(
-        spec.read_text().replace('task = "binary"', 'task = "regression"')
-    )
+    spec.write_text(spec.read_text().replace('task = "binary"', 'task = "regression"'))
     assert "consortium.label.positive: applies to a binary task, not regression; use 'values'" in (
         _problems(spec)
     )
@@ -277,7 +277,9 @@ def test_label_value_map_quarantines_a_value_outside_it(tmp_path: Path, secret: 
     clean, rejected = _clean(spec, "a", 0)
     assert clean["churned"].to_list() == [1.0, 0.0, 1.0]
     reasons = dict(zip(rejected[ROW].to_list(), rejected[REASON].to_list(), strict=True))
-    assert reasons[7] == "column 'Churn' (label): not one of the 2 values of consortium.label.values"
+    assert (
+        reasons[7] == "column 'Churn' (label): not one of the 2 values of consortium.label.values"
+    )
     assert "Maybe" not in reasons[7]
 
 
@@ -296,9 +298,13 @@ def test_row_number_key_and_composite_duplicates(tmp_path: Path, secret: str) ->
         "x\nbranch;account_no;Churn;Plan\nN1;001;Yes;B\n n1 ;001;No;P\n"
     )
     _, rejected = _clean(spec, "a", 0)
-    assert rejected[REASON].to_list() == [
-        "duplicate key in columns 'branch', 'account_no' (rows 1, 2): one row per entity required"
-    ] * 2
+    assert (
+        rejected[REASON].to_list()
+        == [
+            "duplicate key in columns 'branch', 'account_no' (rows 1, 2): one row per entity required"
+        ]
+        * 2
+    )
 
 
 def test_a_missing_key_column_names_the_file_and_column(tmp_path: Path, secret: str) -> None:
@@ -330,7 +336,7 @@ def test_raw_keys_show_the_part_columns_as_exported(tmp_path: Path, secret: str)
         ("N1", "002"),
         ("N1", "003"),
         ("S2", "001"),
-        ('S;2', "001"),
+        ("S;2", "001"),
     ]
     keys = entity_keys([tables["b"]], entity="customer_id", secret=secret.encode())
     assert keys.columns == ["customer_id", ENTITY_HASH]
@@ -393,20 +399,32 @@ def test_predict_shows_the_composite_key_parts_as_exported(
         "value",
     ).write_csv(raw / "orders.csv")
     text = spec.read_text()
-    text = text.replace('label = { column = "churned" }', 'label = { column = "churned", positive = "Yes" }')
+    text = text.replace(
+        'label = { column = "churned" }', 'label = { column = "churned", positive = "Yes" }'
+    )
     p0, p1 = text.split('id = "p1"')
-    p0 = p0.replace('path = "raw/p0/customers.parquet"', (
-        'path = "raw/p0/customers.csv"\n'
-        'key = { columns = ["Branch", "Account"] }\n'
-        'csv = { delimiter = ";" }'
-    )).replace('path = "raw/p0/orders.parquet"', (
-        'path = "raw/p0/orders.csv"\nkey = { columns = ["Branch", "Account"] }'
-    ))
-    p0 = p0.replace('customer_id = {{ from = "id", dtype = "str" }}\n'.replace("{{", "{").replace("}}", "}"), "")
+    p0 = p0.replace(
+        'path = "raw/p0/customers.parquet"',
+        (
+            'path = "raw/p0/customers.csv"\n'
+            'key = { columns = ["Branch", "Account"] }\n'
+            'csv = { delimiter = ";" }'
+        ),
+    ).replace(
+        'path = "raw/p0/orders.parquet"',
+        ('path = "raw/p0/orders.csv"\nkey = { columns = ["Branch", "Account"] }'),
+    )
+    p0 = p0.replace('customer_id = { from = "id", dtype = "str" }\n', "")
     p0 = p0.replace('customer_id = { from = "id", dtype = "str", required = true }\n', "")
-    p0 = p0.replace('churned = { from = "churn", dtype = "bool" }', 'churned = { from = "Churn", dtype = "str" }')
+    p0 = p0.replace(
+        'churned = { from = "churn", dtype = "bool" }',
+        'churned = { from = "Churn", dtype = "str" }',
+    )
     # party p1 keeps its Parquet exports; its bool label reads "true" / "false"
-    p1 = p1.replace('churned = { from = "churn", dtype = "bool" }', 'churned = { from = "churn", dtype = "str" }')
+    p1 = p1.replace(
+        'churned = { from = "churn", dtype = "bool" }',
+        'churned = { from = "churn", dtype = "str" }',
+    )
     pl.read_parquet(tmp_path / "raw" / "p1" / "customers.parquet").with_columns(
         pl.when(pl.col("churn")).then(pl.lit("Yes")).otherwise(pl.lit("No")).alias("churn")
     ).write_parquet(tmp_path / "raw" / "p1" / "customers.parquet")
@@ -422,7 +440,9 @@ def test_predict_shows_the_composite_key_parts_as_exported(
     frame = pl.read_csv(out, schema_overrides={"Account": pl.String})
     assert frame.columns[:2] == ["Branch", "Account"]
     assert "customer_id" not in frame.columns
-    exported = pl.read_csv(raw / "customers.csv", separator=";", schema_overrides={"Account": pl.String})
+    exported = pl.read_csv(
+        raw / "customers.csv", separator=";", schema_overrides={"Account": pl.String}
+    )
     assert sorted(frame.select("Branch", "Account").rows()) == sorted(
         exported.select("Branch", "Account").rows()
     )
