@@ -232,6 +232,17 @@ def test_label_positive_and_values_are_checked(tmp_path: Path) -> None:
     spec = _spec(tmp_path, label='label = { column = "churned", values = { Yes = nan } }')
     assert any("must be finite numbers" in p for p in _problems(spec))
     spec = _spec(tmp_path)
+    spec.write_text(
+        spec.read_text().replace(
+            'churned = { from = "left", dtype = "str" }',
+            'churned = { from = "left", dtype = "bool" }',
+        )
+    )
+    assert _problems(spec) == [
+        "parties[1].sources[0].columns.churned.dtype: consortium.label.positive/values compare "
+        'the raw text: map the label as dtype = "str", not bool'
+    ]
+    spec = _spec(tmp_path)
     spec.write_text(spec.read_text().replace('task = "binary"', 'task = "regression"'))
     assert "consortium.label.positive: applies to a binary task, not regression; use 'values'" in (
         _problems(spec)
@@ -449,3 +460,20 @@ def test_predict_shows_the_composite_key_parts_as_exported(
     assert set(frame["Account"].to_list()) <= set(exported["Account"].to_list())
     assert frame["Account"].str.len_chars().min() == 5  # leading zeros as exported
     assert set(frame["prediction"]) <= {"Yes", "not Yes"}
+
+
+def test_a_key_on_a_source_not_keyed_by_the_entity_is_refused(tmp_path: Path) -> None:
+    from tests.factories import write_tiny
+
+    spec = write_tiny(tmp_path)
+    text = spec.read_text()
+    spec.write_text(
+        text.replace(
+            'path = "raw/a/events.parquet"',
+            'path = "raw/a/events.parquet"\nkey = { row_number = true }',
+        )
+    )
+    assert _problems(spec) == [
+        "parties[0].sources[3].key: a source of kind 'events' is not keyed by the entity "
+        "(it reaches it otherwise); leave 'key' out"
+    ]

@@ -144,7 +144,8 @@ def key_spec_problems(source: SourceSpec, *, at: str, entity: str) -> list[SpecP
         return [
             SpecProblem(
                 path=f"{at}.key",
-                message=f"a {source.kind} source is not keyed by the entity; leave 'key' out",
+                message=f"a source of kind {source.kind!r} is not keyed by the entity "
+                "(it reaches it otherwise); leave 'key' out",
             )
         ]
     if entity in source.columns:
@@ -373,13 +374,24 @@ def label_value_problems(spec: FedSpec) -> list[SpecProblem]:
     if label.positive is not None or label.values is not None:
         for i, party in enumerate(spec.parties):
             source = label_source(spec, party)
-            if source is not None and source.columns[label.column].values:
-                j = party.sources.index(source)
+            if source is None:
+                continue
+            column = source.columns[label.column]
+            at = f"parties[{i}].sources[{party.sources.index(source)}].columns.{label.column}"
+            if column.values:
                 problems.append(
                     SpecProblem(
-                        path=f"parties[{i}].sources[{j}].columns.{label.column}.values",
+                        path=f"{at}.values",
                         message="the label is mapped by consortium.label (positive or "
                         "values); leave this value map out",
+                    )
+                )
+            if column.dtype != "str":
+                problems.append(
+                    SpecProblem(
+                        path=f"{at}.dtype",
+                        message="consortium.label.positive/values compare the raw text: "
+                        f'map the label as dtype = "str", not {column.dtype}',
                     )
                 )
     return problems
