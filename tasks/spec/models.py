@@ -177,6 +177,9 @@ class CsvOptions(SpecModel):
             return value
         if any(not name for name in value):
             raise ValueError("column names must not be empty")
+        reserved = sorted(name for name in value if name.startswith("__"))
+        if reserved:
+            raise ValueError(f"names starting with '__' are fedfuse's own columns: {reserved}")
         repeated = sorted({name for name in value if value.count(name) > 1})
         if repeated:
             raise ValueError(f"duplicate column names {repeated}")
