@@ -127,7 +127,10 @@ def score_columns(
 
 def with_raw_keys(out: pl.DataFrame, keys: pl.DataFrame, *, entity: str) -> pl.DataFrame:
     """Predictions keyed by the party's own raw ids (``keys``: :func:`entity_keys`; its
-    key columns come first)."""
+    key columns come first; one named like a score column is shown as ``<name> (key)``)."""
+    keys = keys.rename(
+        {c: f"{c} (key)" for c in keys.columns if c in out.columns and c != ENTITY_HASH}
+    )
     shown = [c for c in keys.columns if c != ENTITY_HASH]
     return out.join(keys, on=ENTITY_HASH, how="left", validate="1:1").select(
         *shown, pl.exclude(shown)
@@ -149,7 +152,11 @@ def entity_keys(key_tables: list[pl.DataFrame], *, entity: str, secret: bytes) -
         .unique(entity, keep="first", maintain_order=True)
         .sort(entity)
     )
-    shown = [pl.col(c).alias(entity if c == RAW_KEY else c.removeprefix(RAW_KEY_PART)) for c in raw]
+    names: list[str] = []
+    for c in raw:  # a part named like the entity column of another source's key: marked
+        name = entity if c == RAW_KEY else c.removeprefix(RAW_KEY_PART)
+        names.append(f"{name} (key)" if name in names or name == ENTITY_HASH else name)
+    shown = [pl.col(c).alias(name) for c, name in zip(raw, names, strict=True)]
     return keys.with_columns(hash_keys(keys[entity], secret)).select(*shown, ENTITY_HASH)
 
 

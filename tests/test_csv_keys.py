@@ -477,3 +477,19 @@ def test_a_key_on_a_source_not_keyed_by_the_entity_is_refused(tmp_path: Path) ->
         "parties[0].sources[3].key: a source of kind 'events' is not keyed by the entity "
         "(it reaches it otherwise); leave 'key' out"
     ]
+
+
+def test_key_parts_named_like_prediction_columns_are_kept_apart() -> None:
+    from tasks.scoring import with_raw_keys
+
+    composite = pl.DataFrame(
+        {"customer_id": ["n1|7"], "__raw_key:prediction": ["N1"], "__raw_key:customer_id": ["7"]}
+    )
+    plain = pl.DataFrame({"customer_id": ["c9"], "__raw_key": ["C9"]})
+    keys = entity_keys([composite, plain], entity="customer_id", secret=b"k" * 32)
+    assert keys.columns == ["customer_id", "prediction", "customer_id (key)", ENTITY_HASH]
+    out = keys.select(ENTITY_HASH).with_columns(pl.lit("yes").alias("prediction"))
+    shown = with_raw_keys(out, keys, entity="customer_id")
+    assert shown.columns[:3] == ["customer_id", "prediction (key)", "customer_id (key)"]
+    assert shown["prediction"].to_list() == ["yes", "yes"]  # the score, not the key part
+    assert sorted(shown["prediction (key)"].drop_nulls().to_list()) == ["N1"]
