@@ -53,6 +53,8 @@ def party_labels(spec: FedSpec, party: str) -> list[str]:
         task=spec.consortium.task,
         classes=num_classes(spec),
         vocabulary=consortium_vocabularies(spec).get(name),
+        positive=spec.consortium.label.positive,
+        values=spec.consortium.label.values,
     )
 
 

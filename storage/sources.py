@@ -1,8 +1,10 @@
 """Reading raw party sources (CSV, Parquet, JSONL, Arrow IPC) with errors that name the file.
 
 Every frame returned carries a ``__row`` column: the 1-based data row (CSV: record after the
-header; JSONL: line number; Parquet/Arrow: row index + 1), so rejections can name the row.
-A UTF-8 byte-order mark at the start of a CSV or JSONL file is dropped.
+header, not counting the skipped preamble lines, comment lines and blank lines; JSONL: line
+number; Parquet/Arrow: row index + 1), so rejections can name the row. A UTF-8 byte-order
+mark at the start of a CSV or JSONL file is dropped. A CSV file's layout (header or given
+names, delimiter, missing-value texts, preamble, comments, quoting) is a :class:`CsvLayout`.
 
 Invalid UTF-8 never raises mid-file. CSV, Parquet and Arrow: the invalid bytes themselves are
 found (a text that merely holds U+FFFD, the replacement character, is valid and kept), the
@@ -22,6 +24,7 @@ import fnmatch
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,14 +68,34 @@ def _open_bytes(location: str) -> bytes:
     return data
 
 
-def read_source(location: str, fmt: str, *, encoding: str = "utf8") -> RawSource:
+@dataclass(frozen=True)
+class CsvLayout:
+    """How a CSV file is laid out (the spec's ``csv`` options, checked there)."""
+
+    header: bool = True
+    #: Column names in file order: the file has no header, or they replace it.
+    names: tuple[str, ...] | None = None
+    delimiter: str = ","
+    #: Cell texts read as missing, besides the empty cell.
+    null_values: tuple[str, ...] = ()
+    #: Lines dropped before the header.
+    skip_rows: int = 0
+    #: Lines starting with it are dropped.
+    comment_prefix: str | None = None
+    #: "" for none.
+    quote_char: str = '"'
+
+
+def read_source(
+    location: str, fmt: str, *, encoding: str = "utf8", csv: CsvLayout | None = None
+) -> RawSource:
     """Read a raw source file into a frame of its own columns plus ``__row``."""
     if fmt == "parquet":
         return RawSource(_read_parquet(location))
     if fmt == "arrow":
         return RawSource(_read_arrow(location))
     if fmt == "csv":
-        return _read_csv(location, encoding)
+        return _read_csv(location, encoding, csv or CsvLayout())
     if fmt == "jsonl":
         return _read_jsonl(location, encoding)
     raise SourceError(f"{location}: unknown format {fmt!r} (csv, parquet, jsonl, arrow)")
@@ -321,10 +344,35 @@ def _read_arrow_checked(location: str, data: bytes) -> pl.DataFrame:
     return _utf8_checked(table)
 
 
-def _read_csv(location: str, encoding: str) -> RawSource:
-    """All cells as text; rows with the wrong number of fields come back in ``bad_lines``."""
+def _drop_lines(data: bytes, layout: CsvLayout) -> bytes:
+    """The file without its preamble (``skip_rows`` lines) and comment lines."""
+    if layout.skip_rows:
+        at = 0
+        for _ in range(layout.skip_rows):
+            at = data.find(b"\n", at) + 1
+            if at == 0:
+                return b""
+        data = data[at:]
+    if layout.comment_prefix is not None:
+        prefix = re.escape(layout.comment_prefix.encode())
+        data = re.sub(rb"(?m)^" + prefix + rb"[^\n]*(?:\n|\Z)", b"", data)
+    return data
+
+
+def _first_fields(data: bytes, layout: CsvLayout) -> list[str]:
+    """The fields of the first line (the header, or the first data row)."""
     import csv
 
+    line = data.split(b"\n", 1)[0].decode().rstrip("\r")
+    if layout.quote_char:
+        reader = csv.reader([line], delimiter=layout.delimiter, quotechar=layout.quote_char)
+    else:
+        reader = csv.reader([line], delimiter=layout.delimiter, quoting=csv.QUOTE_NONE)
+    return next(reader, [])
+
+
+def _read_csv(location: str, encoding: str, layout: CsvLayout) -> RawSource:
+    """All cells as text; rows with the wrong number of fields come back in ``bad_lines``."""
     import numpy as np
     import pyarrow.csv as pacsv
 
@@ -359,18 +407,35 @@ def _read_csv(location: str, encoding: str) -> RawSource:
                 else "unknown encoding"
             )
             raise SourceError(f"{location}: cannot decode as {encoding} ({where})") from None
-    header_line = data.split(b"\n", 1)[0].decode().rstrip("\r")
-    names = next(csv.reader([header_line]))
+    data = _drop_lines(data, layout)
+    if not data.strip():
+        raise SourceError(f"{location}: file holds no data rows")
+    first = _first_fields(data, layout)
+    if layout.header:
+        data = data.split(b"\n", 1)[1] if b"\n" in data else b""
+    if layout.names is not None:
+        names = list(layout.names)
+        if len(first) != len(names):
+            what = "header" if layout.header else "first data row"
+            raise SourceError(  # counts, not cells: a header may be a line of data
+                f"{location}: csv.names gives {len(names)} column(s) but the {what} has "
+                f"{len(first)} field(s)"
+            )
+    else:
+        names = first
     if len(set(names)) != len(names):
         repeated = [i for i, name in enumerate(names, start=1) if names.index(name) < i - 1]
         raise SourceError(  # positions, not names: a header may be a line of data
             f"{location}: duplicate column names in the header ({len(repeated)} of "
             f"{len(names)} repeat an earlier one, at column(s) {repeated})"
         )
+    if not data.strip():
+        raise SourceError(f"{location}: file holds no data rows")
     bad: list[tuple[int, str, str]] = []
 
     def invalid(row: Any) -> str:
-        number = int(row.number) - 1 if row.number is not None else -1
+        # the header line is not given to the parser: its line numbers are data rows
+        number = int(row.number) if row.number is not None else -1
         bad.append(
             (
                 number,
@@ -383,12 +448,18 @@ def _read_csv(location: str, encoding: str) -> RawSource:
     try:
         table = pacsv.read_csv(
             io.BytesIO(data),
-            read_options=pacsv.ReadOptions(use_threads=False, block_size=1 << 24),
-            parse_options=pacsv.ParseOptions(invalid_row_handler=invalid),
+            read_options=pacsv.ReadOptions(
+                use_threads=False, block_size=1 << 24, column_names=names
+            ),
+            parse_options=pacsv.ParseOptions(
+                delimiter=layout.delimiter,
+                quote_char=layout.quote_char or False,
+                invalid_row_handler=invalid,
+            ),
             convert_options=pacsv.ConvertOptions(
                 column_types=dict.fromkeys(names, pa.string()),
                 strings_can_be_null=True,
-                null_values=[""],
+                null_values=["", *layout.null_values],
             ),
         )
     except (pa.ArrowException, OSError) as exc:

@@ -14,7 +14,7 @@ from tasks.manifest import EnsembleManifest
 from tasks.prepare.align import hash_keys
 from tasks.prepare.design import FeatureSchema, design_matrix
 from tasks.prepare.preprocess import FALSE_TEXT, TRUE_TEXT
-from tasks.prepare.steps import RAW_KEY
+from tasks.prepare.steps import RAW_KEY, RAW_KEY_PART
 from tasks.spec.models import ColumnSpec, SecretRef
 from tasks.types import ENTITY_HASH, Objective
 
@@ -36,13 +36,26 @@ def label_values(
     task: Objective,
     classes: int,
     vocabulary: list[str] | None = None,
+    positive: str | None = None,
+    values: dict[str, float] | None = None,
 ) -> list[str]:
-    """The label value of each class (index = class): a text label's consortium vocabulary
-    value, else the raw value the label column's mapping (raw value -> canonical) sends to
-    that class; a class no raw value maps to shows as its canonical value. Empty for
-    regression."""
+    """The label value of each class (index = class): with the consortium's ``positive``,
+    that value and ``not <positive>`` (class 0 is every other raw value); with its
+    ``values``, the raw values mapped to each class (several joined by ``|``); else a text
+    label's consortium vocabulary value, else the raw value the label column's mapping (raw
+    value -> canonical) sends to that class; a class no raw value maps to shows as its
+    canonical value. Empty for regression."""
     if task == "regression":
         return []
+    if positive is not None:
+        return [f"not {positive}", positive]
+    if values is not None:
+        count = 2 if task == "binary" else classes
+        raws: list[list[str]] = [[] for _ in range(count)]
+        for raw, number in values.items():
+            if number.is_integer() and 0 <= number < count:
+                raws[int(number)].append(raw)
+        return ["|".join(r) if r else str(k) for k, r in enumerate(raws)]
     if column is not None and column.dtype in ("str", "category") and vocabulary:
         return list(vocabulary)
     canonical = ["false", "true"] if column is not None and column.dtype == "bool" else None
@@ -113,23 +126,38 @@ def score_columns(
 
 
 def with_raw_keys(out: pl.DataFrame, keys: pl.DataFrame, *, entity: str) -> pl.DataFrame:
-    """Predictions keyed by the party's own raw ids (``keys``: :func:`entity_keys`)."""
+    """Predictions keyed by the party's own raw ids (``keys``: :func:`entity_keys`; its
+    key columns come first; one named like a score column is shown as ``<name> (key)``)."""
+    keys = keys.rename(
+        {c: f"{c} (key)" for c in keys.columns if c in out.columns and c != ENTITY_HASH}
+    )
+    shown = [c for c in keys.columns if c != ENTITY_HASH]
     return out.join(keys, on=ENTITY_HASH, how="left", validate="1:1").select(
-        entity, pl.exclude(entity)
+        *shown, pl.exclude(shown)
     )
 
 
 def entity_keys(key_tables: list[pl.DataFrame], *, entity: str, secret: bytes) -> pl.DataFrame:
     """The party's own raw keys beside their hashes (never leaves the party's store);
-    ``key_tables``: the pipeline's raw-key tables (normalised key, raw key)."""
+    ``key_tables``: the pipeline's raw-key tables (normalised key, then the raw key, or a
+    composite key's raw part columns). The raw key shows as the entity column, a
+    composite's parts as the columns named as in the party's export."""
+    raw = [c for t in key_tables for c in t.columns if c == RAW_KEY or c.startswith(RAW_KEY_PART)]
+    raw = list(dict.fromkeys(sorted(raw, key=lambda c: c != RAW_KEY)))
     keys = (
-        pl.concat([t.select(entity, RAW_KEY) for t in key_tables])
+        pl.concat(
+            [t.select(entity, *[c for c in raw if c in t.columns]) for t in key_tables],
+            how="diagonal",
+        )
         .unique(entity, keep="first", maintain_order=True)
         .sort(entity)
     )
-    return keys.with_columns(hash_keys(keys[entity], secret)).select(
-        pl.col(RAW_KEY).alias(entity), ENTITY_HASH
-    )
+    names: list[str] = []
+    for c in raw:  # a part named like the entity column of another source's key: marked
+        name = entity if c == RAW_KEY else c.removeprefix(RAW_KEY_PART)
+        names.append(f"{name} (key)" if name in names or name == ENTITY_HASH else name)
+    shown = [pl.col(c).alias(name) for c, name in zip(raw, names, strict=True)]
+    return keys.with_columns(hash_keys(keys[entity], secret)).select(*shown, ENTITY_HASH)
 
 
 def run_scoring(

@@ -101,11 +101,15 @@ def test_read_folder_limits_the_file_count_and_each_file_size(tmp_path: Path) ->
     small, big = read_folder(str(folder), max_bytes=8).files
     (folder / "b" / "c.png").write_bytes(b"\x89PNG two, now longer")  # grew since listed
     assert not big.oversized
-    with pytest.raises(SourceError, match=r"file 2 \(in path order\) grew over the limit of 8 bytes"):
+    with pytest.raises(
+        SourceError, match=r"file 2 \(in path order\) grew over the limit of 8 bytes"
+    ):
         big.read()
     (big,) = read_folder(str(folder), "b/*", max_bytes=8).files
     assert big.oversized
-    with pytest.raises(SourceError, match=r"file 1 \(in path order\) holds 20 bytes, over the limit of 8"):
+    with pytest.raises(
+        SourceError, match=r"file 1 \(in path order\) holds 20 bytes, over the limit of 8"
+    ):
         big.read()
     assert small.read() == b"\x89PNG one"
 
@@ -124,5 +128,7 @@ def test_read_folder_refuses_links_and_escapes_naming_the_entry(tmp_path: Path) 
     (file,) = read_folder(str(folder), "b/*").files
     (folder / "b" / "c.png").unlink()  # swapped for a link after the listing
     (folder / "b" / "c.png").symlink_to(outside)
-    with pytest.raises(SourceError, match=r"file 1 \(in path order\) (is a symbolic link|leads outside)"):
+    with pytest.raises(
+        SourceError, match=r"file 1 \(in path order\) (is a symbolic link|leads outside)"
+    ):
         file.read()

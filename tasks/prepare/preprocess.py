@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from storage.sources import INVALID_UTF8, ROW
 from tasks.prepare.modalities import modality_of
 from tasks.prepare.units import to_canonical
-from tasks.spec.models import OTHER, ColumnSpec, SourceSpec
+from tasks.spec.models import OTHER, ColumnSpec, KeySpec, SourceSpec
 from tasks.types import REASON, KeyNormalisation, Objective
 
 #: Control (Cc: C0, DEL, C1, NUL) and format (Cf: zero-width space/joiners, U+FEFF, bidi
@@ -31,6 +31,9 @@ KEY_CONTROL = r"[\p{Cc}\p{Cf}]"
 TRUE_TEXT = ("true", "1", "yes", "y", "t")
 FALSE_TEXT = ("false", "0", "no", "n", "f")
 _TRUE, _FALSE = TRUE_TEXT, FALSE_TEXT
+#: Joins the parts of a composite key (``key = { columns = [...] }``); a part holding it is
+#: refused, so two different part lists never give the same key.
+KEY_SEPARATOR = "|"
 _ISO_FORMATS_TZ = ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z")
 _ISO_FORMATS_NAIVE = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d")
 
@@ -59,6 +62,29 @@ class LabelRule:
     column: str  # canonical name
     task: Objective
     num_classes: int | None = None  # multiclass
+    #: Binary: the raw value (stripped) that is class 1; every other present value is 0.
+    positive: str | None = None
+    #: Raw value (stripped) -> label value; a value outside it is quarantined.
+    values: Mapping[str, float] | None = None
+
+    @property
+    def maps_raw(self) -> bool:
+        """Whether the label comes from the raw text through ``positive`` or ``values``."""
+        return self.positive is not None or self.values is not None
+
+
+def mapped_label(expr: pl.Expr, dtype: pl.DataType, rule: LabelRule) -> pl.Expr:
+    """The label value of a raw cell under ``rule.positive`` or ``rule.values`` (null for a
+    missing cell, or one outside ``values``)."""
+    text = _string(expr, dtype)
+    if rule.positive is not None:
+        return (
+            pl.when(text.is_null()).then(None).otherwise((text == rule.positive).cast(pl.Float64))
+        )
+    values = dict(rule.values or {})
+    return text.replace_strict(
+        list(values), list(values.values()), default=None, return_dtype=pl.Float64
+    )
 
 
 @dataclass
@@ -256,6 +282,18 @@ def _label_reason(
         return pl.lit(f"column '{name}' (label): {text}")
 
     number = _number(src, dtype)
+    if rule.maps_raw:
+        outside = f"not one of the {len(rule.values or {})} values of consortium.label.values"
+        return (
+            pl.when(~_present(src, dtype))
+            .then(because("missing label"))
+            .when(number.is_nan())
+            .then(because("label is not a number"))
+            .when(number.is_infinite())
+            .then(because("label is not finite"))
+            .when(out.is_null())
+            .then(because(outside))
+        )
     if rule.task == "multiclass" and column.dtype in ("category", "str") and vocabulary:
         classes = vocabulary[: rule.num_classes] if rule.num_classes else vocabulary
         unparsed = out.is_null()
@@ -282,6 +320,70 @@ def _label_reason(
     )
 
 
+def key_description(source: SourceSpec, entity: str) -> str:
+    """How reasons name where a source's entity key comes from (column names, no value)."""
+    if source.key is None:
+        return f"column '{raw_name(entity, source.columns[entity])}'"
+    if source.key.row_number:
+        return "the row number"
+    return "columns " + ", ".join(f"'{c}'" for c in source.key.columns)
+
+
+def key_parts(key: KeySpec, normalisation: KeyNormalisation) -> list[pl.Expr]:
+    """The normalised parts of a composite key, one per raw column (null: missing)."""
+    return [normalise_key(pl.col(c), normalisation) for c in key.columns]
+
+
+def composite_key(parts: list[pl.Expr]) -> pl.Expr:
+    """The parts joined by :data:`KEY_SEPARATOR` (null when one is missing)."""
+    return pl.concat_str(parts, separator=KEY_SEPARATOR)
+
+
+def spec_key(
+    raw: pl.DataFrame,
+    key: KeySpec,
+    *,
+    entity: str,
+    normalisation: KeyNormalisation,
+    file: str,
+) -> tuple[pl.Expr, list[pl.Expr]]:
+    """The entity key of a source with a ``key`` and the reasons refusing rows: the data
+    row number as text, or the composite of normalised raw columns; a composite refuses a
+    row whose part is missing, holds :data:`KEY_SEPARATOR` or a control character, or held
+    invalid UTF-8. A part column missing from the file raises :class:`PreprocessError`."""
+    if key.row_number:
+        return pl.col(ROW).cast(pl.String), []
+    available = [c for c in raw.columns if c not in (ROW, INVALID_UTF8)]
+    for name in key.columns:
+        if name not in raw.columns:
+            found = [c for c in key.columns if c in available]
+            raise PreprocessError(  # the file's own header is not shown: it may be data
+                f"{file}: key column {name!r} (part of {entity!r}) is missing; the file has "
+                f"{len(available)} column(s), of which {len(found)} of the key's: {found}"
+            )
+    flagged = INVALID_UTF8 in raw.columns
+    reasons: list[pl.Expr] = []
+    parts = key_parts(key, normalisation)
+    for name, part in zip(key.columns, parts, strict=True):
+        where = f"column '{name}' (part of {entity})"
+        reasons += [
+            pl.when(part.is_null()).then(pl.lit(f"{where}: required value missing")),
+            pl.when(part.str.contains(KEY_CONTROL)).then(
+                pl.lit(f"{where}: key contains control characters")
+            ),
+            pl.when(part.str.contains(KEY_SEPARATOR, literal=True)).then(
+                pl.lit(f"{where}: key part contains the separator '{KEY_SEPARATOR}'")
+            ),
+        ]
+        if flagged:
+            reasons.append(
+                pl.when(pl.col(INVALID_UTF8).list.contains(pl.lit(name))).then(
+                    pl.lit(f"column '{name}': invalid UTF-8")
+                )
+            )
+    return composite_key(parts), reasons
+
+
 def _reason(parts: list[pl.Expr]) -> pl.Expr:
     joined = pl.concat_str(parts, separator="; ", ignore_nulls=True)
     return pl.when(joined == "").then(None).otherwise(joined)
@@ -298,6 +400,7 @@ def coerce_frame(
     label: LabelRule | None = None,
     bounds: Mapping[str, tuple[float, str]] | None = None,
     other: Collection[str] | None = None,
+    key_spec: KeySpec | None = None,
 ) -> tuple[pl.DataFrame, dict[str, int]]:
     """Coerce every mapped column; add a ``reject_reason`` column (null for good rows).
 
@@ -305,11 +408,12 @@ def coerce_frame(
     parse/required checks (whose reasons would show the value). ``bounds``: canonical column
     -> (largest magnitude after unit conversion, how the reason states it); a value beyond
     it is out of range. The ``key`` column is refused when it holds control or format
-    characters. A category value outside its vocabulary becomes ``other`` in the columns of
-    ``other`` (the other bucket; default: the columns whose vocabulary holds ``other``),
-    else missing; either way it is counted per column (never shown). A category column without a vocabulary (one being learned) keeps
-    its mapped values. Returns the frame (``__row``, canonical columns, reason) and
-    unknown-category counts.
+    characters. With ``key_spec`` the ``key`` column comes from it (:func:`spec_key`)
+    instead of a mapped column. A category value outside its vocabulary becomes ``other``
+    in the columns of ``other`` (the other bucket; default: the columns whose vocabulary
+    holds ``other``), else missing; either way it is counted per column (never shown). A
+    category column without a vocabulary (one being learned) keeps its mapped values.
+    Returns the frame (``__row``, canonical columns, reason) and unknown-category counts.
     """
     _check_columns(raw, columns, file)
     schema = raw.schema
@@ -319,7 +423,12 @@ def coerce_frame(
     for canonical, column in columns.items():
         name = raw_name(canonical, column)
         src, dtype = pl.col(name), schema[name]
-        out = normalise_key(src, normalisation) if canonical == key else coerce(src, dtype, column)
+        if canonical == key:
+            out = normalise_key(src, normalisation)
+        elif label is not None and canonical == label.column and label.maps_raw:
+            out = mapped_label(src, dtype, label)
+        else:
+            out = coerce(src, dtype, column)
         values.append(out.alias(canonical))
         present = _present(src, dtype)
         if label is not None and canonical == label.column:
@@ -365,6 +474,10 @@ def coerce_frame(
                     pl.lit(f"column '{name}': invalid UTF-8")
                 )
             )
+    if key_spec is not None and key is not None:
+        expr, why = spec_key(raw, key_spec, entity=key, normalisation=normalisation, file=file)
+        values.insert(1, expr.alias(key))
+        reasons = why + reasons
     frame = raw.select(*values, _reason(reasons).alias(REASON))
     if other is None:
         other = [name for name, vocab in vocabularies.items() if OTHER in vocab]
@@ -430,10 +543,13 @@ def preprocess(
         label=label,
         bounds=modality.bounds(source),
         other=other,
+        key_spec=source.key,
     )
     frame, canonical = modality.attach_entity(
         frame, source, entity_map, entity=entity, normalisation=normalisation
     )
+    if source.key is not None and entity not in canonical:
+        canonical = [entity, *canonical]
     bad = frame.filter(pl.col(REASON).is_not_null()).select(ROW, REASON)
     good = frame.filter(pl.col(REASON).is_null())
     # exact duplicates (on canonical values): keep the first occurrence
@@ -452,8 +568,8 @@ def preprocess(
             conflicts = good.join(clash, on=entity).select(
                 ROW,
                 pl.format(
-                    "duplicate key in column '{}' (rows {}): one row per entity required",
-                    pl.lit(raw_name(entity, source.columns[entity])),
+                    "duplicate key in {} (rows {}): one row per entity required",
+                    pl.lit(key_description(source, entity)),
                     pl.col("__rows").cast(pl.List(pl.String)).list.join(", "),
                 ).alias(REASON),
             )
@@ -499,6 +615,7 @@ def _reason_kind(reason: str) -> str:
         ": invalid UTF-8",
         ": out of range",
         ": key contains control characters",
+        ": key part contains the separator",
     ):
         if marker in reason:
             return reason.split(marker, maxsplit=1)[0] + marker

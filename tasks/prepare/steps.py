@@ -20,16 +20,20 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage.files import ConfinementError, confined
 from storage.secrets import SecretError, resolve_secret, secret_fingerprint
-from storage.sources import SourceError, read_source
+from storage.sources import ROW, SourceError, read_source
 from storage.store import FileRef, Store, TableRef, fingerprint, read_table, scan_table
 from tasks.caching import content_cache_key
 from tasks.prepare.align import AlignError, FeatureColumn, align_features, fuse_tables
 from tasks.prepare.modalities import FeatureInputs, modality_of
 from tasks.prepare.preprocess import (
+    KEY_CONTROL,
+    KEY_SEPARATOR,
     LabelRule,
     Preprocessed,
     PreprocessError,
     QualityReport,
+    composite_key,
+    key_parts,
     normalise_key,
     preprocess,
     raw_name,
@@ -42,6 +46,7 @@ from tasks.prepare.vocabulary import (
 )
 from tasks.spec.models import (
     FedSpec,
+    KeySpec,
     SecretRef,
     SourceSpec,
     SpecError,
@@ -137,6 +142,12 @@ class PartyContext(BaseModel):
     secret: SecretRef
     join: JoinKind
     num_classes: int | None = None
+    label_positive: str | None = Field(
+        default=None, description="Binary: the raw label value that is class 1"
+    )
+    label_values: dict[str, float] | None = Field(
+        default=None, description="Raw label value -> label value"
+    )
     roots: list[str] = Field(
         default_factory=list,
         description="Folders the party's sources may be read from (its store and imports)",
@@ -171,6 +182,8 @@ class PartyContext(BaseModel):
             secret=spec.consortium.secret,
             join=spec.fusion.join,
             num_classes=spec.consortium.label.num_classes,
+            label_positive=spec.consortium.label.positive,
+            label_values=spec.consortium.label.values,
             roots=party.roots,
         )
 
@@ -264,8 +277,42 @@ def run_preprocess(
     return CleanOutput(source=source.id, clean=clean, rejected=rejected, quality=result.quality)
 
 
-#: The party's own entity key, exactly as exported (key tables, predictions).
+#: The party's own entity key, exactly as exported (key tables, predictions); a composite
+#: key's parts are ``__raw_key:<raw column>`` each.
 RAW_KEY = "__raw_key"
+RAW_KEY_PART = f"{RAW_KEY}:"
+
+
+def spec_key_table(
+    frame: pl.DataFrame, key: KeySpec, *, entity: str, normalisation: KeyNormalisation
+) -> pl.DataFrame:
+    """The raw keys of a source with a ``key``: the row number as text beside itself, or
+    the composite key beside its part columns as exported (rows with a part missing, or
+    holding the separator or a control character, are left out: preprocessing refuses
+    them). A part column the file lacks gives no rows (preprocessing names it)."""
+    if key.row_number:
+        number = pl.col(ROW).cast(pl.String)
+        return frame.select(number.alias(entity), number.alias(RAW_KEY))
+    if any(c not in frame.columns for c in key.columns):
+        schema = {entity: pl.String, **{RAW_KEY_PART + c: pl.String for c in key.columns}}
+        return pl.DataFrame(schema=schema)
+    parts = key_parts(key, normalisation)
+    usable = pl.all_horizontal(
+        [
+            p.is_not_null()
+            & ~p.str.contains(KEY_CONTROL)
+            & ~p.str.contains(KEY_SEPARATOR, literal=True)
+            for p in parts
+        ]
+    )
+    return (
+        frame.filter(usable)
+        .select(
+            composite_key(parts).alias(entity),
+            *[pl.col(c).cast(pl.String).alias(RAW_KEY_PART + c) for c in key.columns],
+        )
+        .unique(entity, keep="first", maintain_order=True)
+    )
 
 
 def run_raw_keys(
@@ -273,7 +320,8 @@ def run_raw_keys(
 ) -> TableRef:
     """The source's entity keys as the party exported them beside their normalised form
     (first spelling of each normalised key), in the party's ``clean/keys-<source>``:
-    predictions show the party's own ids. Events sources with an entity map take them from it."""
+    predictions show the party's own ids. Events sources with an entity map take them from it;
+    a source with a ``key`` gives its row numbers or its composite key's part columns."""
     if source.entity_map is not None and entity_map is not None:
         if ctx.roots:
             confined(entity_map.uri, ctx.roots)
@@ -283,8 +331,13 @@ def run_raw_keys(
     else:
         if ctx.roots:
             confined(raw.uri, ctx.roots)
-        frame = read_source(raw.uri, source.file_format, encoding=source.encoding).frame
+        frame = modality_of(source).read(raw.uri, source).frame
         column = source.columns.get(ctx.entity)
+        if source.key is not None:
+            keys = spec_key_table(
+                frame, source.key, entity=ctx.entity, normalisation=ctx.normalisation
+            )
+            return Store(ctx.store).write_table(keys, "clean", f"keys-{source.id}")
     name = raw_name(ctx.entity, column) if column is not None else ctx.entity
     if name not in frame.columns:
         keys = pl.DataFrame(schema={ctx.entity: pl.String, RAW_KEY: pl.String})
@@ -303,7 +356,13 @@ def label_rule(ctx: PartyContext, source: SourceSpec) -> LabelRule | None:
     """The label check for the party's label source (none elsewhere, nor when scoring)."""
     if source.id != ctx.label_source or ctx.label not in source.columns:
         return None
-    return LabelRule(column=ctx.label, task=ctx.task, num_classes=ctx.num_classes)
+    return LabelRule(
+        column=ctx.label,
+        task=ctx.task,
+        num_classes=ctx.num_classes,
+        positive=ctx.label_positive,
+        values=ctx.label_values,
+    )
 
 
 def run_features(ctx: PartyContext, source: SourceSpec, cleaned: CleanOutput) -> TableRef:

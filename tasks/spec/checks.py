@@ -104,8 +104,69 @@ def source_problems(spec: FedSpec, source: SourceSpec, *, at: str) -> list[SpecP
                     message=f"a {source.kind} source needs a '{name}' column mapping",
                 )
             )
-    problems += modality.key_problems(source, at=at, entity=spec.consortium.entity)
+    problems += csv_problems(source, at=at)
+    entity = spec.consortium.entity
+    if source.key is None:
+        problems += modality.key_problems(source, at=at, entity=entity)
+    else:
+        problems += key_spec_problems(source, at=at, entity=entity)
     return problems + column_problems(spec, source, at=at)
+
+
+def csv_problems(source: SourceSpec, *, at: str) -> list[SpecProblem]:
+    """CSV options are for a CSV source only."""
+    if source.csv is None:
+        return []
+    if modality_of(source).reads_folders:
+        fmt = "a folder of files"
+    else:
+        try:
+            fmt = source.file_format
+        except ValueError:
+            return []  # reported at the format
+    if fmt == "csv":
+        return []
+    return [
+        SpecProblem(
+            path=f"{at}.csv",
+            message=f"CSV options apply to CSV sources only; this source is {fmt}",
+        )
+    ]
+
+
+def key_spec_problems(source: SourceSpec, *, at: str, entity: str) -> list[SpecProblem]:
+    """A ``key`` replaces the entity column of a source keyed by the entity: not both, and
+    composite parts the spec can see (``csv.names``) exist."""
+    key = source.key
+    assert key is not None
+    problems: list[SpecProblem] = []
+    if modality_of(source).key_column(source, entity=entity) != entity:
+        return [
+            SpecProblem(
+                path=f"{at}.key",
+                message=f"a source of kind {source.kind!r} is not keyed by the entity "
+                "(it reaches it otherwise); leave 'key' out",
+            )
+        ]
+    if entity in source.columns:
+        problems.append(
+            SpecProblem(
+                path=f"{at}.columns.{entity}",
+                message=f"the source gives a 'key'; leave the entity column '{entity}' out "
+                "of 'columns'",
+            )
+        )
+    names = source.csv.names if source.csv is not None else None
+    if names is not None:
+        unknown = [c for c in key.columns if c not in names]
+        if unknown:
+            problems.append(
+                SpecProblem(
+                    path=f"{at}.key.columns",
+                    message=f"{unknown} not among the columns in csv.names",
+                )
+            )
+    return problems
 
 
 def column_problems(spec: FedSpec, source: SourceSpec, *, at: str) -> list[SpecProblem]:
@@ -219,6 +280,8 @@ def class_count_problems(spec: FedSpec) -> list[SpecProblem]:
         return []
     if label.num_classes is None:
         return [SpecProblem(path="consortium.label.num_classes", message="multiclass needs it")]
+    if label.values is not None:
+        return []  # the raw values are mapped to class indices
     text = any(
         source.columns[label.column].dtype in ("str", "category")
         for party in spec.parties
@@ -307,8 +370,65 @@ def semantic_problems(spec: FedSpec) -> list[SpecProblem]:
         *opt_in_problems(spec),
         *class_count_problems(spec),
         *vocabulary_problems(spec),
+        *label_value_problems(spec),
         *fusion_problems(spec),
     ]
+
+
+def label_value_problems(spec: FedSpec) -> list[SpecProblem]:
+    """``positive`` is for a binary task; ``values`` give the task's targets (binary: 0 or
+    1; multiclass: class indices 0..num_classes-1); neither beside a value map on the label
+    column itself (one mapping per label)."""
+    label = spec.consortium.label
+    task = spec.consortium.task
+    problems: list[SpecProblem] = []
+    if label.positive is not None and task != "binary":
+        problems.append(
+            SpecProblem(
+                path="consortium.label.positive",
+                message=f"applies to a binary task, not {task}; use 'values'",
+            )
+        )
+    if label.values is not None:
+        numbers = label.values.items()
+        if task == "binary":
+            bad = sorted(raw for raw, v in numbers if v not in (0.0, 1.0))
+            wanted = "0 or 1 for a binary task"
+        elif task == "multiclass" and label.num_classes is not None:
+            bad = sorted(
+                raw for raw, v in numbers if not (v.is_integer() and 0 <= v < label.num_classes)
+            )
+            wanted = f"an integer 0..{label.num_classes - 1} for a multiclass task"
+        else:
+            bad, wanted = [], ""
+        if bad:
+            problems.append(
+                SpecProblem(path="consortium.label.values", message=f"{bad}: not {wanted}")
+            )
+    if label.positive is not None or label.values is not None:
+        for i, party in enumerate(spec.parties):
+            source = label_source(spec, party)
+            if source is None:
+                continue
+            column = source.columns[label.column]
+            at = f"parties[{i}].sources[{party.sources.index(source)}].columns.{label.column}"
+            if column.values:
+                problems.append(
+                    SpecProblem(
+                        path=f"{at}.values",
+                        message="the label is mapped by consortium.label (positive or "
+                        "values); leave this value map out",
+                    )
+                )
+            if column.dtype != "str":
+                problems.append(
+                    SpecProblem(
+                        path=f"{at}.dtype",
+                        message="consortium.label.positive/values compare the raw text: "
+                        f'map the label as dtype = "str", not {column.dtype}',
+                    )
+                )
+    return problems
 
 
 @dataclass(frozen=True)

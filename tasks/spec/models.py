@@ -65,6 +65,33 @@ class LabelSpec(SpecModel):
     num_classes: int | None = Field(
         default=None, ge=3, description="Number of classes of a multiclass task"
     )
+    positive: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Binary task: the raw label value that is class 1 (compared to the cell "
+        "with surrounding spaces removed); every other non-missing value is class 0",
+    )
+    values: dict[str, float] | None = Field(
+        default=None,
+        min_length=1,
+        description="Raw label value -> label value (finite numbers; binary: 0 or 1); a cell "
+        "outside the map is quarantined",
+    )
+
+    @field_validator("values")
+    @classmethod
+    def _finite_values(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None:
+            bad = sorted(raw for raw, number in value.items() if not math.isfinite(number))
+            if bad:
+                raise ValueError(f"label values must be finite numbers, not for {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_mapping(self) -> LabelSpec:
+        if self.positive is not None and self.values is not None:
+            raise ValueError("give 'positive' or 'values', not both")
+        return self
 
 
 class ConsortiumSpec(SpecModel):
@@ -130,6 +157,102 @@ class EntityMapSpec(SpecModel):
     )
 
 
+class CsvOptions(SpecModel):
+    """How a CSV source is laid out: header, column names, delimiter, missing values,
+    preamble and comment lines, quoting."""
+
+    header: bool = Field(
+        default=True, description="Whether the first line (after skip_rows) is a header"
+    )
+    names: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Column names in file order; required when header = false, replaces the "
+        "header otherwise",
+    )
+    delimiter: str = Field(
+        default=",", min_length=1, max_length=1, description="Field delimiter (one character)"
+    )
+    null_values: list[str] = Field(
+        default_factory=list,
+        description="Cell texts read as missing (besides the empty cell), e.g. ['?', 'NA']",
+    )
+    skip_rows: int = Field(
+        default=0, ge=0, le=1_000_000, description="Lines skipped before the header (preamble)"
+    )
+    comment_prefix: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=5,
+        description="Lines starting with it are comments, skipped (not counted as data rows)",
+    )
+    quote_char: str = Field(
+        default='"', max_length=1, description='Quote character (one character; "" for none)'
+    )
+
+    @field_validator("names")
+    @classmethod
+    def _distinct_names(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        if any(not name for name in value):
+            raise ValueError("column names must not be empty")
+        reserved = sorted(name for name in value if name.startswith("__"))
+        if reserved:
+            raise ValueError(f"names starting with '__' are fedfuse's own columns: {reserved}")
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"duplicate column names {repeated}")
+        return value
+
+    @field_validator("delimiter", "quote_char")
+    @classmethod
+    def _not_a_line_break(cls, value: str) -> str:
+        if value in ("\n", "\r"):
+            raise ValueError("must not be a line break")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CsvOptions:
+        if not self.header and self.names is None:
+            raise ValueError("header = false needs 'names' (the column names in file order)")
+        if self.delimiter == self.quote_char:
+            raise ValueError("delimiter and quote_char must differ")
+        if self.comment_prefix is not None and self.comment_prefix.startswith(self.delimiter):
+            raise ValueError("comment_prefix must not start with the delimiter")
+        return self
+
+
+class KeySpec(SpecModel):
+    """How a source's rows reach the entity key when no column holds it: the data row
+    number, or a composite of raw columns."""
+
+    row_number: bool = Field(
+        default=False, description="The 1-based data row number is the entity id"
+    )
+    columns: list[str] = Field(
+        default_factory=list,
+        description="Raw columns (as named in the export) whose values, joined by '|', are "
+        "the entity id",
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _distinct_columns(cls, value: list[str]) -> list[str]:
+        if any(not name for name in value):
+            raise ValueError("column names must not be empty")
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"duplicate key columns {repeated}")
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> KeySpec:
+        if self.row_number == bool(self.columns):
+            raise ValueError("give exactly one of 'row_number = true' or 'columns = [...]'")
+        return self
+
+
 class FeatureOptions(SpecModel):
     """The ``features`` options every kind of source has; a modality's options model
     (:attr:`tasks.prepare.modalities.base.Modality.options`) adds its own."""
@@ -166,6 +289,14 @@ class SourceSpec(SpecModel):
     )
     entity_map: EntityMapSpec | None = Field(
         default=None, description="events sources: the device -> entity table"
+    )
+    csv: CsvOptions | None = Field(
+        default=None, description="CSV layout options (CSV sources only)"
+    )
+    key: KeySpec | None = Field(
+        default=None,
+        description="The entity key from the row number or a composite of raw columns "
+        "(instead of an entity column in 'columns')",
     )
     features: SerializeAsAny[FeatureOptions] = Field(
         default_factory=FeatureOptions,

@@ -28,6 +28,7 @@ from storage.sources import (
     MAX_FILE_BYTES,
     MAX_FOLDER_FILES,
     ROW,
+    CsvLayout,
     FolderFile,
     RawSource,
     read_folder,
@@ -69,8 +70,10 @@ class Modality(ABC):
         """The source's raw rows (its own columns plus ``__row``) and the lines that could
         not be parsed. ``location`` is where the source lies (confined to the party's
         folders already); default: the file read by :func:`storage.sources.read_source`
-        in the source's format and encoding."""
-        return read_source(location, source.file_format, encoding=source.encoding)
+        in the source's format, encoding and CSV layout."""
+        return read_source(
+            location, source.file_format, encoding=source.encoding, csv=csv_layout(source)
+        )
 
     def required_columns(self, source: SourceSpec) -> tuple[str, ...]:
         """Canonical columns the source must map (besides the key)."""
@@ -134,6 +137,22 @@ class Modality(ABC):
         self, clean: pl.LazyFrame, source: SourceSpec, inputs: FeatureInputs
     ) -> pl.DataFrame:
         """The feature frame: one row per entity, the entity key and unprefixed features."""
+
+
+def csv_layout(source: SourceSpec) -> CsvLayout | None:
+    """The reader's layout of a CSV source from its ``csv`` options (none: the defaults)."""
+    options = source.csv
+    if options is None:
+        return None
+    return CsvLayout(
+        header=options.header,
+        names=tuple(options.names) if options.names is not None else None,
+        delimiter=options.delimiter,
+        null_values=tuple(options.null_values),
+        skip_rows=options.skip_rows,
+        comment_prefix=options.comment_prefix,
+        quote_char=options.quote_char,
+    )
 
 
 class FileRejected(ValueError):
