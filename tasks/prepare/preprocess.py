@@ -13,6 +13,7 @@ modality (:mod:`tasks.prepare.modalities`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from storage.sources import INVALID_UTF8, ROW
 from tasks.prepare.modalities import modality_of
 from tasks.prepare.units import to_canonical
 from tasks.spec.models import ColumnSpec, SourceSpec
-from tasks.types import REASON, KeyNormalisation, Objective
+from tasks.types import REASON, SPLIT, KeyNormalisation, Objective
 
 #: Control (Cc: C0, DEL, C1, NUL) and format (Cf: zero-width space/joiners, U+FEFF, bidi
 #: controls, soft hyphen) characters: refused inside an entity key (invisible look-alikes).
@@ -61,11 +62,25 @@ class LabelRule:
     num_classes: int | None = None  # multiclass
 
 
+@dataclass(frozen=True)
+class SplitRule:
+    """How the label source's rows get their split (the clean table's ``__split`` column):
+    from the value of its split ``column`` through ``values`` (raw value -> ``train`` /
+    ``valid`` / ``test``; a row outside is quarantined), or ``fixed`` for every row of the
+    file (an external test file: ``test``; the main file beside it: ``train``)."""
+
+    column: str | None = None  # canonical name
+    values: Mapping[str, str] | None = None
+    fixed: str | None = None
+
+
 @dataclass
 class Preprocessed:
     clean: pl.DataFrame
     rejected: pl.DataFrame
     quality: QualityReport
+    #: Data row number of each clean row (merging a test file with its main file).
+    rows: pl.Series | None = None
 
 
 def raw_name(canonical: str, column: ColumnSpec) -> str:
@@ -297,6 +312,7 @@ def coerce_frame(
     vocabularies: Mapping[str, list[str]],
     label: LabelRule | None = None,
     bounds: Mapping[str, tuple[float, str]] | None = None,
+    split: SplitRule | None = None,
 ) -> tuple[pl.DataFrame, dict[str, int]]:
     """Coerce every mapped column; add a ``reject_reason`` column (null for good rows).
 
@@ -304,8 +320,9 @@ def coerce_frame(
     parse/required checks (whose reasons would show the value). ``bounds``: canonical column
     -> (largest magnitude after unit conversion, how the reason states it); a value beyond
     it is out of range. The ``key`` column is refused when it holds control or format
-    characters. Returns the frame (``__row``, canonical columns, reason) and
-    unknown-category counts.
+    characters. With ``split``, a ``__split`` column is added (a split column's cell outside
+    its values, or missing, is a reason naming the column only). Returns the frame
+    (``__row``, canonical columns, reason) and unknown-category counts.
     """
     _check_columns(raw, columns, file)
     schema = raw.schema
@@ -336,6 +353,19 @@ def coerce_frame(
                     pl.lit(f"column '{name}' ({canonical}): cannot parse as {column.dtype}")
                 )
             )
+        if split is not None and canonical == split.column and split.values is not None:
+            known = list(split.values)
+            values.append(
+                out.replace_strict(
+                    known, [split.values[k] for k in known], default=None, return_dtype=pl.String
+                ).alias(SPLIT)
+            )
+            reasons.append(  # the reason names the column, never the cell's value
+                pl.when(out.is_null())
+                .then(pl.lit(f"column '{name}' (split): missing split value"))
+                .when(~out.is_in(known))
+                .then(pl.lit(f"column '{name}' (split): not one of training.split_values"))
+            )
         if (column.required or canonical == key) and not (label and canonical == label.column):
             reasons.append(
                 pl.when(~present).then(
@@ -361,6 +391,8 @@ def coerce_frame(
                     pl.lit(f"column '{name}': invalid UTF-8")
                 )
             )
+    if split is not None and split.fixed is not None:
+        values.append(pl.lit(split.fixed, pl.String).alias(SPLIT))
     frame = raw.select(*values, _reason(reasons).alias(REASON))
     unknown: dict[str, int] = {}
     updates: list[pl.Expr] = []
@@ -401,11 +433,32 @@ def preprocess(
     entity_map: pl.DataFrame | None = None,
     bad_lines: list[tuple[int, str, str]] | None = None,
     label: LabelRule | None = None,
+    split: SplitRule | None = None,
+    test: TestFile | None = None,
 ) -> Preprocessed:
     """Coerce, normalise, deduplicate and validate one raw source.
 
     ``label``: the source maps the consortium's label; its rows are checked against the task.
+    ``split``: how its rows get their ``__split``. ``test``: the rows of the source's
+    external test file (``test_path``), preprocessed the same way as the test split and
+    merged with the main file's (:func:`merge_test_file`).
     """
+    if test is not None:
+        one_file = functools.partial(
+            preprocess,
+            party=party,
+            entity=entity,
+            normalisation=normalisation,
+            vocabularies=vocabularies,
+            entity_map=entity_map,
+            label=label,
+        )
+        main = one_file(raw, source, bad_lines=bad_lines, split=split or SplitRule(fixed="train"))
+        test_source = source.model_copy(update={"path": source.test_path or source.path})
+        held_out = one_file(
+            test.raw, test_source, bad_lines=test.bad_lines, split=SplitRule(fixed="test")
+        )
+        return merge_test_file(main, held_out, raw, test.raw, entity=entity)
     modality = modality_of(source)
     key = modality.key_column(source, entity=entity)
     if label is not None and label.column not in source.columns:
@@ -419,10 +472,13 @@ def preprocess(
         vocabularies=vocabularies,
         label=label,
         bounds=modality.bounds(source),
+        split=split,
     )
     frame, canonical = modality.attach_entity(
         frame, source, entity_map, entity=entity, normalisation=normalisation
     )
+    if SPLIT in frame.columns:
+        canonical = [*canonical, SPLIT]
     bad = frame.filter(pl.col(REASON).is_not_null()).select(ROW, REASON)
     good = frame.filter(pl.col(REASON).is_null())
     # exact duplicates (on canonical values): keep the first occurrence
@@ -475,13 +531,87 @@ def preprocess(
         },
         unknown_categories=unknown,
     )
+    return Preprocessed(clean=clean, rejected=rejected, quality=quality, rows=good[ROW])
+
+
+@dataclass(frozen=True)
+class TestFile:
+    """The raw rows of a label source's external test file (``test_path``)."""
+
+    raw: pl.DataFrame
+    bad_lines: list[tuple[int, str, str]] | None = None
+
+
+#: Prefix of the reasons of rows quarantined from a source's external test file.
+TEST_FILE_REASON = "test_path: "
+#: Reason of the rows of an entity present in both the main file and the test file.
+IN_BOTH_FILES = "entity is in both path and test_path (refused in both)"
+
+
+def merge_test_file(
+    main: Preprocessed,
+    test: Preprocessed,
+    raw: pl.DataFrame,
+    test_raw: pl.DataFrame,
+    *,
+    entity: str,
+) -> Preprocessed:
+    """One clean table of a source's main file (train/validation) and its test file (test):
+    an entity in both files is quarantined in both (its split would be ambiguous); the test
+    file's rejected rows carry its row numbers and reasons prefixed ``test_path: ``."""
+    both = main.clean.select(entity).join(test.clean.select(entity), on=entity, how="semi")
+    keys = both[entity]
+
+    def cut(part: Preprocessed, frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+        if part.rows is None:
+            raise AssertionError("preprocess keeps the row numbers of clean rows")
+        hit = part.clean[entity].is_in(keys.implode())
+        reasons = pl.DataFrame(
+            {ROW: part.rows.filter(hit), REASON: IN_BOTH_FILES},
+            schema={ROW: pl.Int64, REASON: pl.String},
+        )
+        rejected = pl.concat(
+            [part.rejected, _rejected_rows(frame, reasons)], how="diagonal_relaxed"
+        ).sort(ROW)
+        return part.clean.filter(~hit), rejected
+
+    main_clean, main_rejected = cut(main, raw)
+    test_clean, test_rejected = cut(test, test_raw)
+    test_rejected = test_rejected.with_columns(
+        pl.concat_str(pl.lit(TEST_FILE_REASON), pl.col(REASON)).alias(REASON)
+    )
+    clean = pl.concat([main_clean, test_clean], how="vertical_relaxed")
+    rejected = pl.concat([main_rejected, test_rejected], how="diagonal_relaxed")
+    by_reason = dict(main.quality.rejected_by_reason)
+    for kind, n in test.quality.rejected_by_reason.items():
+        by_reason[TEST_FILE_REASON + kind] = n
+    if keys.len():
+        by_reason[IN_BOTH_FILES] = by_reason.get(IN_BOTH_FILES, 0) + keys.len()
+        by_reason[TEST_FILE_REASON + IN_BOTH_FILES] = keys.len()
+    unknown = dict(main.quality.unknown_categories)
+    for column, n in test.quality.unknown_categories.items():
+        unknown[column] = unknown.get(column, 0) + n
+    quality = main.quality.model_copy(
+        update={
+            "rows_in": main.quality.rows_in + test.quality.rows_in,
+            "rows_out": clean.height,
+            "rows_rejected": rejected.height,
+            "rejected_by_reason": dict(sorted(by_reason.items())),
+            "duplicates_removed": main.quality.duplicates_removed + test.quality.duplicates_removed,
+            "null_rates": {
+                c: round(float(clean[c].null_count()) / clean.height, 6) if clean.height else 0.0
+                for c in clean.columns
+            },
+            "unknown_categories": unknown,
+        }
+    )
     return Preprocessed(clean=clean, rejected=rejected, quality=quality)
 
 
 def _reason_kind(reason: str) -> str:
     """Group reasons by kind: drop the row-specific value part."""
-    if " (label): " in reason:
-        return reason  # label reasons hold no value
+    if " (label): " in reason or " (split): " in reason:
+        return reason  # label and split reasons hold no value
     for marker in (
         ": cannot parse",
         ": required value missing",

@@ -42,7 +42,10 @@ def _resolve_paths(spec: FedSpec, base: str) -> FedSpec:
         emap = s.entity_map
         if emap is not None:
             emap = emap.model_copy(update={"path": resolve_location(emap.path, base)})
-        return s.model_copy(update={"path": resolve_location(s.path, base), "entity_map": emap})
+        test = resolve_location(s.test_path, base) if s.test_path is not None else None
+        return s.model_copy(
+            update={"path": resolve_location(s.path, base), "entity_map": emap, "test_path": test}
+        )
 
     parties = [
         p.model_copy(

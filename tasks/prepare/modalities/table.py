@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 
 from tasks.prepare.modalities.base import FeatureInputs, Modality, register
 from tasks.spec.models import ColumnSpec, FeatureOptions, SourceSpec
-from tasks.types import AMOUNT, CATEGORY, TIMESTAMP
+from tasks.types import AMOUNT, CATEGORY, SPLIT, TIMESTAMP
 
 DAY_US = 86_400_000_000
 
@@ -194,6 +194,8 @@ def entity_attributes(
                 exprs.append(pl.col(name))
             case "str":
                 continue  # free identifiers are not features
+    if SPLIT in clean.columns:  # the label source's split passes through (never a feature)
+        exprs.append(pl.col(SPLIT))
     return clean.select(exprs).sort(entity)
 
 
