@@ -14,6 +14,7 @@ from flows.cli.app import app
 from storage.store import fingerprint
 from tasks.horizontal.training import frame_splits
 from tasks.prepare.align import hash_keys
+from tasks.prepare.preprocess import PreprocessError
 from tasks.prepare.steps import CleanOutput, PartyContext, run_party, run_preprocess
 from tasks.spec.load import load_spec
 from tasks.spec.models import SpecError
@@ -232,6 +233,19 @@ def test_a_missing_test_file_names_it(tiny_table_spec: Path, secret: str) -> Non
     (spec_path.parent / "raw" / "a" / "customers-test.csv").unlink()
     with pytest.raises(FileNotFoundError, match=r"raw/a/customers-test.csv"):
         _preprocess(spec_path)
+
+
+def test_a_test_file_without_a_mapped_column_names_the_test_file(
+    tiny_table_spec: Path, secret: str
+) -> None:
+    spec_path = _with_test_file(tiny_table_spec, "C5,yes,B,2025-05-01\n")
+    path = spec_path.parent / "raw" / "a" / "customers-test.csv"
+    path.write_text(path.read_text().replace("Plan", "Tier"))
+    with pytest.raises(PreprocessError) as info:
+        _preprocess(spec_path)
+    message = str(info.value)
+    assert "raw/a/customers-test.csv: column 'Plan' (mapped to 'plan') is missing" in message
+    assert "\n" not in message
 
 
 def test_split_travels_with_the_fused_table(tiny_table_spec: Path, secret: str) -> None:
