@@ -322,7 +322,12 @@ def test_split_column_and_test_file_prepare_train_and_predict(
     for party in ("p0", "p1"):
         fused = pl.read_parquet(outputs[party].table.uri)
         assert SPLIT in fused.columns and fused[SPLIT].null_count() == 0
-    result = federated_training(str(spec), baselines=False)
+    fused = pl.read_parquet(outputs["p1"].table.uri)
+    split = frame_splits(fused, validation_fraction=0.2, test_fraction=0.2)
+    test_ids = pl.read_csv(tmp_path / "raw" / "p1" / "customers-test.csv")["id"]
+    want = set(hash_keys(test_ids, SECRET.encode()).to_list())
+    assert set(fused.filter(split == "test")[ENTITY_HASH].to_list()) == want
+    result = federated_training(str(spec))
     sizes = result.split_sizes
     assert sizes["p0"]["test"] == p0_test
     assert sizes["p1"]["test"] == p1_test  # exactly the test file's rows
@@ -330,6 +335,9 @@ def test_split_column_and_test_file_prepare_train_and_predict(
     assert sizes["p0"]["valid"] == sum(1 for i in range(sum(sizes["p0"].values())) if i % 4 == 1)
     assert sizes["p1"]["valid"] > 0 and sizes["p1"]["train"] + sizes["p1"]["valid"] == 250
     assert result.test[result.best_round - 1]["auc"] > 0.6
+    # the baselines are scored on the same decided test rows
+    assert result.comparison.centralised["auc"] > 0.6
+    assert set(result.comparison.local_only) == {"p0", "p1"}
     report = Path(result.report).read_text()
     p1 = sizes["p1"]
     assert "## Rows per split" in report

@@ -13,8 +13,9 @@ inherited):
 
 1. every party process loads its own rows (a :class:`FusedSource` is read inside the
    process: the orchestrating process only passes the table reference), splits them from
-   the entity hash or its decided split (:func:`tasks.horizontal.training.frame_splits`) and reports its label
-   aggregates (:class:`tasks.horizontal.training.LabelStats`), as in averaging mode;
+   the entity hash or the decided split (:func:`tasks.horizontal.training.frame_splits`)
+   and reports its label aggregates (:class:`tasks.horizontal.training.LabelStats`), as in
+   averaging mode;
 2. the coordinator computes the base score F_0 from those aggregates
    (:func:`tasks.horizontal.training.base_score`: pooled log-odds, log priors or mean) and sends it
    back. LightGBM's own ``boost_from_average`` is left off: in distributed mode it takes
