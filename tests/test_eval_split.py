@@ -327,7 +327,7 @@ def test_split_column_and_test_file_prepare_train_and_predict(
     test_ids = pl.read_csv(tmp_path / "raw" / "p1" / "customers-test.csv")["id"]
     want = set(hash_keys(test_ids, SECRET.encode()).to_list())
     assert set(fused.filter(split == "test")[ENTITY_HASH].to_list()) == want
-    result = federated_training(str(spec))
+    result = federated_training(str(spec), baselines=True)
     sizes = result.split_sizes
     assert sizes["p0"]["test"] == p0_test
     assert sizes["p1"]["test"] == p1_test  # exactly the test file's rows
@@ -336,6 +336,7 @@ def test_split_column_and_test_file_prepare_train_and_predict(
     assert sizes["p1"]["valid"] > 0 and sizes["p1"]["train"] + sizes["p1"]["valid"] == 250
     assert result.test[result.best_round - 1]["auc"] > 0.6
     # the baselines are scored on the same decided test rows
+    assert not result.warnings
     assert result.comparison.centralised["auc"] > 0.6
     assert set(result.comparison.local_only) == {"p0", "p1"}
     report = Path(result.report).read_text()
