@@ -259,6 +259,25 @@ def test_split_travels_with_the_fused_table(tiny_table_spec: Path, secret: str) 
     assert table.filter(pl.col(SPLIT) == "test")[ENTITY_HASH].to_list() == [test_hash]
 
 
+def test_lossless_party_rows_follow_the_test_file(tiny_table_spec: Path, secret: str) -> None:
+    from tasks.horizontal.lossless import FusedSource
+    from tasks.prepare.design import consortium_schema
+
+    spec_path = _with_test_file(tiny_table_spec, "C5,yes,B,2025-05-01\nC6,no,P,2025-06-01\n")
+    spec = load_spec(str(spec_path))
+    fused = run_party(PartyContext.from_spec(spec, "a"), spec.party("a").sources)
+    source = FusedSource(
+        party="a",
+        fused=fused.table,
+        schema=consortium_schema({"a": fused.features}),
+        validation_fraction=0.2,
+        test_fraction=0.2,
+    )
+    data = source.load()
+    assert len(data.y_test) == 2 and sorted(data.y_test) == [0.0, 1.0]
+    assert len(data.y_train) + len(data.y_valid) == 4
+
+
 # -- the split of each row -----------------------------------------------------------------
 
 
