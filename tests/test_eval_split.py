@@ -73,6 +73,20 @@ def test_split_column_and_values_validate(tiny_table_spec: Path) -> None:
     }
 
 
+def test_validate_names_who_decides_each_split(tiny_table_spec: Path) -> None:
+    spec_path = _with_split_column(tiny_table_spec, ["train", "valid", "test", "train"])
+    result = CliRunner().invoke(app, ["validate", str(spec_path)])
+    assert result.exit_code == 0, result.output
+    assert (
+        "  splits: a by column 'fold'; the others by hashed key (validation 0.2, test 0.2)"
+        in result.output.splitlines()
+    )
+    spec_path.write_text(spec_path.read_text().replace('split_column = "fold"\n', ""))
+    hashed = CliRunner().invoke(app, ["validate", str(spec_path)])  # the mapping alone: unused
+    assert hashed.exit_code == 0, hashed.output
+    assert "  splits: hashed key (validation 0.2, test 0.2)" in hashed.output.splitlines()
+
+
 def test_split_column_no_label_source_maps_is_refused(tiny_table_spec: Path) -> None:
     tiny_table_spec.write_text(
         tiny_table_spec.read_text() + '\n[training]\nsplit_column = "fold"\n'

@@ -20,7 +20,14 @@ from storage.files import (
 from storage.results import DEFAULT_RESULTS
 from tasks.prepare.modalities import modality_of
 from tasks.spec.checks import confinement_problems, semantic_problems
-from tasks.spec.models import FedSpec, SecretRef, SourceSpec, SpecError, SpecProblem
+from tasks.spec.models import (
+    FedSpec,
+    SecretRef,
+    SourceSpec,
+    SpecError,
+    SpecProblem,
+    label_source,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -157,4 +164,28 @@ def summary(spec: FedSpec) -> str:
     lines.append(
         f"  training: {t.rounds} rounds x {t.trees_per_round} trees, aggregation {t.aggregation}"
     )
+    lines.append(f"  splits: {split_summary(spec)}")
     return "\n".join(lines)
+
+
+def split_summary(spec: FedSpec) -> str:
+    """Who decides each party's split: its label source's split column, its test file, or
+    the hashed key."""
+    t = spec.training
+    hashed = f"hashed key (validation {t.validation_fraction:g}, test {t.test_fraction:g})"
+    decided: list[str] = []
+    rest = 0
+    for party in spec.parties:
+        holder = label_source(spec, party)
+        ways = []
+        if holder is not None and t.split_column is not None and t.split_column in holder.columns:
+            ways.append(f"column '{t.split_column}'")
+        if holder is not None and holder.test_path is not None:
+            ways.append("test file")
+        if ways:
+            decided.append(f"{party.id} by {' and '.join(ways)}")
+        else:
+            rest += 1
+    if not decided:
+        return hashed
+    return "; ".join([*decided, *([f"the others by {hashed}"] if rest else [])])
