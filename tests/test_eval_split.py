@@ -128,6 +128,15 @@ def test_split_values_without_split_column_or_on_the_label(tiny_table_spec: Path
     )
 
 
+def test_the_derived_split_name_is_not_a_column(tiny_table_spec: Path) -> None:
+    spec_path = _with_split_column(tiny_table_spec, ["train", "valid", "test", "train"])
+    text = spec_path.read_text().replace(SPLIT_MAPPING, SPLIT_MAPPING.replace("fold", SPLIT))
+    spec_path.write_text(text.replace('split_column = "fold"', f'split_column = "{SPLIT}"'))
+    assert f"parties[0].sources[0].columns.{SPLIT}: is the name of the split fedfuse derives" in (
+        _problems(spec_path)
+    )
+
+
 def test_test_path_checks(tiny_table_spec: Path) -> None:
     text = tiny_table_spec.read_text()
     label_line = 'path = "raw/a/customers.csv"\n'

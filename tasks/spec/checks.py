@@ -22,6 +22,7 @@ from storage.files import (
 from storage.store import FolderError, folder_files
 from tasks.prepare.modalities import MODALITIES, modality_names, modality_of
 from tasks.spec.models import FedSpec, SourceSpec, SpecProblem, infer_format, label_source
+from tasks.types import SPLIT
 
 
 def training_problems(spec: FedSpec) -> list[SpecProblem]:
@@ -307,6 +308,14 @@ def split_problems(spec: FedSpec) -> list[SpecProblem]:
     for i, party in enumerate(spec.parties):
         holder = label_source(spec, party)
         for j, source in enumerate(party.sources):
+            if SPLIT in source.columns:
+                problems.append(
+                    SpecProblem(
+                        path=f"parties[{i}].sources[{j}].columns.{SPLIT}",
+                        message="is the name of the split fedfuse derives; name the column "
+                        "otherwise (and set training.split_column to it)",
+                    )
+                )
             if source.test_path is None:
                 continue
             at = f"parties[{i}].sources[{j}].test_path"
