@@ -228,13 +228,13 @@ def test_test_file_rows_are_the_test_split_and_shared_entities_are_refused(
 ) -> None:
     spec_path = _with_test_file(
         tiny_table_spec,
-        "C5,yes,B,2025-05-01\nC2,no,P,2025-02-11\nC6,maybe,P,2025-06-01\nC7,no,B,2025-07-01\n",
+        "C5,yes,B,2025-05-01\nC2,no,P,2025-02-11\nC6,maybe,P,2025-06-01\nC7,no,B,2025-07-01\n"
+        "C3,no,B,2025-03-12\nC3,yes,B,2025-03-12\n",
     )
     out, _ = _preprocess(spec_path)
     clean = pl.read_parquet(out.clean.uri).sort("customer_id")
     assert clean.select("customer_id", SPLIT).rows() == [
         ("c1", "train"),
-        ("c3", "train"),
         ("c4", "train"),
         ("c5", "test"),
         ("c7", "test"),
@@ -242,13 +242,20 @@ def test_test_file_rows_are_the_test_split_and_shared_entities_are_refused(
     assert out.rejected is not None
     rejected = pl.read_parquet(out.rejected.uri)
     shared = "entity is in both path and test_path (refused in both)"
+    twice = "test_path: duplicate key in column 'CustID' (rows 5, 6): one row per entity required"
+    # C3 is refused in the main file too, though the test file's rows of it are refused for
+    # another reason
     assert sorted(rejected.select("__row", REASON).rows()) == [
         (2, shared),
         (2, "test_path: " + shared),
+        (3, shared),
         (3, "test_path: column 'Churn' (label): cannot parse as bool"),
+        (5, twice),
+        (6, twice),
     ]
-    assert out.quality.rows_in == 8 and out.quality.rows_out == 5
-    assert out.quality.rows_rejected == 3
+    assert out.quality.rows_in == 10 and out.quality.rows_out == 4
+    assert out.quality.rows_rejected == 6
+    assert out.quality.rejected_by_reason[shared] == 2
 
 
 def test_a_missing_test_file_names_it(tiny_table_spec: Path, secret: str) -> None:

@@ -458,7 +458,18 @@ def preprocess(
         held_out = one_file(
             test.raw, test_source, bad_lines=test.bad_lines, split=SplitRule(fixed="test")
         )
-        return merge_test_file(main, held_out, raw, test.raw, entity=entity)
+        key = modality_of(source).key_column(source, entity=entity)
+        name = raw_name(key, source.columns[key]) if key in source.columns else key
+
+        def keys(frame: pl.DataFrame) -> pl.Series:
+            """Every normalised key of the file, rows quarantined for other reasons too."""
+            if name not in frame.columns:
+                return pl.Series(entity, [], dtype=pl.String)
+            return frame.select(normalise_key(pl.col(name), normalisation).alias(entity))[entity]
+
+        return merge_test_file(
+            main, held_out, raw, test.raw, entity=entity, keys=(keys(raw), keys(test.raw))
+        )
     modality = modality_of(source)
     key = modality.key_column(source, entity=entity)
     if label is not None and label.column not in source.columns:
@@ -555,17 +566,22 @@ def merge_test_file(
     test_raw: pl.DataFrame,
     *,
     entity: str,
+    keys: tuple[pl.Series, pl.Series] | None = None,
 ) -> Preprocessed:
     """One clean table of a source's main file (train/validation) and its test file (test):
     an entity in both files is quarantined in both (its split would be ambiguous); the test
-    file's rejected rows carry its row numbers and reasons prefixed ``test_path: ``."""
-    both = main.clean.select(entity).join(test.clean.select(entity), on=entity, how="semi")
-    keys = both[entity]
+    file's rejected rows carry its row numbers and reasons prefixed ``test_path: ``.
 
-    def cut(part: Preprocessed, frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    ``keys``: the normalised keys of every row of each file (default: of its clean rows), so
+    that an entity also refused in the other file for another reason is refused here too."""
+    main_keys, test_keys = keys or (main.clean[entity], test.clean[entity])
+
+    def cut(
+        part: Preprocessed, frame: pl.DataFrame, other: pl.Series
+    ) -> tuple[pl.DataFrame, pl.DataFrame]:
         if part.rows is None:
             raise AssertionError("preprocess keeps the row numbers of clean rows")
-        hit = part.clean[entity].is_in(keys.implode())
+        hit = part.clean[entity].is_in(other.drop_nulls().implode())
         reasons = pl.DataFrame(
             {ROW: part.rows.filter(hit), REASON: IN_BOTH_FILES},
             schema={ROW: pl.Int64, REASON: pl.String},
@@ -575,8 +591,8 @@ def merge_test_file(
         ).sort(ROW)
         return part.clean.filter(~hit), rejected
 
-    main_clean, main_rejected = cut(main, raw)
-    test_clean, test_rejected = cut(test, test_raw)
+    main_clean, main_rejected = cut(main, raw, test_keys)
+    test_clean, test_rejected = cut(test, test_raw, main_keys)
     test_rejected = test_rejected.with_columns(
         pl.concat_str(pl.lit(TEST_FILE_REASON), pl.col(REASON)).alias(REASON)
     )
@@ -585,9 +601,12 @@ def merge_test_file(
     by_reason = dict(main.quality.rejected_by_reason)
     for kind, n in test.quality.rejected_by_reason.items():
         by_reason[TEST_FILE_REASON + kind] = n
-    if keys.len():
-        by_reason[IN_BOTH_FILES] = by_reason.get(IN_BOTH_FILES, 0) + keys.len()
-        by_reason[TEST_FILE_REASON + IN_BOTH_FILES] = keys.len()
+    in_main = main.clean.height - main_clean.height
+    in_test = test.clean.height - test_clean.height
+    if in_main:
+        by_reason[IN_BOTH_FILES] = by_reason.get(IN_BOTH_FILES, 0) + in_main
+    if in_test:
+        by_reason[TEST_FILE_REASON + IN_BOTH_FILES] = in_test
     unknown = dict(main.quality.unknown_categories)
     for column, n in test.quality.unknown_categories.items():
         unknown[column] = unknown.get(column, 0) + n
