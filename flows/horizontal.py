@@ -241,6 +241,14 @@ def _party_stats(
     for party, st in stats.items():
         if (why := cannot_train(st, objective)) is not None:
             left_out[party] = why
+    for party, st in stats.items():
+        logger.info(
+            "party %s: %d train, %d validation, %d test rows",
+            party,
+            st.n_train,
+            st.n_valid,
+            st.n_test,
+        )
     for party, why in left_out.items():
         logger.warning("party %s cannot take part in training: %s", party, why)
     return stats, left_out
@@ -422,7 +430,10 @@ def federated_training(
         logger.info("resuming training run %s after round %d", key, checkpoint.round)
     loop = _Loop(spec, training, setups, trainers, label_span(list(stats.values())), remote, job, k)
     checkpoint, reason = _run_rounds(loop, checkpoint, stop_after)
-    return _publish(spec, checkpoint, reason, loop, schema, fused, baselines)
+    sizes = {
+        p: {"train": st.n_train, "valid": st.n_valid, "test": st.n_test} for p, st in stats.items()
+    }
+    return _publish(spec, checkpoint, reason, loop, schema, fused, baselines, sizes)
 
 
 def _publish(
@@ -433,6 +444,7 @@ def _publish(
     schema: FeatureSchema,
     fused: dict[str, TableRef],
     baselines: bool,
+    split_sizes: dict[str, dict[str, int]],
 ) -> TrainingResult:
     best = checkpoint.best()
     parties = [s.party for s in loop.setups]
@@ -456,6 +468,7 @@ def _publish(
         fused={p: ref for p, ref in fused.items() if p in parties},
         schema_=schema,
         training=loop.training,
+        split_sizes=split_sizes,
         **loop.job,
     )
     return publish_training(spec, finished)

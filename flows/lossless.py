@@ -98,5 +98,6 @@ def lossless_run(
         training=training,
         results=spec.run.results or DEFAULT_RESULTS,
         refresh=refresh,
+        split_sizes=result.split_sizes,
     )
     return publish_training(spec, finished)

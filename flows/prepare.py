@@ -86,7 +86,9 @@ def party_pipeline(
                 "roots": [*ctx.roots, *([resolve_location(data, ".")] if data else [])],
             }
         )
-        sources = rebased_sources(sources, data, spec.consortium.label.column)
+        sources = rebased_sources(
+            sources, data, spec.consortium.label.column, split=spec.training.split_column
+        )
     fused, features = run_party_steps(
         ctx, sources, results=spec.run.results, refresh=refresh, keys=scoring
     )
@@ -95,12 +97,15 @@ def party_pipeline(
     return fused
 
 
-def rebased_sources(sources: list[SourceSpec], data: str | None, label: str) -> list[SourceSpec]:
-    """The party's sources read from ``data`` (same file names), label mapping dropped."""
+def rebased_sources(
+    sources: list[SourceSpec], data: str | None, label: str, *, split: str | None = None
+) -> list[SourceSpec]:
+    """The party's sources read from ``data`` (same file names), label and split column
+    mappings and the external test file dropped (new rows have neither label nor split)."""
     out = []
     for source in sources:
-        columns = {k: v for k, v in source.columns.items() if k != label}
-        update: dict[str, object] = {"columns": columns}
+        columns = {k: v for k, v in source.columns.items() if k not in (label, split)}
+        update: dict[str, object] = {"columns": columns, "test_path": None}
         if data is not None:
             update["path"] = posixpath.join(data, posixpath.basename(source.path))
             if source.entity_map is not None:
@@ -148,9 +153,14 @@ def run_party_steps(
             if source.entity_map is not None
             else None
         )
-        fingerprints += [raw] + ([emap] if emap is not None else [])
+        test = (
+            fingerprint_source.submit(source.test_path, ctx.roots)
+            if source.test_path is not None and source.id == ctx.label_source
+            else None
+        )
+        fingerprints += [raw] + [f for f in (emap, test) if f is not None]
         # futures as arguments: Prefect resolves them (its stubs only type plain values)
-        clean = preprocess_source.with_options(**opts).submit(ctx, source, raw, emap)  # type: ignore[call-overload]
+        clean = preprocess_source.with_options(**opts).submit(ctx, source, raw, emap, test)  # type: ignore[call-overload]
         feats = extract_features.with_options(**opts).submit(ctx, source, clean)
         aligned = align_source.with_options(**opts).submit(ctx, source, feats, tag)  # type: ignore[call-overload]
         futures[source.id] = (clean, feats, aligned)

@@ -69,6 +69,10 @@ class FinishedTraining(BaseModel):
     training: TrainingSpec
     results: str
     refresh: bool = False
+    split_sizes: dict[str, dict[str, int]] = Field(
+        default_factory=dict,
+        description="Rows per split (train, valid, test) of every party: counts only",
+    )
 
 
 class TrainingResult(BaseModel):
@@ -88,6 +92,10 @@ class TrainingResult(BaseModel):
     stop_reason: StopReason | None = None
     left_out: dict[str, str] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
+    split_sizes: dict[str, dict[str, int]] = Field(
+        default_factory=dict,
+        description="Rows per split (train, valid, test) of every party: counts only",
+    )
 
 
 def publish_training_artifacts(
@@ -194,6 +202,7 @@ def publish_training(spec: FedSpec, run: FinishedTraining) -> TrainingResult:
             stopped=STOP_TEXT[run.stop_reason] if run.stop_reason else None,
             left_out=run.left_out or None,
             warnings=optional.warnings,
+            split_sizes=run.split_sizes,
         )
         .replace("(rounds.png)", f"({plot_name(key, 'rounds')})")
         .replace("(importance.png)", f"({plot_name(key, 'importance')})")
@@ -221,6 +230,7 @@ def publish_training(spec: FedSpec, run: FinishedTraining) -> TrainingResult:
         stop_reason=run.stop_reason,
         left_out=run.left_out,
         warnings=optional.warnings,
+        split_sizes=run.split_sizes,
     )
 
 

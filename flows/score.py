@@ -82,7 +82,12 @@ def score(
             "roots": [*ctx.roots, *([resolve_location(data, ".")] if data else [])],
         }
     )
-    sources = rebased_sources(spec.party(party).sources, data, spec.consortium.label.column)
+    sources = rebased_sources(
+        spec.party(party).sources,
+        data,
+        spec.consortium.label.column,
+        split=spec.training.split_column,
+    )
     fused, _ = run_party_steps(ctx, sources, results=spec.run.results, refresh=False, keys=True)
     out = score_party(
         store,

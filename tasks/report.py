@@ -188,6 +188,28 @@ def markdown_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
     ]
 
 
+def split_size_lines(sizes: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """The rows of every party's train, validation and test split (counts only)."""
+    if not sizes:
+        return []
+    return [
+        "## Rows per split",
+        "",
+        *markdown_table(
+            [
+                {
+                    "party": party,
+                    "train": str(n.get("train", 0)),
+                    "validation": str(n.get("valid", 0)),
+                    "test": str(n.get("test", 0)),
+                }
+                for party, n in sizes.items()
+            ]
+        ),
+        "",
+    ]
+
+
 def markdown_report(
     *,
     consortium: str,
@@ -203,6 +225,7 @@ def markdown_report(
     stopped: str | None = None,
     left_out: Mapping[str, str] | None = None,
     warnings: Sequence[str] = (),
+    split_sizes: Mapping[str, Mapping[str, int]] | None = None,
 ) -> str:
     lines = [
         f"# fedfuse training report: `{consortium}`",
@@ -218,6 +241,7 @@ def markdown_report(
         *([AUC_NOTE, ""] if has_pooled_auc([comparison.federated, *valid]) else []),
         "The centralised model pools every party's rows and exists only as a yardstick.",
         "",
+        *split_size_lines(split_sizes or {}),
         "## Validation per round",
         "",
         "![validation per round](rounds.png)",

@@ -34,5 +34,8 @@ ERROR = "error"
 ENTITY_HASH = "entity_hash"
 #: Name of the label column in fused tables.
 LABEL = "label"
+#: Column of the label source's clean, aligned and fused tables holding each entity's split
+#: (``train``, ``valid``, ``test``) when a split column or a test file decides it.
+SPLIT = "__split"
 #: Column added to quarantined rows.
 REASON = "reject_reason"

@@ -21,11 +21,11 @@ from tasks.caching import content_cache_key
 from tasks.horizontal.ensemble import GlobalEnsemble, predict_raw
 from tasks.horizontal.loop import TrainingHistory, train_federated
 from tasks.horizontal.score_histograms import ScoreHistogram, score_histogram
-from tasks.horizontal.training import aggregate_metrics, evaluate, party_data
+from tasks.horizontal.training import aggregate_metrics, evaluate, frame_splits, party_data
 from tasks.prepare.design import FeatureSchema
 from tasks.report import Comparison
 from tasks.spec.models import TrainingSpec
-from tasks.types import ENTITY_HASH, LABEL, Objective
+from tasks.types import ENTITY_HASH, LABEL, SPLIT, Objective
 
 
 def train_centralised(
@@ -42,9 +42,20 @@ def train_centralised(
     The same loop with a single party "pooled": same base score, splits, params, early
     stopping and tree budget (rounds × trees_per_round). Boosting ``trees_per_round`` trees
     from the running scores, round after round, is exactly continued LightGBM training.
+    Every row keeps the split its party gives it (:func:`frame_splits`), so the pooled test
+    rows are the parties' test rows.
     """
+    splits = {
+        "validation_fraction": spec.validation_fraction,
+        "test_fraction": spec.test_fraction,
+    }
     pooled = pl.concat(
-        [f.select(ENTITY_HASH, LABEL, *feature_names) for f in party_frames.values()],
+        [
+            f.select(ENTITY_HASH, LABEL, *feature_names).with_columns(
+                frame_splits(f, **splits).alias(SPLIT)
+            )
+            for f in party_frames.values()
+        ],
         how="vertical",
     )
     single = spec.model_copy(update={"min_parties": 1, "aggregation": "samples"})

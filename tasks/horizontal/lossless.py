@@ -13,8 +13,9 @@ inherited):
 
 1. every party process loads its own rows (a :class:`FusedSource` is read inside the
    process: the orchestrating process only passes the table reference), splits them from
-   the entity hash (:func:`tasks.horizontal.training.split_assignments`) and reports its label
-   aggregates (:class:`tasks.horizontal.training.LabelStats`), as in averaging mode;
+   the entity hash or the decided split (:func:`tasks.horizontal.training.frame_splits`)
+   and reports its label aggregates (:class:`tasks.horizontal.training.LabelStats`), as in
+   averaging mode;
 2. the coordinator computes the base score F_0 from those aggregates
    (:func:`tasks.horizontal.training.base_score`: pooled log-odds, log priors or mean) and sends it
    back. LightGBM's own ``boost_from_average`` is left off: in distributed mode it takes
@@ -95,14 +96,14 @@ from tasks.horizontal.training import (
     aggregate_metrics,
     base_score,
     evaluate,
+    frame_splits,
     label_stats,
     lgb_params,
-    split_assignments,
     split_party_data,
 )
 from tasks.prepare.design import FeatureSchema, design_matrix, labels
 from tasks.spec.models import TrainingSpec
-from tasks.types import ENTITY_HASH, Objective
+from tasks.types import Objective
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +123,8 @@ class FusedSource:
 
     def load(self) -> PartyData:
         frame = read_table(self.fused)
-        split = split_assignments(
-            frame[ENTITY_HASH],
+        split = frame_splits(
+            frame,
             validation_fraction=self.validation_fraction,
             test_fraction=self.test_fraction,
         ).to_numpy()
@@ -214,6 +215,9 @@ class LosslessResult(BaseModel):
     test: list[dict[str, float]] = Field(description="Aggregated test metrics per round")
     party_valid: dict[str, list[dict[str, float]]]
     n_train: dict[str, int]
+    split_sizes: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="Rows per split (train, valid, test) of every party"
+    )
     model_sha256: dict[str, str] = Field(
         description="Hash of each party's full trained model text (all equal, checked)"
     )
@@ -530,6 +534,9 @@ def train_lossless(
         test=test,
         party_valid={r.party: r.valid for r in run.results},
         n_train={r.party: r.n_train for r in run.results},
+        split_sizes={
+            r.party: {"train": r.n_train, "valid": r.n_valid, "test": r.n_test} for r in run.results
+        },
         model_sha256={r.party: text_sha256(r.model_text) for r in run.results},
         ports=run.ports,
     )

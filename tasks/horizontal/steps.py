@@ -38,7 +38,7 @@ from tasks.horizontal.rounds import (
 )
 from tasks.horizontal.score_histograms import ScoreHistogram, score_histogram
 from tasks.horizontal.strategies import Strategy
-from tasks.horizontal.training import fit_round, label_stats, split_assignments, split_metrics
+from tasks.horizontal.training import fit_round, frame_splits, label_stats, split_metrics
 from tasks.prepare.design import FeatureSchema, design_matrix, labels
 from tasks.spec.models import TrainingSpec
 from tasks.types import ENTITY_HASH, Objective
@@ -128,8 +128,8 @@ class PartyEval(BaseModel):
 
 def _party_data(setup: TrainSetup) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     fused = read_table(setup.fused)
-    split = split_assignments(
-        fused[ENTITY_HASH],
+    split = frame_splits(
+        fused,
         validation_fraction=setup.training.validation_fraction,
         test_fraction=setup.training.test_fraction,
     ).to_numpy()

@@ -3,7 +3,7 @@ base score, local update fits, evaluation, metric aggregation and early stopping
 
 Every party holds a fused table (``entity_hash``, ``label``, the consortium's feature
 columns). It splits its rows into train/valid/test from the entity hash
-(:func:`split_assignments`), reports only label aggregates (:class:`LabelStats`) from which
+(:func:`split_assignments`) or the label source's decided split (:func:`frame_splits`), reports only label aggregates (:class:`LabelStats`) from which
 the coordinator computes the base score F_0 (:func:`base_score`), fits each round's trees
 from its running raw scores as ``init_score`` (:func:`train_update`, params from
 :func:`lgb_params`) and evaluates raw scores (:func:`evaluate`); the coordinator aggregates
@@ -34,7 +34,7 @@ from tasks.horizontal.score_histograms import ScoreHistogram, pooled_auc, sum_hi
 from tasks.links import sigmoid, softmax
 from tasks.spec.models import RESERVED_PARAMS as RESERVED_PARAMS  # noqa: PLC0414  (re-exported)
 from tasks.spec.models import ParamValue, TrainingSpec
-from tasks.types import ENTITY_HASH, LABEL, Objective
+from tasks.types import ENTITY_HASH, LABEL, SPLIT, Objective
 
 Split = Literal["train", "valid", "test"]
 
@@ -85,6 +85,43 @@ def split_assignments(
         .when(pl.col("u") < test_fraction + validation_fraction)
         .then(pl.lit("valid"))
         .otherwise(pl.lit("train"))
+        .alias("split")
+    )
+    return out.to_series()
+
+
+def frame_splits(
+    frame: pl.DataFrame, *, validation_fraction: float, test_fraction: float
+) -> pl.Series:
+    """The split of every row of a fused table: its ``__split`` column where the label
+    source decided it (a split column, an external test file), else the hashed key
+    (:func:`split_assignments`).
+
+    A party whose decided splits hold no validation row carves its validation rows from its
+    train rows by the hashed key (``validation_fraction`` of them), so federated early
+    stopping is defined at every party; its test rows stay exactly those decided.
+    """
+    hashed = split_assignments(
+        frame[ENTITY_HASH], validation_fraction=validation_fraction, test_fraction=test_fraction
+    )
+    if SPLIT not in frame.columns:
+        return hashed
+    decided = frame[SPLIT].cast(pl.String)
+    unknown = decided.is_not_null() & ~decided.is_in(["train", "valid", "test"])
+    if unknown.any():
+        raise ValueError(
+            f"'{SPLIT}' holds {int(unknown.sum())} row(s) that are not train, valid or test "
+            "(prepare writes only those: rerun it)"
+        )
+    carve = split_assignments(
+        frame[ENTITY_HASH], validation_fraction=validation_fraction, test_fraction=0.0
+    )
+    out = pl.DataFrame({"d": decided, "h": hashed, "c": carve}).select(
+        pl.when(pl.col("d").is_null())
+        .then(pl.col("h"))
+        .when((pl.col("d") == "train") & ~(pl.col("d") == "valid").any() & (pl.col("c") == "valid"))
+        .then(pl.lit("valid"))
+        .otherwise(pl.col("d"))
         .alias("split")
     )
     return out.to_series()
@@ -425,8 +462,8 @@ def party_data(
     validation_fraction: float,
     test_fraction: float,
 ) -> PartyData:
-    split = split_assignments(
-        frame[ENTITY_HASH], validation_fraction=validation_fraction, test_fraction=test_fraction
+    split = frame_splits(
+        frame, validation_fraction=validation_fraction, test_fraction=test_fraction
     ).to_numpy()
     X = feature_matrix(frame, feature_names)
     y = frame[LABEL].cast(pl.Float64).to_numpy()

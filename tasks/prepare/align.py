@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import polars as pl
 from pydantic import BaseModel
 
-from tasks.types import ENTITY_HASH, LABEL, JoinKind, Objective, SourceKind
+from tasks.types import ENTITY_HASH, LABEL, SPLIT, JoinKind, Objective, SourceKind
 
 SEPARATOR = "__"
 
@@ -82,7 +82,7 @@ def align_features(
     exprs: list[pl.Expr] = []
     schema: list[FeatureColumn] = []
     for name, dtype in features.schema.items():
-        if name in (entity, label_column):
+        if name in (entity, label_column, SPLIT):
             continue
         canonical = f"{prefix}{SEPARATOR}{name}"
         if dtype == pl.String or isinstance(dtype, pl.Categorical | pl.Enum):
@@ -128,8 +128,10 @@ def align_features(
         columns.append(label)
     # features and keys are computed side by side on the input rows: a source with no
     # feature column (a table of the key and the label only) keeps every row
+    # the label source's split (train / valid / test) travels with its rows, as text
+    split = [SPLIT] if label_column is not None and SPLIT in features.columns else []
     aligned = features.with_columns(*exprs, *columns).select(
-        ENTITY_HASH, *([LABEL] if label_column else []), *(c.name for c in schema)
+        ENTITY_HASH, *([LABEL] if label_column else []), *split, *(c.name for c in schema)
     )
     return aligned.sort(ENTITY_HASH), schema
 

@@ -13,6 +13,7 @@ modality (:mod:`tasks.prepare.modalities`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from storage.sources import INVALID_UTF8, ROW
 from tasks.prepare.modalities import modality_of
 from tasks.prepare.units import to_canonical
 from tasks.spec.models import OTHER, ColumnSpec, KeySpec, SourceSpec
-from tasks.types import REASON, KeyNormalisation, Objective
+from tasks.types import REASON, SPLIT, KeyNormalisation, Objective
 
 #: Control (Cc: C0, DEL, C1, NUL) and format (Cf: zero-width space/joiners, U+FEFF, bidi
 #: controls, soft hyphen) characters: refused inside an entity key (invisible look-alikes).
@@ -87,11 +88,25 @@ def mapped_label(expr: pl.Expr, dtype: pl.DataType, rule: LabelRule) -> pl.Expr:
     )
 
 
+@dataclass(frozen=True)
+class SplitRule:
+    """How the label source's rows get their split (the clean table's ``__split`` column):
+    from the value of its split ``column`` through ``values`` (raw value -> ``train`` /
+    ``valid`` / ``test``; a row outside is quarantined), or ``fixed`` for every row of the
+    file (an external test file: ``test``; the main file beside it: ``train``)."""
+
+    column: str | None = None  # canonical name
+    values: Mapping[str, str] | None = None
+    fixed: str | None = None
+
+
 @dataclass
 class Preprocessed:
     clean: pl.DataFrame
     rejected: pl.DataFrame
     quality: QualityReport
+    #: Data row number of each clean row (merging a test file with its main file).
+    rows: pl.Series | None = None
 
 
 def raw_name(canonical: str, column: ColumnSpec) -> str:
@@ -401,6 +416,7 @@ def coerce_frame(
     bounds: Mapping[str, tuple[float, str]] | None = None,
     other: Collection[str] | None = None,
     key_spec: KeySpec | None = None,
+    split: SplitRule | None = None,
 ) -> tuple[pl.DataFrame, dict[str, int]]:
     """Coerce every mapped column; add a ``reject_reason`` column (null for good rows).
 
@@ -409,11 +425,13 @@ def coerce_frame(
     -> (largest magnitude after unit conversion, how the reason states it); a value beyond
     it is out of range. The ``key`` column is refused when it holds control or format
     characters. With ``key_spec`` the ``key`` column comes from it (:func:`spec_key`)
-    instead of a mapped column. A category value outside its vocabulary becomes ``other``
-    in the columns of ``other`` (the other bucket; default: the columns whose vocabulary
-    holds ``other``), else missing; either way it is counted per column (never shown). A
-    category column without a vocabulary (one being learned) keeps its mapped values.
-    Returns the frame (``__row``, canonical columns, reason) and unknown-category counts.
+    instead of a mapped column. With ``split``, a ``__split`` column is added (a split
+    column's cell outside its values, or missing, is a reason naming the column only). A
+    category value outside its vocabulary becomes ``other`` in the columns of ``other`` (the
+    other bucket; default: the columns whose vocabulary holds ``other``), else missing;
+    either way it is counted per column (never shown). A category column without a
+    vocabulary (one being learned) keeps its mapped values. Returns the frame (``__row``,
+    canonical columns, reason) and unknown-category counts.
     """
     _check_columns(raw, columns, file)
     schema = raw.schema
@@ -449,6 +467,19 @@ def coerce_frame(
                     pl.lit(f"column '{name}' ({canonical}): cannot parse as {column.dtype}")
                 )
             )
+        if split is not None and canonical == split.column and split.values is not None:
+            known = list(split.values)
+            values.append(
+                out.replace_strict(
+                    known, [split.values[k] for k in known], default=None, return_dtype=pl.String
+                ).alias(SPLIT)
+            )
+            reasons.append(  # the reason names the column, never the cell's value
+                pl.when(out.is_null())
+                .then(pl.lit(f"column '{name}' (split): missing split value"))
+                .when(~out.is_in(known))
+                .then(pl.lit(f"column '{name}' (split): not one of training.split_values"))
+            )
         if (column.required or canonical == key) and not (label and canonical == label.column):
             reasons.append(
                 pl.when(~present).then(
@@ -478,6 +509,8 @@ def coerce_frame(
         expr, why = spec_key(raw, key_spec, entity=key, normalisation=normalisation, file=file)
         values.insert(1, expr.alias(key))
         reasons = why + reasons
+    if split is not None and split.fixed is not None:
+        values.append(pl.lit(split.fixed, pl.String).alias(SPLIT))
     frame = raw.select(*values, _reason(reasons).alias(REASON))
     if other is None:
         other = [name for name, vocab in vocabularies.items() if OTHER in vocab]
@@ -523,12 +556,44 @@ def preprocess(
     bad_lines: list[tuple[int, str, str]] | None = None,
     label: LabelRule | None = None,
     other: Collection[str] | None = None,
+    split: SplitRule | None = None,
+    test: TestFile | None = None,
 ) -> Preprocessed:
     """Coerce, normalise, deduplicate and validate one raw source.
 
     ``label``: the source maps the consortium's label; its rows are checked against the task.
     ``other``: the columns with an other bucket (:func:`coerce_frame`).
+    ``split``: how its rows get their ``__split``. ``test``: the rows of the source's
+    external test file (``test_path``), preprocessed the same way as the test split and
+    merged with the main file's (:func:`merge_test_file`).
     """
+    if test is not None:
+        one_file = functools.partial(
+            preprocess,
+            party=party,
+            entity=entity,
+            normalisation=normalisation,
+            vocabularies=vocabularies,
+            entity_map=entity_map,
+            label=label,
+        )
+        main = one_file(raw, source, bad_lines=bad_lines, split=split or SplitRule(fixed="train"))
+        test_source = source.model_copy(update={"path": source.test_path or source.path})
+        held_out = one_file(
+            test.raw, test_source, bad_lines=test.bad_lines, split=SplitRule(fixed="test")
+        )
+        key = modality_of(source).key_column(source, entity=entity)
+        name = raw_name(key, source.columns[key]) if key in source.columns else key
+
+        def keys(frame: pl.DataFrame) -> pl.Series:
+            """Every normalised key of the file, rows quarantined for other reasons too."""
+            if name not in frame.columns:
+                return pl.Series(entity, [], dtype=pl.String)
+            return frame.select(normalise_key(pl.col(name), normalisation).alias(entity))[entity]
+
+        return merge_test_file(
+            main, held_out, raw, test.raw, entity=entity, keys=(keys(raw), keys(test.raw))
+        )
     modality = modality_of(source)
     key = modality.key_column(source, entity=entity)
     if label is not None and label.column not in source.columns:
@@ -544,12 +609,15 @@ def preprocess(
         bounds=modality.bounds(source),
         other=other,
         key_spec=source.key,
+        split=split,
     )
     frame, canonical = modality.attach_entity(
         frame, source, entity_map, entity=entity, normalisation=normalisation
     )
     if source.key is not None and entity not in canonical:
         canonical = [entity, *canonical]
+    if SPLIT in frame.columns:
+        canonical = [*canonical, SPLIT]
     bad = frame.filter(pl.col(REASON).is_not_null()).select(ROW, REASON)
     good = frame.filter(pl.col(REASON).is_null())
     # exact duplicates (on canonical values): keep the first occurrence
@@ -602,13 +670,95 @@ def preprocess(
         },
         unknown_categories=unknown,
     )
+    return Preprocessed(clean=clean, rejected=rejected, quality=quality, rows=good[ROW])
+
+
+@dataclass(frozen=True)
+class TestFile:
+    """The raw rows of a label source's external test file (``test_path``)."""
+
+    raw: pl.DataFrame
+    bad_lines: list[tuple[int, str, str]] | None = None
+
+
+#: Prefix of the reasons of rows quarantined from a source's external test file.
+TEST_FILE_REASON = "test_path: "
+#: Reason of the rows of an entity present in both the main file and the test file.
+IN_BOTH_FILES = "entity is in both path and test_path (refused in both)"
+
+
+def merge_test_file(
+    main: Preprocessed,
+    test: Preprocessed,
+    raw: pl.DataFrame,
+    test_raw: pl.DataFrame,
+    *,
+    entity: str,
+    keys: tuple[pl.Series, pl.Series] | None = None,
+) -> Preprocessed:
+    """One clean table of a source's main file (train/validation) and its test file (test):
+    an entity in both files is quarantined in both (its split would be ambiguous); the test
+    file's rejected rows carry its row numbers and reasons prefixed ``test_path: ``.
+
+    ``keys``: the normalised keys of every row of each file (default: of its clean rows), so
+    that an entity also refused in the other file for another reason is refused here too."""
+    main_keys, test_keys = keys or (main.clean[entity], test.clean[entity])
+
+    def cut(
+        part: Preprocessed, frame: pl.DataFrame, other: pl.Series
+    ) -> tuple[pl.DataFrame, pl.DataFrame]:
+        if part.rows is None:
+            raise AssertionError("preprocess keeps the row numbers of clean rows")
+        hit = part.clean[entity].is_in(other.drop_nulls().implode())
+        reasons = pl.DataFrame(
+            {ROW: part.rows.filter(hit), REASON: IN_BOTH_FILES},
+            schema={ROW: pl.Int64, REASON: pl.String},
+        )
+        rejected = pl.concat(
+            [part.rejected, _rejected_rows(frame, reasons)], how="diagonal_relaxed"
+        ).sort(ROW)
+        return part.clean.filter(~hit), rejected
+
+    main_clean, main_rejected = cut(main, raw, test_keys)
+    test_clean, test_rejected = cut(test, test_raw, main_keys)
+    test_rejected = test_rejected.with_columns(
+        pl.concat_str(pl.lit(TEST_FILE_REASON), pl.col(REASON)).alias(REASON)
+    )
+    clean = pl.concat([main_clean, test_clean], how="vertical_relaxed")
+    rejected = pl.concat([main_rejected, test_rejected], how="diagonal_relaxed")
+    by_reason = dict(main.quality.rejected_by_reason)
+    for kind, n in test.quality.rejected_by_reason.items():
+        by_reason[TEST_FILE_REASON + kind] = n
+    in_main = main.clean.height - main_clean.height
+    in_test = test.clean.height - test_clean.height
+    if in_main:
+        by_reason[IN_BOTH_FILES] = by_reason.get(IN_BOTH_FILES, 0) + in_main
+    if in_test:
+        by_reason[TEST_FILE_REASON + IN_BOTH_FILES] = in_test
+    unknown = dict(main.quality.unknown_categories)
+    for column, n in test.quality.unknown_categories.items():
+        unknown[column] = unknown.get(column, 0) + n
+    quality = main.quality.model_copy(
+        update={
+            "rows_in": main.quality.rows_in + test.quality.rows_in,
+            "rows_out": clean.height,
+            "rows_rejected": rejected.height,
+            "rejected_by_reason": dict(sorted(by_reason.items())),
+            "duplicates_removed": main.quality.duplicates_removed + test.quality.duplicates_removed,
+            "null_rates": {
+                c: round(float(clean[c].null_count()) / clean.height, 6) if clean.height else 0.0
+                for c in clean.columns
+            },
+            "unknown_categories": unknown,
+        }
+    )
     return Preprocessed(clean=clean, rejected=rejected, quality=quality)
 
 
 def _reason_kind(reason: str) -> str:
     """Group reasons by kind: drop the row-specific value part."""
-    if " (label): " in reason:
-        return reason  # label reasons hold no value
+    if " (label): " in reason or " (split): " in reason:
+        return reason  # label and split reasons hold no value
     for marker in (
         ": cannot parse",
         ": required value missing",

@@ -32,6 +32,8 @@ from tasks.prepare.preprocess import (
     Preprocessed,
     PreprocessError,
     QualityReport,
+    SplitRule,
+    TestFile,
     composite_key,
     key_parts,
     normalise_key,
@@ -152,6 +154,13 @@ class PartyContext(BaseModel):
         default_factory=list,
         description="Folders the party's sources may be read from (its store and imports)",
     )
+    split_column: str | None = Field(
+        default=None, description="Canonical column of the label source deciding the split"
+    )
+    split_values: dict[str, str] = Field(
+        default_factory=dict,
+        description="Raw value of the split column -> train, valid or test",
+    )
 
     @classmethod
     def from_spec(
@@ -185,6 +194,8 @@ class PartyContext(BaseModel):
             label_positive=spec.consortium.label.positive,
             label_values=spec.consortium.label.values,
             roots=party.roots,
+            split_column=spec.training.split_column,
+            split_values=spec.training.split_values.mapping(),
         )
 
 
@@ -235,10 +246,19 @@ def fingerprint_source(location: str, roots: list[str] | None = None) -> FileRef
 
 
 def read_preprocessed(
-    ctx: PartyContext, source: SourceSpec, raw: FileRef, entity_map: FileRef | None
+    ctx: PartyContext,
+    source: SourceSpec,
+    raw: FileRef,
+    entity_map: FileRef | None,
+    test: FileRef | None = None,
 ) -> Preprocessed:
-    """Read one source (and its entity map) and preprocess it; nothing is written."""
+    """Read one source (its entity map, its external test file) and preprocess it; nothing
+    is written."""
     data = modality_of(source).read(raw.uri, source)
+    held_out = None
+    if test is not None:
+        test_data = modality_of(source).read(test.uri, source)
+        held_out = TestFile(raw=test_data.frame, bad_lines=test_data.bad_lines)
     mapping = None
     if source.entity_map is not None and entity_map is not None:
         fmt = source.entity_map.format or infer_format(source.entity_map.path)
@@ -254,18 +274,28 @@ def read_preprocessed(
         bad_lines=data.bad_lines,
         label=label_rule(ctx, source),
         other=ctx.other,
+        split=split_rule(ctx, source),
+        test=held_out,
     )
 
 
 def run_preprocess(
-    ctx: PartyContext, source: SourceSpec, raw: FileRef, entity_map: FileRef | None
+    ctx: PartyContext,
+    source: SourceSpec,
+    raw: FileRef,
+    entity_map: FileRef | None,
+    test: FileRef | None = None,
 ) -> CleanOutput:
+    """Preprocess one source; ``test``: its external test file (the label source's
+    ``test_path``), read the same way and merged as the test split."""
     if ctx.roots:  # again at the read: a link swapped since the fingerprint is refused too
         confined(raw.uri, ctx.roots)
         if entity_map is not None:
             confined(entity_map.uri, ctx.roots)
+        if test is not None:
+            confined(test.uri, ctx.roots)
     with naming_source(ctx.party, source.id, "preprocess"):
-        result = read_preprocessed(ctx, source, raw, entity_map)
+        result = read_preprocessed(ctx, source, raw, entity_map, test)
         store = Store(ctx.store)
         clean = store.write_table(result.clean, "clean", source.id)
         rejected = (
@@ -363,6 +393,14 @@ def label_rule(ctx: PartyContext, source: SourceSpec) -> LabelRule | None:
         positive=ctx.label_positive,
         values=ctx.label_values,
     )
+
+
+def split_rule(ctx: PartyContext, source: SourceSpec) -> SplitRule | None:
+    """How the party's label source decides each entity's split: its split column (when it
+    maps the consortium's); none elsewhere, nor when scoring (the hashed key decides)."""
+    if source.id != ctx.label_source or ctx.split_column not in source.columns:
+        return None
+    return SplitRule(column=ctx.split_column, values=ctx.split_values)
 
 
 def run_features(ctx: PartyContext, source: SourceSpec, cleaned: CleanOutput) -> TableRef:
@@ -481,7 +519,12 @@ def run_party(ctx: PartyContext, sources: list[SourceSpec]) -> FusedOutput:
             if source.entity_map is not None
             else None
         )
-        clean = run_preprocess(ctx, source, raw, emap)
+        test = (
+            fingerprint(source.test_path, roots=roots)
+            if source.test_path is not None and source.id == ctx.label_source
+            else None
+        )
+        clean = run_preprocess(ctx, source, raw, emap, test)
         aligned.append(run_align(ctx, source, run_features(ctx, source, clean), tag))
         cleaned.append(clean)
     return run_fuse(ctx, aligned, [c.quality for c in cleaned])

@@ -21,7 +21,8 @@ from storage.files import (
 )
 from storage.store import FolderError, folder_files
 from tasks.prepare.modalities import MODALITIES, modality_names, modality_of
-from tasks.spec.models import FedSpec, SourceSpec, SpecProblem, label_source
+from tasks.spec.models import FedSpec, SourceSpec, SpecProblem, infer_format, label_source
+from tasks.types import SPLIT
 
 
 def training_problems(spec: FedSpec) -> list[SpecProblem]:
@@ -347,6 +348,106 @@ def vocabulary_problems(spec: FedSpec) -> list[SpecProblem]:
     ]
 
 
+def split_problems(spec: FedSpec) -> list[SpecProblem]:
+    """``training.split_column`` is mapped (as text) by a label source and is neither the
+    entity key nor the label; ``test_path`` is on a label source, in the format of its
+    ``path``; neither is used in the vertical layout (there the hashed key splits the
+    overlap at every party alike)."""
+    problems: list[SpecProblem] = []
+    training = spec.training
+    column = training.split_column
+    vertical = spec.consortium.layout == "vertical"
+    if column is None and "split_values" in training.model_fields_set:
+        problems.append(
+            SpecProblem(
+                path="training.split_values", message="needs training.split_column; give it"
+            )
+        )
+    if column is not None and vertical:
+        problems.append(
+            SpecProblem(
+                path="training.split_column",
+                message="the vertical layout splits the overlap by the hashed key at every "
+                "party (only the label party could read a split column); leave it out",
+            )
+        )
+    elif column is not None and column in (spec.consortium.entity, spec.consortium.label.column):
+        problems.append(
+            SpecProblem(
+                path="training.split_column",
+                message=f"'{column}' is the entity key or the label; name another column",
+            )
+        )
+    elif column is not None:
+        mapped = False
+        for i, party in enumerate(spec.parties):
+            holder = label_source(spec, party)
+            if holder is None or column not in holder.columns:
+                continue
+            mapped = True
+            j = party.sources.index(holder)
+            if holder.columns[column].dtype != "str":
+                problems.append(
+                    SpecProblem(
+                        path=f"parties[{i}].sources[{j}].columns.{column}.dtype",
+                        message='the split column is compared as text: use dtype = "str"',
+                    )
+                )
+        if not mapped:
+            problems.append(
+                SpecProblem(
+                    path="training.split_column",
+                    message=f"no label source maps the column '{column}'; map it in a label "
+                    f'source\'s columns, e.g. {column} = {{ from = "set", dtype = "str" }}',
+                )
+            )
+    for i, party in enumerate(spec.parties):
+        holder = label_source(spec, party)
+        for j, source in enumerate(party.sources):
+            if SPLIT in source.columns:
+                problems.append(
+                    SpecProblem(
+                        path=f"parties[{i}].sources[{j}].columns.{SPLIT}",
+                        message="is the name of the split fedfuse derives; name the column "
+                        "otherwise (and set training.split_column to it)",
+                    )
+                )
+            if source.test_path is None:
+                continue
+            at = f"parties[{i}].sources[{j}].test_path"
+            if vertical:
+                message = "the vertical layout splits the overlap by the hashed key; leave it out"
+            elif source is not holder:
+                message = (
+                    "only the party's label source takes a test_path (its other sources "
+                    "hold the rows of every entity, test entities included)"
+                )
+            elif source.test_path == source.path:
+                message = "is the source's path; give a separate test file"
+            else:
+                message = _test_format_problem(source)
+            if message:
+                problems.append(SpecProblem(path=at, message=message))
+    return problems
+
+
+def _test_format_problem(source: SourceSpec) -> str:
+    """Why ``test_path`` cannot be read like ``path`` (empty when it can)."""
+    if source.format is not None:
+        return ""
+    try:
+        test_format = infer_format(source.test_path or "")
+    except ValueError:
+        return "unknown format; give it the suffix of path or set the source's 'format'"
+    try:
+        main_format = source.file_format
+    except ValueError:
+        return ""  # reported at the source's format
+    if test_format != main_format:
+        return f"is {test_format} but path is {main_format}; the test file has the same format"
+    return ""
+
+
 def fusion_problems(spec: FedSpec) -> list[SpecProblem]:
     """Fusion weights name known parties and are non-negative."""
     problems: list[SpecProblem] = []
@@ -371,6 +472,7 @@ def semantic_problems(spec: FedSpec) -> list[SpecProblem]:
         *class_count_problems(spec),
         *vocabulary_problems(spec),
         *label_value_problems(spec),
+        *split_problems(spec),
         *fusion_problems(spec),
     ]
 
@@ -518,6 +620,8 @@ def confinement_problems(spec: FedSpec, base: str) -> list[SpecProblem]:
             paths = [(f"parties[{i}].sources[{j}].path", source.path)]
             if source.entity_map is not None:
                 paths.append((f"parties[{i}].sources[{j}].entity_map.path", source.entity_map.path))
+            if source.test_path is not None:
+                paths.append((f"parties[{i}].sources[{j}].test_path", source.test_path))
             for key, written in paths:
                 try:
                     confined(join_location(written, base), roots, name=written, area=allowed)
@@ -532,6 +636,9 @@ def confinement_problems(spec: FedSpec, base: str) -> list[SpecProblem]:
                     continue
                 if key == f"parties[{i}].sources[{j}].path":
                     problems += source_shape_problems(source, base, at=key)
+                elif key == f"parties[{i}].sources[{j}].test_path":
+                    test = source.model_copy(update={"path": written})
+                    problems += source_shape_problems(test, base, at=key)
     return problems
 
 

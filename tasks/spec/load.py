@@ -32,6 +32,7 @@ from tasks.spec.models import (
     SpecError,
     SpecProblem,
     VocabularySpec,
+    label_source,
 )
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,10 @@ def _resolve_paths(spec: FedSpec, base: str) -> FedSpec:
         emap = s.entity_map
         if emap is not None:
             emap = emap.model_copy(update={"path": resolve_location(emap.path, base)})
-        return s.model_copy(update={"path": resolve_location(s.path, base), "entity_map": emap})
+        test = resolve_location(s.test_path, base) if s.test_path is not None else None
+        return s.model_copy(
+            update={"path": resolve_location(s.path, base), "entity_map": emap, "test_path": test}
+        )
 
     parties = [
         p.model_copy(
@@ -212,6 +216,7 @@ def summary(spec: FedSpec) -> str:
     lines.append(
         f"  training: {t.rounds} rounds x {t.trees_per_round} trees, aggregation {t.aggregation}"
     )
+    lines.append(f"  splits: {split_summary(spec)}")
     return "\n".join(lines)
 
 
@@ -227,3 +232,26 @@ def _vocabulary(name: str, vocabulary: VocabularySpec) -> str:
     if vocabulary.has_other:
         what.append("other")
     return f"{name} ({', '.join(what)})"
+
+
+def split_summary(spec: FedSpec) -> str:
+    """Who decides each party's split: its label source's split column, its test file, or
+    the hashed key."""
+    t = spec.training
+    hashed = f"hashed key (validation {t.validation_fraction:g}, test {t.test_fraction:g})"
+    decided: list[str] = []
+    rest = 0
+    for party in spec.parties:
+        holder = label_source(spec, party)
+        ways = []
+        if holder is not None and t.split_column is not None and t.split_column in holder.columns:
+            ways.append(f"column '{t.split_column}'")
+        if holder is not None and holder.test_path is not None:
+            ways.append("test file")
+        if ways:
+            decided.append(f"{party.id} by {' and '.join(ways)}")
+        else:
+            rest += 1
+    if not decided:
+        return hashed
+    return "; ".join([*decided, *([f"the others by {hashed}"] if rest else [])])

@@ -276,6 +276,11 @@ class SourceSpec(SpecModel):
         description="Location of the export, a file or (for kinds that read folders) a "
         "folder; relative to the spec's folder"
     )
+    test_path: str | None = Field(
+        default=None,
+        description="Label source only: an external test file of the same format and columns "
+        "as path; its entities are the test split (confined to the party's store like path)",
+    )
     format: FileFormat | None = Field(
         default=None, description="File format (default: from the file's suffix)"
     )
@@ -474,6 +479,48 @@ def _param_value_problem(key: str, value: object) -> str | None:
     return f"{key!r} must be a string, number or boolean, not {got}"
 
 
+#: The canonical split names, as the split column of a fused table holds them.
+SPLIT_NAMES: dict[str, str] = {"train": "train", "validation": "valid", "test": "test"}
+
+
+class SplitValues(SpecModel):
+    """Which raw values of the split column put an entity in which split."""
+
+    train: str | list[str] = Field(
+        default="train", description="Raw value(s) of the split column meaning the train split"
+    )
+    validation: str | list[str] = Field(
+        default="valid",
+        description="Raw value(s) meaning the validation split (early stopping)",
+    )
+    test: str | list[str] = Field(default="test", description="Raw value(s) meaning the test split")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> SplitValues:
+        seen: dict[str, str] = {}
+        for split in SPLIT_NAMES:
+            values = getattr(self, split)
+            listed = [values] if isinstance(values, str) else values
+            if not listed:
+                raise ValueError(f"'{split}' lists no value")
+            for value in listed:
+                if not value.strip():
+                    raise ValueError(f"'{split}' holds an empty value")
+                if value in seen and seen[value] != split:
+                    raise ValueError(f"a value is listed for both '{seen[value]}' and '{split}'")
+                seen[value] = split
+        return self
+
+    def mapping(self) -> dict[str, str]:
+        """Raw value -> canonical split name (``train``, ``valid``, ``test``)."""
+        out: dict[str, str] = {}
+        for split, name in SPLIT_NAMES.items():
+            values = getattr(self, split)
+            for value in [values] if isinstance(values, str) else values:
+                out[value] = name
+        return out
+
+
 class TrainingSpec(SpecModel):
     rounds: int = Field(default=30, ge=1, le=10_000, description="Round limit")
     trees_per_round: int = Field(
@@ -521,6 +568,16 @@ class TrainingSpec(SpecModel):
         lt=0.5,
         allow_inf_nan=False,
         description="Share of entities in the test split (from the hashed key)",
+    )
+    split_column: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Canonical column of the label source whose value decides each entity's "
+        "split (instead of the hashed key); mapped with dtype str",
+    )
+    split_values: SplitValues = Field(
+        default_factory=SplitValues,
+        description="Raw values of split_column for the train, validation and test splits",
     )
     min_parties: int = Field(
         default=1, ge=1, le=1000, description="Quorum: accepted updates a round needs"

@@ -33,7 +33,7 @@ from tasks.prepare.windows import (
     parse_windows,
 )
 from tasks.spec.models import ColumnSpec, FeatureOptions, SourceSpec
-from tasks.types import AMOUNT, CATEGORY, TIMESTAMP, WindowEnd
+from tasks.types import AMOUNT, CATEGORY, SPLIT, TIMESTAMP, WindowEnd
 
 
 def window_end(as_of: dt.date) -> dt.datetime:
@@ -217,6 +217,8 @@ def entity_attributes(
                 exprs.append(pl.col(name))
             case "str":
                 continue  # free identifiers are not features
+    if SPLIT in clean.columns:  # the label source's split passes through (never a feature)
+        exprs.append(pl.col(SPLIT))
     return clean.select(exprs).sort(entity)
 
 
