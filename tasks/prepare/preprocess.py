@@ -297,18 +297,17 @@ def _label_reason(
         return pl.lit(f"column '{name}' (label): {text}")
 
     number = _number(src, dtype)
+    checked = (  # the checks every label has, in this order
+        pl.when(~_present(src, dtype))
+        .then(because("missing label"))
+        .when(number.is_nan())
+        .then(because("label is not a number"))
+        .when(number.is_infinite())
+        .then(because("label is not finite"))
+    )
     if rule.maps_raw:
         outside = f"not one of the {len(rule.values or {})} values of consortium.label.values"
-        return (
-            pl.when(~_present(src, dtype))
-            .then(because("missing label"))
-            .when(number.is_nan())
-            .then(because("label is not a number"))
-            .when(number.is_infinite())
-            .then(because("label is not finite"))
-            .when(out.is_null())
-            .then(because(outside))
-        )
+        return checked.when(out.is_null()).then(because(outside))
     if rule.task == "multiclass" and column.dtype in ("category", "str") and vocabulary:
         classes = vocabulary[: rule.num_classes] if rule.num_classes else vocabulary
         unparsed = out.is_null()
@@ -320,13 +319,7 @@ def _label_reason(
         unparsed = out.is_null() & value.is_null()
         unfit = value.is_null() | ~fits
     return (
-        pl.when(~_present(src, dtype))
-        .then(because("missing label"))
-        .when(number.is_nan())
-        .then(because("label is not a number"))
-        .when(number.is_infinite())
-        .then(because("label is not finite"))
-        .when(unparsed)
+        checked.when(unparsed)
         .then(because(f"cannot parse as {column.dtype}"))
         .when(unfit)
         .then(because(unfit_reason))
