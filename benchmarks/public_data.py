@@ -16,7 +16,10 @@ frames, read from the installed package; nothing is downloaded, ever):
 None of the three has a customer id; each frame carries R's row names as the column
 ``rownames`` (1..n), exported as the id column as the package gives it. The split is the
 only reshaping: every party's CSV holds the package's columns under their own names and
-values (``Yes``/``No``, ``area_code_415``, ...); the spec maps them.
+values (``Yes``/``No``, ``area_code_415``, ...); the spec maps them: the label by its
+``positive`` text, the text categories by vocabularies learned at ``prepare`` from the
+parties' thresholded counts (:data:`MIN_ENTITIES`), and the sites of a horizontal split,
+which export alike, by one source under ``[defaults]``.
 
     write_public_consortium("out/wa", "wa_churn", rows=1500, seed=0) -> "out/wa/spec.toml"
 
@@ -116,8 +119,9 @@ def random_sites(n: int, sites: int, *, seed: int) -> np.ndarray:
 # -- spec pieces -------------------------------------------------------------------------
 #: Entities a party needs per category value for the value to count towards a learned
 #: vocabulary. 5, not the default 10: the tests run the data sets at 1,500 rows, where a
-#: state of ``mlc_churn`` has ~6 customers at its largest site; 5 still learns all 51 states
-#: there (10 learns 40, the other 11 go to the other bucket). At full size both learn all 51.
+#: state of ``mlc_churn`` has 5 to 20 customers at the site holding most of them; 5 still
+#: learns all 51 states there (10 learns 40, the other 11 go to the other bucket). At full
+#: size both learn all 51.
 MIN_ENTITIES = 5
 
 
