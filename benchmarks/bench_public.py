@@ -20,6 +20,9 @@ set; the benchmark secret of ``bench_federated`` is set in the spec's env var):
 * vertical: ``vertical-training`` (PSI, gradient rounds): the fused model, each block alone
   and centralised on the joined blocks (pools data), on the overlap's test split.
 
+The notes give the number of values each category vocabulary learned at prepare (the
+parties' thresholded counts; ``public_data.MIN_ENTITIES``).
+
 Then a plain centralised LightGBM on the raw rows (POOLS DATA): the package's columns as
 they are (text columns as pandas categories), the spec's LightGBM parameters, a budget of
 rounds x trees per round x parties with early stopping on the validation split. Its split
@@ -117,6 +120,18 @@ def plain_lightgbm(
     return evaluate(y[test], raw, "binary", 1)["auc"]
 
 
+def learned_note(spec: Any) -> str:
+    """How many values each category vocabulary learned at prepare (beside the other bucket)."""
+    from flows.prepare import consortium_vocabularies
+    from tasks.spec.models import OTHER
+
+    learned = consortium_vocabularies(spec)
+    if not learned:
+        return "no category vocabulary"
+    sizes = ", ".join(f"{n} {len([v for v in vs if v != OTHER])}" for n, vs in learned.items())
+    return f"values learned per vocabulary (+ other): {sizes}"
+
+
 def run_dataset(
     name: str, *, rows: int | None, seed: int, rounds: int | None = None
 ) -> DataSetResult:
@@ -158,6 +173,7 @@ def run_dataset(
                 notes.append(f"{party}: no AUC on its own test rows (one class there)")
         notes += [f"{p} left out of training: {why}" for p, why in result.left_out.items()]
         rounds_run, best = result.rounds_run, result.best_round
+    notes.append(learned_note(spec))
     secret = resolve_secret(env=SECRET_ENV)
     auc = plain_lightgbm(frame, label=ds.label, positive=ds.positive, spec=spec, secret=secret)
     figures.append(Figure("plain LightGBM on the raw columns (pools data)", auc))

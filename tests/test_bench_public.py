@@ -39,4 +39,7 @@ def test_bench_public_quick(
         assert fed.bound is not None and fed.bound < 0.05  # the pooled AUC and its bound
         assert any(f.model.endswith(": local-only") for f in r.figures)
     assert skewed.auc("federated") > 0.7
+    # learned at prepare from the sites' counts: at 900 rows 46 states reach MIN_ENTITIES
+    assert "- values learned per vocabulary (+ other): state 46, area_code 3," in out
+    assert "- no category vocabulary" in out  # Caravan's attributes are integer codes
     assert "| federated |" in out and "| plain LightGBM on the raw columns (pools data) |" in out

@@ -1107,7 +1107,8 @@ def toml_key(key: str) -> str:
     return key if _BARE_KEY.match(key) else toml_string(key)
 
 
-def _value(value: object) -> str:
+def toml_value(value: object) -> str:
+    """A TOML inline value: a boolean, number, string, date, list or inline table."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -1118,10 +1119,12 @@ def _value(value: object) -> str:
         return repr(value)
     if isinstance(value, str):
         return toml_string(value)
+    if isinstance(value, dt.date):
+        return value.isoformat()
     if isinstance(value, list):
-        return "[" + ", ".join(_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{toml_key(k)} = {_value(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"no TOML form for {type(value).__name__}")
 
 
@@ -1131,7 +1134,7 @@ def _comment(text: str) -> str:
 
 
 def _line(key: str, value: object, note: str | None = None) -> str:
-    line = f"{toml_key(key)} = {_value(value)}"
+    line = f"{toml_key(key)} = {toml_value(value)}"
     return f"{line}  {_comment(note)}" if note else line
 
 
