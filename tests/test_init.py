@@ -1,6 +1,6 @@
 """``fedfuse init``: a spec drafted from real sample export files written by the test.
 
-Drafts using the keys ``csv``, ``key``, ``positive``, vocabulary tables or ``[defaults]``
+Drafts using the keys ``csv``, ``key``, the label's ``values``, vocabulary tables or ``[defaults]``
 are checked on their TOML and model output; :func:`test_plain_draft_validates` runs
 ``fedfuse validate`` on a draft that uses the keys every spec takes.
 """
@@ -75,9 +75,9 @@ def test_semicolon_csv_with_question_marks_and_yes_no_label(tmp_path: Path) -> N
     assert spec["consortium"]["layout"] == "horizontal"
     assert spec["consortium"]["task"] == "binary"
     assert spec["consortium"]["entity"] == "cust_id"
-    assert spec["consortium"]["label"] == {"column": "churn", "positive": "Yes"}
-    assert 'positive = "Yes"  # every other value is class 0' in text
-    assert "positive: the rarer value (16 of 62 rows) is class 1" in text
+    assert spec["consortium"]["label"] == {"column": "churn", "values": {"Yes": 1, "No": 0}}
+    assert "values = { Yes = 1, No = 0 }  # a value outside is quarantined" in text
+    assert "the rarer value (16 of 62 rows) is class 1" in text
     # both parties export alike: their sources are given once under [defaults]
     defaults = spec["defaults"]
     assert defaults["store"] == "stores/{party}"
@@ -704,7 +704,7 @@ def test_draft_of_the_tiny_consortiums_exports(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     text = out.read_text()
     spec = tomllib.loads(text)
-    assert spec["consortium"]["label"] == {"column": "churn", "positive": "yes"}
+    assert spec["consortium"]["label"] == {"column": "churn", "values": {"yes": 1, "no": 0}}
     sources = {s["id"]: s for s in spec["parties"][0]["sources"]}
     assert sorted(sources) == ["customers", "events", "feedback", "transactions"]
     assert sources["customers"]["columns"]["customer_id"]["from"] == "CustID"
@@ -767,7 +767,7 @@ def test_draft_of_demo_exports_with_unparsable_cells(tmp_path: Path) -> None:
     code, output, text = _init(tmp_path, args, "--as-of", "2026-06-30")
     assert code == 0, output
     spec = tomllib.loads(text)
-    assert spec["consortium"]["label"]["positive"] == "yes"
+    assert spec["consortium"]["label"]["values"] == {"yes": 1, "no": 0}
     sources = {s["id"]: s for s in spec["parties"][0]["sources"]}
     assert {s: sources[s]["kind"] for s in sources} == {
         "customers": "table",

@@ -212,6 +212,9 @@ class DraftLabel(_Model):
     column: str = Field(description="Canonical label column")
     party: str | None = Field(default=None, description="Label party (vertical)")
     positive: str | None = Field(default=None, description="Raw value that is class 1")
+    negative: str | None = Field(
+        default=None, description="Raw value that is class 0 (with positive: a values map)"
+    )
     num_classes: int | None = Field(default=None, description="Multiclass class count")
     note: str | None = Field(default=None, description="Why this task")
 
@@ -758,6 +761,7 @@ class _LabelPlan:
     task: Objective
     dtype: ColumnType
     positive: str | None = None
+    negative: str | None = None
     num_classes: int | None = None
     classes: list[str] | None = None
     note: str | None = None
@@ -793,14 +797,15 @@ def plan_label(raw: str, values: pl.Series) -> _LabelPlan:
         return _LabelPlan("binary", "bool", note="values true and false")
     if distinct == 2:
         # the rarer value; on a tie, one that reads as true (yes, 1, ...)
-        (a, na), (_, nb) = sorted(
+        (a, na), (b, nb) = sorted(
             counts.items(), key=lambda kv: (kv[1], kv[0].lower() not in TRUE_TEXT, kv[0])
         )
         return _LabelPlan(
             "binary",
             "str",
             positive=a,
-            note=f"positive: the rarer value ({na} of {na + nb} rows) is class 1, the other class 0",
+            negative=b,
+            note=f"the rarer value ({na} of {na + nb} rows) is class 1, the other class 0",
         )
     if distinct > MAX_LABEL_CLASSES:
         raise DraftError(
@@ -1257,6 +1262,7 @@ def draft_spec(samples: Sequence[tuple[str, SampleFile]], options: DraftOptions)
             column=label_name,
             party=label_party,
             positive=plan.positive,
+            negative=plan.negative,
             num_classes=plan.num_classes,
             note=plan.note,
         ),
@@ -1377,7 +1383,12 @@ def render_toml(draft: SpecDraft) -> str:
     ]
     if draft.label.party:
         lines.append(_line("party", draft.label.party))
-    if draft.label.positive is not None:
+    if draft.label.positive is not None and draft.label.negative is not None:
+        # a map, not positive = ...: predictions show both values, and a third is quarantined
+        values = {draft.label.positive: 1, draft.label.negative: 0}
+        note = "a value outside is quarantined (or positive = ...: every other value is 0)"
+        lines.append(_line("values", values, note))
+    elif draft.label.positive is not None:
         lines.append(_line("positive", draft.label.positive, "every other value is class 0"))
     if draft.label.num_classes is not None:
         lines.append(_line("num_classes", draft.label.num_classes))
