@@ -798,3 +798,71 @@ def test_parties_alike_but_for_counts_share_defaults(tmp_path: Path) -> None:
     # a count of one party only: said at that party
     assert text.count("another field count") == 1
     assert 'id = "site-b"' in text.split("# customers: 1 row(s) with another field count")[1]
+
+
+STATES = ["WV", "NY", "TX", "CA", "OH", "MN", "AL", "ID", "VA", "OR", "UT", "ME"]
+
+
+def _sites(root: Path, sizes: list[int], *, ids: bool = True) -> list[str]:
+    """Horizontal sites exporting customers: a row number column without a key-like name
+    (unique across the sites, as R's row names are), a two-letter state, minutes, churn."""
+    args: list[str] = []
+    start = 1
+    for n, size in enumerate(sizes, start=1):
+        folder = root / "exports" / f"site-{n}"
+        folder.mkdir(parents=True)
+        head = "rownames,state,minutes,churn\n" if ids else "state,minutes,churn\n"
+        rows = [
+            (f"{start + i}," if ids else "")
+            + f"{STATES[(i * 7 + n) % len(STATES)] if size > 12 else STATES[i]},"
+            + f"{(i * 37) % 11}.5,{'yes' if i % 5 == 0 else 'no'}\n"
+            for i in range(size)
+        ]
+        (folder / "customers.csv").write_text(head + "".join(rows))
+        args += ["--party", f"site-{n}={folder / 'customers.csv'}"]
+        start += size
+    return args
+
+
+def test_horizontal_sites_share_one_key_and_a_code_unique_at_a_small_site_is_no_key(
+    tmp_path: Path,
+) -> None:
+    """At a site of 9 rows the two-letter state is unique by chance: the key is still the
+    integer id unique at every site, for every site, typed from all sites' values; it is no
+    feature, and the state stays a category everywhere (one source under [defaults])."""
+    code, output, text = _init(tmp_path, _sites(tmp_path, [60, 9, 80]), label="churn")
+    assert code == 0, output
+    spec = tomllib.loads(text)
+    assert spec["consortium"]["entity"] == "rownames"
+    columns = spec["defaults"]["sources"][0]["columns"]
+    assert columns["rownames"] == {"from": "rownames", "dtype": "str", "required": True}
+    assert columns["state"] == {"from": "state", "dtype": "category"}
+    assert [c["from"] for c in columns.values()].count("rownames") == 1
+    assert spec["parties"] == [{"id": "site-1"}, {"id": "site-2"}, {"id": "site-3"}]
+    assert "key" not in spec["defaults"]["sources"][0]
+    assert text.count("# key: 'rownames' (unique and non-null in customers.csv") == 3
+    assert "'state'" not in text
+
+
+def test_horizontal_sites_without_a_key_are_told_to_choose_one(tmp_path: Path) -> None:
+    """Row numbers would collide across horizontal sites: no row-number key is drafted,
+    a comment asks for a key, and validate says what is missing."""
+    code, output, text = _init(tmp_path, _sites(tmp_path, [40, 50], ids=False), label="churn")
+    assert code == 0, output
+    assert "row_number" not in text
+    assert "no key column: choose one (key = { columns = [...] }" in text
+    assert "row numbers would collide across the parties" in text
+    checked = CliRunner().invoke(app, ["validate", str(tmp_path / "spec.toml")])
+    assert checked.exit_code == 1 and "Traceback" not in checked.output
+
+
+def test_one_party_keeps_row_numbers_and_unique_amounts_are_no_key(tmp_path: Path) -> None:
+    path = tmp_path / "exports" / "a" / "survey.csv"
+    path.parent.mkdir(parents=True)
+    path.write_text(
+        "region,spend,Churn\n" + "".join(f"r{i % 3},{i * i * 3 + 7},{i % 2}\n" for i in range(30))
+    )
+    code, output, text = _init(tmp_path, ["--party", f"a={path}"])
+    assert code == 0, output
+    assert "key = { row_number = true }" in text
+    assert 'spend = { from = "spend", dtype = "int" }' in text
