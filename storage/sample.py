@@ -13,15 +13,19 @@ import csv
 import io
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import polars as pl
 
 from storage.files import filesystem
-from storage.sources import INVALID_UTF8, ROW, SourceError, read_source
+from storage.sources import INVALID_UTF8, ROW, CsvLayout, SourceError, read_source
 
 #: Bytes of a sample file read at most (a larger file is sampled from its start).
 MAX_SAMPLE_BYTES = 64 * 1024 * 1024
+#: Bytes of the start of a CSV file its dialect is sniffed from.
+MAX_SNIFF_BYTES = 1024 * 1024
+#: Table lines (after the preamble) the header is judged on.
+PROBE_LINES = 2000
 #: Data rows of a sample file looked at most.
 MAX_SAMPLE_ROWS = 200_000
 #: Field separators a CSV file is tried with, in order of preference on a tie.
@@ -169,16 +173,27 @@ def _has_header(rows: list[list[str]]) -> bool:
     return votes >= 0
 
 
-def _null_markers(columns: list[list[str]]) -> tuple[str, ...]:
+def _null_markers(frame: pl.DataFrame) -> tuple[str, ...]:
     """The markers of :data:`NULL_MARKERS` standing in for a value in some column whose
-    other cells (if any) are all numbers, dates or booleans."""
+    other cells (if any) are all numbers, dates or booleans (cells as the reader gives
+    them: a marker is matched exactly, as the reader's ``null_values`` are)."""
     found: set[str] = set()
-    for cells in columns:
-        stripped = [c.strip() for c in cells if c.strip()]
-        markers = {c for c in stripped if c in NULL_MARKERS}
-        others = [c for c in stripped if c not in markers]
-        if markers and all(_kind_of_cell(c) != "text" for c in others):
-            found |= markers
+    markers = list(NULL_MARKERS)
+    for name in frame.columns:
+        cells = frame[name].drop_nulls()
+        held = cells.filter(cells.is_in(markers))
+        if held.len() == 0:
+            continue
+        others = cells.filter(~cells.is_in(markers)).str.strip_chars()
+        others = others.filter(others != "")
+        lowered = others.str.to_lowercase()
+        typed = (
+            others.str.contains(_NUMBER.pattern)
+            | others.str.contains(_DATEISH.pattern)
+            | lowered.is_in(list(_BOOLISH))
+        )
+        if typed.all():
+            found |= set(held.unique().to_list())
     return tuple(sorted(found))
 
 
@@ -200,8 +215,10 @@ def _table(
     return content, delimiter, next((i for i, n in enumerate(counts) if n == modal), 0)
 
 
-def sniff_csv(location: str, text: str) -> tuple[CsvDialect, list[str], list[list[str]]]:
-    """The dialect of a CSV export's text, its column names and its data rows (as text)."""
+def sniff_csv(location: str, text: str) -> CsvDialect:
+    """The dialect of a CSV export from the start of its text (delimiter, header or not,
+    preamble and comment lines, quoting); missing-value markers are found on the rows
+    read (:func:`read_sample`)."""
     lines = text.splitlines()
     if not any(line.strip() for line in lines):
         raise SourceError(f"{location}: file is empty")
@@ -220,10 +237,10 @@ def sniff_csv(location: str, text: str) -> tuple[CsvDialect, list[str], list[lis
             header_line = content[start][0]
     # a preamble (title lines before the table) is skipped by line count, comments included
     skip_rows = header_line
-    body = "\n".join(line for _, line in content[start:])
-    quote = '"' if '"' in body else ""
+    probe = "\n".join(line for _, line in content[start : start + PROBE_LINES])
+    quote = '"' if '"' in probe else ""
     reader = csv.reader(
-        io.StringIO(body),
+        io.StringIO(probe),
         delimiter=delimiter,
         quotechar=quote or None,
         quoting=csv.QUOTE_MINIMAL if quote else csv.QUOTE_NONE,
@@ -232,57 +249,64 @@ def sniff_csv(location: str, text: str) -> tuple[CsvDialect, list[str], list[lis
         rows = [row for row in reader if row]
     except csv.Error as exc:
         raise SourceError(f"{location}: malformed CSV ({exc})") from None
-    header = _has_header(rows)
-    width = len(rows[0])
-    if header:
-        names = [name.strip() for name in rows[0]]
-        rows = rows[1:]
-        repeated = [i for i, name in enumerate(names, start=1) if names.index(name) < i - 1]
-        if repeated:  # positions, not names: a header may be a line of data
-            raise SourceError(
-                f"{location}: duplicate column names in the header ({len(repeated)} of "
-                f"{len(names)} repeat an earlier one, at column(s) {repeated})"
-            )
-    else:
-        names = [f"column_{i}" for i in range(1, width + 1)]
-    if not rows:
-        raise SourceError(f"{location}: file holds no data rows")
-    good = [row for row in rows if len(row) == width]
-    columns = [[row[i] for row in good] for i in range(width)]
-    markers = _null_markers(columns)
-    if markers and any(not cell.strip() for cells in columns for cell in cells):
-        markers = ("", *markers)  # empty cells stay missing beside the markers
-    dialect = CsvDialect(
+    return CsvDialect(
         delimiter=delimiter,
-        header=header,
+        header=_has_header(rows),
         skip_rows=skip_rows,
         comment_prefix=prefix,
         quote_char=quote or '"',
-        null_values=markers,
-        bad_rows=len(rows) - len(good),
     )
-    return dialect, names, good
 
 
 def _read_csv_sample(location: str) -> SampleFile:
+    """Sniff the dialect, then read the rows through the pipeline's reader
+    (:func:`storage.sources.read_source`) with it: what the draft sees is what the pipeline
+    reads."""
     data, truncated = _head(location, MAX_SAMPLE_BYTES)
     if not data.removeprefix(_BOM).strip():
         raise SourceError(f"{location}: file is empty")
-    text = _decode(location, data, truncated=truncated)
-    dialect, names, rows = sniff_csv(location, text)
-    if len(rows) > MAX_SAMPLE_ROWS:
-        rows, truncated = rows[:MAX_SAMPLE_ROWS], True
-    missing = {"", *dialect.null_values}
-    frame = pl.DataFrame(
-        {
-            name: pl.Series(
-                name,
-                [None if row[i].strip() in missing else row[i] for row in rows],
-                dtype=pl.String,
-            )
-            for i, name in enumerate(names)
-        }
+    start = _decode(location, data[:MAX_SNIFF_BYTES], truncated=len(data) > MAX_SNIFF_BYTES)
+    dialect = sniff_csv(location, start)
+    names = None
+    if not dialect.header:
+        width = _first_width(start, dialect)
+        names = tuple(f"column_{i}" for i in range(1, width + 1))
+    layout = CsvLayout(
+        header=dialect.header,
+        names=names,
+        delimiter=dialect.delimiter,
+        skip_rows=dialect.skip_rows,
+        comment_prefix=dialect.comment_prefix,
+        quote_char=dialect.quote_char,
     )
+    raw = read_source(location, "csv", csv=layout, max_bytes=MAX_SAMPLE_BYTES)
+    if INVALID_UTF8 in raw.frame.columns:
+        raise SourceError(f"{location}: not UTF-8 text")
+    frame = raw.frame.drop(ROW)
+    if frame.height > MAX_SAMPLE_ROWS:
+        frame, truncated = frame.head(MAX_SAMPLE_ROWS), True
+    markers = _null_markers(frame)
+    if markers:
+        if any(frame[name].null_count() for name in frame.columns):
+            markers = ("", *markers)  # empty cells stay missing beside the markers
+        frame = frame.with_columns(
+            pl.when(pl.col(name).is_in(list(markers)))
+            .then(None)
+            .otherwise(pl.col(name))
+            .alias(name)
+            for name in frame.columns
+        )
+    dialect = replace(dialect, null_values=markers, bad_rows=len(raw.bad_lines))
     return SampleFile(
         location, "csv", frame, dialect=dialect, truncated=truncated, bad_lines=dialect.bad_rows
     )
+
+
+def _first_width(text: str, dialect: CsvDialect) -> int:
+    """The field count of the first row of the table (a file without a header)."""
+    lines = [
+        line
+        for line in text.splitlines()[dialect.skip_rows :]
+        if line.strip() and not (dialect.comment_prefix and line.startswith(dialect.comment_prefix))
+    ]
+    return _field_counts(lines[:1], dialect.delimiter)[0] if lines else 0

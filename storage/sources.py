@@ -57,14 +57,18 @@ class RawSource:
     bad_lines: list[tuple[int, str, str]] = field(default_factory=list)
 
 
-def _open_bytes(location: str) -> bytes:
+def _open_bytes(location: str, max_bytes: int | None = None) -> bytes:
+    """The file's bytes; with ``max_bytes``, at most that many, ending at the last whole
+    line when the file is longer."""
     fs, path = filesystem(location)
     if not fs.exists(path):
         raise SourceError(f"{location}: source file not found")
     if fs.isdir(path):
         raise SourceError(f"{location}: is a folder, expected a file")
     with fs.open(path, "rb") as handle:
-        data: bytes = handle.read()
+        data: bytes = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        data = data[: data.rfind(b"\n", 0, max_bytes) + 1]
     return data
 
 
@@ -87,15 +91,21 @@ class CsvLayout:
 
 
 def read_source(
-    location: str, fmt: str, *, encoding: str = "utf8", csv: CsvLayout | None = None
+    location: str,
+    fmt: str,
+    *,
+    encoding: str = "utf8",
+    csv: CsvLayout | None = None,
+    max_bytes: int | None = None,
 ) -> RawSource:
-    """Read a raw source file into a frame of its own columns plus ``__row``."""
+    """Read a raw source file into a frame of its own columns plus ``__row``; a CSV file
+    with ``max_bytes`` only up to the last whole line within them (a sample of it)."""
     if fmt == "parquet":
         return RawSource(_read_parquet(location))
     if fmt == "arrow":
         return RawSource(_read_arrow(location))
     if fmt == "csv":
-        return _read_csv(location, encoding, csv or CsvLayout())
+        return _read_csv(location, encoding, csv or CsvLayout(), max_bytes)
     if fmt == "jsonl":
         return _read_jsonl(location, encoding)
     raise SourceError(f"{location}: unknown format {fmt!r} (csv, parquet, jsonl, arrow)")
@@ -371,12 +381,14 @@ def _first_fields(data: bytes, layout: CsvLayout) -> list[str]:
     return next(reader, [])
 
 
-def _read_csv(location: str, encoding: str, layout: CsvLayout) -> RawSource:
+def _read_csv(
+    location: str, encoding: str, layout: CsvLayout, max_bytes: int | None = None
+) -> RawSource:
     """All cells as text; rows with the wrong number of fields come back in ``bad_lines``."""
     import numpy as np
     import pyarrow.csv as pacsv
 
-    data = _open_bytes(location)
+    data = _open_bytes(location, max_bytes)
     utf8 = encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8lossy", "utf8sig")
     if utf8 and data.startswith(_BOM):
         data = data[len(_BOM) :]

@@ -1,6 +1,6 @@
 """``fedfuse init``: a spec drafted from real sample export files written by the test.
 
-Drafts using the keys ``csv``, ``key``, ``positive``, vocabulary tables or ``[defaults]``
+Drafts using the keys ``csv``, ``key``, the label's ``values``, vocabulary tables or ``[defaults]``
 are checked on their TOML and model output; :func:`test_plain_draft_validates` runs
 ``fedfuse validate`` on a draft that uses the keys every spec takes.
 """
@@ -75,9 +75,9 @@ def test_semicolon_csv_with_question_marks_and_yes_no_label(tmp_path: Path) -> N
     assert spec["consortium"]["layout"] == "horizontal"
     assert spec["consortium"]["task"] == "binary"
     assert spec["consortium"]["entity"] == "cust_id"
-    assert spec["consortium"]["label"] == {"column": "churn", "positive": "Yes"}
-    assert 'positive = "Yes"  # every other value is class 0' in text
-    assert "positive: the rarer value (16 of 62 rows) is class 1" in text
+    assert spec["consortium"]["label"] == {"column": "churn", "values": {"Yes": 1, "No": 0}}
+    assert "values = { Yes = 1, No = 0 }  # a value outside is quarantined" in text
+    assert "the rarer value (16 of 62 rows) is class 1" in text
     # both parties export alike: their sources are given once under [defaults]
     defaults = spec["defaults"]
     assert defaults["store"] == "stores/{party}"
@@ -704,7 +704,7 @@ def test_draft_of_the_tiny_consortiums_exports(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     text = out.read_text()
     spec = tomllib.loads(text)
-    assert spec["consortium"]["label"] == {"column": "churn", "positive": "yes"}
+    assert spec["consortium"]["label"] == {"column": "churn", "values": {"yes": 1, "no": 0}}
     sources = {s["id"]: s for s in spec["parties"][0]["sources"]}
     assert sorted(sources) == ["customers", "events", "feedback", "transactions"]
     assert sources["customers"]["columns"]["customer_id"]["from"] == "CustID"
@@ -767,7 +767,7 @@ def test_draft_of_demo_exports_with_unparsable_cells(tmp_path: Path) -> None:
     code, output, text = _init(tmp_path, args, "--as-of", "2026-06-30")
     assert code == 0, output
     spec = tomllib.loads(text)
-    assert spec["consortium"]["label"]["positive"] == "yes"
+    assert spec["consortium"]["label"]["values"] == {"yes": 1, "no": 0}
     sources = {s["id"]: s for s in spec["parties"][0]["sources"]}
     assert {s: sources[s]["kind"] for s in sources} == {
         "customers": "table",
@@ -798,3 +798,71 @@ def test_parties_alike_but_for_counts_share_defaults(tmp_path: Path) -> None:
     # a count of one party only: said at that party
     assert text.count("another field count") == 1
     assert 'id = "site-b"' in text.split("# customers: 1 row(s) with another field count")[1]
+
+
+STATES = ["WV", "NY", "TX", "CA", "OH", "MN", "AL", "ID", "VA", "OR", "UT", "ME"]
+
+
+def _sites(root: Path, sizes: list[int], *, ids: bool = True) -> list[str]:
+    """Horizontal sites exporting customers: a row number column without a key-like name
+    (unique across the sites, as R's row names are), a two-letter state, minutes, churn."""
+    args: list[str] = []
+    start = 1
+    for n, size in enumerate(sizes, start=1):
+        folder = root / "exports" / f"site-{n}"
+        folder.mkdir(parents=True)
+        head = "rownames,state,minutes,churn\n" if ids else "state,minutes,churn\n"
+        rows = [
+            (f"{start + i}," if ids else "")
+            + f"{STATES[(i * 7 + n) % len(STATES)] if size > 12 else STATES[i]},"
+            + f"{(i * 37) % 11}.5,{'yes' if i % 5 == 0 else 'no'}\n"
+            for i in range(size)
+        ]
+        (folder / "customers.csv").write_text(head + "".join(rows))
+        args += ["--party", f"site-{n}={folder / 'customers.csv'}"]
+        start += size
+    return args
+
+
+def test_horizontal_sites_share_one_key_and_a_code_unique_at_a_small_site_is_no_key(
+    tmp_path: Path,
+) -> None:
+    """At a site of 9 rows the two-letter state is unique by chance: the key is still the
+    integer id unique at every site, for every site, typed from all sites' values; it is no
+    feature, and the state stays a category everywhere (one source under [defaults])."""
+    code, output, text = _init(tmp_path, _sites(tmp_path, [60, 9, 80]), label="churn")
+    assert code == 0, output
+    spec = tomllib.loads(text)
+    assert spec["consortium"]["entity"] == "rownames"
+    columns = spec["defaults"]["sources"][0]["columns"]
+    assert columns["rownames"] == {"from": "rownames", "dtype": "str", "required": True}
+    assert columns["state"] == {"from": "state", "dtype": "category"}
+    assert [c["from"] for c in columns.values()].count("rownames") == 1
+    assert spec["parties"] == [{"id": "site-1"}, {"id": "site-2"}, {"id": "site-3"}]
+    assert "key" not in spec["defaults"]["sources"][0]
+    assert text.count("# key: 'rownames' (unique and non-null in customers.csv") == 3
+    assert "'state'" not in text
+
+
+def test_horizontal_sites_without_a_key_are_told_to_choose_one(tmp_path: Path) -> None:
+    """Row numbers would collide across horizontal sites: no row-number key is drafted,
+    a comment asks for a key, and validate says what is missing."""
+    code, output, text = _init(tmp_path, _sites(tmp_path, [40, 50], ids=False), label="churn")
+    assert code == 0, output
+    assert "row_number" not in text
+    assert "no key column: choose one (key = { columns = [...] }" in text
+    assert "row numbers would collide across the parties" in text
+    checked = CliRunner().invoke(app, ["validate", str(tmp_path / "spec.toml")])
+    assert checked.exit_code == 1 and "Traceback" not in checked.output
+
+
+def test_one_party_keeps_row_numbers_and_unique_amounts_are_no_key(tmp_path: Path) -> None:
+    path = tmp_path / "exports" / "a" / "survey.csv"
+    path.parent.mkdir(parents=True)
+    path.write_text(
+        "region,spend,Churn\n" + "".join(f"r{i % 3},{i * i * 3 + 7},{i % 2}\n" for i in range(30))
+    )
+    code, output, text = _init(tmp_path, ["--party", f"a={path}"])
+    assert code == 0, output
+    assert "key = { row_number = true }" in text
+    assert 'spend = { from = "spend", dtype = "int" }' in text

@@ -21,7 +21,7 @@ import posixpath
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import polars as pl
@@ -212,6 +212,9 @@ class DraftLabel(_Model):
     column: str = Field(description="Canonical label column")
     party: str | None = Field(default=None, description="Label party (vertical)")
     positive: str | None = Field(default=None, description="Raw value that is class 1")
+    negative: str | None = Field(
+        default=None, description="Raw value that is class 0 (with positive: a values map)"
+    )
     num_classes: int | None = Field(default=None, description="Multiclass class count")
     note: str | None = Field(default=None, description="Why this task")
 
@@ -463,27 +466,99 @@ def _overlap(values: set[str], f: _File, raw: str) -> float:
     return len(own & values) / len(own)
 
 
-def _choose_key(files: list[_File], entity: str | None, parties: Counter[str]) -> list[str]:
-    """Set each file's key column (or none) and return the comments on the choice. The best
-    candidate is unique and non-null in a file; then named like ``entity``, in most of the
-    party's files, in most parties' files (``parties``: raw name -> parties holding it),
-    named like a key, leftmost."""
-    candidates: list[tuple[tuple[int, int, int, int, int], str, _File]] = []
-    for f in files:
-        for position, p in enumerate(f.profiles.values()):
-            if not (_key_like(p) and p.near_unique):
-                continue
-            if p.dtype == "int" and not _KEY_HINT.search(snake(p.raw)):
-                continue  # unique numbers (amounts, counts) are keys only when named so
-            in_files = sum(p.raw in g.profiles for g in files)
-            hinted = int(entity is not None and snake(p.raw) == snake(entity))
-            named = int(bool(_KEY_HINT.search(snake(p.raw))))
-            score = (hinted, in_files, parties[p.raw], named, -position)
-            candidates.append((score, p.raw, f))
-    if not candidates:
-        return ["key: no column is unique and non-null in any file of this party"]
-    candidates.sort(key=lambda c: c[0], reverse=True)
-    _, raw, home = candidates[0]
+def _code_like(f: _File, raw: str) -> bool:
+    """Whether the column holds short codes of one length in letters (``WV``, ``NY``): a
+    category with a fixed alphabet, unique in a small file by chance only."""
+    values = _text(f.frame[raw])
+    if values.len() == 0:
+        return False
+    lengths = values.str.len_chars()
+    return bool(
+        lengths.n_unique() == 1
+        and (lengths.max() or 0) <= 3  # type: ignore[operator]
+        and values.str.contains(r"^[A-Za-z]+$").all()
+    )
+
+
+def _counter_like(f: _File, raw: str) -> bool:
+    """Whether a unique integer column is a run of consecutive numbers (a row counter)."""
+    numbers = _text(f.frame[raw]).cast(pl.Int64, strict=False).drop_nulls()
+    if numbers.len() == 0:
+        return False
+    low, high = numbers.min(), numbers.max()
+    return isinstance(low, int) and isinstance(high, int) and high - low + 1 == numbers.n_unique()
+
+
+@dataclass(frozen=True)
+class _Evidence:
+    """Across the parties, how a raw column looks as a key."""
+
+    #: Parties at which some file has it unique and non-null (near so).
+    unique_at: int = 0
+    #: Distinct values over those files (a column unique in a tiny sample is weak evidence).
+    distinct: int = 0
+    #: Parties holding the column at all.
+    held_at: int = 0
+
+
+def _evidence(files: dict[str, list[_File]]) -> dict[str, _Evidence]:
+    unique: dict[str, set[str]] = {}
+    distinct: Counter[str] = Counter()
+    held: Counter[str] = Counter()
+    for party, fs in files.items():
+        for raw in {r for f in fs for r in f.profiles}:
+            held[raw] += 1
+        for f in fs:
+            for p in f.profiles.values():
+                if _key_like(p) and p.near_unique:
+                    unique.setdefault(p.raw, set()).add(party)
+                    distinct[p.raw] += p.distinct
+    return {raw: _Evidence(len(unique.get(raw, ())), distinct[raw], n) for raw, n in held.items()}
+
+
+def _candidate(f: _File, p: Profile, evidence: dict[str, _Evidence], parties: int) -> bool:
+    """Whether the column may be the file's key: unique and non-null (near so), ids; an
+    integer column only when named like a key, unique at every party (of several) or a
+    run of consecutive numbers (unique amounts and counts are not keys)."""
+    if not (_key_like(p) and p.near_unique):
+        return False
+    if p.dtype != "int" or _KEY_HINT.search(snake(p.raw)):
+        return True
+    seen = evidence.get(p.raw, _Evidence())
+    return (parties > 1 and seen.unique_at == parties) or _counter_like(f, p.raw)
+
+
+_Score = tuple[int, int, int, int, int, int, int, int]
+
+
+def _score(
+    f: _File,
+    position: int,
+    p: Profile,
+    *,
+    entity: str | None,
+    in_files: int,
+    evidence: dict[str, _Evidence],
+) -> _Score:
+    """Rank of a key candidate, best highest: named like ``entity``; not a short code; in
+    most of the party's files; unique at most parties; held by most parties; named like a
+    key; most distinct values; leftmost."""
+    seen = evidence.get(p.raw, _Evidence())
+    return (
+        int(entity is not None and snake(p.raw) == snake(entity)),
+        int(not _code_like(f, p.raw)),
+        in_files,
+        seen.unique_at,
+        seen.held_at,
+        int(bool(_KEY_HINT.search(snake(p.raw)))),
+        seen.distinct,
+        -position,
+    )
+
+
+def _assign_key(files: list[_File], raw: str, home: _File) -> None:
+    """Set the key ``raw`` of ``home`` on the party's other files: the column of that name,
+    or the column holding most of its values (half at least)."""
     values = _key_values(home, raw)
     home.key, home.key_share = raw, 1.0
     for f in files:
@@ -503,13 +578,81 @@ def _choose_key(files: list[_File], entity: str | None, parties: Counter[str]) -
         )
         if best[0] >= 0.5:
             f.key, f.key_share = best[1], best[0]
-    others = sorted({name for _, name, _ in candidates[1:]} - {f.key for f in files})
-    how = "unique and non-null" + ("" if home.profiles[raw].unique else " but for a few rows")
+
+
+def _key_notes(files: list[_File], raw: str, home: _File, others: Iterable[str]) -> list[str]:
+    p = home.profiles[raw]
+    if p.unique:
+        how = "unique and non-null"
+    elif p.near_unique:
+        how = "unique and non-null but for a few rows"
+    else:
+        how = f"not unique: {p.nulls} row(s) without it, {p.repeats} repeating one"
     where = home.sample.location.rsplit("/", 1)[-1]
     found = sum(f.key is not None for f in files)
     notes = [f"key: {raw!r} ({how} in {where}, found in {found} of {len(files)} file(s))"]
-    if others:
-        notes.append("other key candidates: " + ", ".join(repr(o) for o in others))
+    rest = sorted(set(others) - {f.key for f in files})
+    if rest:
+        notes.append("other key candidates: " + ", ".join(repr(o) for o in rest))
+    return notes
+
+
+def _choose_key(
+    files: list[_File], entity: str | None, evidence: dict[str, _Evidence], parties: int
+) -> list[str]:
+    """Set each file of one party to its key column (or none) and return the comments on
+    the choice: the best candidate (:func:`_candidate`, :func:`_score`) of any file."""
+    for f in files:
+        f.key, f.key_share = None, 0.0
+    candidates: list[tuple[_Score, str, _File]] = []
+    for f in files:
+        for position, p in enumerate(f.profiles.values()):
+            if _candidate(f, p, evidence, parties):
+                in_files = sum(p.raw in g.profiles for g in files)
+                score = _score(f, position, p, entity=entity, in_files=in_files, evidence=evidence)
+                candidates.append((score, p.raw, f))
+    if not candidates:
+        return ["key: no column is unique and non-null in any file of this party"]
+    candidates.sort(key=lambda c: c[0], reverse=True)
+    _, raw, home = candidates[0]
+    _assign_key(files, raw, home)
+    return _key_notes(files, raw, home, (name for _, name, _ in candidates[1:]))
+
+
+def _choose_shared_key(
+    files: dict[str, list[_File]], entity: str | None, evidence: dict[str, _Evidence]
+) -> dict[str, list[str]]:
+    """Horizontal layout: one key column for every party (the parties export the same
+    entity), the best candidate over all parties' files; per party, the comments."""
+    best: dict[str, _Score] = {}
+    for fs in files.values():
+        for f in fs:
+            for position, p in enumerate(f.profiles.values()):
+                if not _candidate(f, p, evidence, len(files)):
+                    continue
+                in_files = sum(p.raw in g.profiles for g in fs)
+                score = _score(f, position, p, entity=entity, in_files=in_files, evidence=evidence)
+                # a column's rank is its weakest file's: a code unique at one site stays a code
+                best[p.raw] = min(best.get(p.raw, score), score)
+    notes: dict[str, list[str]] = {}
+    if not best:
+        for party, fs in files.items():
+            for f in fs:
+                f.key, f.key_share = None, 0.0
+            notes[party] = ["key: no column is unique and non-null at every party"]
+        return notes
+    ranked = sorted(best, key=lambda raw: (best[raw], raw), reverse=True)
+    raw = ranked[0]
+    for party, fs in files.items():
+        for f in fs:
+            f.key, f.key_share = None, 0.0
+        holding = [f for f in fs if raw in f.profiles]
+        if not holding:
+            notes[party] = [f"key: {raw!r}, the key of the other parties, is in no file here"]
+            continue
+        home = max(holding, key=lambda f: (f.profiles[raw].near_unique, f.profiles[raw].distinct))
+        _assign_key(fs, raw, home)
+        notes[party] = _key_notes(fs, raw, home, ranked[1:])
     return notes
 
 
@@ -528,6 +671,39 @@ def _classify(f: _File, label: str, *, maps: bool = True) -> None:
         f.role = "entity"  # without a key column: one entity per data row
     else:
         f.role = "transaction"
+
+
+def _pool_types(files: dict[str, list[_File]]) -> None:
+    """Horizontal layout: type each column from all parties' values at once, so a small
+    site's sample (where a category may look unique) gets the consortium's types."""
+    held: dict[str, list[_File]] = {}
+    for fs in files.values():
+        for f in fs:
+            for raw in f.profiles:
+                held.setdefault(raw, []).append(f)
+    for raw, holders in held.items():
+        series = [f.frame[raw] for f in holders]
+        if len(holders) < 2 or len({s.dtype for s in series}) > 1:
+            continue
+        pooled = profile(pl.concat(series))
+        for f in holders:
+            f.profiles[raw] = replace(
+                f.profiles[raw],
+                dtype=pooled.dtype,
+                format=pooled.format,
+                aware=pooled.aware,
+                note=pooled.note,
+            )
+
+
+def _classify_all(files: dict[str, list[_File]], label: str) -> None:
+    for fs in files.values():
+        for f in fs:
+            _classify(f, label)
+        if not any(f.role == "events" for f in fs):  # a device map without events is a table
+            for f in fs:
+                if f.role == "entity_map":
+                    _classify(f, label, maps=False)
 
 
 def _spec_dtype(inferred: InferredType) -> ColumnType:
@@ -585,6 +761,7 @@ class _LabelPlan:
     task: Objective
     dtype: ColumnType
     positive: str | None = None
+    negative: str | None = None
     num_classes: int | None = None
     classes: list[str] | None = None
     note: str | None = None
@@ -620,14 +797,15 @@ def plan_label(raw: str, values: pl.Series) -> _LabelPlan:
         return _LabelPlan("binary", "bool", note="values true and false")
     if distinct == 2:
         # the rarer value; on a tie, one that reads as true (yes, 1, ...)
-        (a, na), (_, nb) = sorted(
+        (a, na), (b, nb) = sorted(
             counts.items(), key=lambda kv: (kv[1], kv[0].lower() not in TRUE_TEXT, kv[0])
         )
         return _LabelPlan(
             "binary",
             "str",
             positive=a,
-            note=f"positive: the rarer value ({na} of {na + nb} rows) is class 1, the other class 0",
+            negative=b,
+            note=f"the rarer value ({na} of {na + nb} rows) is class 1, the other class 0",
         )
     if distinct > MAX_LABEL_CLASSES:
         raise DraftError(
@@ -695,7 +873,10 @@ def _build_source(
     folder: str,
     entity_map: _File | None,
     source_id: str,
+    row_numbers: bool = True,
 ) -> DraftSource:
+    """The draft of one source; without a key column its data row number is the entity id
+    when ``row_numbers`` (else the user is told to choose a key)."""
     profiles = f.profiles
     cols: list[DraftColumn] = []
     key_col = (
@@ -776,7 +957,13 @@ def _build_source(
         else set()
     )
     notes = []
-    if f.key is None and f.role != "events":
+    numbered = f.key is None and f.role != "events" and row_numbers
+    if f.key is None and f.role != "events" and not row_numbers:
+        notes.append(
+            "no key column: choose one (key = { columns = [...] }, or map it to the entity); "
+            "row numbers would collide across the parties"
+        )
+    elif numbered:
         notes.append("no column is unique and non-null: the data row number is the entity id")
     elif f.role == "entity" and f.key is not None and not profiles[f.key].unique:
         key = profiles[f.key]
@@ -793,7 +980,7 @@ def _build_source(
         grain=grain,
         path=_relative(f.sample.location, folder),
         csv=_csv_options(f.sample),
-        row_number_key=f.key is None and f.role != "events",
+        row_number_key=numbered,
         columns=columns,
         entity_map=emap,
         notes=notes + _source_notes(f, mapped),
@@ -953,16 +1140,18 @@ def draft_spec(samples: Sequence[tuple[str, SampleFile]], options: DraftOptions)
             "--label-party applies to the vertical layout; in the horizontal one every party "
             "holds the label"
         )
-    holding = Counter(raw for fs in files.values() for raw in {r for f in fs for r in f.profiles})
-    key_notes = {party: _choose_key(fs, options.entity, holding) for party, fs in files.items()}
-    for fs in files.values():
-        for f in fs:
-            _classify(f, options.label)
-        if not any(f.role == "events" for f in fs):  # a device map without events is a table
-            for f in fs:
-                if f.role == "entity_map":
-                    _classify(f, options.label, maps=False)
+    evidence = _evidence(files)
+    key_notes = {
+        party: _choose_key(fs, options.entity, evidence, len(files)) for party, fs in files.items()
+    }
+    _classify_all(files, options.label)
     layout, layout_note = _layout(files, options)
+    shared_key = layout == "horizontal" and len(files) > 1
+    if shared_key:  # the parties hold the same entity: one key column for all
+        _pool_types(files)
+        evidence = _evidence(files)
+        key_notes = _choose_shared_key(files, options.entity, evidence)
+        _classify_all(files, options.label)
 
     holders = []  # per party, its first file holding the label, one row per entity if any
     for party, fs in files.items():
@@ -1029,6 +1218,7 @@ def draft_spec(samples: Sequence[tuple[str, SampleFile]], options: DraftOptions)
                 folder=options.spec_folder,
                 entity_map=maps[0] if maps and f.role == "events" else None,
                 source_id=_source_id(f.sample.location, taken),
+                row_numbers=not shared_key,
             )
             sources.append(source)
             frame = f.frame if f.key else f.frame.with_row_index("__row_key")
@@ -1072,6 +1262,7 @@ def draft_spec(samples: Sequence[tuple[str, SampleFile]], options: DraftOptions)
             column=label_name,
             party=label_party,
             positive=plan.positive,
+            negative=plan.negative,
             num_classes=plan.num_classes,
             note=plan.note,
         ),
@@ -1195,7 +1386,12 @@ def render_toml(draft: SpecDraft) -> str:
     ]
     if draft.label.party:
         lines.append(_line("party", draft.label.party))
-    if draft.label.positive is not None:
+    if draft.label.positive is not None and draft.label.negative is not None:
+        # a map, not positive = ...: predictions show both values, and a third is quarantined
+        values = {draft.label.positive: 1, draft.label.negative: 0}
+        note = "a value outside is quarantined (or positive = ...: every other value is 0)"
+        lines.append(_line("values", values, note))
+    elif draft.label.positive is not None:
         lines.append(_line("positive", draft.label.positive, "every other value is class 0"))
     if draft.label.num_classes is not None:
         lines.append(_line("num_classes", draft.label.num_classes))
