@@ -90,7 +90,8 @@ def init(
         raise _fail(str(exc)) from None
     write_text_atomic(str(out), render_toml(draft))
     console.print(
-        f"wrote draft spec [bold]{escape(str(out))}[/]: {len(draft.parties)} part(ies), "
+        f"wrote draft spec [bold]{escape(str(out))}[/]: {len(draft.parties)} "
+        f"{'party' if len(draft.parties) == 1 else 'parties'}, "
         f"{draft.layout} layout, {draft.task} task; review it, then run fedfuse validate",
         highlight=False,
     )

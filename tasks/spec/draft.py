@@ -1370,7 +1370,7 @@ def render_toml(draft: SpecDraft) -> str:
     lines = [
         _comment(
             f"Drafted by fedfuse init from {draft.files} sample file(s) of {parties} "
-            "part(ies); review every line, then run fedfuse validate."
+            f"part{'y' if parties == 1 else 'ies'}; review every line, then run fedfuse validate."
         ),
         "",
         "[consortium]",
