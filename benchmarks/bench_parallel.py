@@ -89,6 +89,7 @@ def spawn(spec: Path, home: Path) -> dict[str, object]:
         SECRET_ENV: BENCH_SECRET,
         "PREFECT_HOME": str(home),
         "PREFECT_LOGGING_LEVEL": "ERROR",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     }
     env.pop("PREFECT_API_URL", None)
     root = Path(__file__).resolve().parent.parent
