@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
+import tomllib
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -15,10 +17,9 @@ import polars as pl
 import pytest
 
 from tasks.demo_data import write_demo_consortium
-from tasks.spec.load import load_spec
+from tasks.spec.load import load_spec, parse_spec
+from tasks.spec.models import SpecError, default_parallelism
 from tests.prefect_api import task_states
-
-pytestmark = pytest.mark.prefect
 
 PARTIES = ("site-a", "site-b", "site-c")
 
@@ -68,6 +69,7 @@ def file_hash(uri: str) -> str:
     return hashlib.sha256(Path(uri).read_bytes()).hexdigest()
 
 
+@pytest.mark.prefect
 def test_parallel_and_one_at_a_time_give_identical_fused_tables(
     prefect_api: str, tmp_path: Path, demo_secret: None
 ) -> None:
@@ -103,6 +105,7 @@ def test_parallel_and_one_at_a_time_give_identical_fused_tables(
     assert max(s for s, _ in par_spans) < min(e for _, e in par_spans)
 
 
+@pytest.mark.prefect
 def test_a_failing_party_is_named_the_others_finish_and_a_retry_reuses_them(
     prefect_api: str, tmp_path: Path, demo_secret: None
 ) -> None:
@@ -157,3 +160,38 @@ def test_a_failing_party_is_named_the_others_finish_and_a_retry_reuses_them(
     expected = prepare(str(fresh))
     for party in PARTIES:
         assert outputs[party].table.sha256 == expected[party].table.sha256, party
+
+
+@pytest.mark.parametrize("key", ["max_parallel_parties", "max_parallel_sources"])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (0, "Input should be greater than or equal to 1"),
+        (-3, "Input should be greater than or equal to 1"),
+        (65, "Input should be less than or equal to 64"),
+        (10**30, "Input should be less than or equal to 64"),
+        (2.5, "Input should be a valid integer"),
+        (math.nan, "Input should be a valid integer"),
+        ("", "Input should be a valid integer"),
+        ("3", "Input should be a valid integer"),
+        (True, "Input should be a valid integer"),
+    ],
+)
+def test_parallel_limits_are_bounded_and_named(
+    tiny_table_spec: Path, key: str, value: object, message: str
+) -> None:
+    data = tomllib.loads(tiny_table_spec.read_text())
+    data["run"] = {key: value}
+    with pytest.raises(SpecError) as info:
+        parse_spec(data, source="spec.toml", base="/base")
+    assert [str(p) for p in info.value.problems] == [f"run.{key}: {message}"]
+
+
+def test_parallel_limits_default_to_the_cpu_count(tiny_table_spec: Path) -> None:
+    data = tomllib.loads(tiny_table_spec.read_text())
+    run = parse_spec(data, source="spec.toml", base="/base").run
+    assert run.parallel_parties() == run.parallel_sources() == default_parallelism()
+    assert 1 <= default_parallelism() <= 64
+    data["run"] = {"max_parallel_parties": 64, "max_parallel_sources": 1}
+    run = parse_spec(data, source="spec.toml", base="/base").run
+    assert (run.parallel_parties(), run.parallel_sources()) == (64, 1)

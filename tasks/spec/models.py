@@ -697,6 +697,7 @@ class RunSpec(SpecModel):
     )
     max_parallel_parties: int | None = Field(
         default=None,
+        strict=True,
         ge=1,
         le=MAX_PARALLEL,
         description="Party pipelines prepare runs at once, in process or on the parties' "
@@ -704,6 +705,7 @@ class RunSpec(SpecModel):
     )
     max_parallel_sources: int | None = Field(
         default=None,
+        strict=True,
         ge=1,
         le=MAX_PARALLEL,
         description="Steps of one party's sources that run at once in a pipeline run in "
