@@ -44,14 +44,14 @@ from tasks.prepare.vocabulary import (
     resolve_vocabularies,
 )
 from tasks.spec.load import load_spec
-from tasks.spec.models import FedSpec, SourceSpec
+from tasks.spec.models import FedSpec, SourceSpec, default_parallelism
 
 
 @flow(
     name="party-pipeline",
     flow_run_name="party-pipeline {party}",
     persist_result=True,
-    task_runner=threads(4),
+    task_runner=threads(default_parallelism()),
 )
 def party_pipeline(
     spec_path: str,
@@ -281,6 +281,47 @@ def quality_rows(outputs: list[FusedOutput]) -> list[dict[str, Any]]:
     return rows
 
 
+def run_pipelines(
+    spec: FedSpec,
+    spec_path: str,
+    *,
+    as_of: dt.date | None,
+    refresh: bool,
+    dispatch: str | None,
+) -> dict[str, PrefectFuture[FusedOutput]]:
+    """Run every party's pipeline, ``[run] max_parallel_parties`` at once (in spec order),
+    and wait for all of them: a party with a work pool on its pool, the others here as
+    subflows whose source steps run ``max_parallel_sources`` at once. A failed party does
+    not stop the others. Each pipeline is one task keyed by the party within the top-level
+    run, so a retry of this run takes back every finished party's output, whichever order
+    they ran or finished in, and runs only the others again (their finished steps come back
+    from their content-keyed caches)."""
+    remote = party_deployments(spec, dispatch, PIPELINE_FLOW)
+    # the cache must hold across a retry even with refresh: the key is the top-level run
+    pipeline = dispatch_pipeline.with_options(**task_options(spec.run.results, refresh=False))
+    with threads(spec.run.parallel_parties()) as runner:
+        futures = {
+            party.id: runner.submit(
+                pipeline,
+                {
+                    "deployment": remote.get(party.id),
+                    "parameters": {
+                        "spec_path": spec_path,
+                        "party": party.id,
+                        "as_of": as_of.isoformat() if as_of else None,
+                        "refresh": refresh,
+                    },
+                    "coordinator": spec.coordinator.store,
+                    "timeout": spec.run.party_timeout,
+                    "sources": spec.run.parallel_sources(),
+                },
+            )
+            for party in spec.parties
+        }
+        wait(list(futures.values()))
+    return futures
+
+
 @flow(name="prepare", persist_result=True, task_runner=threads(2))
 def prepare(
     spec_path: str,
@@ -300,43 +341,15 @@ def prepare(
     logger = get_run_logger()
     spec = load_spec(spec_path)
     learn_vocabularies(spec, dispatch=dispatch, refresh=refresh)
-    remote = party_deployments(spec, dispatch, PIPELINE_FLOW)
-    # Parties on their own work pools run side by side; the others run here as subflows one
-    # after the other (each party's sources side by side). A failed party does not stop the
-    # others, and every finished step keeps its cached result, so a retry of this run
-    # recomputes only what did not finish.
-    dispatched = {
-        party: dispatch_pipeline.submit(
-            deployment,
-            {
-                "spec_path": spec_path,
-                "party": party,
-                "as_of": as_of.isoformat() if as_of else None,
-                "refresh": refresh,
-            },
-            spec.coordinator.store,
-            spec.run.party_timeout,
-        )
-        for party, deployment in remote.items()
-    }
+    futures = run_pipelines(spec, spec_path, as_of=as_of, refresh=refresh, dispatch=dispatch)
     outputs: dict[str, FusedOutput] = {}
     failures: dict[str, BaseException] = {}
-    for party in spec.parties:
-        if party.id in remote:
-            continue
-        state = party_pipeline(spec_path, party.id, as_of=as_of, refresh=refresh, return_state=True)
-        try:
-            outputs[party.id] = state.result()
-        except Exception as exc:
-            failures[party.id] = exc
-            logger.error("party %s failed: %s", party.id, exc)
-    wait(list(dispatched.values()))
-    for party_id, future in dispatched.items():
+    for party_id, future in futures.items():
         try:
             outputs[party_id] = future.result()
         except Exception as exc:
             failures[party_id] = exc
-            logger.error("party %s failed on its work pool: %s", party_id, exc)
+            logger.error("party %s failed: %s", party_id, exc)
     outputs = {p.id: outputs[p.id] for p in spec.parties if p.id in outputs}
     if failures:
         first = next(iter(failures.values()))

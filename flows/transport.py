@@ -34,13 +34,13 @@ import logging
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar, cast
 
 from prefect import Task, task
 from prefect.futures import PrefectFuture
 from pydantic import BaseModel, Field, JsonValue, TypeAdapter
 
-from flows.common import run_name, task_options
+from flows.common import run_name, task_options, threads
 from storage.results import DEFAULT_RESULTS
 from storage.runs import exchange_location, read_exchange, write_exchange
 from storage.store import Store, TableRef
@@ -367,15 +367,28 @@ def root_run_cache_key(context: Any, parameters: dict[str, Any]) -> str:
 
 @task(name="dispatch-party-pipeline", cache_key_fn=root_run_cache_key, persist_result=True)
 def dispatch_pipeline(
-    deployment: str,
+    deployment: str | None,
     parameters: dict[str, JsonValue],
     coordinator: str,
     timeout: float = DEFAULT_TIMEOUT,
+    sources: int | None = None,
 ) -> FusedOutput:
-    """Run a party's pipeline on its own work pool. A different thing from a step: a flow
-    of many tasks whose inputs (raw data) only the party sees, so it is cached within one
-    top-level run only (a retry does not start a finished party again; a new run does,
-    and its steps skip what their content-hashed cache keys say is done)."""
+    """Run a party's pipeline: on its own work pool (``deployment``), or in this process as
+    a subflow (``deployment`` none) whose source steps run ``sources`` at a time. A
+    different thing from a step: a flow of many tasks whose inputs (raw data) only the
+    party sees, so it is cached within one top-level run only (a retry does not start a
+    finished party again, wherever it ran and in whatever order the parties finished; a new
+    run does, and its steps skip what their content-hashed cache keys say is done). A
+    subflow called from a task gets a fresh identity in every attempt, never one that
+    depends on the order of calls."""
+    if deployment is None:
+        from flows.prepare import party_pipeline  # it imports this module
+
+        pipeline = party_pipeline
+        if sources is not None:
+            pipeline = party_pipeline.with_options(task_runner=threads(sources))
+        fused: FusedOutput = pipeline(**cast("dict[str, Any]", parameters))
+        return fused
     body = run_remote(deployment, parameters, coordinator=coordinator, timeout=timeout)
     return FusedOutput.model_validate(body)
 

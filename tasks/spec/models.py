@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import math
+import os
 import zoneinfo
 from collections.abc import Sequence
 from pathlib import PurePosixPath
@@ -671,6 +672,15 @@ class FusionSpec(SpecModel):
     )
 
 
+#: Upper bound of ``[run] max_parallel_parties`` and ``max_parallel_sources``.
+MAX_PARALLEL = 64
+
+
+def default_parallelism() -> int:
+    """The CPU count of this machine, within 1..:data:`MAX_PARALLEL`."""
+    return max(1, min(os.cpu_count() or 1, MAX_PARALLEL))
+
+
 class RunSpec(SpecModel):
     results: str | None = Field(
         default=None, description="Folder for persisted task results (default: .fedfuse/results)"
@@ -685,6 +695,30 @@ class RunSpec(SpecModel):
         description="Storage options of the results location, referenced like the secret "
         "(default: the coordinator's)",
     )
+    max_parallel_parties: int | None = Field(
+        default=None,
+        strict=True,
+        ge=1,
+        le=MAX_PARALLEL,
+        description="Party pipelines prepare runs at once, in process or on the parties' "
+        "pools (default: the coordinator machine's CPU count, at most 64)",
+    )
+    max_parallel_sources: int | None = Field(
+        default=None,
+        strict=True,
+        ge=1,
+        le=MAX_PARALLEL,
+        description="Steps of one party's sources that run at once in a pipeline run in "
+        "process (default: the CPU count, at most 64; a party's pool uses its machine's)",
+    )
+
+    def parallel_parties(self) -> int:
+        """How many party pipelines run at once."""
+        return self.max_parallel_parties or default_parallelism()
+
+    def parallel_sources(self) -> int:
+        """How many source steps of one party run at once."""
+        return self.max_parallel_sources or default_parallelism()
 
 
 #: The bucket a vocabulary with ``other`` maps every value outside it to.
