@@ -145,9 +145,7 @@ def run_size(customers: int, parties: int, seed: int, flow: bool) -> tuple[list[
     if flow:
         job = {"side": "flow", "step": "prepare", "spec": str(spec)}
         flow_measure = child(job)
-        plain_total = Measure(
-            sum(r.plain.wall for r in rows), max(r.plain.rss_mib for r in rows)
-        )
+        plain_total = Measure(sum(r.plain.wall for r in rows), max(r.plain.rss_mib for r in rows))
         whole = Row(customers, "all", "prepare flow", flow_measure, plain_total)
         print(f"  {customers:>9,} prepare flow {flow_measure.wall:.2f}s", flush=True)
     return rows, whole
@@ -203,9 +201,8 @@ def main(argv: list[str] | None = None) -> dict[int, list[Row]]:
         print()
     if len(sizes) > 1:
         small, large = results[sizes[0]][-1], results[sizes[-1]][-1]
-        ss, ls = [r for r in results[sizes[0]] if r.step == "all steps"][0], [
-            r for r in results[sizes[-1]] if r.step == "all steps"
-        ][0]
+        ss = next(r for r in results[sizes[0]] if r.step == "all steps")
+        ls = next(r for r in results[sizes[-1]] if r.step == "all steps")
         factor = sizes[-1] / sizes[0]
         print(f"growth {sizes[0]:,} -> {sizes[-1]:,} customers ({factor:.0f}x the data):")
         print(
@@ -271,9 +268,7 @@ def fedfuse_child(spec_path: str, party: str, step: str, work: Path) -> float:
         source = sources[name]
         roots = ctx.roots or None
         raw = fingerprint(source.path, roots=roots)
-        emap = (
-            fingerprint(source.entity_map.path, roots=roots) if source.entity_map else None
-        )
+        emap = fingerprint(source.entity_map.path, roots=roots) if source.entity_map else None
         out: Any = steps.run_preprocess(ctx, source, raw, emap)
     elif stage == "features":
         clean = steps.CleanOutput.model_validate_json((folder / f"{name}.clean").read_text())
@@ -453,14 +448,22 @@ def plain_features(
             if c["dtype"] == "date":
                 keep.append((pl.lit(as_of) - pl.col(name)).dt.total_days().alias(name))
             elif name in vocabularies:
-                keep += [(pl.col(name) == v).cast(pl.Int8).alias(f"{name}={v}") for v in vocabularies[name]]
+                keep += [
+                    (pl.col(name) == v).cast(pl.Int8).alias(f"{name}={v}")
+                    for v in vocabularies[name]
+                ]
             else:
                 keep.append(pl.col(name).cast(pl.Float64))
         return frame.select(keep).collect()
     frame = frame.filter(pl.col("timestamp") < end)
     numeric = [n for n, c in columns.items() if c["dtype"] in ("int", "float", "bool")]
     windows = source.get("features", {}).get("windows", [])
-    aggs = [pl.len().alias("count"), ((pl.lit(end) - pl.col("timestamp").max()).dt.total_seconds() / 86400).alias("recency_days")]
+    aggs = [
+        pl.len().alias("count"),
+        ((pl.lit(end) - pl.col("timestamp").max()).dt.total_seconds() / 86400).alias(
+            "recency_days"
+        ),
+    ]
     for w in [*windows, None]:
         inside = pl.col("timestamp") >= end - dt.timedelta(days=w) if w else pl.lit(True)
         tag = f"{w}d" if w else "all"
@@ -474,7 +477,9 @@ def plain_features(
             ]
     for name in columns:
         if name in vocabularies:
-            aggs += [(pl.col(name) == v).mean().alias(f"{name}={v}_share") for v in vocabularies[name]]
+            aggs += [
+                (pl.col(name) == v).mean().alias(f"{name}={v}_share") for v in vocabularies[name]
+            ]
     if source["kind"] == "text":
         text = pl.col("text")
         aggs += [
