@@ -413,10 +413,19 @@ def plain_clean(
         | (pl.col(name).is_null() & pl.lit(c.get("required", False) or name == key))
         for name, c in columns.items()
     ]
-    for name in columns:
-        if name in vocabularies:
-            failed.append(pl.col(name).is_not_null() & ~pl.col(name).is_in(vocabularies[name]))
     typed = typed.with_columns(pl.any_horizontal(failed).alias("failed"))
+    # a category outside its vocabulary becomes missing (and is counted)
+    outside = {
+        name: typed.filter(
+            pl.col(name).is_not_null() & ~pl.col(name).is_in(vocabularies[name])
+        ).height
+        for name in columns
+        if name in vocabularies
+    }
+    typed = typed.with_columns(
+        pl.when(pl.col(name).is_in(vocabularies[name])).then(pl.col(name)).alias(name)
+        for name in outside
+    )
     rejected = typed.filter("failed").select("row")
     good = typed.filter(~pl.col("failed")).drop("failed")
     clean = good.unique(subset=list(columns), keep="first", maintain_order=True).drop("row")
