@@ -468,8 +468,11 @@ def _read_csv(location: str, encoding: str, layout: CsvLayout) -> RawSource:
     frame = pl.DataFrame(pl.from_arrow(table))
     if frame.height == 0 and not bad:
         raise SourceError(f"{location}: file holds no data rows")
-    skipped = np.array(sorted(n for n, _, _ in bad), dtype=np.int64)
-    rows = np.setdiff1d(np.arange(1, frame.height + len(bad) + 1, dtype=np.int64), skipped)
+    # the data rows left once the skipped ones are taken out (a mask: linear in the rows)
+    kept = np.ones(frame.height + len(bad), dtype=bool)
+    skipped = np.array([n for n, _, _ in bad], dtype=np.int64)
+    kept[skipped[(skipped >= 1) & (skipped <= len(kept))] - 1] = False
+    rows = np.flatnonzero(kept).astype(np.int64) + 1
     frame = frame.with_columns(pl.Series(ROW, rows, dtype=pl.Int64)).select(ROW, *names)
     if replaced:
         frame, bad = _flag_replaced(frame, names, bad, sentinel)
