@@ -13,6 +13,11 @@ per row the columns with invalid bytes (only when there are any); preprocessing 
 those rows naming the column. Undecodable JSONL lines come back in ``bad_lines``, as do JSONL
 lines that are not one JSON object or repeat a key inside one object.
 
+JSONL is parsed by polars in blocks of lines, every value kept as text (a nested value as its
+JSON text); a block that fails is halved until the failing lines stand alone, and only those
+(plus lines that are not an object or may repeat a key) go through Python's JSON parser, which
+names the reason.
+
 A source that is a folder of files is listed by :func:`read_folder`: its files' relative
 paths and sizes, each read on demand (:meth:`FolderFile.read`), within limits on the number
 of files and the size of each.
