@@ -101,8 +101,9 @@ def consortium(customers: int, parties: int, seed: int) -> Path:
         if folder.exists():
             shutil.rmtree(folder)  # an interrupted earlier run
         started = time.perf_counter()
-        job = {"side": "generate", "step": "generate", "out": str(folder / "consortium")}
-        job |= {"customers": customers, "parties": parties, "seed": seed}
+        job: dict[str, Any] = {"side": "generate", "step": "generate"}
+        job |= {"out": str(folder / "consortium"), "customers": customers}
+        job |= {"parties": parties, "seed": seed}
         child(job)
         done.write_text("ok\n")
         print(f"  generated {customers:,} customers in {time.perf_counter() - started:.0f}s")
@@ -319,8 +320,8 @@ def plain_child(spec_path: str, party: str, step: str, work: Path) -> float:
         clean.write_parquet(folder / f"{name}.clean.parquet")
         rejected.write_parquet(folder / f"{name}.rejected.parquet")
     elif stage == "features":
-        frame = pl.scan_parquet(folder / f"{name}.clean.parquet")
-        features = plain_features(pl, frame, sources[name], entity, as_of, document)
+        scan = pl.scan_parquet(folder / f"{name}.clean.parquet")
+        features = plain_features(pl, scan, sources[name], entity, as_of, document)
         features.write_parquet(folder / f"{name}.features.parquet")
     elif stage == "align":
         frame = pl.read_parquet(folder / f"{name}.features.parquet")
