@@ -13,6 +13,11 @@ per row the columns with invalid bytes (only when there are any); preprocessing 
 those rows naming the column. Undecodable JSONL lines come back in ``bad_lines``, as do JSONL
 lines that are not one JSON object or repeat a key inside one object.
 
+JSONL is parsed by polars in blocks of lines, every value kept as text (a nested value as its
+JSON text); a block that fails is halved until the failing lines stand alone, and only those
+(plus lines that are not an object or may repeat a key) go through Python's JSON parser, which
+names the reason.
+
 A source that is a folder of files is listed by :func:`read_folder`: its files' relative
 paths and sizes, each read on demand (:meth:`FolderFile.read`), within limits on the number
 of files and the size of each.
@@ -480,8 +485,11 @@ def _read_csv(
     frame = pl.DataFrame(pl.from_arrow(table))
     if frame.height == 0 and not bad:
         raise SourceError(f"{location}: file holds no data rows")
-    skipped = np.array(sorted(n for n, _, _ in bad), dtype=np.int64)
-    rows = np.setdiff1d(np.arange(1, frame.height + len(bad) + 1, dtype=np.int64), skipped)
+    # the data rows left once the skipped ones are taken out (a mask: linear in the rows)
+    kept = np.ones(frame.height + len(bad), dtype=bool)
+    skipped = np.array([n for n, _, _ in bad], dtype=np.int64)
+    kept[skipped[(skipped >= 1) & (skipped <= len(kept))] - 1] = False
+    rows = np.flatnonzero(kept).astype(np.int64) + 1
     frame = frame.with_columns(pl.Series(ROW, rows, dtype=pl.Int64)).select(ROW, *names)
     if replaced:
         frame, bad = _flag_replaced(frame, names, bad, sentinel)
@@ -524,57 +532,204 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return record
 
 
+#: JSONL lines parsed by the vectorised reader per block (a failing block is halved).
+JSONL_BLOCK = 1 << 16
+#: A ``"key":`` token of a JSON line (also matches inside strings: a superset of the keys).
+_JSON_KEY = r'"(?:[^"\\]|\\.)*"\s*:'
+_ASCII_SPACE = " \t\n\r\x0b\x0c"
+
+
+def _lines(data: bytes) -> tuple[pa.LargeBinaryArray, Any]:
+    """The lines of ``data`` (without their ``\\n``) as one binary array, and their 1-based
+    numbers, found without a Python loop."""
+    import numpy as np
+
+    raw = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(raw == 0x0A)
+    starts = np.concatenate([[0], ends + 1]).astype(np.int64)
+    stops = np.concatenate([ends, [len(data)]]).astype(np.int64)
+    # each line is copied out once, without its newline, into one contiguous buffer
+    keep = np.ones(len(data), dtype=bool)
+    keep[ends] = False
+    body = raw[keep]
+    lengths = stops - starts
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    array = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), len(lengths), [None, pa.py_buffer(offsets), pa.py_buffer(body)]
+    )
+    return array, np.arange(1, len(lengths) + 1, dtype=np.int64)
+
+
+def _parse_line(number: int, text: str, bad: list[tuple[int, str, str]]) -> dict[str, Any] | None:
+    """One line through Python's JSON parser (only lines the vectorised reader refused or
+    that may repeat a key): its record, or ``None`` with the reason appended to ``bad``."""
+    try:
+        record = json.loads(text, object_pairs_hook=_unique_pairs)
+    except json.JSONDecodeError as exc:
+        bad.append((number, text, f"invalid JSON ({exc.msg})"))
+        return None
+    except _DuplicateKey as exc:  # the key is a column name; its values are not shown
+        bad.append((number, text, f"duplicate JSON key {exc.key[:80]!r}"))
+        return None
+    if not isinstance(record, dict):
+        bad.append((number, text, "JSON line is not an object"))
+        return None
+    return {
+        key: value
+        if value is None or isinstance(value, str)
+        else json.dumps(value, ensure_ascii=False)
+        for key, value in record.items()
+    }
+
+
+def _parse_block(texts: pl.Series, rows: pl.Series) -> pl.DataFrame | None:
+    """Lines of JSON objects parsed by polars, every value as text (nested ones as JSON);
+    ``None`` when some line fails (or the lines do not give one record each)."""
+    data = texts.str.join("\n").item().encode() + b"\n"
+    try:
+        names = pl.read_ndjson(io.BytesIO(data), infer_schema_length=None).columns
+        if not names:
+            return None
+        frame = pl.read_ndjson(io.BytesIO(data), schema=dict.fromkeys(names, pl.String))
+    except (pl.exceptions.PolarsError, OSError, ValueError):
+        return None
+    if frame.height != len(texts):
+        return None
+    return frame.with_columns(rows.alias(ROW))
+
+
+def _parse_lines(
+    texts: pl.Series,
+    rows: pl.Series,
+    bad: list[tuple[int, str, str]],
+    records: list[tuple[int, dict[str, Any]]],
+) -> list[pl.DataFrame]:
+    """Frames of the lines' records; a block that fails is halved down to single lines,
+    which go through :func:`_parse_line` (their records appended to ``records``)."""
+    if len(texts) == 0:
+        return []
+    if len(texts) > 1:
+        frame = _parse_block(texts, rows)
+        if frame is not None:
+            return [frame]
+        middle = len(texts) // 2
+        return _parse_lines(texts[:middle], rows[:middle], bad, records) + _parse_lines(
+            texts[middle:], rows[middle:], bad, records
+        )
+    frame = _parse_block(texts, rows)
+    if frame is not None:
+        return [frame]
+    _python_lines(texts, rows, bad, records)
+    return []
+
+
+def _python_lines(
+    texts: pl.Series,
+    rows: pl.Series,
+    bad: list[tuple[int, str, str]],
+    records: list[tuple[int, dict[str, Any]]],
+) -> None:
+    for number, text in zip(rows.to_list(), texts.to_list(), strict=True):
+        record = _parse_line(number, text, bad)
+        if record is not None:
+            records.append((number, record))
+
+
+def _decoded_lines(
+    location: str, data: bytes, encoding: str, bad: list[tuple[int, str, str]]
+) -> pl.DataFrame:
+    """The file's non-blank lines as text (``__row``, ``text``); undecodable lines go to
+    ``bad``. UTF-8: the invalid lines are found by Arrow's validation over halves; another
+    encoding: the whole file is decoded at once, line by line only when that fails."""
+    utf8 = encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig")
+    if not utf8:
+        try:
+            data = data.decode(encoding).encode()
+        except UnicodeDecodeError:
+            good: list[bytes] = []
+            for number, line in enumerate(data.split(b"\n"), start=1):
+                try:
+                    good.append(line.decode(encoding).encode())
+                except UnicodeDecodeError as exc:
+                    text = line.decode("utf-8", "replace")
+                    if text.strip(_ASCII_SPACE):
+                        bad.append((number, text, f"invalid {encoding} ({exc.reason})"))
+                    good.append(b"")
+            data = b"\n".join(good)
+    array, numbers = _lines(data)
+    invalid: list[int] = []
+    if len(array):
+        _invalid_positions(array.view(pa.large_string()), 0, len(array), invalid)
+    if invalid:
+        import numpy as np
+        import pyarrow.compute as pc
+
+        for i in invalid:
+            line = array[i].as_py()
+            try:
+                line.decode(encoding)
+            except UnicodeDecodeError as exc:
+                text = line.decode("utf-8", "replace")
+                if text.strip(_ASCII_SPACE):
+                    bad.append((i + 1, text, f"invalid {encoding} ({exc.reason})"))
+        mask = np.ones(len(array), dtype=bool)
+        mask[invalid] = False
+        array = pc.filter(array, pa.array(mask))
+        numbers = numbers[mask]
+    lines = pl.DataFrame(
+        {
+            ROW: pl.Series(ROW, numbers, dtype=pl.Int64),
+            "text": pl.Series("text", array.view(pa.large_string()), dtype=pl.String),
+        }
+    )
+    lines = lines.with_columns(pl.col("text").str.strip_chars(_ASCII_SPACE))
+    return lines.filter(pl.col("text") != "")
+
+
 def _read_jsonl(location: str, encoding: str) -> RawSource:
+    """JSONL read by polars in blocks; only lines that fail (and lines that may repeat a key
+    inside an object) are parsed one by one, to name the line and the reason."""
     data = _open_bytes(location)
     if encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig"):
         data = data.removeprefix(_BOM)
-    records: list[dict[str, object]] = []
-    rows: list[int] = []
     bad: list[tuple[int, str, str]] = []
-    for number, line in enumerate(data.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            text = line.decode(encoding)
-        except UnicodeDecodeError as exc:
-            bad.append(
-                (number, line.decode("utf-8", "replace"), f"invalid {encoding} ({exc.reason})")
+    records: list[tuple[int, dict[str, Any]]] = []
+    lines = _decoded_lines(location, data, encoding, bad)
+    # lines that are not an object, or may repeat a key, go through Python's parser
+    keys = pl.col("text").str.extract_all(_JSON_KEY)
+    lines = lines.with_columns(
+        (~pl.col("text").str.starts_with("{") | (keys.list.n_unique() < keys.list.len())).alias(
+            "one_by_one"
+        )
+    )
+    single = lines.filter(pl.col("one_by_one"))
+    _python_lines(single["text"], single[ROW], bad, records)
+    frames: list[pl.DataFrame] = []
+    parsed = lines.filter(~pl.col("one_by_one"))
+    for start in range(0, parsed.height, JSONL_BLOCK):
+        block = parsed.slice(start, JSONL_BLOCK)
+        frames += _parse_lines(block["text"], block[ROW], bad, records)
+    if records:
+        names = list(dict.fromkeys(key for _, record in records for key in record))
+        frames.append(
+            pl.DataFrame(
+                {
+                    key: pl.Series(key, [r.get(key) for _, r in records], dtype=pl.String)
+                    for key in names
+                }
+                | {ROW: pl.Series(ROW, [n for n, _ in records], dtype=pl.Int64)}
             )
-            continue
-        try:
-            record = json.loads(text, object_pairs_hook=_unique_pairs)
-        except json.JSONDecodeError as exc:
-            bad.append((number, text, f"invalid JSON ({exc.msg})"))
-            continue
-        except _DuplicateKey as exc:  # the key is a column name; its values are not shown
-            bad.append((number, text, f"duplicate JSON key {exc.key[:80]!r}"))
-            continue
-        if not isinstance(record, dict):
-            bad.append((number, text, "JSON line is not an object"))
-            continue
-        records.append(record)
-        rows.append(number)
-    if not records and not bad:
+        )
+    bad.sort(key=lambda item: item[0])
+    if not frames and not bad:
         raise SourceError(f"{location}: file holds no data rows")
-    if not records:
+    if not frames:
         shown = "; ".join(f"line {n}: {why}" for n, _, why in bad[:5])
         more = f"; ... ({len(bad) - 5} more)" if len(bad) > 5 else ""
         raise SourceError(
             f"{location}: no line holds a valid JSON object ({len(bad)} non-empty line(s), "
             f"all invalid: {shown}{more})"
         )
-    columns: dict[str, list[object]] = {}
-    for i, record in enumerate(records):
-        for key in record:
-            columns.setdefault(key, [None] * len(records))
-        for key, value in record.items():
-            columns[key][i] = (
-                value
-                if value is None or isinstance(value, str)
-                else json.dumps(value, ensure_ascii=False)
-            )
-    frame = pl.DataFrame(
-        {key: pl.Series(key, values, dtype=pl.String) for key, values in columns.items()}
-        | {ROW: pl.Series(ROW, rows, dtype=pl.Int64)}
-    )
+    frame = pl.concat(frames, how="diagonal_relaxed").sort(ROW)
+    columns = [c for c in frame.columns if c != ROW]
     return RawSource(frame.select(ROW, *columns), bad)

@@ -137,19 +137,14 @@ def test_label_skew_is_seeded_and_skewed() -> None:
 
 
 @pytest.mark.prefect
-@pytest.mark.parametrize(
-    ("dataset", "floor"), [("mlc_churn", 0.8), ("caravan", 0.6), ("wa_churn", 0.75)]
-)
-def test_public_data_set_validates_prepares_and_trains(
+@pytest.mark.parametrize("dataset", ["mlc_churn", "caravan", "wa_churn"])
+def test_public_data_set_validates_and_prepares(
     prefect_api: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     dataset: str,
-    floor: float,
 ) -> None:
-    from flows.horizontal import federated_training
     from flows.prepare import consortium_vocabularies, prepare
-    from flows.vertical import vertical_training
 
     monkeypatch.setenv("FEDFUSE_SECRET", SECRET)
     spec_path = write_public_consortium(tmp_path, dataset, rows=ROWS, seed=0)
@@ -184,15 +179,7 @@ def test_public_data_set_validates_prepares_and_trains(
         assert fused.height == exported.height
         if label.label in exported.columns:
             assert fused[LABEL].sum() == (exported[label.label] == label.positive).sum()
-    if label.layout == "vertical":
-        vertical = vertical_training(spec_path, rounds=10)
-        assert vertical.overlap == ROWS
-        auc = vertical.test["auc"]
-    else:
-        result = federated_training(spec_path, rounds=10)
-        auc = result.test[result.best_round - 1]["auc"]
-        assert set(result.parties) <= {p.id for p in spec.parties}
-    assert auc > floor
+    # training on these specs: tests/test_bench_public.py (and on init's drafts: test_walk)
 
 
 @pytest.mark.prefect

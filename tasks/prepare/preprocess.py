@@ -504,7 +504,8 @@ def coerce_frame(
         reasons = why + reasons
     if split is not None and split.fixed is not None:
         values.append(pl.lit(split.fixed, pl.String).alias(SPLIT))
-    frame = raw.select(*values, _reason(reasons).alias(REASON))
+    # lazily: the optimizer computes each coerced column once for its value and its checks
+    frame = raw.lazy().select(*values, _reason(reasons).alias(REASON)).collect()
     if other is None:
         other = [name for name, vocab in vocabularies.items() if OTHER in vocab]
     unknown: dict[str, int] = {}
