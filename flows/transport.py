@@ -38,6 +38,7 @@ from typing import Any, Literal, ParamSpec, TypeVar, cast
 
 from prefect import Task, task
 from prefect.futures import PrefectFuture
+from prefect.transactions import CommitMode, transaction
 from pydantic import BaseModel, Field, JsonValue, TypeAdapter
 
 from flows.common import run_name, task_options, threads
@@ -387,7 +388,11 @@ def dispatch_pipeline(
         pipeline = party_pipeline
         if sources is not None:
             pipeline = party_pipeline.with_options(task_runner=threads(sources))
-        fused: FusedOutput = pipeline(**cast("dict[str, Any]", parameters))
+        # the pipeline's steps commit their cached results as each finishes: inside this
+        # task's transaction they would wait for it, and a failed party would roll back the
+        # sources it had finished, so a retry would redo them
+        with transaction(commit_mode=CommitMode.EAGER):
+            fused: FusedOutput = pipeline(**cast("dict[str, Any]", parameters))
         return fused
     body = run_remote(deployment, parameters, coordinator=coordinator, timeout=timeout)
     return FusedOutput.model_validate(body)
