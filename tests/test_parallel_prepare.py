@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -51,18 +52,25 @@ def pipeline_runs(prepare_run: UUID) -> list[Any]:
     return [r for r in runs if r.name.startswith("party-pipeline ")]
 
 
-def dispatch_spans(prepare_run: UUID) -> list[tuple[Any, Any]]:
-    """(start, end) of the prepare run's dispatch-party-pipeline task runs."""
+def dispatch_spans(prepare_run: UUID, *, timeout: float = 30) -> list[tuple[Any, Any]]:
+    """(start, end) of the prepare run's dispatch-party-pipeline task runs, once the server
+    has recorded them (task run states reach it as events, a moment after the flow ends)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[prepare_run]))
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[prepare_run]))
+            )
+        spans = sorted(
+            (r.start_time, r.end_time) for r in runs if r.name.startswith("dispatch-party-pipeline")
         )
-    return sorted(
-        (r.start_time, r.end_time) for r in runs if r.name.startswith("dispatch-party-pipeline")
-    )
+        recorded = all(s is not None and e is not None for s, e in spans)
+        if recorded or time.monotonic() > deadline:
+            return spans
+        time.sleep(0.2)
 
 
 def file_hash(uri: str) -> str:

@@ -362,7 +362,7 @@ def test_killed_party_worker_fails_the_round_and_a_retry_gives_the_uninterrupted
         text = text.replace(
             f'store = "stores/{party}"\n', f'store = "stores/{party}"\nwork_pool = "{party_pool}"\n'
         )
-    spec.write_text(text + "min_parties = 2\n\n[run]\nparty_timeout = 20\n")
+    spec.write_text(text + "min_parties = 2\n\n[run]\nparty_timeout = 45\n")
     work_pool, _ = pool
     name = f"kw-{tag}"
     secret = os.environ["FEDFUSE_TEST_SECRET"]
