@@ -17,8 +17,7 @@ from dataclasses import dataclass, replace
 
 import polars as pl
 
-from storage.files import filesystem
-from storage.sources import INVALID_UTF8, ROW, CsvLayout, SourceError, read_source
+from storage.sources import INVALID_UTF8, ROW, CsvLayout, SourceError, read_head, read_source
 
 #: Bytes of a sample file read at most (a larger file is sampled from its start).
 MAX_SAMPLE_BYTES = 64 * 1024 * 1024
@@ -75,7 +74,7 @@ def read_sample(location: str, fmt: str) -> SampleFile:
     if fmt == "csv":
         return _read_csv_sample(location)
     if fmt == "jsonl":
-        _refuse_binary(location, _head(location, 1 << 16)[0])
+        _refuse_binary(location, read_head(location, 1 << 16)[0])
     raw = read_source(location, fmt)
     frame = raw.frame.drop([c for c in (ROW, INVALID_UTF8) if c in raw.frame.columns])
     truncated = frame.height > MAX_SAMPLE_ROWS
@@ -86,17 +85,6 @@ def read_sample(location: str, fmt: str) -> SampleFile:
         truncated=truncated,
         bad_lines=len(raw.bad_lines),
     )
-
-
-def _head(location: str, limit: int) -> tuple[bytes, bool]:
-    fs, path = filesystem(location)
-    if not fs.exists(path):
-        raise SourceError(f"{location}: source file not found")
-    if fs.isdir(path):
-        raise SourceError(f"{location}: is a folder, expected a file")
-    with fs.open(path, "rb") as handle:
-        data: bytes = handle.read(limit + 1)
-    return data[:limit], len(data) > limit
 
 
 def _refuse_binary(location: str, data: bytes) -> None:
@@ -262,7 +250,7 @@ def _read_csv_sample(location: str) -> SampleFile:
     """Sniff the dialect, then read the rows through the pipeline's reader
     (:func:`storage.sources.read_source`) with it: what the draft sees is what the pipeline
     reads."""
-    data, truncated = _head(location, MAX_SAMPLE_BYTES)
+    data, truncated = read_head(location, MAX_SAMPLE_BYTES)
     if not data.removeprefix(_BOM).strip():
         raise SourceError(f"{location}: file is empty")
     start = _decode(location, data[:MAX_SNIFF_BYTES], truncated=len(data) > MAX_SNIFF_BYTES)

@@ -62,19 +62,25 @@ class RawSource:
     bad_lines: list[tuple[int, str, str]] = field(default_factory=list)
 
 
-def _open_bytes(location: str, max_bytes: int | None = None) -> bytes:
-    """The file's bytes; with ``max_bytes``, at most that many, ending at the last whole
-    line when the file is longer."""
+def read_head(location: str, limit: int | None = None) -> tuple[bytes, bool]:
+    """The file's bytes, or its first ``limit`` bytes, and whether the file is longer."""
     fs, path = filesystem(location)
     if not fs.exists(path):
         raise SourceError(f"{location}: source file not found")
     if fs.isdir(path):
         raise SourceError(f"{location}: is a folder, expected a file")
     with fs.open(path, "rb") as handle:
-        data: bytes = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
-    if max_bytes is not None and len(data) > max_bytes:
-        data = data[: data.rfind(b"\n", 0, max_bytes) + 1]
-    return data
+        data: bytes = handle.read() if limit is None else handle.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        return data[:limit], True
+    return data, False
+
+
+def _open_bytes(location: str, max_bytes: int | None = None) -> bytes:
+    """The file's bytes; with ``max_bytes``, at most that many, ending at the last whole
+    line when the file is longer."""
+    data, truncated = read_head(location, max_bytes)
+    return data[: data.rfind(b"\n") + 1] if truncated else data
 
 
 @dataclass(frozen=True)
