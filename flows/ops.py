@@ -95,12 +95,6 @@ ROLE_OF: dict[FlowName, Role] = {
     "score": "score",
     "vertical-score": "score",
 }
-#: Schedule slugs by role (as the deployments of earlier versions named them).
-SLUGS: dict[Role, str] = {
-    "prepare": "daily-prepare",
-    "training": "weekly-training",
-    "score": "score",
-}
 
 
 class ScheduleSetting(BaseModel):
@@ -229,7 +223,7 @@ class Schedules(BaseModel):
             if party is None:
                 return []
             return [setting.to_prefect(slug=f"score-{party}", parameters={"party": party})]
-        return [setting.to_prefect(slug=SLUGS[role])] if role else []
+        return [setting.to_prefect(slug=role)] if role else []
 
 
 def _role(name: str, where: str, *, sep: bool = True) -> Role:
