@@ -135,7 +135,11 @@ def _runs_of(deployment_id: Any) -> list[Any]:
 
 @pytest.mark.prefect
 def test_deploy_schedules_params_run_checks_and_pause_resume(
-    prefect_api: str, cli: CliRunner, tmp_path: Path, secret: str
+    prefect_api: str,
+    cli: CliRunner,
+    tmp_path: Path,
+    secret: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from prefect.exceptions import ObjectNotFound
 
@@ -208,6 +212,9 @@ def test_deploy_schedules_params_run_checks_and_pause_resume(
     assert paused.exit_code == 0, paused.output
     assert "training (every 1:00:00): inactive" in paused.stdout
     assert [s.active for s in _deployment(f"federated-training/{name}").schedules] == [False]
+    from flows.cli.console import console
+
+    monkeypatch.setattr(console, "width", 200)  # one table row a line
     status = cli.invoke(app, ["status", "--limit", "1"])
     assert status.exit_code == 0, status.output
     rows = [line for line in status.stdout.splitlines() if name in line]
