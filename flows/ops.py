@@ -524,11 +524,12 @@ def start_run(deployment: str, parameters: dict[str, Any] | None = None) -> Flow
     name = full_deployment_name(deployment)
     with get_client(sync_client=True) as client:
         found = client.read_deployment_by_name(name)
-    check_parameters(
-        name,
-        found.parameter_openapi_schema or {},
-        {**(found.parameters or {}), **(parameters or {})},
-    )
+    if found.parameter_openapi_schema:  # a deployment without one: the server alone decides
+        check_parameters(
+            name,
+            found.parameter_openapi_schema,
+            {**(found.parameters or {}), **(parameters or {})},
+        )
     run = run_deployment(
         name,
         parameters=parameters or {},

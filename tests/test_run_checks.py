@@ -256,7 +256,7 @@ def test_missing_secret_fails_once_before_anything_starts(
     for command in (["prepare"], ["train", "--no-baselines"], ["predict", "--party", "a"]):
         started = time.monotonic()
         result = cli.invoke(app, [command[0], str(spec), *command[1:]])
-        assert time.monotonic() - started < 1.0, command
+        assert time.monotonic() - started < 2.0, command  # about 0.1 s on a quiet machine
         assert result.exit_code == 1, result.output
         assert _one_line_error(result.stderr).startswith(
             "error: the consortium secret is read from environment variable "

@@ -1,7 +1,7 @@
 """deployments/README.md's walkthrough on a port other than 4200, in the order it is written:
 the port and API address set in a fresh profile, ``prefect server start`` with its UI, the
 UI's settings pointing at that port, then ``fedfuse deploy``, ``run`` (no worker: the run is
-created and waits), ``status`` and ``schedule`` reading the address from the profile."""
+created and waits) and ``status`` reading the address from the profile."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _walkthrough_server(env: dict[str, str], log: Path) -> Iterator[None]:
                     proc.wait()
 
 
-def _wait_healthy(url: str, log: Path, timeout: float = 90.0) -> None:
+def _wait_healthy(url: str, log: Path, timeout: float = 240.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -110,18 +110,15 @@ def test_walkthrough_on_a_non_default_port(tmp_path: Path, secret: str) -> None:
         # 2.-6. (the secret is in the environment, as step 2 exports it)
         spec = write_tiny(tmp_path / "consortium", with_text_events=False)
         fedfuse = str(BIN / "fedfuse")
-        deployed = run(fedfuse, "deploy", str(spec), "--name", "walk", "--active", "score")
+        deployed = run(fedfuse, "deploy", str(spec), "--name", "walk")
         assert deployed.returncode == 0, deployed.stderr
         assert "federated-training/walk" in deployed.stdout
         ran = run(fedfuse, "run", "federated-training/walk", "-p", "baselines=true")
         assert ran.returncode == 0, ran.stderr
         assert ran.stdout.startswith("flow run ")
-        typo = run(fedfuse, "run", "federated-training/walk", "-p", "round=3")
-        assert typo.returncode == 2 and "no parameter 'round'" in typo.stderr
-        paused = run(fedfuse, "schedule", "pause", "score/walk")
-        assert paused.returncode == 0, paused.stderr
         status = run(fedfuse, "status")
         assert status.returncode == 0, status.stderr
         assert "federated-training" in status.stdout
         lines = [line for line in status.stdout.splitlines() if "score/walk" in line]
-        assert lines and "INACTIVE" in lines[0], status.stdout
+        assert lines and "INACTIVE" in lines[0], status.stdout  # created inactive
+        assert [line for line in status.stdout.splitlines() if "prepare/walk" in line]
