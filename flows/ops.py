@@ -120,12 +120,6 @@ class ScheduleSetting(BaseModel):
             IntervalSchedule(interval=self.interval, timezone=self.timezone)
         return self
 
-    def describe(self) -> str:
-        """``cron 0 2 * * * (UTC)``, ``every 1:00:00``."""
-        if self.cron is not None:
-            return f"cron {self.cron} ({self.timezone})"
-        return f"every {self.interval}"
-
     def to_prefect(self, *, slug: str, parameters: dict[str, Any] | None = None) -> Schedule:
         from prefect.schedules import Cron, Interval
 
@@ -163,9 +157,14 @@ def parse_schedule(text: str) -> ScheduleSetting | None:
             return ScheduleSetting(cron=value)
         if kind == "interval" and value:
             try:
-                every = dt.timedelta(seconds=float(value))
+                seconds = float(value)
             except ValueError:
                 every = dt.timedelta(microseconds=parse_window(value).micros)
+            else:
+                try:
+                    every = dt.timedelta(seconds=seconds)
+                except (ValueError, OverflowError):  # NaN, inf, beyond timedelta's range
+                    raise ValueError("interval: SECONDS must be a finite number") from None
             return ScheduleSetting(interval=every)
     except ValidationError as exc:
         message = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")

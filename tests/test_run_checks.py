@@ -104,6 +104,9 @@ def test_schedule_options() -> None:
         (["prepare=cron:0 2 * *"], 'prepare: cron: Invalid cron string: "0 2 * *"'),
         (["prepare=interval:0"], "greater than 0 seconds"),
         (["prepare=interval:soon"], "a duration must be a whole number"),
+        (["prepare=interval:inf"], "SECONDS must be a finite number"),
+        (["prepare=interval:1e300"], "SECONDS must be a finite number"),
+        (["prepare=interval:nan"], "SECONDS must be a finite number"),
         (["prepare=weekly"], "a schedule is cron:EXPRESSION, interval:SECONDS"),
         (["prepare"], "ROLE is one of"),
     ):
