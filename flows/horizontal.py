@@ -15,7 +15,7 @@ from prefect.futures import PrefectFuture, wait
 from flows import progress
 from flows.common import artifact_key, threads
 from flows.lossless import lossless_run
-from flows.prepare import prepare
+from flows.prepare import prepare, require_secret
 from flows.publish import FinishedTraining, TrainingResult, publish_training
 from flows.transport import PartyJob, PartyRunner, pooled_parties
 from storage.results import DEFAULT_RESULTS
@@ -381,6 +381,7 @@ def federated_training(
     """
     logger = get_run_logger()
     spec = load_spec(spec_path)
+    require_secret(spec, dispatch)
     training = (
         spec.training if rounds is None else spec.training.model_copy(update={"rounds": rounds})
     )

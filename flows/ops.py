@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 from uuid import UUID
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from flows.common import artifact_key
 
 if TYPE_CHECKING:
@@ -82,36 +84,152 @@ PARTY_FLOWS: tuple[FlowEntry, ...] = (
 VOCABULARY_COUNT_FLOW = FlowEntry("party-call", "flows/party.py:party_call", "flows.party")
 
 
-@dataclass(frozen=True)
-class Schedules:
-    """Schedules of the three deployments. ``None`` leaves a deployment unscheduled.
+#: What a coordinator deployment does, whatever the layout: the keys of ``--schedule``,
+#: ``--param``, ``--active`` and ``--inactive``.
+Role = Literal["prepare", "training", "score"]
+ROLES: tuple[Role, ...] = ("prepare", "training", "score")
+ROLE_OF: dict[FlowName, Role] = {
+    "prepare": "prepare",
+    "federated-training": "training",
+    "vertical-training": "training",
+    "score": "score",
+    "vertical-score": "score",
+}
 
-    The score schedule needs a party and starts inactive (switch it on in the UI)."""
 
-    prepare_cron: str | None = PREPARE_CRON
-    training_cron: str | None = TRAINING_CRON
-    score_interval: dt.timedelta | None = SCORE_INTERVAL
-    score_active: bool = False
-    timezone: str = "UTC"
+class ScheduleSetting(BaseModel):
+    """One deployment's schedule: a cron expression or an interval, active or not."""
 
-    def for_flow(self, flow: FlowName, *, party: str | None) -> list[Schedule]:
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cron: str | None = Field(default=None, description="Cron expression (5 fields)")
+    interval: dt.timedelta | None = Field(default=None, description="Time between runs")
+    active: bool = Field(default=True, description="Whether the schedule creates runs")
+    timezone: str = Field(default="UTC", description="IANA time zone of the schedule")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ScheduleSetting:
+        from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
+
+        if (self.cron is None) == (self.interval is None):
+            raise ValueError("a schedule is a cron expression or an interval, exactly one")
+        # Prefect's own schedule models check the expression, interval and time zone
+        if self.cron is not None:
+            CronSchedule(cron=self.cron, timezone=self.timezone)
+        elif self.interval is not None:
+            IntervalSchedule(interval=self.interval, timezone=self.timezone)
+        return self
+
+    def to_prefect(self, *, slug: str, parameters: dict[str, Any] | None = None) -> Schedule:
         from prefect.schedules import Cron, Interval
 
-        if flow == "prepare" and self.prepare_cron:
-            return [Cron(self.prepare_cron, timezone=self.timezone, slug="daily-prepare")]
-        if flow in ("federated-training", "vertical-training") and self.training_cron:
-            return [Cron(self.training_cron, timezone=self.timezone, slug="weekly-training")]
-        if flow == "score" and self.score_interval and party:
-            return [
-                Interval(
-                    self.score_interval,
-                    timezone=self.timezone,
-                    active=self.score_active,
-                    parameters={"party": party},
-                    slug=f"score-{party}",
-                )
-            ]
-        return []
+        if self.cron is not None:
+            return Cron(
+                self.cron,
+                timezone=self.timezone,
+                active=self.active,
+                parameters=parameters,
+                slug=slug,
+            )
+        assert self.interval is not None  # _one_kind
+        return Interval(
+            self.interval,
+            timezone=self.timezone,
+            active=self.active,
+            parameters=parameters,
+            slug=slug,
+        )
+
+
+def parse_schedule(text: str) -> ScheduleSetting | None:
+    """``cron:0 2 * * *``, ``interval:3600`` (seconds) or ``interval:6h`` (a whole number
+    and one of ms, s, min, h, d), or ``none``; :class:`ValueError` otherwise."""
+    from pydantic import ValidationError
+
+    from tasks.prepare.windows import parse_window
+
+    kind, sep, value = text.strip().partition(":")
+    kind, value = kind.strip().lower(), value.strip()
+    if kind == "none" and not sep:
+        return None
+    try:
+        if kind == "cron" and value:
+            return ScheduleSetting(cron=value)
+        if kind == "interval" and value:
+            try:
+                seconds = float(value)
+            except ValueError:
+                every = dt.timedelta(microseconds=parse_window(value).micros)
+            else:
+                try:
+                    every = dt.timedelta(seconds=seconds)
+                except (ValueError, OverflowError):  # NaN, inf, beyond timedelta's range
+                    raise ValueError("interval: SECONDS must be a finite number") from None
+            return ScheduleSetting(interval=every)
+    except ValidationError as exc:
+        message = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise ValueError(f"{kind}: {message}") from None
+    raise ValueError("a schedule is cron:EXPRESSION, interval:SECONDS (or 6h, 30min, ...) or none")
+
+
+class Schedules(BaseModel):
+    """The schedules of a spec's coordinator deployments, by role; ``None`` leaves that
+    deployment unscheduled. A score schedule runs for one party (the first; each pooled
+    party's own score deployment for itself) and starts inactive."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prepare: ScheduleSetting | None = ScheduleSetting(cron=PREPARE_CRON)
+    training: ScheduleSetting | None = ScheduleSetting(cron=TRAINING_CRON)
+    score: ScheduleSetting | None = ScheduleSetting(interval=SCORE_INTERVAL, active=False)
+
+    @classmethod
+    def from_options(
+        cls,
+        schedules: Iterable[str] = (),
+        *,
+        active: Iterable[str] = (),
+        inactive: Iterable[str] = (),
+        none: bool = False,
+    ) -> Schedules:
+        """The defaults, changed by ``ROLE=SCHEDULE`` items (:func:`parse_schedule`) and
+        made active or inactive by role; ``none`` leaves every deployment unscheduled."""
+        chosen: dict[str, ScheduleSetting | None] = dict.fromkeys(ROLES) if none else {}
+        for item in schedules:
+            role, sep, text = item.partition("=")
+            role = _role(role, f"--schedule {item!r}", sep=bool(sep))
+            try:
+                chosen[role] = parse_schedule(text)
+            except ValueError as exc:
+                raise ValueError(f"--schedule {role}: {exc}") from None
+        out = cls(**chosen)
+        for flag, roles in (("--active", active), ("--inactive", inactive)):
+            for name in roles:
+                role = _role(name, f"{flag} {name!r}")
+                setting = getattr(out, role)
+                if setting is None:
+                    raise ValueError(f"{flag} {role}: the {role} deployment has no schedule")
+                setting = setting.model_copy(update={"active": flag == "--active"})
+                out = out.model_copy(update={role: setting})
+        return out
+
+    def for_flow(self, flow: FlowName, *, party: str | None) -> list[Schedule]:
+        role = ROLE_OF.get(flow)
+        setting = getattr(self, role) if role else None
+        if setting is None:
+            return []
+        if role == "score":
+            if party is None:
+                return []
+            return [setting.to_prefect(slug=f"score-{party}", parameters={"party": party})]
+        return [setting.to_prefect(slug=role)] if role else []
+
+
+def _role(name: str, where: str, *, sep: bool = True) -> Role:
+    role = name.strip()
+    if not sep or role not in ROLES:
+        raise ValueError(f"{where}: ROLE is one of {', '.join(ROLES)}")
+    return role
 
 
 def ensure_process_pool(name: str) -> bool:
@@ -159,12 +277,15 @@ def plan_deployments(
     schedules: Schedules | None = None,
     work_pool: str | None = None,
     per_party: bool = True,
+    parameters: dict[Role, dict[str, Any]] | None = None,
 ) -> list[PlannedDeployment]:
     """The deployments of one spec: ``prepare``, ``federated-training`` and ``score`` on the
     coordinator's pool and, for every party with a ``work_pool`` (``per_party``), that
     party's ``party-pipeline``, ``party-step`` and ``score`` deployments on its own pool.
     With party pools, the coordinator's deployments get ``dispatch=<name>`` so their runs
-    send each party's steps to the party's pool."""
+    send each party's steps to the party's pool. ``parameters`` adds default parameters to
+    the coordinator's deployment of each role (checked against the flow's signature when
+    the deployment is built, :func:`runner_deployments`)."""
     from tasks.spec.load import load_spec
 
     spec_file = Path(spec_path).resolve()
@@ -180,6 +301,7 @@ def plan_deployments(
     planned: list[PlannedDeployment] = []
     for entry in VERTICAL_FLOWS if vertical else FLOWS:
         params = base if entry.name == "score" else coordinator_params
+        params = {**params, **(parameters or {}).get(ROLE_OF[entry.name], {})}
         planned.append(
             PlannedDeployment(
                 entry=entry,
@@ -223,7 +345,8 @@ def runner_deployments(
     ``checkout``: loaded with ``flow.from_source`` from this repository, so a process worker
     runs them from the checkout (pull step ``set_working_directory``); ``module``: module
     entrypoints of the installed package (for ``serve``, which runs them in this process's
-    environment)."""
+    environment). Each one's parameters, and each schedule's over them, are checked against
+    its flow's signature first (:class:`ParameterError`)."""
     import importlib
 
     from prefect import Flow
@@ -242,6 +365,11 @@ def runner_deployments(
             module = importlib.import_module(entry.module)
             flow = cast("Flow[..., Any]", getattr(module, entry.entrypoint.rsplit(":", 1)[1]))
             kind = EntrypointType.MODULE_PATH
+        where = f"{entry.name}/{plan.name}"
+        schema = flow.parameters.model_dump()
+        check_parameters(where, schema, plan.parameters, required=False)
+        for schedule in plan.schedules:
+            check_parameters(where, schema, {**plan.parameters, **(schedule.parameters or {})})
         deployment = cast(
             "RunnerDeployment",
             flow.to_deployment(
@@ -264,6 +392,7 @@ def deploy(
     pool: str = DEFAULT_POOL,
     name: str | None = None,
     schedules: Schedules | None = None,
+    parameters: dict[Role, dict[str, Any]] | None = None,
 ) -> list[str]:
     """Register (or update) a spec's deployments on process work pools (created if
     missing): the coordinator's three on ``pool``, each pooled party's own on its pool.
@@ -271,11 +400,14 @@ def deploy(
     (``flow/deployment``)."""
     from prefect.settings import PREFECT_DEPLOYMENTS_CLEAR_SCHEDULES_ON_EMPTY, temporary_settings
 
-    planned = plan_deployments(spec_path, name=name, schedules=schedules, work_pool=pool)
+    planned = plan_deployments(
+        spec_path, name=name, schedules=schedules, work_pool=pool, parameters=parameters
+    )
+    deployments = runner_deployments(planned)  # checks every parameter before any API call
     for plan_pool in dict.fromkeys(p.work_pool or pool for p in planned):
         ensure_process_pool(plan_pool)
     names: list[str] = []
-    for plan, deployment in zip(planned, runner_deployments(planned), strict=True):
+    for plan, deployment in zip(planned, deployments, strict=True):
         target = plan.work_pool or pool
         if deployment.schedules:
             deployment.apply(work_pool_name=target)
@@ -292,6 +424,7 @@ def serve(
     name: str | None = None,
     schedules: Schedules | None = None,
     limit: int | None = None,
+    parameters: dict[Role, dict[str, Any]] | None = None,
 ) -> None:
     """Serve the three deployments from this process until interrupted (Ctrl-C).
 
@@ -299,7 +432,9 @@ def serve(
     in a subprocess. On shutdown Prefect pauses the served deployments' schedules."""
     from prefect import serve as prefect_serve
 
-    planned = plan_deployments(spec_path, name=name, schedules=schedules, per_party=False)
+    planned = plan_deployments(
+        spec_path, name=name, schedules=schedules, per_party=False, parameters=parameters
+    )
     deployments = runner_deployments(planned, source="module")
     prefect_serve(*deployments, limit=limit, print_starting_message=True)
 
@@ -319,6 +454,58 @@ def parse_params(pairs: Iterable[str]) -> dict[str, Any]:
     return params
 
 
+def parse_role_params(pairs: Iterable[str]) -> dict[Role, dict[str, Any]]:
+    """``ROLE.key=value`` pairs (``training.rounds=10``) by role, values as
+    :func:`parse_params` reads them."""
+    out: dict[Role, dict[str, Any]] = {}
+    for key, value in parse_params(pairs).items():
+        role, dot, name = key.partition(".")
+        if not dot or not name:
+            raise ValueError(
+                f"parameter {key!r} is not of the form ROLE.key=value "
+                f"(ROLE one of {', '.join(ROLES)})"
+            )
+        out.setdefault(_role(role, f"parameter {key!r}"), {})[name] = value
+    return out
+
+
+class ParameterError(ValueError):
+    """Parameters a flow does not take, or values its parameter schema refuses."""
+
+
+def check_parameters(
+    where: str,
+    schema: dict[str, Any],
+    parameters: dict[str, Any],
+    *,
+    required: bool = True,
+) -> None:
+    """Check ``parameters`` against a flow's parameter schema (the deployment's
+    ``parameter_openapi_schema``, or :func:`prefect.utilities.callables.parameter_schema`
+    of the flow) with Prefect's own validator, the one the server runs, plus
+    ``additionalProperties: false``: a name the flow does not take is refused (the server
+    accepts it, and the run then crashes on the worker). One line naming ``where`` and the
+    allowed parameters; ``required=False`` leaves missing required ones to later."""
+    from prefect.utilities.schema_tools.validation import validate
+
+    allowed = list(schema.get("properties", {}))
+    strict = {**schema, "additionalProperties": False}
+    problems: list[str] = []
+    for error in validate(parameters, strict, ignore_required=not required):
+        if error.validator == "additionalProperties":
+            unknown = sorted(set(parameters) - set(allowed))
+            problems.append(f"no parameter {', '.join(map(repr, unknown))}")
+        elif error.validator == "required":
+            problems.append(f"missing parameter {error.message.split(' ', 1)[0]}")
+        else:
+            name = ".".join(str(p) for p in error.absolute_path) or "parameters"
+            problems.append(f"parameter {name!r}: {error.message}")
+    if problems:
+        raise ParameterError(
+            f"{where}: {'; '.join(problems)} (its parameters: {', '.join(allowed) or 'none'})"
+        )
+
+
 def full_deployment_name(name: str) -> str:
     """``flow/deployment``; a bare name means the deployment named like its flow
     (as in ``deployments/prefect.yaml``)."""
@@ -326,11 +513,24 @@ def full_deployment_name(name: str) -> str:
 
 
 def start_run(deployment: str, parameters: dict[str, Any] | None = None) -> FlowRun:
-    """Create a flow run of a deployment and return at once (a worker or ``serve`` runs it)."""
+    """Create a flow run of a deployment and return at once (a worker or ``serve`` runs it).
+
+    The parameters, over the deployment's own, are checked against the flow's signature
+    first (:func:`check_parameters`); a deployment that does not exist is ``ObjectNotFound``."""
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
+    name = full_deployment_name(deployment)
+    with get_client(sync_client=True) as client:
+        found = client.read_deployment_by_name(name)
+    if found.parameter_openapi_schema:  # a deployment without one: the server alone decides
+        check_parameters(
+            name,
+            found.parameter_openapi_schema,
+            {**(found.parameters or {}), **(parameters or {})},
+        )
     run = run_deployment(
-        full_deployment_name(deployment),
+        name,
         parameters=parameters or {},
         timeout=0,
         as_subflow=False,
@@ -558,3 +758,91 @@ def retry_run(id_or_name: str | UUID) -> FlowRun:
     if result.status == SetStateStatus.ABORT:
         raise RuntimeError(f"flow run {run.name} could not be retried: {result.details}")
     return run
+
+
+@dataclass(frozen=True)
+class ScheduleRow:
+    """One schedule of a deployment, as ``fedfuse status`` lists it."""
+
+    slug: str
+    what: str
+    active: bool
+
+
+@dataclass(frozen=True)
+class DeploymentRow:
+    """One deployment and its schedules."""
+
+    name: str
+    work_pool: str
+    paused: bool
+    schedules: list[ScheduleRow]
+
+
+def _describe(schedule: Any) -> str:
+    cron = getattr(schedule, "cron", None)
+    if cron is not None:
+        return f"cron {cron} ({getattr(schedule, 'timezone', None) or 'UTC'})"
+    interval = getattr(schedule, "interval", None)
+    if interval is not None:
+        return f"every {interval}"
+    return type(schedule).__name__
+
+
+def deployment_rows(limit: int = 200) -> list[DeploymentRow]:
+    """The server's deployments (by full name) with their schedules and whether each is
+    active, and whether the deployment is paused."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        deployments = client.read_deployments(limit=limit)
+        flows: dict[UUID, str] = {}
+        if deployments:
+            from prefect.client.schemas.filters import FlowFilter, FlowFilterId
+
+            ids = list({d.flow_id for d in deployments})
+            flows = {
+                f.id: f.name
+                for f in client.read_flows(flow_filter=FlowFilter(id=FlowFilterId(any_=ids)))
+            }
+    rows = [
+        DeploymentRow(
+            name=f"{flows.get(d.flow_id, '?')}/{d.name}",
+            work_pool=d.work_pool_name or "-",
+            paused=bool(d.paused),
+            schedules=[
+                ScheduleRow(slug=s.slug or str(s.id), what=_describe(s.schedule), active=s.active)
+                for s in d.schedules
+            ],
+        )
+        for d in deployments
+    ]
+    return sorted(rows, key=lambda r: r.name)
+
+
+def set_schedules_active(
+    deployment: str, active: bool, *, slug: str | None = None
+) -> list[ScheduleRow]:
+    """Make a deployment's schedules (or the one with ``slug``) active or inactive through
+    Prefect's deployment schedule API. Resuming also resumes a paused deployment (as
+    ``fedfuse serve`` leaves its deployments on shutdown), so its schedules create runs
+    again. Returns the schedules changed; a deployment without (that) schedule is a
+    :class:`ValueError`, a missing deployment ``ObjectNotFound``."""
+    from prefect.client.orchestration import get_client
+
+    name = full_deployment_name(deployment)
+    with get_client(sync_client=True) as client:
+        found = client.read_deployment_by_name(name)
+        chosen = [s for s in found.schedules if slug is None or s.slug == slug]
+        if not chosen:
+            slugs = ", ".join(s.slug or str(s.id) for s in found.schedules) or "none"
+            what = f"no schedule {slug!r}" if slug else "no schedule"
+            raise ValueError(f"deployment {name} has {what} (its schedules: {slugs})")
+        for schedule in chosen:
+            client.update_deployment_schedule(found.id, schedule.id, active=active)
+        if active and found.paused:
+            client.resume_deployment(found.id)
+    return [
+        ScheduleRow(slug=s.slug or str(s.id), what=_describe(s.schedule), active=active)
+        for s in chosen
+    ]

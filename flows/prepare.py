@@ -196,6 +196,16 @@ class PrepareError(RuntimeError):
     """One or more parties' pipelines failed."""
 
 
+def require_secret(spec: FedSpec, dispatch: str | None = None) -> None:
+    """Fail at once, in one line saying how to set it (:class:`storage.secrets.SecretError`),
+    when a party whose pipeline runs in this process (every party without ``dispatch``)
+    cannot read the consortium secret where the spec says: before any pipeline starts,
+    rather than once per party and step."""
+    pooled = pooled_parties(spec, dispatch)
+    if any(p.id not in pooled for p in spec.parties):
+        secret_tag(spec.consortium.secret)
+
+
 def consortium_vocabularies(spec: FedSpec) -> dict[str, list[str]]:
     """The spec's resolved vocabularies: listed ones as written, learned ones as stored in
     the coordinator store for this spec (never learned again here)."""
@@ -340,6 +350,7 @@ def prepare(
     """
     logger = get_run_logger()
     spec = load_spec(spec_path)
+    require_secret(spec, dispatch)
     learn_vocabularies(spec, dispatch=dispatch, refresh=refresh)
     futures = run_pipelines(spec, spec_path, as_of=as_of, refresh=refresh, dispatch=dispatch)
     outputs: dict[str, FusedOutput] = {}

@@ -13,7 +13,7 @@ from pydantic import BaseModel, JsonValue
 
 from flows import progress
 from flows.common import task_options, threads
-from flows.prepare import party_pipeline, prepare
+from flows.prepare import party_pipeline, prepare, require_secret
 from flows.publish import VerticalReport, publish_vertical
 from flows.score import ScoringInputError, party_labels, resolve_run
 from flows.transport import (
@@ -175,6 +175,7 @@ def vertical_training(
             it): parties with a work pool run their steps there. Empty: all in process.
     """
     spec = load_spec(spec_path)
+    require_secret(spec, dispatch)
     label = check_vertical(spec, spec_path)
     call = _runner(spec, dispatch, refresh)
     if baselines and call.remote:

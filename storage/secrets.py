@@ -83,7 +83,9 @@ def resolve_secret(*, env: str | None = None, block: str | None = None) -> bytes
         value = os.environ.get(env)
         if not value:
             raise SecretError(
-                f"the consortium secret is read from environment variable {env}, which is not set"
+                f"the consortium secret is read from environment variable {env}, which is not "
+                f"set: set it to the consortium's secret (the same at every party) with "
+                f"export {env}=..., or make a new one with export {env}=$({MAKE_ONE})"
             )
         return checked(value, env)
     if block is not None:
@@ -92,7 +94,12 @@ def resolve_secret(*, env: str | None = None, block: str | None = None) -> bytes
         try:
             secret = Secret.load(block)
         except ValueError as exc:
-            raise SecretError(f"no Prefect Secret block named {block!r}: {exc}") from exc
+            raise SecretError(
+                f"the consortium secret is read from Prefect Secret block {block!r}, which "
+                "does not exist on this Prefect server: create it in the UI (Blocks, Secret) "
+                f'or with python3 -c "from prefect.blocks.system import Secret; '
+                f"Secret(value='...').save('{block}')\""
+            ) from exc
         value = secret.get()  # type: ignore[union-attr]
         if not isinstance(value, str) or not value:
             raise SecretError(f"Prefect Secret block {block!r} holds no text secret")

@@ -118,7 +118,7 @@ churned = { from = "Churn", dtype = "bool", values = { yes = "true", no = "false
     assert [s.id for s in spec.party("east").sources] == ["customers", "transactions"]
 
 
-def test_cli_validate_shows_the_expanded_parties(tmp_path: Path) -> None:
+def test_cli_validate_shows_the_expanded_parties(tmp_path: Path, secret: str) -> None:
     result = CliRunner().invoke(app, ["validate", str(write_consortium(tmp_path))])
     assert result.exit_code == 0, result.output
     out = " ".join(result.output.split())

@@ -123,7 +123,7 @@ def test_deploy_run_watch_and_status(cli: CliRunner, worker_pool: str, tmp_path:
     assert "ops-run" in status.stdout
 
     bad = cli.invoke(app, ["run", "prepare/ops-run", "--param", "refresh=maybe"])
-    assert bad.exit_code == 1 and "refresh" in bad.stderr
+    assert bad.exit_code == 2 and "refresh" in bad.stderr  # checked before a run is created
     missing = cli.invoke(app, ["run", "prepare/no-such-deployment"])
     assert missing.exit_code == 1 and "no deployment" in missing.stderr
 

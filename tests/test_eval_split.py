@@ -73,7 +73,7 @@ def test_split_column_and_values_validate(tiny_table_spec: Path) -> None:
     }
 
 
-def test_validate_names_who_decides_each_split(tiny_table_spec: Path) -> None:
+def test_validate_names_who_decides_each_split(tiny_table_spec: Path, secret: str) -> None:
     spec_path = _with_split_column(tiny_table_spec, ["train", "valid", "test", "train"])
     result = CliRunner().invoke(app, ["validate", str(spec_path)])
     assert result.exit_code == 0, result.output

@@ -217,9 +217,10 @@ def test_jsonl_events_text_and_device_map(tmp_path: Path) -> None:
     assert "dev1" not in text and "C1" not in text
 
 
-def test_plain_draft_validates(tmp_path: Path) -> None:
+def test_plain_draft_validates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A plain horizontal CSV case (header, id column) drafts a spec ``fedfuse validate``
     accepts as it is."""
+    monkeypatch.setenv("FEDFUSE_SECRET", "0123456789abcdef0123456789abcdef")
     args: list[str] = []
     for party, extra in (("site-a", ""), ("site-b", ",tenure")):
         folder = tmp_path / "exports" / party
@@ -568,7 +569,10 @@ def _row_number_case(root: Path) -> tuple[list[str], str]:
     strict=True,
 )
 @pytest.mark.parametrize("case", [_alike_case, _headerless_case, _row_number_case])
-def test_drafts_with_every_key_validate(tmp_path: Path, case: object) -> None:
+def test_drafts_with_every_key_validate(
+    tmp_path: Path, case: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEDFUSE_SECRET", "0123456789abcdef0123456789abcdef")
     assert callable(case)
     args, label = case(tmp_path)
     code, output, _ = _init(tmp_path, args, label=label)

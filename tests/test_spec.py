@@ -84,7 +84,7 @@ def test_unknown_key_is_refused(tiny_table_spec: Path) -> None:
     assert any(p.startswith("parties[0].sources[0].colums:") for p in _problems(data))
 
 
-def test_cli_validate_summary_and_errors(tiny_table_spec: Path) -> None:
+def test_cli_validate_summary_and_errors(tiny_table_spec: Path, secret: str) -> None:
     runner = CliRunner()
     ok = runner.invoke(app, ["validate", str(tiny_table_spec)])
     assert ok.exit_code == 0, ok.output

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from flows.cli import commands, init_command, ops_commands
+from flows.cli import commands, init_command, ops_commands, schedule_commands
 
 app = typer.Typer(
     name="fedfuse",
@@ -19,6 +19,7 @@ app = typer.Typer(
 commands.register(app)  # validate, demo-data, prepare, train, demo, predict, export
 ops_commands.register(app)  # deploy, serve, run, status, retry
 init_command.register(app)  # init: draft a spec from sample exports
+schedule_commands.register(app)  # schedule pause|resume|ls
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -20,12 +20,23 @@ from flows.cli.console import console, errors, quiet_prefect, reported
 if TYPE_CHECKING:
     from flows.publish import TrainingResult
     from flows.vertical import VerticalResult
+    from tasks.spec.models import FedSpec
 
 DEMO_SECRET_ENV = "FEDFUSE_SECRET"
 
 
-def validate(spec: Annotated[Path, typer.Argument(help="Consortium spec (TOML)")]) -> None:
+def validate(
+    spec: Annotated[Path, typer.Argument(help="Consortium spec (TOML)")],
+    secret: Annotated[
+        bool,
+        typer.Option(
+            help="Also check that the consortium secret is reachable here (the environment "
+            "variable is set, or the Prefect Secret block exists) and strong enough"
+        ),
+    ] = True,
+) -> None:
     """Check a consortium spec; print a summary or every problem with its key path."""
+    from storage.secrets import SecretError, resolve_secret
     from tasks.spec.load import load_spec, summary
     from tasks.spec.models import SpecError
 
@@ -39,8 +50,36 @@ def validate(spec: Annotated[Path, typer.Argument(help="Consortium spec (TOML)")
     except FileNotFoundError as exc:
         errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(code=1) from None
+    ref = loaded.consortium.secret
+    if secret:
+        try:
+            resolve_secret(env=ref.env, block=ref.block)
+        except SecretError as exc:
+            errors.print(
+                f"[bold red]{escape(str(spec))}: consortium.secret:[/] {escape(str(exc))}",
+                highlight=False,
+            )
+            raise typer.Exit(code=1) from None
     console.print(f"[green]valid[/] {escape(str(spec))}", highlight=False)
     console.print(summary(loaded), markup=False, highlight=False)
+    where = f"environment variable {ref.env}" if ref.env else f"Prefect Secret block {ref.block!r}"
+    console.print(
+        f"  secret: {where}" + (", reachable here" if secret else " (not checked)"),
+        markup=False,
+        highlight=False,
+    )
+
+
+def checked_spec(spec: Path) -> FedSpec:
+    """The loaded spec, its consortium secret read where it says (every party runs in this
+    process): a :class:`~tasks.spec.models.SpecError` or
+    :class:`~storage.secrets.SecretError` comes before the flows are even imported."""
+    from storage.secrets import resolve_secret
+    from tasks.spec.load import load_spec
+
+    loaded = load_spec(str(spec))
+    resolve_secret(env=loaded.consortium.secret.env, block=loaded.consortium.secret.block)
+    return loaded
 
 
 def demo_data(
@@ -152,10 +191,9 @@ def prepare(
     """Run every party's pipeline (preprocess, features, align, fuse) as Prefect flows."""
     quiet_prefect()
     with reported():
+        checked_spec(spec)  # key paths, an unreachable secret: before any flow or server
         from flows.prepare import prepare as prepare_flow
-        from tasks.spec.load import load_spec
 
-        load_spec(str(spec))  # fail fast with key paths before any flow starts
         with progress_display():
             outputs = prepare_flow(
                 str(spec.resolve()), as_of=as_of.date() if as_of else None, refresh=refresh
@@ -263,10 +301,9 @@ def train(
     """Prepare every party, then train the global ensemble round after round."""
     quiet_prefect()
     with reported(), _flow_settings():
+        loaded = checked_spec(spec)  # before any flow or server starts
         from flows.horizontal import federated_training
-        from tasks.spec.load import load_spec
 
-        loaded = load_spec(str(spec))
         if loaded.consortium.layout == "vertical":
             from flows.vertical import vertical_training
 
@@ -372,13 +409,12 @@ def predict(
     """Run a party's pipeline on new raw data and score it with the global ensemble."""
     quiet_prefect()
     with reported(), _flow_settings():
+        loaded = checked_spec(spec)  # before any flow or server starts
         from flows.score import ScoringInputError, resolve_run, score
         from flows.vertical import vertical_score
         from storage.files import write_text_atomic
         from storage.store import read_table
-        from tasks.spec.load import load_spec
 
-        loaded = load_spec(str(spec))
         try:
             folders = _data_folders(data or [], party, {p.id for p in loaded.parties})
         except ValueError as exc:

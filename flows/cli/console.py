@@ -25,8 +25,9 @@ def quiet_prefect() -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from flows.prepare import PrepareError
-    from flows.score import ScoringInputError
+    """The input errors, from the modules a spec's loading imports anyway; the flows' own
+    (:func:`_flow_errors`) are matched only when none of these is (importing the flows
+    takes seconds, which a spec or secret refused before any flow started need not wait)."""
     from storage.files import ConfinementError
     from storage.runs import RunChoiceError
     from storage.secrets import SecretError
@@ -45,13 +46,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         AlignError,
         SecretError,
         FileNotFoundError,
-        PrepareError,
         ConfinementError,
         IntegrityError,
         RunChoiceError,
-        ScoringInputError,
         VocabularyError,
     )
+
+
+def _flow_errors() -> tuple[type[BaseException], ...]:
+    from flows.prepare import PrepareError
+    from flows.score import ScoringInputError
+
+    return (PrepareError, ScoringInputError)
 
 
 def _short_console_errors() -> None:
@@ -80,11 +86,12 @@ def _short_console_errors() -> None:
 @contextmanager
 def reported() -> Iterator[None]:
     """Turn known input problems into a clear message and exit code 1 (no traceback)."""
-    known = _user_errors()
     _short_console_errors()
     try:
         yield
-    except known as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()) and not isinstance(exc, _flow_errors()):
+            raise
         errors.print(
             f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True
         )

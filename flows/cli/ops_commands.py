@@ -17,7 +17,7 @@ from flows.cli.console import console, errors, quiet_prefect, reported
 from tasks.spec.load import load_spec
 
 if TYPE_CHECKING:
-    from flows.ops import Schedules
+    from flows.ops import Role, Schedules
 
 
 @contextmanager
@@ -46,18 +46,30 @@ def _api() -> Iterator[None]:
         raise typer.Exit(code=1) from None
 
 
-def _schedules(
-    prepare_cron: str, training_cron: str, score_every: float, no_schedules: bool
-) -> Schedules:
-    from flows.ops import Schedules
+#: The same guard for the other command modules (``fedfuse schedule``).
+api = _api
 
-    if no_schedules:
-        return Schedules(prepare_cron=None, training_cron=None, score_interval=None)
-    return Schedules(
-        prepare_cron=prepare_cron or None,
-        training_cron=training_cron or None,
-        score_interval=dt.timedelta(hours=score_every) if score_every > 0 else None,
-    )
+
+def _deploy_options(
+    schedule: list[str] | None,
+    active: list[str] | None,
+    inactive: list[str] | None,
+    no_schedules: bool,
+    param: list[str] | None,
+) -> tuple[Schedules, dict[Role, dict[str, Any]]]:
+    """The schedules and default parameters given to deploy or serve; a bad one is a
+    one-line error and exit code 2."""
+    from flows.ops import Schedules, parse_role_params
+
+    try:
+        schedules = Schedules.from_options(
+            schedule or [], active=active or [], inactive=inactive or [], none=no_schedules
+        )
+        parameters = parse_role_params(param or [])
+    except ValueError as exc:
+        errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(code=2) from None
+    return schedules, parameters
 
 
 SpecArg = Annotated[
@@ -67,28 +79,43 @@ NameOpt = Annotated[
     str | None,
     typer.Option(help="Deployment name (default: the consortium name, e.g. prepare/<name>)"),
 ]
-CronOpt = Annotated[str, typer.Option("--cron", help="Cron of the daily prepare run ('' for none)")]
-TrainCronOpt = Annotated[
-    str, typer.Option("--training-cron", help="Cron of the training run ('' for none)")
-]
-ScoreOpt = Annotated[
-    float,
+ScheduleOpt = Annotated[
+    list[str] | None,
     typer.Option(
-        "--score-every",
-        help="Hours between score runs of the first party (schedule created inactive; 0: none)",
+        "--schedule",
+        "-s",
+        help="ROLE=cron:EXPR, ROLE=interval:SECONDS (or 30min, 6h, 1d) or ROLE=none; ROLE "
+        "is prepare, training or score (defaults: prepare cron:0 2 * * *, training "
+        "cron:0 4 * * 1, score interval:6h inactive)",
     ),
 ]
+ActiveOpt = Annotated[
+    list[str] | None, typer.Option("--active", help="ROLE whose schedule is made active")
+]
+InactiveOpt = Annotated[
+    list[str] | None, typer.Option("--inactive", help="ROLE whose schedule is made inactive")
+]
 NoSchedOpt = Annotated[bool, typer.Option("--no-schedules", help="Create no schedules")]
+DeployParamOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--param",
+        "-p",
+        help="ROLE.key=value: a default parameter of that deployment (training.rounds=10), "
+        "checked against its flow's signature",
+    ),
+]
 
 
 def deploy(
     spec: SpecArg,
     pool: Annotated[str, typer.Option(help="Process work pool (created if missing)")] = "fedfuse",
     name: NameOpt = None,
-    cron: CronOpt = "0 2 * * *",
-    training_cron: TrainCronOpt = "0 4 * * 1",
-    score_every: ScoreOpt = 6.0,
+    schedule: ScheduleOpt = None,
+    active: ActiveOpt = None,
+    inactive: InactiveOpt = None,
     no_schedules: NoSchedOpt = False,
+    param: DeployParamOpt = None,
 ) -> None:
     """Register the prepare, federated-training and score deployments of a spec on a work pool,
     and each party's own deployments on the party's work_pool (when the spec gives one).
@@ -98,10 +125,12 @@ def deploy(
     from flows.ops import deploy as deploy_spec
 
     quiet_prefect()
-    schedules = _schedules(cron, training_cron, score_every, no_schedules)
+    schedules, parameters = _deploy_options(schedule, active, inactive, no_schedules, param)
     with _api(), reported():
         try:
-            names = deploy_spec(spec, pool=pool, name=name, schedules=schedules)
+            names = deploy_spec(
+                spec, pool=pool, name=name, schedules=schedules, parameters=parameters
+            )
         except ValueError as exc:  # e.g. the pool exists with another type
             errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(code=1) from None
@@ -118,10 +147,11 @@ def deploy(
 def serve(
     spec: SpecArg,
     name: NameOpt = None,
-    cron: CronOpt = "0 2 * * *",
-    training_cron: TrainCronOpt = "0 4 * * 1",
-    score_every: ScoreOpt = 6.0,
+    schedule: ScheduleOpt = None,
+    active: ActiveOpt = None,
+    inactive: InactiveOpt = None,
     no_schedules: NoSchedOpt = False,
+    param: DeployParamOpt = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Most runs at the same time")] = None,
 ) -> None:
     """Serve the three deployments of a spec from this process (no work pool, no worker).
@@ -131,9 +161,13 @@ def serve(
     from flows.ops import serve as serve_spec
 
     quiet_prefect()
-    schedules = _schedules(cron, training_cron, score_every, no_schedules)
+    schedules, parameters = _deploy_options(schedule, active, inactive, no_schedules, param)
     with _api(), reported():
-        serve_spec(spec, name=name, schedules=schedules, limit=limit)
+        try:
+            serve_spec(spec, name=name, schedules=schedules, limit=limit, parameters=parameters)
+        except ValueError as exc:  # a parameter the flow does not take
+            errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(code=1) from None
 
 
 def run(
@@ -229,13 +263,19 @@ def status(
         bool, typer.Option(help="Also list subflow runs (parties, training rounds)")
     ] = False,
     ids: Annotated[bool, typer.Option(help="Add a column with the flow run ids")] = False,
+    deployments: Annotated[
+        bool, typer.Option(help="Also list the deployments and their schedules")
+    ] = True,
 ) -> None:
-    """Recent flow runs: name, flow, deployment, state, start, duration."""
-    from flows.ops import recent_runs
+    """Recent flow runs: name, flow, deployment, state, start, duration; then the
+    deployments with their schedules (inactive ones marked)."""
+    from flows.cli.schedule_commands import print_deployments
+    from flows.ops import deployment_rows, recent_runs
 
     quiet_prefect()
     with _api():
         rows = recent_runs(limit, subflows=subflows)
+        listed = deployment_rows() if deployments else None
     table = Table(title=f"recent flow runs ({len(rows)})", header_style="bold")
     columns = ["name", "flow", "deployment", "state", "start", "duration"]
     for column in columns + (["id"] if ids else []):
@@ -258,6 +298,8 @@ def status(
         ]
         table.add_row(*cells, *([str(row.id)] if ids else []))
     console.print(table)
+    if listed is not None:
+        print_deployments(listed)
 
 
 def retry(
