@@ -54,6 +54,7 @@ from tasks.horizontal.steps import (
 )
 from tasks.horizontal.training import EarlyStopping, aggregate_metrics, base_score
 from tasks.prepare.design import FeatureSchema, consortium_schema
+from tasks.report import progress_text
 from tasks.run_identity import num_classes, run_key
 from tasks.spec.load import load_spec
 from tasks.spec.models import FedSpec, TrainingSpec
@@ -330,6 +331,17 @@ def _run_rounds(
         if reason is not None or (stop_after is not None and done_here >= stop_after):
             break
         prefetch = prefetch_wanted(loop.remote, t, training.rounds, stop_after, done_here)
+        update_progress_artifact(
+            progress_id,
+            progress=100.0 * checkpoint.round / training.rounds,
+            description=progress_text(
+                t,
+                training.rounds,
+                parties=[s.party for s in loop.setups],
+                left_out=checkpoint.left_out,
+                running=True,
+            ),
+        )
         out = federated_round(loop.input(checkpoint, prefetched, prefetch))
         if out.aggregate.round != t:  # a round's result must be that round's, never another's
             raise RoundError(f"round {t} came back as round {out.aggregate.round}")
@@ -342,12 +354,26 @@ def _run_rounds(
         progress.emit(
             "training", f"round {t}", f"valid {metric} {out.valid.get(metric, math.nan):.5f}"
         )
-        update_progress_artifact(progress_id, progress=100.0 * t / training.rounds)
+        update_progress_artifact(
+            progress_id,
+            progress=100.0 * t / training.rounds,
+            description=progress_text(
+                t,
+                training.rounds,
+                parties=sorted(out.evals),
+                left_out={**checkpoint.left_out, **out.aggregate.dropped},
+            ),
+        )
         if stop:
             logger.info("early stopping after round %d; best round %d", t, stopper.best_round)
     if reason is not None:
         logger.info("training stopped after round %d: %s", checkpoint.round, STOP_TEXT[reason])
-        update_progress_artifact(progress_id, progress=100.0)
+        update_progress_artifact(
+            progress_id,
+            progress=100.0,
+            description=f"stopped after round {checkpoint.round} ({STOP_TEXT[reason]}); "
+            f"best round {checkpoint.best_round}",
+        )
     return checkpoint, reason
 
 
@@ -455,6 +481,7 @@ def _publish(
         ),
         upto_round=best,
         valid=checkpoint.valid,
+        party_valid=checkpoint.party_valid,
         test=checkpoint.test,
         best_round=checkpoint.best_round,
         rounds_run=checkpoint.round,
