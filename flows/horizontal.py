@@ -317,6 +317,9 @@ def _run_rounds(
     done_here = 0
     reason: StopReason | None = checkpoint.stop_reason if checkpoint.stopped else None
     prefetched: dict[str, PartyUpdate] = {}
+    # the parties that evaluated the last round, and those out of it (the progress line)
+    evaluated: list[str] = []
+    out_of_round: dict[str, str] = dict(checkpoint.left_out)
     while not checkpoint.stopped:
         t = checkpoint.round + 1
         reason = stop_before(
@@ -354,15 +357,12 @@ def _run_rounds(
         progress.emit(
             "training", f"round {t}", f"valid {metric} {out.valid.get(metric, math.nan):.5f}"
         )
+        evaluated = sorted(out.evals)
+        out_of_round = {**checkpoint.left_out, **out.aggregate.dropped}
         update_progress_artifact(
             progress_id,
             progress=100.0 * t / training.rounds,
-            description=progress_text(
-                t,
-                training.rounds,
-                parties=sorted(out.evals),
-                left_out={**checkpoint.left_out, **out.aggregate.dropped},
-            ),
+            description=progress_text(t, training.rounds, parties=evaluated, left_out=out_of_round),
         )
         if stop:
             logger.info("early stopping after round %d; best round %d", t, stopper.best_round)
@@ -371,8 +371,14 @@ def _run_rounds(
         update_progress_artifact(
             progress_id,
             progress=100.0,
-            description=f"stopped after round {checkpoint.round} ({STOP_TEXT[reason]}); "
-            f"best round {checkpoint.best_round}",
+            description=progress_text(
+                checkpoint.round,
+                training.rounds,
+                parties=evaluated,
+                left_out=out_of_round,
+                stopped=STOP_TEXT[reason],
+                best_round=checkpoint.best_round,
+            ),
         )
     return checkpoint, reason
 

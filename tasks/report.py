@@ -58,8 +58,8 @@ def format_metric(name: str, value: float, digits: int = 4) -> str:
 
 
 def significant(value: float, digits: int = 4) -> str:
-    """A figure rounded to ``digits`` significant digits (``-`` for NaN)."""
-    return "-" if math.isnan(value) else f"{value:.{digits}g}"
+    """A figure rounded to ``digits`` significant digits (``NaN`` shown as such)."""
+    return "NaN" if math.isnan(value) else f"{value:.{digits}g}"
 
 
 def has_pooled_auc(models: Sequence[Mapping[str, float]]) -> bool:
@@ -300,6 +300,9 @@ def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
+#: A cell without a figure (the UI's table reads a bare ``-`` as a list bullet).
+NO_FIGURE = "–"
+
 #: The ``party`` cell of a metrics row holding the consortium's aggregate figures.
 ALL_PARTIES = "all parties"
 
@@ -324,7 +327,7 @@ def round_metric_rows(
         {
             "round": f"round {i}",
             "party": party,
-            **{metric_title(k): significant(m[k]) if k in m else "-" for k in metrics},
+            **{metric_title(k): significant(m[k]) if k in m else NO_FIGURE for k in metrics},
             "best": "best" if i == best_round else "",
         }
         for i, rows in enumerate(by_round, start=1)
@@ -339,6 +342,8 @@ def progress_text(
     parties: Sequence[str],
     left_out: Mapping[str, str],
     running: bool = False,
+    stopped: str | None = None,
+    best_round: int = 0,
 ) -> str:
     """The training progress line: which round, the parties it runs at (``running``) or
     that evaluated it (done), and which parties are out of it, with their reasons."""
@@ -347,6 +352,8 @@ def progress_text(
     text = f"round {round_} of at most {rounds} {state}; {where}: " + (", ".join(parties) or "-")
     if left_out:
         text += "; left out: " + "; ".join(f"{p} ({why})" for p, why in sorted(left_out.items()))
+    if stopped:
+        text += f"; stopped: {stopped}; best round {best_round}"
     return text
 
 
