@@ -24,6 +24,9 @@ from tasks.types import Objective
 
 HEADLINE = {"binary": "auc", "multiclass": "accuracy", "regression": "rmse"}
 
+#: A table artifact's cell without a figure (the UI reads a bare ``-`` as a list bullet).
+NO_FIGURE = "–"
+
 #: Column titles of metrics whose key alone would not say what they are.
 METRIC_TITLES = {
     "auc_bound": "auc ± (binned)",
@@ -300,9 +303,6 @@ def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-#: A cell without a figure (the UI's table reads a bare ``-`` as a list bullet).
-NO_FIGURE = "–"
-
 #: The ``party`` cell of a metrics row holding the consortium's aggregate figures.
 ALL_PARTIES = "all parties"
 
@@ -379,11 +379,11 @@ def quality_rows(reports: Sequence[QualityReport]) -> list[dict[str, str]]:
                 "rows_out": str(q.rows_out),
                 "rejected": str(q.rows_rejected),
                 "duplicates": str(q.duplicates_removed),
-                "reasons": "; ".join(_reason_text(r, n) for r, n in reasons) or "-",
+                "reasons": "; ".join(_reason_text(r, n) for r, n in reasons) or NO_FIGURE,
                 "most_missing": (
                     f"{worst[0]}: {significant(100.0 * worst[1], 3)}% missing"
                     if worst is not None and worst[1] > 0
-                    else "-"
+                    else NO_FIGURE
                 ),
                 # rows per column whose value was outside the vocabulary (mapped to the
                 # other bucket where there is one, else missing); never the values
@@ -391,7 +391,7 @@ def quality_rows(reports: Sequence[QualityReport]) -> list[dict[str, str]]:
                     f"{column}: {n} row{'s' if n != 1 else ''}"
                     for column, n in sorted(q.unknown_categories.items())
                 )
-                or "-",
+                or NO_FIGURE,
             }
         )
     return rows

@@ -191,4 +191,5 @@ def test_quality_table_reads_as_sentences_most_rows_first() -> None:
         "most_missing": "amount: 12.5% missing",
         "outside_vocabulary": "channel: 1 row; merchant: 2 rows",
     }
-    assert rows[1]["reasons"] == rows[1]["most_missing"] == rows[1]["outside_vocabulary"] == "-"
+    empty = (rows[1]["reasons"], rows[1]["most_missing"], rows[1]["outside_vocabulary"])
+    assert empty == (NO_FIGURE,) * 3

@@ -29,6 +29,7 @@ FLOW_RUN_TEXTS = {
 }
 REPORT_TEXTS = ("fedfuse training report", "round 1", "site-a", "reports/")
 METRICS_TEXTS = ("round 1", "all parties", "site-a", "site-b", "best")
+QUALITY_TEXTS = ("site-a", "transactions", "2 rows: column 'cust_ref' (customer_id): required")
 #: Milliseconds a page may take to show what it must.
 WAIT_MS = 20_000
 
@@ -65,15 +66,30 @@ def page() -> Iterator[Any]:
 
 
 def _artifact_ids(flow_run_id: UUID) -> dict[str, UUID]:
-    """The run's artifacts by key (latest version of each)."""
+    """The artifacts of the run and its subflow runs by key (latest version of each)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])
+            )
         )
-    return {a.key: a.id for a in sorted(artifacts, key=lambda a: a.created or 0) if a.key}
+        runs = [flow_run_id, *(run.id for run in children)]
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=runs))
+        )
+    return {a.key: a.id for a in sorted(artifacts, key=lambda a: str(a.created)) if a.key}
+
+
+def _artifact(artifacts: dict[str, UUID], suffix: str) -> UUID:
+    return next(i for key, i in artifacts.items() if key.endswith(suffix))
 
 
 def _shows(page: Any, texts: tuple[str, ...]) -> None:
@@ -118,8 +134,8 @@ def test_the_ui_shows_the_training_report_with_its_plots(
         page.get_by_text(tab, exact=True).first.click(timeout=WAIT_MS)
         _check(page, texts, f"flow-run-{tab.lower().replace(' ', '-')}.png")
 
-    report = next(k for k in artifacts if k.endswith("-training-report"))
-    _open(page, f"{base}/artifacts/artifact/{artifacts[report]}", REPORT_TEXTS, "report.png")
+    report = _artifact(artifacts, "-training-report")
+    _open(page, f"{base}/artifacts/artifact/{report}", REPORT_TEXTS, "report.png")
     page.wait_for_function(
         "() => { const i = [...document.images].filter(i => i.src.startsWith('data:image/'));"
         " return i.length >= 2 && i.every(i => i.complete); }",
@@ -136,5 +152,7 @@ def test_the_ui_shows_the_training_report_with_its_plots(
     text = page.evaluate("document.body.innerText")
     assert str(tmp_path) not in text
 
-    metrics = next(k for k in artifacts if k.endswith("-round-metrics"))
-    _open(page, f"{base}/artifacts/artifact/{artifacts[metrics]}", METRICS_TEXTS, "metrics.png")
+    metrics = _artifact(artifacts, "-round-metrics")
+    _open(page, f"{base}/artifacts/artifact/{metrics}", METRICS_TEXTS, "metrics.png")
+    quality = _artifact(artifacts, "-quality")
+    _open(page, f"{base}/artifacts/artifact/{quality}", QUALITY_TEXTS, "quality.png")
