@@ -294,7 +294,9 @@ def markdown_report(
         ]
     if warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
-    lines += ["", "## Artefacts", ""] + [f"- {k}: `{v}`" for k, v in artefacts.items()]
+    lines += ["", "## Artefacts (in the coordinator store)", ""] + [
+        f"- {k}: `{v}`" for k, v in artefacts.items()
+    ]
     return "\n".join(lines) + "\n"
 
 

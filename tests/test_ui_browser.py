@@ -141,12 +141,10 @@ def test_the_ui_shows_the_training_report_with_its_plots(
         " return i.length >= 2 && i.every(i => i.complete); }",
         timeout=WAIT_MS,
     )
-    plots = page.evaluate(
-        "[...document.images].filter(i => i.src.startsWith('data:image/'))"
-        ".map(i => [i.alt, i.naturalWidth])"
-    )
-    assert {alt for alt, _ in plots} == {"validation per round", "importance"}
-    assert all(width > 0 for _, width in plots), plots
+    # every image of the page loads (a link into a store would not), both plots among them
+    images = page.evaluate("[...document.images].map(i => [i.alt, i.naturalWidth])")
+    assert {"validation per round", "importance"} <= {alt for alt, _ in images}
+    assert all(width > 0 for _, width in images), images
     page.screenshot(path=str(SCREENSHOTS / "report.png"), full_page=True)
     # the report names no local path: artefacts are given relative to the coordinator store
     text = page.evaluate("document.body.innerText")
