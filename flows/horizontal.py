@@ -54,6 +54,7 @@ from tasks.horizontal.steps import (
 )
 from tasks.horizontal.training import EarlyStopping, aggregate_metrics, base_score
 from tasks.prepare.design import FeatureSchema, consortium_schema
+from tasks.report import progress_text
 from tasks.run_identity import num_classes, run_key
 from tasks.spec.load import load_spec
 from tasks.spec.models import FedSpec, TrainingSpec
@@ -316,6 +317,9 @@ def _run_rounds(
     done_here = 0
     reason: StopReason | None = checkpoint.stop_reason if checkpoint.stopped else None
     prefetched: dict[str, PartyUpdate] = {}
+    # the parties that evaluated the last round, and those out of it (the progress line)
+    evaluated: list[str] = []
+    out_of_round: dict[str, str] = dict(checkpoint.left_out)
     while not checkpoint.stopped:
         t = checkpoint.round + 1
         reason = stop_before(
@@ -330,6 +334,17 @@ def _run_rounds(
         if reason is not None or (stop_after is not None and done_here >= stop_after):
             break
         prefetch = prefetch_wanted(loop.remote, t, training.rounds, stop_after, done_here)
+        update_progress_artifact(
+            progress_id,
+            progress=100.0 * checkpoint.round / training.rounds,
+            description=progress_text(
+                t,
+                training.rounds,
+                parties=[s.party for s in loop.setups],
+                left_out=checkpoint.left_out,
+                running=True,
+            ),
+        )
         out = federated_round(loop.input(checkpoint, prefetched, prefetch))
         if out.aggregate.round != t:  # a round's result must be that round's, never another's
             raise RoundError(f"round {t} came back as round {out.aggregate.round}")
@@ -342,12 +357,29 @@ def _run_rounds(
         progress.emit(
             "training", f"round {t}", f"valid {metric} {out.valid.get(metric, math.nan):.5f}"
         )
-        update_progress_artifact(progress_id, progress=100.0 * t / training.rounds)
+        evaluated = sorted(out.evals)
+        out_of_round = {**checkpoint.left_out, **out.aggregate.dropped}
+        update_progress_artifact(
+            progress_id,
+            progress=100.0 * t / training.rounds,
+            description=progress_text(t, training.rounds, parties=evaluated, left_out=out_of_round),
+        )
         if stop:
             logger.info("early stopping after round %d; best round %d", t, stopper.best_round)
     if reason is not None:
         logger.info("training stopped after round %d: %s", checkpoint.round, STOP_TEXT[reason])
-        update_progress_artifact(progress_id, progress=100.0)
+        update_progress_artifact(
+            progress_id,
+            progress=100.0,
+            description=progress_text(
+                checkpoint.round,
+                training.rounds,
+                parties=evaluated,
+                left_out=out_of_round,
+                stopped=STOP_TEXT[reason],
+                best_round=checkpoint.best_round,
+            ),
+        )
     return checkpoint, reason
 
 
@@ -456,6 +488,7 @@ def _publish(
         ),
         upto_round=best,
         valid=checkpoint.valid,
+        party_valid=checkpoint.party_valid,
         test=checkpoint.test,
         best_round=checkpoint.best_round,
         rounds_run=checkpoint.round,

@@ -43,6 +43,7 @@ from tasks.prepare.vocabulary import (
     learned_from_counts,
     resolve_vocabularies,
 )
+from tasks.report import quality_rows as report_quality_rows
 from tasks.spec.load import load_spec
 from tasks.spec.models import FedSpec, SourceSpec, default_parallelism
 
@@ -265,30 +266,9 @@ def learn_vocabularies(spec: FedSpec, *, dispatch: str | None, refresh: bool) ->
     )
 
 
-def quality_rows(outputs: list[FusedOutput]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for out in outputs:
-        for q in out.quality:
-            rows.append(
-                {
-                    "party": q.party,
-                    "source": q.source,
-                    "rows_in": q.rows_in,
-                    "rows_out": q.rows_out,
-                    "rejected": q.rows_rejected,
-                    "duplicates": q.duplicates_removed,
-                    "reasons": "; ".join(f"{k}: {v}" for k, v in q.rejected_by_reason.items())
-                    or "-",
-                    "max_null_rate": max(q.null_rates.values(), default=0.0),
-                    # rows per column whose value was outside the vocabulary (mapped to the
-                    # other bucket where there is one, else missing); never the values
-                    "outside_vocabulary": "; ".join(
-                        f"{k}: {v}" for k, v in sorted(q.unknown_categories.items())
-                    )
-                    or "-",
-                }
-            )
-    return rows
+def quality_rows(outputs: list[FusedOutput]) -> list[dict[str, str]]:
+    """The data quality table of every party's sources (:func:`tasks.report.quality_rows`)."""
+    return report_quality_rows([q for out in outputs for q in out.quality])
 
 
 def run_pipelines(

@@ -8,7 +8,7 @@ training.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from prefect import get_run_logger
@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from flows.common import artifact_key, task_options
 from storage.runs import (
     LatestRun,
+    PlotName,
     manifest_name,
     model_name,
     plot_name,
@@ -40,6 +41,8 @@ from tasks.report import (
     metric_rows,
     plot_importance,
     plot_rounds,
+    png_data_uri,
+    round_metric_rows,
 )
 from tasks.run_identity import spec_identity
 from tasks.spec.models import FedSpec, TrainingSpec
@@ -54,6 +57,10 @@ class FinishedTraining(BaseModel):
     ensemble: GlobalEnsemble
     upto_round: int | None = Field(description="Export up to this round (None: all)")
     valid: list[dict[str, float]]
+    party_valid: list[dict[str, dict[str, float]]] = Field(
+        default_factory=list,
+        description="Validation metrics per round at every party that evaluated it",
+    )
     test: list[dict[str, float]]
     best_round: int
     rounds_run: int
@@ -99,14 +106,15 @@ class TrainingResult(BaseModel):
 
 
 def publish_training_artifacts(
-    consortium: str, valid: list[dict[str, float]], report: str, *, description: str
+    consortium: str, rounds: list[dict[str, str]], report: str, *, description: str
 ) -> None:
-    """A training run's artifacts in the UI: validation metrics per round and the report."""
+    """A training run's artifacts in the UI: validation metrics per round (and party, from
+    :func:`tasks.report.round_metric_rows`) and the report (plots inline)."""
     key = artifact_key(consortium)
     create_table_artifact(
-        table=[{"round": i, **v} for i, v in enumerate(valid, start=1)],
+        table=rounds,
         key=f"{key}-round-metrics",
-        description=description,
+        description=f"{description}, best round marked (4 significant digits)",
     )
     create_markdown_artifact(report, key=f"{key}-training-report", description="Training report")
 
@@ -162,33 +170,37 @@ def publish_training(spec: FedSpec, run: FinishedTraining) -> TrainingResult:
         lambda: importance_by_party_modality(ensemble, run.schema_, upto_round=upto),
         no_importance,
     )
-    artefacts = {"manifest": manifest.uri, "model (LightGBM text)": exported.uri}
-    rounds_png = optional(
-        "validation plot",
-        lambda: (
-            coordinator.write_bytes(
-                "reports",
-                plot_name(key, "rounds"),
-                plot_rounds(run.valid, objective=objective, best_round=run.best_round),
-            ).uri
+    artefacts = {
+        "manifest": f"models/{manifest_name(key)}",
+        "model (LightGBM text)": f"models/{model_name(key)}",
+    }
+
+    def plot(name: PlotName, render: Callable[[], bytes]) -> bytes:
+        png = render()
+        coordinator.write_bytes("reports", plot_name(key, name), png)
+        return png
+
+    pngs: dict[PlotName, bytes] = {
+        "rounds": optional(
+            "validation plot",
+            lambda: plot(
+                "rounds",
+                lambda: plot_rounds(run.valid, objective=objective, best_round=run.best_round),
+            ),
+            b"",
         ),
-        "",
-    )
-    importance_png = optional(
-        "importance plot",
-        lambda: (
-            coordinator.write_bytes(
-                "reports", plot_name(key, "importance"), plot_importance(importance)
-            ).uri
+        "importance": optional(
+            "importance plot", lambda: plot("importance", lambda: plot_importance(importance)), b""
         ),
-        "",
-    )
-    if rounds_png:
-        artefacts["validation plot"] = rounds_png
-    if importance_png:
-        artefacts["importance plot"] = importance_png
-    text = (
-        markdown_report(
+    }
+    pngs = {name: png for name, png in pngs.items() if png}
+    titles: dict[PlotName, str] = {"rounds": "validation plot", "importance": "importance plot"}
+    for name in pngs:
+        artefacts[titles[name]] = f"reports/{plot_name(key, name)}"
+    artefacts["report"] = f"reports/{report_name(key)}"
+
+    def render(plots: Mapping[str, str]) -> str:
+        return markdown_report(
             consortium=spec.consortium.name,
             objective=objective,
             comparison=comparison,
@@ -203,16 +215,22 @@ def publish_training(spec: FedSpec, run: FinishedTraining) -> TrainingResult:
             left_out=run.left_out or None,
             warnings=optional.warnings,
             split_sizes=run.split_sizes,
+            plots=plots,
         )
-        .replace("(rounds.png)", f"({plot_name(key, 'rounds')})")
-        .replace("(importance.png)", f"({plot_name(key, 'importance')})")
-    )
+
+    # the stored report links the plots beside it; the UI's copy carries them inline
+    text = render({name: plot_name(key, name) for name in pngs})
     report = coordinator.write_text("reports", report_name(key), text)
     write_latest(
         coordinator,
         LatestRun(run_key=key, manifest=manifest.uri, model=exported.uri, spec=spec_identity(spec)),
     )
-    publish_training_artifacts(spec.consortium.name, run.valid, text, description=run.description)
+    publish_training_artifacts(
+        spec.consortium.name,
+        round_metric_rows(run.valid, run.party_valid, best_round=run.best_round),
+        render({name: png_data_uri(png) for name, png in pngs.items()}),
+        description=run.description,
+    )
     return TrainingResult(
         run_key=key,
         rounds_run=run.rounds_run,
@@ -273,7 +291,7 @@ def publish_vertical(spec: FedSpec, manifest: VerticalManifest, report: Vertical
     ]
     publish_training_artifacts(
         spec.consortium.name,
-        report.valid,
+        round_metric_rows(report.valid, [], best_round=report.best_round),
         "\n".join(lines),
         description="Validation metrics per vertical round (label party)",
     )

@@ -25,6 +25,8 @@ LATEST = "latest.json"
 RUNS = "runs.json"
 
 Layout = Literal["horizontal", "vertical"]
+#: The plots of a training report.
+PlotName = Literal["rounds", "importance"]
 
 
 class LatestRun(BaseModel):
@@ -250,7 +252,7 @@ def report_name(run_key: str) -> str:
     return f"{run_key}-report.md"
 
 
-def plot_name(run_key: str, plot: Literal["rounds", "importance"]) -> str:
+def plot_name(run_key: str, plot: PlotName) -> str:
     """A report's plot (``reports/``), e.g. ``<key>-rounds.png``."""
     return f"{run_key}-{plot}.png"
 

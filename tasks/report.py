@@ -1,12 +1,16 @@
-"""Training report: comparison table, per-round plot, feature importance by party and modality.
+"""Training report: comparison table, per-round plot, feature importance by party and modality;
+the per-party metrics table, the training progress line and the data quality table.
 
 Pure functions: figures come back as PNG bytes and the report as Markdown text; the flow
-writes them to the coordinator store and publishes them as Prefect artifacts.
+writes them to the coordinator store and publishes them as Prefect artifacts (the UI's copy
+of the report carries its plots inline, as ``data:`` URIs, since the UI cannot reach a store).
 """
 
 from __future__ import annotations
 
+import base64
 import io
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -15,9 +19,13 @@ from pydantic import BaseModel, Field
 from tasks.horizontal.ensemble import GlobalEnsemble
 from tasks.horizontal.model_text import load_booster
 from tasks.prepare.design import FeatureSchema
+from tasks.prepare.preprocess import QualityReport
 from tasks.types import Objective
 
 HEADLINE = {"binary": "auc", "multiclass": "accuracy", "regression": "rmse"}
+
+#: A table artifact's cell without a figure (the UI reads a bare ``-`` as a list bullet).
+NO_FIGURE = "–"
 
 #: Column titles of metrics whose key alone would not say what they are.
 METRIC_TITLES = {
@@ -50,6 +58,11 @@ def metric_title(name: str) -> str:
 def format_metric(name: str, value: float, digits: int = 4) -> str:
     """A metric as shown: the AUC bound in two significant digits, the rest fixed."""
     return f"{value:.1e}" if name == "auc_bound" else f"{value:.{digits}f}"
+
+
+def significant(value: float, digits: int = 4) -> str:
+    """A figure rounded to ``digits`` significant digits (``NaN`` shown as such)."""
+    return "NaN" if math.isnan(value) else f"{value:.{digits}g}"
 
 
 def has_pooled_auc(models: Sequence[Mapping[str, float]]) -> bool:
@@ -226,7 +239,12 @@ def markdown_report(
     left_out: Mapping[str, str] | None = None,
     warnings: Sequence[str] = (),
     split_sizes: Mapping[str, Mapping[str, int]] | None = None,
+    plots: Mapping[str, str] | None = None,
 ) -> str:
+    """The report as Markdown. ``plots`` maps ``rounds`` and ``importance`` to the image's
+    link (a file beside the report, or a ``data:`` URI); a plot not in it is left out.
+    ``artefacts`` maps what each file is to its path relative to the coordinator store."""
+    plots = plots or {}
     lines = [
         f"# fedfuse training report: `{consortium}`",
         "",
@@ -244,21 +262,21 @@ def markdown_report(
         *split_size_lines(split_sizes or {}),
         "## Validation per round",
         "",
-        "![validation per round](rounds.png)",
-        "",
+        *([f"![validation per round]({plots['rounds']})", ""] if "rounds" in plots else []),
         "| round | "
         + " | ".join(metric_title(k) for k in (sorted(valid[0]) if valid else []))
         + " |",
         "|---|" + "---|" * (len(valid[0]) if valid else 0),
         *(
-            f"| {i} | " + " | ".join(format_metric(k, v[k], 5) for k in sorted(v)) + " |"
+            f"| round {i}{' (best)' if i == best_round else ''} | "
+            + " | ".join(format_metric(k, v[k], 5) for k in sorted(v))
+            + " |"
             for i, v in enumerate(valid, start=1)
         ),
         "",
         "## Feature importance by party and modality",
         "",
-        "![importance](importance.png)",
-        "",
+        *([f"![importance]({plots['importance']})", ""] if "importance" in plots else []),
         *(
             f"- {party}: " + ", ".join(f"{m} {share:.1%}" for m, share in row.items())
             for party, row in importance.items()
@@ -276,5 +294,106 @@ def markdown_report(
         ]
     if warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
-    lines += ["", "## Artefacts", ""] + [f"- {k}: `{v}`" for k, v in artefacts.items()]
+    lines += ["", "## Artefacts (in the coordinator store)", ""] + [
+        f"- {k}: `{v}`" for k, v in artefacts.items()
+    ]
     return "\n".join(lines) + "\n"
+
+
+def png_data_uri(png: bytes) -> str:
+    """A PNG as a ``data:`` URI, the form the Prefect UI's Markdown shows inline."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+#: The ``party`` cell of a metrics row holding the consortium's aggregate figures.
+ALL_PARTIES = "all parties"
+
+
+def round_metric_rows(
+    valid: Sequence[Mapping[str, float]],
+    party_valid: Sequence[Mapping[str, Mapping[str, float]]],
+    *,
+    best_round: int,
+) -> list[dict[str, str]]:
+    """Validation metrics per round: the aggregate row (``all parties``), then one row per
+    evaluated party (its own validation rows), four significant digits, the best round's
+    rows marked. A round without per-party figures (lossless mode, a run checkpointed
+    before they were kept) has its aggregate row only. Titles from :data:`METRIC_TITLES`;
+    MSE is left out beside its root."""
+    by_round: list[list[tuple[str, Mapping[str, float]]]] = []
+    for i, aggregate in enumerate(valid):
+        parties = party_valid[i] if i < len(party_valid) else {}
+        by_round.append([(ALL_PARTIES, aggregate), *sorted(parties.items())])
+    metrics = sorted({k for rows in by_round for _, m in rows for k in m if k != "mse"})
+    return [
+        {
+            "round": f"round {i}",
+            "party": party,
+            **{metric_title(k): significant(m[k]) if k in m else NO_FIGURE for k in metrics},
+            "best": "best" if i == best_round else "",
+        }
+        for i, rows in enumerate(by_round, start=1)
+        for party, m in rows
+    ]
+
+
+def progress_text(
+    round_: int,
+    rounds: int,
+    *,
+    parties: Sequence[str],
+    left_out: Mapping[str, str],
+    running: bool = False,
+    stopped: str | None = None,
+    best_round: int = 0,
+) -> str:
+    """The training progress line: which round, the parties it runs at (``running``) or
+    that evaluated it (done), and which parties are out of it, with their reasons."""
+    state = "running" if running else "done"
+    where = "at" if running else "evaluated at"
+    text = f"round {round_} of at most {rounds} {state}; {where}: " + (", ".join(parties) or "-")
+    if left_out:
+        text += "; left out: " + "; ".join(f"{p} ({why})" for p, why in sorted(left_out.items()))
+    if stopped:
+        text += f"; stopped: {stopped}; best round {best_round}"
+    return text
+
+
+def _reason_text(reason: str, count: int) -> str:
+    return f"{count} row{'s' if count != 1 else ''}: {reason}"
+
+
+def quality_rows(reports: Sequence[QualityReport]) -> list[dict[str, str]]:
+    """The data quality table, one row per party and source: row counts, every quarantine
+    reason with its row count (most rows first; reasons name files, columns and rows, never
+    a cell), the column with the most missing values, and the columns holding values outside
+    their vocabulary (counts only). The quarantined rows themselves stay in the party's
+    ``rejected/``."""
+    rows: list[dict[str, str]] = []
+    for q in reports:
+        reasons = sorted(q.rejected_by_reason.items(), key=lambda kv: (-kv[1], kv[0]))
+        worst = max(q.null_rates.items(), key=lambda kv: (kv[1], kv[0]), default=None)
+        rows.append(
+            {
+                "party": q.party,
+                "source": q.source,
+                "rows_in": str(q.rows_in),
+                "rows_out": str(q.rows_out),
+                "rejected": str(q.rows_rejected),
+                "duplicates": str(q.duplicates_removed),
+                "reasons": "; ".join(_reason_text(r, n) for r, n in reasons) or NO_FIGURE,
+                "most_missing": (
+                    f"{worst[0]}: {significant(100.0 * worst[1], 3)}% missing"
+                    if worst is not None and worst[1] > 0
+                    else NO_FIGURE
+                ),
+                # rows per column whose value was outside the vocabulary (mapped to the
+                # other bucket where there is one, else missing); never the values
+                "outside_vocabulary": "; ".join(
+                    f"{column}: {n} row{'s' if n != 1 else ''}"
+                    for column, n in sorted(q.unknown_categories.items())
+                )
+                or NO_FIGURE,
+            }
+        )
+    return rows

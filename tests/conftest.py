@@ -28,7 +28,8 @@ def tiny_table_spec(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Opt-in: a real Prefect server for the whole session, the client pointed at it."""
+    """Opt-in: a real Prefect server for the whole session, the client pointed at it; it
+    serves the UI too (``tests/test_ui_browser.py`` opens it in a browser)."""
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
@@ -38,7 +39,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     home = tmp_path_factory.mktemp("prefect-home")
     with (
-        running_server(home) as url,
+        running_server(home, ui=True) as url,
         temporary_settings(
             {PREFECT_API_URL: url, PREFECT_HOME: str(home), PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
         ),

@@ -20,7 +20,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def server_env(home: Path) -> dict[str, str]:
+def server_env(home: Path, *, ui_api_url: str | None = None) -> dict[str, str]:
+    """The server's environment; with ``ui_api_url`` it serves the UI, pointed at that API
+    (without it the UI would call the default port)."""
     env = dict(os.environ)
     env.update(
         {
@@ -32,13 +34,16 @@ def server_env(home: Path) -> dict[str, str]:
             "PREFECT_SERVER_UI_ENABLED": "false",
         }
     )
+    if ui_api_url is not None:
+        env.update({"PREFECT_SERVER_UI_ENABLED": "true", "PREFECT_UI_API_URL": ui_api_url})
     env.pop("PREFECT_API_URL", None)
     return env
 
 
 @contextmanager
-def running_server(home: Path, *, timeout: float = 90.0) -> Iterator[str]:
-    """Start ``prefect server start`` on a free loopback port; yield its API URL."""
+def running_server(home: Path, *, timeout: float = 90.0, ui: bool = False) -> Iterator[str]:
+    """Start ``prefect server start`` on a free loopback port; yield its API URL. With
+    ``ui`` the server also serves the Prefect UI at the URL without ``/api``."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
@@ -55,7 +60,7 @@ def running_server(home: Path, *, timeout: float = 90.0) -> Iterator[str]:
             "--port",
             str(port),
         ],
-        env=server_env(home),
+        env=server_env(home, ui_api_url=url if ui else None),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -134,6 +134,11 @@ class Checkpoint(BaseModel):
     left_out: dict[str, str] = Field(
         default_factory=dict, description="Parties that cannot take part, and why"
     )
+    party_valid: list[dict[str, dict[str, float]]] = Field(
+        default_factory=list,
+        description="Each round's validation metrics at every party that evaluated it "
+        "(on its own validation rows); empty in a checkpoint written before they were kept",
+    )
 
     @classmethod
     def fresh(
@@ -165,6 +170,11 @@ class Checkpoint(BaseModel):
                 "rounds": [*self.rounds, out.aggregate],
                 "valid": [*self.valid, out.valid],
                 "test": [*self.test, out.test],
+                "party_valid": [
+                    *self.party_valid,
+                    *[{}] * (len(self.valid) - len(self.party_valid)),  # resumed: none kept
+                    {p: e.valid for p, e in sorted(out.evals.items())},
+                ],
                 "scores": out.scores,
                 "scores_round": out.scores_round,
                 "best_round": stopper.best_round,
