@@ -22,21 +22,36 @@ from flows.transport import (
 )
 from storage.files import resolve_location
 from storage.results import DEFAULT_RESULTS
-from storage.runs import read_learned_vocabularies, write_learned_vocabularies
-from storage.store import Store, TableRef
+from storage.runs import (
+    read_learned_vocabularies,
+    text_model_ref,
+    write_learned_vocabularies,
+    write_text_model,
+)
+from storage.store import FileRef, Store, TableRef
 from tasks.prepare.steps import (
     AlignedOutput,
     CleanOutput,
     FusedOutput,
     PartyContext,
     align_source,
+    count_text_terms,
     count_vocabulary_values,
     extract_features,
     fingerprint_source,
+    fit_text_model,
     fuse_party,
     preprocess_source,
     read_raw_keys,
     secret_tag,
+)
+from tasks.prepare.text_model import (
+    TextModel,
+    TextModelError,
+    TextModelSettings,
+    average_round,
+    merge_document_frequencies,
+    start_models,
 )
 from tasks.prepare.vocabulary import (
     LearnedVocabularies,
@@ -75,7 +90,11 @@ def party_pipeline(
     """
     spec = load_spec(spec_path)
     ctx = PartyContext.from_spec(
-        spec, party, as_of=as_of, vocabularies=consortium_vocabularies(spec)
+        spec,
+        party,
+        as_of=as_of,
+        vocabularies=consortium_vocabularies(spec),
+        text_model=consortium_text_model(spec),
     )
     sources = spec.party(party).sources
     if scoring:
@@ -83,6 +102,7 @@ def party_pipeline(
             update={
                 "store": posixpath.join(ctx.store, "scoring"),
                 "label_source": None,
+                "scoring": True,
                 "roots": [*ctx.roots, *([resolve_location(data, ".")] if data else [])],
             }
         )
@@ -255,6 +275,101 @@ def learn_vocabularies(spec: FedSpec, *, dispatch: str | None, refresh: bool) ->
     )
 
 
+def consortium_text_model(spec: FedSpec) -> FileRef | None:
+    """The stored text model of this spec (``[text] model``), ``None`` without one; an error
+    when the spec wants one that was not trained yet."""
+    if not spec.text.model:
+        return None
+    ref = text_model_ref(Store(spec.coordinator.store), spec.text_fingerprint())
+    if ref is None:
+        raise TextModelError(
+            "text.model: no text model was trained for this spec yet; run `fedfuse prepare` "
+            "(or train) first"
+        )
+    return ref
+
+
+def text_model_settings(spec: FedSpec) -> TextModelSettings:
+    text = spec.text
+    return TextModelSettings(
+        task=spec.consortium.task,
+        num_classes=spec.consortium.label.num_classes,
+        alpha=text.alpha,
+        learning_rate=text.learning_rate,
+        epochs=text.epochs,
+        seed=spec.training.seed,
+    )
+
+
+def learn_text_model(spec: FedSpec, *, dispatch: str | None, refresh: bool) -> None:
+    """Learn the consortium text vocabulary and train the text model (``[text] model``)
+    unless they are stored for this spec: every party with a text source counts its terms'
+    document frequencies (only terms in at least ``min_documents`` of its texts), the
+    coordinator keeps the terms at least ``min_parties`` parties report and their IDF, then
+    runs ``rounds`` FedAvg rounds of the fold and full models (each a ``fit-text-model``
+    step at every party) and stores vocabulary and models in one file. Like learned
+    vocabularies, a stored model is never trained again for the same spec."""
+    logger = get_run_logger()
+    text = spec.text
+    if not text.model:
+        return
+    coordinator = Store(spec.coordinator.store)
+    fingerprint = spec.text_fingerprint()
+    if text_model_ref(coordinator, fingerprint) is not None:
+        logger.info("text model of this spec already stored")
+        return
+    runner = PartyRunner(
+        pooled_parties(spec, dispatch),
+        coordinator=spec.coordinator.store,
+        results=spec.run.results or DEFAULT_RESULTS,
+        refresh=refresh,
+        timeout=spec.run.party_timeout,
+    )
+    holders = [spec.party(p) for p in spec.text_parties()]
+    contexts = {
+        p.id: PartyContext.from_spec(spec, p.id, vocabularies=consortium_vocabularies(spec))
+        for p in holders
+    }
+    counted = {
+        p.id: runner.submit(p.id, count_text_terms, contexts[p.id], p.sources, text)
+        for p in holders
+    }
+    wait(list(counted.values()))
+    raise_first_failure(list(counted.values()))
+    vocabulary = merge_document_frequencies(
+        [counted[p.id].result() for p in holders],
+        min_parties=text.min_parties,
+        max_terms=text.max_terms,
+        ngram_max=text.ngram_max,
+    )
+    settings = text_model_settings(spec)
+    models = start_models(len(vocabulary.terms), text.folds, settings)
+    for round_ in range(1, text.rounds + 1):
+        futures = {
+            p.id: runner.submit(
+                p.id,
+                fit_text_model,
+                contexts[p.id],
+                p.sources,
+                vocabulary,
+                models,
+                settings,
+                round_,
+            )
+            for p in holders
+        }
+        wait(list(futures.values()))
+        raise_first_failure(list(futures.values()))
+        updates = [futures[p.id].result() for p in holders]
+        models = average_round([list(zip(u.weights, u.counts, strict=True)) for u in updates])
+        progress.emit("coordinator", "text model", f"round {round_}/{text.rounds}")
+    stored = TextModel(spec=fingerprint, vocabulary=vocabulary, models=models, rounds=text.rounds)
+    ref = write_text_model(coordinator, fingerprint, stored)
+    logger.info(
+        "text model (%d terms, %d rounds) -> %s", len(vocabulary.terms), text.rounds, ref.uri
+    )
+
+
 def quality_rows(outputs: list[FusedOutput]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for out in outputs:
@@ -341,6 +456,7 @@ def prepare(
     logger = get_run_logger()
     spec = load_spec(spec_path)
     learn_vocabularies(spec, dispatch=dispatch, refresh=refresh)
+    learn_text_model(spec, dispatch=dispatch, refresh=refresh)
     futures = run_pipelines(spec, spec_path, as_of=as_of, refresh=refresh, dispatch=dispatch)
     outputs: dict[str, FusedOutput] = {}
     failures: dict[str, BaseException] = {}

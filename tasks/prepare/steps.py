@@ -20,11 +20,11 @@ from prefect.client.schemas.objects import State
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.files import ConfinementError, confined
+from storage.runs import read_text_model
 from storage.secrets import SecretError, resolve_secret, secret_fingerprint
 from storage.sources import ROW, SourceError, read_source
 from storage.store import FileRef, Store, TableRef, fingerprint, read_table, scan_table
 from tasks.caching import content_cache_key
-from storage.runs import read_text_model
 from tasks.horizontal.training import frame_splits
 from tasks.prepare.align import (
     AlignError,
@@ -35,6 +35,12 @@ from tasks.prepare.align import (
     hash_keys,
 )
 from tasks.prepare.modalities import FeatureInputs, modality_of
+from tasks.prepare.modalities.text import (
+    TextOptions,
+    party_text_matrix,
+    text_tokens,
+    text_window,
+)
 from tasks.prepare.preprocess import (
     KEY_CONTROL,
     KEY_SEPARATOR,
@@ -49,12 +55,6 @@ from tasks.prepare.preprocess import (
     normalise_key,
     preprocess,
     raw_name,
-)
-from tasks.prepare.modalities.text import (
-    TextOptions,
-    party_text_matrix,
-    text_tokens,
-    text_window,
 )
 from tasks.prepare.text_model import (
     CrossFitModels,
@@ -637,9 +637,7 @@ def text_training_data(
     split = frame_splits(
         hashed, validation_fraction=ctx.validation_fraction, test_fraction=ctx.test_fraction
     )
-    labels = hashed.select(
-        pl.col(ctx.entity), pl.col("_label"), split.alias("_split")
-    )
+    labels = hashed.select(pl.col(ctx.entity), pl.col("_label"), split.alias("_split"))
     matrices, ys, fold_parts, trains = [], [], [], []
     for source, clean in _clean_tables(ctx, texts, "text model rows"):
         with naming_source(ctx.party, source.id, "text model rows"):

@@ -70,7 +70,9 @@ class DocumentCounts(BaseModel):
     )
 
 
-def document_frequencies(documents: Iterable[Sequence[str]], *, min_documents: int) -> DocumentCounts:
+def document_frequencies(
+    documents: Iterable[Sequence[str]], *, min_documents: int
+) -> DocumentCounts:
     """Documents per term over ``documents`` (each a list of terms); terms held by fewer
     than ``min_documents`` documents are left out."""
     if min_documents < 1:

@@ -318,27 +318,33 @@ def _hasher(width: int) -> Any:
 # --- one text ---------------------------------------------------------------------------
 
 
-def segment_text(text: str) -> tuple[list[list[str]], str, list[str]]:
+#: Distinct texts whose segmentation a process keeps: the text vocabulary's count, the text
+#: model's rounds and the features step segment each text once.
+SEGMENT_CACHE = 100_000
+
+
+@functools.lru_cache(maxsize=SEGMENT_CACHE)
+def segment_text(text: str) -> tuple[tuple[tuple[str, ...], ...], str, tuple[str, ...]]:
     """One (already truncated) text, markup stripped and NFKC-normalised: the jieba words of
     each Han/kana run, the rest of the text, and the rest's lower-cased word/emoji tokens."""
     text = unicodedata.normalize("NFKC", strip_html(text))
     jieba = _jieba()
-    runs: list[list[str]] = []
+    runs: list[tuple[str, ...]] = []
     rest: list[str] = []
     start = 0
     for run in _SEGMENTED_RUN.finditer(text):
         rest.append(text[start : run.start()])
         start = run.end()
-        runs.append(jieba.lcut(run.group()))
+        runs.append(tuple(jieba.lcut(run.group())))
     rest.append(text[start:])
     other = " ".join(rest)
-    return runs, other, [t.lower() for t in _WORD_OR_EMOJI.findall(other)]
+    return tuple(runs), other, tuple(t.lower() for t in _WORD_OR_EMOJI.findall(other))
 
 
 def text_tokens(text: str) -> list[str]:
     """The tokens of one (already truncated) text, as :func:`analyse_text` gives them."""
     runs, _, other_tokens = segment_text(text)
-    return [w for words in runs for w in words] + other_tokens
+    return [w for words in runs for w in words] + list(other_tokens)
 
 
 def analyse_text(text: str) -> tuple[float, list[str]]:
@@ -349,7 +355,7 @@ def analyse_text(text: str) -> tuple[float, list[str]]:
     pos = neg = 0
     for words in runs:
         tokens += words
-        run_pos, run_neg = lexicon.score(words)
+        run_pos, run_neg = lexicon.score(list(words))
         pos += run_pos
         neg += run_neg
     n_chinese = len(tokens)
@@ -401,9 +407,7 @@ class TextWindow:
     end: dt.datetime
 
 
-def text_window(
-    clean: pl.DataFrame, *, entity: str, as_of: dt.date, max_chars: int
-) -> TextWindow:
+def text_window(clean: pl.DataFrame, *, entity: str, as_of: dt.date, max_chars: int) -> TextWindow:
     """The texts that count for ``as_of`` (see the module docstring)."""
     columns = clean.columns
     has_time = TIMESTAMP in columns
@@ -473,7 +477,12 @@ def entity_tfidf(
 
 
 def party_text_matrix(
-    clean: pl.DataFrame, *, entity: str, as_of: dt.date, options: TextOptions, vocabulary: TextVocabulary
+    clean: pl.DataFrame,
+    *,
+    entity: str,
+    as_of: dt.date,
+    options: TextOptions,
+    vocabulary: TextVocabulary,
 ) -> tuple[pl.Series, Any, np.ndarray]:
     """The entities of a clean text table (sorted), their TF-IDF matrix and whether each
     has a scored text: what a party fits the text model on."""
