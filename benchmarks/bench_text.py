@@ -53,9 +53,7 @@ def corpus() -> pl.DataFrame:
 
 
 def _u(keys: list[str]) -> np.ndarray:
-    return np.asarray(
-        [int(hashlib.sha256(k.encode()).hexdigest()[:8], 16) / 2**32 for k in keys]
-    )
+    return np.asarray([int(hashlib.sha256(k.encode()).hexdigest()[:8], 16) / 2**32 for k in keys])
 
 
 def with_ids(frame: pl.DataFrame) -> pl.DataFrame:
@@ -70,7 +68,15 @@ def fedfuse_scores(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Test-row scores (full model) and every row's prepare-time score (fold models), the
     way the text party steps compute them, and the vocabulary size."""
-    from tasks.prepare.modalities.text import TextOptions, party_text_matrix, text_window
+    import datetime as dt
+
+    from tasks.prepare.modalities.text import (
+        TextOptions,
+        model_scores,
+        party_text_matrix,
+        text_tokens,
+        text_window,
+    )
     from tasks.prepare.text_model import (
         TextModel,
         TextModelSettings,
@@ -79,9 +85,6 @@ def fedfuse_scores(
         ngram_terms,
         train_federated_text,
     )
-    from tasks.prepare.modalities.text import model_scores, text_tokens
-
-    import datetime as dt
 
     as_of = dt.date(2030, 1, 1)
     options = TextOptions()
@@ -116,7 +119,7 @@ def fedfuse_scores(
     )
     [full] = model_scores(entities, X, has_text, model, scoring=True)
     oof = []
-    for p, part in parties.items():
+    for part in parties.values():
         ent, Xp, hp = party_text_matrix(
             part, entity="entity", as_of=as_of, options=options, vocabulary=vocabulary
         )

@@ -46,10 +46,12 @@ from tasks.prepare.steps import (
     secret_tag,
 )
 from tasks.prepare.text_model import (
+    CrossFitModels,
+    LinearWeights,
     TextModel,
     TextModelError,
     TextModelSettings,
-    average_round,
+    federated_rounds,
     merge_document_frequencies,
     start_models,
 )
@@ -343,8 +345,8 @@ def learn_text_model(spec: FedSpec, *, dispatch: str | None, refresh: bool) -> N
         ngram_max=text.ngram_max,
     )
     settings = text_model_settings(spec)
-    models = start_models(len(vocabulary.terms), text.folds, settings)
-    for round_ in range(1, text.rounds + 1):
+
+    def fit_round(models: CrossFitModels, round_: int) -> list[list[tuple[LinearWeights, int]]]:
         futures = {
             p.id: runner.submit(
                 p.id,
@@ -360,9 +362,14 @@ def learn_text_model(spec: FedSpec, *, dispatch: str | None, refresh: bool) -> N
         }
         wait(list(futures.values()))
         raise_first_failure(list(futures.values()))
-        updates = [futures[p.id].result() for p in holders]
-        models = average_round([list(zip(u.weights, u.counts, strict=True)) for u in updates])
         progress.emit("coordinator", "text model", f"round {round_}/{text.rounds}")
+        return [
+            list(zip(u.weights, u.counts, strict=True))
+            for u in (futures[p.id].result() for p in holders)
+        ]
+
+    start = start_models(len(vocabulary.terms), text.folds, settings)
+    models = federated_rounds(start, text.rounds, fit_round)
     stored = TextModel(spec=fingerprint, vocabulary=vocabulary, models=models, rounds=text.rounds)
     ref = write_text_model(coordinator, fingerprint, stored)
     logger.info(

@@ -60,7 +60,7 @@ def test_a_party_reports_only_terms_in_at_least_k_documents() -> None:
     counts = document_frequencies(docs, min_documents=2)
     # 'a' twice in one document counts once; 'c' (one document) stays at the party
     assert counts == DocumentCounts(documents=4, frequencies={"a": 2, "b": 2})
-    with pytest.raises(TextModelError, match="text.min_documents"):
+    with pytest.raises(TextModelError, match=r"text\.min_documents"):
         document_frequencies(docs, min_documents=0)
 
 
@@ -106,14 +106,14 @@ def test_folds_come_from_the_key_alone() -> None:
     assert set(fold.tolist()) == {0, 1, 2, 3, 4}
     assert np.bincount(fold).min() > 500
     assert fold_of(pl.Series(["c7"]), 5)[0] == fold[7]
-    with pytest.raises(TextModelError, match="text.folds"):
+    with pytest.raises(TextModelError, match=r"text\.folds"):
         fold_of(keys, 1)
 
 
 def _toy(n: int, seed: int) -> tuple[Any, np.ndarray]:
     rng = np.random.default_rng(seed)
     X = sparse.random(n, 40, density=0.15, random_state=seed, format="csr")
-    y = (np.asarray(X[:, :4].sum(axis=1)).ravel() + 0.05 * rng.normal(size=n) > 0.12)
+    y = np.asarray(X[:, :4].sum(axis=1)).ravel() + 0.05 * rng.normal(size=n) > 0.12
     return X, y.astype(np.int64)
 
 
@@ -179,7 +179,7 @@ def test_the_text_model_needs_the_horizontal_layout(tmp_path: Path) -> None:
     data = _demo_data(tmp_path, "vertical")
     assert "text" not in data
     data["text"] = {"model": True, "min_parties": 1}
-    with pytest.raises(SpecError, match="text.model: the federated text model needs"):
+    with pytest.raises(SpecError, match=r"text\.model: the federated text model needs"):
         parse_spec(data, source="spec.toml", base=str(tmp_path))
 
 

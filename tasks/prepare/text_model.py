@@ -29,7 +29,7 @@ import hashlib
 import html
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -315,6 +315,21 @@ def score_columns(outputs: int) -> list[str]:
     return ["model_score"] if outputs == 1 else [f"model_score_{c}" for c in range(outputs)]
 
 
+#: One round at every party: the global models and the round number in, each party's
+#: updates (fold models, then the full model, with their counts) out.
+FitRound = Callable[[CrossFitModels, int], Sequence[Sequence[tuple[LinearWeights, int]]]]
+
+
+def federated_rounds(start: CrossFitModels, rounds: int, fit_round: FitRound) -> CrossFitModels:
+    """The FedAvg loop of the text model: ``rounds`` times, every party fits the global
+    models (``fit_round``: dispatched party steps in the flow, in memory elsewhere) and the
+    coordinator averages them by sample counts."""
+    models = start
+    for round_ in range(1, rounds + 1):
+        models = average_round(fit_round(models, round_))
+    return models
+
+
 def train_federated_text(
     parties: Mapping[str, tuple[Any, np.ndarray, np.ndarray, np.ndarray]],
     *,
@@ -323,10 +338,10 @@ def train_federated_text(
     rounds: int,
     settings: TextModelSettings,
 ) -> CrossFitModels:
-    """The whole FedAvg loop in memory (benchmarks, references): ``parties`` maps a party to
-    its (X, y, fold, train) arrays."""
-    models = start_models(terms, folds, settings)
-    for _ in range(rounds):
-        updates = [party_updates(*data, models, settings) for data in parties.values()]
-        models = average_round(updates)
-    return models
+    """:func:`federated_rounds` in memory (benchmarks, references): ``parties`` maps a party
+    to its (X, y, fold, train) arrays."""
+
+    def fit_round(models: CrossFitModels, round_: int) -> list[list[tuple[LinearWeights, int]]]:
+        return [party_updates(*data, models, settings) for data in parties.values()]
+
+    return federated_rounds(start_models(terms, folds, settings), rounds, fit_round)
