@@ -47,13 +47,12 @@ from tasks.prepare.steps import (
 )
 from tasks.prepare.text_model import (
     CrossFitModels,
+    DocumentCounts,
     LinearWeights,
-    TextModel,
     TextModelError,
     TextModelSettings,
-    federated_rounds,
-    merge_document_frequencies,
-    start_models,
+    TextVocabulary,
+    learn_text_model,
 )
 from tasks.prepare.vocabulary import (
     LearnedVocabularies,
@@ -303,7 +302,7 @@ def text_model_settings(spec: FedSpec) -> TextModelSettings:
     )
 
 
-def learn_text_model(spec: FedSpec, *, dispatch: str | None, refresh: bool) -> None:
+def learn_consortium_text_model(spec: FedSpec, *, dispatch: str | None, refresh: bool) -> None:
     """Learn the consortium text vocabulary and train the text model (``[text] model``)
     unless they are stored for this spec: every party with a text source counts its terms'
     document frequencies (only terms in at least ``min_documents`` of its texts), the
@@ -332,21 +331,21 @@ def learn_text_model(spec: FedSpec, *, dispatch: str | None, refresh: bool) -> N
         p.id: PartyContext.from_spec(spec, p.id, vocabularies=consortium_vocabularies(spec))
         for p in holders
     }
-    counted = {
-        p.id: runner.submit(p.id, count_text_terms, contexts[p.id], p.sources, text)
-        for p in holders
-    }
-    wait(list(counted.values()))
-    raise_first_failure(list(counted.values()))
-    vocabulary = merge_document_frequencies(
-        [counted[p.id].result() for p in holders],
-        min_parties=text.min_parties,
-        max_terms=text.max_terms,
-        ngram_max=text.ngram_max,
-    )
+
+    def count() -> list[DocumentCounts]:
+        futures = {
+            p.id: runner.submit(p.id, count_text_terms, contexts[p.id], p.sources, text)
+            for p in holders
+        }
+        wait(list(futures.values()))
+        raise_first_failure(list(futures.values()))
+        return [futures[p.id].result() for p in holders]
+
     settings = text_model_settings(spec)
 
-    def fit_round(models: CrossFitModels, round_: int) -> list[list[tuple[LinearWeights, int]]]:
+    def fit_round(
+        vocabulary: TextVocabulary, models: CrossFitModels, round_: int
+    ) -> list[list[tuple[LinearWeights, int]]]:
         futures = {
             p.id: runner.submit(
                 p.id,
@@ -363,17 +362,22 @@ def learn_text_model(spec: FedSpec, *, dispatch: str | None, refresh: bool) -> N
         wait(list(futures.values()))
         raise_first_failure(list(futures.values()))
         progress.emit("coordinator", "text model", f"round {round_}/{text.rounds}")
-        return [
-            list(zip(u.weights, u.counts, strict=True))
-            for u in (futures[p.id].result() for p in holders)
-        ]
+        return [futures[p.id].result().pairs() for p in holders]
 
-    start = start_models(len(vocabulary.terms), text.folds, settings)
-    models = federated_rounds(start, text.rounds, fit_round)
-    stored = TextModel(spec=fingerprint, vocabulary=vocabulary, models=models, rounds=text.rounds)
+    stored = learn_text_model(
+        count,
+        fit_round,
+        min_parties=text.min_parties,
+        max_terms=text.max_terms,
+        ngram_max=text.ngram_max,
+        folds=text.folds,
+        rounds=text.rounds,
+        settings=settings,
+        spec=fingerprint,
+    )
     ref = write_text_model(coordinator, fingerprint, stored)
     logger.info(
-        "text model (%d terms, %d rounds) -> %s", len(vocabulary.terms), text.rounds, ref.uri
+        "text model (%d terms, %d rounds) -> %s", len(stored.vocabulary.terms), text.rounds, ref.uri
     )
 
 
@@ -463,7 +467,7 @@ def prepare(
     logger = get_run_logger()
     spec = load_spec(spec_path)
     learn_vocabularies(spec, dispatch=dispatch, refresh=refresh)
-    learn_text_model(spec, dispatch=dispatch, refresh=refresh)
+    learn_consortium_text_model(spec, dispatch=dispatch, refresh=refresh)
     futures = run_pipelines(spec, spec_path, as_of=as_of, refresh=refresh, dispatch=dispatch)
     outputs: dict[str, FusedOutput] = {}
     failures: dict[str, BaseException] = {}

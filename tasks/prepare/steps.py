@@ -66,6 +66,7 @@ from tasks.prepare.text_model import (
     TextVocabulary,
     document_frequencies,
     fold_of,
+    learn_text_model,
     ngram_terms,
     party_updates,
 )
@@ -609,6 +610,9 @@ class TextUpdates(BaseModel):
     weights: list[LinearWeights] = Field(description="Fold models, then the full model")
     counts: list[int] = Field(description="Training rows of each")
 
+    def pairs(self) -> list[tuple[LinearWeights, int]]:
+        return list(zip(self.weights, self.counts, strict=True))
+
 
 def text_training_data(
     ctx: PartyContext, sources: list[SourceSpec], vocabulary: TextVocabulary, folds: int
@@ -679,6 +683,40 @@ def run_fit_text_model(
     updates = party_updates(X, y, fold, train, models, settings)
     logger.debug("%s: text model round %d on %d rows", ctx.party, round_, int(train.sum()))
     return TextUpdates(weights=[w for w, _ in updates], counts=[n for _, n in updates])
+
+
+def run_text_model(
+    parties: Mapping[str, tuple[PartyContext, list[SourceSpec]]],
+    text: TextSpec,
+    settings: TextModelSettings,
+    *,
+    spec: str,
+) -> TextModel:
+    """The consortium text model learned in this process, no orchestration (benchmarks,
+    notebooks, tests): the party steps ``prepare`` dispatches, called in turn."""
+
+    def count() -> list[DocumentCounts]:
+        return [run_count_text_terms(ctx, sources, text) for ctx, sources in parties.values()]
+
+    def fit_round(
+        vocabulary: TextVocabulary, models: CrossFitModels, round_: int
+    ) -> list[list[tuple[LinearWeights, int]]]:
+        return [
+            run_fit_text_model(ctx, sources, vocabulary, models, settings, round_).pairs()
+            for ctx, sources in parties.values()
+        ]
+
+    return learn_text_model(
+        count,
+        fit_round,
+        min_parties=text.min_parties,
+        max_terms=text.max_terms,
+        ngram_max=text.ngram_max,
+        folds=text.folds,
+        rounds=text.rounds,
+        settings=settings,
+        spec=spec,
+    )
 
 
 def run_party(ctx: PartyContext, sources: list[SourceSpec]) -> FusedOutput:

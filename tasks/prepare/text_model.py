@@ -330,6 +330,33 @@ def federated_rounds(start: CrossFitModels, rounds: int, fit_round: FitRound) ->
     return models
 
 
+def learn_text_model(
+    count: Callable[[], Sequence[DocumentCounts]],
+    fit_round: Callable[
+        [TextVocabulary, CrossFitModels, int], Sequence[Sequence[tuple[LinearWeights, int]]]
+    ],
+    *,
+    min_parties: int,
+    max_terms: int,
+    ngram_max: int,
+    folds: int,
+    rounds: int,
+    settings: TextModelSettings,
+    spec: str,
+) -> TextModel:
+    """The coordinator's side of ``[text] model``: the parties' thresholded counts
+    (``count``) merged into the vocabulary, then :func:`federated_rounds` of the fold and
+    full models (``fit_round``: every party's updates for the vocabulary, models, round)."""
+    vocabulary = merge_document_frequencies(
+        count(), min_parties=min_parties, max_terms=max_terms, ngram_max=ngram_max
+    )
+    start = start_models(len(vocabulary.terms), folds, settings)
+    models = federated_rounds(
+        start, rounds, lambda models, round_: fit_round(vocabulary, models, round_)
+    )
+    return TextModel(spec=spec, vocabulary=vocabulary, models=models, rounds=rounds)
+
+
 def train_federated_text(
     parties: Mapping[str, tuple[Any, np.ndarray, np.ndarray, np.ndarray]],
     *,
