@@ -8,7 +8,10 @@ from those references (content hashes), so unchanged work is skipped on retries 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import logging
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -614,6 +617,41 @@ class TextUpdates(BaseModel):
         return list(zip(self.weights, self.counts, strict=True))
 
 
+TextRows = tuple[Any, np.ndarray, np.ndarray, np.ndarray]
+#: The last parties' text-model rows in this process, by content key: the rounds of one run
+#: read and preprocess a party's sources once (a dispatched party reads them each round).
+_TEXT_ROWS: OrderedDict[str, TextRows] = OrderedDict()
+TEXT_ROWS_KEPT = 4
+
+
+def cached_text_training_data(
+    ctx: PartyContext, sources: list[SourceSpec], vocabulary: TextVocabulary, folds: int
+) -> TextRows:
+    """:func:`text_training_data`, kept per content (the context, the sources, their files'
+    content hashes, the vocabulary and the folds) for the next round in this process."""
+    roots = ctx.roots or None
+    files = [fingerprint(s.path, roots=roots).sha256 for s in sources]
+    blob = json.dumps(
+        [
+            ctx.model_dump(mode="json"),
+            [s.model_dump(mode="json", by_alias=True) for s in sources],
+            files,
+            vocabulary.model_dump(mode="json"),
+            folds,
+        ],
+        sort_keys=True,
+    )
+    key = hashlib.sha256(blob.encode()).hexdigest()
+    if key in _TEXT_ROWS:
+        _TEXT_ROWS.move_to_end(key)
+        return _TEXT_ROWS[key]
+    rows = text_training_data(ctx, sources, vocabulary, folds)
+    _TEXT_ROWS[key] = rows
+    while len(_TEXT_ROWS) > TEXT_ROWS_KEPT:
+        _TEXT_ROWS.popitem(last=False)
+    return rows
+
+
 def text_training_data(
     ctx: PartyContext, sources: list[SourceSpec], vocabulary: TextVocabulary, folds: int
 ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
@@ -679,7 +717,7 @@ def run_fit_text_model(
 ) -> TextUpdates:
     """The party's side of one FedAvg round of the text model (``round_`` names it): the
     global models fitted a few epochs on its own rows. Only weights and counts leave."""
-    X, y, fold, train = text_training_data(ctx, sources, vocabulary, len(models.folds))
+    X, y, fold, train = cached_text_training_data(ctx, sources, vocabulary, len(models.folds))
     updates = party_updates(X, y, fold, train, models, settings)
     logger.debug("%s: text model round %d on %d rows", ctx.party, round_, int(train.sum()))
     return TextUpdates(weights=[w for w, _ in updates], counts=[n for _, n in updates])
