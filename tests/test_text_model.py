@@ -194,15 +194,17 @@ def test_prepare_learns_the_text_model_and_feeds_its_score_to_every_party(
     from tasks.demo_data import write_demo_consortium
     from tasks.spec.load import load_spec
 
-    spec_path = Path(write_demo_consortium(str(tmp_path), customers=450, parties=3, seed=3))
-    spec_path.write_text(spec_path.read_text().replace("FEDFUSE_SECRET", "FEDFUSE_TEST_SECRET"))
+    spec_path = Path(write_demo_consortium(str(tmp_path), customers=300, parties=3, seed=3))
+    text = spec_path.read_text().replace("FEDFUSE_SECRET", "FEDFUSE_TEST_SECRET")
+    spec_path.write_text(text.replace("[text]\n", "[text]\nrounds = 2\nfolds = 3\n"))
     spec = load_spec(str(spec_path))
+    assert (spec.text.rounds, spec.text.folds) == (2, 3)
     outputs = prepare(str(spec_path))
 
     [stored] = (tmp_path / "stores" / "coordinator" / "models").glob("text-model-*.json")
     assert stored.name == text_model_name(spec.text_fingerprint())
     body = json.loads(stored.read_text())
-    assert len(body["models"]["folds"]) == 5 and body["rounds"] == 5
+    assert len(body["models"]["folds"]) == 3 and body["rounds"] == 2
     assert "c000" not in stored.read_text()  # no entity key leaves a party
     prepared: dict[str, pl.DataFrame] = {}
     for party, out in outputs.items():

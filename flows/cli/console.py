@@ -34,6 +34,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from storage.store import FolderError, IntegrityError
     from tasks.prepare.align import AlignError
     from tasks.prepare.preprocess import PreprocessError
+    from tasks.prepare.text_model import TextModelError
     from tasks.prepare.vocabulary import VocabularyError
     from tasks.spec.models import SpecError
 
@@ -51,6 +52,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         RunChoiceError,
         ScoringInputError,
         VocabularyError,
+        TextModelError,
     )
 
 
