@@ -13,7 +13,12 @@ feature names, numeric dtypes only (see :func:`text_feature_names` for the exact
   ``rating`` column, so every party's text features have the same schema whatever its export
   holds (alignment and horizontal training need one feature space);
 * ``days_since_last``: days from the latest text to the end of the ``as_of`` day;
-* ``tok_0 .. tok_{width-1}``: the entity's mean hashed token vector.
+* ``tok_0 .. tok_{width-1}``: the entity's mean hashed token vector;
+* with the consortium text model (``[text] model``, :mod:`tasks.prepare.text_model`):
+  ``model_score`` (``model_score_<c>`` per class for multiclass), the linear model's raw score
+  of the entity's TF-IDF vector over the consortium vocabulary: its fold's model at
+  ``prepare`` (never fitted on its own label), the full model when scoring; null for an
+  entity without a non-empty text.
 
 Window: texts stamped after the ``as_of`` day are ignored; texts with a null timestamp are
 kept (their time is unknown, not late); without a ``timestamp`` column every text counts.
@@ -25,7 +30,8 @@ nulls elsewhere, so no entity silently disappears. Rows without an entity key ar
 
 Texts longer than ``options.text_max_chars`` code points are cut to that length before
 tokenising and scoring; ``chars_*`` and the CJK/emoji shares use the full text. Text is
-NFKC-normalised before tokenising (full-width letters and punctuation become ASCII).
+NFKC-normalised before tokenising (full-width letters and punctuation become ASCII), after
+markup tags (``<br />``) are removed and character references decoded.
 
 Tokens. Runs of Han characters (and kana) are segmented with jieba; the rest of the text gives
 lower-cased Unicode word tokens (Latin, Cyrillic, Hangul, digits, ...) plus one token per
