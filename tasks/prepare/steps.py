@@ -28,7 +28,6 @@ from storage.secrets import SecretError, resolve_secret, secret_fingerprint
 from storage.sources import ROW, SourceError, read_source
 from storage.store import FileRef, Store, TableRef, fingerprint, read_table, scan_table
 from tasks.caching import content_cache_key
-from tasks.horizontal.training import frame_splits
 from tasks.prepare.align import (
     AlignError,
     FeatureColumn,
@@ -659,6 +658,8 @@ def text_training_data(
     matrix; several: their entities' rows stacked), the encoded label, the fold, and which
     rows train (a label, a scored text and the training split)."""
     from scipy import sparse
+
+    from tasks.horizontal.training import frame_splits  # imports LightGBM: only here
 
     holder = next((s for s in sources if s.id == ctx.label_source), None)
     texts = [s for s in sources if s.kind == "text"]
