@@ -224,3 +224,27 @@ def test_prepare_learns_the_text_model_and_feeds_its_score_to_every_party(
     assert (both["text__model_score"] != both["text__model_score_new"]).any()
     assert stored.stat().st_mtime_ns == mtime
     assert len(list(stored.parent.glob("text-model-*.json"))) == 1
+
+
+def test_a_partys_rows_train_only_with_a_label_and_a_text(tiny_spec: Path, secret: str) -> None:
+    """Through the party steps on real files: an entity with a text but no label, and one
+    whose only text is empty, never train; only thresholded counts come out."""
+    from tasks.prepare.steps import PartyContext, run_count_text_terms, text_training_data
+    from tasks.spec.load import load_spec
+    from tasks.spec.models import TextSpec
+
+    feedback = tiny_spec.parent / "raw" / "a" / "feedback.jsonl"
+    extra = {"user": "C9", "comment": "Terrible<br />service", "stars": 1, "at": "2026-03-05"}
+    feedback.write_text(feedback.read_text() + json.dumps(extra) + "\n")
+    spec = load_spec(str(tiny_spec))
+    party = next(p for p in spec.parties if any(s.kind == "text" for s in p.sources))
+    ctx = PartyContext.from_spec(spec, party.id)
+    counts = run_count_text_terms(ctx, party.sources, TextSpec(min_documents=2))
+    # C3's empty text is no document; 'terrible' and 'service' are in C1's and C9's texts
+    assert counts.documents == 4
+    assert counts.frequencies == {"terrible": 2, "service": 2, "terrible service": 2}
+    vocab = merge_document_frequencies([counts], min_parties=1, max_terms=10, ngram_max=2)
+    X, y, fold, train = text_training_data(ctx, party.sources, vocab, 3)
+    assert X.shape == (5, 3) and len(y) == len(fold) == len(train) == 5  # C1..C4, C9
+    assert not train[2] and not train[4]  # C3: empty text; C9: no label
+    assert set(np.flatnonzero(train).tolist()) <= {0, 1, 3}

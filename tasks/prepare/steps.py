@@ -695,7 +695,8 @@ def text_training_data(
                 labels, on=ctx.entity, how="left", validate="1:1", maintain_order="left"
             )
             y = joined.get_column("_label").fill_null(float("nan")).to_numpy()
-            usable = np.isfinite(y) & has_text & (joined.get_column("_split") == "train").to_numpy()
+            in_train = (joined.get_column("_split") == "train").fill_null(False).to_numpy()
+            usable = np.isfinite(y) & has_text & in_train
             matrices.append(X)
             ys.append(np.nan_to_num(y))
             fold_parts.append(fold_of(entities, folds))
