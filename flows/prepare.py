@@ -22,21 +22,37 @@ from flows.transport import (
 )
 from storage.files import resolve_location
 from storage.results import DEFAULT_RESULTS
-from storage.runs import read_learned_vocabularies, write_learned_vocabularies
-from storage.store import Store, TableRef
+from storage.runs import (
+    read_learned_vocabularies,
+    text_model_ref,
+    write_learned_vocabularies,
+    write_text_model,
+)
+from storage.store import FileRef, Store, TableRef
 from tasks.prepare.steps import (
     AlignedOutput,
     CleanOutput,
     FusedOutput,
     PartyContext,
     align_source,
+    count_text_terms,
     count_vocabulary_values,
     extract_features,
     fingerprint_source,
+    fit_text_model,
     fuse_party,
     preprocess_source,
     read_raw_keys,
     secret_tag,
+)
+from tasks.prepare.text_model import (
+    CrossFitModels,
+    DocumentCounts,
+    LinearWeights,
+    TextModelError,
+    TextModelSettings,
+    TextVocabulary,
+    learn_text_model,
 )
 from tasks.prepare.vocabulary import (
     LearnedVocabularies,
@@ -76,7 +92,11 @@ def party_pipeline(
     """
     spec = load_spec(spec_path)
     ctx = PartyContext.from_spec(
-        spec, party, as_of=as_of, vocabularies=consortium_vocabularies(spec)
+        spec,
+        party,
+        as_of=as_of,
+        vocabularies=consortium_vocabularies(spec),
+        text_model=consortium_text_model(spec),
     )
     sources = spec.party(party).sources
     if scoring:
@@ -84,6 +104,7 @@ def party_pipeline(
             update={
                 "store": posixpath.join(ctx.store, "scoring"),
                 "label_source": None,
+                "scoring": True,
                 "roots": [*ctx.roots, *([resolve_location(data, ".")] if data else [])],
             }
         )
@@ -266,6 +287,111 @@ def learn_vocabularies(spec: FedSpec, *, dispatch: str | None, refresh: bool) ->
     )
 
 
+def consortium_text_model(spec: FedSpec) -> FileRef | None:
+    """The stored text model of this spec (``[text] model``), ``None`` without one; an error
+    when the spec wants one that was not trained yet."""
+    if not spec.text.model:
+        return None
+    ref = text_model_ref(Store(spec.coordinator.store), spec.text_fingerprint())
+    if ref is None:
+        raise TextModelError(
+            "text.model: no text model was trained for this spec yet; run `fedfuse prepare` "
+            "(or train) first"
+        )
+    return ref
+
+
+def text_model_settings(spec: FedSpec) -> TextModelSettings:
+    text = spec.text
+    return TextModelSettings(
+        task=spec.consortium.task,
+        num_classes=spec.consortium.label.num_classes,
+        alpha=text.alpha,
+        learning_rate=text.learning_rate,
+        epochs=text.epochs,
+        seed=spec.training.seed,
+    )
+
+
+def learn_consortium_text_model(spec: FedSpec, *, dispatch: str | None, refresh: bool) -> None:
+    """Learn the consortium text vocabulary and train the text model (``[text] model``)
+    unless they are stored for this spec: every party with a text source counts its terms'
+    document frequencies (only terms in at least ``min_documents`` of its texts), the
+    coordinator keeps the terms at least ``min_parties`` parties report and their IDF, then
+    runs ``rounds`` FedAvg rounds of the fold and full models (each a ``fit-text-model``
+    step at every party) and stores vocabulary and models in one file. Like learned
+    vocabularies, a stored model is never trained again for the same spec."""
+    logger = get_run_logger()
+    text = spec.text
+    if not text.model:
+        return
+    coordinator = Store(spec.coordinator.store)
+    fingerprint = spec.text_fingerprint()
+    if text_model_ref(coordinator, fingerprint) is not None:
+        logger.info("text model of this spec already stored")
+        return
+    runner = PartyRunner(
+        pooled_parties(spec, dispatch),
+        coordinator=spec.coordinator.store,
+        results=spec.run.results or DEFAULT_RESULTS,
+        refresh=refresh,
+        timeout=spec.run.party_timeout,
+    )
+    holders = [spec.party(p) for p in spec.text_parties()]
+    contexts = {
+        p.id: PartyContext.from_spec(spec, p.id, vocabularies=consortium_vocabularies(spec))
+        for p in holders
+    }
+
+    def count() -> list[DocumentCounts]:
+        futures = {
+            p.id: runner.submit(p.id, count_text_terms, contexts[p.id], p.sources, text)
+            for p in holders
+        }
+        wait(list(futures.values()))
+        raise_first_failure(list(futures.values()))
+        return [futures[p.id].result() for p in holders]
+
+    settings = text_model_settings(spec)
+
+    def fit_round(
+        vocabulary: TextVocabulary, models: CrossFitModels, round_: int
+    ) -> list[list[tuple[LinearWeights, int]]]:
+        futures = {
+            p.id: runner.submit(
+                p.id,
+                fit_text_model,
+                contexts[p.id],
+                p.sources,
+                vocabulary,
+                models,
+                settings,
+                round_,
+            )
+            for p in holders
+        }
+        wait(list(futures.values()))
+        raise_first_failure(list(futures.values()))
+        progress.emit("coordinator", "text model", f"round {round_}/{text.rounds}")
+        return [futures[p.id].result().pairs() for p in holders]
+
+    stored = learn_text_model(
+        count,
+        fit_round,
+        min_parties=text.min_parties,
+        max_terms=text.max_terms,
+        ngram_max=text.ngram_max,
+        folds=text.folds,
+        rounds=text.rounds,
+        settings=settings,
+        spec=fingerprint,
+    )
+    ref = write_text_model(coordinator, fingerprint, stored)
+    logger.info(
+        "text model (%d terms, %d rounds) -> %s", len(stored.vocabulary.terms), text.rounds, ref.uri
+    )
+
+
 def quality_rows(outputs: list[FusedOutput]) -> list[dict[str, str]]:
     """The data quality table of every party's sources (:func:`tasks.report.quality_rows`)."""
     return report_quality_rows([q for out in outputs for q in out.quality])
@@ -332,6 +458,7 @@ def prepare(
     spec = load_spec(spec_path)
     require_secret(spec, dispatch)
     learn_vocabularies(spec, dispatch=dispatch, refresh=refresh)
+    learn_consortium_text_model(spec, dispatch=dispatch, refresh=refresh)
     futures = run_pipelines(spec, spec_path, as_of=as_of, refresh=refresh, dispatch=dispatch)
     outputs: dict[str, FusedOutput] = {}
     failures: dict[str, BaseException] = {}

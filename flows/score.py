@@ -8,7 +8,12 @@ import posixpath
 from prefect import flow, get_run_logger
 
 from flows.common import threads
-from flows.prepare import consortium_vocabularies, rebased_sources, run_party_steps
+from flows.prepare import (
+    consortium_text_model,
+    consortium_vocabularies,
+    rebased_sources,
+    run_party_steps,
+)
 from storage.files import resolve_location
 from storage.runs import LatestRun, choose_run
 from storage.store import Store, TableRef
@@ -73,12 +78,17 @@ def score(
     manifest = manifest or latest_manifest(spec)
     store = posixpath.join(spec.party(party).store, "scoring")
     ctx = PartyContext.from_spec(
-        spec, party, as_of=as_of, vocabularies=consortium_vocabularies(spec)
+        spec,
+        party,
+        as_of=as_of,
+        vocabularies=consortium_vocabularies(spec),
+        text_model=consortium_text_model(spec),
     )
     ctx = ctx.model_copy(
         update={
             "store": store,
             "label_source": None,
+            "scoring": True,
             "roots": [*ctx.roots, *([resolve_location(data, ".")] if data else [])],
         }
     )

@@ -168,14 +168,23 @@ def vertical_step_tasks() -> list[Task[..., Any]]:
 
 
 def prepare_step_tasks() -> list[Task[..., Any]]:
-    """The steps ``prepare`` runs at a party before its pipeline (vocabulary counts)."""
-    from tasks.prepare.steps import count_vocabulary_values
+    """The steps ``prepare`` runs at a party before its pipeline (vocabulary counts, the
+    text vocabulary's term counts and the text model's rounds)."""
+    from tasks.prepare.steps import count_text_terms, count_vocabulary_values, fit_text_model
 
-    return [count_vocabulary_values]
+    return [count_vocabulary_values, count_text_terms, fit_text_model]
 
 
 #: Steps that read the party's current state or data: never cached when dispatched.
-UNCACHED = frozenset({"vertical-latest-state", "vertical-model-at", "count-vocabulary-values"})
+UNCACHED = frozenset(
+    {
+        "vertical-latest-state",
+        "vertical-model-at",
+        "count-vocabulary-values",
+        "count-text-terms",
+        "fit-text-model",
+    }
+)
 
 
 @functools.cache

@@ -17,7 +17,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, Field, JsonValue
 
-from storage.store import FileRef, Store
+from storage.store import FileRef, Store, fingerprint, read_verified_text
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -289,6 +289,39 @@ def read_learned_vocabularies(
     if not coordinator.exists("models", name):
         return None
     return model.model_validate(coordinator.read_json("models", name))
+
+
+# -- the consortium text model -----------------------------------------------------------------
+
+#: Largest stored text model a party reads (vocabulary and weights as JSON).
+TEXT_MODEL_MAX_BYTES = 256 * 1024 * 1024
+
+
+def text_model_name(text_fingerprint: str) -> str:
+    """The text vocabulary and model trained for one spec (its text fingerprint), ``models/``:
+    what its features and every later prediction use."""
+    return f"text-model-{text_fingerprint[:16]}.json"
+
+
+def write_text_model(coordinator: Store, text_fingerprint: str, model: BaseModel) -> FileRef:
+    """Store the text model (written to a temporary name, then renamed into place)."""
+    return coordinator.write_json(
+        "models", text_model_name(text_fingerprint), model.model_dump(mode="json")
+    )
+
+
+def text_model_ref(coordinator: Store, text_fingerprint: str) -> FileRef | None:
+    """A reference (uri + content hash) to the stored text model, ``None`` before it is
+    trained."""
+    name = text_model_name(text_fingerprint)
+    if not coordinator.exists("models", name):
+        return None
+    return fingerprint(coordinator.location("models", name))
+
+
+def read_text_model(ref: FileRef, model: type[M]) -> M:
+    """The referenced text model, its content hash checked."""
+    return model.model_validate_json(read_verified_text(ref, max_bytes=TEXT_MODEL_MAX_BYTES))
 
 
 # -- results of dispatched party runs ----------------------------------------------------------

@@ -526,7 +526,8 @@ def spec_document(
         **(
             {"fusion": {"mode": "rounds", "share_gradients": True, "min_overlap": 10}}
             if layout == "vertical"
-            else {}
+            # the feedback texts feed the consortium TF-IDF vocabulary and text model
+            else {"text": {"model": True, "min_parties": min(2, len(party_ids))}}
         ),
         "training": {
             "rounds": 12,

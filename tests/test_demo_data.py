@@ -114,14 +114,29 @@ def test_fused_table_beats_every_single_modality(tmp_path: Path, secret: str) ->
     """Through the real pipeline steps: each modality alone has signal, fused has more."""
     import lightgbm as lgb
 
-    from tasks.prepare.steps import PartyContext, run_party
+    from flows.prepare import text_model_settings
+    from storage.runs import text_model_ref, write_text_model
+    from storage.store import Store
+    from tasks.prepare.steps import PartyContext, run_party, run_text_model
 
     spec_path = tmp_path / "spec.toml"
     write_demo_consortium(str(tmp_path), customers=8000, parties=1, seed=11)
     spec_path.write_text(spec_path.read_text().replace("FEDFUSE_SECRET", "FEDFUSE_TEST_SECRET"))
     spec = load_spec(str(spec_path))
-    ctx = PartyContext.from_spec(spec, "site-a")
-    fused = pl.read_parquet(run_party(ctx, spec.party("site-a").sources).table.uri)
+    # the text party's features hold the consortium text model's out-of-fold score
+    sources = spec.party("site-a").sources
+    model = run_text_model(
+        {"site-a": (PartyContext.from_spec(spec, "site-a"), sources)},
+        spec.text,
+        text_model_settings(spec),
+        spec=spec.text_fingerprint(),
+    )
+    coordinator = Store(spec.coordinator.store)
+    write_text_model(coordinator, spec.text_fingerprint(), model)
+    ref = text_model_ref(coordinator, spec.text_fingerprint())
+    ctx = PartyContext.from_spec(spec, "site-a", text_model=ref)
+    fused = pl.read_parquet(run_party(ctx, sources).table.uri)
+    assert fused["text__model_score"].drop_nulls().len() > 0
     u = (fused["entity_hash"].str.slice(0, 8).str.to_integer(base=16) / 2**32).to_numpy()
     y = fused["label"].to_numpy()
     params = {

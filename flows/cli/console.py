@@ -35,6 +35,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from storage.store import FolderError, IntegrityError
     from tasks.prepare.align import AlignError
     from tasks.prepare.preprocess import PreprocessError
+    from tasks.prepare.text_model import TextModelError
     from tasks.prepare.vocabulary import VocabularyError
     from tasks.spec.models import SpecError
 
@@ -50,6 +51,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         IntegrityError,
         RunChoiceError,
         VocabularyError,
+        TextModelError,
     )
 
 

@@ -8,23 +8,41 @@ from those references (content hashes), so unchanged work is skipped on retries 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import logging
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import polars as pl
 from prefect import task
 from prefect.client.schemas.objects import State
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.files import ConfinementError, confined
+from storage.runs import read_text_model
 from storage.secrets import SecretError, resolve_secret, secret_fingerprint
 from storage.sources import ROW, SourceError, read_source
 from storage.store import FileRef, Store, TableRef, fingerprint, read_table, scan_table
 from tasks.caching import content_cache_key
-from tasks.prepare.align import AlignError, FeatureColumn, align_features, fuse_tables
+from tasks.prepare.align import (
+    AlignError,
+    FeatureColumn,
+    align_features,
+    encode_label,
+    fuse_tables,
+    hash_keys,
+)
 from tasks.prepare.modalities import FeatureInputs, modality_of
+from tasks.prepare.modalities.text import (
+    TextOptions,
+    party_text_matrix,
+    text_tokens,
+    text_window,
+)
 from tasks.prepare.preprocess import (
     KEY_CONTROL,
     KEY_SEPARATOR,
@@ -40,6 +58,20 @@ from tasks.prepare.preprocess import (
     preprocess,
     raw_name,
 )
+from tasks.prepare.text_model import (
+    CrossFitModels,
+    DocumentCounts,
+    LinearWeights,
+    TextModel,
+    TextModelError,
+    TextModelSettings,
+    TextVocabulary,
+    document_frequencies,
+    fold_of,
+    learn_text_model,
+    ngram_terms,
+    party_updates,
+)
 from tasks.prepare.vocabulary import (
     VocabularyError,
     entity_value_counts,
@@ -52,11 +84,12 @@ from tasks.spec.models import (
     SecretRef,
     SourceSpec,
     SpecError,
+    TextSpec,
     infer_format,
     label_source,
     vocabulary_value_problem,
 )
-from tasks.types import JoinKind, KeyNormalisation, Objective
+from tasks.types import SPLIT, JoinKind, KeyNormalisation, Objective
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +130,7 @@ NAMED_ERRORS: tuple[type[BaseException], ...] = (
     ConfinementError,
     SpecError,
     VocabularyError,
+    TextModelError,
     OSError,
 )
 
@@ -161,6 +195,17 @@ class PartyContext(BaseModel):
         default_factory=dict,
         description="Raw value of the split column -> train, valid or test",
     )
+    validation_fraction: float = Field(
+        default=0.0, description="Share of entities the hashed key sends to validation"
+    )
+    test_fraction: float = Field(
+        default=0.0, description="Share of entities the hashed key sends to test"
+    )
+    text_model: FileRef | None = Field(
+        default=None,
+        description="The consortium text model in the coordinator store ([text] model)",
+    )
+    scoring: bool = Field(default=False, description="New rows to score (no label)")
 
     @classmethod
     def from_spec(
@@ -170,6 +215,7 @@ class PartyContext(BaseModel):
         *,
         as_of: dt.date | None = None,
         vocabularies: Mapping[str, list[str]] | None = None,
+        text_model: FileRef | None = None,
     ) -> PartyContext:
         """``vocabularies``: the resolved ones (:func:`resolve_vocabularies`; default: the
         spec's listed ones, an error when the spec learns one)."""
@@ -196,6 +242,9 @@ class PartyContext(BaseModel):
             roots=party.roots,
             split_column=spec.training.split_column,
             split_values=spec.training.split_values.mapping(),
+            validation_fraction=spec.training.validation_fraction,
+            test_fraction=spec.training.test_fraction,
+            text_model=text_model,
         )
 
 
@@ -405,13 +454,20 @@ def split_rule(ctx: PartyContext, source: SourceSpec) -> SplitRule | None:
 
 def run_features(ctx: PartyContext, source: SourceSpec, cleaned: CleanOutput) -> TableRef:
     """The source's features, extracted by its modality."""
-    inputs = FeatureInputs(
-        entity=ctx.entity,
-        as_of=ctx.as_of,
-        vocabularies=ctx.vocabularies,
-        label=ctx.label if source.id == ctx.label_source else None,
-    )
     with naming_source(ctx.party, source.id, "feature extraction"):
+        model = (
+            read_text_model(ctx.text_model, TextModel)
+            if ctx.text_model is not None and source.kind == "text"
+            else None
+        )
+        inputs = FeatureInputs(
+            entity=ctx.entity,
+            as_of=ctx.as_of,
+            vocabularies=ctx.vocabularies,
+            label=ctx.label if source.id == ctx.label_source else None,
+            text_model=model,
+            scoring=ctx.scoring,
+        )
         frame = modality_of(source).extract(scan_table(cleaned.clean), source, inputs)
         return Store(ctx.store).write_table(frame, "features", source.id)
 
@@ -505,6 +561,204 @@ def run_count_values(
     return out
 
 
+def _clean_tables(
+    ctx: PartyContext, sources: list[SourceSpec], step: str
+) -> list[tuple[SourceSpec, pl.DataFrame]]:
+    """Every source's clean rows, read and preprocessed as the pipeline does."""
+    out: list[tuple[SourceSpec, pl.DataFrame]] = []
+    roots = ctx.roots or None
+    for source in sources:
+        raw = fingerprint(source.path, roots=roots)
+        emap = (
+            fingerprint(source.entity_map.path, roots=roots)
+            if source.entity_map is not None
+            else None
+        )
+        with naming_source(ctx.party, source.id, step):
+            out.append((source, read_preprocessed(ctx, source, raw, emap).clean))
+    return out
+
+
+def _text_options(source: SourceSpec) -> TextOptions:
+    options = source.features
+    if not isinstance(options, TextOptions):
+        raise TypeError(f"source {source.id!r}: text options expected")
+    return options
+
+
+def run_count_text_terms(
+    ctx: PartyContext, sources: list[SourceSpec], settings: TextSpec
+) -> DocumentCounts:
+    """The party's side of the text vocabulary: documents (non-empty texts in the window)
+    per term over its text sources; only terms held by at least ``min_documents`` of them
+    are counted. No key, text or row leaves."""
+    texts = [s for s in sources if s.kind == "text"]
+    documents: list[list[str]] = []
+    for source, clean in _clean_tables(ctx, texts, "text term count"):
+        options = _text_options(source)
+        window = text_window(
+            clean, entity=ctx.entity, as_of=ctx.as_of, max_chars=options.text_max_chars
+        )
+        with naming_source(ctx.party, source.id, "text term count"):
+            for text in window.rows.get_column("_scored").drop_nulls().to_list():
+                documents.append(ngram_terms(text_tokens(text), settings.ngram_max))
+    return document_frequencies(documents, min_documents=settings.min_documents)
+
+
+class TextUpdates(BaseModel):
+    """One party's round of the text model: every fold model and the full model, with the
+    training rows each was fitted on."""
+
+    weights: list[LinearWeights] = Field(description="Fold models, then the full model")
+    counts: list[int] = Field(description="Training rows of each")
+
+    def pairs(self) -> list[tuple[LinearWeights, int]]:
+        return list(zip(self.weights, self.counts, strict=True))
+
+
+TextRows = tuple[Any, np.ndarray, np.ndarray, np.ndarray]
+#: The last parties' text-model rows in this process, by content key: the rounds of one run
+#: read and preprocess a party's sources once (a dispatched party reads them each round).
+_TEXT_ROWS: OrderedDict[str, TextRows] = OrderedDict()
+TEXT_ROWS_KEPT = 4
+
+
+def cached_text_training_data(
+    ctx: PartyContext, sources: list[SourceSpec], vocabulary: TextVocabulary, folds: int
+) -> TextRows:
+    """:func:`text_training_data`, kept per content (the context, the sources, their files'
+    content hashes, the vocabulary and the folds) for the next round in this process."""
+    roots = ctx.roots or None
+    files = [fingerprint(s.path, roots=roots).sha256 for s in sources]
+    blob = json.dumps(
+        [
+            ctx.model_dump(mode="json"),
+            [s.model_dump(mode="json", by_alias=True) for s in sources],
+            files,
+            vocabulary.model_dump(mode="json"),
+            folds,
+        ],
+        sort_keys=True,
+    )
+    key = hashlib.sha256(blob.encode()).hexdigest()
+    if key in _TEXT_ROWS:
+        _TEXT_ROWS.move_to_end(key)
+        return _TEXT_ROWS[key]
+    rows = text_training_data(ctx, sources, vocabulary, folds)
+    _TEXT_ROWS[key] = rows
+    while len(_TEXT_ROWS) > TEXT_ROWS_KEPT:
+        _TEXT_ROWS.popitem(last=False)
+    return rows
+
+
+def text_training_data(
+    ctx: PartyContext, sources: list[SourceSpec], vocabulary: TextVocabulary, folds: int
+) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+    """The party's text-model rows: TF-IDF per entity of its text sources (one source: its
+    matrix; several: their entities' rows stacked), the encoded label, the fold, and which
+    rows train (a label, a scored text and the training split)."""
+    from scipy import sparse
+
+    from tasks.horizontal.training import frame_splits  # imports LightGBM: only here
+
+    holder = next((s for s in sources if s.id == ctx.label_source), None)
+    texts = [s for s in sources if s.kind == "text"]
+    empty = (sparse.csr_matrix((0, len(vocabulary.terms))), np.zeros(0), np.zeros(0, np.int64))
+    if holder is None or not texts:
+        return (*empty, np.zeros(0, dtype=bool))
+    ((_, labelled),) = _clean_tables(ctx, [holder], "text model labels")
+    secret = resolve_secret(env=ctx.secret.env, block=ctx.secret.block)
+    keys = labelled.filter(pl.col(ctx.entity).is_not_null())
+    hashed = keys.select(
+        pl.col(ctx.entity),
+        hash_keys(keys.get_column(ctx.entity), secret),
+        encode_label(
+            keys.get_column(ctx.label), task=ctx.task, vocabulary=ctx.vocabularies.get(ctx.label)
+        ).alias("_label"),
+        *([pl.col(SPLIT)] if SPLIT in keys.columns else []),
+    ).unique(ctx.entity, keep="first")
+    split = frame_splits(
+        hashed, validation_fraction=ctx.validation_fraction, test_fraction=ctx.test_fraction
+    )
+    labels = hashed.select(pl.col(ctx.entity), pl.col("_label"), split.alias("_split"))
+    matrices, ys, fold_parts, trains = [], [], [], []
+    for source, clean in _clean_tables(ctx, texts, "text model rows"):
+        with naming_source(ctx.party, source.id, "text model rows"):
+            entities, X, has_text = party_text_matrix(
+                clean,
+                entity=ctx.entity,
+                as_of=ctx.as_of,
+                options=_text_options(source),
+                vocabulary=vocabulary,
+            )
+            joined = pl.DataFrame({ctx.entity: entities}).join(
+                labels, on=ctx.entity, how="left", validate="1:1", maintain_order="left"
+            )
+            y = joined.get_column("_label").fill_null(float("nan")).to_numpy()
+            in_train = (joined.get_column("_split") == "train").fill_null(False).to_numpy()
+            usable = np.isfinite(y) & has_text & in_train
+            matrices.append(X)
+            ys.append(np.nan_to_num(y))
+            fold_parts.append(fold_of(entities, folds))
+            trains.append(usable)
+    return (
+        sparse.vstack(matrices).tocsr(),
+        np.concatenate(ys),
+        np.concatenate(fold_parts),
+        np.concatenate(trains),
+    )
+
+
+def run_fit_text_model(
+    ctx: PartyContext,
+    sources: list[SourceSpec],
+    vocabulary: TextVocabulary,
+    models: CrossFitModels,
+    settings: TextModelSettings,
+    round_: int,
+) -> TextUpdates:
+    """The party's side of one FedAvg round of the text model (``round_`` names it): the
+    global models fitted a few epochs on its own rows. Only weights and counts leave."""
+    X, y, fold, train = cached_text_training_data(ctx, sources, vocabulary, len(models.folds))
+    updates = party_updates(X, y, fold, train, models, settings)
+    logger.debug("%s: text model round %d on %d rows", ctx.party, round_, int(train.sum()))
+    return TextUpdates(weights=[w for w, _ in updates], counts=[n for _, n in updates])
+
+
+def run_text_model(
+    parties: Mapping[str, tuple[PartyContext, list[SourceSpec]]],
+    text: TextSpec,
+    settings: TextModelSettings,
+    *,
+    spec: str,
+) -> TextModel:
+    """The consortium text model learned in this process, no orchestration (benchmarks,
+    notebooks, tests): the party steps ``prepare`` dispatches, called in turn."""
+
+    def count() -> list[DocumentCounts]:
+        return [run_count_text_terms(ctx, sources, text) for ctx, sources in parties.values()]
+
+    def fit_round(
+        vocabulary: TextVocabulary, models: CrossFitModels, round_: int
+    ) -> list[list[tuple[LinearWeights, int]]]:
+        return [
+            run_fit_text_model(ctx, sources, vocabulary, models, settings, round_).pairs()
+            for ctx, sources in parties.values()
+        ]
+
+    return learn_text_model(
+        count,
+        fit_round,
+        min_parties=text.min_parties,
+        max_terms=text.max_terms,
+        ngram_max=text.ngram_max,
+        folds=text.folds,
+        rounds=text.rounds,
+        settings=settings,
+        spec=spec,
+    )
+
+
 def run_party(ctx: PartyContext, sources: list[SourceSpec]) -> FusedOutput:
     """A party's whole pipeline in this process, no orchestration (benchmarks, notebooks):
     the steps the ``party-pipeline`` flow runs as cached tasks, in the same order."""
@@ -553,7 +807,20 @@ read_raw_keys = task(
     retry_condition_fn=retry_transient,
 )(run_raw_keys)
 fuse_party = task(name="fuse-party", cache_key_fn=content_cache_key, persist_result=True)(run_fuse)
-#: Reads the party's current raw data: never cached (a rerun counts again).
+#: Read the party's current raw data: never cached (a rerun counts again).
+count_text_terms = task(
+    name="count-text-terms",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_transient,
+)(run_count_text_terms)
+fit_text_model = task(
+    name="fit-text-model",
+    task_run_name="fit text model round {round_}",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_transient,
+)(run_fit_text_model)
 count_vocabulary_values = task(
     name="count-vocabulary-values",
     retries=IO_RETRIES,

@@ -462,6 +462,35 @@ def fusion_problems(spec: FedSpec) -> list[SpecProblem]:
     return problems
 
 
+def text_problems(spec: FedSpec) -> list[SpecProblem]:
+    """``[text] model`` needs the horizontal layout and text sources at ``min_parties``
+    parties or more."""
+    text = spec.text
+    if not text.model:
+        return []
+    problems: list[SpecProblem] = []
+    if spec.consortium.layout != "horizontal":
+        problems.append(
+            SpecProblem(
+                path="text.model",
+                message="the federated text model needs the horizontal layout (in the vertical "
+                "layout the text party holds no label); leave it out",
+            )
+        )
+    holders = spec.text_parties()
+    if not holders:
+        problems.append(SpecProblem(path="text.model", message="no party has a text source"))
+    elif text.min_parties > len(holders):
+        problems.append(
+            SpecProblem(
+                path="text.min_parties",
+                message=f"{text.min_parties} > number of parties with a text source "
+                f"({len(holders)})",
+            )
+        )
+    return problems
+
+
 def semantic_problems(spec: FedSpec) -> list[SpecProblem]:
     """Every cross-reference problem of ``spec``, section by section."""
     return [
@@ -474,6 +503,7 @@ def semantic_problems(spec: FedSpec) -> list[SpecProblem]:
         *label_value_problems(spec),
         *split_problems(spec),
         *fusion_problems(spec),
+        *text_problems(spec),
     ]
 
 

@@ -822,6 +822,40 @@ class VocabularySpec(SpecModel):
         return self.other or (self.values is not None and OTHER in self.values)
 
 
+class TextSpec(SpecModel):
+    """The consortium TF-IDF vocabulary and federated linear text model (horizontal)."""
+
+    model: bool = Field(
+        default=False,
+        description="Learn a consortium TF-IDF vocabulary at prepare, train a linear model "
+        "on it by FedAvg and add its out-of-fold score to every text source's features",
+    )
+    min_documents: int = Field(
+        default=5,
+        ge=1,
+        description="k: a party reports a term only when at least this many of its texts hold it",
+    )
+    min_parties: int = Field(
+        default=2,
+        ge=1,
+        description="m: a term enters the vocabulary only when at least this many parties "
+        "report it (at most the number of parties with a text source)",
+    )
+    max_terms: int = Field(
+        default=5000, ge=1, le=100_000, description="Most frequent terms kept (TF-IDF columns)"
+    )
+    ngram_max: int = Field(default=2, ge=1, le=3, description="Longest word n-gram of a term")
+    folds: int = Field(
+        default=5, ge=2, le=20, description="Cross-fitting folds (by a hash of the entity key)"
+    )
+    rounds: int = Field(default=5, ge=1, le=100, description="FedAvg rounds of the text model")
+    epochs: int = Field(default=2, ge=1, le=50, description="Local SGD epochs per round")
+    learning_rate: float = Field(
+        default=0.5, gt=0, le=10, description="Constant SGD step of the text model"
+    )
+    alpha: float = Field(default=1e-5, gt=0, le=1, description="L2 penalty of the text model")
+
+
 class DefaultsSpec(SpecModel):
     """Keys a party that leaves them out takes, ``{party}`` in every string value replaced by
     the party's id (:mod:`tasks.spec.defaults`); a party that gives a key keeps its own."""
@@ -861,6 +895,9 @@ class FedSpec(SpecModel):
         default_factory=FusionSpec, description="Joining sources and vertical fusion"
     )
     run: RunSpec = Field(default_factory=RunSpec, description="Where results persist")
+    text: TextSpec = Field(
+        default_factory=TextSpec, description="Consortium TF-IDF vocabulary and text model"
+    )
     defaults: DefaultsSpec | None = Field(
         default=None,
         exclude=True,
@@ -904,6 +941,26 @@ class FedSpec(SpecModel):
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()
+
+    def text_fingerprint(self) -> str:
+        """Hash of what decides the text vocabulary and model: the vocabulary fingerprint's
+        parts, the ``[text]`` section and the training split settings."""
+        blob = json.dumps(
+            {
+                "vocabulary": self.vocabulary_fingerprint(),
+                "text": self.text.model_dump(mode="json"),
+                "split": self.training.model_dump(
+                    mode="json",
+                    include={"validation_fraction", "test_fraction", "split_column", "seed"},
+                ),
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def text_parties(self) -> list[str]:
+        """The parties with a text source."""
+        return [p.id for p in self.parties if any(s.kind == "text" for s in p.sources)]
 
     def label_party_ids(self) -> list[str]:
         return [p.id for p in self.parties if label_source(self, p) is not None]

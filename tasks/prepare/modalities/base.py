@@ -34,6 +34,7 @@ from storage.sources import (
     read_folder,
     read_source,
 )
+from tasks.prepare.text_model import TextModel
 from tasks.spec.models import FeatureOptions, SourceSpec, SpecProblem
 from tasks.types import KeyNormalisation
 
@@ -51,6 +52,10 @@ class FeatureInputs:
     #: The consortium's label column when this source holds it: passed through unchanged
     #: (alignment encodes it as the model's target).
     label: str | None = None
+    #: The consortium text model (``[text] model``): text sources add its score.
+    text_model: TextModel | None = None
+    #: New rows to score: the text model's full model scores every row.
+    scoring: bool = False
 
 
 class Modality(ABC):

@@ -13,7 +13,12 @@ feature names, numeric dtypes only (see :func:`text_feature_names` for the exact
   ``rating`` column, so every party's text features have the same schema whatever its export
   holds (alignment and horizontal training need one feature space);
 * ``days_since_last``: days from the latest text to the end of the ``as_of`` day;
-* ``tok_0 .. tok_{width-1}``: the entity's mean hashed token vector.
+* ``tok_0 .. tok_{width-1}``: the entity's mean hashed token vector;
+* with the consortium text model (``[text] model``, :mod:`tasks.prepare.text_model`):
+  ``model_score`` (``model_score_<c>`` per class for multiclass), the linear model's raw score
+  of the entity's TF-IDF vector over the consortium vocabulary: its fold's model at
+  ``prepare`` (never fitted on its own label), the full model when scoring; null for an
+  entity without a non-empty text.
 
 Window: texts stamped after the ``as_of`` day are ignored; texts with a null timestamp are
 kept (their time is unknown, not late); without a ``timestamp`` column every text counts.
@@ -25,7 +30,8 @@ nulls elsewhere, so no entity silently disappears. Rows without an entity key ar
 
 Texts longer than ``options.text_max_chars`` code points are cut to that length before
 tokenising and scoring; ``chars_*`` and the CJK/emoji shares use the full text. Text is
-NFKC-normalised before tokenising (full-width letters and punctuation become ASCII).
+NFKC-normalised before tokenising (full-width letters and punctuation become ASCII), after
+markup tags (``<br />``) are removed and character references decoded.
 
 Tokens. Runs of Han characters (and kana) are segmented with jieba; the rest of the text gives
 lower-cased Unicode word tokens (Latin, Cyrillic, Hangul, digits, ...) plus one token per
@@ -91,6 +97,17 @@ from pydantic import Field
 
 from tasks.prepare.modalities.base import FeatureInputs, Modality, register
 from tasks.prepare.modalities.table import window_end
+from tasks.prepare.text_model import (
+    TextModel,
+    TextVocabulary,
+    cross_fit_scores,
+    entity_matrix,
+    fold_of,
+    ngram_terms,
+    score_columns,
+    strip_html,
+    tfidf_matrix,
+)
 from tasks.prepare.windows import DAY_US
 from tasks.spec.models import FeatureOptions, SourceSpec
 from tasks.types import RATING, TEXT, TIMESTAMP
@@ -307,27 +324,47 @@ def _hasher(width: int) -> Any:
 # --- one text ---------------------------------------------------------------------------
 
 
-def analyse_text(text: str) -> tuple[float, list[str]]:
-    """Sentiment in [-1, 1] and tokens of one (already truncated) non-empty text."""
-    text = unicodedata.normalize("NFKC", text)
+#: Distinct texts whose segmentation a process keeps: the text vocabulary's count, the text
+#: model's rounds and the features step segment each text once.
+SEGMENT_CACHE = 100_000
+
+
+@functools.lru_cache(maxsize=SEGMENT_CACHE)
+def segment_text(text: str) -> tuple[tuple[tuple[str, ...], ...], str, tuple[str, ...]]:
+    """One (already truncated) text, markup stripped and NFKC-normalised: the jieba words of
+    each Han/kana run, the rest of the text, and the rest's lower-cased word/emoji tokens."""
+    text = unicodedata.normalize("NFKC", strip_html(text))
     jieba = _jieba()
-    lexicon = chinese_lexicon()
-    tokens: list[str] = []
+    runs: list[tuple[str, ...]] = []
     rest: list[str] = []
-    pos = neg = 0
     start = 0
     for run in _SEGMENTED_RUN.finditer(text):
         rest.append(text[start : run.start()])
         start = run.end()
-        words = jieba.lcut(run.group())
+        runs.append(tuple(jieba.lcut(run.group())))
+    rest.append(text[start:])
+    other = " ".join(rest)
+    return tuple(runs), other, tuple(t.lower() for t in _WORD_OR_EMOJI.findall(other))
+
+
+def text_tokens(text: str) -> list[str]:
+    """The tokens of one (already truncated) text, as :func:`analyse_text` gives them."""
+    runs, _, other_tokens = segment_text(text)
+    return [w for words in runs for w in words] + list(other_tokens)
+
+
+def analyse_text(text: str) -> tuple[float, list[str]]:
+    """Sentiment in [-1, 1] and tokens of one (already truncated) non-empty text."""
+    runs, other, other_tokens = segment_text(text)
+    lexicon = chinese_lexicon()
+    tokens: list[str] = []
+    pos = neg = 0
+    for words in runs:
         tokens += words
-        run_pos, run_neg = lexicon.score(words)
+        run_pos, run_neg = lexicon.score(list(words))
         pos += run_pos
         neg += run_neg
     n_chinese = len(tokens)
-    rest.append(text[start:])
-    other = " ".join(rest)
-    other_tokens = [t.lower() for t in _WORD_OR_EMOJI.findall(other)]
     tokens += other_tokens
     chinese_score = (pos - neg) / (pos + neg + 1)
     if n_chinese and not other_tokens:
@@ -340,8 +377,8 @@ def analyse_text(text: str) -> tuple[float, list[str]]:
     return score, tokens
 
 
-def _score_texts(texts: pl.Series, width: int) -> pl.DataFrame:
-    """Per distinct text: sentiment, token count and hashed token vector."""
+def _score_texts(texts: pl.Series, width: int) -> tuple[pl.DataFrame, list[list[str]]]:
+    """Per distinct text: sentiment, token count and hashed token vector; and its tokens."""
     values = texts.to_list()
     scores: list[float] = []
     token_lists: list[list[str]] = []
@@ -350,7 +387,7 @@ def _score_texts(texts: pl.Series, width: int) -> pl.DataFrame:
         scores.append(score)
         token_lists.append(tokens)
     matrix = _hasher(width).transform(token_lists).toarray() if values else np.zeros((0, width))
-    return pl.DataFrame(
+    frame = pl.DataFrame(
         {
             "_scored": texts,
             "_sentiment": pl.Series(scores, dtype=pl.Float64),
@@ -359,16 +396,25 @@ def _score_texts(texts: pl.Series, width: int) -> pl.DataFrame:
         },
         schema_overrides=dict.fromkeys(token_columns(width), pl.Float64),
     )
+    return frame, token_lists
 
 
 # --- the table --------------------------------------------------------------------------
 
 
-def text_features(
-    clean: pl.DataFrame, *, entity: str, as_of: dt.date, options: TextOptions
-) -> pl.DataFrame:
-    """Text volume, shape, sentiment, rating, recency and hashed-token features per entity."""
-    width = options.text_width
+@dataclass(frozen=True)
+class TextWindow:
+    """A source's keyed rows (entity, text, rating, time) and those inside the window, with
+    ``_scored`` (the truncated non-empty text) and the shape columns."""
+
+    keyed: pl.DataFrame
+    rows: pl.DataFrame
+    has_time: bool
+    end: dt.datetime
+
+
+def text_window(clean: pl.DataFrame, *, entity: str, as_of: dt.date, max_chars: int) -> TextWindow:
+    """The texts that count for ``as_of`` (see the module docstring)."""
     columns = clean.columns
     has_time = TIMESTAMP in columns
     time = pl.lit(None, pl.Datetime("us", "UTC"))
@@ -402,11 +448,78 @@ def text_features(
         _cjk=pl.col(TEXT).str.count_matches(CJK_CLASS).fill_null(0).cast(pl.Int64),
         _emoji=pl.col(TEXT).str.count_matches(EMOJI_CLASS).fill_null(0).cast(pl.Int64),
     ).with_columns(
-        _scored=pl.when(~pl.col("_empty")).then(pl.col(TEXT).str.slice(0, options.text_max_chars)),
+        _scored=pl.when(~pl.col("_empty")).then(pl.col(TEXT).str.slice(0, max_chars)),
     )
+    return TextWindow(keyed=keyed, rows=window, has_time=has_time, end=end)
+
+
+def entity_tfidf(
+    window: pl.DataFrame,
+    distinct: pl.Series,
+    token_lists: list[list[str]],
+    entities: pl.Series,
+    *,
+    entity: str,
+    vocabulary: TextVocabulary,
+) -> tuple[Any, np.ndarray]:
+    """Per entity of ``entities`` (in order): the l2-normalised sum of the TF-IDF vectors
+    of its scored texts over the consortium vocabulary, and whether it has any such text.
+    ``token_lists[i]`` holds the tokens of ``distinct[i]``."""
+    terms = [ngram_terms(tokens, vocabulary.ngram_max) for tokens in token_lists]
+    per_text = tfidf_matrix(terms, vocabulary)
+    index = pl.DataFrame({"_scored": distinct, "_text": pl.int_range(distinct.len(), eager=True)})
+    order = pl.DataFrame({entity: entities, "_owner": pl.int_range(entities.len(), eager=True)})
+    pairs = (
+        window.filter(pl.col("_scored").is_not_null())
+        .select(entity, "_scored")
+        .join(index, on="_scored", how="inner")
+        .join(order, on=entity, how="inner")
+    )
+    owners = pairs["_owner"].to_numpy()
+    X = entity_matrix(per_text[pairs["_text"].to_numpy()], owners, entities.len())
+    has_text = np.zeros(entities.len(), dtype=bool)
+    has_text[owners] = True
+    return X, has_text
+
+
+def party_text_matrix(
+    clean: pl.DataFrame,
+    *,
+    entity: str,
+    as_of: dt.date,
+    options: TextOptions,
+    vocabulary: TextVocabulary,
+) -> tuple[pl.Series, Any, np.ndarray]:
+    """The entities of a clean text table (sorted), their TF-IDF matrix and whether each
+    has a scored text: what a party fits the text model on."""
+    window = text_window(clean, entity=entity, as_of=as_of, max_chars=options.text_max_chars)
+    distinct = window.rows.get_column("_scored").drop_nulls().unique().sort()
+    tokens = [text_tokens(t) for t in distinct.to_list()]
+    entities = window.keyed.get_column(entity).unique().sort()
+    X, has_text = entity_tfidf(
+        window.rows, distinct, tokens, entities, entity=entity, vocabulary=vocabulary
+    )
+    return entities, X, has_text
+
+
+def text_features(
+    clean: pl.DataFrame,
+    *,
+    entity: str,
+    as_of: dt.date,
+    options: TextOptions,
+    model: TextModel | None = None,
+    scoring: bool = False,
+) -> pl.DataFrame:
+    """Text volume, shape, sentiment, rating, recency and hashed-token features per entity;
+    with the consortium text ``model``, its score (:func:`model_scores`)."""
+    width = options.text_width
+    tw = text_window(clean, entity=entity, as_of=as_of, max_chars=options.text_max_chars)
+    keyed, window, has_time, end = tw.keyed, tw.rows, tw.has_time, tw.end
 
     distinct = window.get_column("_scored").drop_nulls().unique().sort()
-    scored = _score_texts(distinct, width)
+    scored, token_lists = _score_texts(distinct, width)
+    window_rows = window
     window = window.join(scored, on="_scored", how="left").sort(
         entity, "_time", TEXT, "_rating", nulls_last=False
     )
@@ -450,6 +563,16 @@ def text_features(
         )
         .sort(entity)
     )
+    if model is not None:
+        X, has_text = entity_tfidf(
+            window_rows,
+            distinct,
+            token_lists,
+            out.get_column(entity),
+            entity=entity,
+            vocabulary=model.vocabulary,
+        )
+        out = out.with_columns(model_scores(out.get_column(entity), X, has_text, model, scoring))
     logger.debug(
         "text features: %d entities from %d texts (%d distinct)",
         out.height,
@@ -457,6 +580,21 @@ def text_features(
         distinct.len(),
     )
     return out
+
+
+def model_scores(
+    entities: pl.Series, X: Any, has_text: np.ndarray, model: TextModel, scoring: bool
+) -> list[pl.Series]:
+    """The text model's score columns: each entity's fold model (never fitted on its own
+    label) at ``prepare``, the full model when ``scoring``; null without a scored text."""
+    folds = len(model.models.folds)
+    fold = fold_of(entities, folds)
+    use_fold = np.full(entities.len(), not scoring)
+    raw = cross_fit_scores(X, fold, use_fold, model.models)
+    return [
+        pl.Series(name, np.where(has_text, raw[:, i], np.nan)).fill_nan(None)
+        for i, name in enumerate(score_columns(raw.shape[1]))
+    ]
 
 
 class TextOptions(FeatureOptions):
@@ -485,7 +623,12 @@ class Text(Modality):
         if not isinstance(options, TextOptions):
             raise TypeError(f"source {source.id!r}: text options expected")
         return text_features(
-            clean.collect(), entity=inputs.entity, as_of=inputs.as_of, options=options
+            clean.collect(),
+            entity=inputs.entity,
+            as_of=inputs.as_of,
+            options=options,
+            model=inputs.text_model,
+            scoring=inputs.scoring,
         )
 
 
