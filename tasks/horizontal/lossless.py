@@ -42,7 +42,9 @@ machine still training then hangs or fails in the next collective. The coordinat
 per-round decision uses the size-weighted loss over all parties (for logloss and MSE that
 is exactly the pooled validation loss) and stops all machines after the same iteration.
 
-Bins: in distributed mode LightGBM gives each machine a block of the features; that machine
+Bins: with consortium bins (``bins``, :mod:`tasks.horizontal.bins`) every party's machine
+bins each numerical feature with the boundaries merged from all parties' quantile
+sketches. Without them, in distributed mode LightGBM gives each machine a block of the features; that machine
 finds those features' bin boundaries (numerical quantiles, categorical values) from its own
 rows and all machines then share the bin mappers, so every party bins with the same
 boundaries and the summed histograms line up. They are not the boundaries a pooled model
@@ -72,6 +74,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from storage.store import TableRef, read_table
+from tasks.horizontal.bins import ConsortiumBins
 from tasks.horizontal.ensemble import GlobalEnsemble, MemberTuple, text_sha256
 from tasks.horizontal.lossless_network import (
     PORT_ATTEMPTS,
@@ -87,6 +90,7 @@ from tasks.horizontal.lossless_network import (
 from tasks.horizontal.model_text import check_task
 from tasks.horizontal.rounds import StopReason, rounds_in_budget
 from tasks.horizontal.score_histograms import ScoreHistogram, score_histogram
+from tasks.horizontal.steps import consortium_bin_params
 from tasks.horizontal.training import (
     LOSS_METRIC,
     EarlyStopping,
@@ -120,6 +124,7 @@ class FusedSource:
     schema: FeatureSchema
     validation_fraction: float
     test_fraction: float
+    store: str | None = None
 
     def load(self) -> PartyData:
         frame = read_table(self.fused)
@@ -146,6 +151,8 @@ class _Job:
     trees_per_round: int
     feature_names: list[str]
     categorical: list[str]
+    bins: ConsortiumBins | None = None
+    run_key: str = LOSSLESS_MEMBER
 
 
 # --------------------------------------------------------------------------------------
@@ -324,6 +331,12 @@ class _RoundSync:
 def _train_party(
     job: _Job, data: PartyData, base: Sequence[float], rounds: int, conn: Connection
 ) -> PartyResult:
+    params = dict(job.params)
+    if job.bins is not None:
+        store = job.source.store if isinstance(job.source, FusedSource) else None
+        params |= consortium_bin_params(
+            job.bins, data.X_train, job.feature_names, store=store, run_key=job.run_key
+        )
     init = np.tile(np.asarray(base, dtype=np.float64), (len(data.y_train), 1))
     dataset = lgb.Dataset(
         data.X_train,
@@ -335,7 +348,7 @@ def _train_party(
     )
     sync = _RoundSync(job, data, base, conn)
     booster = lgb.train(
-        job.params, dataset, num_boost_round=rounds * job.trees_per_round, callbacks=[sync]
+        params, dataset, num_boost_round=rounds * job.trees_per_round, callbacks=[sync]
     )
     text = without_network_params(str(booster.model_to_string(num_iteration=-1)))
     return PartyResult(
@@ -449,6 +462,8 @@ def train_lossless(
     categorical: Sequence[str],
     feature_names: Sequence[str],
     timeout_minutes: int = 10,
+    bins: ConsortiumBins | None = None,
+    run_key: str = LOSSLESS_MEMBER,
 ) -> LosslessResult:
     """One LightGBM model over every party's rows, trained data-parallel (see the module doc).
 
@@ -456,7 +471,9 @@ def train_lossless(
     a :class:`FusedSource` its process reads. Same splits, params, base score, tree budget
     and early stopping as :func:`tasks.horizontal.baselines.train_centralised`; the spec's ``seed``
     seeds LightGBM. ``timeout_minutes`` is LightGBM's socket time-out and bounds the wait
-    for any one party message.
+    for any one party message. With ``bins`` every party bins with the consortium's
+    boundaries (its forced-bins file named after ``run_key``, in its store when the source
+    names one).
     """
     check_task(objective, num_class)
     if not sources:
@@ -477,6 +494,8 @@ def train_lossless(
             trees_per_round=spec.trees_per_round,
             feature_names=list(feature_names),
             categorical=list(categorical),
+            bins=bins,
+            run_key=run_key,
         )
         for s in sources
     ]

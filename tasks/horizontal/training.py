@@ -305,12 +305,16 @@ def fit_round(
     learning_rate: float,
     categorical: Sequence[str] | Sequence[int],
     feature_names: Sequence[str],
+    bin_params: Mapping[str, LgbParamValue] | None = None,
 ) -> tuple[str, int]:
     """A party's fit of round ``round_``: ``trees_per_round`` trees from its running scores
     ``init_score`` with its per-round seed (:func:`party_seed`); the model text and the
-    seed. The in-memory loop and the Prefect step fit through this one function."""
+    seed. ``bin_params`` bins with the consortium's boundaries
+    (:func:`tasks.horizontal.bins.forced_bin_params`). The in-memory loop and the Prefect step
+    fit through this one function."""
     seed = party_seed(training.seed, party, round_)
     params = lgb_params(training, objective, num_class, seed=seed, learning_rate=learning_rate)
+    params.update(bin_params or {})
     text = train_update(
         X_train,
         y_train,
