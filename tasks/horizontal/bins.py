@@ -135,7 +135,7 @@ def _decode(party: str, feature: str, text: str) -> kll_doubles_sketch:
     try:
         data = base64.b64decode(text.encode("ascii"), validate=True)
         sketch = kll_doubles_sketch.deserialize(data)
-    except (binascii.Error, UnicodeEncodeError, ValueError, RuntimeError):
+    except (binascii.Error, UnicodeEncodeError, ValueError, RuntimeError, IndexError):
         raise BinsError(f"{where}: not a serialized KLL sketch") from None
     if not sketch.is_empty() and not (
         math.isfinite(sketch.get_min_value()) and math.isfinite(sketch.get_max_value())
@@ -252,6 +252,11 @@ def forced_bins(
         forced.append({"feature": j, "bin_upper_bound": bounds})
         per_feature.append(max(len(bounds) + extra, 3))  # 2 bins: LightGBM forces none
     return json.dumps(forced), per_feature
+
+
+#: The params :func:`forced_bin_params` sets: local to one party (a path of its machine, its
+#: own rows' bin counts), removed from every model text that leaves it.
+BIN_PARAMS = frozenset({"forcedbins_filename", "max_bin_by_feature"})
 
 
 def forced_bin_params(path: str, per_feature: Sequence[int]) -> dict[str, LgbParamValue]:

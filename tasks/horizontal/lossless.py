@@ -74,7 +74,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from storage.store import TableRef, read_table
-from tasks.horizontal.bins import ConsortiumBins
+from tasks.horizontal.bins import BIN_PARAMS, ConsortiumBins
 from tasks.horizontal.ensemble import GlobalEnsemble, MemberTuple, text_sha256
 from tasks.horizontal.lossless_network import (
     PORT_ATTEMPTS,
@@ -87,7 +87,7 @@ from tasks.horizontal.lossless_network import (
     network_params,
     without_network_params,
 )
-from tasks.horizontal.model_text import check_task
+from tasks.horizontal.model_text import check_task, without_params
 from tasks.horizontal.rounds import StopReason, rounds_in_budget
 from tasks.horizontal.score_histograms import ScoreHistogram, score_histogram
 from tasks.horizontal.steps import consortium_bin_params
@@ -350,7 +350,9 @@ def _train_party(
     booster = lgb.train(
         params, dataset, num_boost_round=rounds * job.trees_per_round, callbacks=[sync]
     )
-    text = without_network_params(str(booster.model_to_string(num_iteration=-1)))
+    text = without_params(
+        without_network_params(str(booster.model_to_string(num_iteration=-1))), BIN_PARAMS
+    )
     return PartyResult(
         party=data.party,
         model_text=text,

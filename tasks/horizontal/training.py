@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 from sklearn.metrics import accuracy_score, log_loss, mean_squared_error, roc_auc_score
 
 from tasks.horizontal.ensemble import feature_matrix
-from tasks.horizontal.model_text import LGB_OBJECTIVE
+from tasks.horizontal.model_text import LGB_OBJECTIVE, without_params
 from tasks.horizontal.score_histograms import ScoreHistogram, pooled_auc, sum_histograms
 from tasks.links import sigmoid, softmax
 from tasks.spec.models import RESERVED_PARAMS as RESERVED_PARAMS  # noqa: PLC0414  (re-exported)
@@ -324,6 +324,8 @@ def fit_round(
         categorical,
         feature_names=feature_names,
     )
+    if bin_params:  # the forced-bins path is the party's own: it does not leave it
+        text = without_params(text, set(bin_params))
     return text, seed
 
 
