@@ -605,9 +605,9 @@ class TrainingSpec(SpecModel):
     )
     bins: Literal["consortium", "party"] = Field(
         default="consortium",
-        description="consortium: every party's LightGBM bins numerical features with "
-        "boundaries merged from all parties' KLL quantile sketches (only sketches leave a "
-        "party); party: each LightGBM bins from its own rows",
+        description="Horizontal layout. consortium: every party's LightGBM bins numerical "
+        "features with boundaries merged from all parties' KLL quantile sketches (only "
+        "sketches leave a party); party: each LightGBM bins from its own rows",
     )
     min_sketch_rows: int = Field(
         default=200,
