@@ -19,9 +19,12 @@ from tasks.horizontal.bins import (
     BinsError,
     ConsortiumBins,
     consortium_bins,
+    feature_block,
+    forced_bins,
     merge_sketches,
     rank_error,
     sketch_features,
+    unforced_features,
 )
 from tasks.horizontal.steps import consortium_bin_params
 from tasks.horizontal.training import fit_round, lgb_params
@@ -61,11 +64,15 @@ def _thresholds(model_text: str) -> dict[int, set[float]]:
     return out
 
 
-def _on_bounds(model_text: str, bins: ConsortiumBins, names: list[str]) -> None:
+def _on_bounds(
+    model_text: str, bins: ConsortiumBins, names: list[str], skip: frozenset[str] = frozenset()
+) -> None:
     """Every numerical threshold is a consortium boundary (or LightGBM's zero bin)."""
     found = _thresholds(model_text)
     assert found
     for j, values in found.items():
+        if names[j] in skip:
+            continue
         allowed = set(bins.bounds[names[j]])
         off = [v for v in values if v not in allowed and abs(v) > 1e3 * ZERO_THRESHOLD]
         assert off == [], f"feature {names[j]}: thresholds off the consortium boundaries"
@@ -172,6 +179,23 @@ def test_a_party_trains_on_the_forced_boundaries(tmp_path: Path) -> None:
     )
 
 
+def test_lossless_blocks_follow_lightgbm() -> None:
+    """The forced-bins file of a lossless party lays out its block as LightGBM reads it."""
+    assert [list(feature_block(7, 3, r)) for r in range(3)] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert list(feature_block(2, 3, 2)) == []
+    names = [f"f{i}" for i in range(7)]
+    # rank 1 reads f3..f5 at indices 0..2: f4 lands on the categorical f1
+    assert unforced_features(names, ["f1", "f5"], 3) == ["f4"]
+    bounds = {n: [1.0, 2.0] for n in names if n not in ("f1", "f5")}
+    bins = ConsortiumBins(max_bin=16, rank_error=0.01, bounds=bounds, parties=["a"])
+    X = np.ones((5, 7))
+    text, per = forced_bins(bins, X, names, categorical=["f1", "f5"], rank=1, machines=3)
+    assert json.loads(text) == [{"feature": 0, "bin_upper_bound": [1.0, 2.0]}]  # f3 only
+    assert per == [16, 16, 16, 4, 16, 16, 16]
+    text, per = forced_bins(bins, X, names)
+    assert [e["feature"] for e in json.loads(text)] == [0, 2, 3, 4, 6]
+
+
 def _flow_spec(root: Path, mode: str) -> Path:
     spec = write_synthetic(root, customers=560)
     text = re.sub(r"^rounds = .*$", f'rounds = 2\nmode = "{mode}"', spec.read_text(), flags=re.M)
@@ -210,9 +234,15 @@ def test_training_flow_uses_the_consortium_bins(
     ensemble = EnsembleManifest.model_validate(body).ensemble(texts)
     numerical = [n for n in ensemble.feature_names if n not in ensemble.categorical]
     assert set(bins.bounds) == set(numerical)
+    skip = frozenset(
+        unforced_features(ensemble.feature_names, ensemble.categorical, 2)
+        if mode == "lossless"
+        else []
+    )
+    assert len(skip) < len(numerical) / 2
     for round_ in ensemble.rounds:
         for _, _, text in round_:
-            _on_bounds(text, bins, ensemble.feature_names)
+            _on_bounds(text, bins, ensemble.feature_names, skip)
             assert "forcedbins" not in text and str(tmp_path) not in text
     # the sketches come back from the cache in a later run of the same spec: none is redone
     again = federated_training(str(spec), return_state=True)

@@ -227,8 +227,41 @@ def consortium_bins(
     )
 
 
+def feature_block(n_features: int, machines: int, rank: int) -> range:
+    """The features whose bins LightGBM's machine ``rank`` of ``machines`` finds in
+    data-parallel training (then shared with all): contiguous blocks of ceil(F / M)."""
+    step = max(-(-n_features // machines), 1)
+    start = min(rank * step, n_features)
+    return range(start, min(start + step, n_features))
+
+
+def unforced_features(
+    feature_names: Sequence[str], categorical: Sequence[str], machines: int
+) -> list[str]:
+    """Numerical features that data-parallel LightGBM cannot bin with forced bounds.
+
+    LightGBM 4.7's data-parallel loader reads the forced bounds of block feature
+    ``start + i`` at index ``i`` of the file (rank 0 alone is unaffected), so a party's file
+    puts them there (:func:`forced_bins` with ``rank``); its reader skips a categorical
+    index, so a numerical feature whose shifted index is categorical keeps the bins its
+    owner finds from its own rows.
+    """
+    cats = {i for i, n in enumerate(feature_names) if n in set(categorical)}
+    out = []
+    for rank in range(1, machines):
+        block = feature_block(len(feature_names), machines, rank)
+        out += [feature_names[j] for j in block if j not in cats and (j - block.start) in cats]
+    return out
+
+
 def forced_bins(
-    bins: ConsortiumBins, X: np.ndarray, feature_names: Sequence[str]
+    bins: ConsortiumBins,
+    X: np.ndarray,
+    feature_names: Sequence[str],
+    *,
+    categorical: Sequence[str] = (),
+    rank: int = 0,
+    machines: int = 1,
 ) -> tuple[str, list[int]]:
     """A party's LightGBM inputs for the consortium's boundaries: the text of the
     ``forcedbins_filename`` file and ``max_bin_by_feature``.
@@ -237,19 +270,24 @@ def forced_bins(
     values), +inf and, with missing values, a NaN bin to the forced bounds, and fills any
     bin left over from the party's own rows. Each feature's bin count is the forced bounds
     plus exactly those, so no boundary of the party's own is added; a feature without
-    forced bounds keeps ``max_bin``.
+    forced bounds keeps ``max_bin``. ``rank`` of ``machines`` > 1 (lossless mode): the file
+    lays out the bounds of the party's block of features as LightGBM's data-parallel loader
+    reads them (:func:`unforced_features`).
     """
     forced: list[dict[str, object]] = []
     per_feature: list[int] = []
+    block = feature_block(len(feature_names), machines, rank) if rank else None
+    skipped = set(unforced_features(feature_names, categorical, machines)) if block else set()
     for j, name in enumerate(feature_names):
         bounds = bins.bounds.get(name, [])
-        if not bounds:
+        if not bounds or name in skipped or (block is not None and j not in block):
             per_feature.append(bins.max_bin)
             continue
         column = np.asarray(X[:, j], dtype=np.float64)
         extra = 1 + int(bool((column <= -ZERO_THRESHOLD).any()))
         extra += int(bool((column > ZERO_THRESHOLD).any())) + int(bool(np.isnan(column).any()))
-        forced.append({"feature": j, "bin_upper_bound": bounds})
+        index = j - block.start if block is not None else j
+        forced.append({"feature": index, "bin_upper_bound": bounds})
         per_feature.append(max(len(bounds) + extra, 3))  # 2 bins: LightGBM forces none
     return json.dumps(forced), per_feature
 

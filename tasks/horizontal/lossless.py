@@ -74,7 +74,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from storage.store import TableRef, read_table
-from tasks.horizontal.bins import BIN_PARAMS, ConsortiumBins
+from tasks.horizontal.bins import BIN_PARAMS, ConsortiumBins, unforced_features
 from tasks.horizontal.ensemble import GlobalEnsemble, MemberTuple, text_sha256
 from tasks.horizontal.lossless_network import (
     PORT_ATTEMPTS,
@@ -176,6 +176,8 @@ class _Train:
     base: list[float]
     rounds: int
     params: LgbParams
+    rank: int = 0
+    machines: int = 1
 
 
 @dataclass(frozen=True)
@@ -328,14 +330,20 @@ class _RoundSync:
             raise lgb.callback.EarlyStopException(env.iteration, [])
 
 
-def _train_party(
-    job: _Job, data: PartyData, base: Sequence[float], rounds: int, conn: Connection
-) -> PartyResult:
+def _train_party(job: _Job, data: PartyData, message: _Train, conn: Connection) -> PartyResult:
+    base, rounds = message.base, message.rounds
     params = dict(job.params)
     if job.bins is not None:
         store = job.source.store if isinstance(job.source, FusedSource) else None
         params |= consortium_bin_params(
-            job.bins, data.X_train, job.feature_names, store=store, run_key=job.run_key
+            job.bins,
+            data.X_train,
+            job.feature_names,
+            store=store,
+            run_key=job.run_key,
+            categorical=job.categorical,
+            rank=message.rank,
+            machines=message.machines,
         )
     init = np.tile(np.asarray(base, dtype=np.float64), (len(data.y_train), 1))
     dataset = lgb.Dataset(
@@ -376,7 +384,7 @@ def _party_process(job: _Job, conn: Connection) -> None:
         if not isinstance(message, _Train):
             return
         job = replace(job, params=message.params)
-        conn.send(_train_party(job, data, message.base, message.rounds, conn))
+        conn.send(_train_party(job, data, message, conn))
     except Exception as exc:  # reported to the coordinator, which raises
         conn.send(Failure(f"{type(exc).__name__}: {exc}"))
     finally:
@@ -425,6 +433,8 @@ def _run_parties(
                     network_params(job.params, ports, i, timeout_minutes=timeout_minutes)
                     if ports
                     else job.params,
+                    rank=i,
+                    machines=len(jobs),
                 )
                 for i, job in enumerate(jobs)
             ]
@@ -501,6 +511,16 @@ def train_lossless(
         )
         for s in sources
     ]
+    if bins is not None and len(sources) > 1:
+        unforced = unforced_features(feature_names, categorical, len(sources))
+        if unforced:
+            logger.warning(
+                "lossless: %d numerical feature(s) keep the bins of the party that bins them "
+                "(LightGBM's data-parallel loader reads their forced bounds at a categorical "
+                "feature's place): %s",
+                len(unforced),
+                unforced,
+            )
     for attempt in range(1, PORT_ATTEMPTS + 1):
         try:
             run = _run_parties(

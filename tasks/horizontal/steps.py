@@ -196,10 +196,16 @@ def consortium_bin_params(
     *,
     store: str | None,
     run_key: str,
+    categorical: list[str] | None = None,
+    rank: int = 0,
+    machines: int = 1,
 ) -> LgbParams:
     """The LightGBM params that bin a party's rows with the consortium's boundaries (the
-    forced-bins file written where the party's LightGBM reads it)."""
-    text, per_feature = forced_bins(bins, x_train, feature_names)
+    forced-bins file written where the party's LightGBM reads it; ``rank`` of ``machines``
+    in lossless mode)."""
+    text, per_feature = forced_bins(
+        bins, x_train, feature_names, categorical=categorical or [], rank=rank, machines=machines
+    )
     return forced_bin_params(write_forced_bins(store, run_key, text), per_feature)
 
 
