@@ -12,7 +12,8 @@ education and marital status (categorical, codes of the values' sorted vocabular
 
 Sites: rows dealt to 5 sites by class under Dirichlet(α) label skew
 (``public_data.dirichlet_sites``), then site 3 cut down to 194 rows (the rest to site 1)
-and site 4 made one-class (its positives to site 0). Each row's split is drawn at random
+and site 4 made one-class (its positives to site 0; topped up to 2,000 rows with negatives
+of the largest site when the deal left it fewer). Each row's split is drawn at random
 (60 / 20 / 20), the same for every model.
 
 Models, all through ``tasks.horizontal.lossless.train_lossless`` with the same params, base
@@ -46,7 +47,7 @@ from benchmarks.public_data import dirichlet_sites
 NUMERIC = ["year", "age", "childs", "occ10", "prestg10"]
 CATEGORICAL = ["occrecode", "wrkstat", "gender", "educcat", "maritalcat"]
 SITES = 5
-SMALL_SITE, SMALL_ROWS, ONE_CLASS_SITE = 3, 194, 4
+SMALL_SITE, SMALL_ROWS, ONE_CLASS_SITE, ONE_CLASS_ROWS = 3, 194, 4, 2000
 GOAL = 0.001
 
 
@@ -73,6 +74,11 @@ def sites(y: np.ndarray, *, alpha: float, seed: int) -> np.ndarray:
     if len(small) > SMALL_ROWS:
         site[rng.choice(small, size=len(small) - SMALL_ROWS, replace=False)] = 1
     site[(site == ONE_CLASS_SITE) & (y == 1)] = 0
+    short = ONE_CLASS_ROWS - int((site == ONE_CLASS_SITE).sum())
+    if short > 0:  # the deal left it (almost) empty: give it negatives of the largest site
+        largest = int(np.argmax(np.bincount(site, minlength=SITES)))
+        negatives = np.flatnonzero((site == largest) & (y == 0))
+        site[rng.choice(negatives, size=short, replace=False)] = ONE_CLASS_SITE
     return site
 
 

@@ -244,11 +244,13 @@ def test_training_flow_uses_the_consortium_bins(
         for _, _, text in round_:
             _on_bounds(text, bins, ensemble.feature_names, skip)
             assert "forcedbins" not in text and str(tmp_path) not in text
-    # the sketches come back from the cache in a later run of the same spec: none is redone
-    again = federated_training(str(spec), return_state=True)
-    sketched = task_states(again.state_details.flow_run_id)["sketch-features"]
-    assert sketched == ["Cached", "Cached"]
-    assert _stored_bins(tmp_path) == bins
+    if mode == "averaging":  # the same steps in both modes; lossless processes are slow
+        # the sketches come back from the cache in a later run of the same spec (and so in
+        # a retry): none is redone
+        again = federated_training(str(spec), return_state=True)
+        sketched = task_states(again.state_details.flow_run_id)["sketch-features"]
+        assert sketched == ["Cached", "Cached"]
+        assert _stored_bins(tmp_path) == bins
     # a coordinator file holds boundaries and party names, never a sketch or a row
     assert not list((tmp_path / "stores" / "coordinator").rglob("*.parquet"))
     assert not pl.read_parquet(
