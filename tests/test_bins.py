@@ -199,7 +199,7 @@ def test_lossless_blocks_follow_lightgbm() -> None:
 def _flow_spec(root: Path, mode: str) -> Path:
     spec = write_synthetic(root, customers=560)
     text = re.sub(r"^rounds = .*$", f'rounds = 2\nmode = "{mode}"', spec.read_text(), flags=re.M)
-    spec.write_text(text + "min_sketch_rows = 100\n")
+    spec.write_text(text + 'bins = "consortium"\nmin_sketch_rows = 100\n')
     return spec
 
 

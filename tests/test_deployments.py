@@ -230,7 +230,6 @@ PARTY_TASKS = {
     "align-source",
     "fuse-party",
     "compute-party-stats",
-    "sketch-features",
     "start-scores",
     "train-party",
     "evaluate-party",
@@ -342,11 +341,11 @@ def test_two_party_pools_each_party_runs_only_on_its_own_worker(
         for r in dispatched
         if flow_names[r.id] == "party-step"
     )
-    # stats, feature sketches and start scores once each, round 1's update, then one run per round: round 1's
+    # stats and start scores once each, round 1's update, then one run per round: round 1's
     # evaluation also trains round 2's update, round 2's evaluation is the last step
     for party in pools:
         assert [op for p, op in steps if p == party] == sorted(
-            ["stats", "sketch", "start", "train", "evaluate", "evaluate"]
+            ["stats", "start", "train", "evaluate", "evaluate"]
         ), steps
         evaluations = sorted(
             (r.parameters["job"]["round"], r.parameters["job"]["next_learning_rate"])

@@ -604,7 +604,7 @@ class TrainingSpec(SpecModel):
         description="averaging: party models averaged per round; lossless: LightGBM data-parallel",
     )
     bins: Literal["consortium", "party"] = Field(
-        default="consortium",
+        default="party",
         description="Horizontal layout. consortium: every party's LightGBM bins numerical "
         "features with boundaries merged from all parties' KLL quantile sketches (only "
         "sketches leave a party); party: each LightGBM bins from its own rows",
