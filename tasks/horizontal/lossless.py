@@ -52,11 +52,13 @@ would find, so the model matches centralised training in accuracy, not bit for b
 bin mappers (a sample of one party's feature quantiles and category values per feature)
 are part of what the parties share, and end up in the model's ``feature_infos``.
 
-The model text is identical at every party (checked); only the network settings are removed
+The model text is identical at every party (checked); only the network settings and the
+party-local bin params (:data:`tasks.horizontal.bins.BIN_PARAMS`) are removed
 from its parameters section. This module holds the protocol: what a party process computes,
 the messages it exchanges with the coordinator and what the coordinator decides each round.
 Starting the processes, the pipes, ports and LightGBM's network settings are
-:mod:`tasks.horizontal.lossless_network`. Nothing here writes files; the party processes are
+:mod:`tasks.horizontal.lossless_network`. Nothing here writes files but a party process's
+forced-bins file (through :func:`storage.runs.write_forced_bins`); the party processes are
 the only side effect.
 """
 
