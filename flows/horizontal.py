@@ -13,6 +13,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, wait
 
 from flows import progress
+from flows.bins import consortium_bins
 from flows.common import artifact_key, threads
 from flows.lossless import lossless_run
 from flows.prepare import prepare, require_secret
@@ -445,6 +446,9 @@ def federated_training(
     )
     stats, left_out = _party_stats(runner, setups, job, objective)
     setups = usable(setups, stats)
+    bins = consortium_bins(runner, setups, job)
+    if bins is not None:
+        setups = [s.model_copy(update={"bins": bins[1]}) for s in setups]
     trainers = {p: (0 if p in left_out else st.n_train) for p, st in stats.items()}
     require_trainers(trainers, left_out, min_parties=training.min_parties)
     base = base_score([stats[s.party] for s in setups], objective, k)

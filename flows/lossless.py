@@ -7,11 +7,14 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from flows import progress
+from flows.bins import consortium_bins
 from flows.publish import FinishedTraining, TrainingResult, publish_training
+from flows.transport import PartyRunner
 from storage.results import DEFAULT_RESULTS
 from storage.store import TableRef
+from tasks.horizontal.bins import ConsortiumBins
 from tasks.horizontal.lossless import FusedSource, LosslessResult, train_lossless
-from tasks.horizontal.session import loss_name
+from tasks.horizontal.session import loss_name, training_setups
 from tasks.prepare.design import FeatureSchema
 from tasks.run_identity import num_classes
 from tasks.spec.models import FedSpec, TrainingSpec
@@ -25,8 +28,11 @@ def lossless_task(
     objective: Objective,
     num_class: int,
     schema: FeatureSchema,
+    bins: ConsortiumBins | None = None,
+    run_key: str = "lossless",
 ) -> LosslessResult:
-    """Every party's LightGBM machine in its own process, each reading its own fused table."""
+    """Every party's LightGBM machine in its own process, each reading its own fused table
+    (and binning with the consortium's boundaries when given)."""
     return train_lossless(
         sources,
         spec=training,
@@ -34,6 +40,8 @@ def lossless_task(
         num_class=num_class,
         categorical=schema.categorical,
         feature_names=schema.names,
+        bins=bins,
+        run_key=run_key,
     )
 
 
@@ -52,6 +60,18 @@ def lossless_run(
     logger = get_run_logger()
     objective = spec.consortium.task
     num_class = max(num_classes(spec), 1)
+    results = spec.run.results or DEFAULT_RESULTS
+    runner = PartyRunner(
+        {},  # lossless mode runs every party beside the flow (per-party pools are refused)
+        coordinator=spec.coordinator.store,
+        results=results,
+        refresh=refresh,
+        timeout=spec.run.party_timeout,
+    )
+    setups = training_setups(
+        spec, training, key=key, schema=schema, fused=fused, num_class=num_class
+    )
+    bins = consortium_bins(runner, setups, {"results": results, "refresh": refresh})
     sources = [
         FusedSource(
             party=p,
@@ -59,10 +79,19 @@ def lossless_run(
             schema=schema,
             validation_fraction=training.validation_fraction,
             test_fraction=training.test_fraction,
+            store=spec.party(p).store,
         )
         for p, ref in fused.items()
     ]
-    result = lossless_task(sources, training, objective, num_class, schema)
+    result = lossless_task(
+        sources,
+        training,
+        objective,
+        num_class,
+        schema,
+        bins[0] if bins is not None else None,
+        key,
+    )
     logger.info(
         "lossless training: %d parties, best round %d of %d (%s); valid %s",
         len(sources),

@@ -1,7 +1,7 @@
 """The flows a party's worker runs for the coordinator: thin entries into
 :func:`flows.transport.run_call`.
 
-``party-step`` runs a horizontal training step (label statistics, start scores, a round's
+``party-step`` runs a horizontal training step (label statistics, feature sketches, start scores, a round's
 update, an evaluation); ``party-call`` runs a named step (a vertical one: PSI, a gradient
 round, scores; or the vocabulary count of ``prepare``). Both run the same cached tasks the in-process flows run, so a step finished once is
 not computed again, wherever it ran, and hand the result back through the coordinator store.

@@ -3,8 +3,8 @@ party's own work pool.
 
 A party with a ``work_pool`` in the spec gets deployments of its own on that pool (``fedfuse
 deploy`` registers them): ``party-pipeline/<prefix>-<party>`` (preprocess, features, align,
-fuse), ``party-step/<prefix>-<party>`` (a horizontal training step: label statistics, start
-scores, a round's update, an evaluation) and, for a vertical consortium or one with
+fuse), ``party-step/<prefix>-<party>`` (a horizontal training step: label statistics, feature
+sketches, start scores, a round's update, an evaluation) and, for a vertical consortium or one with
 learned vocabularies, ``party-call/<prefix>-<party>`` (a named step: a vertical one such as PSI, a gradient round
 or scores, or the vocabulary count ``prepare`` runs for learned vocabularies). The
 coordinator's flows, run with ``dispatch=<prefix>``, start those deployments with
@@ -51,6 +51,7 @@ from tasks.horizontal.steps import (
     TrainSetup,
     evaluate_party,
     party_stats,
+    sketch_party,
     start_scores,
     train_party,
 )
@@ -61,7 +62,7 @@ logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-StepOp = Literal["stats", "start", "train", "evaluate"]
+StepOp = Literal["stats", "sketch", "start", "train", "evaluate"]
 PartyFlow = Literal["party-step", "party-call"]
 
 PIPELINE_FLOW = "party-pipeline"
@@ -77,7 +78,7 @@ class DispatchError(RuntimeError):
 class PartyJob(BaseModel):
     """One horizontal training step of one party, as the parameter of its ``party-step`` run."""
 
-    op: StepOp = Field(description="stats | start | train | evaluate")
+    op: StepOp = Field(description="stats | sketch | start | train | evaluate")
     setup: TrainSetup
     round: int = Field(default=0, ge=0)
     scores: TableRef | None = Field(default=None, description="The party's running scores")
@@ -96,7 +97,7 @@ class PartyJob(BaseModel):
 
     def task_args(self) -> tuple[object, ...]:
         """The arguments of the op's task."""
-        if self.op == "stats":
+        if self.op in ("stats", "sketch"):
             return (self.setup,)
         if self.op == "start":
             return (self.setup, self.base)
@@ -110,7 +111,11 @@ class PartyJob(BaseModel):
 
     def title(self) -> str:
         """A person's name for the step: ``site-b: train round 3``."""
-        what = {"stats": "label statistics", "start": "start scores"}.get(self.op)
+        what = {
+            "stats": "label statistics",
+            "sketch": "feature sketches",
+            "start": "start scores",
+        }.get(self.op)
         if what is None:
             r = (
                 self.aggregates[-1].round
@@ -193,6 +198,7 @@ def steps() -> dict[str, Step]:
     tasks by name."""
     horizontal: dict[StepOp, Task[..., Any]] = {
         "stats": party_stats,
+        "sketch": sketch_party,
         "start": start_scores,
         "train": train_party,
         "evaluate": evaluate_party,

@@ -1,5 +1,6 @@
 """Names of run artefacts, in one place: checkpoints, manifests, exported models, reports,
 the ``models/latest.json`` pointer to the latest training run, the learned vocabularies, the
+consortium bin boundaries and each party's forced-bins file, the
 ``exchange/<flow-run-id>.json`` results of dispatched party runs, and the per-round files of
 a run (running scores, model updates, the vertical exchange tables and party models).
 
@@ -13,10 +14,13 @@ caller passes the model class of what it reads (storage knows no task-level type
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Literal, TypeVar
 
 from pydantic import BaseModel, Field, JsonValue
 
+from storage.files import is_uri
 from storage.store import FileRef, Store, fingerprint, read_verified_text
 
 M = TypeVar("M", bound=BaseModel)
@@ -347,3 +351,46 @@ def read_exchange(coordinator: Store, flow_run_id: str) -> JsonValue | None:
         return None
     body: JsonValue = coordinator.read_json("exchange", name)
     return body
+
+
+# -- consortium bin boundaries -----------------------------------------------------------------
+
+#: Largest consortium bins document read back (a few KB per feature).
+MAX_BINS_BYTES = 64 << 20
+
+
+def bins_name(run_key: str) -> str:
+    """The consortium's bin boundaries of one training run, ``models/`` of the coordinator
+    store (the document carries its format version)."""
+    return f"bins-{run_key}.json"
+
+
+def write_bins(coordinator: Store, run_key: str, bins: BaseModel) -> FileRef:
+    """Store a run's consortium bins (temporary name, then renamed into place)."""
+    return coordinator.write_json("models", bins_name(run_key), bins.model_dump(mode="json"))
+
+
+def read_bins(ref: FileRef, model: type[M]) -> M:
+    """The consortium bins a reference names, verified against its sha256."""
+    text = read_verified_text(ref, max_bytes=MAX_BINS_BYTES)
+    return model.model_validate_json(text)
+
+
+def forced_bins_name(run_key: str) -> str:
+    """A party's LightGBM forced-bins file of one run, ``models/`` of the party's store."""
+    return f"forcedbins-{run_key}.json"
+
+
+def write_forced_bins(store_root: str | None, run_key: str, text: str) -> str:
+    """Write a party's forced-bins file where its LightGBM reads it; the local path.
+
+    LightGBM opens the file itself, so it must be on a local disk: in the party's store when
+    that is a local folder, else (an object store, or no store) in a temporary folder of the
+    party's machine.
+    """
+    name = forced_bins_name(run_key)
+    if store_root is not None and not is_uri(store_root):
+        return Store(store_root).write_text("models", name, text).uri
+    path = Path(tempfile.mkdtemp(prefix="fedfuse-bins-")) / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)

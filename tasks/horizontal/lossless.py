@@ -42,7 +42,9 @@ machine still training then hangs or fails in the next collective. The coordinat
 per-round decision uses the size-weighted loss over all parties (for logloss and MSE that
 is exactly the pooled validation loss) and stops all machines after the same iteration.
 
-Bins: in distributed mode LightGBM gives each machine a block of the features; that machine
+Bins: with consortium bins (``bins``, :mod:`tasks.horizontal.bins`) every party's machine
+bins each numerical feature with the boundaries merged from all parties' quantile
+sketches. Without them, in distributed mode LightGBM gives each machine a block of the features; that machine
 finds those features' bin boundaries (numerical quantiles, categorical values) from its own
 rows and all machines then share the bin mappers, so every party bins with the same
 boundaries and the summed histograms line up. They are not the boundaries a pooled model
@@ -50,11 +52,13 @@ would find, so the model matches centralised training in accuracy, not bit for b
 bin mappers (a sample of one party's feature quantiles and category values per feature)
 are part of what the parties share, and end up in the model's ``feature_infos``.
 
-The model text is identical at every party (checked); only the network settings are removed
+The model text is identical at every party (checked); only the network settings and the
+party-local bin params (:data:`tasks.horizontal.bins.BIN_PARAMS`) are removed
 from its parameters section. This module holds the protocol: what a party process computes,
 the messages it exchanges with the coordinator and what the coordinator decides each round.
 Starting the processes, the pipes, ports and LightGBM's network settings are
-:mod:`tasks.horizontal.lossless_network`. Nothing here writes files; the party processes are
+:mod:`tasks.horizontal.lossless_network`. Nothing here writes files but a party process's
+forced-bins file (through :func:`storage.runs.write_forced_bins`); the party processes are
 the only side effect.
 """
 
@@ -72,6 +76,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from storage.store import TableRef, read_table
+from tasks.horizontal.bins import BIN_PARAMS, ConsortiumBins, unforced_features
 from tasks.horizontal.ensemble import GlobalEnsemble, MemberTuple, text_sha256
 from tasks.horizontal.lossless_network import (
     PORT_ATTEMPTS,
@@ -84,9 +89,10 @@ from tasks.horizontal.lossless_network import (
     network_params,
     without_network_params,
 )
-from tasks.horizontal.model_text import check_task
+from tasks.horizontal.model_text import check_task, without_params
 from tasks.horizontal.rounds import StopReason, rounds_in_budget
 from tasks.horizontal.score_histograms import ScoreHistogram, score_histogram
+from tasks.horizontal.steps import consortium_bin_params
 from tasks.horizontal.training import (
     LOSS_METRIC,
     EarlyStopping,
@@ -120,6 +126,7 @@ class FusedSource:
     schema: FeatureSchema
     validation_fraction: float
     test_fraction: float
+    store: str | None = None
 
     def load(self) -> PartyData:
         frame = read_table(self.fused)
@@ -146,6 +153,8 @@ class _Job:
     trees_per_round: int
     feature_names: list[str]
     categorical: list[str]
+    bins: ConsortiumBins | None = None
+    run_key: str = LOSSLESS_MEMBER
 
 
 # --------------------------------------------------------------------------------------
@@ -169,6 +178,8 @@ class _Train:
     base: list[float]
     rounds: int
     params: LgbParams
+    rank: int = 0
+    machines: int = 1
 
 
 @dataclass(frozen=True)
@@ -321,9 +332,21 @@ class _RoundSync:
             raise lgb.callback.EarlyStopException(env.iteration, [])
 
 
-def _train_party(
-    job: _Job, data: PartyData, base: Sequence[float], rounds: int, conn: Connection
-) -> PartyResult:
+def _train_party(job: _Job, data: PartyData, message: _Train, conn: Connection) -> PartyResult:
+    base, rounds = message.base, message.rounds
+    params = dict(job.params)
+    if job.bins is not None:
+        store = job.source.store if isinstance(job.source, FusedSource) else None
+        params |= consortium_bin_params(
+            job.bins,
+            data.X_train,
+            job.feature_names,
+            store=store,
+            run_key=job.run_key,
+            categorical=job.categorical,
+            rank=message.rank,
+            machines=message.machines,
+        )
     init = np.tile(np.asarray(base, dtype=np.float64), (len(data.y_train), 1))
     dataset = lgb.Dataset(
         data.X_train,
@@ -335,9 +358,11 @@ def _train_party(
     )
     sync = _RoundSync(job, data, base, conn)
     booster = lgb.train(
-        job.params, dataset, num_boost_round=rounds * job.trees_per_round, callbacks=[sync]
+        params, dataset, num_boost_round=rounds * job.trees_per_round, callbacks=[sync]
     )
-    text = without_network_params(str(booster.model_to_string(num_iteration=-1)))
+    text = without_params(
+        without_network_params(str(booster.model_to_string(num_iteration=-1))), BIN_PARAMS
+    )
     return PartyResult(
         party=data.party,
         model_text=text,
@@ -361,7 +386,7 @@ def _party_process(job: _Job, conn: Connection) -> None:
         if not isinstance(message, _Train):
             return
         job = replace(job, params=message.params)
-        conn.send(_train_party(job, data, message.base, message.rounds, conn))
+        conn.send(_train_party(job, data, message, conn))
     except Exception as exc:  # reported to the coordinator, which raises
         conn.send(Failure(f"{type(exc).__name__}: {exc}"))
     finally:
@@ -410,6 +435,8 @@ def _run_parties(
                     network_params(job.params, ports, i, timeout_minutes=timeout_minutes)
                     if ports
                     else job.params,
+                    rank=i,
+                    machines=len(jobs),
                 )
                 for i, job in enumerate(jobs)
             ]
@@ -449,6 +476,8 @@ def train_lossless(
     categorical: Sequence[str],
     feature_names: Sequence[str],
     timeout_minutes: int = 10,
+    bins: ConsortiumBins | None = None,
+    run_key: str = LOSSLESS_MEMBER,
 ) -> LosslessResult:
     """One LightGBM model over every party's rows, trained data-parallel (see the module doc).
 
@@ -456,7 +485,9 @@ def train_lossless(
     a :class:`FusedSource` its process reads. Same splits, params, base score, tree budget
     and early stopping as :func:`tasks.horizontal.baselines.train_centralised`; the spec's ``seed``
     seeds LightGBM. ``timeout_minutes`` is LightGBM's socket time-out and bounds the wait
-    for any one party message.
+    for any one party message. With ``bins`` every party bins with the consortium's
+    boundaries (its forced-bins file named after ``run_key``, in its store when the source
+    names one).
     """
     check_task(objective, num_class)
     if not sources:
@@ -477,9 +508,21 @@ def train_lossless(
             trees_per_round=spec.trees_per_round,
             feature_names=list(feature_names),
             categorical=list(categorical),
+            bins=bins,
+            run_key=run_key,
         )
         for s in sources
     ]
+    if bins is not None and len(sources) > 1:
+        unforced = unforced_features(feature_names, categorical, len(sources))
+        if unforced:
+            logger.warning(
+                "lossless: %d numerical feature(s) keep the bins of the party that bins them "
+                "(LightGBM's data-parallel loader reads their forced bounds at a categorical "
+                "feature's place): %s",
+                len(unforced),
+                unforced,
+            )
     for attempt in range(1, PORT_ATTEMPTS + 1):
         try:
             run = _run_parties(

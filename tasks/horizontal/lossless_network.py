@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Generic, TypeVar
 
+from tasks.horizontal.model_text import without_params
 from tasks.horizontal.training import LgbParams
 
 logger = logging.getLogger(__name__)
@@ -73,18 +74,7 @@ def network_params(
 
 def without_network_params(model_text: str) -> str:
     """The model text without the per-party network lines of its parameters section."""
-    lines = model_text.split("\n")
-    keep = []
-    inside = False
-    for line in lines:
-        if line == "parameters:":
-            inside = True
-        elif line == "end of parameters":
-            inside = False
-        elif inside and line.startswith("[") and line[1:].split(":", 1)[0] in NETWORK_PARAMS:
-            continue
-        keep.append(line)
-    return "\n".join(keep)
+    return without_params(model_text, NETWORK_PARAMS)
 
 
 def free_ports(count: int) -> list[int]:

@@ -119,6 +119,22 @@ _SIZE_TOKEN = re.compile(r"[0-9]{1,15}")
 _PARAM_LINE = re.compile(r"\[[A-Za-z0-9_]+: .*\]")
 
 
+def without_params(model_text: str, keys: frozenset[str] | set[str]) -> str:
+    """The model text without the lines of its parameters section that set ``keys`` (the
+    settings local to one party: network addresses, the path of its forced-bins file)."""
+    keep = []
+    inside = False
+    for line in model_text.split("\n"):
+        if line == "parameters:":
+            inside = True
+        elif line == "end of parameters":
+            inside = False
+        elif inside and line.startswith("[") and line[1:].split(":", 1)[0] in keys:
+            continue
+        keep.append(line)
+    return "\n".join(keep)
+
+
 def _line_bytes(raw_line: str) -> int:
     """UTF-8 length of one line of the original text plus its ``\\n``."""
     return len(raw_line.encode()) + 1

@@ -15,7 +15,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.files import ConfinementError, confined
-from storage.runs import running_scores_name, update_name
+from storage.runs import read_bins, running_scores_name, update_name, write_forced_bins
 from storage.store import (
     FileRef,
     IntegrityError,
@@ -26,6 +26,13 @@ from storage.store import (
     read_verified_text,
 )
 from tasks.caching import content_cache_key
+from tasks.horizontal.bins import (
+    ConsortiumBins,
+    PartySketches,
+    forced_bin_params,
+    forced_bins,
+    sketch_features,
+)
 from tasks.horizontal.ensemble import MemberTuple, round_increment
 from tasks.horizontal.model_text import count_trees
 from tasks.horizontal.rounds import (
@@ -38,7 +45,13 @@ from tasks.horizontal.rounds import (
 )
 from tasks.horizontal.score_histograms import ScoreHistogram, score_histogram
 from tasks.horizontal.strategies import Strategy
-from tasks.horizontal.training import fit_round, frame_splits, label_stats, split_metrics
+from tasks.horizontal.training import (
+    LgbParams,
+    fit_round,
+    frame_splits,
+    label_stats,
+    split_metrics,
+)
 from tasks.prepare.design import FeatureSchema, design_matrix, labels
 from tasks.spec.models import TrainingSpec
 from tasks.types import ENTITY_HASH, Objective
@@ -60,6 +73,11 @@ class TrainSetup(BaseModel):
     objective: Objective
     num_class: int
     training: TrainingSpec
+    bins: FileRef | None = Field(
+        default=None,
+        description="The consortium's bin boundaries in the coordinator store (none: each "
+        "party bins from its own rows)",
+    )
 
 
 class PartyStats(BaseModel):
@@ -158,6 +176,51 @@ def compute_stats(setup: TrainSetup) -> PartyStats:
     )
 
 
+def compute_sketches(setup: TrainSetup) -> PartySketches:
+    """The party's KLL sketches of its numerical features over its training rows: all that
+    leaves the party for the consortium's bin boundaries."""
+    x, _, split = _party_data(setup)
+    return sketch_features(
+        setup.party,
+        x[split == "train"],
+        setup.schema_.names,
+        setup.schema_.categorical,
+        min_rows=setup.training.min_sketch_rows,
+    )
+
+
+def consortium_bin_params(
+    bins: ConsortiumBins,
+    x_train: np.ndarray,
+    feature_names: list[str],
+    *,
+    store: str | None,
+    run_key: str,
+    categorical: list[str] | None = None,
+    rank: int = 0,
+    machines: int = 1,
+) -> LgbParams:
+    """The LightGBM params that bin a party's rows with the consortium's boundaries (the
+    forced-bins file written where the party's LightGBM reads it; ``rank`` of ``machines``
+    in lossless mode)."""
+    text, per_feature = forced_bins(
+        bins, x_train, feature_names, categorical=categorical or [], rank=rank, machines=machines
+    )
+    return forced_bin_params(write_forced_bins(store, run_key, text), per_feature)
+
+
+def _bin_params(setup: TrainSetup, x_train: np.ndarray) -> LgbParams:
+    if setup.bins is None:
+        return {}
+    try:
+        bins = read_bins(setup.bins, ConsortiumBins)
+    except UnverifiedError as exc:
+        raise IntegrityError(f"party {setup.party}: consortium bins: {exc}") from None
+    return consortium_bin_params(
+        bins, x_train, setup.schema_.names, store=setup.store, run_key=setup.run_key
+    )
+
+
 def initial_scores(setup: TrainSetup, base: list[float]) -> TableRef:
     """The party's running raw scores before round 1: the base score on every row."""
     fused = read_table(setup.fused, columns=[ENTITY_HASH])
@@ -185,6 +248,7 @@ def train_round(
         learning_rate=learning_rate,
         categorical=setup.schema_.categorical_index,
         feature_names=setup.schema_.names,
+        bin_params=_bin_params(setup, x[mask]),
     )
     ref = Store(setup.coordinator).write_text(
         "models", update_name(setup.run_key, round_, setup.party), text
@@ -307,6 +371,9 @@ def evaluate_round(
 
 party_stats = task(name="compute-party-stats", cache_key_fn=content_cache_key, persist_result=True)(
     compute_stats
+)
+sketch_party = task(name="sketch-features", cache_key_fn=content_cache_key, persist_result=True)(
+    compute_sketches
 )
 start_scores = task(name="start-scores", cache_key_fn=content_cache_key, persist_result=True)(
     initial_scores

@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 from sklearn.metrics import accuracy_score, log_loss, mean_squared_error, roc_auc_score
 
 from tasks.horizontal.ensemble import feature_matrix
-from tasks.horizontal.model_text import LGB_OBJECTIVE
+from tasks.horizontal.model_text import LGB_OBJECTIVE, without_params
 from tasks.horizontal.score_histograms import ScoreHistogram, pooled_auc, sum_histograms
 from tasks.links import sigmoid, softmax
 from tasks.spec.models import RESERVED_PARAMS as RESERVED_PARAMS  # noqa: PLC0414  (re-exported)
@@ -305,12 +305,16 @@ def fit_round(
     learning_rate: float,
     categorical: Sequence[str] | Sequence[int],
     feature_names: Sequence[str],
+    bin_params: Mapping[str, LgbParamValue] | None = None,
 ) -> tuple[str, int]:
     """A party's fit of round ``round_``: ``trees_per_round`` trees from its running scores
     ``init_score`` with its per-round seed (:func:`party_seed`); the model text and the
-    seed. The in-memory loop and the Prefect step fit through this one function."""
+    seed. ``bin_params`` bins with the consortium's boundaries
+    (:func:`tasks.horizontal.bins.forced_bin_params`). The in-memory loop and the Prefect step
+    fit through this one function."""
     seed = party_seed(training.seed, party, round_)
     params = lgb_params(training, objective, num_class, seed=seed, learning_rate=learning_rate)
+    params.update(bin_params or {})
     text = train_update(
         X_train,
         y_train,
@@ -320,6 +324,8 @@ def fit_round(
         categorical,
         feature_names=feature_names,
     )
+    if bin_params:  # the forced-bins path is the party's own: it does not leave it
+        text = without_params(text, set(bin_params))
     return text, seed
 
 

@@ -439,6 +439,10 @@ RESERVED_PARAM_REASONS: dict[str, tuple[str, str | None]] = {
         "is_pre_partition",
     ),
     **_reserved(
+        "the consortium's bin boundaries are forced", "training.bins",
+        "forcedbins_filename", "max_bin_by_feature",
+    ),
+    **_reserved(
         "each party and round gets its own seed", "training.seed",
         "seed", "random_seed", "random_state",
     ),
@@ -598,6 +602,19 @@ class TrainingSpec(SpecModel):
     mode: Literal["averaging", "lossless"] = Field(
         default="averaging",
         description="averaging: party models averaged per round; lossless: LightGBM data-parallel",
+    )
+    bins: Literal["consortium", "party"] = Field(
+        default="party",
+        description="Horizontal layout. consortium: every party's LightGBM bins numerical "
+        "features with boundaries merged from all parties' KLL quantile sketches (only "
+        "sketches leave a party); party: each LightGBM bins from its own rows",
+    )
+    min_sketch_rows: int = Field(
+        default=200,
+        ge=1,
+        le=1_000_000_000,
+        description="Fewest training rows a party needs to send its sketches (below it the "
+        "party sends none and still bins with the consortium's boundaries)",
     )
 
     @field_validator("aggregation")
