@@ -356,6 +356,10 @@ def test_the_spec_takes_durations_and_window_end(tmp_path: Path) -> None:
         "prefix": None,
         "windows": ["500ms", "5s", 1, 30],
         "window_end": "last_event",
+        "signal": None,
+        "sampling_hz": None,
+        "axes": None,
+        "sub_window": "1s",
     }
     assert load_spec(str(tmp_path / "spec.toml")).parties[0].sources[1].features.model_dump()[
         "windows"

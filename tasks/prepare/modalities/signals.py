@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -83,6 +84,7 @@ Floats = npt.NDArray[np.float64]
 Ints = npt.NDArray[np.int64]
 
 _POS = "__signal_pos"
+_RUN = "__signal_run"
 
 # relative spread below which a signal counts as constant
 _FLAT = 1e-9
@@ -140,7 +142,17 @@ def signal_features(
     run: Ints = np.cumsum(new_run, dtype=np.int64) - 1
     n_runs = int(run[-1]) + 1
     times: Ints = ordered.get_column(TIMESTAMP).dt.epoch("us").to_numpy().astype(np.int64)
-    columns: dict[str, Floats] = {}
+    # quantiles: one polars group_by over the sorted runs (linear, as numpy's default)
+    quantiles = ordered.group_by(pl.Series(_RUN, run), maintain_order=True).agg(
+        pl.col(name).quantile(q, interpolation="linear").alias(f"{name}_{stat}")
+        for name in signals
+        for stat, q in (("median", 0.5), ("q25", 0.25), ("q75", 0.75))
+    )
+    columns: dict[str, Floats] = {
+        c: quantiles.get_column(c).to_numpy().astype(np.float64)
+        for c in quantiles.columns
+        if c != _RUN
+    }
     for name in signals:
         values: Floats = ordered.get_column(name).to_numpy().astype(np.float64)
         present = ~np.isnan(values)
@@ -154,21 +166,68 @@ def signal_features(
             extra=name == MAGNITUDE,
         )
         columns |= {f"{name}_{stat}": column for stat, column in stats.items()}
-    out = pl.DataFrame({entity: keys.filter(pl.Series(new_run))})
     names = signal_feature_names(measures, axes=axes)
-    return out.with_columns(
-        pl.Series(n, columns[n], pl.Float64).fill_nan(None) for n in names
-    ).sort(entity)
+    out = pl.DataFrame({n: columns[n] for n in names}, schema=dict.fromkeys(names, pl.Float64))
+    return (
+        out.fill_nan(None)
+        .insert_column(0, keys.filter(pl.Series(new_run)).alias(entity))
+        .sort(entity)
+    )
 
 
-def _per_run(run: Ints, weights: Floats | None, n_runs: int) -> Floats:
-    return np.bincount(run, weights=weights, minlength=n_runs).astype(np.float64)
+@dataclass(frozen=True)
+class Runs:
+    """The runs of one signal's sorted readings: run ``k`` is ``values[starts[k] :
+    starts[k] + n[k]]``. Per-run reductions are ``ufunc.reduceat`` over the contiguous
+    slices (runs without a reading get the reduction's identity)."""
+
+    run: Ints
+    n: Floats
+    starts: Ints
+
+    @classmethod
+    def of(cls, run: Ints, n_runs: int) -> Runs:
+        counts = np.bincount(run, minlength=n_runs)
+        return cls(run, counts.astype(np.float64), np.cumsum(counts) - counts)
+
+    @property
+    def size(self) -> int:
+        return self.n.size
+
+    def _reduce(self, ufunc: np.ufunc, values: Floats, identity: float) -> Floats:
+        out = np.full(self.size, identity)
+        some = self.n > 0
+        if values.size:
+            out[some] = ufunc.reduceat(values, self.starts[some])
+        return out
+
+    def sum(self, values: Floats) -> Floats:
+        return self._reduce(np.add, values, 0.0)
+
+    def min(self, values: Floats) -> Floats:
+        return self._reduce(np.minimum, values, np.inf)
+
+    def max(self, values: Floats) -> Floats:
+        return self._reduce(np.maximum, values, -np.inf)
+
+    def lagged(self, lag: int) -> npt.NDArray[np.bool_]:
+        """Whether the reading ``lag`` places before each one is of the same run."""
+        out = np.zeros(self.run.size, dtype=bool)
+        out[lag:] = self.run[lag:] == self.run[:-lag]
+        return out
 
 
 def _divide(num: Floats, den: Floats) -> Floats:
     """``num / den`` with NaN where ``den`` is 0 (NaN becomes null at the end)."""
     out = np.full(num.shape, np.nan)
     np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def _shifted(values: Floats, lag: int) -> Floats:
+    """``values`` moved ``lag`` places later (the first ``lag`` are 0)."""
+    out = np.zeros_like(values)
+    out[lag:] = values[:-lag]
     return out
 
 
@@ -182,72 +241,53 @@ def signal_block(
     sub_window_s: float,
     extra: bool = False,
 ) -> dict[str, Floats]:
-    """The :data:`SIGNAL_STATS` (and, with ``extra``, :data:`MAGNITUDE_STATS` first) of
-    each run ``0..n_runs-1`` of one signal: ``run`` ascending (each run contiguous),
-    ``times`` (microseconds) ascending within a run, ``x`` the finite readings. A run with
-    no reading gets NaN everywhere."""
-    n = _per_run(run, None, n_runs)
-    mean = _divide(_per_run(run, x, n_runs), n)
+    """The :data:`SIGNAL_STATS` but the quantiles (and, with ``extra``, the
+    :data:`MAGNITUDE_STATS` first) of each run ``0..n_runs-1`` of one signal: ``run``
+    ascending (each run contiguous), ``times`` (microseconds) ascending within a run, ``x``
+    the finite readings. A run with no reading gets NaN everywhere."""
+    runs = Runs.of(run, n_runs)
+    n = runs.n
+    mean = _divide(runs.sum(x), n)
     xc = x - mean[run]  # centred per run: moments and products without cancellation
-    m2 = _divide(_per_run(run, xc * xc, n_runs), n)
-    energy = _divide(_per_run(run, x * x, n_runs), n)
+    m2 = _divide(runs.sum(xc * xc), n)
+    energy = _divide(runs.sum(x * x), n)
     # constant (or empty) signals have no shape of their own: a variance at the rounding
     # level of the readings (a constant norm of rotating axes) counts as none
     flat = ~(m2 > _FLAT * _FLAT * energy)
     m2_safe = np.where(flat, np.nan, m2)
     out: dict[str, Floats] = {}
     if extra:
-        lo, hi = np.full(n_runs, np.inf), np.full(n_runs, -np.inf)
-        np.minimum.at(lo, run, x)
-        np.maximum.at(hi, run, x)
         has = n > 0
         out |= {
             "mean": mean,
             "std": np.sqrt(_divide(m2 * n, n - 1)),
-            "min": np.where(has, lo, np.nan),
-            "max": np.where(has, hi, np.nan),
+            "min": np.where(has, runs.min(x), np.nan),
+            "max": np.where(has, runs.max(x), np.nan),
         }
-    out |= _quantiles(run, x, n, n_runs)
-    out["skew"] = _divide(_per_run(run, xc**3, n_runs), n) / m2_safe**1.5
-    out["kurtosis"] = _divide(_per_run(run, xc**4, n_runs), n) / m2_safe**2 - 3.0
+    cube = xc * xc * xc
+    out["skew"] = _divide(runs.sum(cube), n) / m2_safe**1.5
+    out["kurtosis"] = _divide(runs.sum(cube * xc), n) / m2_safe**2 - 3.0
     out["energy"] = energy
-    same = run[1:] == run[:-1]  # consecutive readings of one run
-    pairs = _per_run(run[1:][same], None, n_runs)
+    same = runs.lagged(1)  # a reading and the one before it are of one run
+    pairs = n - 1
 
     def crossing_rate(signal: Floats) -> Floats:
         above = signal >= 0
-        crossed = same & (above[1:] != above[:-1])
-        return _divide(_per_run(run[1:][crossed], None, n_runs), pairs)
+        crossed = same & (above != _shifted(above.astype(np.float64), 1).astype(bool))
+        return _divide(runs.sum(crossed.astype(np.float64)), pairs)
 
     out["zero_cross_rate"] = crossing_rate(x)
     out["mean_cross_rate"] = crossing_rate(xc)
-    peak = same[:-1] & same[1:] & (x[1:-1] > x[:-2]) & (x[1:-1] > x[2:])
-    out["peak_rate"] = np.where(n >= 2, _divide(_per_run(run[1:-1][peak], None, n_runs), n), np.nan)
+    peak = np.zeros(x.size, dtype=bool)
+    peak[1:-1] = same[1:-1] & same[2:] & (x[1:-1] > x[:-2]) & (x[1:-1] > x[2:])
+    out["peak_rate"] = np.where(n >= 2, _divide(runs.sum(peak.astype(np.float64)), n), np.nan)
     for lag in ACF_LAGS:
-        together = run[lag:] == run[:-lag]
-        products = (xc[lag:] * xc[:-lag])[together]
-        acf = _divide(_per_run(run[lag:][together], products, n_runs), n) / m2_safe
+        products = np.where(runs.lagged(lag), xc * _shifted(xc, lag), 0.0)
+        acf = _divide(runs.sum(products), n) / m2_safe
         out[f"acf_lag{lag}"] = np.where(n > lag, acf, np.nan)
     rate = _rates(run, times, same, n_runs, sampling_hz)
-    out |= _spectrum(run, xc, n, rate, flat)
-    out |= _rolling(run, xc, n, rate, sub_window_s)
-    return out
-
-
-def _quantiles(run: Ints, x: Floats, n: Floats, n_runs: int) -> dict[str, Floats]:
-    """Median and quartiles per run (linear interpolation), from one sort by (run, value)."""
-    order = np.lexsort((x, run))
-    xs = x[order]
-    starts = np.concatenate(([0.0], np.cumsum(n)[:-1]))
-    out: dict[str, Floats] = {}
-    for name, q in (("median", 0.5), ("q25", 0.25), ("q75", 0.75)):
-        at = starts + (n - 1) * q
-        lo = np.floor(at).astype(np.int64)
-        hi = np.ceil(at).astype(np.int64)
-        has = n > 0
-        lo_v = np.where(has, xs[np.clip(lo, 0, max(len(xs) - 1, 0))] if len(xs) else 0.0, np.nan)
-        hi_v = np.where(has, xs[np.clip(hi, 0, max(len(xs) - 1, 0))] if len(xs) else 0.0, np.nan)
-        out[name] = lo_v + (hi_v - lo_v) * (at - lo)
+    out |= _spectrum(runs, xc, rate, flat)
+    out |= _rolling(runs, xc, rate, sub_window_s)
     return out
 
 
@@ -257,11 +297,11 @@ def _rates(
     """Readings per second of each run: the declared rate, else one over the median step."""
     if sampling_hz is not None:
         return np.full(n_runs, float(sampling_hz))
-    steps = (times[1:] - times[:-1])[same]
+    steps = (times[1:] - times[:-1])[same[1:]]
     if steps.size == 0:
         return np.full(n_runs, np.nan)
     frame = (
-        pl.DataFrame({"run": run[1:][same], "step": steps})
+        pl.DataFrame({"run": run[1:][same[1:]], "step": steps})
         .group_by("run")
         .agg(pl.col("step").median())
     )
@@ -271,24 +311,23 @@ def _rates(
 
 
 def _spectrum(
-    run: Ints, xc: Floats, n: Floats, rate: Floats, flat: npt.NDArray[np.bool_]
+    runs: Runs, xc: Floats, rate: Floats, flat: npt.NDArray[np.bool_]
 ) -> dict[str, Floats]:
     """Dominant frequency (Hz) and normalised spectral entropy per run, one batched real
     FFT per padded length."""
-    n_runs = n.size
+    n_runs, n, run = runs.size, runs.n, runs.run
     dominant = np.full(n_runs, np.nan)
     entropy = np.full(n_runs, np.nan)
     used = np.minimum(n, MAX_FFT).astype(np.int64)
-    ends = np.cumsum(n).astype(np.int64)
-    first = ends - used  # index of each run's first reading in the FFT
+    first = runs.starts + n.astype(np.int64) - used  # each run's first reading in the FFT
     size = np.where(used >= 2, 1 << np.ceil(np.log2(np.maximum(used, 2))).astype(np.int64), 0)
     position = np.arange(run.size, dtype=np.int64) - first[run]
     taken = position >= 0
     for length in np.unique(size[(size > 0) & ~flat]):
-        runs = np.flatnonzero((size == length) & ~flat)
+        selected = np.flatnonzero((size == length) & ~flat)
         rows_per_batch = max(1, _FFT_CELLS // int(length))
-        for begin in range(0, runs.size, rows_per_batch):
-            batch = runs[begin : begin + rows_per_batch]
+        for begin in range(0, selected.size, rows_per_batch):
+            batch = selected[begin : begin + rows_per_batch]
             row_of = np.full(n_runs, -1, dtype=np.int64)
             row_of[batch] = np.arange(batch.size)
             pick = taken & (row_of[run] >= 0)
@@ -307,37 +346,28 @@ def _spectrum(
     return {"dom_freq_hz": dominant, "spectral_entropy": entropy}
 
 
-def _rolling(
-    run: Ints, xc: Floats, n: Floats, rate: Floats, sub_window_s: float
-) -> dict[str, Floats]:
+def _rolling(runs: Runs, xc: Floats, rate: Floats, sub_window_s: float) -> dict[str, Floats]:
     """Statistics of the rolling sub-window means and stds, from cumulative sums."""
-    n_runs = n.size
+    run = runs.run
     with np.errstate(invalid="ignore"):
         width_f = np.maximum(np.round(sub_window_s * rate), 2.0)
     width = np.where(np.isfinite(width_f), width_f, 0).astype(np.int64)
-    nan = np.full(n_runs, np.nan)
-    if run.size == 0:
-        return {"roll_mean_std": nan, "roll_std_mean": nan, "roll_std_max": nan.copy()}
-    starts = np.cumsum(n).astype(np.int64) - n.astype(np.int64)
     index = np.arange(run.size, dtype=np.int64)
     w = width[run]
     begin = index + 1 - w
-    full = (w > 0) & (begin >= starts[run])  # a whole sub-window ends at this reading
+    full = (w > 0) & (begin >= runs.starts[run])  # a whole sub-window ends at this reading
     s1 = np.concatenate(([0.0], np.cumsum(xc)))
     s2 = np.concatenate(([0.0], np.cumsum(xc * xc)))
-    r = run[full]
-    lo, hi, wf = begin[full], index[full] + 1, w[full].astype(np.float64)
-    means = (s1[hi] - s1[lo]) / wf
-    var = np.maximum((s2[hi] - s2[lo]) / wf - means * means, 0.0) * wf / (wf - 1)
-    stds = np.sqrt(var)
-    count = _per_run(r, None, n_runs)
-    mean_of_means = _divide(_per_run(r, means, n_runs), count)
-    spread = means - mean_of_means[r]
-    mean_std = np.sqrt(_divide(_per_run(r, spread * spread, n_runs), count))
-    std_max = np.full(n_runs, -np.inf)
-    np.maximum.at(std_max, r, stds)
+    lo = np.where(full, begin, 0)
+    wf = np.where(full, w, 2).astype(np.float64)
+    means = np.where(full, (s1[index + 1] - s1[lo]) / wf, 0.0)
+    var = np.maximum((s2[index + 1] - s2[lo]) / wf - means * means, 0.0) * wf / (wf - 1)
+    stds = np.where(full, np.sqrt(var), 0.0)
+    count = runs.sum(full.astype(np.float64))
+    mean_of_means = _divide(runs.sum(means), count)
+    spread = np.where(full, means - mean_of_means[run], 0.0)
     return {
-        "roll_mean_std": mean_std,
-        "roll_std_mean": _divide(_per_run(r, stds, n_runs), count),
-        "roll_std_max": np.where(count > 0, std_max, np.nan),
+        "roll_mean_std": np.sqrt(_divide(runs.sum(spread * spread), count)),
+        "roll_std_mean": _divide(runs.sum(stds), count),
+        "roll_std_max": np.where(count > 0, runs.max(np.where(full, stds, -np.inf)), np.nan),
     }
