@@ -170,7 +170,11 @@ def _keyed(features: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
 
 
 def federated_accuracy(
-    features: pl.DataFrame, labels: pl.DataFrame, train_ids: list[str], test_ids: list[str], seed: int
+    features: pl.DataFrame,
+    labels: pl.DataFrame,
+    train_ids: list[str],
+    test_ids: list[str],
+    seed: int,
 ) -> float:
     """fedfuse: the training recordings split over the parties, each party's features its
     own, federated training; accuracy on the test recordings."""
@@ -211,7 +215,11 @@ def federated_accuracy(
 
 
 def centralised_accuracy(
-    features: pl.DataFrame, labels: pl.DataFrame, train_ids: list[str], test_ids: list[str], seed: int
+    features: pl.DataFrame,
+    labels: pl.DataFrame,
+    train_ids: list[str],
+    test_ids: list[str],
+    seed: int,
 ) -> float:
     names = [c for c in features.columns if c != ENTITY]
     data = features.join(labels, on=ENTITY, validate="1:1")

@@ -98,6 +98,11 @@ def signal_feature_names(measures: Sequence[str], *, axes: Sequence[str] | None)
     return names
 
 
+def _entity_order(entity: str) -> pl.Expr:
+    """Sort key that makes each entity's readings contiguous (cheap to sort)."""
+    return pl.col(entity).hash()
+
+
 def signal_features(
     clean: pl.LazyFrame | pl.DataFrame,
     *,
@@ -131,8 +136,15 @@ def signal_features(
             .alias(MAGNITUDE)
         )
     signals = [*measures, *([MAGNITUDE] if axes else [])]
-    ordered = lf.sort(entity, TIMESTAMP, _POS).collect()
+    # sorted by a 64-bit hash of the entity (several times faster than the strings); two
+    # entities whose hashes collide and whose readings interleave would share runs: then
+    # (detected: a key in two runs) the strings decide
+    ordered = lf.sort(_entity_order(entity), TIMESTAMP, _POS).collect()
     keys = ordered.get_column(entity)
+    starts_run = keys.ne_missing(keys.shift(1)).fill_null(True)
+    if keys.filter(starts_run).is_duplicated().any():
+        ordered = ordered.sort(entity, TIMESTAMP, _POS)
+        keys = ordered.get_column(entity)
     if ordered.height == 0:
         return pl.DataFrame(
             {entity: keys.head(0)}
