@@ -39,6 +39,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -165,9 +166,11 @@ def signal_features(
         for c in quantiles.columns
         if c != _RUN
     }
+    every = Runs.of(run, n_runs)
     for name in signals:
         values: Floats = ordered.get_column(name).to_numpy().astype(np.float64)
         present = ~np.isnan(values)
+        whole = bool(present.all())
         stats = signal_block(
             run[present],
             times[present],
@@ -176,6 +179,7 @@ def signal_features(
             sampling_hz=sampling_hz,
             sub_window_s=sub_window_s,
             extra=name == MAGNITUDE,
+            shared=every if whole else None,
         )
         columns |= {f"{name}_{stat}": column for stat, column in stats.items()}
     names = signal_feature_names(measures, axes=axes)
@@ -205,6 +209,11 @@ class Runs:
     @property
     def size(self) -> int:
         return self.n.size
+
+    @cached_property
+    def position(self) -> Ints:
+        """Each reading's place in its run (0 for the first)."""
+        return np.arange(self.run.size, dtype=np.int64) - self.starts[self.run]
 
     def _reduce(self, ufunc: np.ufunc, values: Floats, identity: float) -> Floats:
         out = np.full(self.size, identity)
@@ -252,12 +261,14 @@ def signal_block(
     sampling_hz: float | None,
     sub_window_s: float,
     extra: bool = False,
+    shared: Runs | None = None,
 ) -> dict[str, Floats]:
     """The :data:`SIGNAL_STATS` but the quantiles (and, with ``extra``, the
     :data:`MAGNITUDE_STATS` first) of each run ``0..n_runs-1`` of one signal: ``run``
     ascending (each run contiguous), ``times`` (microseconds) ascending within a run, ``x``
-    the finite readings. A run with no reading gets NaN everywhere."""
-    runs = Runs.of(run, n_runs)
+    the finite readings. A run with no reading gets NaN everywhere. ``shared``: the runs
+    of ``run`` when already known (signals without missing readings share them)."""
+    runs = shared if shared is not None else Runs.of(run, n_runs)
     n = runs.n
     mean = _divide(runs.sum(x), n)
     xc = x - mean[run]  # centred per run: moments and products without cancellation
@@ -331,9 +342,10 @@ def _spectrum(
     dominant = np.full(n_runs, np.nan)
     entropy = np.full(n_runs, np.nan)
     used = np.minimum(n, MAX_FFT).astype(np.int64)
-    first = runs.starts + n.astype(np.int64) - used  # each run's first reading in the FFT
     size = np.where(used >= 2, 1 << np.ceil(np.log2(np.maximum(used, 2))).astype(np.int64), 0)
-    position = np.arange(run.size, dtype=np.int64) - first[run]
+    position = (
+        runs.position - (n.astype(np.int64) - used)[run] if (n > MAX_FFT).any() else runs.position
+    )
     taken = position >= 0
     for length in np.unique(size[(size > 0) & ~flat]):
         selected = np.flatnonzero((size == length) & ~flat)
@@ -365,21 +377,22 @@ def _rolling(runs: Runs, xc: Floats, rate: Floats, sub_window_s: float) -> dict[
         width_f = np.maximum(np.round(sub_window_s * rate), 2.0)
     width = np.where(np.isfinite(width_f), width_f, 0).astype(np.int64)
     index = np.arange(run.size, dtype=np.int64)
-    w = width[run]
-    begin = index + 1 - w
-    full = (w > 0) & (begin >= runs.starts[run])  # a whole sub-window ends at this reading
+    # one width for all (a declared rate) needs no per-reading lookup
+    w = width[:1] if (width == width[0]).all() else width[run]
+    full = (w > 0) & (runs.position + 1 >= w)  # a whole sub-window ends at this reading
     s1 = np.concatenate(([0.0], np.cumsum(xc)))
     s2 = np.concatenate(([0.0], np.cumsum(xc * xc)))
-    lo = np.where(full, begin, 0)
+    lo = np.where(full, index + 1 - w, 0)
     wf = np.where(full, w, 2).astype(np.float64)
-    means = np.where(full, (s1[index + 1] - s1[lo]) / wf, 0.0)
-    var = np.maximum((s2[index + 1] - s2[lo]) / wf - means * means, 0.0) * wf / (wf - 1)
+    means = np.where(full, (s1[1:] - s1[lo]) / wf, 0.0)
+    var = np.maximum((s2[1:] - s2[lo]) / wf - means * means, 0.0) * wf / (wf - 1)
     stds = np.where(full, np.sqrt(var), 0.0)
     count = runs.sum(full.astype(np.float64))
     mean_of_means = _divide(runs.sum(means), count)
-    spread = np.where(full, means - mean_of_means[run], 0.0)
+    # the means are of centred readings (near 0): their variance without a second pass
+    spread = np.maximum(_divide(runs.sum(means * means), count) - mean_of_means**2, 0.0)
     return {
-        "roll_mean_std": np.sqrt(_divide(runs.sum(spread * spread), count)),
+        "roll_mean_std": np.sqrt(spread),
         "roll_std_mean": _divide(runs.sum(stds), count),
         "roll_std_max": np.where(count > 0, runs.max(np.where(full, stds, -np.inf)), np.nan),
     }
