@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(
         f"accuracy, mean of {len(splits)} splits: fedfuse {np.mean(fed):.3f}, centralised "
-        f"{np.mean(cen):.3f}, gap {np.mean(fed) - np.mean(cen):+.3f} (goal: >= 0)"
+        f"{np.mean(cen):.3f}, gap {round(float(np.mean(fed) - np.mean(cen)), 9) + 0.0:+.3f} "
+        "(goal: >= 0)"
     )
     big = as_events(replicate(readings, args.volume))
     print(
