@@ -49,6 +49,11 @@ If two entities' hashes collide *and* their events interleave in time, that enti
 twice in the result; this is detected and the query reruns ordered by the entity strings
 (exact, slower). A collision without interleaving does no harm.
 
+High-frequency recordings (a window shorter than a day, or a declared ``sampling_hz``;
+``signal`` forces either way) also get the signal features of
+:mod:`tasks.prepare.modalities.signals` after these columns (:func:`source_feature_names`);
+day-scale sources get exactly the columns above.
+
 The ``events`` modality is registered here: its raw rows are keyed by ``device_id``, which
 the source's entity map (device -> entity) turns into the entity key during preprocessing.
 A source without an entity map maps the entity key itself (the device is the entity, or the
