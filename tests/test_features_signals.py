@@ -158,6 +158,17 @@ def test_missing_readings_short_and_late_recordings() -> None:
     assert empty.height == 0
 
 
+def test_readings_sharing_one_timestamp_have_no_rate() -> None:
+    frame = pl.DataFrame(
+        {"customer_id": ["a"] * 4, "timestamp": [T0] * 4, "x": [1.0, -1.0, 2.0, -2.0]},
+        schema_overrides={"timestamp": pl.Datetime("us", "UTC")},
+    )
+    row = features(frame)["a"]
+    assert row["x_dom_freq_hz"] is None and row["x_roll_std_max"] is None
+    assert row["x_zero_cross_rate"] == 1.0  # ties keep the input order
+    assert row["x_spectral_entropy"] is not None  # the shape needs no rate
+
+
 def _reference(x: np.ndarray[Any, Any], hz: float, width: int) -> dict[str, float]:
     """Straightforward per-entity numpy: what the vectorised blocks must equal."""
     n, xc = x.size, x - x.mean()
