@@ -382,10 +382,17 @@ def _rolling(runs: Runs, xc: Floats, rate: Floats, sub_window_s: float) -> dict[
     full = (w > 0) & (runs.position + 1 >= w)  # a whole sub-window ends at this reading
     s1 = np.concatenate(([0.0], np.cumsum(xc)))
     s2 = np.concatenate(([0.0], np.cumsum(xc * xc)))
-    lo = np.where(full, index + 1 - w, 0)
+    if w.size == 1:  # one width: the window starts are a shifted slice
+        k = int(w[0])
+        before1, before2 = np.zeros(run.size), np.zeros(run.size)
+        if 0 < k <= run.size:
+            before1[k - 1 :], before2[k - 1 :] = s1[: run.size - k + 1], s2[: run.size - k + 1]
+    else:
+        lo = np.where(full, index + 1 - w, 0)
+        before1, before2 = s1[lo], s2[lo]
     wf = np.where(full, w, 2).astype(np.float64)
-    means = np.where(full, (s1[1:] - s1[lo]) / wf, 0.0)
-    var = np.maximum((s2[1:] - s2[lo]) / wf - means * means, 0.0) * wf / (wf - 1)
+    means = np.where(full, (s1[1:] - before1) / wf, 0.0)
+    var = np.maximum((s2[1:] - before2) / wf - means * means, 0.0) * wf / (wf - 1)
     stds = np.where(full, np.sqrt(var), 0.0)
     count = runs.sum(full.astype(np.float64))
     mean_of_means = _divide(runs.sum(means), count)
