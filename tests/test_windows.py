@@ -17,6 +17,7 @@ from polars.testing import assert_frame_equal
 
 from storage.sources import read_source
 from tasks.prepare.modalities.events import event_feature_names, events_features
+from tasks.prepare.modalities.signals import signal_feature_names
 from tasks.prepare.modalities.table import transaction_features
 from tasks.prepare.preprocess import preprocess
 from tasks.prepare.windows import DAY_US, parse_window, parse_windows
@@ -218,7 +219,8 @@ def test_sensor_windows_end_at_each_watchs_last_event(
     table = pl.read_parquet(fused.feature_tables["watch"].uri).sort("customer_id")
     assert table["customer_id"].to_list() == ["p1", "p2", "p3"]  # strip_lower keys
     names = event_feature_names(["accel"], ["1s", "5s"], error=False)
-    assert table.columns == ["customer_id", *names]
+    # sub-day windows: the recording's signal features follow the windowed ones
+    assert table.columns == ["customer_id", *names, *signal_feature_names(["accel"], axes=None)]
     assert "n_events_1s" in names and "accel_slope_5s" in names
     for person, readings in _recordings().items():
         row = table.row(by_predicate=pl.col("customer_id") == person.lower(), named=True)
@@ -354,6 +356,10 @@ def test_the_spec_takes_durations_and_window_end(tmp_path: Path) -> None:
         "prefix": None,
         "windows": ["500ms", "5s", 1, 30],
         "window_end": "last_event",
+        "signal": None,
+        "sampling_hz": None,
+        "axes": None,
+        "sub_window": "1s",
     }
     assert load_spec(str(tmp_path / "spec.toml")).parties[0].sources[1].features.model_dump()[
         "windows"

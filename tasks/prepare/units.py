@@ -5,6 +5,7 @@ Each known unit maps to its dimension's canonical unit by ``canonical = raw * sc
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import polars as pl
@@ -16,7 +17,11 @@ class Unit(NamedTuple):
     offset: float = 0.0
 
 
-#: Canonical units: money in currency units, energy in kWh, temperature in °C, time in seconds.
+#: Standard gravity in m/s² (the unit ``g`` of accelerometers).
+STANDARD_GRAVITY = 9.80665
+
+#: Canonical units: money in currency units, energy in kWh, temperature in °C, time in
+#: seconds, acceleration in m/s² (``m/s2``) and angular velocity in rad/s.
 UNITS: dict[str, Unit] = {
     "currency": Unit("money", 1.0),
     "cents": Unit("money", 0.01),
@@ -30,6 +35,10 @@ UNITS: dict[str, Unit] = {
     "ms": Unit("duration", 0.001),
     "min": Unit("duration", 60.0),
     "h": Unit("duration", 3600.0),
+    "m/s2": Unit("acceleration", 1.0),
+    "g": Unit("acceleration", STANDARD_GRAVITY),
+    "rad/s": Unit("angular_velocity", 1.0),
+    "deg/s": Unit("angular_velocity", math.pi / 180.0),
 }
 
 

@@ -49,6 +49,11 @@ If two entities' hashes collide *and* their events interleave in time, that enti
 twice in the result; this is detected and the query reruns ordered by the entity strings
 (exact, slower). A collision without interleaving does no harm.
 
+High-frequency recordings (a window shorter than a day, or a declared ``sampling_hz``;
+``signal`` forces either way) also get the signal features of
+:mod:`tasks.prepare.modalities.signals` after these columns (:func:`source_feature_names`);
+day-scale sources get exactly the columns above.
+
 The ``events`` modality is registered here: its raw rows are keyed by ``device_id``, which
 the source's entity map (device -> entity) turns into the entity key during preprocessing.
 A source without an entity map maps the entity key itself (the device is the entity, or the
@@ -61,13 +66,15 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import polars as pl
+from pydantic import Field, PlainValidator, field_validator
 
 from storage.sources import ROW
 from tasks.prepare.modalities.base import FeatureInputs, Modality, register
-from tasks.prepare.modalities.table import WindowOptions, window_end, window_options
+from tasks.prepare.modalities.signals import MAGNITUDE, signal_feature_names, signal_features
+from tasks.prepare.modalities.table import WindowOptions, window_end
 from tasks.prepare.preprocess import (
     KEY_CONTROL,
     PreprocessError,
@@ -75,7 +82,8 @@ from tasks.prepare.preprocess import (
     normalise_key,
     raw_name,
 )
-from tasks.prepare.windows import DAY_US, WindowValue, parse_windows
+from tasks.prepare.units import UNITS
+from tasks.prepare.windows import DAY_US, WindowValue, parse_window, parse_windows
 from tasks.spec.models import EntityMapSpec, SourceSpec, SpecProblem
 from tasks.types import DEVICE, ERROR, REASON, TIMESTAMP, KeyNormalisation, WindowEnd
 
@@ -478,13 +486,91 @@ def device_map(
     return pairs
 
 
+#: Highest declared sampling rate (1 MHz).
+MAX_SAMPLING_HZ = 1e6
+
+#: Most axes a magnitude is taken over.
+MAX_AXES = 16
+
+
+def _sub_window(value: object) -> WindowValue:
+    return parse_window(value).spec_value
+
+
+class EventOptions(WindowOptions):
+    """Feature options of events sources: the windows, and for high-frequency recordings the
+    signal features (:mod:`tasks.prepare.modalities.signals`)."""
+
+    signal: bool | None = Field(
+        default=None,
+        description="Signal features (distribution, crossings, peaks, autocorrelation, "
+        "spectrum, rolling sub-windows) over each entity's recording: true, false, or "
+        "unset for automatic (on when a window is shorter than a day or sampling_hz is given)",
+    )
+    sampling_hz: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_SAMPLING_HZ,
+        allow_inf_nan=False,
+        description="Declared readings per second of the recording (frequencies use it); "
+        "unset: each entity's own, one over its median time between readings",
+    )
+    axes: list[str] | None = Field(
+        default=None,
+        min_length=2,
+        max_length=MAX_AXES,
+        description="Measures (canonical columns) that are the axes of one vector, e.g. "
+        '["ax", "ay", "az"]: adds the signal features of their Euclidean norm, magnitude_*',
+    )
+    sub_window: Annotated[
+        WindowValue, PlainValidator(_sub_window, json_schema_input_type=WindowValue)
+    ] = Field(
+        default="1s",
+        description='Length of the rolling sub-windows of the signal features ("500ms", '
+        '"1s", "2s", ...; taken as that many readings at the sampling rate)',
+    )
+
+    @field_validator("axes")
+    @classmethod
+    def _distinct_axes(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("axes must name each measure once")
+        return value
+
+    def signal_on(self) -> bool:
+        """Whether the source gets signal features (explicit, or sub-day windows or a
+        declared sampling rate)."""
+        if self.signal is not None:
+            return self.signal
+        return self.sampling_hz is not None or any(w.micros < DAY_US for w in self.spans)
+
+
+def event_options(source: SourceSpec) -> EventOptions:
+    """The events source's options as validated."""
+    options = source.features
+    if not isinstance(options, EventOptions):
+        raise TypeError(f"source {source.id!r}: {source.kind} options are not events options")
+    return options
+
+
+def source_feature_names(source: SourceSpec) -> list[str]:
+    """Feature columns of an events source after the entity key, in order: the windowed
+    statistics, then the signal features when they apply."""
+    options = event_options(source)
+    measures = event_measures(source)
+    names = event_feature_names(measures, options.windows, error=ERROR in source.columns)
+    if options.signal_on():
+        names += signal_feature_names(measures, axes=options.axes)
+    return names
+
+
 class Events(Modality):
     """Device readings and usage events, keyed by device and mapped to the entity through
     the source's entity map, or keyed by the entity itself when the source has none."""
 
     kind = "events"
     order = 2
-    options = WindowOptions
+    options = EventOptions
 
     def required_columns(self, source: SourceSpec) -> tuple[str, ...]:
         return (DEVICE, TIMESTAMP) if source.entity_map is not None else (TIMESTAMP,)
@@ -493,6 +579,47 @@ class Events(Modality):
         return DEVICE if source.entity_map is not None else entity
 
     def key_problems(self, source: SourceSpec, *, at: str, entity: str) -> list[SpecProblem]:
+        return self._axes_problems(source, at=at) + self._key_problems(source, at=at, entity=entity)
+
+    def _axes_problems(self, source: SourceSpec, *, at: str) -> list[SpecProblem]:
+        """Declared axes are numeric measures of the source, in one unit dimension."""
+        options = event_options(source)
+        if not options.axes:
+            return []
+        measures = event_measures(source)
+        problems = [
+            SpecProblem(
+                path=f"{at}.features.axes[{i}]",
+                message=f"'{axis}' is not a numeric measure of this source; axes name "
+                f"float or int columns of 'columns'",
+            )
+            for i, axis in enumerate(options.axes)
+            if axis not in measures
+        ]
+        if MAGNITUDE in measures:
+            problems.append(
+                SpecProblem(
+                    path=f"{at}.columns.{MAGNITUDE}",
+                    message=f"'{MAGNITUDE}' names the norm over the axes: rename this measure",
+                )
+            )
+        dimensions = {
+            UNITS[unit].dimension if unit is not None else None
+            for axis in options.axes
+            if axis in measures
+            for unit in [source.columns[axis].unit]
+        }
+        if len(dimensions) > 1:
+            problems.append(
+                SpecProblem(
+                    path=f"{at}.features.axes",
+                    message="the axes have units of different dimensions (or some none); "
+                    "give them one unit dimension, e.g. all acceleration",
+                )
+            )
+        return problems
+
+    def _key_problems(self, source: SourceSpec, *, at: str, entity: str) -> list[SpecProblem]:
         if source.entity_map is None:
             if entity in source.columns:
                 return []
@@ -564,14 +691,29 @@ class Events(Modality):
     def extract(
         self, clean: pl.LazyFrame, source: SourceSpec, inputs: FeatureInputs
     ) -> pl.DataFrame:
-        return events_features(
+        options = event_options(source)
+        measures = event_measures(source)
+        windowed = events_features(
             clean,
             entity=inputs.entity,
-            measures=event_measures(source),
+            measures=measures,
             as_of=inputs.as_of,
-            windows=window_options(source).windows,
-            end_at=window_options(source).window_end,
+            windows=options.windows,
+            end_at=options.window_end,
         )
+        if not options.signal_on():
+            return windowed
+        signals = signal_features(
+            clean,
+            entity=inputs.entity,
+            measures=measures,
+            end=window_end(inputs.as_of),
+            axes=options.axes,
+            sampling_hz=options.sampling_hz,
+            sub_window_s=parse_window(options.sub_window).micros / 1e6,
+        )
+        # the same entities (those with events before the end), one row each
+        return windowed.join(signals, on=inputs.entity, how="left", validate="1:1")
 
 
 EVENTS = register(Events())
