@@ -127,18 +127,30 @@ def _check_columns(frame: pl.DataFrame, columns: Mapping[str, ColumnSpec], file:
             )
 
 
-def normalise_key(expr: pl.Expr, mode: KeyNormalisation) -> pl.Expr:
+def normalise_key(expr: pl.Expr, mode: KeyNormalisation, *, ascii: bool = False) -> pl.Expr:
     """``strip``: surrounding whitespace removed; ``strip_lower``: NFKC-normalised first (a
     full-width ``ｃ0001`` is ``c0001``), then stripped and lower-cased (idempotent). NFKC does
-    not fold scripts: Cyrillic ``с`` and Latin ``c`` stay two keys."""
+    not fold scripts: Cyrillic ``с`` and Latin ``c`` stay two keys. ``ascii``: the values are
+    known to be ASCII text (:func:`is_ascii`), which NFKC leaves as it is, so it is skipped."""
     out = expr.cast(pl.String)
-    if mode == "strip_lower":
+    if mode == "strip_lower" and not ascii:
         out = out.str.normalize("NFKC")
     if mode in ("strip", "strip_lower"):
         out = out.str.strip_chars()
     if mode == "strip_lower":
         out = out.str.to_lowercase()
     return pl.when(out == "").then(None).otherwise(out)
+
+
+def is_ascii(frame: pl.DataFrame, name: str) -> bool:
+    """Whether column ``name`` holds ASCII text only (or is not text: numbers as text are
+    ASCII); a text whose byte and character lengths agree is ASCII."""
+    column = frame.get_column(name)
+    if column.dtype != pl.String:
+        return column.dtype.is_numeric() or column.dtype == pl.Boolean
+    return bool(
+        frame.select((pl.col(name).str.len_bytes() == pl.col(name).str.len_chars()).all()).item()
+    )
 
 
 def _string(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:
@@ -453,7 +465,7 @@ def coerce_frame(
         name = raw_name(canonical, column)
         src, dtype = pl.col(name), schema[name]
         if canonical == key:
-            coerced = normalise_key(src, normalisation)
+            coerced = normalise_key(src, normalisation, ascii=is_ascii(raw, name))
         elif label is not None and canonical == label.column and label.maps_raw:
             coerced = mapped_label(src, dtype, label)
         else:
