@@ -127,18 +127,30 @@ def _check_columns(frame: pl.DataFrame, columns: Mapping[str, ColumnSpec], file:
             )
 
 
-def normalise_key(expr: pl.Expr, mode: KeyNormalisation) -> pl.Expr:
+def normalise_key(expr: pl.Expr, mode: KeyNormalisation, *, ascii: bool = False) -> pl.Expr:
     """``strip``: surrounding whitespace removed; ``strip_lower``: NFKC-normalised first (a
     full-width ``ｃ0001`` is ``c0001``), then stripped and lower-cased (idempotent). NFKC does
-    not fold scripts: Cyrillic ``с`` and Latin ``c`` stay two keys."""
+    not fold scripts: Cyrillic ``с`` and Latin ``c`` stay two keys. ``ascii``: the values are
+    known to be ASCII text (:func:`is_ascii`), which NFKC leaves as it is, so it is skipped."""
     out = expr.cast(pl.String)
-    if mode == "strip_lower":
+    if mode == "strip_lower" and not ascii:
         out = out.str.normalize("NFKC")
     if mode in ("strip", "strip_lower"):
         out = out.str.strip_chars()
     if mode == "strip_lower":
         out = out.str.to_lowercase()
     return pl.when(out == "").then(None).otherwise(out)
+
+
+def is_ascii(frame: pl.DataFrame, name: str) -> bool:
+    """Whether column ``name`` holds ASCII text only (or is not text: numbers as text are
+    ASCII); a text whose byte and character lengths agree is ASCII."""
+    column = frame.get_column(name)
+    if column.dtype != pl.String:
+        return column.dtype.is_numeric() or column.dtype == pl.Boolean
+    return bool(
+        frame.select((pl.col(name).str.len_bytes() == pl.col(name).str.len_chars()).all()).item()
+    )
 
 
 def _string(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:
@@ -393,8 +405,22 @@ def spec_key(
 
 
 def _reason(parts: list[pl.Expr]) -> pl.Expr:
-    joined = pl.concat_str(parts, separator="; ", ignore_nulls=True)
-    return pl.when(joined == "").then(None).otherwise(joined)
+    """The row's reasons joined by ``; `` (an empty text where it has none: see
+    :func:`_no_empty_reason`)."""
+    return pl.concat_str(parts, separator="; ", ignore_nulls=True)
+
+
+def _no_empty_reason() -> pl.Expr:
+    """The :data:`REASON` column with the empty text of a row without reasons as null."""
+    return pl.when(pl.col(REASON) == "").then(None).otherwise(pl.col(REASON)).alias(REASON)
+
+
+def _staging_prefix(columns: Collection[str]) -> str:
+    """A prefix of internal column names that no column of the raw frame starts with."""
+    prefix = "__coerced"
+    while any(c.startswith(prefix) for c in columns):
+        prefix += "_"
+    return prefix
 
 
 def coerce_frame(
@@ -431,17 +457,25 @@ def coerce_frame(
     flagged = INVALID_UTF8 in schema  # the reader found invalid UTF-8 in some cells
     values: list[pl.Expr] = [pl.col(ROW)]
     reasons: list[pl.Expr] = []
-    for canonical, column in columns.items():
+    # each coerced column and presence flag is computed once, as a column of its own, and
+    # the checks read it (one expression tree each would repeat the coercion in every check)
+    prefix = _staging_prefix(schema.names())
+    staged: list[pl.Expr] = []
+    for index, (canonical, column) in enumerate(columns.items()):
         name = raw_name(canonical, column)
         src, dtype = pl.col(name), schema[name]
         if canonical == key:
-            out = normalise_key(src, normalisation)
+            coerced = normalise_key(src, normalisation, ascii=is_ascii(raw, name))
         elif label is not None and canonical == label.column and label.maps_raw:
-            out = mapped_label(src, dtype, label)
+            coerced = mapped_label(src, dtype, label)
         else:
-            out = coerce(src, dtype, column)
+            coerced = coerce(src, dtype, column)
+        staged += [
+            coerced.alias(f"{prefix}{index}"),
+            _present(src, dtype).alias(f"{prefix}{index}_present"),
+        ]
+        out, present = pl.col(f"{prefix}{index}"), pl.col(f"{prefix}{index}_present")
         values.append(out.alias(canonical))
-        present = _present(src, dtype)
         if label is not None and canonical == label.column:
             reasons.append(
                 _label_reason(
@@ -504,8 +538,13 @@ def coerce_frame(
         reasons = why + reasons
     if split is not None and split.fixed is not None:
         values.append(pl.lit(split.fixed, pl.String).alias(SPLIT))
-    # lazily: the optimizer computes each coerced column once for its value and its checks
-    frame = raw.lazy().select(*values, _reason(reasons).alias(REASON)).collect()
+    frame = (
+        raw.lazy()
+        .with_columns(staged)
+        .select(*values, _reason(reasons).alias(REASON))
+        .with_columns(_no_empty_reason())
+        .collect()
+    )
     if other is None:
         other = [name for name, vocab in vocabularies.items() if OTHER in vocab]
     unknown: dict[str, int] = {}
@@ -534,7 +573,8 @@ def coerce_frame(
 def _rejected_rows(raw: pl.DataFrame, reasons: pl.DataFrame) -> pl.DataFrame:
     """Raw cells (as text) of rejected rows, with row number and reason."""
     cells = [c for c in raw.columns if c not in (ROW, INVALID_UTF8)]
-    as_text = raw.select(pl.col(ROW), *[pl.col(c).cast(pl.String) for c in cells])
+    picked = raw.join(reasons.select(ROW).unique(), on=ROW, how="semi")  # only those rows
+    as_text = picked.select(pl.col(ROW), *[pl.col(c).cast(pl.String) for c in cells])
     return reasons.join(as_text, on=ROW, how="left").select(ROW, REASON, *as_text.columns[1:])
 
 
@@ -614,8 +654,14 @@ def preprocess(
         canonical = [*canonical, SPLIT]
     bad = frame.filter(pl.col(REASON).is_not_null()).select(ROW, REASON)
     good = frame.filter(pl.col(REASON).is_null())
-    # exact duplicates (on canonical values): keep the first occurrence
-    good = good.with_columns(pl.col(ROW).first().over(canonical).alias("__first"))
+    # exact duplicates (on canonical values): keep the first occurrence; the first row of
+    # each group is looked up among the rows with a duplicate only (one hash pass for all)
+    repeated = good.select(pl.struct(canonical).is_duplicated()).to_series()
+    firsts = good[ROW].alias("__first")
+    if repeated.any():
+        among = good.filter(repeated).select(pl.col(ROW).first().over(canonical))
+        firsts = firsts.scatter(repeated.arg_true(), among.to_series())
+    good = good.with_columns(firsts)
     dupes = good.filter(pl.col(ROW) != pl.col("__first")).select(
         ROW, pl.format("exact duplicate of row {}", pl.col("__first")).alias(REASON)
     )

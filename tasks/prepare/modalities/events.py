@@ -79,6 +79,7 @@ from tasks.prepare.preprocess import (
     KEY_CONTROL,
     PreprocessError,
     coerce_frame,
+    is_ascii,
     normalise_key,
     raw_name,
 )
@@ -463,8 +464,8 @@ def device_map(
         raw, spec.columns, file=spec.path, key=None, normalisation=normalisation, vocabularies={}
     )
     frame = frame.with_columns(
-        normalise_key(pl.col(DEVICE), normalisation).alias(DEVICE),
-        normalise_key(pl.col(entity), normalisation).alias(entity),
+        normalise_key(pl.col(DEVICE), normalisation, ascii=is_ascii(frame, DEVICE)).alias(DEVICE),
+        normalise_key(pl.col(entity), normalisation, ascii=is_ascii(frame, entity)).alias(entity),
     ).filter(
         # a map row whose keys are unusable (invalid UTF-8, control characters) maps nothing:
         # that device's events are quarantined as not in the entity map
