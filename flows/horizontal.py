@@ -15,6 +15,7 @@ from prefect.futures import PrefectFuture, wait
 from flows import progress
 from flows.common import artifact_key, threads
 from flows.lossless import lossless_run
+from flows.names import spec_run_name, tagged
 from flows.prepare import prepare
 from flows.publish import FinishedTraining, TrainingResult, publish_training
 from flows.transport import PartyJob, PartyRunner, pooled_parties
@@ -330,7 +331,8 @@ def _run_rounds(
         if reason is not None or (stop_after is not None and done_here >= stop_after):
             break
         prefetch = prefetch_wanted(loop.remote, t, training.rounds, stop_after, done_here)
-        out = federated_round(loop.input(checkpoint, prefetched, prefetch))
+        with tagged(round_=t):
+            out = federated_round(loop.input(checkpoint, prefetched, prefetch))
         if out.aggregate.round != t:  # a round's result must be that round's, never another's
             raise RoundError(f"round {t} came back as round {out.aggregate.round}")
         prefetched = out.next_updates()
@@ -351,7 +353,12 @@ def _run_rounds(
     return checkpoint, reason
 
 
-@flow(name="federated-training", persist_result=True, task_runner=threads(4))
+@flow(
+    name="federated-training",
+    flow_run_name=spec_run_name("train"),
+    persist_result=True,
+    task_runner=threads(4),
+)
 def federated_training(
     spec_path: str,
     refresh: bool = False,

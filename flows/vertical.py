@@ -9,10 +9,11 @@ import posixpath
 
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, wait
-from pydantic import BaseModel, JsonValue
+from pydantic import BaseModel, Field, JsonValue
 
 from flows import progress
 from flows.common import task_options, threads
+from flows.names import spec_run_name, tagged
 from flows.prepare import party_pipeline, prepare
 from flows.publish import VerticalReport, publish_vertical
 from flows.score import ScoringInputError, party_labels, resolve_run
@@ -152,7 +153,12 @@ def _runner(spec: FedSpec, dispatch: str | None, refresh: bool) -> PartyRunner:
     )
 
 
-@flow(name="vertical-training", persist_result=True, task_runner=threads(4))
+@flow(
+    name="vertical-training",
+    flow_run_name=spec_run_name("vertical train"),
+    persist_result=True,
+    task_runner=threads(4),
+)
 def vertical_training(
     spec_path: str,
     refresh: bool = False,
@@ -254,6 +260,12 @@ class _Fit(BaseModel):
     trees: int
     models: dict[str, FileRef | None]
     fusion: Fusion
+    accepted: dict[int, list[str]] = Field(
+        default_factory=dict, description="Parties whose deltas each round of this call combined"
+    )
+    left_out: dict[int, dict[str, str]] = Field(
+        default_factory=dict, description="Parties each round of this call left out, and why"
+    )
 
 
 def _rounds(
@@ -284,24 +296,30 @@ def _rounds(
         logger.info("resuming vertical run %s after round %d", key, state.round)
         models = {p: call(p, model_at_task, setups[p], state.round) for p in parties}
     done_here = 0
+    members: dict[int, list[str]] = {}
+    left_out: dict[int, dict[str, str]] = {}
     while state.next is None:
         if stop_after is not None and done_here >= stop_after:
             break
         t = state.round + 1
-        grads = call(label, gradients_task, setups[label], aligns[label], state)
-        futures = {
-            p: call.submit(p, party_round_task, setups[p], aligns[p], models[p], grads, t)
-            for p in parties
-        }
-        wait(list(futures.values()))
-        deltas: dict[str, TableRef] = {}
-        for party, future in futures.items():
-            if future.state.is_completed():
-                out = future.result()
-                models[party], deltas[party] = out.model, out.delta
-            else:
-                logger.warning("round %d: party %s left out: %s", t, party, future.state.message)
-        state = call(label, combine_task, setups[label], aligns[label], state, deltas, t)
+        with tagged(round_=t):
+            grads = call(label, gradients_task, setups[label], aligns[label], state)
+            futures = {
+                p: call.submit(p, party_round_task, setups[p], aligns[p], models[p], grads, t)
+                for p in parties
+            }
+            wait(list(futures.values()))
+            deltas: dict[str, TableRef] = {}
+            for party, future in futures.items():
+                if future.state.is_completed():
+                    out = future.result()
+                    models[party], deltas[party] = out.model, out.delta
+                else:
+                    message = str(future.state.message)
+                    left_out.setdefault(t, {})[party] = message
+                    logger.warning("round %d: party %s left out: %s", t, party, message)
+            members[t] = sorted(deltas)
+            state = call(label, combine_task, setups[label], aligns[label], state, deltas, t)
         done_here += 1
         progress.emit("training", f"round {t}", f"valid {state.valid}")
     if state.next is not None:
@@ -323,6 +341,8 @@ def _rounds(
         trees=state.trees,
         models=models,
         fusion=state.fusion,
+        accepted=members,
+        left_out=left_out,
     )
 
 
@@ -363,7 +383,12 @@ def _one_shot(
     )
 
 
-@flow(name="vertical-score", persist_result=True, task_runner=threads(4))
+@flow(
+    name="vertical-score",
+    flow_run_name=spec_run_name("vertical score", party=True),
+    persist_result=True,
+    task_runner=threads(4),
+)
 def vertical_score(
     spec_path: str,
     party: str | None = None,
