@@ -476,6 +476,8 @@ def _publish(
         schema_=schema,
         training=loop.training,
         split_sizes=split_sizes,
+        rounds=checkpoint.rounds,
+        tables=fused,
         **loop.job,
     )
     return publish_training(spec, finished)

@@ -87,3 +87,29 @@ def source_step_name(party: str, source: str, step: str) -> str:
 def party_step_name(party: str, step: str) -> str:
     """``site-b: fuse`` (a fixed task run name)."""
     return run_name(f"{party}: {step}")
+
+
+def party_and_round(
+    run_tags: Iterable[str], parameters: Mapping[str, Any] | None
+) -> tuple[str | None, int | None]:
+    """A run's party and round: from its ``party:``/``round:`` tags, else from its parameters
+    (a party pipeline's ``party``, a party step's job, a round's state)."""
+    party = tag_value(run_tags, PARTY_TAG)
+    round_text = tag_value(run_tags, ROUND_TAG)
+    round_ = int(round_text) if round_text and round_text.isdigit() else None
+    params = parameters or {}
+    job = params.get("job")
+    if party is None:
+        if isinstance(params.get("party"), str):
+            party = params["party"]
+        elif isinstance(job, dict) and isinstance(job.get("setup"), dict):
+            found = job["setup"].get("party")
+            party = found if isinstance(found, str) else None
+    if round_ is None:
+        state = params.get("state")
+        for holder in (state, job):
+            value = holder.get("round") if isinstance(holder, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                round_ = value
+                break
+    return party, round_

@@ -463,6 +463,8 @@ class RunRow:
     state: str
     start: dt.datetime | None
     duration: dt.timedelta | None
+    party: str | None = None
+    round: int | None = None
 
 
 def recent_runs(limit: int = 20, *, subflows: bool = False) -> list[RunRow]:
@@ -499,8 +501,11 @@ def recent_runs(limit: int = 20, *, subflows: bool = False) -> list[RunRow]:
             if ids
             else {}
         )
+    from flows.names import party_and_round
+
     rows: list[RunRow] = []
     for r in runs:
+        party, round_ = party_and_round(r.tags or [], r.parameters)
         duration: dt.timedelta | None = None
         if r.state is not None and r.state.is_running() and r.start_time is not None:
             duration = now - r.start_time
@@ -515,6 +520,8 @@ def recent_runs(limit: int = 20, *, subflows: bool = False) -> list[RunRow]:
                 state=(r.state.name if r.state else None) or "?",
                 start=r.start_time,
                 duration=duration,
+                party=party,
+                round=round_,
             )
         )
     return rows

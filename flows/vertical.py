@@ -15,7 +15,7 @@ from flows import progress
 from flows.common import task_options, threads
 from flows.names import spec_run_name, tagged
 from flows.prepare import party_pipeline, prepare
-from flows.publish import VerticalReport, publish_vertical
+from flows.publish import VerticalReport, code_version, publish_model_card, publish_vertical
 from flows.score import ScoringInputError, party_labels, resolve_run
 from flows.transport import (
     PIPELINE_FLOW,
@@ -26,11 +26,19 @@ from flows.transport import (
 )
 from storage.files import read_text, write_text_atomic
 from storage.results import DEFAULT_RESULTS
+from storage.runs import vertical_manifest_name
 from storage.store import FileRef, IntegrityError, TableRef
 from tasks.manifest import VerticalManifest
+from tasks.model_card import vertical_card
 from tasks.prepare.design import FeatureSchema, consortium_schema
 from tasks.prepare.steps import FusedOutput
-from tasks.run_identity import num_classes, run_key, scoring_run_key, vertical_run_key
+from tasks.run_identity import (
+    num_classes,
+    run_key,
+    scoring_run_key,
+    spec_identity,
+    vertical_run_key,
+)
 from tasks.spec.load import load_spec
 from tasks.spec.models import FedSpec, FusionSpec, TrainingSpec
 from tasks.vertical.export import vertical_export
@@ -75,6 +83,7 @@ class VerticalResult(BaseModel):
     models: dict[str, str]
     comparison: dict[str, dict[str, float]]
     manifest: str
+    model_card: str = Field(default="", description="URI of the model card (JSON)")
 
 
 def align_parties(
@@ -229,6 +238,26 @@ def vertical_training(
         comparison=comparison,
     )
     written = publish_vertical(spec, manifest, report)
+    card = vertical_card(
+        spec=spec,
+        identity=spec_identity(spec),
+        code=code_version(),
+        run_key=key,
+        label_party=label,
+        mode=fit.mode,
+        fused=fused,
+        overlap=overlap.overlap,
+        accepted=fit.accepted,
+        rejected=fit.left_out,
+        valid=fit.valid,
+        best_round=fit.best_round,
+        rounds_run=fit.rounds_run,
+        stop_reason=fit.stop_reason,
+        test=fit.test,
+    )
+    card_ref, _ = publish_model_card(
+        spec, card, {"manifest": f"models/{vertical_manifest_name(key)}"}
+    )
     return VerticalResult(
         run_key=key,
         parties=parties,
@@ -244,6 +273,7 @@ def vertical_training(
         models={p: (m.uri if m else "") for p, m in fit.models.items()},
         comparison=comparison,
         manifest=written.uri,
+        model_card=card_ref.uri,
     )
 
 

@@ -230,19 +230,19 @@ def status(
     ] = False,
     ids: Annotated[bool, typer.Option(help="Add a column with the flow run ids")] = False,
 ) -> None:
-    """Recent flow runs: name, flow, deployment, state, start, duration."""
+    """Recent flow runs: name, flow, deployment, party, round, state, start, duration."""
     from flows.ops import recent_runs
 
     quiet_prefect()
     with _api():
         rows = recent_runs(limit, subflows=subflows)
     table = Table(title=f"recent flow runs ({len(rows)})", header_style="bold")
-    columns = ["name", "flow", "deployment", "state", "start", "duration"]
+    columns = ["name", "flow", "deployment", "party", "round", "state", "start", "duration"]
     for column in columns + (["id"] if ids else []):
         table.add_column(
             column,
-            justify="right" if column == "duration" else "left",
-            no_wrap=column in ("state", "start", "duration"),
+            justify="right" if column in ("round", "duration") else "left",
+            no_wrap=column in ("round", "state", "start", "duration"),
             overflow="fold",
             min_width=10 if column in ("name", "flow", "deployment") else None,
         )
@@ -252,6 +252,8 @@ def status(
             escape(row.name),
             escape(row.flow),
             escape(row.deployment),
+            escape(row.party or "-"),
+            str(row.round) if row.round is not None else "-",
             f"[{style}]{row.state}[/]" if style else row.state,
             _when(row.start),
             _duration(row.duration),
