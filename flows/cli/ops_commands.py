@@ -165,7 +165,7 @@ def run(
 def _start_and_watch(deployment: str, params: dict[str, Any], *, watch: bool, poll: float) -> None:
     from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
-    from flows.ops import full_deployment_name, start_run
+    from flows.ops import full_deployment_name, run_summary, start_run
     from flows.ops import watch as watch_run
 
     try:
@@ -192,6 +192,8 @@ def _start_and_watch(deployment: str, params: dict[str, Any], *, watch: bool, po
     final = watch_run(
         flow_run.id, lambda line: console.print(line, highlight=False, markup=False), poll=poll
     )
+    for line in run_summary(final):
+        console.print(line, highlight=False, markup=False)
     if final.state is None or not final.state.is_completed():
         raise typer.Exit(code=1)
 
