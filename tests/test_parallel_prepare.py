@@ -19,7 +19,7 @@ import pytest
 from tasks.demo_data import write_demo_consortium
 from tasks.spec.load import load_spec, parse_spec
 from tasks.spec.models import SpecError, default_parallelism
-from tests.prefect_api import task_states
+from tests.prefect_api import task_name, task_states
 
 PARTIES = ("site-a", "site-b", "site-c")
 
@@ -61,7 +61,7 @@ def dispatch_spans(prepare_run: UUID) -> list[tuple[Any, Any]]:
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[prepare_run]))
         )
     return sorted(
-        (r.start_time, r.end_time) for r in runs if r.name.startswith("dispatch-party-pipeline")
+        (r.start_time, r.end_time) for r in runs if task_name(r) == "dispatch-party-pipeline"
     )
 
 
