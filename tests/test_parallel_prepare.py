@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -56,13 +57,18 @@ def dispatch_spans(prepare_run: UUID) -> list[tuple[Any, Any]]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[prepare_run]))
+    deadline = time.monotonic() + 20  # task states reach the API asynchronously
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[prepare_run]))
+            )
+        spans = sorted(
+            (r.start_time, r.end_time) for r in runs if task_name(r) == "dispatch-party-pipeline"
         )
-    return sorted(
-        (r.start_time, r.end_time) for r in runs if task_name(r) == "dispatch-party-pipeline"
-    )
+        if all(end is not None for _, end in spans) or time.monotonic() > deadline:
+            return spans
+        time.sleep(0.5)
 
 
 def file_hash(uri: str) -> str:
