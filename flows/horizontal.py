@@ -16,6 +16,7 @@ from flows import progress
 from flows.bins import consortium_bins
 from flows.common import artifact_key, threads
 from flows.lossless import lossless_run
+from flows.names import spec_run_name, tagged
 from flows.prepare import prepare, require_secret
 from flows.publish import FinishedTraining, TrainingResult, publish_training
 from flows.transport import PartyJob, PartyRunner, pooled_parties
@@ -346,7 +347,8 @@ def _run_rounds(
                 running=True,
             ),
         )
-        out = federated_round(loop.input(checkpoint, prefetched, prefetch))
+        with tagged(round_=t):
+            out = federated_round(loop.input(checkpoint, prefetched, prefetch))
         if out.aggregate.round != t:  # a round's result must be that round's, never another's
             raise RoundError(f"round {t} came back as round {out.aggregate.round}")
         prefetched = out.next_updates()
@@ -384,7 +386,12 @@ def _run_rounds(
     return checkpoint, reason
 
 
-@flow(name="federated-training", persist_result=True, task_runner=threads(4))
+@flow(
+    name="federated-training",
+    flow_run_name=spec_run_name("train"),
+    persist_result=True,
+    task_runner=threads(4),
+)
 def federated_training(
     spec_path: str,
     refresh: bool = False,
@@ -507,6 +514,8 @@ def _publish(
         schema_=schema,
         training=loop.training,
         split_sizes=split_sizes,
+        rounds=checkpoint.rounds,
+        tables=fused,
         **loop.job,
     )
     return publish_training(spec, finished)

@@ -128,5 +128,6 @@ def lossless_run(
         results=spec.run.results or DEFAULT_RESULTS,
         refresh=refresh,
         split_sizes=result.split_sizes,
+        stop_reason=result.stop_reason,
     )
     return publish_training(spec, finished)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -652,6 +652,67 @@ def watch(
             time.sleep(poll)
 
 
+def _metrics_text(metrics: Mapping[str, float]) -> str:
+    from tasks.report import format_metric, metric_title
+
+    shown = [k for k in sorted(metrics) if k != "mse" or "rmse" not in metrics]
+    return ", ".join(f"{metric_title(k)} {format_metric(k, metrics[k])}" for k in shown) or "-"
+
+
+def summary_lines(state: str, message: str | None, result: object) -> list[str]:
+    """What ``fedfuse run --watch`` prints once a run is final: the state and, from the run's
+    result, the final metrics, the best round, the stop reason and where the model, manifest,
+    report and model card are (a prepare run: every party's fused table)."""
+    from flows.publish import TrainingResult
+    from flows.vertical import VerticalResult
+    from tasks.horizontal.rounds import STOP_TEXT
+    from tasks.prepare.steps import FusedOutput
+
+    lines = [f"final state: {state}" + (f" ({message})" if message else "")]
+    if isinstance(result, TrainingResult | VerticalResult):
+        stop = STOP_TEXT.get(result.stop_reason or "", result.stop_reason or "not stopped early")
+        best = result.best_round
+        valid = result.valid[best - 1] if 0 < best <= len(result.valid) else {}
+        test: Mapping[str, float] = result.test if isinstance(result, VerticalResult) else {}
+        if isinstance(result, TrainingResult) and 0 < best <= len(result.test):
+            test = result.test[best - 1]
+        lines += [
+            f"run key: {result.run_key}",
+            f"best round: {best} of {result.rounds_run}; stopped: {stop}",
+            f"final metrics (test, best round): {_metrics_text(test)}",
+            f"validation at the best round: {_metrics_text(valid)}",
+        ]
+        if isinstance(result, TrainingResult):
+            lines += [f"model: {result.model}", f"manifest: {result.manifest}"]
+            lines += [f"report: {result.report}"]
+            lines += [f"warning: {w}" for w in result.warnings]
+        else:
+            lines += [
+                "model: every party's trees stay in its own store (the manifest lists them)",
+                f"manifest: {result.manifest}",
+                "report: the training-report artifact of the run (Prefect UI)",
+            ]
+        if result.model_card:
+            lines.append(f"model card: {result.model_card}")
+    elif isinstance(result, dict) and all(isinstance(v, FusedOutput) for v in result.values()):
+        lines += [f"{party}: fused table {out.table.short}" for party, out in result.items()]
+    return lines
+
+
+def run_summary(run: FlowRun) -> list[str]:
+    """:func:`summary_lines` of a final run, its result read from the run's result storage
+    (the state alone when the result cannot be read here)."""
+    state, message = _state_name(run), (run.state.message if run.state else None)
+    if run.state is None or not run.state.is_completed():
+        return summary_lines(state, message, None)
+    try:
+        result = run.state.result(raise_on_failure=False)
+    except Exception as exc:  # e.g. result storage this machine cannot reach
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        return [*summary_lines(state, None, None), f"result not readable here: {first}"]
+    return summary_lines(state, None, result)
+
+
 @dataclass(frozen=True)
 class RunRow:
     """One line of ``fedfuse status``."""
@@ -663,6 +724,8 @@ class RunRow:
     state: str
     start: dt.datetime | None
     duration: dt.timedelta | None
+    party: str | None = None
+    round: int | None = None
 
 
 def recent_runs(limit: int = 20, *, subflows: bool = False) -> list[RunRow]:
@@ -699,8 +762,11 @@ def recent_runs(limit: int = 20, *, subflows: bool = False) -> list[RunRow]:
             if ids
             else {}
         )
+    from flows.names import party_and_round
+
     rows: list[RunRow] = []
     for r in runs:
+        party, round_ = party_and_round(r.tags or [], r.parameters)
         duration: dt.timedelta | None = None
         if r.state is not None and r.state.is_running() and r.start_time is not None:
             duration = now - r.start_time
@@ -715,6 +781,8 @@ def recent_runs(limit: int = 20, *, subflows: bool = False) -> list[RunRow]:
                 state=(r.state.name if r.state else None) or "?",
                 start=r.start_time,
                 duration=duration,
+                party=party,
+                round=round_,
             )
         )
     return rows

@@ -24,6 +24,22 @@ def _job_run_name() -> str:
     return PartyJob.model_validate(raw).title() if raw is not None else "party-step"
 
 
+def _call_run_name() -> str:
+    """``site-b: vertical-party-round 3``: the party-call run's name in the UI."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    try:
+        call = StepCall(
+            op=params["op"],
+            args=params.get("args") or [],
+            coordinator=params.get("coordinator", ""),
+        )
+        return call.title()
+    except (KeyError, TypeError, ValueError):  # an unknown op fails in the flow itself
+        return "party-call"
+
+
 def _next_update(job: PartyJob, out: PartyEval) -> PartyEval:
     """An evaluation with ``next_learning_rate`` also trains the next round's update on the
     new scores. A head start only: if it fails, the evaluation still goes back and the
@@ -71,7 +87,7 @@ def party_step(job: PartyJob) -> BaseModel:
     return out
 
 
-@flow(name="party-call", persist_result=True)
+@flow(name="party-call", flow_run_name=_call_run_name, persist_result=True)
 def party_call(
     op: str, args: list[JsonValue], coordinator: str, results: str, refresh: bool = False
 ) -> object:

@@ -12,6 +12,7 @@ from prefect.futures import PrefectFuture, wait
 
 from flows import progress
 from flows.common import artifact_key, task_options, threads
+from flows.names import party_step_name, source_step_name, spec_run_name, tagged
 from flows.transport import (
     PIPELINE_FLOW,
     PartyRunner,
@@ -169,25 +170,38 @@ def run_party_steps(
     fingerprints: list[PrefectFuture[Any]] = []
     key_f: dict[str, PrefectFuture[TableRef]] = {}
     for source in sources:
-        raw = fingerprint_source.submit(source.path, ctx.roots)
+
+        def named(step: str, source_id: str = source.id) -> dict[str, Any]:
+            return {**opts, "task_run_name": source_step_name(party, source_id, step)}
+
+        fingerprint = fingerprint_source.with_options(**named("fingerprint"))
+        raw = fingerprint.submit(source.path, ctx.roots)
         emap = (
-            fingerprint_source.submit(source.entity_map.path, ctx.roots)
+            fingerprint_source.with_options(**named("fingerprint entity map")).submit(
+                source.entity_map.path, ctx.roots
+            )
             if source.entity_map is not None
             else None
         )
         test = (
-            fingerprint_source.submit(source.test_path, ctx.roots)
+            fingerprint_source.with_options(**named("fingerprint test rows")).submit(
+                source.test_path, ctx.roots
+            )
             if source.test_path is not None and source.id == ctx.label_source
             else None
         )
         fingerprints += [raw] + [f for f in (emap, test) if f is not None]
         # futures as arguments: Prefect resolves them (its stubs only type plain values)
-        clean = preprocess_source.with_options(**opts).submit(ctx, source, raw, emap, test)  # type: ignore[call-overload]
-        feats = extract_features.with_options(**opts).submit(ctx, source, clean)
-        aligned = align_source.with_options(**opts).submit(ctx, source, feats, tag)  # type: ignore[call-overload]
+        clean = preprocess_source.with_options(**named("preprocess")).submit(  # type: ignore[call-overload]
+            ctx, source, raw, emap, test
+        )
+        feats = extract_features.with_options(**named("features")).submit(ctx, source, clean)
+        aligned = align_source.with_options(**named("align")).submit(ctx, source, feats, tag)  # type: ignore[call-overload]
         futures[source.id] = (clean, feats, aligned)
         if keys:
-            key_f[source.id] = read_raw_keys.with_options(**opts).submit(ctx, source, raw, emap)  # type: ignore[call-overload]
+            key_f[source.id] = read_raw_keys.with_options(**named("read keys")).submit(  # type: ignore[call-overload]
+                ctx, source, raw, emap
+            )
     pending: list[PrefectFuture[Any]] = [f for group in futures.values() for f in group]
     pending += list(key_f.values())
     wait(pending)
@@ -206,7 +220,8 @@ def run_party_steps(
                 out.rejected.uri if out.rejected else "-",
                 q.rejected_by_reason,
             )
-    fused = fuse_party.with_options(**opts)(ctx, aligned_outputs, [c.quality for c in cleaned])
+    fuse = fuse_party.with_options(**opts, task_run_name=party_step_name(party, "fuse"))
+    fused = fuse(ctx, aligned_outputs, [c.quality for c in cleaned])
     if key_f:
         fused = fused.model_copy(update={"key_tables": {s: f.result() for s, f in key_f.items()}})
     logger.info("%s: fused table %s", party, fused.table.short)
@@ -416,29 +431,35 @@ def run_pipelines(
     # the cache must hold across a retry even with refresh: the key is the top-level run
     pipeline = dispatch_pipeline.with_options(**task_options(spec.run.results, refresh=False))
     with threads(spec.run.parallel_parties()) as runner:
-        futures = {
-            party.id: runner.submit(
-                pipeline,
-                {
-                    "deployment": remote.get(party.id),
-                    "parameters": {
-                        "spec_path": spec_path,
-                        "party": party.id,
-                        "as_of": as_of.isoformat() if as_of else None,
-                        "refresh": refresh,
+        futures = {}
+        for party in spec.parties:
+            named = pipeline.with_options(task_run_name=party_step_name(party.id, "pipeline"))
+            with tagged(party=party.id):
+                futures[party.id] = runner.submit(
+                    named,
+                    {
+                        "deployment": remote.get(party.id),
+                        "parameters": {
+                            "spec_path": spec_path,
+                            "party": party.id,
+                            "as_of": as_of.isoformat() if as_of else None,
+                            "refresh": refresh,
+                        },
+                        "coordinator": spec.coordinator.store,
+                        "timeout": spec.run.party_timeout,
+                        "sources": spec.run.parallel_sources(),
                     },
-                    "coordinator": spec.coordinator.store,
-                    "timeout": spec.run.party_timeout,
-                    "sources": spec.run.parallel_sources(),
-                },
-            )
-            for party in spec.parties
-        }
+                )
         wait(list(futures.values()))
     return futures
 
 
-@flow(name="prepare", persist_result=True, task_runner=threads(2))
+@flow(
+    name="prepare",
+    flow_run_name=spec_run_name("prepare"),
+    persist_result=True,
+    task_runner=threads(2),
+)
 def prepare(
     spec_path: str,
     as_of: dt.date | None = None,

@@ -16,21 +16,26 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field
 
 from flows.common import artifact_key, task_options
+from storage.code_version import git_commit, package_version
 from storage.runs import (
     LatestRun,
     PlotName,
     manifest_name,
+    model_card_name,
     model_name,
     plot_name,
     report_name,
     write_latest,
+    write_model_card,
     write_vertical_manifest,
 )
 from storage.store import FileRef, Store, TableRef, write_manifest
 from tasks.horizontal.baselines import compare_baselines
 from tasks.horizontal.ensemble import GlobalEnsemble, ensemble_size, export_model
 from tasks.horizontal.rounds import STOP_TEXT, StopReason
+from tasks.horizontal.steps import RoundAggregate
 from tasks.manifest import EnsembleManifest, VerticalManifest
+from tasks.model_card import CodeVersion, ModelCard, card_markdown, horizontal_card
 from tasks.prepare.design import FeatureSchema
 from tasks.report import (
     VERTICAL_AUC_NOTE,
@@ -80,6 +85,14 @@ class FinishedTraining(BaseModel):
         default_factory=dict,
         description="Rows per split (train, valid, test) of every party: counts only",
     )
+    rounds: list[RoundAggregate] = Field(
+        default_factory=list,
+        description="The round records (accepted updates, left-out parties) for the model card",
+    )
+    tables: dict[str, TableRef] = Field(
+        default_factory=dict,
+        description="Every party's fused table, left-out ones too (the model card; default: fused)",
+    )
 
 
 class TrainingResult(BaseModel):
@@ -103,6 +116,33 @@ class TrainingResult(BaseModel):
         default_factory=dict,
         description="Rows per split (train, valid, test) of every party: counts only",
     )
+    model_card: str = Field(default="", description="URI of the model card (JSON)")
+
+
+def code_version() -> CodeVersion:
+    return CodeVersion(version=package_version(), commit=git_commit())
+
+
+def publish_model_card(
+    spec: FedSpec, card: ModelCard, files: dict[str, str]
+) -> tuple[FileRef, FileRef]:
+    """The model card next to the model (JSON and Markdown) and as the UI's artifact;
+    ``files`` names the run's files relative to the coordinator store."""
+    coordinator = Store(spec.coordinator.store)
+    markdown = card_markdown(
+        card,
+        files={
+            **files,
+            "model card": f"models/{model_card_name(card.run_key, 'json')}",
+        },
+    )
+    written = write_model_card(coordinator, card.run_key, card, markdown)
+    create_markdown_artifact(
+        markdown,
+        key=f"{artifact_key(spec.consortium.name)}-model-card",
+        description="Model card: run key, spec hash, code version, data hashes, rounds",
+    )
+    return written
 
 
 def publish_training_artifacts(
@@ -231,6 +271,31 @@ def publish_training(spec: FedSpec, run: FinishedTraining) -> TrainingResult:
         render({name: png_data_uri(png) for name, png in pngs.items()}),
         description=run.description,
     )
+    card = horizontal_card(
+        spec=spec,
+        identity=spec_identity(spec),
+        code=code_version(),
+        run_key=key,
+        lossless=run.training.mode == "lossless",
+        fused=run.tables or run.fused,
+        split_rows=run.split_sizes,
+        left_out=run.left_out,
+        rounds=run.rounds,
+        valid=run.valid,
+        best_round=run.best_round,
+        rounds_run=run.rounds_run,
+        stop_reason=run.stop_reason,
+        test=run.best_test,
+    )
+    card_ref, _ = publish_model_card(
+        spec,
+        card,
+        {
+            "model (LightGBM text)": f"models/{model_name(key)}",
+            "manifest": f"models/{manifest_name(key)}",
+            "report": f"reports/{report_name(key)}",
+        },
+    )
     return TrainingResult(
         run_key=key,
         rounds_run=run.rounds_run,
@@ -249,6 +314,7 @@ def publish_training(spec: FedSpec, run: FinishedTraining) -> TrainingResult:
         left_out=run.left_out,
         warnings=optional.warnings,
         split_sizes=run.split_sizes,
+        model_card=card_ref.uri,
     )
 
 

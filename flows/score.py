@@ -8,6 +8,7 @@ import posixpath
 from prefect import flow, get_run_logger
 
 from flows.common import threads
+from flows.names import spec_run_name
 from flows.prepare import (
     consortium_text_model,
     consortium_vocabularies,
@@ -63,7 +64,12 @@ def party_labels(spec: FedSpec, party: str) -> list[str]:
     )
 
 
-@flow(name="score", persist_result=True, task_runner=threads(4))
+@flow(
+    name="score",
+    flow_run_name=spec_run_name("score", party=True),
+    persist_result=True,
+    task_runner=threads(4),
+)
 def score(
     spec_path: str,
     party: str,

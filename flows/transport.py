@@ -42,6 +42,7 @@ from prefect.transactions import CommitMode, transaction
 from pydantic import BaseModel, Field, JsonValue, TypeAdapter
 
 from flows.common import run_name, task_options, threads
+from flows.names import tagged
 from storage.results import DEFAULT_RESULTS
 from storage.runs import exchange_location, read_exchange, write_exchange
 from storage.store import Store, TableRef
@@ -109,6 +110,14 @@ class PartyJob(BaseModel):
             return (self.setup, self.round, self.scores, self.learning_rate)
         return (self.setup, self.aggregates, self.scores)
 
+    def step_round(self) -> int | None:
+        """The round the step belongs to (an evaluation: the last round it applies)."""
+        if self.op in ("stats", "start"):
+            return None
+        if self.op == "evaluate" and self.aggregates:
+            return self.aggregates[-1].round
+        return self.round
+
     def title(self) -> str:
         """A person's name for the step: ``site-b: train round 3``."""
         what = {
@@ -117,12 +126,7 @@ class PartyJob(BaseModel):
             "start": "start scores",
         }.get(self.op)
         if what is None:
-            r = (
-                self.aggregates[-1].round
-                if self.op == "evaluate" and self.aggregates
-                else self.round
-            )
-            what = f"{self.op} round {r}"
+            what = f"{self.op} round {self.step_round()}"
         return f"{self.setup.party}: {what}"
 
 
@@ -163,6 +167,20 @@ class Step:
     @property
     def result_type(self) -> Any:
         return self._hints["return"]
+
+    def round_of(self, args: Sequence[object]) -> int | None:
+        """The round a call belongs to: its ``round_`` argument, when the task has one."""
+        names = list(inspect.signature(self.task.fn).parameters)
+        if "round_" not in names or names.index("round_") >= len(args):
+            return None
+        value = args[names.index("round_")]
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def step_title(party: str | None, op: str, round_: int | None) -> str:
+    """``site-b: vertical-party-round 3``: a person's name for a named step at a party."""
+    what = f"{op} {round_}" if round_ else op
+    return f"{party}: {what}" if party else what
 
 
 def vertical_step_tasks() -> list[Task[..., Any]]:
@@ -246,6 +264,30 @@ class StepCall(BaseModel):
             refresh=job.refresh,
         )
 
+    def party(self) -> str | None:
+        """The party the call runs at, as its first argument names it (a setup or context)."""
+        first = self.args[0] if self.args else None
+        if isinstance(first, dict):
+            if isinstance(first.get("party"), str):
+                return str(first["party"])
+            setup = first.get("setup")
+            if isinstance(setup, dict) and isinstance(setup.get("party"), str):
+                return str(setup["party"])
+        return None
+
+    def round(self) -> int | None:
+        """The round the call belongs to (none for a step outside the rounds)."""
+        if step(self.op).flow == STEP_FLOW:
+            return PartyJob.model_validate(self.args[0]).step_round()
+        return step(self.op).round_of(self.args)
+
+    def title(self) -> str:
+        """A person's name for the call: ``site-b: train round 3``,
+        ``site-b: vertical-party-round 3``."""
+        if step(self.op).flow == STEP_FLOW:
+            return PartyJob.model_validate(self.args[0]).title()
+        return step_title(self.party(), self.op, self.round())
+
     def decoded_args(self) -> list[object]:
         """The arguments, validated as the op's parameter types."""
         types = step(self.op).wire_types
@@ -321,6 +363,7 @@ def run_remote(
     coordinator store. Raises :class:`DispatchError` naming the deployment and run unless
     it completed."""
     from prefect.client.schemas.objects import FlowRun
+    from prefect.context import TagsContext
     from prefect.deployments import run_deployment
 
     run = run_deployment(
@@ -329,6 +372,7 @@ def run_remote(
         timeout=timeout,
         poll_interval=poll,
         as_subflow=True,
+        tags=sorted(TagsContext.get().current_tags),  # the party and round of the caller
     )
     assert isinstance(run, FlowRun)
     state = run.state
@@ -418,8 +462,9 @@ def run_call(call: StepCall, *, title: str | None = None) -> PrefectFuture[Any]:
     for a party without a pool)."""
     s = step(call.op)
     opts = task_options(call.results, call.refresh)
-    opts["task_run_name"] = run_name(title or call.op)
-    return s.task.with_options(**opts).submit(*s.task_args(call.decoded_args()))
+    opts["task_run_name"] = run_name(title or call.title())
+    with tagged(party=call.party(), round_=call.round()):
+        return s.task.with_options(**opts).submit(*s.task_args(call.decoded_args()))
 
 
 class PartyRunner:
@@ -449,7 +494,8 @@ class PartyRunner:
         opts = {**task_options(call.results, call.refresh), "task_run_name": run_name(title)}
         dispatch = dispatch_step.with_options(name=f"dispatch-{s.flow}", **opts)
         deployment = deployment_name(s.flow, self.remote[party], party)
-        return dispatch.submit(deployment, call, self.timeout)
+        with tagged(party=party, round_=call.round()):
+            return dispatch.submit(deployment, call, self.timeout)
 
     def submit(
         self, party: str, task_: Task[P, R], *args: P.args, **kwargs: P.kwargs
@@ -466,7 +512,7 @@ class PartyRunner:
             results=self.results,
             refresh=self.refresh,
         )
-        return self._submit(party, call, f"{party}: {task_.name}")
+        return self._submit(party, call, step_title(party, task_.name, call.round()))
 
     def __call__(self, party: str, task_: Task[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         return self.submit(party, task_, *args, **kwargs).result()

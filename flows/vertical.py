@@ -9,12 +9,13 @@ import posixpath
 
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, wait
-from pydantic import BaseModel, JsonValue
+from pydantic import BaseModel, Field, JsonValue
 
 from flows import progress
 from flows.common import task_options, threads
+from flows.names import spec_run_name, tagged
 from flows.prepare import party_pipeline, prepare, require_secret
-from flows.publish import VerticalReport, publish_vertical
+from flows.publish import VerticalReport, code_version, publish_model_card, publish_vertical
 from flows.score import ScoringInputError, party_labels, resolve_run
 from flows.transport import (
     PIPELINE_FLOW,
@@ -25,11 +26,19 @@ from flows.transport import (
 )
 from storage.files import read_text, write_text_atomic
 from storage.results import DEFAULT_RESULTS
+from storage.runs import vertical_manifest_name
 from storage.store import FileRef, IntegrityError, TableRef
 from tasks.manifest import VerticalManifest
+from tasks.model_card import vertical_card
 from tasks.prepare.design import FeatureSchema, consortium_schema
 from tasks.prepare.steps import FusedOutput
-from tasks.run_identity import num_classes, run_key, scoring_run_key, vertical_run_key
+from tasks.run_identity import (
+    num_classes,
+    run_key,
+    scoring_run_key,
+    spec_identity,
+    vertical_run_key,
+)
 from tasks.spec.load import load_spec
 from tasks.spec.models import FedSpec, FusionSpec, TrainingSpec
 from tasks.vertical.export import vertical_export
@@ -74,6 +83,7 @@ class VerticalResult(BaseModel):
     models: dict[str, str]
     comparison: dict[str, dict[str, float]]
     manifest: str
+    model_card: str = Field(default="", description="URI of the model card (JSON)")
 
 
 def align_parties(
@@ -152,7 +162,12 @@ def _runner(spec: FedSpec, dispatch: str | None, refresh: bool) -> PartyRunner:
     )
 
 
-@flow(name="vertical-training", persist_result=True, task_runner=threads(4))
+@flow(
+    name="vertical-training",
+    flow_run_name=spec_run_name("vertical train"),
+    persist_result=True,
+    task_runner=threads(4),
+)
 def vertical_training(
     spec_path: str,
     refresh: bool = False,
@@ -224,6 +239,26 @@ def vertical_training(
         comparison=comparison,
     )
     written = publish_vertical(spec, manifest, report)
+    card = vertical_card(
+        spec=spec,
+        identity=spec_identity(spec),
+        code=code_version(),
+        run_key=key,
+        label_party=label,
+        mode=fit.mode,
+        fused=fused,
+        overlap=overlap.overlap,
+        accepted=fit.accepted,
+        rejected=fit.left_out,
+        valid=fit.valid,
+        best_round=fit.best_round,
+        rounds_run=fit.rounds_run,
+        stop_reason=fit.stop_reason,
+        test=fit.test,
+    )
+    card_ref, _ = publish_model_card(
+        spec, card, {"manifest": f"models/{vertical_manifest_name(key)}"}
+    )
     return VerticalResult(
         run_key=key,
         parties=parties,
@@ -239,6 +274,7 @@ def vertical_training(
         models={p: (m.uri if m else "") for p, m in fit.models.items()},
         comparison=comparison,
         manifest=written.uri,
+        model_card=card_ref.uri,
     )
 
 
@@ -255,6 +291,12 @@ class _Fit(BaseModel):
     trees: int
     models: dict[str, FileRef | None]
     fusion: Fusion
+    accepted: dict[int, list[str]] = Field(
+        default_factory=dict, description="Parties whose deltas each round of this call combined"
+    )
+    left_out: dict[int, dict[str, str]] = Field(
+        default_factory=dict, description="Parties each round of this call left out, and why"
+    )
 
 
 def _rounds(
@@ -285,24 +327,30 @@ def _rounds(
         logger.info("resuming vertical run %s after round %d", key, state.round)
         models = {p: call(p, model_at_task, setups[p], state.round) for p in parties}
     done_here = 0
+    members: dict[int, list[str]] = {}
+    left_out: dict[int, dict[str, str]] = {}
     while state.next is None:
         if stop_after is not None and done_here >= stop_after:
             break
         t = state.round + 1
-        grads = call(label, gradients_task, setups[label], aligns[label], state)
-        futures = {
-            p: call.submit(p, party_round_task, setups[p], aligns[p], models[p], grads, t)
-            for p in parties
-        }
-        wait(list(futures.values()))
-        deltas: dict[str, TableRef] = {}
-        for party, future in futures.items():
-            if future.state.is_completed():
-                out = future.result()
-                models[party], deltas[party] = out.model, out.delta
-            else:
-                logger.warning("round %d: party %s left out: %s", t, party, future.state.message)
-        state = call(label, combine_task, setups[label], aligns[label], state, deltas, t)
+        with tagged(round_=t):
+            grads = call(label, gradients_task, setups[label], aligns[label], state)
+            futures = {
+                p: call.submit(p, party_round_task, setups[p], aligns[p], models[p], grads, t)
+                for p in parties
+            }
+            wait(list(futures.values()))
+            deltas: dict[str, TableRef] = {}
+            for party, future in futures.items():
+                if future.state.is_completed():
+                    out = future.result()
+                    models[party], deltas[party] = out.model, out.delta
+                else:
+                    message = str(future.state.message)
+                    left_out.setdefault(t, {})[party] = message
+                    logger.warning("round %d: party %s left out: %s", t, party, message)
+            members[t] = sorted(deltas)
+            state = call(label, combine_task, setups[label], aligns[label], state, deltas, t)
         done_here += 1
         progress.emit("training", f"round {t}", f"valid {state.valid}")
     if state.next is not None:
@@ -324,6 +372,8 @@ def _rounds(
         trees=state.trees,
         models=models,
         fusion=state.fusion,
+        accepted=members,
+        left_out=left_out,
     )
 
 
@@ -364,7 +414,12 @@ def _one_shot(
     )
 
 
-@flow(name="vertical-score", persist_result=True, task_runner=threads(4))
+@flow(
+    name="vertical-score",
+    flow_run_name=spec_run_name("vertical score", party=True),
+    persist_result=True,
+    task_runner=threads(4),
+)
 def vertical_score(
     spec_path: str,
     party: str | None = None,

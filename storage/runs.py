@@ -256,6 +256,22 @@ def report_name(run_key: str) -> str:
     return f"{run_key}-report.md"
 
 
+def model_card_name(run_key: str, kind: Literal["json", "md"]) -> str:
+    """A run's model card (``models/``, next to the exported model): the card as JSON, and
+    the same content as Markdown."""
+    return f"{run_key}-model-card.{kind}"
+
+
+def write_model_card(
+    coordinator: Store, run_key: str, card: BaseModel, markdown: str
+) -> tuple[FileRef, FileRef]:
+    """The model card, JSON and Markdown, next to the run's model."""
+    body = card.model_dump(mode="json")
+    written = coordinator.write_json("models", model_card_name(run_key, "json"), body)
+    text = coordinator.write_text("models", model_card_name(run_key, "md"), markdown)
+    return written, text
+
+
 def plot_name(run_key: str, plot: PlotName) -> str:
     """A report's plot (``reports/``), e.g. ``<key>-rounds.png``."""
     return f"{run_key}-{plot}.png"

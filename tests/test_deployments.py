@@ -112,6 +112,9 @@ def test_deploy_run_watch_and_status(cli: CliRunner, worker_pool: str, tmp_path:
     assert "party-pipeline[b]: Completed" in ran.stdout
     for party in ("a", "b"):
         assert list((spec.parent / "stores" / party / "fused").glob("fused-*.parquet")), party
+    # the run ends with a summary read from its result
+    assert "final state: Completed" in ran.stdout
+    assert "a: fused table fused-" in ran.stdout and "b: fused table fused-" in ran.stdout
 
     rows = {row.id: row for row in recent_runs(10)}
     row = rows[flow_run]
@@ -121,6 +124,11 @@ def test_deploy_run_watch_and_status(cli: CliRunner, worker_pool: str, tmp_path:
     assert status.exit_code == 0, status.output
     assert "Completed" in status.stdout and "prepare" in status.stdout
     assert "ops-run" in status.stdout
+    # subflow runs carry their party (the party-pipeline runs, from their tags)
+    parties = {r.party for r in recent_runs(10, subflows=True) if r.flow == "party-pipeline"}
+    assert parties == {"a", "b"}
+    subflows = cli.invoke(app, ["status", "--limit", "5", "--subflows"])
+    assert subflows.exit_code == 0 and "party" in subflows.stdout and "round" in subflows.stdout
 
     bad = cli.invoke(app, ["run", "prepare/ops-run", "--param", "refresh=maybe"])
     assert bad.exit_code == 2 and "refresh" in bad.stderr  # checked before a run is created

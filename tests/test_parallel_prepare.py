@@ -20,7 +20,7 @@ import pytest
 from tasks.demo_data import write_demo_consortium
 from tasks.spec.load import load_spec, parse_spec
 from tasks.spec.models import SpecError, default_parallelism
-from tests.prefect_api import task_states
+from tests.prefect_api import task_name, task_states
 
 PARTIES = ("site-a", "site-b", "site-c")
 
@@ -65,7 +65,7 @@ def dispatch_spans(prepare_run: UUID, *, timeout: float = 30) -> list[tuple[Any,
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[prepare_run]))
             )
         spans = sorted(
-            (r.start_time, r.end_time) for r in runs if r.name.startswith("dispatch-party-pipeline")
+            (r.start_time, r.end_time) for r in runs if task_name(r) == "dispatch-party-pipeline"
         )
         recorded = all(s is not None and e is not None for s, e in spans)
         if recorded or time.monotonic() > deadline:

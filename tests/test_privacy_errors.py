@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from tasks.types import ENTITY_HASH
 from tests.factories import TEXT_A, write_tiny
+from tests.prefect_api import task_name
 
 pytestmark = pytest.mark.prefect
 
@@ -307,7 +308,7 @@ def test_bad_input_through_prepare_leaves_no_id_or_value_outside_the_party(
         if task.state is not None and task.state.is_failed():
             assert task.run_count == 1, (task.name, task.run_count, task.state.message)
     assert any(
-        t.name.startswith("fingerprint-source") and t.state is not None and t.state.is_failed()
+        task_name(t) == "fingerprint-source" and t.state is not None and t.state.is_failed()
         for t in bad_tasks
     )
 

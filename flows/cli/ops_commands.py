@@ -199,7 +199,7 @@ def run(
 def _start_and_watch(deployment: str, params: dict[str, Any], *, watch: bool, poll: float) -> None:
     from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
-    from flows.ops import full_deployment_name, start_run
+    from flows.ops import full_deployment_name, run_summary, start_run
     from flows.ops import watch as watch_run
 
     try:
@@ -226,6 +226,8 @@ def _start_and_watch(deployment: str, params: dict[str, Any], *, watch: bool, po
     final = watch_run(
         flow_run.id, lambda line: console.print(line, highlight=False, markup=False), poll=poll
     )
+    for line in run_summary(final):
+        console.print(line, highlight=False, markup=False)
     if final.state is None or not final.state.is_completed():
         raise typer.Exit(code=1)
 
@@ -267,8 +269,8 @@ def status(
         bool, typer.Option(help="Also list the deployments and their schedules")
     ] = True,
 ) -> None:
-    """Recent flow runs: name, flow, deployment, state, start, duration; then the
-    deployments with their schedules (inactive ones marked)."""
+    """Recent flow runs: name, flow, deployment, party, round, state, start, duration; then
+    the deployments with their schedules (inactive ones marked)."""
     from flows.cli.schedule_commands import print_deployments
     from flows.ops import deployment_rows, recent_runs
 
@@ -277,12 +279,12 @@ def status(
         rows = recent_runs(limit, subflows=subflows)
         listed = deployment_rows() if deployments else None
     table = Table(title=f"recent flow runs ({len(rows)})", header_style="bold")
-    columns = ["name", "flow", "deployment", "state", "start", "duration"]
+    columns = ["name", "flow", "deployment", "party", "round", "state", "start", "duration"]
     for column in columns + (["id"] if ids else []):
         table.add_column(
             column,
-            justify="right" if column == "duration" else "left",
-            no_wrap=column in ("state", "start", "duration"),
+            justify="right" if column in ("round", "duration") else "left",
+            no_wrap=column in ("round", "state", "start", "duration"),
             overflow="fold",
             min_width=10 if column in ("name", "flow", "deployment") else None,
         )
@@ -292,6 +294,8 @@ def status(
             escape(row.name),
             escape(row.flow),
             escape(row.deployment),
+            escape(row.party or "-"),
+            str(row.round) if row.round is not None else "-",
             f"[{style}]{row.state}[/]" if style else row.state,
             _when(row.start),
             _duration(row.duration),
