@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 import pytest
@@ -131,7 +130,7 @@ def test_shards_give_the_same_fused_table_quarantine_and_report(
 
 
 def write_demo(root: Path, run: str) -> Path:
-    spec = Path(write_demo_consortium(str(root), parties=3, customers=400, seed=5))
+    spec = Path(write_demo_consortium(str(root), parties=3, customers=200, seed=5))
     with spec.open("a", encoding="utf-8") as handle:
         handle.write(f"\n[run]\n{run}\n")
     return spec
@@ -159,14 +158,14 @@ def test_prepare_with_1_and_4_shards_gives_identical_fused_tables_and_a_rerun_is
     from flows.prepare import prepare
 
     one = write_demo(tmp_path / "one", "shards = 1")
-    four = write_demo(tmp_path / "four", "shards = 4\nmax_parallel_parties = 1")
+    four = write_demo(tmp_path / "four", "shards = 4")
     whole = prepare(str(one))
     state = prepare(str(four), return_state=True)
     sharded = state.result()
     same_outputs(whole, sharded)
     assert any(q.rows_rejected for out in whole.values() for q in out.quality)
-    states = task_states(state.state_details.flow_run_id)
-    assert states == {} or "prepare-shard" not in states  # the shards run in the subflows
+    shards = task_states(state.state_details.flow_run_id)["prepare-shard"]
+    assert len(shards) == 3 * 4 * 4 and set(shards) == {"Completed"}  # parties x sources x 4
     for party in PARTIES:
         clean = tmp_path / "four" / "stores" / party / "clean"
         assert len(list(clean.glob("*.shard-4-of-4-*.parquet"))) >= 1
@@ -177,55 +176,40 @@ def test_prepare_with_1_and_4_shards_gives_identical_fused_tables_and_a_rerun_is
 
     again = prepare(str(four), return_state=True)  # a new run: every shard from its cache
     same_outputs(again.result(), sharded)
-    shard_states = pipeline_task_states(again.state_details.flow_run_id, "prepare-shard")
-    assert shard_states and set(shard_states) == {"Cached"}
-
-
-def pipeline_task_states(prepare_run: Any, task: str) -> list[str]:
-    """Final states of ``task``'s runs in the party-pipeline subflows of a prepare run."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[prepare_run])
-            )
-        )
-    found: list[str] = []
-    for run in runs:
-        for name, names in task_states(run.id).items():
-            if name.startswith(task):
-                found += names
-    return found
+    shards = task_states(again.state_details.flow_run_id)["prepare-shard"]
+    assert len(shards) == 3 * 4 * 4 and set(shards) == {"Cached"}
 
 
 @pytest.mark.prefect
 def test_a_partys_shards_run_on_a_local_dask_cluster(
     prefect_api: str, tmp_path: Path, demo_secret: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from distributed import LocalCluster
+    from distributed import Client, LocalCluster, get_task_stream
 
     from flows.prepare import party_pipeline
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)  # the workers report their task runs
-    here = write_demo(tmp_path / "here", "shards = 2")
-    expected = party_pipeline(str(here), "site-b")
-    with LocalCluster(
-        n_workers=2,
-        processes=True,
-        threads_per_worker=1,
-        host="127.0.0.1",
-        dashboard_address=None,
-    ) as cluster:
+    here = write_demo(tmp_path / "here", "shards = 1")
+    expected = prepared(here, "site-c", 1)  # whole sources, in process
+    with (
+        LocalCluster(
+            n_workers=2,
+            processes=True,
+            threads_per_worker=1,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         monkeypatch.setenv("FEDFUSE_TEST_DASK", cluster.scheduler_address)
         there = write_demo(
             tmp_path / "there",
             'shards = 2\nengine = "dask"\ndask_address_env = "FEDFUSE_TEST_DASK"',
         )
-        fused = party_pipeline(str(there), "site-b")
-        workers = {str(w) for w in cluster.scheduler_info()["workers"]}
-    assert len(workers) == 2
+        with get_task_stream(client) as stream:
+            fused = party_pipeline(str(there), "site-c")
+    ran = [t for t in stream.data if str(t.get("key", "")).startswith("run_shard-")]
+    assert len(ran) == 4 * 2  # every source's two shards, on the cluster's workers
     assert fused.table.sha256 == expected.table.sha256
     assert [q.model_dump(exclude={"file"}) for q in fused.quality] == [
         q.model_dump(exclude={"file"}) for q in expected.quality
