@@ -12,6 +12,7 @@ from prefect.futures import PrefectFuture, wait
 
 from flows import progress
 from flows.common import artifact_key, task_options, threads
+from flows.engines import Submit, shard_engine, submit_here
 from flows.names import party_step_name, source_step_name, spec_run_name, tagged
 from flows.transport import (
     PIPELINE_FLOW,
@@ -30,6 +31,7 @@ from storage.runs import (
     write_text_model,
 )
 from storage.store import FileRef, Store, TableRef
+from tasks.prepare.shards import all_shards
 from tasks.prepare.steps import (
     AlignedOutput,
     CleanOutput,
@@ -42,6 +44,9 @@ from tasks.prepare.steps import (
     fingerprint_source,
     fit_text_model,
     fuse_party,
+    merge_clean,
+    merge_features,
+    prepare_shard,
     preprocess_source,
     read_raw_keys,
     secret_tag,
@@ -62,7 +67,7 @@ from tasks.prepare.vocabulary import (
 )
 from tasks.report import quality_rows as report_quality_rows
 from tasks.spec.load import load_spec
-from tasks.spec.models import FedSpec, SourceSpec, default_parallelism
+from tasks.spec.models import FedSpec, RunSpec, SourceSpec, default_parallelism
 
 
 @flow(
@@ -113,7 +118,7 @@ def party_pipeline(
             sources, data, spec.consortium.label.column, split=spec.training.split_column
         )
     fused, features = run_party_steps(
-        ctx, sources, results=spec.run.results, refresh=refresh, keys=scoring
+        ctx, sources, results=spec.run.results, refresh=refresh, keys=scoring, run=spec.run
     )
     fused = fused.model_copy(update={"feature_tables": features})
     publish(spec.coordinator.store, fused)
@@ -155,10 +160,35 @@ def run_party_steps(
     results: str | None,
     refresh: bool,
     keys: bool = False,
+    run: RunSpec | None = None,
 ) -> tuple[FusedOutput, dict[str, TableRef]]:
     """Submit every source's steps, then fuse; returns the fused output and the features
     tables (keyed by source), which still carry the party's own entity keys. With ``keys``
-    (scoring), the fused output also names each source's raw-key table."""
+    (scoring), the fused output also names each source's raw-key table. ``run``: the spec's
+    ``[run]``, whose ``shards`` and ``engine`` say how many entity-hash shards each source
+    is prepared in and where those run (default: whole sources, here)."""
+    with shard_engine(run) as submit:
+        return _run_party_steps(
+            ctx,
+            sources,
+            results=results,
+            refresh=refresh,
+            keys=keys,
+            shards=run.shards if run is not None else 1,
+            submit=submit if run is not None and run.engine != "local" else None,
+        )
+
+
+def _run_party_steps(
+    ctx: PartyContext,
+    sources: list[SourceSpec],
+    *,
+    results: str | None,
+    refresh: bool,
+    keys: bool,
+    shards: int,
+    submit: Submit[Any] | None,
+) -> tuple[FusedOutput, dict[str, TableRef]]:
     logger = get_run_logger()
     party = ctx.party
     opts = task_options(results, refresh)
@@ -169,6 +199,7 @@ def run_party_steps(
     ] = {}
     fingerprints: list[PrefectFuture[Any]] = []
     key_f: dict[str, PrefectFuture[TableRef]] = {}
+    shard_f: list[PrefectFuture[Any]] = []
     for source in sources:
 
         def named(step: str, source_id: str = source.id) -> dict[str, Any]:
@@ -191,11 +222,31 @@ def run_party_steps(
             else None
         )
         fingerprints += [raw] + [f for f in (emap, test) if f is not None]
-        # futures as arguments: Prefect resolves them (its stubs only type plain values)
-        clean = preprocess_source.with_options(**named("preprocess")).submit(  # type: ignore[call-overload]
-            ctx, source, raw, emap, test
-        )
-        feats = extract_features.with_options(**named("features")).submit(ctx, source, clean)
+        if shards > 1 or submit is not None:
+            # each shard a task of its own (on the party's cluster with engine = dask, which
+            # takes plain values: the fingerprints are resolved first), merged per source
+            refs = {
+                "raw": raw.result(),
+                "entity_map": emap.result() if emap is not None else None,
+                "test": test.result() if test is not None else None,
+            }
+            parts = [
+                (submit or submit_here)(
+                    prepare_shard.with_options(**named(f"shard {s.index + 1} of {shards}")),
+                    {"ctx": ctx, "source": source, **refs, "shard": s},
+                )
+                for s in all_shards(shards)
+            ]
+            shard_f += parts
+            clean = merge_clean.with_options(**named("merge shards")).submit(ctx, source, parts)  # type: ignore[arg-type]
+            merge = merge_features.with_options(**named("merge shard features"))
+            feats = merge.submit(ctx, source, parts)  # type: ignore[arg-type]
+        else:
+            # futures as arguments: Prefect resolves them (its stubs only type plain values)
+            clean = preprocess_source.with_options(**named("preprocess")).submit(  # type: ignore[call-overload]
+                ctx, source, raw, emap, test
+            )
+            feats = extract_features.with_options(**named("features")).submit(ctx, source, clean)
         aligned = align_source.with_options(**named("align")).submit(ctx, source, feats, tag)  # type: ignore[call-overload]
         futures[source.id] = (clean, feats, aligned)
         if keys:
@@ -204,8 +255,8 @@ def run_party_steps(
             )
     pending: list[PrefectFuture[Any]] = [f for group in futures.values() for f in group]
     pending += list(key_f.values())
-    wait(pending)
-    raise_first_failure(fingerprints + pending)
+    wait(shard_f + pending)
+    raise_first_failure(fingerprints + shard_f + pending)
     cleaned = [futures[s.id][0].result() for s in sources]
     aligned_outputs = [futures[s.id][2].result() for s in sources]
     for out in cleaned:

@@ -60,6 +60,9 @@ class RawSource:
     frame: pl.DataFrame
     #: (row number, raw text, reason) for lines that could not be parsed at all
     bad_lines: list[tuple[int, str, str]] = field(default_factory=list)
+    #: Whether ``frame`` holds only the rows the read's ``keep`` expression selected (a
+    #: reader that cannot select while it reads returns every row, and the caller filters).
+    selected: bool = False
 
 
 def read_head(location: str, limit: int | None = None) -> tuple[bytes, bool]:
@@ -108,9 +111,20 @@ def read_source(
     encoding: str = "utf8",
     csv: CsvLayout | None = None,
     max_bytes: int | None = None,
+    keep: pl.Expr | None = None,
 ) -> RawSource:
     """Read a raw source file into a frame of its own columns plus ``__row``; a CSV file
-    with ``max_bytes`` only up to the last whole line within them (a sample of it)."""
+    with ``max_bytes`` only up to the last whole line within them (a sample of it).
+
+    ``keep``: an expression over the file's columns (and ``__row``) selecting the rows
+    wanted (a shard of the file). Local Parquet and Arrow files are scanned by polars'
+    streaming engine, so only those rows are ever held (``selected``); other files are read
+    whole and every row returned, for the caller to filter. Row numbers are the file's
+    either way, and a file holding no rows at all is refused as without ``keep``."""
+    if keep is not None and fmt in ("parquet", "arrow") and not is_uri(location):
+        selected = _scan_selected(location, fmt, keep)
+        if selected is not None:
+            return RawSource(selected, selected=True)
     if fmt == "parquet":
         return RawSource(_read_parquet(location))
     if fmt == "arrow":
@@ -338,6 +352,31 @@ def _read_parquet(location: str) -> pl.DataFrame:
             f"{location}: not a readable Parquet file ({type(exc).__name__})"
         ) from None
     return _empty_check(location, _utf8_checked(table))
+
+
+def _scan_selected(location: str, fmt: str, keep: pl.Expr) -> pl.DataFrame | None:
+    """The rows of a local Parquet or Arrow file that ``keep`` selects, scanned in streaming
+    mode; ``None`` when the scan cannot do it (a missing or unreadable file, invalid UTF-8,
+    a column ``keep`` needs missing): the whole-file reader then names the problem, or
+    returns the rows for the caller to filter, and the pipeline's checks name the column."""
+    _, path = filesystem(location)
+    if not Path(path).is_file():
+        return None
+    try:
+        scan = pl.scan_parquet(path) if fmt == "parquet" else pl.scan_ipc(path)
+        names = set(scan.collect_schema().names())
+        if not set(keep.meta.root_names()) <= names | {ROW}:
+            return None
+        if scan.select(pl.len()).collect().item() == 0:
+            raise SourceError(f"{location}: file holds no data rows")
+        return (
+            scan.with_row_index(ROW, offset=1)
+            .with_columns(pl.col(ROW).cast(pl.Int64))
+            .filter(keep)
+            .collect(engine="streaming")
+        )
+    except (pl.exceptions.PolarsError, OSError, pa.ArrowException):
+        return None
 
 
 def _read_arrow(location: str) -> pl.DataFrame:

@@ -300,6 +300,54 @@ class Store:
         summary = schema or _schema_summary(pl.from_arrow(table.slice(0, 0)).schema)  # type: ignore[union-attr]
         return TableRef(uri=self._uri(final), sha256=sha, rows=table.num_rows, columns=summary)
 
+    def concat_tables(self, refs: Sequence[TableRef], layer: Layer, name: str) -> TableRef:
+        """Write the rows of ``refs`` one after the other, in their order, as one table
+        ``<layer>/<name>-<hash12>.parquet`` (atomically), a record batch at a time: never
+        more than one batch is held. Columns come in the first table's order; a column some
+        tables lack is null there, and types are promoted as polars' relaxed concatenation
+        does (a column of nulls takes the others' type)."""
+        if not refs:
+            raise ValueError(f"{name}: no table to concatenate")
+        handles = []
+        for ref in refs:
+            fs, path = self._filesystem(ref.uri)
+            handles.append(fs.open(path, "rb"))
+        try:
+            files = [pq.ParquetFile(handle) for handle in handles]
+            schema = pa.unify_schemas([f.schema_arrow for f in files], promote_options="permissive")
+            folder = self._join(layer)
+            tmp = self._tmp(folder, name)
+            rows = 0
+            try:
+                with (
+                    self.fs.open(tmp, "wb") as handle,
+                    pq.ParquetWriter(
+                        handle, schema, compression="zstd", write_statistics=True
+                    ) as writer,
+                ):
+                    for file in files:
+                        for batch in file.iter_batches(batch_size=1 << 20):
+                            columns = [
+                                batch.column(f.name).cast(f.type)
+                                if f.name in batch.schema.names
+                                else pa.nulls(batch.num_rows, f.type)
+                                for f in schema
+                            ]
+                            writer.write_batch(pa.record_batch(columns, schema=schema))
+                            rows += batch.num_rows
+                with self.fs.open(tmp, "rb") as handle:
+                    sha, _ = _hash_stream(handle)
+                final = posixpath.join(folder, f"{name}-{sha[:12]}.parquet")
+                self._commit(tmp, final)
+            except BaseException:
+                self._discard(tmp)
+                raise
+        finally:
+            for handle in handles:
+                handle.close()
+        summary = _schema_summary(pl.from_arrow(schema.empty_table()).schema)  # type: ignore[union-attr]
+        return TableRef(uri=self._uri(final), sha256=sha, rows=rows, columns=summary)
+
     # -- reading ------------------------------------------------------------------------------
     def verify(self, ref: TableRef | FileRef) -> None:
         fs, path = self._filesystem(ref.uri)

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from storage.files import ConfinementError, confined
 from storage.runs import read_text_model
 from storage.secrets import SecretError, resolve_secret, secret_fingerprint
-from storage.sources import ROW, SourceError, read_source
+from storage.sources import ROW, RawSource, SourceError, read_source
 from storage.store import FileRef, Store, TableRef, fingerprint, read_table, scan_table
 from tasks.caching import content_cache_key
 from tasks.prepare.align import (
@@ -37,6 +37,7 @@ from tasks.prepare.align import (
     hash_keys,
 )
 from tasks.prepare.modalities import FeatureInputs, modality_of
+from tasks.prepare.modalities.events import device_map
 from tasks.prepare.modalities.text import (
     TextOptions,
     party_text_matrix,
@@ -46,6 +47,7 @@ from tasks.prepare.modalities.text import (
 from tasks.prepare.preprocess import (
     KEY_CONTROL,
     KEY_SEPARATOR,
+    TEST_FILE_REASON,
     LabelRule,
     Preprocessed,
     PreprocessError,
@@ -58,6 +60,7 @@ from tasks.prepare.preprocess import (
     preprocess,
     raw_name,
 )
+from tasks.prepare.shards import Shard, all_shards, shard_filter
 from tasks.prepare.text_model import (
     CrossFitModels,
     DocumentCounts,
@@ -89,7 +92,7 @@ from tasks.spec.models import (
     label_source,
     vocabulary_value_problem,
 )
-from tasks.types import SPLIT, JoinKind, KeyNormalisation, Objective
+from tasks.types import REASON, SPLIT, JoinKind, KeyNormalisation, Objective
 
 logger = logging.getLogger(__name__)
 
@@ -294,24 +297,62 @@ def fingerprint_source(location: str, roots: list[str] | None = None) -> FileRef
     return fingerprint(location, roots=roots or None)
 
 
+def read_entity_map(source: SourceSpec, entity_map: FileRef | None) -> pl.DataFrame | None:
+    """The raw rows of an events source's entity map (none for other sources)."""
+    if source.entity_map is None or entity_map is None:
+        return None
+    fmt = source.entity_map.format or infer_format(source.entity_map.path)
+    return read_source(entity_map.uri, fmt).frame
+
+
+def shard_rows(data: RawSource, keep: pl.Expr | None, shard: Shard | None) -> RawSource:
+    """The rows of ``shard`` in what a reader returned (filtered here when the reader could
+    not select while reading); the unparsable lines only in the first shard. A file lacking
+    a column the shard's key needs goes whole to the first shard (preprocessing names the
+    missing column there, and the other shards have no rows to refuse)."""
+    if shard is None or keep is None:
+        return data
+    frame = data.frame
+    if not data.selected:
+        if set(keep.meta.root_names()) <= set(frame.columns):
+            frame = frame.filter(keep)
+        elif not shard.first:
+            frame = frame.head(0)
+    return RawSource(frame, data.bad_lines if shard.first else [], selected=True)
+
+
 def read_preprocessed(
     ctx: PartyContext,
     source: SourceSpec,
     raw: FileRef,
     entity_map: FileRef | None,
     test: FileRef | None = None,
+    shard: Shard | None = None,
 ) -> Preprocessed:
     """Read one source (its entity map, its external test file) and preprocess it; nothing
-    is written."""
-    data = modality_of(source).read(raw.uri, source)
+    is written. ``shard``: only the rows of the entities of that entity-hash shard
+    (:mod:`tasks.prepare.shards`), with the file's row numbers."""
+    keep = None
+    mapping = None
+    if shard is not None:
+        mapping = read_entity_map(source, entity_map)
+        devices = (
+            device_map(
+                mapping, source.entity_map, entity=ctx.entity, normalisation=ctx.normalisation
+            )
+            if mapping is not None and source.entity_map is not None
+            else None
+        )
+        keep = shard_filter(
+            source, shard, entity=ctx.entity, normalisation=ctx.normalisation, devices=devices
+        )
+    data = shard_rows(modality_of(source).read(raw.uri, source, keep=keep), keep, shard)
     held_out = None
     if test is not None:
-        test_data = modality_of(source).read(test.uri, source)
+        test_data = shard_rows(modality_of(source).read(test.uri, source, keep=keep), keep, shard)
         held_out = TestFile(raw=test_data.frame, bad_lines=test_data.bad_lines)
-    mapping = None
-    if source.entity_map is not None and entity_map is not None:
-        fmt = source.entity_map.format or infer_format(source.entity_map.path)
-        mapping = read_source(entity_map.uri, fmt).frame
+    if shard is None:
+        mapping = read_entity_map(source, entity_map)
     return preprocess(
         data.frame,
         source,
@@ -334,9 +375,12 @@ def run_preprocess(
     raw: FileRef,
     entity_map: FileRef | None,
     test: FileRef | None = None,
+    shard: Shard | None = None,
 ) -> CleanOutput:
     """Preprocess one source; ``test``: its external test file (the label source's
-    ``test_path``), read the same way and merged as the test split."""
+    ``test_path``), read the same way and merged as the test split. ``shard``: one
+    entity-hash shard of it, written as ``<source>.shard-<i>-of-<n>`` (its quality report
+    is the merged source's part: :func:`run_merge_clean` writes the source's)."""
     if ctx.roots:  # again at the read: a link swapped since the fingerprint is refused too
         confined(raw.uri, ctx.roots)
         if entity_map is not None:
@@ -344,15 +388,17 @@ def run_preprocess(
         if test is not None:
             confined(test.uri, ctx.roots)
     with naming_source(ctx.party, source.id, "preprocess"):
-        result = read_preprocessed(ctx, source, raw, entity_map, test)
+        result = read_preprocessed(ctx, source, raw, entity_map, test, shard)
         store = Store(ctx.store)
-        clean = store.write_table(result.clean, "clean", source.id)
+        name = table_name(source, shard)
+        clean = store.write_table(result.clean, "clean", name)
         rejected = (
-            store.write_table(result.rejected, "rejected", source.id)
-            if result.rejected.height
-            else None
+            store.write_table(result.rejected, "rejected", name) if result.rejected.height else None
         )
-    store.write_json("reports", f"quality-{source.id}.json", result.quality.model_dump(mode="json"))
+    if shard is None:
+        store.write_json(
+            "reports", f"quality-{source.id}.json", result.quality.model_dump(mode="json")
+        )
     return CleanOutput(source=source.id, clean=clean, rejected=rejected, quality=result.quality)
 
 
@@ -452,8 +498,16 @@ def split_rule(ctx: PartyContext, source: SourceSpec) -> SplitRule | None:
     return SplitRule(column=ctx.split_column, values=ctx.split_values)
 
 
-def run_features(ctx: PartyContext, source: SourceSpec, cleaned: CleanOutput) -> TableRef:
-    """The source's features, extracted by its modality."""
+def table_name(source: SourceSpec, shard: Shard | None) -> str:
+    """The name of a source's tables in each layer (a shard's: ``<source>.shard-2-of-4``)."""
+    return source.id if shard is None else f"{source.id}.{shard.name}"
+
+
+def run_features(
+    ctx: PartyContext, source: SourceSpec, cleaned: CleanOutput, shard: Shard | None = None
+) -> TableRef:
+    """The source's features (of one shard's entities with ``shard``), extracted by its
+    modality."""
     with naming_source(ctx.party, source.id, "feature extraction"):
         model = (
             read_text_model(ctx.text_model, TextModel)
@@ -469,7 +523,103 @@ def run_features(ctx: PartyContext, source: SourceSpec, cleaned: CleanOutput) ->
             scoring=ctx.scoring,
         )
         frame = modality_of(source).extract(scan_table(cleaned.clean), source, inputs)
-        return Store(ctx.store).write_table(frame, "features", source.id)
+        return Store(ctx.store).write_table(frame, "features", table_name(source, shard))
+
+
+class ShardOutput(BaseModel):
+    """One entity-hash shard of a source, preprocessed and featurised."""
+
+    shard: Shard
+    clean: CleanOutput
+    features: TableRef
+
+
+def run_shard(
+    ctx: PartyContext,
+    source: SourceSpec,
+    raw: FileRef,
+    entity_map: FileRef | None,
+    test: FileRef | None,
+    shard: Shard,
+) -> ShardOutput:
+    """Preprocess one shard of a source and extract its entities' features: what a shard
+    task does wherever it runs (it needs the party's store and sources, nothing else)."""
+    clean = run_preprocess(ctx, source, raw, entity_map, test, shard)
+    features = run_features(ctx, source, clean, shard)
+    return ShardOutput(shard=shard, clean=clean, features=features)
+
+
+def _in_order(source: SourceSpec, shards: list[ShardOutput]) -> list[ShardOutput]:
+    ordered = sorted(shards, key=lambda s: s.shard.index)
+    count = ordered[0].shard.count if ordered else 0
+    if [s.shard.index for s in ordered] != list(range(count)) or any(
+        s.shard.count != count for s in ordered
+    ):
+        raise StepError(f"{source.id}: the shards to merge are not one complete set")
+    return ordered
+
+
+def merged_quality(
+    parts: list[QualityReport], clean: TableRef, columns: list[str]
+) -> QualityReport:
+    """The quality report of a whole source from its shards' (``columns``: the source's
+    canonical columns, the order unknown categories are listed in): counts added, null
+    rates of the merged clean table."""
+    first = parts[0]
+    by_reason: dict[str, int] = {}
+    unknown: dict[str, int] = {}
+    for part in parts:
+        for kind, n in part.rejected_by_reason.items():
+            by_reason[kind] = by_reason.get(kind, 0) + n
+        for column, n in part.unknown_categories.items():
+            unknown[column] = unknown.get(column, 0) + n
+    order = {c: i for i, c in enumerate(columns)}
+    rows = sum(p.rows_out for p in parts)
+    nulls = scan_table(clean).select(pl.all().null_count()).collect().row(0, named=True)
+    return first.model_copy(
+        update={
+            "rows_in": sum(p.rows_in for p in parts),
+            "rows_out": rows,
+            "rows_rejected": sum(p.rows_rejected for p in parts),
+            "rejected_by_reason": dict(sorted(by_reason.items())),
+            "duplicates_removed": sum(p.duplicates_removed for p in parts),
+            "null_rates": {c: round(float(n) / rows, 6) if rows else 0.0 for c, n in nulls.items()},
+            "unknown_categories": dict(
+                sorted(unknown.items(), key=lambda kv: order.get(kv[0], len(order)))
+            ),
+        }
+    )
+
+
+def run_merge_clean(
+    ctx: PartyContext, source: SourceSpec, shards: list[ShardOutput]
+) -> CleanOutput:
+    """A source's clean table, quarantine and quality report from its shards: clean rows in
+    shard order, quarantined rows in the file's order (the main file's, then the external
+    test file's), counts as if the file had been processed whole."""
+    ordered = _in_order(source, shards)
+    store = Store(ctx.store)
+    with naming_source(ctx.party, source.id, "merging shards"):
+        clean = store.concat_tables([s.clean.clean for s in ordered], "clean", source.id)
+        parts = [read_table(s.clean.rejected) for s in ordered if s.clean.rejected is not None]
+        rejected = None
+        if parts:
+            frame = pl.concat(parts, how="diagonal_relaxed")
+            from_test = pl.col(REASON).str.starts_with(TEST_FILE_REASON)
+            frame = frame.sort(from_test, ROW, maintain_order=True)
+            rejected = store.write_table(frame, "rejected", source.id)
+        quality = merged_quality([s.clean.quality for s in ordered], clean, list(source.columns))
+    store.write_json("reports", f"quality-{source.id}.json", quality.model_dump(mode="json"))
+    return CleanOutput(source=source.id, clean=clean, rejected=rejected, quality=quality)
+
+
+def run_merge_features(
+    ctx: PartyContext, source: SourceSpec, shards: list[ShardOutput]
+) -> TableRef:
+    """A source's features table: its shards' (each entity in exactly one) in shard order."""
+    ordered = _in_order(source, shards)
+    with naming_source(ctx.party, source.id, "merging shards"):
+        return Store(ctx.store).concat_tables([s.features for s in ordered], "features", source.id)
 
 
 def run_align(ctx: PartyContext, source: SourceSpec, features: TableRef, tag: str) -> AlignedOutput:
@@ -759,9 +909,10 @@ def run_text_model(
     )
 
 
-def run_party(ctx: PartyContext, sources: list[SourceSpec]) -> FusedOutput:
+def run_party(ctx: PartyContext, sources: list[SourceSpec], shards: int = 1) -> FusedOutput:
     """A party's whole pipeline in this process, no orchestration (benchmarks, notebooks):
-    the steps the ``party-pipeline`` flow runs as cached tasks, in the same order."""
+    the steps the ``party-pipeline`` flow runs as cached tasks, in the same order (with
+    ``shards`` > 1, each source's shards one after the other)."""
     tag = secret_tag(ctx.secret)
     cleaned: list[CleanOutput] = []
     aligned: list[AlignedOutput] = []
@@ -778,8 +929,14 @@ def run_party(ctx: PartyContext, sources: list[SourceSpec]) -> FusedOutput:
             if source.test_path is not None and source.id == ctx.label_source
             else None
         )
-        clean = run_preprocess(ctx, source, raw, emap, test)
-        aligned.append(run_align(ctx, source, run_features(ctx, source, clean), tag))
+        if shards > 1:
+            parts = [run_shard(ctx, source, raw, emap, test, s) for s in all_shards(shards)]
+            clean = run_merge_clean(ctx, source, parts)
+            features = run_merge_features(ctx, source, parts)
+        else:
+            clean = run_preprocess(ctx, source, raw, emap, test)
+            features = run_features(ctx, source, clean)
+        aligned.append(run_align(ctx, source, features, tag))
         cleaned.append(clean)
     return run_fuse(ctx, aligned, [c.quality for c in cleaned])
 
@@ -806,6 +963,22 @@ read_raw_keys = task(
     retry_delay_seconds=IO_RETRY_DELAYS,
     retry_condition_fn=retry_transient,
 )(run_raw_keys)
+#: One entity-hash shard of a source (preprocess + features); cached by its content key
+#: (the source's fingerprint and the shard), so a retry keeps every finished shard.
+prepare_shard = task(
+    name="prepare-shard",
+    cache_key_fn=content_cache_key,
+    persist_result=True,
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_transient,
+)(run_shard)
+merge_clean = task(name="merge-shards-clean", cache_key_fn=content_cache_key, persist_result=True)(
+    run_merge_clean
+)
+merge_features = task(
+    name="merge-shards-features", cache_key_fn=content_cache_key, persist_result=True
+)(run_merge_features)
 fuse_party = task(name="fuse-party", cache_key_fn=content_cache_key, persist_result=True)(run_fuse)
 #: Read the party's current raw data: never cached (a rerun counts again).
 count_text_terms = task(

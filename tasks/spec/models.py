@@ -698,6 +698,14 @@ def default_parallelism() -> int:
     return max(1, min(os.cpu_count() or 1, MAX_PARALLEL))
 
 
+#: Most entity-hash shards a source can be split into.
+MAX_SHARDS = 4096
+#: Where a party's shard steps run.
+Engine = Literal["local", "dask"]
+#: A Dask scheduler address: protocol, host and port.
+DASK_ADDRESS = r"^(tcp|tls|ucx|inproc)://[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}$"
+
+
 class RunSpec(SpecModel):
     results: str | None = Field(
         default=None, description="Folder for persisted task results (default: .fedfuse/results)"
@@ -728,6 +736,47 @@ class RunSpec(SpecModel):
         description="Steps of one party's sources that run at once in a pipeline run in "
         "process (default: the CPU count, at most 64; a party's pool uses its machine's)",
     )
+
+    shards: int = Field(
+        default=1,
+        strict=True,
+        ge=1,
+        le=MAX_SHARDS,
+        description="Entity-hash shards each source of a party is read, preprocessed and "
+        "featurised in (each shard only its own entities' rows; the shards' feature tables "
+        "are concatenated per source; results do not depend on it)",
+    )
+    engine: Engine = Field(
+        default="local",
+        description="Where shard steps run: local (the pipeline's own threads) or dask (a "
+        "Dask cluster of the party's, at dask_address or the address in dask_address_env)",
+    )
+    dask_address: str | None = Field(
+        default=None,
+        pattern=DASK_ADDRESS,
+        description="engine = dask: the scheduler address, e.g. 'tcp://10.0.0.5:8786'",
+    )
+    dask_address_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="engine = dask: environment variable holding the scheduler address, read "
+        "where the party's pipeline runs (each party can point at its own cluster)",
+    )
+
+    @model_validator(mode="after")
+    def _dask_address(self) -> RunSpec:
+        given = [k for k in ("dask_address", "dask_address_env") if getattr(self, k) is not None]
+        if self.engine == "dask" and len(given) != 1:
+            raise ValueError(
+                "engine = 'dask' needs exactly one of 'dask_address' (e.g. "
+                "'tcp://10.0.0.5:8786') or 'dask_address_env' (an environment variable "
+                f"holding it); {'both are' if given else 'neither is'} given"
+            )
+        if self.engine != "dask" and given:
+            raise ValueError(
+                f"'{given[0]}' is set but engine is {self.engine!r}; set engine = 'dask'"
+            )
+        return self
 
     def parallel_parties(self) -> int:
         """How many party pipelines run at once."""

@@ -71,13 +71,18 @@ class Modality(ABC):
     #: Whether a source's ``path`` names a folder of files (else one file).
     reads_folders: ClassVar[bool] = False
 
-    def read(self, location: str, source: SourceSpec) -> RawSource:
+    def read(self, location: str, source: SourceSpec, *, keep: pl.Expr | None = None) -> RawSource:
         """The source's raw rows (its own columns plus ``__row``) and the lines that could
         not be parsed. ``location`` is where the source lies (confined to the party's
         folders already); default: the file read by :func:`storage.sources.read_source`
-        in the source's format, encoding and CSV layout."""
+        in the source's format, encoding and CSV layout. ``keep``: the rows wanted (a
+        shard), selected while reading where the reader can (``RawSource.selected``)."""
         return read_source(
-            location, source.file_format, encoding=source.encoding, csv=csv_layout(source)
+            location,
+            source.file_format,
+            encoding=source.encoding,
+            csv=csv_layout(source),
+            keep=keep,
         )
 
     def required_columns(self, source: SourceSpec) -> tuple[str, ...]:
@@ -199,7 +204,7 @@ class FolderModality(Modality):
         to quarantine it."""
         return {}
 
-    def read(self, location: str, source: SourceSpec) -> RawSource:
+    def read(self, location: str, source: SourceSpec, *, keep: pl.Expr | None = None) -> RawSource:
         listing = read_folder(
             location, self.pattern, max_bytes=self.max_file_bytes, max_files=self.max_files
         )

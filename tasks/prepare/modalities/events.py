@@ -137,7 +137,9 @@ def event_feature_names(
 
 def _days(delta: pl.Expr) -> pl.Expr:
     """A duration expression as float days."""
-    return delta.dt.total_microseconds().cast(pl.Float64) / DAY_US
+    # times the reciprocal, as polars divides a column by a constant, also for a column
+    # of one value (divided exactly otherwise): the same bits however the rows are split
+    return delta.dt.total_microseconds().cast(pl.Float64) * (1.0 / DAY_US)
 
 
 def _entity_order(entity: str) -> pl.Expr:
@@ -201,7 +203,7 @@ def _ordered_events(
             pl.when(prev.is_not_null())
             .then(_bucket(offset - (ts - prev).dt.total_microseconds(), starts))
             .alias(_PREV_BUCKET),
-            (offset.cast(pl.Float64) / DAY_US).alias(_X),
+            (offset.cast(pl.Float64) * (1.0 / DAY_US)).alias(_X),
             _days(ts - prev).alias(_GAP),
             (prev.is_null() | (ts.dt.date() != prev.dt.date())).alias(_NEW_DAY),
         )

@@ -42,7 +42,9 @@ def window_end(as_of: dt.date) -> dt.datetime:
 
 
 def _days_before(end: dt.datetime, expr: pl.Expr) -> pl.Expr:
-    return (pl.lit(end) - expr).dt.total_microseconds().cast(pl.Float64) / DAY_US
+    # times the reciprocal, as polars divides a column by a constant, also for a column
+    # of one value (divided exactly otherwise): the same bits however the rows are split
+    return (pl.lit(end) - expr).dt.total_microseconds().cast(pl.Float64) * (1.0 / DAY_US)
 
 
 #: Largest magnitude of an amount (currency units, after unit conversion). Amounts are summed
@@ -75,7 +77,7 @@ _AMOUNTS = "__amounts"  # non-null amounts per entity, for the mean
 
 def _amount_sum(where: pl.Expr | None = None) -> pl.Expr:
     """Sum of amounts from exact integer millionths: the same bits whatever the threads."""
-    return _micro_sum(where).cast(pl.Float64) / 1e6
+    return _micro_sum(where).cast(pl.Float64) * (1.0 / 1e6)  # see _days_before
 
 
 def _amount_std() -> pl.Expr:
@@ -86,7 +88,7 @@ def _amount_std() -> pl.Expr:
     wide = micro.cast(pl.Int128)
     n = micro.count()
     numerator = n.cast(pl.Int128) * (wide * wide).sum() - wide.sum() * wide.sum()
-    exact = (numerator.cast(pl.Float64) / (n * (n - 1)).cast(pl.Float64)).sqrt() / 1e6
+    exact = (numerator.cast(pl.Float64) / (n * (n - 1)).cast(pl.Float64)).sqrt() * (1.0 / 1e6)
     fits = n.cast(pl.Float64) * micro.abs().max().cast(pl.Float64) < _EXACT_MOMENTS_LIMIT
     return (
         pl.when(n < 2)
@@ -159,10 +161,10 @@ def transaction_features(
         rest = long.days - short.days  # per-day rates, whatever the windows' unit
 
         def rate_change(column: str) -> pl.Expr:
-            recent = pl.col(f"{column}_{short.suffix}") / short.days
-            earlier = (
-                pl.col(f"{column}_{long.suffix}") - pl.col(f"{column}_{short.suffix}")
-            ) / rest
+            recent = pl.col(f"{column}_{short.suffix}") * (1.0 / short.days)
+            earlier = (pl.col(f"{column}_{long.suffix}") - pl.col(f"{column}_{short.suffix}")) * (
+                1.0 / rest
+            )
             return (recent - earlier).alias(f"{column}_trend")
 
         out = out.with_columns(rate_change("count"), rate_change("amount"))

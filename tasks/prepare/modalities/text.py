@@ -548,7 +548,8 @@ def text_features(
         pl.col("_rating").min().alias("rating_min"),
         last(pl.col("_rating")).alias("rating_last"),
         (
-            (pl.lit(end) - pl.col("_time").max()).dt.total_microseconds().cast(pl.Float64) / DAY_US
+            (pl.lit(end) - pl.col("_time").max()).dt.total_microseconds().cast(pl.Float64)
+            * (1.0 / DAY_US)  # as polars divides a column of several values
         ).alias("days_since_last"),
         *[pl.col(t).mean().alias(t) for t in toks],
     )
