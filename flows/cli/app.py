@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from flows.cli import commands, init_command, ops_commands, schedule_commands
+from flows.cli import commands, init_command, ops_commands, registry_command, schedule_commands
 
 app = typer.Typer(
     name="fedfuse",
@@ -20,6 +20,7 @@ commands.register(app)  # validate, demo-data, prepare, train, demo, predict, ex
 ops_commands.register(app)  # deploy, serve, run, status, retry
 init_command.register(app)  # init: draft a spec from sample exports
 schedule_commands.register(app)  # schedule pause|resume|ls
+registry_command.register(app)  # register: the exported model in an MLflow registry
 
 
 def main() -> None:  # pragma: no cover - console entry

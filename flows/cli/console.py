@@ -29,6 +29,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     (:func:`_flow_errors`) are matched only when none of these is (importing the flows
     takes seconds, which a spec or secret refused before any flow started need not wait)."""
     from storage.files import ConfinementError
+    from storage.registry import RegistryError
     from storage.runs import RunChoiceError
     from storage.secrets import SecretError
     from storage.sources import SourceError
@@ -52,6 +53,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         RunChoiceError,
         VocabularyError,
         TextModelError,
+        RegistryError,
     )
 
 
