@@ -13,6 +13,7 @@ The default registry of a local coordinator store lives inside it:
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
@@ -111,9 +112,14 @@ def register_lightgbm(
     from mlflow.exceptions import MlflowException
 
     try:
-        return _register(
-            mlflow, location, model_text, name, experiment, metrics, steps, tags, texts
-        )
+        with warnings.catch_warnings():
+            # MLflow's notes about its own internals: its sqlite store declares a loader
+            # option SQLAlchemy 2.1 deprecates; its type-hint inference of its own wrappers
+            warnings.filterwarnings("ignore", message=r"The ``noload`` loader strategy")
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\.|$)")
+            return _register(
+                mlflow, location, model_text, name, experiment, metrics, steps, tags, texts
+            )
     except MlflowException as exc:
         first = str(exc.message).splitlines()[0] if str(exc.message) else type(exc).__name__
         raise RegistryError(f"{location.uri}: {first}") from None

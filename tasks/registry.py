@@ -11,14 +11,14 @@ import re
 
 from tasks.model_card import ModelCard
 
-_METRIC_CHARS = re.compile(r"[^0-9A-Za-z_\-. /]+")
+_METRIC_CHARS = re.compile(r"[^0-9A-Za-z_\-./]+")
 _NAME_CHARS = re.compile(r"[^0-9A-Za-z_\-.]+")
 
 
 def metric_key(split: str, name: str) -> str:
     """An MLflow metric name for a card metric: ``<split>_<name>``, characters MLflow
     refuses (``±``, brackets, ...) as ``_``."""
-    cleaned = _METRIC_CHARS.sub("_", name).strip("_ ") or "metric"
+    cleaned = _METRIC_CHARS.sub("_", name).strip("_") or "metric"
     return f"{split}_{cleaned}"
 
 
