@@ -60,7 +60,7 @@ def test_register_a_trained_run_and_load_it_from_the_registry(
     output = _cli("register", str(spec))
     db = coordinator / "mlflow" / "mlflow.db"
     assert f"registered fedfuse-synthetic version 1 (run {run.run_key})" in output
-    assert f"mlflow models serve -m models:/fedfuse-synthetic/1 --env-manager local" in (
+    assert "mlflow models serve -m models:/fedfuse-synthetic/1 --env-manager local" in (
         output.replace("\n", "")
     )
     assert db.is_file()
