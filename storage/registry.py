@@ -156,7 +156,13 @@ def _register(
         for path, text in texts.items():
             mlflow.log_text(text, path)
         info = mlflow.lightgbm.log_model(
-            booster, name="model", signature=signature, registered_model_name=name
+            booster,
+            name="model",
+            signature=signature,
+            registered_model_name=name,
+            # lightgbm and what the flavour itself needs: nothing to infer from the
+            # environment (inference loads the model in a child process)
+            pip_requirements=mlflow.lightgbm.get_default_pip_requirements(),
         )
     version = str(info.registered_model_version)
     for key, tag in tags.items():

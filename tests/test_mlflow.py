@@ -99,9 +99,9 @@ def test_register_a_trained_run_and_load_it_from_the_registry(
     assert texts and not any(b"p0-" in t or b"p1-" in t for t in texts)
     assert not any(artifact_root.rglob("input_example*"))
 
-    again = _cli("register", str(spec), "--run", run.run_key, "--name", "churn")
-    assert "registered churn version 1" in again
-    assert "registered fedfuse-synthetic version 2" in _cli("register", str(spec))
+    again = _cli("register", str(spec), "--run", run.run_key)
+    assert "registered fedfuse-synthetic version 2" in again
+    assert client.get_model_version("fedfuse-synthetic", "2").tags["fedfuse.run_key"] == run.run_key
 
 
 def test_register_without_the_extra_says_how_to_install_it(
