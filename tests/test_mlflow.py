@@ -51,8 +51,8 @@ def test_register_a_trained_run_and_load_it_from_the_registry(
     from tasks.prepare.design import design_matrix
     from tasks.scoring import load_ensemble, schema_of
 
-    spec = write_synthetic(tmp_path, customers=300, seed=3)
-    spec.write_text(re.sub(r"^rounds = .*$", "rounds = 2", spec.read_text(), flags=re.M))
+    spec = write_synthetic(tmp_path, customers=200, seed=3)
+    spec.write_text(re.sub(r"^rounds = .*$", "rounds = 1", spec.read_text(), flags=re.M))
     _cli("train", str(spec), "--no-baselines")
     coordinator = tmp_path / "stores" / "coordinator"
     (run,) = read_runs(Store(str(coordinator)))
