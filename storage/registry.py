@@ -60,7 +60,10 @@ def registry_location(coordinator_root: str, registry: str | None) -> RegistryLo
     )
     artifacts = (folder / "artifacts").as_uri() if folder is not None else None
     if registry is not None:
-        return RegistryLocation(uri=registry, artifacts=artifacts)
+        # a database or folder registry here keeps its artifacts in the store too; a
+        # registry server keeps its own
+        here = registry.startswith(("sqlite:", "file:")) or "://" not in registry
+        return RegistryLocation(uri=registry, artifacts=artifacts if here else None)
     if folder is None:
         raise RegistryError(
             f"{coordinator_root}: the coordinator store is not local; give the model "
@@ -121,7 +124,7 @@ def register_lightgbm(
                 mlflow, location, model_text, name, experiment, metrics, steps, tags, texts
             )
     except MlflowException as exc:
-        first = str(exc.message).splitlines()[0] if str(exc.message) else type(exc).__name__
+        first = (str(exc.message).strip().splitlines() or [type(exc).__name__])[0]
         raise RegistryError(f"{location.uri}: {first}") from None
 
 
