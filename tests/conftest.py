@@ -9,6 +9,15 @@ from tests.factories import write_tiny
 from tests.prefect_server import running_server
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _prefect_logging() -> None:
+    """Prefect's logging set up once, before any test: its console handler writes to the
+    session's stderr, not to the stream of the first ``CliRunner.invoke`` (closed after it)."""
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()
+
+
 @pytest.fixture
 def secret(monkeypatch: pytest.MonkeyPatch) -> str:
     value = "0123456789abcdef0123456789abcdef"

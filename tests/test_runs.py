@@ -120,6 +120,7 @@ def test_one_registry_holds_both_layouts_steps() -> None:
     table = steps()
     assert {op for op, s in table.items() if s.flow == STEP_FLOW} == {
         "stats",
+        "sketch",
         "start",
         "train",
         "evaluate",

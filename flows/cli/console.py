@@ -68,8 +68,10 @@ def _short_console_errors() -> None:
     """Prefect's console shows each failed task or flow as one line, without the traceback
     (the Prefect UI keeps the full logs); the steps skipped because an upstream one failed
     are not listed again."""
-    import prefect  # noqa: F401  (configures Prefect's logging)
+    from prefect.logging.configuration import ensure_logging_setup
     from prefect.logging.handlers import PrefectConsoleHandler
+
+    ensure_logging_setup()  # the handlers to shorten exist from here on (`import prefect` is lazy)
 
     for handler in logging.getLogger().handlers:
         if not isinstance(handler, PrefectConsoleHandler) or getattr(handler, "_short", False):
