@@ -126,7 +126,7 @@ def test_deploy_run_watch_and_status(cli: CliRunner, worker_pool: str, tmp_path:
     assert "ops-run" in status.stdout
     # subflow runs carry their party (the party-pipeline runs, from their tags)
     parties = {r.party for r in recent_runs(10, subflows=True) if r.flow == "party-pipeline"}
-    assert parties == {"a", "b"}
+    assert parties >= {"a", "b"}  # (the session's server also holds other tests' runs)
     subflows = cli.invoke(app, ["status", "--limit", "5", "--subflows"])
     assert subflows.exit_code == 0 and "party" in subflows.stdout and "round" in subflows.stdout
 

@@ -129,8 +129,10 @@ def test_shards_give_the_same_fused_table_quarantine_and_report(
     assert len(list(layer.glob(f"transactions.shard-*-of-{shards}-*.parquet"))) == shards
 
 
-def write_demo(root: Path, run: str) -> Path:
+def write_demo(root: Path, run: str, *, text_model: bool = True) -> Path:
     spec = Path(write_demo_consortium(str(root), parties=3, customers=200, seed=5))
+    if not text_model:  # a party's pipeline run alone has no consortium text model to read
+        spec.write_text(spec.read_text().replace("[text]\nmodel = true", "[text]\nmodel = false"))
     with spec.open("a", encoding="utf-8") as handle:
         handle.write(f"\n[run]\n{run}\n")
     return spec
@@ -189,7 +191,7 @@ def test_a_partys_shards_run_on_a_local_dask_cluster(
     from flows.prepare import party_pipeline
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)  # the workers report their task runs
-    here = write_demo(tmp_path / "here", "shards = 1")
+    here = write_demo(tmp_path / "here", "shards = 1", text_model=False)
     expected = prepared(here, "site-c", 1)  # whole sources, in process
     with (
         LocalCluster(
@@ -205,6 +207,7 @@ def test_a_partys_shards_run_on_a_local_dask_cluster(
         there = write_demo(
             tmp_path / "there",
             'shards = 2\nengine = "dask"\ndask_address_env = "FEDFUSE_TEST_DASK"',
+            text_model=False,
         )
         with get_task_stream(client) as stream:
             fused = party_pipeline(str(there), "site-c")

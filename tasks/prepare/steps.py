@@ -779,7 +779,14 @@ def cached_text_training_data(
     """:func:`text_training_data`, kept per content (the context, the sources, their files'
     content hashes, the vocabulary and the folds) for the next round in this process."""
     roots = ctx.roots or None
-    files = [fingerprint(s.path, roots=roots).sha256 for s in sources]
+    # only the sources the rows are read from (the label's and the texts): another source's
+    # problem is its pipeline's to report
+    sources = [s for s in sources if s.kind == "text" or s.id == ctx.label_source]
+    files = [
+        fingerprint(path, roots=roots).sha256
+        for s in sources
+        for path in (s.path, *([s.entity_map.path] if s.entity_map is not None else []))
+    ]
     blob = json.dumps(
         [
             ctx.model_dump(mode="json"),
