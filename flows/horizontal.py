@@ -445,6 +445,7 @@ def federated_training(
             key=key,
             baselines=baselines,
             refresh=refresh,
+            remote=remote,
         )
     setups = training_setups(spec, training, key=key, schema=schema, fused=fused, num_class=k)
     job: dict[str, Any] = {"results": results, "refresh": refresh}

@@ -47,6 +47,7 @@ from storage.results import DEFAULT_RESULTS
 from storage.runs import exchange_location, read_exchange, write_exchange
 from storage.store import Store, TableRef
 from tasks.caching import content_cache_key, parameters_key
+from tasks.horizontal.lossless_remote import lossless_party
 from tasks.horizontal.steps import (
     RoundAggregate,
     TrainSetup,
@@ -63,7 +64,7 @@ logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-StepOp = Literal["stats", "sketch", "start", "train", "evaluate"]
+StepOp = Literal["stats", "sketch", "start", "train", "evaluate", "lossless"]
 PartyFlow = Literal["party-step", "party-call"]
 
 PIPELINE_FLOW = "party-pipeline"
@@ -79,7 +80,7 @@ class DispatchError(RuntimeError):
 class PartyJob(BaseModel):
     """One horizontal training step of one party, as the parameter of its ``party-step`` run."""
 
-    op: StepOp = Field(description="stats | sketch | start | train | evaluate")
+    op: StepOp = Field(description="stats | sketch | start | train | evaluate | lossless")
     setup: TrainSetup
     round: int = Field(default=0, ge=0)
     scores: TableRef | None = Field(default=None, description="The party's running scores")
@@ -93,6 +94,15 @@ class PartyJob(BaseModel):
         description="op=evaluate: then train round+1 on the new scores at this rate, in the "
         "same run (its update comes back as PartyEval.next)",
     )
+    session: str | None = Field(
+        default=None, description="op=lossless: the session whose mailbox the party joins"
+    )
+    address: str | None = Field(
+        default=None, description="op=lossless: host:port the party's LightGBM listens on"
+    )
+    join_timeout: float | None = Field(
+        default=None, gt=0, description="op=lossless: seconds the party has to join"
+    )
     results: str = DEFAULT_RESULTS
     refresh: bool = False
 
@@ -100,6 +110,13 @@ class PartyJob(BaseModel):
         """The arguments of the op's task."""
         if self.op in ("stats", "sketch"):
             return (self.setup,)
+        if self.op == "lossless":
+            if self.session is None or self.address is None or self.join_timeout is None:
+                raise ValueError(
+                    f"lossless step for {self.setup.party}: session, address and join timeout "
+                    "are required"
+                )
+            return (self.setup, self.session, self.address, self.join_timeout)
         if self.op == "start":
             return (self.setup, self.base)
         if self.scores is None:
@@ -112,7 +129,7 @@ class PartyJob(BaseModel):
 
     def step_round(self) -> int | None:
         """The round the step belongs to (an evaluation: the last round it applies)."""
-        if self.op in ("stats", "start"):
+        if self.op in ("stats", "start", "lossless"):
             return None
         if self.op == "evaluate" and self.aggregates:
             return self.aggregates[-1].round
@@ -124,6 +141,7 @@ class PartyJob(BaseModel):
             "stats": "label statistics",
             "sketch": "feature sketches",
             "start": "start scores",
+            "lossless": "lossless training",
         }.get(self.op)
         if what is None:
             what = f"{self.op} round {self.step_round()}"
@@ -198,9 +216,11 @@ def prepare_step_tasks() -> list[Task[..., Any]]:
     return [count_vocabulary_values, count_text_terms, fit_text_model]
 
 
-#: Steps that read the party's current state or data: never cached when dispatched.
+#: Steps that read the party's current state or data, or take part in a session with the
+#: other parties (lossless): never cached when dispatched.
 UNCACHED = frozenset(
     {
+        "lossless",
         "vertical-latest-state",
         "vertical-model-at",
         "count-vocabulary-values",
@@ -220,8 +240,11 @@ def steps() -> dict[str, Step]:
         "start": start_scores,
         "train": train_party,
         "evaluate": evaluate_party,
+        "lossless": lossless_party,
     }
-    table: dict[str, Step] = {op: Step(op, t, STEP_FLOW) for op, t in horizontal.items()}
+    table: dict[str, Step] = {
+        op: Step(op, t, STEP_FLOW, cached=op not in UNCACHED) for op, t in horizontal.items()
+    }
     for t in [*prepare_step_tasks(), *vertical_step_tasks()]:
         table[t.name] = Step(t.name, t, CALL_FLOW, cached=t.name not in UNCACHED)
     return table

@@ -369,6 +369,42 @@ def read_exchange(coordinator: Store, flow_run_id: str) -> JsonValue | None:
     return body
 
 
+# -- the lossless mailbox of parties on their own pools ----------------------------------------
+
+LosslessDirection = Literal["to", "from"]
+
+
+def lossless_message_name(session: str, party: str, direction: LosslessDirection, seq: int) -> str:
+    """Message ``seq`` of one lossless session between the coordinator and ``party``
+    (``to`` the party or ``from`` it), coordinator ``exchange/``."""
+    return f"lossless-{session}-{party}-{direction}-{seq:05d}.json"
+
+
+def write_lossless_message(
+    coordinator: Store,
+    session: str,
+    party: str,
+    direction: LosslessDirection,
+    seq: int,
+    body: JsonValue,
+) -> FileRef:
+    """Post one lossless message (written to a temporary name, then renamed: a reader never
+    sees half a message)."""
+    name = lossless_message_name(session, party, direction, seq)
+    return coordinator.write_json("exchange", name, body)
+
+
+def read_lossless_message(
+    coordinator: Store, session: str, party: str, direction: LosslessDirection, seq: int
+) -> JsonValue | None:
+    """Lossless message ``seq``, ``None`` while it has not been posted."""
+    name = lossless_message_name(session, party, direction, seq)
+    if not coordinator.exists("exchange", name):
+        return None
+    body: JsonValue = coordinator.read_json("exchange", name)
+    return body
+
+
 # -- consortium bin boundaries -----------------------------------------------------------------
 
 #: Largest consortium bins document read back (a few KB per feature).

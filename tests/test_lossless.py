@@ -22,6 +22,7 @@ from tasks.horizontal.lossless import round_budget, train_lossless
 from tasks.horizontal.lossless_network import (
     NETWORK_PARAMS,
     free_ports,
+    local_machines,
     network_params,
     without_network_params,
 )
@@ -141,7 +142,7 @@ def test_first_trees_equal_pooled_lightgbm() -> None:
 
 def test_network_params_and_model_text_cleanup() -> None:
     params = {"objective": "binary", "num_threads": 4}
-    out = network_params(params, [4001, 4002, 4003], 1, timeout_minutes=3)
+    out = network_params(params, local_machines([4001, 4002, 4003]), 1, timeout_minutes=3)
     assert out["machines"] == "127.0.0.1:4001,127.0.0.1:4002,127.0.0.1:4003"
     assert out["local_listen_port"] == 4002 and out["num_machines"] == 3
     assert out["tree_learner"] == "data" and out["pre_partition"] is True
@@ -176,7 +177,7 @@ def test_failing_party_stops_every_process() -> None:
         for p, f in frames.items()
     ]
     bad = splits[1].__class__(**{**splits[1].__dict__, "y_train": splits[1].y_train + 5})
-    with pytest.raises(Exception, match="party process 1: ValueError: binary labels"):
+    with pytest.raises(Exception, match="party p1: ValueError: binary labels"):
         train_lossless(
             [splits[0], bad, splits[2]],
             spec=SPEC,

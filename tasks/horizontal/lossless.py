@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Literal
@@ -74,6 +74,7 @@ from typing import Literal
 import lightgbm as lgb
 import numpy as np
 from pydantic import BaseModel, Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from storage.store import TableRef, read_table
 from tasks.horizontal.bins import BIN_PARAMS, ConsortiumBins, unforced_features
@@ -83,10 +84,13 @@ from tasks.horizontal.lossless_network import (
     Failure,
     LightGBMLog,
     LosslessError,
+    Parties,
     PartyProcesses,
     PortInUse,
     free_ports,
+    local_machines,
     network_params,
+    port_of,
     without_network_params,
 )
 from tasks.horizontal.model_text import check_task, without_params
@@ -115,6 +119,8 @@ logger = logging.getLogger(__name__)
 
 #: Party name of the single member of a lossless model's one-round ensemble.
 LOSSLESS_MEMBER = "lossless"
+#: LightGBM's socket time-out (minutes); it also bounds the wait for any one party message.
+SOCKET_TIMEOUT_MINUTES = 10
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,7 @@ PartySource = PartyData | FusedSource
 
 
 @dataclass(frozen=True)
-class _Job:
+class PartyJob:
     """What one party process needs (pickled to it)."""
 
     source: PartySource
@@ -157,21 +163,48 @@ class _Job:
     run_key: str = LOSSLESS_MEMBER
 
 
+def party_job(
+    source: PartySource,
+    *,
+    spec: TrainingSpec,
+    objective: Objective,
+    num_class: int,
+    categorical: Sequence[str],
+    feature_names: Sequence[str],
+    bins: ConsortiumBins | None = None,
+    run_key: str = LOSSLESS_MEMBER,
+) -> PartyJob:
+    """What the process of the party ``source`` belongs to needs (params of
+    :func:`tasks.horizontal.training.lgb_params`; the network settings come later)."""
+    return PartyJob(
+        source=source,
+        params=lgb_params(spec, objective, num_class, seed=spec.seed),
+        objective=objective,
+        num_class=num_class,
+        trees_per_round=spec.trees_per_round,
+        feature_names=list(feature_names),
+        categorical=list(categorical),
+        bins=bins,
+        run_key=run_key,
+    )
+
+
 # --------------------------------------------------------------------------------------
 # Messages between the coordinator and the party processes
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True)
 class _Stats:
     """Party -> coordinator, first: the label aggregates and the validation size."""
 
     party: str
     stats: LabelStats
     n_valid: int
+    address: str | None = None  # host:port its LightGBM listens on (a party on its own pool)
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True)
 class _Train:
     """Coordinator -> party: the base score, the rounds to train and the party's params."""
 
@@ -182,7 +215,7 @@ class _Train:
     machines: int = 1
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True)
 class _RoundReport:
     """Party -> coordinator, after every round: the validation metrics of its own rows."""
 
@@ -288,7 +321,7 @@ class _RoundSync:
     the network together (a machine stopping alone would hang the others' next collective).
     """
 
-    def __init__(self, job: _Job, data: PartyData, base: Sequence[float], conn: Connection):
+    def __init__(self, job: PartyJob, data: PartyData, base: Sequence[float], conn: Connection):
         self.job, self.data, self.conn = job, data, conn
         self.raw_valid = self._start(base, len(data.y_valid))
         self.raw_test = self._start(base, len(data.y_test))
@@ -332,7 +365,7 @@ class _RoundSync:
             raise lgb.callback.EarlyStopException(env.iteration, [])
 
 
-def _train_party(job: _Job, data: PartyData, message: _Train, conn: Connection) -> PartyResult:
+def _train_party(job: PartyJob, data: PartyData, message: _Train, conn: Connection) -> PartyResult:
     base, rounds = message.base, message.rounds
     params = dict(job.params)
     if job.bins is not None:
@@ -375,7 +408,7 @@ def _train_party(job: _Job, data: PartyData, message: _Train, conn: Connection) 
     )
 
 
-def _party_process(job: _Job, conn: Connection) -> None:
+def _party_process(job: PartyJob, conn: Connection) -> None:
     """Entry point of a party process: stats out, (base, rounds) in, result out."""
     lgb.register_logger(LightGBMLog())
     try:
@@ -406,34 +439,43 @@ class _Run:
 
 
 def _run_parties(
-    jobs: Sequence[_Job],
+    parties: Parties,
+    jobs: Sequence[PartyJob],
     *,
     objective: Objective,
     num_class: int,
     budget: int,
     patience: int,
     timeout_minutes: int,
+    join_timeout: float | None = None,
 ) -> _Run:
-    """Start the party processes, exchange stats and base score, run the rounds with
-    federated early stopping; one attempt."""
+    """Exchange stats and base score with the started ``parties``, hand every party the
+    machine list, run the rounds with federated early stopping; one attempt. Parties that
+    report their own ``host:port`` (each on its own pool) listen there; otherwise every
+    party listens on a free port of this machine. A party not heard from within
+    ``join_timeout`` seconds (default: the socket time-out) fails the run with its name."""
     timeout = 60.0 * timeout_minutes
-    parties = PartyProcesses(_party_process, jobs)
     failed = True
     try:
-        stats = parties.gather("label stats", timeout, _Stats)
+        stats = parties.gather("label stats", join_timeout or timeout, _Stats)
         empty = [s.party for s in stats if s.stats.n_train == 0]
         if empty:
             raise ValueError(f"parties {empty} hold no training rows; lossless mode needs rows")
         n_valid = {s.party: s.n_valid for s in stats}
         base = base_score([s.stats for s in stats], objective, num_class)
-        ports = free_ports(len(jobs)) if len(jobs) > 1 else []
+        reported = [s.address for s in stats if s.address]
+        machines: list[str] = []
+        if len(reported) == len(jobs):
+            machines = reported
+        elif len(jobs) > 1:
+            machines = local_machines(free_ports(len(jobs)))
         parties.send(
             [
                 _Train(
                     base,
                     budget,
-                    network_params(job.params, ports, i, timeout_minutes=timeout_minutes)
-                    if ports
+                    network_params(job.params, machines, i, timeout_minutes=timeout_minutes)
+                    if len(machines) > 1
                     else job.params,
                     rank=i,
                     machines=len(jobs),
@@ -441,6 +483,7 @@ def _run_parties(
                 for i, job in enumerate(jobs)
             ]
         )
+        ports = [port_of(m) for m in machines] if len(machines) > 1 else []
         stopper = EarlyStopping(patience=patience)
         valid: list[dict[str, float]] = []
         stopped = False
@@ -475,9 +518,11 @@ def train_lossless(
     num_class: int,
     categorical: Sequence[str],
     feature_names: Sequence[str],
-    timeout_minutes: int = 10,
+    timeout_minutes: int = SOCKET_TIMEOUT_MINUTES,
     bins: ConsortiumBins | None = None,
     run_key: str = LOSSLESS_MEMBER,
+    connect: Callable[[Sequence[PartyJob]], Parties] | None = None,
+    join_timeout: float | None = None,
 ) -> LosslessResult:
     """One LightGBM model over every party's rows, trained data-parallel (see the module doc).
 
@@ -488,6 +533,10 @@ def train_lossless(
     for any one party message. With ``bins`` every party bins with the consortium's
     boundaries (its forced-bins file named after ``run_key``, in its store when the source
     names one).
+
+    ``connect`` reaches parties that run elsewhere (each on its own pool,
+    :mod:`tasks.horizontal.lossless_remote`); by default every party runs in a process beside
+    this one. ``join_timeout`` bounds the wait for every party's first message (its join).
     """
     check_task(objective, num_class)
     if not sources:
@@ -498,16 +547,14 @@ def train_lossless(
     budget, reason = round_budget(spec, num_class)
     if budget < 1:
         raise ValueError(f"max_trees={spec.max_trees} leaves no room for one round")
-    params = lgb_params(spec, objective, num_class, seed=spec.seed)
     jobs = [
-        _Job(
-            source=s,
-            params=params,
+        party_job(
+            s,
+            spec=spec,
             objective=objective,
             num_class=num_class,
-            trees_per_round=spec.trees_per_round,
-            feature_names=list(feature_names),
-            categorical=list(categorical),
+            categorical=categorical,
+            feature_names=feature_names,
             bins=bins,
             run_key=run_key,
         )
@@ -523,19 +570,27 @@ def train_lossless(
                 len(unforced),
                 unforced,
             )
-    for attempt in range(1, PORT_ATTEMPTS + 1):
+    attempts = PORT_ATTEMPTS if connect is None else 1  # remote parties choose their ports
+    for attempt in range(1, attempts + 1):
+        parties = (
+            PartyProcesses(_party_process, jobs, [f"party {n}" for n in names])
+            if connect is None
+            else connect(jobs)
+        )
         try:
             run = _run_parties(
+                parties,
                 jobs,
                 objective=objective,
                 num_class=num_class,
                 budget=budget,
                 patience=spec.patience,
                 timeout_minutes=timeout_minutes,
+                join_timeout=join_timeout,
             )
             break
         except PortInUse as exc:
-            if attempt == PORT_ATTEMPTS:
+            if attempt == attempts:
                 raise
             logger.warning("attempt %d: %s; retrying with fresh ports", attempt, exc)
     texts = {r.model_text for r in run.results}

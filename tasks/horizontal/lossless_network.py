@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from tasks.horizontal.model_text import without_params
 from tasks.horizontal.training import LgbParams
@@ -54,22 +54,40 @@ class Failure:
 
 
 def network_params(
-    params: LgbParams, ports: Sequence[int], rank: int, *, timeout_minutes: int
+    params: LgbParams, machines: Sequence[str], rank: int, *, timeout_minutes: int
 ) -> LgbParams:
-    """``params`` plus the data-parallel network settings of the party at ``rank``."""
+    """``params`` plus the data-parallel network settings of the party at ``rank`` of
+    ``machines`` (every party's ``host:port``, in rank order)."""
     out = dict(params)
     out.update(
         {
             "tree_learner": "data",
-            "num_machines": len(ports),
-            "machines": ",".join(f"{LOCALHOST}:{p}" for p in ports),
-            "local_listen_port": ports[rank],
+            "num_machines": len(machines),
+            "machines": ",".join(machines),
+            "local_listen_port": port_of(machines[rank]),
             "pre_partition": True,
             "num_threads": 1,
             "time_out": timeout_minutes,
         }
     )
     return out
+
+
+def local_machines(ports: Sequence[int]) -> list[str]:
+    """``127.0.0.1:<port>`` for each port: parties that all run on this machine."""
+    return [f"{LOCALHOST}:{p}" for p in ports]
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port); a clear error for anything else."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{address!r} is not host:port (port 0..65535)")
+    return host, int(port)
+
+
+def port_of(address: str) -> int:
+    return split_address(address)[1]
 
 
 def without_network_params(model_text: str) -> str:
@@ -111,12 +129,38 @@ J = TypeVar("J")
 M = TypeVar("M")
 
 
+class Parties(Protocol):
+    """The coordinator's side of the parties of one lossless run: processes beside it
+    (:class:`PartyProcesses`) or steps on the parties' own pools
+    (:class:`tasks.horizontal.lossless_remote.RemoteParties`)."""
+
+    def gather(self, kind: str, timeout: float, expect: type[M]) -> list[M]: ...
+
+    def send(self, messages: Sequence[object]) -> None: ...
+
+    def close(self, *, failed: bool) -> None: ...
+
+
+def failure_error(text: str) -> LosslessError:
+    """The error a party's :class:`Failure` raises (:class:`PortInUse` for a port LightGBM
+    could not bind)."""
+    return PortInUse(text) if "binding port" in text.lower() else LosslessError(text)
+
+
 class PartyProcesses(Generic[J]):
     """The running party processes (one per job, ``target(job, pipe)`` in each) and their
-    pipes."""
+    pipes; ``names`` name them in errors (default: ``party process <i>``)."""
 
-    def __init__(self, target: Callable[[J, Connection], None], jobs: Sequence[J]) -> None:
+    def __init__(
+        self,
+        target: Callable[[J, Connection], None],
+        jobs: Sequence[J],
+        names: Sequence[str] | None = None,
+    ) -> None:
         ctx = mp.get_context("spawn")
+        self.names = (
+            list(names) if names is not None else [f"party process {i}" for i in range(len(jobs))]
+        )
         self.conns: list[Connection] = []
         self.procs: list[mp.process.BaseProcess] = []
         for i, job in enumerate(jobs):
@@ -138,7 +182,8 @@ class PartyProcesses(Generic[J]):
             pending = [i for i in range(len(self.conns)) if i not in out]
             left = deadline - time.monotonic()
             if left <= 0:
-                raise LosslessError(f"no {kind} from parties {pending} within {timeout:.0f} s")
+                missing = ", ".join(self.names[i] for i in pending)
+                raise LosslessError(f"no {kind} from {missing} within {timeout:.0f} s")
             # a process that dies before taking its pipe end never closes it: watch both
             ready = wait(
                 [self.conns[i] for i in pending] + [self.procs[i].sentinel for i in pending],
@@ -155,14 +200,13 @@ class PartyProcesses(Generic[J]):
                 except EOFError:
                     code = self.procs[i].exitcode
                     raise LosslessError(
-                        f"party process {i} exited (code {code}) without its {kind}"
+                        f"{self.names[i]} exited (code {code}) without its {kind}"
                     ) from None
                 if isinstance(message, Failure):
-                    error = PortInUse if "binding port" in message.text.lower() else LosslessError
-                    raise error(f"party process {i}: {message.text}")
+                    raise failure_error(f"{self.names[i]}: {message.text}")
                 if not isinstance(message, expect):
                     raise LosslessError(
-                        f"party process {i} sent a {type(message).__name__} instead of its {kind}"
+                        f"{self.names[i]} sent a {type(message).__name__} instead of its {kind}"
                     )
                 out[i] = message
         return [out[i] for i in range(len(self.conns))]

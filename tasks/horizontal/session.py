@@ -253,10 +253,13 @@ def check_training_request(
             f"parties {sorted(remote)} work on their own pools"
         )
     if training.mode == "lossless" and remote:
-        raise ValueError(
-            "lossless mode runs every party's LightGBM machine as a process beside this flow; "
-            f"it cannot run while parties {sorted(remote)} work on their own pools"
-        )
+        missing = [p.id for p in spec.parties if p.lossless_address is None]
+        if missing:
+            raise ValueError(
+                f"{spec_path}: lossless mode with parties on their own pools needs every "
+                "party's lossless_address (host:port its LightGBM listens on, reachable by the "
+                f"other parties; port 0: a free port picked at start); parties {missing} have none"
+            )
 
 
 def usable(setups: list[TrainSetup], stats: Mapping[str, PartyStats]) -> list[TrainSetup]:

@@ -358,12 +358,27 @@ class PartySpec(SpecModel):
         default=None,
         description="Prefect work pool whose worker runs this party's steps (default: in process)",
     )
+    lossless_address: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9.\-]+:[0-9]{1,5}$",
+        description="Lossless mode with parties on their own pools: host:port this party's "
+        "LightGBM listens on, an address of its machine the other parties reach (a private "
+        "network or tunnel: LightGBM's sockets are plain TCP); port 0: a free port picked at "
+        "start",
+    )
     storage_options: SecretRef | None = Field(
         default=None,
         description="Where the fsspec storage options (credentials) of the store live: a JSON "
         "object in an environment variable or a Prefect Secret block; never the options",
     )
     sources: list[SourceSpec] = Field(min_length=1, description="The party's exports")
+
+    @field_validator("lossless_address")
+    @classmethod
+    def _port_in_range(cls, value: str | None) -> str | None:
+        if value is not None and int(value.rpartition(":")[2]) > 65535:
+            raise ValueError(f"port of {value!r} is above 65535")
+        return value
 
     @property
     def roots(self) -> list[str]:
@@ -714,6 +729,14 @@ class RunSpec(SpecModel):
         default=3600.0,
         gt=0,
         description="Seconds the coordinator waits for a step dispatched to a party's pool",
+    )
+    join_timeout: float = Field(
+        default=600.0,
+        gt=0,
+        le=86400,
+        description="Lossless mode with parties on their own pools (horizontal): seconds every party has to "
+        "join (its worker starts the step, reads its rows and reports its address); a party "
+        "that has not fails the run with its name",
     )
     storage_options: SecretRef | None = Field(
         default=None,
