@@ -229,3 +229,57 @@ def test_lossless_flow_exports_and_scores(prefect_api: str, tmp_path: Path, secr
     assert not list(coordinator.rglob("*.parquet"))
     for path in coordinator.rglob("*.txt"):
         assert "127.0.0.1" not in path.read_text()
+
+
+def test_party_that_never_joins_fails_the_run_and_stops_the_others(tmp_path: Path) -> None:
+    """Parties on their own pools join through the coordinator store's mailbox: p0 and p1
+    join (each its LightGBM process beside its step, here threads), p2 never does. The run
+    fails naming p2 and the steps of p0 and p1 end, their processes too."""
+    import multiprocessing as mp
+    import threading
+
+    from tasks.horizontal.lossless import party_job
+    from tasks.horizontal.lossless_network import LosslessError
+    from tasks.horizontal.lossless_remote import Mailbox, RemoteParties, serve_party
+
+    frames = _skewed_parties(n=600)
+    splits = [
+        party_data(f, party=p, feature_names=NAMES, validation_fraction=0.2, test_fraction=0.2)
+        for p, f in frames.items()
+    ]
+    options = {"objective": "binary", "num_class": 1, "categorical": [], "feature_names": NAMES}
+    coordinator, session = str(tmp_path / "coordinator"), "s1"
+    errors: dict[str, str] = {}
+
+    def party(data: object) -> None:
+        job = party_job(data, spec=SPEC, **options)  # type: ignore[arg-type]
+        box = Mailbox(coordinator, session, job.source.party)
+        try:
+            serve_party(job, box, address="127.0.0.1:0", timeout=60)
+        except LosslessError as exc:
+            errors[box.party] = str(exc)
+
+    threads = [threading.Thread(target=party, args=(d,)) for d in splits[:2]]
+    for t in threads:
+        t.start()
+    joins = [
+        tmp_path / "coordinator" / "exchange" / f"lossless-s1-{p}-from-00000.json"
+        for p in ("p0", "p1")
+    ]
+    for _ in range(600):  # p0 and p1 join first (starting a process takes seconds)
+        if all(j.exists() for j in joins):
+            break
+        threading.Event().wait(0.1)
+    remote = RemoteParties(coordinator, session, ["p0", "p1", "p2"])
+    with pytest.raises(LosslessError, match=r"^party p2 did not join within 1 s$"):
+        train_lossless(splits, spec=SPEC, **options, connect=lambda _: remote, join_timeout=1)  # type: ignore[arg-type]
+    for t in threads:
+        t.join(timeout=30)
+        assert not t.is_alive()
+    assert errors == {p: f"party {p}: the coordinator stopped the run" for p in ("p0", "p1")}
+    assert not mp.active_children()  # no LightGBM process left behind
+    # the mailbox holds the joins and the stop messages; no rows
+    names = sorted(p.name for p in (tmp_path / "coordinator" / "exchange").iterdir())
+    assert names == [
+        f"lossless-s1-{p}-{d}-00000.json" for p in ("p0", "p1") for d in ("from", "to")
+    ] + ["lossless-s1-p2-to-00000.json"]  # a late p2 is told to stop as well

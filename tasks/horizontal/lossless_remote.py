@@ -171,9 +171,10 @@ class RemoteParties:
                 out[i] = message
             if len(out) < len(self.boxes):
                 if time.monotonic() > deadline:
-                    missing = ", ".join(b.party for i, b in enumerate(self.boxes) if i not in out)
+                    missing = [b.party for i, b in enumerate(self.boxes) if i not in out]
+                    who = f"part{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)}"
                     what = "did not join" if kind == "label stats" else f"sent no {kind}"
-                    raise LosslessError(f"party {missing} {what} within {timeout:.0f} s")
+                    raise LosslessError(f"{who} {what} within {timeout:.0f} s")
                 time.sleep(POLL_SECONDS)
         return [out[i] for i in range(len(self.boxes))]
 
