@@ -116,38 +116,36 @@ def test_parties_on_three_pools_train_the_in_process_lossless_model(
 def test_a_party_that_never_joins_fails_the_run_with_its_name(
     party_pools: dict[str, str], tmp_path: Path
 ) -> None:
-    """p2's pool has no worker: its step never starts. p0 and p1 run beside the flow and
-    join; after the join timeout the run fails naming p2, p0 and p1 are told to stop, and
-    p2's scheduled run is cancelled, so nothing waits on."""
-    from prefect.client.orchestration import get_client
-
+    """p2's pool has no worker: its step never starts. After the join timeout the run fails
+    naming p2 and p2's scheduled run is cancelled, so nothing waits on (that the parties
+    which joined are stopped: ``tests/test_lossless.py``). No data is needed: p2 never
+    reads any."""
     from flows.common import threads
     from flows.lossless import lossless_parties
     from flows.ops import deploy
-    from flows.prepare import prepare
-    from tasks.horizontal.session import training_setups
-    from tasks.prepare.design import consortium_schema
-    from tasks.run_identity import run_key
+    from storage.store import TableRef
+    from tasks.horizontal.steps import TrainSetup
+    from tasks.prepare.design import FeatureSchema
     from tasks.spec.load import load_spec
 
-    absent = {"p2": f"nobody-{uuid4().hex[:6]}"}
-    spec_path = write_spec(tmp_path / "consortium", absent)
+    spec_path = write_spec(tmp_path / "consortium", {"p2": f"nobody-{uuid4().hex[:6]}"})
     prefix = f"llj-{uuid4().hex[:6]}"
     deploy(spec_path, pool=f"{prefix}-coordinator", name=prefix, schedules=None)
     spec = load_spec(str(spec_path))
-    prepared = prepare(str(spec_path), dispatch=None)  # every pipeline beside this process
-    schema = consortium_schema({p: out.features for p, out in prepared.items()})
-    fused = {p: out.table for p, out in prepared.items()}
-    key = run_key(spec, schema, fused)
-    setups = training_setups(spec, spec.training, key=key, schema=schema, fused=fused, num_class=1)
-    with pytest.raises(Exception, match=r"^party p2 did not join within 20 s$"):
-        lossless_parties.with_options(task_runner=threads(3))(
-            setups,
-            {"p2": prefix},
-            dict.fromkeys(PARTIES, "127.0.0.1:0"),
-            join_timeout=20,
+    setup = TrainSetup(
+        party="p2",
+        store=spec.party("p2").store,
+        coordinator=spec.coordinator.store,
+        run_key="join-test",
+        fused=TableRef(uri=str(tmp_path / "none.parquet"), sha256="0" * 64, rows=0, columns={}),
+        schema_=FeatureSchema(names=["x"], categorical=[], modality={}, parties={}),
+        objective="binary",
+        num_class=1,
+        training=spec.training,
+    )
+    with pytest.raises(Exception, match=r"^party p2 did not join within 3 s$"):
+        lossless_parties.with_options(task_runner=threads(1))(
+            [setup], {"p2": prefix}, {"p2": "127.0.0.1:0"}, join_timeout=3
         )
     [run] = party_runs(prefix, "p2")
     assert run.state.is_cancelled()  # type: ignore[attr-defined]
-    with get_client(sync_client=True) as client:
-        assert client.read_flow_run(run.id).state.is_final()  # type: ignore[attr-defined]
