@@ -43,6 +43,7 @@ def _task_names() -> dict[str, str]:
         "flows.transport",
         "flows.horizontal",
         "flows.lossless",
+        "tasks.horizontal.lossless_remote",
     ):
         for value in vars(importlib.import_module(module)).values():
             if isinstance(value, Task):
