@@ -124,7 +124,9 @@ def test_one_registry_holds_both_layouts_steps() -> None:
         "start",
         "train",
         "evaluate",
+        "lossless",
     }
+    assert not table["lossless"].cached  # a session with the other parties: never cached
     assert table["vertical-party-round"].flow == CALL_FLOW
     assert not table["vertical-latest-state"].cached
     assert table["psi-label-blind"].cached
