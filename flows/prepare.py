@@ -409,20 +409,20 @@ def learn_consortium_text_model(spec: FedSpec, *, dispatch: str | None, refresh:
         for p in holders
     }
 
-    def count() -> list[DocumentCounts]:
+    def count() -> dict[str, DocumentCounts]:
         futures = {
             p.id: runner.submit(p.id, count_text_terms, contexts[p.id], p.sources, text)
             for p in holders
         }
         wait(list(futures.values()))
         raise_first_failure(list(futures.values()))
-        return [futures[p.id].result() for p in holders]
+        return {p.id: futures[p.id].result() for p in holders}
 
     settings = text_model_settings(spec)
 
     def fit_round(
         vocabulary: TextVocabulary, models: CrossFitModels, round_: int
-    ) -> list[list[tuple[LinearWeights, int]]]:
+    ) -> dict[str, list[tuple[LinearWeights, int]]]:
         futures = {
             p.id: runner.submit(
                 p.id,
@@ -439,11 +439,12 @@ def learn_consortium_text_model(spec: FedSpec, *, dispatch: str | None, refresh:
         wait(list(futures.values()))
         raise_first_failure(list(futures.values()))
         progress.emit("coordinator", "text model", f"round {round_}/{text.rounds}")
-        return [futures[p.id].result().pairs() for p in holders]
+        return {p.id: futures[p.id].result().pairs() for p in holders}
 
     stored = learn_text_model(
         count,
         fit_round,
+        min_documents=text.min_documents,
         min_parties=text.min_parties,
         max_terms=text.max_terms,
         ngram_max=text.ngram_max,

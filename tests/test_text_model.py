@@ -23,6 +23,7 @@ from tasks.prepare.text_model import (
     TextModelError,
     TextModelSettings,
     TextVocabulary,
+    average_round,
     cross_fit_scores,
     decision,
     document_frequencies,
@@ -30,6 +31,8 @@ from tasks.prepare.text_model import (
     fold_of,
     merge_document_frequencies,
     ngram_terms,
+    party_updates,
+    review_counts,
     start_models,
     strip_html,
     tfidf_matrix,
@@ -146,6 +149,65 @@ def test_a_party_without_one_class_still_takes_part() -> None:
     models = train_federated_text(parties, terms=40, folds=2, rounds=3, settings=BINARY)
     assert roc_auc_score(y, decision(X, models.full)[:, 0]) > 0.8
     assert len(start_models(40, 2, BINARY).folds) == 2
+
+
+def _round(parties: dict[str, Any], min_parties: int = 1) -> Any:
+    return average_round(parties, round_=2, min_parties=min_parties, folds=2, terms=40, outputs=1)
+
+
+def test_a_malformed_text_update_is_left_out_with_its_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    X, y = _toy(200, 2)
+    fold = fold_of(pl.Series([f"e{i}" for i in range(200)]), 2)
+    train = np.ones(200, dtype=bool)
+    good = party_updates(X, y, fold, train, start_models(40, 2, BINARY), BINARY)
+    alone = _round({"a": good})
+    nan = LinearWeights(coef=[[float("nan")] * 40], intercept=[0.0])
+    wide = LinearWeights(coef=[[0.0] * 41], intercept=[0.0])
+    huge = LinearWeights(coef=[[1e300] * 40], intercept=[0.0])
+    ragged = LinearWeights(coef=[[0.0] * 40, [0.0]], intercept=[0.0])
+    bad = {
+        "nan": [good[0], (nan, good[1][1]), good[2]],
+        "wide": [(wide, good[0][1]), good[1], good[2]],
+        "huge": [good[0], good[1], (huge, good[2][1])],
+        "ragged": [(ragged, good[0][1]), good[1], good[2]],
+        "short": good[:2],
+        "inflated": [good[0], good[1], (good[2][0], 10**9)],
+        "negative": [(good[0][0], -5), good[1], good[2]],
+    }
+    with caplog.at_level("WARNING"):
+        models = _round({"a": good, **bad})
+    assert models == alone  # every bad party is left out, the good one is averaged alone
+    text = caplog.text
+    for reason in (
+        "nan left out: fold model 1: non-finite weights",
+        "wide left out: fold model 0: weights of shape (1, 41)",
+        "huge left out: the full model: a weight beyond",
+        "ragged left out: fold model 0: weights are not a matrix",
+        "short left out: 2 models, not 3",
+        "inflated left out: the fold models' row counts do not add up",
+        "negative left out: fold model 0: negative row count",
+    ):
+        assert reason in text
+    with pytest.raises(
+        TextModelError, match=r"round 2: 1 valid part\(s\), text.min_parties is 2; left out: huge: "
+    ):
+        _round({"a": good, "huge": bad["huge"]}, min_parties=2)
+
+
+def test_counts_that_break_the_threshold_are_left_out() -> None:
+    fine = DocumentCounts(documents=10, frequencies={"good": 4, "bad taste": 3})
+    rare = DocumentCounts(documents=10, frequencies={"secret-term": 1})
+    above = DocumentCounts(documents=3, frequencies={"good": 4})
+    blob = DocumentCounts(documents=10, frequencies={"x" * 500: 4, "": 3})
+    counts = {"a": fine, "rare": rare, "above": above, "blob": blob}
+    assert review_counts(counts, min_documents=2, min_parties=1) == [fine]
+    with pytest.raises(TextModelError) as caught:
+        review_counts(counts, min_documents=2, min_parties=2)
+    message = str(caught.value)
+    assert "below text.min_documents (2)" in message and "exceeds the party's" in message
+    assert "secret-term" not in message and "xxxx" not in message  # no term in the error
 
 
 # -- spec ------------------------------------------------------------------------------------

@@ -763,6 +763,10 @@ class TextUpdates(BaseModel):
     counts: list[int] = Field(description="Training rows of each")
 
     def pairs(self) -> list[tuple[LinearWeights, int]]:
+        """The (weights, count) pairs; none when the lists differ in length, which the
+        coordinator's review then rejects (:func:`~tasks.prepare.text_model.update_problems`)."""
+        if len(self.weights) != len(self.counts):
+            return []
         return list(zip(self.weights, self.counts, strict=True))
 
 
@@ -892,20 +896,21 @@ def run_text_model(
     """The consortium text model learned in this process, no orchestration (benchmarks,
     notebooks, tests): the party steps ``prepare`` dispatches, called in turn."""
 
-    def count() -> list[DocumentCounts]:
-        return [run_count_text_terms(ctx, sources, text) for ctx, sources in parties.values()]
+    def count() -> dict[str, DocumentCounts]:
+        return {p: run_count_text_terms(ctx, srcs, text) for p, (ctx, srcs) in parties.items()}
 
     def fit_round(
         vocabulary: TextVocabulary, models: CrossFitModels, round_: int
-    ) -> list[list[tuple[LinearWeights, int]]]:
-        return [
-            run_fit_text_model(ctx, sources, vocabulary, models, settings, round_).pairs()
-            for ctx, sources in parties.values()
-        ]
+    ) -> dict[str, list[tuple[LinearWeights, int]]]:
+        return {
+            p: run_fit_text_model(ctx, srcs, vocabulary, models, settings, round_).pairs()
+            for p, (ctx, srcs) in parties.items()
+        }
 
     return learn_text_model(
         count,
         fit_round,
+        min_documents=text.min_documents,
         min_parties=text.min_parties,
         max_terms=text.max_terms,
         ngram_max=text.ngram_max,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,6 +38,8 @@ import polars as pl
 from pydantic import BaseModel, Field
 
 from tasks.types import Objective
+
+logger = logging.getLogger(__name__)
 
 #: Markup removed before tokenising (``<br />``, ``<p>``, ...).
 HTML_TAG = re.compile(r"<[^<>]{0,200}>")
@@ -93,6 +96,56 @@ class TextVocabulary(BaseModel):
     terms: list[str] = Field(description="Terms, one per TF-IDF column")
     idf: list[float] = Field(description="IDF weight of each term")
     ngram_max: int = Field(ge=1, description="Longest n-gram of the terms")
+
+
+#: Longest term (characters) a party's counts may hold: longer ones are not tokens.
+MAX_TERM_CHARS = 200
+
+
+def counts_problems(counts: DocumentCounts, *, min_documents: int) -> list[str]:
+    """What is wrong with one party's counts, as the coordinator checks them (the messages
+    name no term): every frequency between ``min_documents`` (the party must have left out
+    rarer terms) and the party's document count, every term a non-empty token."""
+    problems: list[str] = []
+    freqs = counts.frequencies.values()
+    if any(n < min_documents for n in freqs):
+        problems.append(
+            f"a term's document frequency is below text.min_documents ({min_documents})"
+        )
+    if any(n > counts.documents for n in freqs):
+        problems.append("a term's document frequency exceeds the party's document count")
+    if any(not t.strip() or len(t) > MAX_TERM_CHARS for t in counts.frequencies):
+        problems.append(f"a term is empty or longer than {MAX_TERM_CHARS} characters")
+    return problems
+
+
+def review_counts(
+    counts: Mapping[str, DocumentCounts], *, min_documents: int, min_parties: int
+) -> list[DocumentCounts]:
+    """The parties' counts that pass :func:`counts_problems` (the others are left out with
+    their reasons logged); fewer than ``min_parties`` passing is an error naming each."""
+    accepted: list[DocumentCounts] = []
+    rejected: dict[str, str] = {}
+    for party, party_counts in counts.items():
+        problems = counts_problems(party_counts, min_documents=min_documents)
+        if problems:
+            rejected[party] = "; ".join(problems)
+            logger.warning("text vocabulary: counts of %s left out: %s", party, rejected[party])
+        else:
+            accepted.append(party_counts)
+    if len(accepted) < min_parties:
+        raise TextModelError(
+            _quorum_message("text vocabulary", len(accepted), min_parties, rejected)
+        )
+    return accepted
+
+
+def _quorum_message(what: str, valid: int, min_parties: int, rejected: Mapping[str, str]) -> str:
+    left_out = "; ".join(f"{p}: {r}" for p, r in sorted(rejected.items()))
+    return (
+        f"{what}: {valid} valid part(s), text.min_parties is {min_parties}; "
+        f"left out: {left_out or 'none'}"
+    )
 
 
 def merge_document_frequencies(
@@ -285,9 +338,75 @@ def party_updates(
     return out
 
 
-def average_round(parties: Sequence[Sequence[tuple[LinearWeights, int]]]) -> CrossFitModels:
-    """The coordinator's side of a round: FedAvg of each model over the parties."""
-    per_model = list(zip(*parties, strict=True))
+#: Largest absolute weight or intercept the coordinator accepts in an update (TF-IDF columns
+#: are at most 1; an SGD fit of a few epochs stays many orders of magnitude below).
+MAX_ABS_WEIGHT = 1e6
+
+#: One party's round: its fold models, then its full model, each with its training rows.
+Updates = Sequence[tuple[LinearWeights, int]]
+
+
+def update_problems(updates: Updates, *, folds: int, terms: int, outputs: int) -> list[str]:
+    """What is wrong with one party's round, as the coordinator checks it: ``folds`` + 1
+    models of ``outputs`` × ``terms`` finite weights within :data:`MAX_ABS_WEIGHT`, and
+    counts that add up (a training row is outside exactly ``folds`` − 1 folds, so the fold
+    models' rows sum to ``folds`` − 1 times the full model's)."""
+    if len(updates) != folds + 1:
+        return [f"{len(updates)} models, not {folds + 1} ({folds} folds and the full model)"]
+    problems: list[str] = []
+    for j, (weights, count) in enumerate(updates):
+        name = "the full model" if j == folds else f"fold model {j}"
+        try:
+            coef, intercept = weights.arrays()
+        except ValueError:
+            problems.append(f"{name}: weights are not a matrix")
+            continue
+        if coef.shape != (outputs, terms) or intercept.shape != (outputs,):
+            problems.append(
+                f"{name}: weights of shape {coef.shape} and {intercept.shape}, "
+                f"not ({outputs}, {terms}) and ({outputs},)"
+            )
+        elif not (np.isfinite(coef).all() and np.isfinite(intercept).all()):
+            problems.append(f"{name}: non-finite weights")
+        elif (
+            max(np.abs(coef).max(initial=0.0), np.abs(intercept).max(initial=0.0)) > MAX_ABS_WEIGHT
+        ):
+            problems.append(f"{name}: a weight beyond ±{MAX_ABS_WEIGHT:g}")
+        if count < 0:
+            problems.append(f"{name}: negative row count")
+    counts = [n for _, n in updates]
+    if not problems and sum(counts[:-1]) != (folds - 1) * counts[-1]:
+        problems.append("the fold models' row counts do not add up to the full model's")
+    return problems
+
+
+def average_round(
+    parties: Mapping[str, Updates],
+    *,
+    round_: int,
+    min_parties: int,
+    folds: int,
+    terms: int,
+    outputs: int,
+) -> CrossFitModels:
+    """The coordinator's side of a round: each party's updates checked
+    (:func:`update_problems`; a failing party is left out of this round with its reason
+    logged, fewer than ``min_parties`` passing is an error naming each), then FedAvg of each
+    model over the accepted parties."""
+    accepted: list[Updates] = []
+    rejected: dict[str, str] = {}
+    for party, updates in parties.items():
+        problems = update_problems(updates, folds=folds, terms=terms, outputs=outputs)
+        if problems:
+            rejected[party] = "; ".join(problems)
+            logger.warning("text model round %d: %s left out: %s", round_, party, rejected[party])
+        else:
+            accepted.append(updates)
+    if len(accepted) < min_parties:
+        raise TextModelError(
+            _quorum_message(f"text model round {round_}", len(accepted), min_parties, rejected)
+        )
+    per_model = list(zip(*accepted, strict=True))
     averaged = [fed_average(list(m)) for m in per_model]
     return CrossFitModels(folds=averaged[:-1], full=averaged[-1])
 
@@ -316,26 +435,40 @@ def score_columns(outputs: int) -> list[str]:
 
 
 #: One round at every party: the global models and the round number in, each party's
-#: updates (fold models, then the full model, with their counts) out.
-FitRound = Callable[[CrossFitModels, int], Sequence[Sequence[tuple[LinearWeights, int]]]]
+#: updates (fold models, then the full model, with their counts) out, by party.
+FitRound = Callable[[CrossFitModels, int], Mapping[str, Updates]]
 
 
-def federated_rounds(start: CrossFitModels, rounds: int, fit_round: FitRound) -> CrossFitModels:
+def federated_rounds(
+    start: CrossFitModels,
+    rounds: int,
+    fit_round: FitRound,
+    *,
+    min_parties: int,
+    settings: TextModelSettings,
+) -> CrossFitModels:
     """The FedAvg loop of the text model: ``rounds`` times, every party fits the global
     models (``fit_round``: dispatched party steps in the flow, in memory elsewhere) and the
-    coordinator averages them by sample counts."""
+    coordinator checks and averages them by sample counts (:func:`average_round`)."""
     models = start
+    folds, terms = len(start.folds), len(start.full.coef[0])  # outputs × terms, outputs ≥ 1
     for round_ in range(1, rounds + 1):
-        models = average_round(fit_round(models, round_))
+        models = average_round(
+            fit_round(models, round_),
+            round_=round_,
+            min_parties=min_parties,
+            folds=folds,
+            terms=terms,
+            outputs=settings.outputs,
+        )
     return models
 
 
 def learn_text_model(
-    count: Callable[[], Sequence[DocumentCounts]],
-    fit_round: Callable[
-        [TextVocabulary, CrossFitModels, int], Sequence[Sequence[tuple[LinearWeights, int]]]
-    ],
+    count: Callable[[], Mapping[str, DocumentCounts]],
+    fit_round: Callable[[TextVocabulary, CrossFitModels, int], Mapping[str, Updates]],
     *,
+    min_documents: int,
     min_parties: int,
     max_terms: int,
     ngram_max: int,
@@ -345,14 +478,22 @@ def learn_text_model(
     spec: str,
 ) -> TextModel:
     """The coordinator's side of ``[text] model``: the parties' thresholded counts
-    (``count``) merged into the vocabulary, then :func:`federated_rounds` of the fold and
-    full models (``fit_round``: every party's updates for the vocabulary, models, round)."""
+    (``count``, by party) checked (:func:`review_counts`) and merged into the vocabulary,
+    then :func:`federated_rounds` of the fold and full models (``fit_round``: every party's
+    updates for the vocabulary, models, round)."""
     vocabulary = merge_document_frequencies(
-        count(), min_parties=min_parties, max_terms=max_terms, ngram_max=ngram_max
+        review_counts(count(), min_documents=min_documents, min_parties=min_parties),
+        min_parties=min_parties,
+        max_terms=max_terms,
+        ngram_max=ngram_max,
     )
     start = start_models(len(vocabulary.terms), folds, settings)
     models = federated_rounds(
-        start, rounds, lambda models, round_: fit_round(vocabulary, models, round_)
+        start,
+        rounds,
+        lambda models, round_: fit_round(vocabulary, models, round_),
+        min_parties=min_parties,
+        settings=settings,
     )
     return TextModel(spec=spec, vocabulary=vocabulary, models=models, rounds=rounds)
 
@@ -368,7 +509,9 @@ def train_federated_text(
     """:func:`federated_rounds` in memory (benchmarks, references): ``parties`` maps a party
     to its (X, y, fold, train) arrays."""
 
-    def fit_round(models: CrossFitModels, round_: int) -> list[list[tuple[LinearWeights, int]]]:
-        return [party_updates(*data, models, settings) for data in parties.values()]
+    def fit_round(models: CrossFitModels, round_: int) -> dict[str, Updates]:
+        return {p: party_updates(*data, models, settings) for p, data in parties.items()}
 
-    return federated_rounds(start_models(terms, folds, settings), rounds, fit_round)
+    return federated_rounds(
+        start_models(terms, folds, settings), rounds, fit_round, min_parties=1, settings=settings
+    )
