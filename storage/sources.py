@@ -30,6 +30,7 @@ import io
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,10 @@ _BOM = b"\xef\xbb\xbf"
 _FFFD = "\ufffd"
 #: Noncharacters: valid UTF-8 that stands in for genuine U+FFFD while invalid bytes are found.
 _SENTINELS = ("\ufdd0", "\ufdd1", "\ufdd2", "\ufdd3", "\U0010fffe", "\U0010ffff")
+
+
+#: Bytes of a CSV or JSONL file read at a time (a batch ends at a line's end).
+READ_BATCH = 1 << 24
 
 
 class SourceError(ValueError):
@@ -112,15 +117,19 @@ def read_source(
     csv: CsvLayout | None = None,
     max_bytes: int | None = None,
     keep: pl.Expr | None = None,
+    batch_bytes: int = READ_BATCH,
 ) -> RawSource:
     """Read a raw source file into a frame of its own columns plus ``__row``; a CSV file
     with ``max_bytes`` only up to the last whole line within them (a sample of it).
 
     ``keep``: an expression over the file's columns (and ``__row``) selecting the rows
     wanted (a shard of the file). Local Parquet and Arrow files are scanned by polars'
-    streaming engine, so only those rows are ever held (``selected``); other files are read
-    whole and every row returned, for the caller to filter. Row numbers are the file's
-    either way, and a file holding no rows at all is refused as without ``keep``."""
+    streaming engine; CSV and JSONL files are read in batches of about ``batch_bytes``
+    (each ending at a line's end), each batch filtered as it is read: either way only the
+    selected rows are ever held (``selected``). Other files are read whole and every row
+    returned, for the caller to filter. A column ``keep`` needs that a CSV or JSONL file
+    lacks is missing for it (its rows have no key). Row numbers are the file's either way,
+    and a file holding no rows at all is refused as without ``keep``."""
     if keep is not None and fmt in ("parquet", "arrow") and not is_uri(location):
         selected = _scan_selected(location, fmt, keep)
         if selected is not None:
@@ -130,9 +139,9 @@ def read_source(
     if fmt == "arrow":
         return RawSource(_read_arrow(location))
     if fmt == "csv":
-        return _read_csv(location, encoding, csv or CsvLayout(), max_bytes)
+        return _read_csv(location, encoding, csv or CsvLayout(), max_bytes, keep, batch_bytes)
     if fmt == "jsonl":
-        return _read_jsonl(location, encoding)
+        return _read_jsonl(location, encoding, keep, batch_bytes)
     raise SourceError(f"{location}: unknown format {fmt!r} (csv, parquet, jsonl, arrow)")
 
 
@@ -404,21 +413,6 @@ def _read_arrow_checked(location: str, data: bytes) -> pl.DataFrame:
     return _utf8_checked(table)
 
 
-def _drop_lines(data: bytes, layout: CsvLayout) -> bytes:
-    """The file without its preamble (``skip_rows`` lines) and comment lines."""
-    if layout.skip_rows:
-        at = 0
-        for _ in range(layout.skip_rows):
-            at = data.find(b"\n", at) + 1
-            if at == 0:
-                return b""
-        data = data[at:]
-    if layout.comment_prefix is not None:
-        prefix = re.escape(layout.comment_prefix.encode())
-        data = re.sub(rb"(?m)^" + prefix + rb"[^\n]*(?:\n|\Z)", b"", data)
-    return data
-
-
 def _first_fields(data: bytes, layout: CsvLayout) -> list[str]:
     """The fields of the first line (the header, or the first data row)."""
     import csv
@@ -431,50 +425,215 @@ def _first_fields(data: bytes, layout: CsvLayout) -> list[str]:
     return next(reader, [])
 
 
-def _read_csv(
-    location: str, encoding: str, layout: CsvLayout, max_bytes: int | None = None
-) -> RawSource:
-    """All cells as text; rows with the wrong number of fields come back in ``bad_lines``."""
-    import numpy as np
-    import pyarrow.csv as pacsv
+def _chunks(location: str, size: int, max_bytes: int | None = None) -> Iterator[bytes]:
+    """The file's bytes in pieces of about ``size`` bytes, each ending at a line's end (the
+    last where the file ends; a line longer than ``size`` is one piece); with ``max_bytes``,
+    only up to the last whole line within them when the file is longer."""
+    fs, path = filesystem(location)
+    if not fs.exists(path):
+        raise SourceError(f"{location}: source file not found")
+    if fs.isdir(path):
+        raise SourceError(f"{location}: is a folder, expected a file")
+    size = max(size, 1)
+    with fs.open(path, "rb") as handle:
+        carry = b""
+        total = 0
+        while True:
+            want = size if max_bytes is None else min(size, max_bytes + 1 - total)
+            piece: bytes = handle.read(want)
+            total += len(piece)
+            if max_bytes is not None and total > max_bytes:
+                data = carry + piece[: len(piece) - (total - max_bytes)]
+                if cut := data.rfind(b"\n") + 1:
+                    yield data[:cut]
+                return
+            if not piece:
+                if carry:
+                    yield carry
+                return
+            data = carry + piece
+            cut = data.rfind(b"\n") + 1
+            carry = data[cut:]
+            if cut:
+                yield data[:cut]
 
-    data = _open_bytes(location, max_bytes)
-    utf8 = encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8lossy", "utf8sig")
-    if utf8 and data.startswith(_BOM):
-        data = data[len(_BOM) :]
-    if not data.strip():
-        raise SourceError(f"{location}: file is empty")
+
+def _is_utf8(encoding: str, *, lossy: bool = True) -> bool:
+    names = ("utf8", "utf8lossy", "utf8sig") if lossy else ("utf8", "utf8sig")
+    return encoding.lower().replace("-", "").replace("_", "") in names
+
+
+def _without_bom(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The chunks, a UTF-8 byte-order mark at the start of the first dropped."""
+    first = True
+    for chunk in chunks:
+        yield chunk[len(_BOM) :] if first and chunk.startswith(_BOM) else chunk
+        first = False
+
+
+@dataclass
+class _CsvText:
+    """What a first pass over a CSV file found: how its bytes become UTF-8 text."""
+
+    utf8: bool
+    #: Invalid UTF-8 somewhere: every cell holding it is decoded lossily and flagged.
+    replaced: bool = False
+    #: The noncharacter standing in for genuine U+FFFD while that is done.
     sentinel: str | None = None
-    replaced = False
-    if utf8:
+
+
+def _csv_text(location: str, encoding: str, batch_bytes: int, max_bytes: int | None) -> _CsvText:
+    """One pass over the file, batch by batch: refused when it is blank or cannot be
+    decoded (naming the byte), else how its batches are to be decoded."""
+    import codecs
+
+    utf8 = _is_utf8(encoding)
+    text = _CsvText(utf8=utf8)
+    blank = True
+    has_fffd = False
+    present: set[str] = set()
+    decoder: codecs.IncrementalDecoder | None = None
+    unknown = False
+    if not utf8:
         try:
-            data.decode("utf-8")
-        except UnicodeDecodeError:
-            # invalid bytes become U+FFFD below, and only they: a genuine U+FFFD is swapped
-            # for a noncharacter the file does not hold first, and restored after parsing
-            replaced = True
-            if _FFFD.encode() in data:
-                sentinel = next((s for s in _SENTINELS if s.encode() not in data), None)
-                if sentinel is None:  # pragma: no cover - a file holding all six
-                    raise SourceError(f"{location}: cannot locate its invalid UTF-8") from None
-                data = data.replace(_FFFD.encode(), sentinel.encode())
-            data = data.decode("utf-8", errors="replace").encode()
-    else:
+            decoder = codecs.getincrementaldecoder(encoding)()
+        except LookupError:
+            unknown = True
+    offset = 0
+    chunks = _chunks(location, batch_bytes, max_bytes)
+    for chunk in _without_bom(chunks) if utf8 else chunks:
+        blank = blank and not chunk.strip()
+        if utf8:
+            if not text.replaced:
+                try:
+                    chunk.decode("utf-8")
+                except UnicodeDecodeError:
+                    text.replaced = True
+            if _FFFD.encode() in chunk:
+                has_fffd = True
+                present |= {s for s in _SENTINELS if s.encode() in chunk}
+        elif decoder is not None:
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                at = offset - pending + exc.start
+                raise SourceError(
+                    f"{location}: cannot decode as {encoding} (byte {at}: {exc.reason})"
+                ) from None
+        offset += len(chunk)
+    if blank:
+        raise SourceError(f"{location}: file is empty")
+    if unknown:
+        raise SourceError(f"{location}: cannot decode as {encoding} (unknown encoding)")
+    if decoder is not None:
         try:
-            data = data.decode(encoding).encode()
-        except (UnicodeDecodeError, LookupError) as exc:
-            where = (
-                f"byte {exc.start}: {exc.reason}"
-                if isinstance(exc, UnicodeDecodeError)
-                else "unknown encoding"
-            )
-            raise SourceError(f"{location}: cannot decode as {encoding} ({where})") from None
-    data = _drop_lines(data, layout)
-    if not data.strip():
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:
+            pending = len(decoder.getstate()[0])
+            at = offset - pending + exc.start
+            raise SourceError(
+                f"{location}: cannot decode as {encoding} (byte {at}: {exc.reason})"
+            ) from None
+    if text.replaced and has_fffd:
+        # a genuine U+FFFD is swapped for a noncharacter the file does not hold first, and
+        # restored after parsing: only the invalid bytes become U+FFFD
+        text.sentinel = next((s for s in _SENTINELS if s not in present), None)
+        if text.sentinel is None:  # pragma: no cover - a file holding all six
+            raise SourceError(f"{location}: cannot locate its invalid UTF-8")
+    return text
+
+
+def _csv_lines(
+    location: str,
+    encoding: str,
+    layout: CsvLayout,
+    text: _CsvText,
+    batch_bytes: int,
+    max_bytes: int | None,
+) -> Iterator[bytes]:
+    """The file's lines as UTF-8, batch by batch (each batch ending at a line's end),
+    without the preamble (``skip_rows`` lines) and comment lines."""
+    import codecs
+
+    chunks = _chunks(location, batch_bytes, max_bytes)
+    decoder = None if text.utf8 else codecs.getincrementaldecoder(encoding)()
+    carry = ""
+    skip = layout.skip_rows
+    comment = (
+        re.compile(rb"(?m)^" + re.escape(layout.comment_prefix.encode()) + rb"[^\n]*(?:\n|\Z)")
+        if layout.comment_prefix is not None
+        else None
+    )
+    ended = False
+    pieces = _without_bom(chunks) if text.utf8 else chunks
+    while not ended:
+        chunk = next(pieces, None)
+        if chunk is None:
+            ended = True
+            if decoder is None:
+                break
+            chunk = b""
+        if decoder is not None:
+            decoded = carry + decoder.decode(chunk, final=ended)
+            cut = len(decoded) if ended else decoded.rfind("\n") + 1
+            carry = decoded[cut:]
+            data = decoded[:cut].encode()
+        elif text.replaced:
+            if text.sentinel is not None:
+                chunk = chunk.replace(_FFFD.encode(), text.sentinel.encode())
+            data = chunk.decode("utf-8", errors="replace").encode()
+        else:
+            data = chunk
+        while skip and data:
+            at = data.find(b"\n") + 1
+            data = data[at:] if at else b""
+            skip -= 1
+        if comment is not None:
+            data = comment.sub(b"", data)
+        if data:
+            yield data
+
+
+class _Stream(io.RawIOBase):
+    """A readable binary stream over an iterator of byte strings (for pyarrow's reader)."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self._pieces = pieces
+        self._left = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._left:
+            piece = next(self._pieces, None)
+            if piece is None:
+                return 0
+            self._left = piece
+        size = min(len(buffer), len(self._left))
+        buffer[:size] = self._left[:size]
+        self._left = self._left[size:]
+        return size
+
+
+def _header(
+    location: str, lines: Iterator[bytes], layout: CsvLayout
+) -> tuple[list[str], Iterator[bytes]]:
+    """The column names (the header's, or the layout's), checked, and the data lines after
+    the header (refused when there are none)."""
+    import itertools
+
+    head = b""
+    for data in lines:
+        head += data
+        if b"\n" in head:
+            break
+    if not head.strip():
         raise SourceError(f"{location}: file holds no data rows")
-    first = _first_fields(data, layout)
+    first = _first_fields(head, layout)
     if layout.header:
-        data = data.split(b"\n", 1)[1] if b"\n" in data else b""
+        head = head.split(b"\n", 1)[1] if b"\n" in head else b""
     if layout.names is not None:
         names = list(layout.names)
         if len(first) != len(names):
@@ -491,12 +650,61 @@ def _read_csv(
             f"{location}: duplicate column names in the header ({len(repeated)} of "
             f"{len(names)} repeat an earlier one, at column(s) {repeated})"
         )
-    if not data.strip():
-        raise SourceError(f"{location}: file holds no data rows")
+    blank = [head]
+    while not blank[-1].strip():
+        more = next(lines, None)
+        if more is None:
+            raise SourceError(f"{location}: file holds no data rows")
+        blank.append(more)
+    return names, itertools.chain(blank, lines)
+
+
+def _row_numbers(start: int, count: int, skipped: Any) -> Any:
+    """The numbers of the next ``count`` parsed records from ``start`` on: the data rows
+    left once the skipped ones (sorted) are taken out."""
+    import numpy as np
+
+    ahead = skipped[np.searchsorted(skipped, start) :]
+    candidates = np.arange(start, start + count + len(ahead), dtype=np.int64)
+    return candidates[~np.isin(candidates, ahead)][:count]
+
+
+def _with_keep_columns(frame: pl.DataFrame, keep: pl.Expr) -> tuple[pl.DataFrame, list[str]]:
+    """The frame with the columns ``keep`` needs that it lacks added as missing text (those
+    rows have no key), and their names (to drop after filtering)."""
+    missing = [c for c in keep.meta.root_names() if c not in frame.columns]
+    if missing:
+        frame = frame.with_columns(pl.lit(None, pl.String).alias(c) for c in missing)
+    return frame, missing
+
+
+def _selected(frame: pl.DataFrame, keep: pl.Expr | None) -> pl.DataFrame:
+    if keep is None:
+        return frame
+    frame, added = _with_keep_columns(frame, keep)
+    return frame.filter(keep).drop(added)
+
+
+def _read_csv(
+    location: str,
+    encoding: str,
+    layout: CsvLayout,
+    max_bytes: int | None = None,
+    keep: pl.Expr | None = None,
+    batch_bytes: int = READ_BATCH,
+) -> RawSource:
+    """All cells as text; rows with the wrong number of fields come back in ``bad_lines``.
+    Read in batches (a first pass finds the encoding problems), each batch filtered by
+    ``keep``; the header line is not given to the parser, so its line numbers are data rows."""
+    import numpy as np
+    import pyarrow.csv as pacsv
+
+    text = _csv_text(location, encoding, batch_bytes, max_bytes)
+    lines = _csv_lines(location, encoding, layout, text, batch_bytes, max_bytes)
+    names, data = _header(location, lines, layout)
     bad: list[tuple[int, str, str]] = []
 
     def invalid(row: Any) -> str:
-        # the header line is not given to the parser: its line numbers are data rows
         number = int(row.number) if row.number is not None else -1
         bad.append(
             (
@@ -507,11 +715,14 @@ def _read_csv(
         )
         return "skip"
 
+    frames: list[pl.DataFrame] = []
+    parsed = 0
+    start = 1
     try:
-        table = pacsv.read_csv(
-            io.BytesIO(data),
+        reader = pacsv.open_csv(
+            _Stream(data),
             read_options=pacsv.ReadOptions(
-                use_threads=False, block_size=1 << 24, column_names=names
+                use_threads=False, block_size=batch_bytes, column_names=names
             ),
             parse_options=pacsv.ParseOptions(
                 delimiter=layout.delimiter,
@@ -524,26 +735,35 @@ def _read_csv(
                 null_values=["", *layout.null_values],
             ),
         )
+        for batch in reader:
+            if batch.num_rows == 0:
+                continue
+            skipped = np.sort(np.array([n for n, _, _ in bad], dtype=np.int64))
+            rows = _row_numbers(start, batch.num_rows, skipped)
+            start = int(rows[-1]) + 1
+            parsed += batch.num_rows
+            frame = pl.DataFrame(pl.from_arrow(pa.Table.from_batches([batch])))
+            frame = frame.with_columns(pl.Series(ROW, rows, dtype=pl.Int64)).select(ROW, *names)
+            if text.replaced:
+                frame = _flag_replaced(frame, names, text.sentinel)
+            frames.append(_selected(frame, keep))
     except (pa.ArrowException, OSError) as exc:
         # the parser's detail ("Expected 4 columns, got 5: <the row>") is not shown
         raise SourceError(f"{location}: malformed CSV ({str(exc).split(':', 1)[0]})") from None
-    frame = pl.DataFrame(pl.from_arrow(table))
-    if frame.height == 0 and not bad:
+    if parsed == 0 and not bad:
         raise SourceError(f"{location}: file holds no data rows")
-    # the data rows left once the skipped ones are taken out (a mask: linear in the rows)
-    kept = np.ones(frame.height + len(bad), dtype=bool)
-    skipped = np.array([n for n, _, _ in bad], dtype=np.int64)
-    kept[skipped[(skipped >= 1) & (skipped <= len(kept))] - 1] = False
-    rows = np.flatnonzero(kept).astype(np.int64) + 1
-    frame = frame.with_columns(pl.Series(ROW, rows, dtype=pl.Int64)).select(ROW, *names)
-    if replaced:
-        frame, bad = _flag_replaced(frame, names, bad, sentinel)
-    return RawSource(frame, bad)
+    if text.sentinel is not None:
+        bad = [(n, line.replace(text.sentinel, _FFFD), why) for n, line, why in bad]
+    if not frames:
+        columns = [n.replace(text.sentinel, _FFFD) if text.sentinel else n for n in names]
+        schema: dict[str, Any] = {ROW: pl.Int64} | dict.fromkeys(columns, pl.String)
+        if text.replaced:
+            schema[INVALID_UTF8] = pl.List(pl.String)
+        frames = [pl.DataFrame(schema=schema)]
+    return RawSource(pl.concat(frames), bad, selected=keep is not None)
 
 
-def _flag_replaced(
-    frame: pl.DataFrame, names: list[str], bad: list[tuple[int, str, str]], sentinel: str | None
-) -> tuple[pl.DataFrame, list[tuple[int, str, str]]]:
+def _flag_replaced(frame: pl.DataFrame, names: list[str], sentinel: str | None) -> pl.DataFrame:
     """List per row the columns whose cells held invalid bytes (U+FFFD after the lossy
     decoding); give genuine U+FFFD back where the sentinel stood in for it."""
 
@@ -553,10 +773,9 @@ def _flag_replaced(
     listed = [flag(name) for name in names]
     frame = frame.with_columns(pl.concat_list(listed).list.drop_nulls().alias(INVALID_UTF8))
     if sentinel is None:
-        return frame, bad
+        return frame
     genuine = pl.col(names).str.replace_all(sentinel, _FFFD, literal=True)
-    frame = frame.with_columns(genuine).rename({n: n.replace(sentinel, _FFFD) for n in names})
-    return frame, [(n, text.replace(sentinel, _FFFD), why) for n, text, why in bad]
+    return frame.with_columns(genuine).rename({n: n.replace(sentinel, _FFFD) for n in names})
 
 
 class _DuplicateKey(ValueError):
@@ -681,10 +900,10 @@ def _python_lines(
 
 
 def _decoded_lines(
-    location: str, data: bytes, encoding: str, bad: list[tuple[int, str, str]]
+    location: str, data: bytes, encoding: str, bad: list[tuple[int, str, str]], first: int = 0
 ) -> pl.DataFrame:
-    """The file's non-blank lines as text (``__row``, ``text``); undecodable lines go to
-    ``bad``. UTF-8: the invalid lines are found by Arrow's validation over halves; another
+    """The non-blank lines of ``data`` (the file's lines after its first ``first``) as text
+    (``__row``, ``text``); undecodable lines go to ``bad``. UTF-8: the invalid lines are found by Arrow's validation over halves; another
     encoding: the whole file is decoded at once, line by line only when that fails."""
     utf8 = encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig")
     if not utf8:
@@ -692,7 +911,7 @@ def _decoded_lines(
             data = data.decode(encoding).encode()
         except UnicodeDecodeError:
             good: list[bytes] = []
-            for number, line in enumerate(data.split(b"\n"), start=1):
+            for number, line in enumerate(data.split(b"\n"), start=first + 1):
                 try:
                     good.append(line.decode(encoding).encode())
                 except UnicodeDecodeError as exc:
@@ -702,6 +921,7 @@ def _decoded_lines(
                     good.append(b"")
             data = b"\n".join(good)
     array, numbers = _lines(data)
+    numbers += first
     invalid: list[int] = []
     if len(array):
         _invalid_positions(array.view(pa.large_string()), 0, len(array), invalid)
@@ -716,7 +936,7 @@ def _decoded_lines(
             except UnicodeDecodeError as exc:
                 text = line.decode("utf-8", "replace")
                 if text.strip(_ASCII_SPACE):
-                    bad.append((i + 1, text, f"invalid {encoding} ({exc.reason})"))
+                    bad.append((int(numbers[i]), text, f"invalid {encoding} ({exc.reason})"))
         mask = np.ones(len(array), dtype=bool)
         mask[invalid] = False
         array = pc.filter(array, pa.array(mask))
@@ -731,50 +951,72 @@ def _decoded_lines(
     return lines.filter(pl.col("text") != "")
 
 
-def _read_jsonl(location: str, encoding: str) -> RawSource:
-    """JSONL read by polars in blocks; only lines that fail (and lines that may repeat a key
-    inside an object) are parsed one by one, to name the line and the reason."""
-    data = _open_bytes(location)
-    if encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig"):
-        data = data.removeprefix(_BOM)
+def _read_jsonl(
+    location: str, encoding: str, keep: pl.Expr | None = None, batch_bytes: int = READ_BATCH
+) -> RawSource:
+    """JSONL read in batches of lines (their numbers the file's), each by polars in blocks
+    and filtered by ``keep``; only lines that fail (and lines that may repeat a key inside
+    an object) are parsed one by one, to name the line and the reason. The columns come in
+    the order of their first appearance (those of the lines parsed one by one last), as
+    over the whole file at once."""
     bad: list[tuple[int, str, str]] = []
-    records: list[tuple[int, dict[str, Any]]] = []
-    lines = _decoded_lines(location, data, encoding, bad)
-    # lines that are not an object, or may repeat a key, go through Python's parser
-    keys = pl.col("text").str.extract_all(_JSON_KEY)
-    lines = lines.with_columns(
-        (~pl.col("text").str.starts_with("{") | (keys.list.n_unique() < keys.list.len())).alias(
-            "one_by_one"
-        )
-    )
-    single = lines.filter(pl.col("one_by_one"))
-    _python_lines(single["text"], single[ROW], bad, records)
-    frames: list[pl.DataFrame] = []
-    parsed = lines.filter(~pl.col("one_by_one"))
-    for start in range(0, parsed.height, JSONL_BLOCK):
-        block = parsed.slice(start, JSONL_BLOCK)
-        frames += _parse_lines(block["text"], block[ROW], bad, records)
-    if records:
-        names = list(dict.fromkeys(key for _, record in records for key in record))
-        frames.append(
-            pl.DataFrame(
-                {
-                    key: pl.Series(key, [r.get(key) for _, r in records], dtype=pl.String)
-                    for key in names
-                }
-                | {ROW: pl.Series(ROW, [n for n, _ in records], dtype=pl.Int64)}
+    columns: dict[str, None] = {}
+    one_by_one: dict[str, None] = {}
+    failed: dict[str, None] = {}
+    kept: list[pl.DataFrame] = []
+    parsed = False
+    offset = 0
+    chunks = _chunks(location, batch_bytes)
+    for chunk in _without_bom(chunks) if _is_utf8(encoding, lossy=False) else chunks:
+        lines = _decoded_lines(location, chunk, encoding, bad, offset)
+        offset += chunk.count(b"\n")
+        # lines that are not an object, or may repeat a key, go through Python's parser
+        keys = pl.col("text").str.extract_all(_JSON_KEY)
+        lines = lines.with_columns(
+            (~pl.col("text").str.starts_with("{") | (keys.list.n_unique() < keys.list.len())).alias(
+                "one_by_one"
             )
         )
+        single = lines.filter(pl.col("one_by_one"))
+        singles: list[tuple[int, dict[str, Any]]] = []
+        _python_lines(single["text"], single[ROW], bad, singles)
+        frames: list[pl.DataFrame] = []
+        fails: list[tuple[int, dict[str, Any]]] = []
+        blocks = lines.filter(~pl.col("one_by_one"))
+        for start in range(0, blocks.height, JSONL_BLOCK):
+            block = blocks.slice(start, JSONL_BLOCK)
+            frames += _parse_lines(block["text"], block[ROW], bad, fails)
+        for frame in frames:
+            columns.update(dict.fromkeys(c for c in frame.columns if c != ROW))
+        one_by_one.update(dict.fromkeys(key for _, record in singles for key in record))
+        failed.update(dict.fromkeys(key for _, record in fails for key in record))
+        if records := singles + fails:
+            names = list(dict.fromkeys(key for _, record in records for key in record))
+            frames.append(
+                pl.DataFrame(
+                    {
+                        key: pl.Series(key, [r.get(key) for _, r in records], dtype=pl.String)
+                        for key in names
+                    }
+                    | {ROW: pl.Series(ROW, [n for n, _ in records], dtype=pl.Int64)}
+                )
+            )
+        if frames:
+            parsed = True
+            kept.append(_selected(pl.concat(frames, how="diagonal_relaxed").sort(ROW), keep))
     bad.sort(key=lambda item: item[0])
-    if not frames and not bad:
+    if not parsed and not bad:
         raise SourceError(f"{location}: file holds no data rows")
-    if not frames:
+    if not parsed:
         shown = "; ".join(f"line {n}: {why}" for n, _, why in bad[:5])
         more = f"; ... ({len(bad) - 5} more)" if len(bad) > 5 else ""
         raise SourceError(
             f"{location}: no line holds a valid JSON object ({len(bad)} non-empty line(s), "
             f"all invalid: {shown}{more})"
         )
-    frame = pl.concat(frames, how="diagonal_relaxed").sort(ROW)
-    columns = [c for c in frame.columns if c != ROW]
-    return RawSource(frame.select(ROW, *columns), bad)
+    order = list(dict.fromkeys([*columns, *one_by_one, *failed]))
+    frame = pl.concat(kept, how="diagonal_relaxed")
+    frame = frame.with_columns(
+        pl.lit(None, pl.String).alias(c) for c in order if c not in frame.columns
+    )
+    return RawSource(frame.select(ROW, *order), bad, selected=keep is not None)
