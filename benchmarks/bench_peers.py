@@ -17,7 +17,7 @@ Systems (one subprocess each, run one after the other, interleaved per repeat):
 * averaging: ``tasks.horizontal.loop.train_federated`` (weighted output averaging);
 * lossless: ``tasks.horizontal.lossless.train_lossless`` with consortium bins.
 
-Peer systems (Flower, NVFlare) are not wired in yet: see benchmarks/README.md.
+Peer systems (Flower, NVFlare) are not wired in yet: see benchmarks/README.md, "Peers".
 """
 
 from __future__ import annotations
