@@ -200,7 +200,7 @@ def test_counts_that_break_the_threshold_are_left_out() -> None:
     fine = DocumentCounts(documents=10, frequencies={"good": 4, "bad taste": 3})
     rare = DocumentCounts(documents=10, frequencies={"secret-term": 1})
     above = DocumentCounts(documents=3, frequencies={"good": 4})
-    blob = DocumentCounts(documents=10, frequencies={"x" * 500: 4, "": 3})
+    blob = DocumentCounts(documents=10, frequencies={"x" * 5000: 4, "": 3})
     counts = {"a": fine, "rare": rare, "above": above, "blob": blob}
     assert review_counts(counts, min_documents=2, min_parties=1) == [fine]
     with pytest.raises(TextModelError) as caught:

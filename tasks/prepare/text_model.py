@@ -99,7 +99,7 @@ class TextVocabulary(BaseModel):
 
 
 #: Longest term (characters) a party's counts may hold: longer ones are not tokens.
-MAX_TERM_CHARS = 200
+MAX_TERM_CHARS = 2000
 
 
 def counts_problems(counts: DocumentCounts, *, min_documents: int) -> list[str]:
