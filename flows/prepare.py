@@ -273,6 +273,7 @@ def _run_party_steps(
             )
     fuse = fuse_party.with_options(**opts, task_run_name=party_step_name(party, "fuse"))
     fused = fuse(ctx, aligned_outputs, [c.quality for c in cleaned])
+    fused = fused.model_copy(update={"clean_tables": {c.source: c.clean for c in cleaned}})
     if key_f:
         fused = fused.model_copy(update={"key_tables": {s: f.result() for s, f in key_f.items()}})
     logger.info("%s: fused table %s", party, fused.table.short)
@@ -354,9 +355,10 @@ def learn_vocabularies(spec: FedSpec, *, dispatch: str | None, refresh: bool) ->
 
 
 def consortium_text_model(spec: FedSpec) -> FileRef | None:
-    """The stored text model of this spec (``[text] model``), ``None`` without one; an error
-    when the spec wants one that was not trained yet."""
-    if not spec.text.model:
+    """The stored text model of this spec (``[text] model`` in the horizontal layout),
+    ``None`` without one; an error when the spec wants one that was not trained yet. (In
+    the vertical layout each text party fits its own text block at training.)"""
+    if not spec.consortium_text_model():
         return None
     ref = text_model_ref(Store(spec.coordinator.store), spec.text_fingerprint())
     if ref is None:
@@ -389,7 +391,7 @@ def learn_consortium_text_model(spec: FedSpec, *, dispatch: str | None, refresh:
     vocabularies, a stored model is never trained again for the same spec."""
     logger = get_run_logger()
     text = spec.text
-    if not text.model:
+    if not spec.consortium_text_model():
         return
     coordinator = Store(spec.coordinator.store)
     fingerprint = spec.text_fingerprint()

@@ -44,7 +44,13 @@ from tasks.spec.models import FedSpec, FusionSpec, TrainingSpec
 from tasks.vertical.export import vertical_export
 from tasks.vertical.fusion import Fusion
 from tasks.vertical.party_model import PartyModel
-from tasks.vertical.refs import PsiOverlap, StateRef, VerticalSetup
+from tasks.vertical.refs import (
+    PsiOverlap,
+    StateRef,
+    TextSourceRef,
+    VerticalSetup,
+    VerticalTextSetup,
+)
 from tasks.vertical.steps import (
     baselines_task,
     combine_task,
@@ -65,7 +71,10 @@ from tasks.vertical.steps import (
     start_state_task,
     test_metrics_task,
     test_scores_task,
+    text_block_at_task,
+    text_block_task,
 )
+from tasks.vertical.text_block import TextTarget
 
 
 class VerticalResult(BaseModel):
@@ -122,17 +131,55 @@ def check_vertical(spec: FedSpec, spec_path: str) -> str:
     return label
 
 
+def _text_setup(
+    spec: FedSpec, party: str, prepared: FusedOutput, as_of: dt.date | None, *, wanted: bool
+) -> VerticalTextSetup | None:
+    """What the party's text block reads (``wanted``: ``[text] model`` or a trained block
+    to score with; a party with a text source): its clean text tables as its pipeline wrote
+    them, and the ``[text]`` settings."""
+    text = spec.text
+    sources = [s for s in spec.party(party).sources if s.kind == "text"]
+    if not wanted or not sources:
+        return None
+    missing = [s.id for s in sources if s.id not in prepared.clean_tables]
+    if missing:
+        raise ValueError(f"party {party}: no clean table of text source(s) {missing}")
+    return VerticalTextSetup(
+        sources=[
+            TextSourceRef(
+                source=s.id,
+                clean=prepared.clean_tables[s.id],
+                options=s.features,
+            )
+            for s in sources
+        ],
+        entity=spec.consortium.entity,
+        as_of=as_of or spec.consortium.as_of,
+        secret=spec.consortium.secret,
+        min_documents=text.min_documents,
+        max_terms=text.max_terms,
+        ngram_max=text.ngram_max,
+        folds=text.folds,
+        alpha=text.alpha,
+    )
+
+
 def _vertical_setups(
     spec: FedSpec,
     label: str,
     *,
     key: str,
-    fused: dict[str, TableRef],
+    prepared: dict[str, FusedOutput],
     schemas: dict[str, FeatureSchema],
     training: TrainingSpec,
     scoring: bool = False,
+    as_of: dt.date | None = None,
+    text_models: dict[str, FileRef] | None = None,
 ) -> dict[str, VerticalSetup]:
-    """Every party's setup (stores under ``scoring/`` when scoring new data)."""
+    """Every party's setup (stores under ``scoring/`` when scoring new data; a scoring
+    text party gets its trained ``text_models`` block)."""
+    fused = {p: out.table for p, out in prepared.items()}
+    text_models = text_models or {}
     return {
         p: VerticalSetup(
             party=p,
@@ -147,6 +194,10 @@ def _vertical_setups(
             objective=spec.consortium.task,
             num_class=max(num_classes(spec), 1),
             training=training,
+            text=_text_setup(
+                spec, p, prepared[p], as_of, wanted=spec.text.model or p in text_models
+            ),
+            text_model=text_models.get(p),
         )
         for p in fused
     }
@@ -206,14 +257,17 @@ def vertical_training(
     schema = consortium_schema({p: out.features for p, out in prepared.items()})
     fused = {p: out.table for p, out in prepared.items()}
     base_key = run_key(spec.model_copy(update={"training": training}), schema, fused)
-    key = vertical_run_key(base_key, spec.fusion)
+    key = vertical_run_key(base_key, spec.fusion, spec.text if spec.text.model else None)
     schemas = {p: consortium_schema({p: prepared[p].features}) for p in parties}
-    setups = _vertical_setups(spec, label, key=key, fused=fused, schemas=schemas, training=training)
+    setups = _vertical_setups(
+        spec, label, key=key, prepared=prepared, schemas=schemas, training=training
+    )
     overlap, aligns = align_parties(setups, label, spec.fusion.min_overlap, call)
     if spec.fusion.mode == "one_shot":
         fit = _one_shot(setups, label, aligns, spec.fusion.weights, spec.fusion.learned, call)
     else:
         fit = _rounds(setups, label, aligns, spec.fusion, refresh, stop_after, call)
+    setups = _with_text_blocks(setups, fit.text_models)
     comparison: dict[str, dict[str, float]] = {"vertical (fused)": fit.test}
     if baselines:
         opts = task_options(call.results, refresh)
@@ -227,6 +281,7 @@ def vertical_training(
         upto_round=fit.upto_round,
         models=fit.models,
         feature_schema={p: s.schema_ for p, s in setups.items()},
+        text_models=fit.text_models,
     )
     report = VerticalReport(
         overlap=overlap.overlap,
@@ -297,6 +352,38 @@ class _Fit(BaseModel):
     left_out: dict[int, dict[str, str]] = Field(
         default_factory=dict, description="Parties each round of this call left out, and why"
     )
+    text_models: dict[str, FileRef] = Field(
+        default_factory=dict, description="The text parties' text blocks (their own stores)"
+    )
+
+
+def _with_text_blocks(
+    setups: dict[str, VerticalSetup], blocks: dict[str, FileRef]
+) -> dict[str, VerticalSetup]:
+    """The setups with each text party's fitted block (its score columns join its block)."""
+    return {
+        p: s.model_copy(update={"text_model": blocks[p]}) if p in blocks else s
+        for p, s in setups.items()
+    }
+
+
+def _fit_text_blocks(
+    setups: dict[str, VerticalSetup],
+    aligns: dict[str, TableRef],
+    target: TableRef,
+    kind: TextTarget,
+    call: PartyRunner,
+) -> dict[str, FileRef]:
+    """Every text party fits its text block on ``target`` (round-1 gradients or labels)."""
+    futures = {
+        p: call.submit(p, text_block_task, s, aligns[p], target, kind)
+        for p, s in setups.items()
+        if s.text is not None
+    }
+    blocks = {p: f.result() for p, f in futures.items()}
+    if blocks:
+        progress.emit("training", "text block", ", ".join(sorted(blocks)))
+    return blocks
 
 
 def _rounds(
@@ -323,9 +410,12 @@ def _rounds(
             fusion.combine,
         )
         models: dict[str, FileRef | None] = dict.fromkeys(parties)
+        blocks: dict[str, FileRef] = {}
     else:
         logger.info("resuming vertical run %s after round %d", key, state.round)
         models = {p: call(p, model_at_task, setups[p], state.round) for p in parties}
+        blocks = _stored_text_blocks(setups, state.round, call)
+        setups = _with_text_blocks(setups, blocks)
     done_here = 0
     members: dict[int, list[str]] = {}
     left_out: dict[int, dict[str, str]] = {}
@@ -335,6 +425,9 @@ def _rounds(
         t = state.round + 1
         with tagged(round_=t):
             grads = call(label, gradients_task, setups[label], aligns[label], state)
+            if t == 1:
+                blocks = _fit_text_blocks(setups, aligns, grads, "gradients", call)
+                setups = _with_text_blocks(setups, blocks)
             futures = {
                 p: call.submit(p, party_round_task, setups[p], aligns[p], models[p], grads, t)
                 for p in parties
@@ -374,7 +467,26 @@ def _rounds(
         fusion=state.fusion,
         accepted=members,
         left_out=left_out,
+        text_models=blocks,
     )
+
+
+def _stored_text_blocks(
+    setups: dict[str, VerticalSetup], done: int, call: PartyRunner
+) -> dict[str, FileRef]:
+    """The text parties' blocks of a resumed run (fitted in its round 1)."""
+    blocks: dict[str, FileRef] = {}
+    for p, s in setups.items():
+        if s.text is None or done == 0:
+            continue
+        ref = call(p, text_block_at_task, s)
+        if ref is None:
+            raise ValueError(
+                f"party {p}: the text block of run {s.run_key} is missing from its store; "
+                "train again with refresh"
+            )
+        blocks[p] = ref
+    return blocks
 
 
 def _one_shot(
@@ -386,6 +498,8 @@ def _one_shot(
     call: PartyRunner,
 ) -> _Fit:
     labels_ref = call(label, send_labels_task, setups[label], aligns[label])
+    blocks = _fit_text_blocks(setups, aligns, labels_ref, "labels", call)
+    setups = _with_text_blocks(setups, blocks)
     futures = {
         p: call.submit(p, one_shot_task, s, aligns[p], labels_ref) for p, s in setups.items()
     }
@@ -411,6 +525,7 @@ def _one_shot(
         trees=sum(o.trees for o in shots.values()),
         models={p: o.model for p, o in shots.items()},
         fusion=fused.fusion,
+        text_models=blocks,
     )
 
 
@@ -462,10 +577,12 @@ def vertical_score(
         spec,
         label,
         key=key,
-        fused=fused,
+        prepared=prepared,
         schemas=body.feature_schema,
         training=spec.training,
         scoring=True,
+        as_of=as_of,
+        text_models=body.text_models,
     )
     overlap, aligns = align_parties(setups, label, 0, call)
     if overlap.overlap == 0:

@@ -214,6 +214,11 @@ def vertical_labels_name(run_key: str) -> str:
     return f"{run_key}-labels"
 
 
+def vertical_text_model_name(run_key: str, party: str) -> str:
+    """A text party's linear text block of a vertical run (the party's ``models/``)."""
+    return f"{run_key}-vertical-text-{party}.json"
+
+
 def one_shot_model_name(run_key: str, party: str) -> str:
     """A party's one-shot model (the party's ``models/``)."""
     return f"{run_key}-oneshot-{party}.json"

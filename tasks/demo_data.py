@@ -523,8 +523,12 @@ def spec_document(
             }
             for p in party_ids
         ],
+        # party B fits its text block on its feedback texts against round-1 gradients
         **(
-            {"fusion": {"mode": "rounds", "share_gradients": True, "min_overlap": 10}}
+            {
+                "fusion": {"mode": "rounds", "share_gradients": True, "min_overlap": 10},
+                "text": {"model": True},
+            }
             if layout == "vertical"
             # the feedback texts feed the consortium TF-IDF vocabulary and text model
             else {"text": {"model": True, "min_parties": min(2, len(party_ids))}}

@@ -81,3 +81,8 @@ class VerticalManifest(BaseModel):
     upto_round: int
     models: dict[str, FileRef | None]
     feature_schema: dict[str, FeatureSchema]
+    text_models: dict[str, FileRef] = Field(
+        default_factory=dict,
+        description="Each text party's text block ([text] model; its own store), whose "
+        "score columns follow its feature schema",
+    )

@@ -9,7 +9,7 @@ import re
 
 from storage.store import TableRef
 from tasks.prepare.design import FeatureSchema
-from tasks.spec.models import FedSpec, FusionSpec
+from tasks.spec.models import FedSpec, FusionSpec, TextSpec
 
 
 def _digest(text: str) -> str:
@@ -45,9 +45,12 @@ def run_key(spec: FedSpec, schema: FeatureSchema, fused: dict[str, TableRef]) ->
     return _digest(blob)
 
 
-def vertical_run_key(base_key: str, fusion: FusionSpec) -> str:
-    """A vertical training run: the training identity plus the fusion section."""
+def vertical_run_key(base_key: str, fusion: FusionSpec, text: TextSpec | None = None) -> str:
+    """A vertical training run: the training identity plus the fusion section, and the
+    ``[text]`` section when the text parties fit a text block."""
     fusion_blob = json.dumps(fusion.model_dump(mode="json"), sort_keys=True)
+    if text is not None:
+        fusion_blob += "\n" + json.dumps(text.model_dump(mode="json"), sort_keys=True)
     return _digest(f"{base_key}\n{fusion_blob}")
 
 

@@ -237,12 +237,17 @@ def test_text_settings_are_validated_at_their_key(tmp_path: Path) -> None:
         assert needle in str(info.value)
 
 
-def test_the_text_model_needs_the_horizontal_layout(tmp_path: Path) -> None:
+def test_the_vertical_text_block_needs_a_training_mode(tmp_path: Path) -> None:
     data = _demo_data(tmp_path, "vertical")
-    assert "text" not in data
-    data["text"] = {"model": True, "min_parties": 1}
-    with pytest.raises(SpecError, match=r"text\.model: the federated text model needs"):
-        parse_spec(data, source="spec.toml", base=str(tmp_path))
+    assert data["text"] == {"model": True}  # party B's text block in the demo
+    parse_spec(data, source="spec.toml", base=str(tmp_path))
+    no_mode = {**data, "fusion": {k: v for k, v in data["fusion"].items() if k != "mode"}}
+    with pytest.raises(SpecError, match=r"text\.model: in the vertical layout the text party"):
+        parse_spec(no_mode, source="spec.toml", base=str(tmp_path))
+    # the opt-in of the mode stays required (the block is fitted on what it shares)
+    no_opt_in = {**data, "fusion": {**data["fusion"], "share_gradients": False}}
+    with pytest.raises(SpecError, match=r"fusion\.share_gradients"):
+        parse_spec(no_opt_in, source="spec.toml", base=str(tmp_path))
 
 
 # -- through the flow ------------------------------------------------------------------------

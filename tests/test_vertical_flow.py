@@ -61,6 +61,20 @@ def test_vertical_flow_aligns_trains_and_keeps_ids_at_the_parties(
     for party, uri in result.models.items():
         assert uri.startswith(str(spec.parent / "stores" / party / "models")), uri
 
+    # party B's text block ([text] model): fitted on the round-1 gradients, kept in B's
+    # store, named in the manifest, its score a feature of B's trees only
+    manifest = json.loads(Path(result.manifest).read_text())
+    [block] = (spec.parent / "stores" / "B" / "models").glob("*-vertical-text-B.json")
+    assert set(manifest["text_models"]) == {"B"}
+    assert manifest["text_models"]["B"]["uri"] == str(block)
+    body = json.loads(block.read_text())
+    assert body["target"] == "gradients" and body["columns"] == ["text__model_score"]
+    assert len(body["models"]["folds"]) == 5
+    trees = {p: json.loads(Path(uri).read_text())["model_text"] for p, uri in result.models.items()}
+    assert "text__model_score" in trees["B"]
+    assert "text__model_score" not in trees["A"] + trees["C"]
+    block_mtime = block.stat().st_mtime_ns
+
     # federated inference: every entity of A scored, the overlap with every party's trees
     from flows.vertical import vertical_score
 
@@ -72,6 +86,10 @@ def test_vertical_flow_aligns_trains_and_keeps_ids_at_the_parties(
     assert int(scored["all_parties"].sum()) == len(common)
     assert scored["probability"].is_between(0, 1).all()
     assert set(scored["prediction"]) <= {"yes", "no"}  # the label party's own values
+    # scoring reused B's block (none fitted again) and B's scores use its full model
+    assert block.stat().st_mtime_ns == block_mtime
+    assert list((spec.parent / "stores" / "B" / "models").glob("*-vertical-text-*")) == [block]
+    assert not list((spec.parent / "stores" / "B" / "scoring").rglob("*-vertical-text-*"))
 
     # the coordinator store holds blinded sets, alignment answers, gradients, deltas and
     # the manifest: no raw id, and no hashed id of any entity

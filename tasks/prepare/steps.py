@@ -278,6 +278,10 @@ class FusedOutput(BaseModel):
         default_factory=dict,
         description="Scoring: per-source normalised key -> the party's raw key (its store only)",
     )
+    clean_tables: dict[str, TableRef] = Field(
+        default_factory=dict,
+        description="Per-source clean tables (in the party's store; they hold its own keys)",
+    )
 
 
 def secret_tag(ref: SecretRef) -> str:

@@ -463,24 +463,28 @@ def fusion_problems(spec: FedSpec) -> list[SpecProblem]:
 
 
 def text_problems(spec: FedSpec) -> list[SpecProblem]:
-    """``[text] model`` needs the horizontal layout and text sources at ``min_parties``
-    parties or more."""
+    """``[text] model`` needs a text source. Horizontal: at ``min_parties`` parties or more
+    (they learn the consortium vocabulary together). Vertical: a training mode, whose opt-in
+    (:func:`opt_in_problems`) shares what the text party fits its text block on (the
+    round-1 gradients or the labels)."""
     text = spec.text
     if not text.model:
         return []
     problems: list[SpecProblem] = []
-    if spec.consortium.layout != "horizontal":
+    holders = spec.text_parties()
+    vertical = spec.consortium.layout == "vertical"
+    if vertical and spec.fusion.mode is None:
         problems.append(
             SpecProblem(
                 path="text.model",
-                message="the federated text model needs the horizontal layout (in the vertical "
-                "layout the text party holds no label); leave it out",
+                message="in the vertical layout the text party fits its text block on what "
+                "the training mode shares: set fusion.mode ('rounds' with share_gradients = "
+                "true, or 'one_shot' with share_labels = true)",
             )
         )
-    holders = spec.text_parties()
     if not holders:
         problems.append(SpecProblem(path="text.model", message="no party has a text source"))
-    elif text.min_parties > len(holders):
+    elif not vertical and text.min_parties > len(holders):
         problems.append(
             SpecProblem(
                 path="text.min_parties",

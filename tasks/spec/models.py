@@ -912,12 +912,16 @@ class VocabularySpec(SpecModel):
 
 
 class TextSpec(SpecModel):
-    """The consortium TF-IDF vocabulary and federated linear text model (horizontal)."""
+    """The consortium TF-IDF vocabulary and federated linear text model (horizontal), or
+    each text party's linear text block (vertical)."""
 
     model: bool = Field(
         default=False,
-        description="Learn a consortium TF-IDF vocabulary at prepare, train a linear model "
-        "on it by FedAvg and add its out-of-fold score to every text source's features",
+        description="Horizontal: learn a consortium TF-IDF vocabulary at prepare, train a "
+        "linear model on it by FedAvg and add its out-of-fold score to every text source's "
+        "features. Vertical: each text party fits a linear model on its own TF-IDF vectors "
+        "against the round-1 gradients (rounds) or the shared labels (one_shot) and adds "
+        "its out-of-fold score to its block",
     )
     min_documents: int = Field(
         default=5,
@@ -1046,6 +1050,11 @@ class FedSpec(SpecModel):
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()
+
+    def consortium_text_model(self) -> bool:
+        """Whether ``prepare`` learns the consortium text model (``[text] model`` in the
+        horizontal layout; a vertical text party fits its own block at training)."""
+        return self.text.model and self.consortium.layout == "horizontal"
 
     def text_parties(self) -> list[str]:
         """The parties with a text source."""

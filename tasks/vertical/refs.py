@@ -5,13 +5,38 @@ so they serve as task parameters, cache-key inputs and ``party-call`` arguments 
 
 from __future__ import annotations
 
+import datetime as dt
+
 from pydantic import BaseModel, Field
 
 from storage.store import FileRef, TableRef
 from tasks.prepare.design import FeatureSchema
-from tasks.spec.models import TrainingSpec
+from tasks.prepare.modalities.text import TextOptions
+from tasks.spec.models import SecretRef, TrainingSpec
 from tasks.types import Objective
 from tasks.vertical.fusion import Fusion
+
+
+class TextSourceRef(BaseModel):
+    """One of the party's text sources: its clean table (own store) and options."""
+
+    source: str
+    clean: TableRef
+    options: TextOptions
+
+
+class VerticalTextSetup(BaseModel):
+    """What a text party needs for its linear block (``[text] model``; no secret)."""
+
+    sources: list[TextSourceRef] = Field(min_length=1)
+    entity: str = Field(description="Canonical entity column of the clean tables")
+    as_of: dt.date = Field(description="End of the text window")
+    secret: SecretRef = Field(description="Where the party reads the key-hashing secret")
+    min_documents: int = Field(ge=1)
+    max_terms: int = Field(ge=1)
+    ngram_max: int = Field(ge=1)
+    folds: int = Field(ge=2)
+    alpha: float = Field(gt=0)
 
 
 class VerticalSetup(BaseModel):
@@ -27,6 +52,12 @@ class VerticalSetup(BaseModel):
     objective: Objective
     num_class: int = Field(ge=1)
     training: TrainingSpec
+    text: VerticalTextSetup | None = Field(
+        default=None, description="The party's text sources, when it fits a text block"
+    )
+    text_model: FileRef | None = Field(
+        default=None, description="Its fitted text block (own store): adds the score columns"
+    )
 
     @property
     def is_label(self) -> bool:

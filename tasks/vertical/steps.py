@@ -41,6 +41,10 @@ psi_answer_task = step("psi-party-answer")(party.psi_party_answer)
 psi_intersect_task = step("psi-label-intersect")(label.psi_label_intersect)
 psi_receive_task = step("psi-party-receive")(party.psi_party_receive)
 
+# -- the text block ------------------------------------------------------------------------
+text_block_task = step("vertical-text-block")(party.party_text_block)
+text_block_at_task = live_step("vertical-text-block-at")(party.text_block_at)
+
 # -- gradient rounds -------------------------------------------------------------------------
 latest_state_task = live_step("vertical-latest-state")(label.latest_state)
 model_at_task = live_step("vertical-model-at")(party.model_at)
@@ -72,6 +76,8 @@ STEP_TASKS: tuple[Task[..., Any], ...] = (
     psi_receive_task,
     start_state_task,
     gradients_task,
+    text_block_task,
+    text_block_at_task,
     party_round_task,
     combine_task,
     finish_task,

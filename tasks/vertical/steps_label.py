@@ -32,7 +32,6 @@ from storage.secrets import resolve_secret
 from storage.store import FileRef, Store, TableRef, read_table
 from tasks.horizontal.training import base_score, evaluate, label_stats
 from tasks.links import probabilities
-from tasks.prepare.design import design_matrix
 from tasks.scoring import entity_keys, score_columns, with_raw_keys
 from tasks.spec.models import SecretRef
 from tasks.types import ENTITY_HASH
@@ -50,6 +49,7 @@ from tasks.vertical.inputs import (
     aligned_frame,
     entity_hashes,
     label_data,
+    party_matrix,
     psi_run_id,
     psi_secret,
     read_blinded,
@@ -331,11 +331,10 @@ def fuse_predictions(
     0 (the prior); fixed weights are renormalised over the parties present."""
     fused = read_table(setup.fused)
     k = setup.num_class
-    own = score_block(
-        party_model_text(read_party_model(model, setup), upto_round),
-        design_matrix(fused, setup.schema_),
-        k,
-    ).reshape(fused.height, k)
+    _, x = party_matrix(setup, fused)
+    own = score_block(party_model_text(read_party_model(model, setup), upto_round), x, k).reshape(
+        fused.height, k
+    )
     pos = pl.Series(POS, np.arange(fused.height))
     tables = {setup.party: score_table(pos, own, key=POS, num_class=k)}
     rows = aligned_frame(setup, alignment)[ROW].to_numpy().astype(np.int64)

@@ -20,20 +20,24 @@ from storage.runs import (
     vertical_party_model_name,
     vertical_scores_name,
     vertical_test_scores_name,
+    vertical_text_model_name,
 )
 from storage.store import FileRef, Store, TableRef, fingerprint, read_table
 from tasks.horizontal.model_text import count_trees
-from tasks.prepare.design import design_matrix
+from tasks.types import ENTITY_HASH
 from tasks.vertical.arrays import arrays_frame, frame_arrays, split_frame, unsplit_frame
 from tasks.vertical.data import LabelData
 from tasks.vertical.inputs import (
     aligned_frame,
     entity_hashes,
+    own_vocabulary,
     party_block,
+    party_matrix,
     psi_run_id,
     psi_secret,
     read_blinded,
     read_party_model,
+    text_rows,
 )
 from tasks.vertical.one_shot import train_one_shot
 from tasks.vertical.party_model import PartyModel, party_model_text, score_block, train_party_round
@@ -42,6 +46,7 @@ from tasks.vertical.psi_protocol import AlignmentMessage, message_from_arrow, re
 from tasks.vertical.psi_protocol import answer as psi_answer
 from tasks.vertical.refs import OneShotOut, PartyRoundOut, VerticalSetup
 from tasks.vertical.rounds import GradientMessage
+from tasks.vertical.text_block import TextTarget, train_text_block
 
 # -- PSI -------------------------------------------------------------------------------------
 
@@ -70,6 +75,59 @@ def psi_party_receive(setup: VerticalSetup, answer: FileRef) -> TableRef:
         message, psi_secret(setup), party=setup.party, own_count=entity_hashes(setup).len()
     )
     return write_alignment(Store(setup.store), alignment.table, run_id=psi_run_id(setup))
+
+
+# -- the text block ([text] model) ------------------------------------------------------------
+
+
+def party_text_block(
+    setup: VerticalSetup, alignment: TableRef, target: TableRef, kind: TextTarget
+) -> FileRef:
+    """Text party: its linear text block fitted on its own TF-IDF vectors of the training
+    entities against ``target``, the round-1 gradients (``kind`` ``gradients``: ridge of
+    −g) or the shared labels (``labels``), cross-fitted by fold; kept in its own store.
+    Nothing leaves the party."""
+    if setup.text is None:
+        raise ValueError(f"party {setup.party}: no text source for a text block")
+    frame = aligned_frame(setup, alignment)
+    train = frame.filter(pl.col("split") == "train")[ENTITY_HASH]
+    if kind == "gradients":
+        y = -frame_arrays(read_table(target), ["grad"], setup.num_class)["grad"]
+    else:
+        y = unsplit_frame(read_table(target), 1)["train"]
+    if len(y) != train.len():
+        raise ValueError(
+            f"party {setup.party}: {len(y)} {kind} for {train.len()} training entities"
+        )
+    vocabulary = own_vocabulary(setup.text)
+    hashes, rows, has_text = text_rows(setup.text, vocabulary)
+    model = train_text_block(
+        hashes,
+        rows,
+        has_text,
+        train,
+        y,
+        party=setup.party,
+        vocabulary=vocabulary,
+        folds=setup.text.folds,
+        target=kind,
+        objective=setup.objective,
+        alpha=setup.text.alpha,
+    )
+    return Store(setup.store).write_json(
+        "models",
+        vertical_text_model_name(setup.run_key, setup.party),
+        model.model_dump(mode="json"),
+    )
+
+
+def text_block_at(setup: VerticalSetup) -> FileRef | None:
+    """Text party: its stored text block of this run (resuming), if it has one."""
+    store = Store(setup.store)
+    name = vertical_text_model_name(setup.run_key, setup.party)
+    if setup.text is None or not store.exists("models", name):
+        return None
+    return fingerprint(store.location("models", name))
 
 
 # -- gradient rounds -------------------------------------------------------------------------
@@ -173,7 +231,8 @@ def party_scores(
     order; only these numbers go to the coordinator."""
     frame = aligned_frame(setup, alignment)
     text = party_model_text(read_party_model(model, setup), upto_round)
-    raw = score_block(text, design_matrix(frame, setup.schema_), setup.num_class)
+    _, x = party_matrix(setup, frame)
+    raw = score_block(text, x, setup.num_class)
     return Store(setup.coordinator).write_table(
         arrays_frame({"raw": raw}), "exchange", vertical_scores_name(setup.run_key, setup.party)
     )
