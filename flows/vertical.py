@@ -43,6 +43,7 @@ from tasks.spec.load import load_spec
 from tasks.spec.models import FedSpec, FusionSpec, TrainingSpec
 from tasks.vertical.export import vertical_export
 from tasks.vertical.fusion import Fusion
+from tasks.vertical.inputs import read_text_block
 from tasks.vertical.party_model import PartyModel
 from tasks.vertical.refs import (
     PsiOverlap,
@@ -649,8 +650,9 @@ def export_vertical(spec_path: str, out: str, manifest: str | None = None) -> li
     models = {
         p: None if ref is None else _read_party_model(p, ref) for p, ref in body.models.items()
     }
+    blocks = {p: read_text_block(ref) for p, ref in body.text_models.items()}
     written: list[str] = []
-    for name, text in vertical_export(body, models).items():
+    for name, text in vertical_export(body, models, blocks).items():
         location = posixpath.join(out, name)
         write_text_atomic(location, text)
         written.append(location)

@@ -230,10 +230,13 @@ def test_export_of_a_vertical_run_writes_party_models_and_the_fusion_rule(
     assert set(fusion["models"]) == set(result.parties)
     files = sorted(p.name for p in out.iterdir())
     with_trees = sorted(f for f in fusion["models"].values() if f)
-    assert with_trees and files == sorted([*with_trees, "fusion.json"])
+    # party B's text block ([text] model in the demo) travels with its trees
+    assert fusion["text_models"] == {"B": "B-text.json"}
+    assert fusion["feature_names"]["B"][-1] == "text__model_score"
+    assert with_trees and files == sorted([*with_trees, "B-text.json", "fusion.json"])
     in_party_order = [fusion["models"][p] for p in result.parties if fusion["models"][p]]
     assert exported.stdout.splitlines() == [
-        f"wrote {out / name}" for name in [*in_party_order, "fusion.json"]
+        f"wrote {out / name}" for name in [*in_party_order, "B-text.json", "fusion.json"]
     ]
     for party, name in fusion["models"].items():
         if name is None:

@@ -35,6 +35,7 @@ from storage.runs import (
     vertical_round_name,
     vertical_scores_name,
     vertical_test_scores_name,
+    vertical_text_model_name,
     write_latest,
 )
 from storage.store import Store
@@ -107,6 +108,7 @@ def test_run_artefact_names() -> None:
     assert vertical_predictions_name("abc") == "abc-predictions"
     assert manifest_name("abc") == "abc-manifest.json"
     assert vertical_manifest_name("abc") == "abc-vertical-manifest.json"
+    assert vertical_text_model_name("abc", "p1") == "abc-vertical-text-p1.json"
     assert model_name("abc") == "abc-model.txt"
     assert report_name("abc") == "abc-report.md"
     assert plot_name("abc", "rounds") == "abc-rounds.png"
