@@ -480,6 +480,8 @@ class _CsvText:
     replaced: bool = False
     #: The noncharacter standing in for genuine U+FFFD while that is done.
     sentinel: str | None = None
+    #: Bytes of the file's longest line (its end of line included).
+    longest: int = 0
 
 
 def _csv_text(location: str, encoding: str, batch_bytes: int, max_bytes: int | None) -> _CsvText:
@@ -503,6 +505,7 @@ def _csv_text(location: str, encoding: str, batch_bytes: int, max_bytes: int | N
     chunks = _chunks(location, batch_bytes, max_bytes)
     for chunk in _without_bom(chunks) if utf8 else chunks:
         blank = blank and not chunk.strip()
+        text.longest = max(text.longest, _longest_line(chunk))
         if utf8:
             if not text.replaced:
                 try:
@@ -542,6 +545,15 @@ def _csv_text(location: str, encoding: str, batch_bytes: int, max_bytes: int | N
         if text.sentinel is None:  # pragma: no cover - a file holding all six
             raise SourceError(f"{location}: cannot locate its invalid UTF-8")
     return text
+
+
+def _longest_line(chunk: bytes) -> int:
+    """Bytes of the longest line of ``chunk`` (its end of line included)."""
+    import numpy as np
+
+    ends = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == ord("\n"))
+    bounds = np.concatenate(([-1], ends, [len(chunk) - 1] if not chunk.endswith(b"\n") else []))
+    return int(np.diff(bounds).max()) if len(bounds) > 1 else 0
 
 
 def _csv_lines(
@@ -721,8 +733,12 @@ def _read_csv(
     try:
         reader = pacsv.open_csv(
             _Stream(data),
+            # a block holds whole lines: at least the longest (decoded to UTF-8, a
+            # character of another encoding takes up to 4 bytes)
             read_options=pacsv.ReadOptions(
-                use_threads=False, block_size=batch_bytes, column_names=names
+                use_threads=False,
+                block_size=max(batch_bytes, 4 * text.longest + 16),
+                column_names=names,
             ),
             parse_options=pacsv.ParseOptions(
                 delimiter=layout.delimiter,
