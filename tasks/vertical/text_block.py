@@ -131,7 +131,28 @@ def rows_for(hashes: pl.Series, rows: Any, has_text: np.ndarray, wanted: pl.Seri
     return (pick @ rows).tocsr(), texts
 
 
+def _settled(weights: LinearWeights) -> LinearWeights:
+    """The weights rounded to float32 precision: a refit in another process (another BLAS,
+    thread count or summation order) differs in the last bits of float64, which would move
+    the party's split thresholds; rounded, it gives the same scores, so a retried run grows
+    the same trees as an uninterrupted one."""
+    coef, intercept = weights.arrays()
+    return LinearWeights.of(
+        coef.astype(np.float32).astype(np.float64),
+        intercept.astype(np.float32).astype(np.float64),
+    )
+
+
 def _fit_one(
+    X: Any, y: np.ndarray, *, target: TextTarget, objective: Objective, alpha: float
+) -> LinearWeights:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):  # one summation order, like the party's LightGBM
+        return _settled(_fit_raw(X, y, target=target, objective=objective, alpha=alpha))
+
+
+def _fit_raw(
     X: Any, y: np.ndarray, *, target: TextTarget, objective: Objective, alpha: float
 ) -> LinearWeights:
     """One linear model on (X, y): ridge for gradients (y: rows × outputs) and regression
