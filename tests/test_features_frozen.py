@@ -99,9 +99,13 @@ def frozen_input() -> pl.DataFrame:
     return frame.drop("__i").sample(fraction=1.0, shuffle=True, seed=5)
 
 
-def compute(case: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+def compute(case: str, *, in_runs: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The features of the frozen input, shuffled or (``in_runs``) already in per-entity
+    runs in time order (ties in the shuffled order: the same readings in the same order)."""
     events_options, signal_options = CASES[case]
     frame = frozen_input()
+    if in_runs:
+        frame = frame.sort(ENTITY, TIMESTAMP, maintain_order=True)
     events = events_features(frame, entity=ENTITY, measures=MEASURES, as_of=AS_OF, **events_options)
     signal = signal_features(
         frame, entity=ENTITY, measures=MEASURES, end=window_end(AS_OF), **signal_options
@@ -111,8 +115,9 @@ def compute(case: str) -> tuple[pl.DataFrame, pl.DataFrame]:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("part", ["events", "signals"])
-def test_features_equal_the_frozen_values(case: str, part: str) -> None:
-    events, signal = compute(case)
+@pytest.mark.parametrize("in_runs", [False, True], ids=["shuffled", "in_runs"])
+def test_features_equal_the_frozen_values(case: str, part: str, in_runs: bool) -> None:
+    events, signal = compute(case, in_runs=in_runs)
     got = events if part == "events" else signal
     expected = pl.read_parquet(DATA / f"frozen_{part}_{case}.parquet")
     assert_frame_equal(got, expected, rel_tol=1e-9, abs_tol=1e-12)
