@@ -247,6 +247,14 @@ class Runs:
     def sum(self, values: Floats) -> Floats:
         return self._reduce(np.add, values, 0.0)
 
+    def count(self, mask: npt.NDArray[np.bool_]) -> Floats:
+        """How many readings of each run ``mask`` holds."""
+        out = np.zeros(self.size)
+        some = self.n > 0
+        if mask.size:
+            out[some] = np.add.reduceat(mask, self.starts[some], dtype=np.int64)
+        return out
+
     def min(self, values: Floats) -> Floats:
         return self._reduce(np.minimum, values, np.inf)
 
@@ -264,13 +272,6 @@ def _divide(num: Floats, den: Floats) -> Floats:
     """``num / den`` with NaN where ``den`` is 0 (NaN becomes null at the end)."""
     out = np.full(num.shape, np.nan)
     np.divide(num, den, out=out, where=den > 0)
-    return out
-
-
-def _shifted(values: Floats, lag: int) -> Floats:
-    """``values`` moved ``lag`` places later (the first ``lag`` are 0)."""
-    out = np.zeros_like(values)
-    out[lag:] = values[:-lag]
     return out
 
 
@@ -351,16 +352,18 @@ def signal_block(
 
     def crossing_rate(signal: Floats) -> Floats:
         above = signal >= 0
-        crossed = same & (above != _shifted(above.astype(np.float64), 1).astype(bool))
-        return _divide(runs.sum(crossed.astype(np.float64)), pairs)
+        crossed = np.zeros(signal.size, dtype=bool)
+        crossed[1:] = same[1:] & (above[1:] != above[:-1])
+        return _divide(runs.count(crossed), pairs)
 
     out["zero_cross_rate"] = crossing_rate(x)
     out["mean_cross_rate"] = crossing_rate(xc)
     peak = np.zeros(x.size, dtype=bool)
     peak[1:-1] = same[1:-1] & same[2:] & (x[1:-1] > x[:-2]) & (x[1:-1] > x[2:])
-    out["peak_rate"] = np.where(n >= 2, _divide(runs.sum(peak.astype(np.float64)), n), np.nan)
+    out["peak_rate"] = np.where(n >= 2, _divide(runs.count(peak), n), np.nan)
     for lag in ACF_LAGS:
-        products = np.where(runs.lagged(lag), xc * _shifted(xc, lag), 0.0)
+        products = np.zeros(xc.size)
+        np.multiply(xc[lag:], xc[:-lag], out=products[lag:], where=runs.lagged(lag)[lag:])
         acf = _divide(runs.sum(products), n) / m2_safe
         out[f"acf_lag{lag}"] = np.where(n > lag, acf, np.nan)
     rate = _rates(run, times, same, n_runs, sampling_hz)
@@ -393,25 +396,21 @@ def _spectrum(
 ) -> dict[str, Floats]:
     """Dominant frequency (Hz) and normalised spectral entropy per run, one batched real
     FFT per padded length."""
-    n_runs, n, run = runs.size, runs.n, runs.run
+    n_runs, n = runs.size, runs.n
     dominant = np.full(n_runs, np.nan)
     entropy = np.full(n_runs, np.nan)
     used = np.minimum(n, MAX_FFT).astype(np.int64)
     size = np.where(used >= 2, 1 << np.ceil(np.log2(np.maximum(used, 2))).astype(np.int64), 0)
-    position = (
-        runs.position - (n.astype(np.int64) - used)[run] if (n > MAX_FFT).any() else runs.position
-    )
-    taken = position >= 0
+    first = runs.starts + n.astype(np.int64) - used  # each run's first reading in its FFT
     for length in np.unique(size[(size > 0) & ~flat]):
         selected = np.flatnonzero((size == length) & ~flat)
         rows_per_batch = max(1, _FFT_CELLS // int(length))
+        column = np.arange(int(length))
         for begin in range(0, selected.size, rows_per_batch):
             batch = selected[begin : begin + rows_per_batch]
-            row_of = np.full(n_runs, -1, dtype=np.int64)
-            row_of[batch] = np.arange(batch.size)
-            pick = taken & (row_of[run] >= 0)
-            matrix = np.zeros((batch.size, int(length)))
-            matrix[row_of[run[pick]], position[pick]] = xc[pick]
+            # one row per run, its readings gathered in one go, zero-padded to the length
+            inside = column < used[batch][:, None]
+            matrix = np.where(inside, xc[np.where(inside, first[batch][:, None] + column, 0)], 0.0)
             power = np.abs(np.fft.rfft(matrix, axis=1)[:, 1:]) ** 2
             total = power.sum(axis=1)
             share = power / np.where(total > 0, total, 1.0)[:, None]
@@ -426,35 +425,40 @@ def _spectrum(
 
 
 def _rolling(runs: Runs, xc: Floats, rate: Floats, sub_window_s: float) -> dict[str, Floats]:
-    """Statistics of the rolling sub-window means and stds, from cumulative sums."""
+    """Statistics of the rolling sub-window means and stds, from cumulative sums: a
+    window's sums are the difference of two of them (a slice apart for one width)."""
     run = runs.run
     with np.errstate(invalid="ignore"):
         width_f = np.maximum(np.round(sub_window_s * rate), 2.0)
     width = np.where(np.isfinite(width_f), width_f, 0).astype(np.int64)
-    index = np.arange(run.size, dtype=np.int64)
-    # one width for all (a declared rate) needs no per-reading lookup
-    w = width[:1] if (width == width[0]).all() else width[run]
-    full = (w > 0) & (runs.position + 1 >= w)  # a whole sub-window ends at this reading
     s1 = np.concatenate(([0.0], np.cumsum(xc)))
     s2 = np.concatenate(([0.0], np.cumsum(xc * xc)))
-    if w.size == 1:  # one width: the window starts are a shifted slice
-        k = int(w[0])
-        before1, before2 = np.zeros(run.size), np.zeros(run.size)
-        if 0 < k <= run.size:
-            before1[k - 1 :], before2[k - 1 :] = s1[: run.size - k + 1], s2[: run.size - k + 1]
+    sum1, sum2 = np.zeros(run.size), np.zeros(run.size)  # of the window ending at a reading
+    wf: Floats | float
+    if (width == width[0]).all():  # one width for all (a declared rate): shifted slices
+        k = int(width[0])
+        full = runs.lagged(k - 1) if 0 < k <= run.size else np.zeros(run.size, dtype=bool)
+        if full.any():
+            np.subtract(s1[k:], s1[:-k], out=sum1[k - 1 :])
+            np.subtract(s2[k:], s2[:-k], out=sum2[k - 1 :])
+        wf = float(max(k, 2))  # no window at all for width 0
     else:
-        lo = np.where(full, index + 1 - w, 0)
-        before1, before2 = s1[lo], s2[lo]
-    wf = np.where(full, w, 2).astype(np.float64)
-    means = np.where(full, (s1[1:] - before1) / wf, 0.0)
-    var = np.maximum((s2[1:] - before2) / wf - means * means, 0.0) * wf / (wf - 1)
+        w = width[run]
+        full = (w > 0) & (runs.position + 1 >= w)  # a whole sub-window ends at this reading
+        lo = np.where(full, np.arange(run.size, dtype=np.int64) + 1 - w, 0)
+        sum1, sum2 = s1[1:] - s1[lo], s2[1:] - s2[lo]
+        wf = np.where(full, w, 2).astype(np.float64)
+    # readings where no whole window ends get 0 (so that plain sums skip them)
+    means = np.where(full, sum1 / wf, 0.0)
+    var = np.maximum(sum2 / wf - means * means, 0.0) * wf / (wf - 1)
     stds = np.where(full, np.sqrt(var), 0.0)
-    count = runs.sum(full.astype(np.float64))
+    count = runs.count(full)
     mean_of_means = _divide(runs.sum(means), count)
     # the means are of centred readings (near 0): their variance without a second pass
     spread = np.maximum(_divide(runs.sum(means * means), count) - mean_of_means**2, 0.0)
     return {
         "roll_mean_std": np.sqrt(spread),
         "roll_std_mean": _divide(runs.sum(stds), count),
-        "roll_std_max": np.where(count > 0, runs.max(np.where(full, stds, -np.inf)), np.nan),
+        # the stds are >= 0: the zeros of the readings without a window change no maximum
+        "roll_std_max": np.where(count > 0, runs.max(stds), np.nan),
     }
