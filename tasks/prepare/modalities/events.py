@@ -32,7 +32,9 @@ How it stays fast -- one lazy query, collected once:
 
 1. Sort by (64-bit hash of the entity, timestamp, input position). A hash sorts several
    times faster than strings; the position makes the order total, hence deterministic.
-   Each entity is now one contiguous *run*.
+   Each entity is now one contiguous *run*. Rows already in such runs (each entity's rows
+   contiguous, in time order, as recordings usually come:
+   :func:`~tasks.prepare.modalities.signals.in_runs`) skip the sort, which would keep them.
 2. Cut each run into *buckets* at the window starts (compared as integer microseconds
    before the window end: the end of the ``as_of`` day, or the run's last event, found with
    one windowed max over the sorted runs): windows are nested suffixes of the

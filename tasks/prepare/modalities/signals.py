@@ -29,9 +29,11 @@ between its consecutive readings (frequencies are null when that median is 0). S
 fewer than two readings get null shape and spectrum features.
 
 Everything is vectorised over the whole table: one sort by (entity, time, input position),
-then numpy over the sorted blocks (``bincount`` per entity for sums, shifted arrays for
+skipped when each entity's rows already come contiguous and in time order
+(:func:`in_runs`), then numpy over blocks of whole runs of about :data:`_BLOCK` readings,
+small enough for the processor's cache (``reduceat`` per entity for sums, shifted slices for
 neighbours and lags, cumulative sums for the rolling windows, one batched FFT per padded
-length). No Python loop runs over rows or entities.
+length, its rows gathered in one go). No Python loop runs over rows or entities.
 """
 
 from __future__ import annotations
