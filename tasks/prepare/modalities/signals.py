@@ -39,9 +39,9 @@ length, its rows gathered in one go). No Python loop runs over rows or entities.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from itertools import pairwise
 
 import numpy as np
@@ -181,29 +181,33 @@ def signal_features(
     run: Ints = np.cumsum(new_run, dtype=np.int64) - 1
     n_runs = int(run[-1]) + 1
     times: Ints = ordered.get_column(TIMESTAMP).dt.epoch("us").to_numpy().astype(np.int64)
-    # quantiles: one polars group_by over the sorted runs (linear, as numpy's default)
-    quantiles = ordered.group_by(pl.Series(_RUN, run), maintain_order=True).agg(
-        pl.col(name).quantile(q, interpolation="linear").alias(f"{name}_{stat}")
-        for name in signals
-        for stat, q in (("median", 0.5), ("q25", 0.25), ("q75", 0.75))
-    )
-    columns: dict[str, Floats] = {
-        c: quantiles.get_column(c).to_numpy().astype(np.float64)
-        for c in quantiles.columns
-        if c != _RUN
-    }
+    columns: dict[str, Floats] = {}
     for name in signals:
-        values: Floats = ordered.get_column(name).to_numpy().astype(np.float64)
+        column = ordered.get_column(name)
+        values: Floats = np.asarray(column.to_numpy(), dtype=np.float64)  # null -> NaN
         present = ~np.isnan(values)
         whole = bool(present.all())
         stats = _in_blocks(
+            partial(
+                signal_block,
+                sampling_hz=sampling_hz,
+                sub_window_s=sub_window_s,
+                extra=name == MAGNITUDE,
+            ),
             run if whole else run[present],
+            n_runs,
             times if whole else times[present],
             values if whole else values[present],
-            n_runs=n_runs,
-            sampling_hz=sampling_hz,
-            sub_window_s=sub_window_s,
-            extra=name == MAGNITUDE,
+        )
+        # the quantiles take a NaN reading (never one of a cleaned source) as the largest
+        counted = present if column.null_count() == values.size - int(present.sum()) else None
+        if counted is None:
+            counted = column.is_not_null().to_numpy()
+        stats |= _in_blocks(
+            _quantiles,
+            run if whole else run[counted],
+            n_runs,
+            values if whole else values[counted],
         )
         columns |= {f"{name}_{stat}": column for stat, column in stats.items()}
     names = signal_feature_names(measures, axes=axes)
@@ -278,19 +282,13 @@ def _divide(num: Floats, den: Floats) -> Floats:
 
 
 def _in_blocks(
-    run: Ints,
-    times: Ints,
-    x: Floats,
-    *,
-    n_runs: int,
-    sampling_hz: float | None,
-    sub_window_s: float,
-    extra: bool,
+    block: Callable[..., dict[str, Floats]], run: Ints, n_runs: int, *arrays: Floats | Ints
 ) -> dict[str, Floats]:
-    """:func:`signal_block` over consecutive blocks of whole runs of about :data:`_BLOCK`
-    readings each (a longer run is a block of its own): every temporary array of a block
-    stays in the processor's cache, where the many passes over it are several times faster
-    than over the whole signal in memory."""
+    """``block(run, *arrays, n_runs=...)`` (:func:`signal_block`, :func:`_quantiles`) over
+    consecutive blocks of whole runs of about :data:`_BLOCK` readings each (a longer run is
+    a block of its own): every temporary array of a block stays in the processor's cache,
+    where the many passes over it are several times faster than over the whole signal in
+    memory. ``run`` ascending; ``arrays`` one value per reading."""
     ends = np.searchsorted(run, np.arange(n_runs), side="right")  # reading after each run
     cuts = np.unique(np.searchsorted(ends, np.arange(_BLOCK, run.size, _BLOCK), side="left"))
     bounds = [0, *(int(c) + 1 for c in cuts if c + 1 < n_runs), n_runs]  # run boundaries
@@ -298,17 +296,34 @@ def _in_blocks(
     for first, last in pairwise(bounds):
         lo = int(ends[first - 1]) if first else 0
         hi = int(ends[last - 1])
-        stats = signal_block(
-            run[lo:hi] - first,
-            times[lo:hi],
-            x[lo:hi],
-            n_runs=last - first,
-            sampling_hz=sampling_hz,
-            sub_window_s=sub_window_s,
-            extra=extra,
-        )
+        stats = block(run[lo:hi] - first, *(a[lo:hi] for a in arrays), n_runs=last - first)
         for stat, column in stats.items():
             out.setdefault(stat, np.empty(n_runs))[first:last] = column
+    return out
+
+
+def _quantiles(run: Ints, x: Floats, *, n_runs: int) -> dict[str, Floats]:
+    """Median and quartiles of each run (linear interpolation, numpy's default; a NaN
+    sorts last): each run's readings one row of a matrix padded to a power of two, the rows
+    sorted at once."""
+    runs = Runs.of(run, n_runs)
+    count = runs.n.astype(np.int64)
+    out = {stat: np.full(n_runs, np.nan) for stat in ("median", "q25", "q75")}
+    size = np.where(count > 0, 1 << np.ceil(np.log2(np.maximum(count, 1))).astype(np.int64), 0)
+    for length in np.unique(size[size > 0]):
+        rows = np.flatnonzero(size == length)
+        column = np.arange(int(length))
+        inside = column < count[rows][:, None]
+        index = np.where(inside, runs.starts[rows][:, None] + column, 0)
+        ordered = np.sort(np.where(inside, x[index], np.nan), axis=1)  # padding last
+        last = (count[rows] - 1).astype(np.float64)
+        for stat, q in (("median", 0.5), ("q25", 0.25), ("q75", 0.75)):
+            at = q * last
+            below = np.floor(at).astype(np.int64)
+            above = np.minimum(below + 1, count[rows] - 1)
+            low = np.take_along_axis(ordered, below[:, None], axis=1)[:, 0]
+            high = np.take_along_axis(ordered, above[:, None], axis=1)[:, 0]
+            out[stat][rows] = low + (high - low) * (at - below)
     return out
 
 
