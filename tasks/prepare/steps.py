@@ -1022,13 +1022,17 @@ def run_party(ctx: PartyContext, sources: list[SourceSpec], shards: int = 1) -> 
     return run_fuse(ctx, aligned, [c.quality for c in cleaned])
 
 
+#: Options of a cached step that reads a party's files: retried on transient IO errors.
+READS_FILES: dict[str, Any] = {
+    "cache_key_fn": content_cache_key,
+    "persist_result": True,
+    "retries": IO_RETRIES,
+    "retry_delay_seconds": IO_RETRY_DELAYS,
+    "retry_condition_fn": retry_transient,
+}
 preprocess_source = task(
     name="preprocess-source",
-    cache_key_fn=content_cache_key,
-    persist_result=True,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_transient,
+    **READS_FILES,
 )(run_preprocess)
 extract_features = task(
     name="extract-features", cache_key_fn=content_cache_key, persist_result=True
@@ -1038,31 +1042,19 @@ align_source = task(name="align-source", cache_key_fn=content_cache_key, persist
 )
 read_raw_keys = task(
     name="read-raw-keys",
-    cache_key_fn=content_cache_key,
-    persist_result=True,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_transient,
+    **READS_FILES,
 )(run_raw_keys)
 #: A CSV or JSONL source split once into its entity-hash shards (cached by the source's
 #: fingerprint and the shard count).
 split_source = task(
     name="split-source",
-    cache_key_fn=content_cache_key,
-    persist_result=True,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_transient,
+    **READS_FILES,
 )(run_split)
 #: One entity-hash shard of a source (preprocess + features); cached by its content key
 #: (the source's fingerprint and the shard), so a retry keeps every finished shard.
 prepare_shard = task(
     name="prepare-shard",
-    cache_key_fn=content_cache_key,
-    persist_result=True,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_transient,
+    **READS_FILES,
 )(run_shard)
 merge_clean = task(name="merge-shards-clean", cache_key_fn=content_cache_key, persist_result=True)(
     run_merge_clean
