@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from storage.files import ConfinementError, confined
 from storage.runs import read_text_model
 from storage.secrets import SecretError, resolve_secret, secret_fingerprint
-from storage.sources import ROW, RawSource, SourceError, read_source
+from storage.sources import ROW, NotBatchable, RawSource, SourceError, read_source
 from storage.splits import SplitSource, read_split, split_batches
 from storage.store import FileRef, Store, TableRef, fingerprint, read_table, scan_table
 from tasks.caching import content_cache_key
@@ -349,10 +349,10 @@ def run_split(
     test: FileRef | None,
     count: int,
 ) -> SplitOutput | None:
-    """Split a CSV or JSONL source (and its external test file) once into ``count``
-    entity-hash shards in the party's store (:mod:`storage.splits`), so that no shard
-    parses the whole file; ``None`` for a source read per shard anyway (Parquet and Arrow
-    files are scanned with the shard's filter, folders are listed)."""
+    """Split a source file (and its external test file) once into ``count`` entity-hash
+    shards in the party's store (:mod:`storage.splits`), so that no shard reads the whole
+    file or computes every row's shard again; ``None`` for a source each shard reads
+    itself (folders, Parquet or Arrow in an object store, or holding invalid UTF-8)."""
     modality = modality_of(source)
     if modality.batches(raw.uri, source) is None:
         return None
@@ -372,11 +372,14 @@ def run_split(
             assert batches is not None  # the same source's format
             return split_batches(batches, route, count, store, name)
 
-        return SplitOutput(
-            count=count,
-            main=split(raw, source.id),
-            test=split(test, f"{source.id}.test") if test is not None else None,
-        )
+        try:
+            return SplitOutput(
+                count=count,
+                main=split(raw, source.id),
+                test=split(test, f"{source.id}.test") if test is not None else None,
+            )
+        except NotBatchable:
+            return None  # invalid UTF-8 in a Parquet or Arrow file: each shard reads it whole
 
 
 def read_preprocessed(
