@@ -15,6 +15,8 @@ Systems (one subprocess each, run one after the other, interleaved, order revers
 other repeat):
 
 * centralised: plain LightGBM on the pooled training rows (POOLS DATA, the reference);
+* xgboost-pooled: plain XGBoost with the peers' booster settings on the pooled rows (POOLS
+  DATA; ``benchmarks/peers/xgboost_runner.py``), the peers' own reference;
 * averaging: ``tasks.horizontal.loop.train_federated`` (weighted output averaging);
 * lossless: ``tasks.horizontal.lossless.train_lossless`` with consortium bins;
 * flower-bagging, flower-cyclic: Flower 1.42's ``FedXgbBagging`` / ``FedXgbCyclic`` in its
@@ -62,6 +64,7 @@ PEER_REQUIREMENTS: dict[str, list[str]] = {
 }
 # system -> (peer, runner script, mode)
 PEER_SYSTEMS: dict[str, tuple[str, str, str]] = {
+    "xgboost-pooled": ("nvflare", "xgboost_runner.py", "pooled"),
     "flower-bagging": ("flower", "flower_runner.py", "bagging"),
     "flower-cyclic": ("flower", "flower_runner.py", "cyclic"),
     "nvflare-histogram": ("nvflare", "nvflare_runner.py", "histogram"),
@@ -71,6 +74,7 @@ PEER_SYSTEMS: dict[str, tuple[str, str, str]] = {
 # fedfuse's systems and the peers', interleaved
 ALL_SYSTEMS = [
     "centralised",
+    "xgboost-pooled",
     "flower-bagging",
     "nvflare-histogram",
     "averaging",
