@@ -50,6 +50,7 @@ from tasks.prepare.steps import (
     preprocess_source,
     read_raw_keys,
     secret_tag,
+    split_source,
 )
 from tasks.prepare.text_model import (
     CrossFitModels,
@@ -225,11 +226,14 @@ def _run_party_steps(
         if shards > 1 or submit is not None:
             # each shard a task of its own (on the party's cluster with engine = dask, which
             # takes plain values: the fingerprints are resolved first), merged per source
-            refs = {
+            refs: dict[str, Any] = {
                 "raw": raw.result(),
                 "entity_map": emap.result() if emap is not None else None,
                 "test": test.result() if test is not None else None,
             }
+            # a CSV or JSONL file is split once, here, so that no shard parses it whole
+            split = split_source.with_options(**named("split into shards"))
+            refs["split"] = split.submit(ctx, source, **refs, count=shards).result()
             parts = [
                 (submit or submit_here)(
                     prepare_shard.with_options(**named(f"shard {s.index + 1} of {shards}")),

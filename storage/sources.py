@@ -480,6 +480,8 @@ class _CsvText:
     replaced: bool = False
     #: The noncharacter standing in for genuine U+FFFD while that is done.
     sentinel: str | None = None
+    #: Bytes of the file's longest line (its end of line included).
+    longest: int = 0
 
 
 def _csv_text(location: str, encoding: str, batch_bytes: int, max_bytes: int | None) -> _CsvText:
@@ -503,6 +505,7 @@ def _csv_text(location: str, encoding: str, batch_bytes: int, max_bytes: int | N
     chunks = _chunks(location, batch_bytes, max_bytes)
     for chunk in _without_bom(chunks) if utf8 else chunks:
         blank = blank and not chunk.strip()
+        text.longest = max(text.longest, _longest_line(chunk))
         if utf8:
             if not text.replaced:
                 try:
@@ -542,6 +545,15 @@ def _csv_text(location: str, encoding: str, batch_bytes: int, max_bytes: int | N
         if text.sentinel is None:  # pragma: no cover - a file holding all six
             raise SourceError(f"{location}: cannot locate its invalid UTF-8")
     return text
+
+
+def _longest_line(chunk: bytes) -> int:
+    """Bytes of the longest line of ``chunk`` (its end of line included)."""
+    import numpy as np
+
+    ends = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == ord("\n"))
+    bounds = np.concatenate(([-1], ends, [len(chunk) - 1] if not chunk.endswith(b"\n") else []))
+    return int(np.diff(bounds).max()) if len(bounds) > 1 else 0
 
 
 def _csv_lines(
@@ -685,6 +697,52 @@ def _selected(frame: pl.DataFrame, keep: pl.Expr | None) -> pl.DataFrame:
     return frame.filter(keep).drop(added)
 
 
+@dataclass
+class SourceBatches:
+    """A CSV or JSONL file read batch by batch (:func:`read_batches`). ``frames`` yields
+    each batch's rows (``__row`` and the columns seen so far, in the file's order);
+    ``bad_lines`` and ``columns`` (the file's columns in the order a whole read gives) are
+    complete once ``frames`` is exhausted. A file holding no rows at all is refused while
+    iterating."""
+
+    frames: Iterator[pl.DataFrame]
+    bad_lines: list[tuple[int, str, str]] = field(default_factory=list)
+    columns: dict[str, pl.DataType] = field(default_factory=dict)
+
+    def collect(self, keep: pl.Expr | None) -> RawSource:
+        """Every batch (filtered by ``keep``) in one frame of the whole file's columns."""
+        kept = [_selected(frame, keep) for frame in self.frames]
+        schema = {ROW: pl.Int64(), **self.columns}
+        frame = pl.concat(kept, how="diagonal_relaxed") if kept else pl.DataFrame(schema=schema)
+        frame = frame.with_columns(
+            pl.lit(None, dtype).alias(c) for c, dtype in schema.items() if c not in frame.columns
+        )
+        return RawSource(frame.select(*schema), self.bad_lines, selected=keep is not None)
+
+
+def read_batches(
+    location: str,
+    fmt: str,
+    *,
+    encoding: str = "utf8",
+    csv: CsvLayout | None = None,
+    batch_bytes: int = READ_BATCH,
+) -> SourceBatches:
+    """A CSV or JSONL file's rows batch by batch (about ``batch_bytes`` of the file each,
+    ending at a line's end), with the file's row numbers: what :func:`read_source` reads
+    them with, for callers that route rows as they come (entity-hash shards)."""
+    batches = SourceBatches(iter(()))
+    if fmt == "csv":
+        batches.frames = _csv_frames(
+            location, encoding, csv or CsvLayout(), None, batch_bytes, batches
+        )
+    elif fmt == "jsonl":
+        batches.frames = _jsonl_frames(location, encoding, batch_bytes, batches)
+    else:
+        raise SourceError(f"{location}: {fmt} is not read in batches (csv, jsonl)")
+    return batches
+
+
 def _read_csv(
     location: str,
     encoding: str,
@@ -696,6 +754,19 @@ def _read_csv(
     """All cells as text; rows with the wrong number of fields come back in ``bad_lines``.
     Read in batches (a first pass finds the encoding problems), each batch filtered by
     ``keep``; the header line is not given to the parser, so its line numbers are data rows."""
+    batches = SourceBatches(iter(()))
+    batches.frames = _csv_frames(location, encoding, layout, max_bytes, batch_bytes, batches)
+    return batches.collect(keep)
+
+
+def _csv_frames(
+    location: str,
+    encoding: str,
+    layout: CsvLayout,
+    max_bytes: int | None,
+    batch_bytes: int,
+    out: SourceBatches,
+) -> Iterator[pl.DataFrame]:
     import numpy as np
     import pyarrow.csv as pacsv
 
@@ -715,14 +786,17 @@ def _read_csv(
         )
         return "skip"
 
-    frames: list[pl.DataFrame] = []
     parsed = 0
     start = 1
     try:
         reader = pacsv.open_csv(
             _Stream(data),
+            # a block holds whole lines: at least the longest (decoded to UTF-8, a
+            # character of another encoding takes up to 4 bytes)
             read_options=pacsv.ReadOptions(
-                use_threads=False, block_size=batch_bytes, column_names=names
+                use_threads=False,
+                block_size=max(batch_bytes, 4 * text.longest + 16),
+                column_names=names,
             ),
             parse_options=pacsv.ParseOptions(
                 delimiter=layout.delimiter,
@@ -746,7 +820,7 @@ def _read_csv(
             frame = frame.with_columns(pl.Series(ROW, rows, dtype=pl.Int64)).select(ROW, *names)
             if text.replaced:
                 frame = _flag_replaced(frame, names, text.sentinel)
-            frames.append(_selected(frame, keep))
+            yield frame
     except (pa.ArrowException, OSError) as exc:
         # the parser's detail ("Expected 4 columns, got 5: <the row>") is not shown
         raise SourceError(f"{location}: malformed CSV ({str(exc).split(':', 1)[0]})") from None
@@ -754,13 +828,11 @@ def _read_csv(
         raise SourceError(f"{location}: file holds no data rows")
     if text.sentinel is not None:
         bad = [(n, line.replace(text.sentinel, _FFFD), why) for n, line, why in bad]
-    if not frames:
-        columns = [n.replace(text.sentinel, _FFFD) if text.sentinel else n for n in names]
-        schema: dict[str, Any] = {ROW: pl.Int64} | dict.fromkeys(columns, pl.String)
-        if text.replaced:
-            schema[INVALID_UTF8] = pl.List(pl.String)
-        frames = [pl.DataFrame(schema=schema)]
-    return RawSource(pl.concat(frames), bad, selected=keep is not None)
+    columns = [n.replace(text.sentinel, _FFFD) if text.sentinel else n for n in names]
+    out.columns = dict.fromkeys(columns, pl.String())
+    if text.replaced:
+        out.columns[INVALID_UTF8] = pl.List(pl.String)
+    out.bad_lines = bad
 
 
 def _flag_replaced(frame: pl.DataFrame, names: list[str], sentinel: str | None) -> pl.DataFrame:
@@ -959,11 +1031,18 @@ def _read_jsonl(
     an object) are parsed one by one, to name the line and the reason. The columns come in
     the order of their first appearance (those of the lines parsed one by one last), as
     over the whole file at once."""
+    batches = SourceBatches(iter(()))
+    batches.frames = _jsonl_frames(location, encoding, batch_bytes, batches)
+    return batches.collect(keep)
+
+
+def _jsonl_frames(
+    location: str, encoding: str, batch_bytes: int, out: SourceBatches
+) -> Iterator[pl.DataFrame]:
     bad: list[tuple[int, str, str]] = []
     columns: dict[str, None] = {}
     one_by_one: dict[str, None] = {}
     failed: dict[str, None] = {}
-    kept: list[pl.DataFrame] = []
     parsed = False
     offset = 0
     chunks = _chunks(location, batch_bytes)
@@ -1003,7 +1082,7 @@ def _read_jsonl(
             )
         if frames:
             parsed = True
-            kept.append(_selected(pl.concat(frames, how="diagonal_relaxed").sort(ROW), keep))
+            yield pl.concat(frames, how="diagonal_relaxed").sort(ROW)
     bad.sort(key=lambda item: item[0])
     if not parsed and not bad:
         raise SourceError(f"{location}: file holds no data rows")
@@ -1014,9 +1093,5 @@ def _read_jsonl(
             f"{location}: no line holds a valid JSON object ({len(bad)} non-empty line(s), "
             f"all invalid: {shown}{more})"
         )
-    order = list(dict.fromkeys([*columns, *one_by_one, *failed]))
-    frame = pl.concat(kept, how="diagonal_relaxed")
-    frame = frame.with_columns(
-        pl.lit(None, pl.String).alias(c) for c in order if c not in frame.columns
-    )
-    return RawSource(frame.select(ROW, *order), bad, selected=keep is not None)
+    out.columns = dict.fromkeys([*columns, *one_by_one, *failed], pl.String())
+    out.bad_lines = bad

@@ -40,6 +40,7 @@ Layer = Literal[
     "models",
     "checkpoints",
     "exchange",
+    "split",
 ]
 LAYERS: tuple[Layer, ...] = get_args(Layer)
 _CHUNK = 8 * 1024 * 1024
@@ -270,6 +271,14 @@ class Store:
 
     def write_text(self, layer: Layer, name: str, text: str) -> FileRef:
         return self.write_bytes(layer, name, text.encode())
+
+    def remove(self, ref: TableRef | FileRef) -> None:
+        """Delete a file this store wrote (refused for one outside it)."""
+        path = self._path(ref.uri)
+        if not lies_within(path, self._base):
+            raise ValueError(f"{ref.uri} is not in store {self.root}")
+        if self.fs.exists(path):
+            self.fs.rm(path)
 
     def _discard(self, tmp: str) -> None:
         try:

@@ -1,12 +1,17 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from tests.factories import write_tiny
 from tests.prefect_server import running_server
+
+# module-scoped fixtures of the retry tests: each test file using one gets its own
+from tests.retrying import clean_lossless, clean_model, clean_vertical, retry_pool  # noqa: F401
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -16,6 +21,18 @@ def _prefect_logging() -> None:
     from prefect.logging.configuration import ensure_logging_setup
 
     ensure_logging_setup()
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    """The CLI in process; it quiets Prefect through ``os.environ``, kept inside the test."""
+    for name in (
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL",
+        "PREFECT_SERVER_ANALYTICS_ENABLED",
+        "DO_NOT_TRACK",
+    ):
+        monkeypatch.setenv(name, os.environ.get(name, "WARNING" if "LEVEL" in name else "false"))
+    return CliRunner()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ multiclass label, and the export of a vertical run."""
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -26,18 +25,6 @@ PLAN_MAPPING_A = (
     'plan = { from = "Plan", dtype = "category", values = { B = "basic", P = "plus" } }\n'
 )
 SIGNUP_MAPPING_A = 'signup = { from = "Joined", dtype = "date" }\n'
-
-
-@pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    # the CLI quiets Prefect through os.environ; keep that inside this test
-    for name in (
-        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL",
-        "PREFECT_SERVER_ANALYTICS_ENABLED",
-        "DO_NOT_TRACK",
-    ):
-        monkeypatch.setenv(name, os.environ.get(name, "WARNING" if "LEVEL" in name else "false"))
-    return CliRunner()
 
 
 # -- a label table of the key and the label only -------------------------------------------

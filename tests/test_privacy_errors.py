@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -393,17 +392,6 @@ def test_missing_local_file_fails_once_and_fast(prefect_api: str, tmp_path: Path
 
 
 # -- the CLI: user text is printed as text, never as rich markup --------------------------------
-@pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    for name in (
-        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL",
-        "PREFECT_SERVER_ANALYTICS_ENABLED",
-        "DO_NOT_TRACK",
-    ):  # the CLI quiets Prefect through os.environ; keep that inside the test
-        monkeypatch.setenv(name, os.environ.get(name, "WARNING" if "LEVEL" in name else "false"))
-    return CliRunner()
-
-
 def _clean_exit(result: Any, code: int) -> str:
     from rich.errors import MarkupError
 

@@ -6,7 +6,6 @@ and schedules controlled from the CLI (``deploy --schedule``, ``schedule pause|r
 from __future__ import annotations
 
 import datetime as dt
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,18 +16,6 @@ from typer.testing import CliRunner
 
 from flows.cli.app import app
 from tests.factories import write_tiny
-
-
-@pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    # the CLI quiets Prefect through os.environ; keep that inside this test
-    for name in (
-        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL",
-        "PREFECT_SERVER_ANALYTICS_ENABLED",
-        "DO_NOT_TRACK",
-    ):
-        monkeypatch.setenv(name, os.environ.get(name, "WARNING" if "LEVEL" in name else "false"))
-    return CliRunner()
 
 
 def _one_line_error(text: str) -> str:

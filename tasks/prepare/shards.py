@@ -92,6 +92,20 @@ def raw_entity_key(
     return key
 
 
+def shard_index(
+    source: SourceSpec,
+    count: int,
+    *,
+    entity: str,
+    normalisation: KeyNormalisation,
+    devices: pl.DataFrame | None = None,
+) -> pl.Expr:
+    """The shard (0-based, of ``count``) of each raw row (an expression over the raw
+    columns)."""
+    key = raw_entity_key(source, entity=entity, normalisation=normalisation, devices=devices)
+    return shard_of(key, count)
+
+
 def shard_filter(
     source: SourceSpec,
     shard: Shard,
@@ -101,5 +115,7 @@ def shard_filter(
     devices: pl.DataFrame | None = None,
 ) -> pl.Expr:
     """Whether a raw row belongs to ``shard`` (an expression over the raw columns)."""
-    key = raw_entity_key(source, entity=entity, normalisation=normalisation, devices=devices)
-    return shard_of(key, shard.count) == shard.index
+    index = shard_index(
+        source, shard.count, entity=entity, normalisation=normalisation, devices=devices
+    )
+    return index == shard.index

@@ -26,6 +26,7 @@ from storage.files import ConfinementError, confined
 from storage.runs import read_text_model
 from storage.secrets import SecretError, resolve_secret, secret_fingerprint
 from storage.sources import ROW, RawSource, SourceError, read_source
+from storage.splits import SplitSource, read_split, split_batches
 from storage.store import FileRef, Store, TableRef, fingerprint, read_table, scan_table
 from tasks.caching import content_cache_key
 from tasks.prepare.align import (
@@ -60,7 +61,7 @@ from tasks.prepare.preprocess import (
     preprocess,
     raw_name,
 )
-from tasks.prepare.shards import Shard, all_shards, shard_filter
+from tasks.prepare.shards import Shard, all_shards, shard_filter, shard_index
 from tasks.prepare.text_model import (
     CrossFitModels,
     DocumentCounts,
@@ -321,6 +322,63 @@ def shard_rows(data: RawSource, keep: pl.Expr | None, shard: Shard | None) -> Ra
     return RawSource(frame, data.bad_lines if shard.first else [], selected=True)
 
 
+def shard_devices(
+    ctx: PartyContext, source: SourceSpec, mapping: pl.DataFrame | None
+) -> pl.DataFrame | None:
+    """An events source's device map as the shard key needs it (none for other sources)."""
+    if mapping is None or source.entity_map is None:
+        return None
+    return device_map(
+        mapping, source.entity_map, entity=ctx.entity, normalisation=ctx.normalisation
+    )
+
+
+class SplitOutput(BaseModel):
+    """A source's file, and its external test file, split once into entity-hash shards."""
+
+    count: int = Field(ge=2)
+    main: SplitSource
+    test: SplitSource | None = None
+
+
+def run_split(
+    ctx: PartyContext,
+    source: SourceSpec,
+    raw: FileRef,
+    entity_map: FileRef | None,
+    test: FileRef | None,
+    count: int,
+) -> SplitOutput | None:
+    """Split a CSV or JSONL source (and its external test file) once into ``count``
+    entity-hash shards in the party's store (:mod:`storage.splits`), so that no shard
+    parses the whole file; ``None`` for a source read per shard anyway (Parquet and Arrow
+    files are scanned with the shard's filter, folders are listed)."""
+    modality = modality_of(source)
+    if modality.batches(raw.uri, source) is None:
+        return None
+    if ctx.roots:
+        for ref in (raw, entity_map, test):
+            if ref is not None:
+                confined(ref.uri, ctx.roots)
+    with naming_source(ctx.party, source.id, "split into shards"):
+        devices = shard_devices(ctx, source, read_entity_map(source, entity_map))
+        route = shard_index(
+            source, count, entity=ctx.entity, normalisation=ctx.normalisation, devices=devices
+        )
+        store = Store(ctx.store)
+
+        def split(ref: FileRef, name: str) -> SplitSource:
+            batches = modality.batches(ref.uri, source)
+            assert batches is not None  # the same source's format
+            return split_batches(batches, route, count, store, name)
+
+        return SplitOutput(
+            count=count,
+            main=split(raw, source.id),
+            test=split(test, f"{source.id}.test") if test is not None else None,
+        )
+
+
 def read_preprocessed(
     ctx: PartyContext,
     source: SourceSpec,
@@ -328,31 +386,37 @@ def read_preprocessed(
     entity_map: FileRef | None,
     test: FileRef | None = None,
     shard: Shard | None = None,
+    split: SplitOutput | None = None,
 ) -> Preprocessed:
     """Read one source (its entity map, its external test file) and preprocess it; nothing
     is written. ``shard``: only the rows of the entities of that entity-hash shard
-    (:mod:`tasks.prepare.shards`), with the file's row numbers."""
+    (:mod:`tasks.prepare.shards`), with the file's row numbers: read from ``split`` (the
+    source split once) when given, else selected from the file while reading."""
     keep = None
-    mapping = None
-    if shard is not None:
-        mapping = read_entity_map(source, entity_map)
-        devices = (
-            device_map(
-                mapping, source.entity_map, entity=ctx.entity, normalisation=ctx.normalisation
-            )
-            if mapping is not None and source.entity_map is not None
-            else None
-        )
-        keep = shard_filter(
-            source, shard, entity=ctx.entity, normalisation=ctx.normalisation, devices=devices
-        )
-    data = shard_rows(modality_of(source).read(raw.uri, source, keep=keep), keep, shard)
+    mapping = read_entity_map(source, entity_map)
     held_out = None
-    if test is not None:
-        test_data = shard_rows(modality_of(source).read(test.uri, source, keep=keep), keep, shard)
-        held_out = TestFile(raw=test_data.frame, bad_lines=test_data.bad_lines)
-    if shard is None:
-        mapping = read_entity_map(source, entity_map)
+    if shard is not None and split is not None:
+        if split.count != shard.count or (test is None) != (split.test is None):
+            raise StepError(f"{ctx.party}/{source.id}: the split does not match shard {shard.name}")
+        data = read_split(split.main, shard.index)
+        if split.test is not None:
+            test_data = read_split(split.test, shard.index)
+            held_out = TestFile(raw=test_data.frame, bad_lines=test_data.bad_lines)
+    else:
+        if shard is not None:
+            keep = shard_filter(
+                source,
+                shard,
+                entity=ctx.entity,
+                normalisation=ctx.normalisation,
+                devices=shard_devices(ctx, source, mapping),
+            )
+        data = shard_rows(modality_of(source).read(raw.uri, source, keep=keep), keep, shard)
+        if test is not None:
+            test_data = shard_rows(
+                modality_of(source).read(test.uri, source, keep=keep), keep, shard
+            )
+            held_out = TestFile(raw=test_data.frame, bad_lines=test_data.bad_lines)
     return preprocess(
         data.frame,
         source,
@@ -376,11 +440,13 @@ def run_preprocess(
     entity_map: FileRef | None,
     test: FileRef | None = None,
     shard: Shard | None = None,
+    split: SplitOutput | None = None,
 ) -> CleanOutput:
     """Preprocess one source; ``test``: its external test file (the label source's
     ``test_path``), read the same way and merged as the test split. ``shard``: one
-    entity-hash shard of it, written as ``<source>.shard-<i>-of-<n>`` (its quality report
-    is the merged source's part: :func:`run_merge_clean` writes the source's)."""
+    entity-hash shard of it (read from ``split`` when the source was split once), written
+    as ``<source>.shard-<i>-of-<n>`` (its quality report is the merged source's part:
+    :func:`run_merge_clean` writes the source's)."""
     if ctx.roots:  # again at the read: a link swapped since the fingerprint is refused too
         confined(raw.uri, ctx.roots)
         if entity_map is not None:
@@ -388,7 +454,7 @@ def run_preprocess(
         if test is not None:
             confined(test.uri, ctx.roots)
     with naming_source(ctx.party, source.id, "preprocess"):
-        result = read_preprocessed(ctx, source, raw, entity_map, test, shard)
+        result = read_preprocessed(ctx, source, raw, entity_map, test, shard, split)
         store = Store(ctx.store)
         name = table_name(source, shard)
         clean = store.write_table(result.clean, "clean", name)
@@ -541,10 +607,12 @@ def run_shard(
     entity_map: FileRef | None,
     test: FileRef | None,
     shard: Shard,
+    split: SplitOutput | None = None,
 ) -> ShardOutput:
-    """Preprocess one shard of a source and extract its entities' features: what a shard
-    task does wherever it runs (it needs the party's store and sources, nothing else)."""
-    clean = run_preprocess(ctx, source, raw, entity_map, test, shard)
+    """Preprocess one shard of a source (its rows from ``split`` when the source was split
+    once) and extract its entities' features: what a shard task does wherever it runs (it
+    needs the party's store and sources, nothing else)."""
+    clean = run_preprocess(ctx, source, raw, entity_map, test, shard, split)
     features = run_features(ctx, source, clean, shard)
     return ShardOutput(shard=shard, clean=clean, features=features)
 
@@ -942,7 +1010,8 @@ def run_party(ctx: PartyContext, sources: list[SourceSpec], shards: int = 1) -> 
             else None
         )
         if shards > 1:
-            parts = [run_shard(ctx, source, raw, emap, test, s) for s in all_shards(shards)]
+            split = run_split(ctx, source, raw, emap, test, shards)
+            parts = [run_shard(ctx, source, raw, emap, test, s, split) for s in all_shards(shards)]
             clean = run_merge_clean(ctx, source, parts)
             features = run_merge_features(ctx, source, parts)
         else:
@@ -953,13 +1022,17 @@ def run_party(ctx: PartyContext, sources: list[SourceSpec], shards: int = 1) -> 
     return run_fuse(ctx, aligned, [c.quality for c in cleaned])
 
 
+#: Options of a cached step that reads a party's files: retried on transient IO errors.
+READS_FILES: dict[str, Any] = {
+    "cache_key_fn": content_cache_key,
+    "persist_result": True,
+    "retries": IO_RETRIES,
+    "retry_delay_seconds": IO_RETRY_DELAYS,
+    "retry_condition_fn": retry_transient,
+}
 preprocess_source = task(
     name="preprocess-source",
-    cache_key_fn=content_cache_key,
-    persist_result=True,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_transient,
+    **READS_FILES,
 )(run_preprocess)
 extract_features = task(
     name="extract-features", cache_key_fn=content_cache_key, persist_result=True
@@ -969,21 +1042,19 @@ align_source = task(name="align-source", cache_key_fn=content_cache_key, persist
 )
 read_raw_keys = task(
     name="read-raw-keys",
-    cache_key_fn=content_cache_key,
-    persist_result=True,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_transient,
+    **READS_FILES,
 )(run_raw_keys)
+#: A CSV or JSONL source split once into its entity-hash shards (cached by the source's
+#: fingerprint and the shard count).
+split_source = task(
+    name="split-source",
+    **READS_FILES,
+)(run_split)
 #: One entity-hash shard of a source (preprocess + features); cached by its content key
 #: (the source's fingerprint and the shard), so a retry keeps every finished shard.
 prepare_shard = task(
     name="prepare-shard",
-    cache_key_fn=content_cache_key,
-    persist_result=True,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_transient,
+    **READS_FILES,
 )(run_shard)
 merge_clean = task(name="merge-shards-clean", cache_key_fn=content_cache_key, persist_result=True)(
     run_merge_clean

@@ -31,6 +31,8 @@ from storage.sources import (
     CsvLayout,
     FolderFile,
     RawSource,
+    SourceBatches,
+    read_batches,
     read_folder,
     read_source,
 )
@@ -83,6 +85,16 @@ class Modality(ABC):
             encoding=source.encoding,
             csv=csv_layout(source),
             keep=keep,
+        )
+
+    def batches(self, location: str, source: SourceSpec) -> SourceBatches | None:
+        """The source's rows batch by batch (:func:`storage.sources.read_batches`), as
+        :meth:`read` reads them, for a source split once into shards; ``None`` where it is
+        not read in batches (Parquet and Arrow files are scanned per shard instead)."""
+        if self.reads_folders or source.file_format not in ("csv", "jsonl"):
+            return None
+        return read_batches(
+            location, source.file_format, encoding=source.encoding, csv=csv_layout(source)
         )
 
     def required_columns(self, source: SourceSpec) -> tuple[str, ...]:
