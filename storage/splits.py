@@ -1,7 +1,7 @@
-"""A CSV or JSONL source split once into entity-hash shards (``[run] shards``).
+"""A source file split once into entity-hash shards (``[run] shards``).
 
-Without it every shard would parse the whole file to keep its own rows. The file is read
-once, batch by batch (:func:`storage.sources.read_batches`); each batch's rows go to their
+Without it every shard would read the whole file, and compute every row's shard, to keep
+its own rows. The file is read once, batch by batch (:func:`storage.sources.read_batches`); each batch's rows go to their
 shard's part table as they come, then each shard's parts are joined into one table in the
 party's store (``split/<source>.shard-<i>-of-<n>-<hash>.parquet``, written atomically) and
 the parts removed. A shard's table holds its rows with the file's row numbers, as the file

@@ -88,3 +88,37 @@ def test_a_shard_is_the_whole_read_filtered(tmp_path: Path, size: int, fmt: str)
     assert part.selected
     assert_frame_equal(part.frame, whole.frame.filter(keep))
     assert part.bad_lines == whole.bad_lines
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "arrow"])
+def test_table_files_in_batches_read_as_one(tmp_path: Path, fmt: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pyarrow import ipc
+
+    from storage.sources import read_batches
+
+    table = pa.table({"id": [f"c{i}" for i in range(10)], "v": [float(i) for i in range(10)]})
+    path = tmp_path / f"t.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(table, path, row_group_size=3)
+    else:
+        with ipc.new_file(path, table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=4):
+                writer.write_batch(batch)
+    whole = read_source(str(path), fmt)
+    _same(read_batches(str(path), fmt).collect(None), whole)
+
+
+def test_invalid_utf8_parquet_is_not_batched(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from storage.sources import NotBatchable, read_batches
+
+    cells = pa.array([b"ok", b"bad\xff"], pa.binary()).view(pa.string())
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"id": ["c1", "c2"], "name": cells}), path)
+    with pytest.raises(NotBatchable):
+        list(read_batches(str(path), "parquet").frames)
+    assert read_source(str(path), "parquet").frame.height == 2  # read whole, cells flagged

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from storage.files import ConfinementError, confined
 from storage.runs import read_text_model
 from storage.secrets import SecretError, resolve_secret, secret_fingerprint
-from storage.sources import ROW, RawSource, SourceError, read_source
+from storage.sources import ROW, NotBatchable, RawSource, SourceError, read_source
 from storage.splits import SplitSource, read_split, split_batches
 from storage.store import FileRef, Store, TableRef, fingerprint, read_table, scan_table
 from tasks.caching import content_cache_key
@@ -353,10 +353,10 @@ def run_split(
     test: FileRef | None,
     count: int,
 ) -> SplitOutput | None:
-    """Split a CSV or JSONL source (and its external test file) once into ``count``
-    entity-hash shards in the party's store (:mod:`storage.splits`), so that no shard
-    parses the whole file; ``None`` for a source read per shard anyway (Parquet and Arrow
-    files are scanned with the shard's filter, folders are listed)."""
+    """Split a source file (and its external test file) once into ``count`` entity-hash
+    shards in the party's store (:mod:`storage.splits`), so that no shard reads the whole
+    file or computes every row's shard again; ``None`` for a source each shard reads
+    itself (folders, Parquet or Arrow in an object store, or holding invalid UTF-8)."""
     modality = modality_of(source)
     if modality.batches(raw.uri, source) is None:
         return None
@@ -376,11 +376,14 @@ def run_split(
             assert batches is not None  # the same source's format
             return split_batches(batches, route, count, store, name)
 
-        return SplitOutput(
-            count=count,
-            main=split(raw, source.id),
-            test=split(test, f"{source.id}.test") if test is not None else None,
-        )
+        try:
+            return SplitOutput(
+                count=count,
+                main=split(raw, source.id),
+                test=split(test, f"{source.id}.test") if test is not None else None,
+            )
+        except NotBatchable:
+            return None  # invalid UTF-8 in a Parquet or Arrow file: each shard reads it whole
 
 
 def read_preprocessed(
@@ -1026,13 +1029,17 @@ def run_party(ctx: PartyContext, sources: list[SourceSpec], shards: int = 1) -> 
     return run_fuse(ctx, aligned, [c.quality for c in cleaned])
 
 
+#: Options of a cached step that reads a party's files: retried on transient IO errors.
+READS_FILES: dict[str, Any] = {
+    "cache_key_fn": content_cache_key,
+    "persist_result": True,
+    "retries": IO_RETRIES,
+    "retry_delay_seconds": IO_RETRY_DELAYS,
+    "retry_condition_fn": retry_transient,
+}
 preprocess_source = task(
     name="preprocess-source",
-    cache_key_fn=content_cache_key,
-    persist_result=True,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_transient,
+    **READS_FILES,
 )(run_preprocess)
 extract_features = task(
     name="extract-features", cache_key_fn=content_cache_key, persist_result=True
@@ -1042,31 +1049,19 @@ align_source = task(name="align-source", cache_key_fn=content_cache_key, persist
 )
 read_raw_keys = task(
     name="read-raw-keys",
-    cache_key_fn=content_cache_key,
-    persist_result=True,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_transient,
+    **READS_FILES,
 )(run_raw_keys)
 #: A CSV or JSONL source split once into its entity-hash shards (cached by the source's
 #: fingerprint and the shard count).
 split_source = task(
     name="split-source",
-    cache_key_fn=content_cache_key,
-    persist_result=True,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_transient,
+    **READS_FILES,
 )(run_split)
 #: One entity-hash shard of a source (preprocess + features); cached by its content key
 #: (the source's fingerprint and the shard), so a retry keeps every finished shard.
 prepare_shard = task(
     name="prepare-shard",
-    cache_key_fn=content_cache_key,
-    persist_result=True,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_transient,
+    **READS_FILES,
 )(run_shard)
 merge_clean = task(name="merge-shards-clean", cache_key_fn=content_cache_key, persist_result=True)(
     run_merge_clean

@@ -24,6 +24,7 @@ from typing import ClassVar
 
 import polars as pl
 
+from storage.files import is_uri
 from storage.sources import (
     MAX_FILE_BYTES,
     MAX_FOLDER_FILES,
@@ -90,8 +91,12 @@ class Modality(ABC):
     def batches(self, location: str, source: SourceSpec) -> SourceBatches | None:
         """The source's rows batch by batch (:func:`storage.sources.read_batches`), as
         :meth:`read` reads them, for a source split once into shards; ``None`` where it is
-        not read in batches (Parquet and Arrow files are scanned per shard instead)."""
-        if self.reads_folders or source.file_format not in ("csv", "jsonl"):
+        not read in batches (folders; a Parquet or Arrow file in an object store, read whole
+        and filtered per shard instead)."""
+        fmt = source.file_format
+        if self.reads_folders or (fmt in ("parquet", "arrow") and is_uri(location)):
+            return None
+        if fmt not in ("csv", "jsonl", "parquet", "arrow"):
             return None
         return read_batches(
             location, source.file_format, encoding=source.encoding, csv=csv_layout(source)

@@ -32,7 +32,9 @@ How it stays fast -- one lazy query, collected once:
 
 1. Sort by (64-bit hash of the entity, timestamp, input position). A hash sorts several
    times faster than strings; the position makes the order total, hence deterministic.
-   Each entity is now one contiguous *run*.
+   Each entity is now one contiguous *run*. Rows already in such runs (each entity's rows
+   contiguous, in time order, as recordings usually come:
+   :func:`~tasks.prepare.modalities.signals.in_runs`) skip the sort, which would keep them.
 2. Cut each run into *buckets* at the window starts (compared as integer microseconds
    before the window end: the end of the ``as_of`` day, or the run's last event, found with
    one windowed max over the sorted runs): windows are nested suffixes of the
@@ -73,7 +75,12 @@ from pydantic import Field, PlainValidator, field_validator
 
 from storage.sources import ROW
 from tasks.prepare.modalities.base import FeatureInputs, Modality, register
-from tasks.prepare.modalities.signals import MAGNITUDE, signal_feature_names, signal_features
+from tasks.prepare.modalities.signals import (
+    MAGNITUDE,
+    in_runs,
+    signal_feature_names,
+    signal_features,
+)
 from tasks.prepare.modalities.table import WindowOptions, window_end
 from tasks.prepare.preprocess import (
     KEY_CONTROL,
@@ -167,8 +174,10 @@ def _ordered_events(
     lengths: Sequence[int],
     end_at: WindowEnd,
     exact: bool,
+    ordered: bool = False,
 ) -> pl.LazyFrame:
-    """Events before ``end`` in (entity, time) runs, with the per-row helper columns.
+    """Events before ``end`` in (entity, time) runs, with the per-row helper columns
+    (``ordered``: the rows are in such runs already, :func:`~signals.in_runs`).
 
     ``lengths``: the windows in microseconds, longest first. Offsets are microseconds from
     the window end: ``end`` (exclusive) or the run's last event (inclusive).
@@ -185,12 +194,15 @@ def _ordered_events(
         starts = [-n for n in lengths]  # [end - w, end)
     offset = pl.col(_OFFSET)
     bucket = _bucket(offset, starts)
+    events = lf.filter(ts < pl.lit(end))
+    if not ordered:
+        events = (
+            events.with_row_index(_POS)
+            .with_columns(_entity_order(entity).alias(_HASH))
+            .sort([entity if exact else _HASH, TIMESTAMP, _POS])
+        )
     return (
-        lf.filter(ts < pl.lit(end))
-        .with_row_index(_POS)
-        .with_columns(_entity_order(entity).alias(_HASH))
-        .sort([entity if exact else _HASH, TIMESTAMP, _POS])
-        .with_columns((key != key.shift(1)).fill_null(True).alias(_FIRST))
+        events.with_columns((key != key.shift(1)).fill_null(True).alias(_FIRST))
         .with_columns(
             first.cum_sum().cast(pl.UInt64).alias(_RUN),
             pl.when(~first).then(ts.shift(1)).alias(_PREV),
@@ -336,6 +348,7 @@ def _features_query(
     end_at: WindowEnd,
     error: bool,
     exact: bool,
+    ordered: bool = False,
 ) -> pl.LazyFrame:
     by_length = parse_windows(windows)[::-1]
     n_buckets = len(by_length) + 1
@@ -347,6 +360,7 @@ def _features_query(
         lengths=[w.micros for w in by_length],
         end_at=end_at,
         exact=exact,
+        ordered=ordered,
     ).cache()
     buckets = events.group_by(_GROUP).agg(_bucket_stats(measures, error=error))
     per_entity = [
@@ -426,6 +440,10 @@ def events_features(
     lf = lf.select(columns).with_columns(pl.col(measures).cast(pl.Float64))
     end = window_end(as_of)
 
+    # rows already in per-entity runs in time order (as recordings usually come) skip the
+    # sort: it would keep them as they are
+    ordered = in_runs(lf.filter(pl.col(TIMESTAMP) < pl.lit(end)), entity)
+
     def query(*, exact: bool) -> pl.LazyFrame:
         return _features_query(
             lf,
@@ -436,6 +454,7 @@ def events_features(
             end_at=end_at,
             error=error,
             exact=exact,
+            ordered=ordered,
         )
 
     out = query(exact=False).collect(engine=engine)

@@ -29,17 +29,20 @@ between its consecutive readings (frequencies are null when that median is 0). S
 fewer than two readings get null shape and spectrum features.
 
 Everything is vectorised over the whole table: one sort by (entity, time, input position),
-then numpy over the sorted blocks (``bincount`` per entity for sums, shifted arrays for
+skipped when each entity's rows already come contiguous and in time order
+(:func:`in_runs`), then numpy over blocks of whole runs of about :data:`_BLOCK` readings,
+small enough for the processor's cache (``reduceat`` per entity for sums, shifted slices for
 neighbours and lags, cumulative sums for the rolling windows, one batched FFT per padded
-length). No Python loop runs over rows or entities.
+length, its rows gathered in one go). No Python loop runs over rows or entities.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
+from itertools import pairwise
 
 import numpy as np
 import numpy.typing as npt
@@ -81,6 +84,9 @@ MAGNITUDE_STATS = ("mean", "std", "min", "max")
 # cells of one FFT batch (rows x padded length): bounds the memory of a batch to ~64 MiB
 _FFT_CELLS = 1 << 22
 
+# readings of one block of runs (:func:`_in_blocks`): its arrays fit in a processor cache
+_BLOCK = 1 << 15
+
 Floats = npt.NDArray[np.float64]
 Ints = npt.NDArray[np.int64]
 
@@ -102,6 +108,24 @@ def signal_feature_names(measures: Sequence[str], *, axes: Sequence[str] | None)
 def _entity_order(entity: str) -> pl.Expr:
     """Sort key that makes each entity's readings contiguous (cheap to sort)."""
     return pl.col(entity).hash()
+
+
+def in_runs(frame: pl.LazyFrame | pl.DataFrame, entity: str) -> bool:
+    """Whether each entity's rows are already contiguous and in time order: then sorting
+    by (entity, time, input position) would keep every entity's rows as they are (ties stay
+    in input order), and per-entity results need no sort. Recordings usually come so."""
+    key, ts = pl.col(entity), pl.col(TIMESTAMP)
+    starts = key.ne_missing(key.shift(1)).fill_null(True)
+    timed, contiguous = (
+        frame.lazy()
+        .select(
+            (starts | (ts >= ts.shift(1))).all().alias("timed"),
+            key.filter(starts).is_unique().all().alias("contiguous"),
+        )
+        .collect()
+        .row(0)
+    )
+    return bool(timed) and bool(contiguous)
 
 
 def signal_features(
@@ -137,15 +161,17 @@ def signal_features(
             .alias(MAGNITUDE)
         )
     signals = [*measures, *([MAGNITUDE] if axes else [])]
-    # sorted by a 64-bit hash of the entity (several times faster than the strings); two
-    # entities whose hashes collide and whose readings interleave would share runs: then
-    # (detected: a key in two runs) the strings decide
-    ordered = lf.sort(_entity_order(entity), TIMESTAMP, _POS).collect()
-    keys = ordered.get_column(entity)
-    starts_run = keys.ne_missing(keys.shift(1)).fill_null(True)
-    if keys.filter(starts_run).is_duplicated().any():
-        ordered = ordered.sort(entity, TIMESTAMP, _POS)
+    ordered = lf.collect()
+    if not in_runs(ordered, entity):
+        # sorted by a 64-bit hash of the entity (several times faster than the strings);
+        # two entities whose hashes collide and whose readings interleave would share runs:
+        # then (detected: a key in two runs) the strings decide
+        ordered = ordered.sort(_entity_order(entity), TIMESTAMP, _POS)
         keys = ordered.get_column(entity)
+        starts_run = keys.ne_missing(keys.shift(1)).fill_null(True)
+        if keys.filter(starts_run).is_duplicated().any():
+            ordered = ordered.sort(entity, TIMESTAMP, _POS)
+    keys = ordered.get_column(entity)
     if ordered.height == 0:
         return pl.DataFrame(
             {entity: keys.head(0)}
@@ -155,31 +181,33 @@ def signal_features(
     run: Ints = np.cumsum(new_run, dtype=np.int64) - 1
     n_runs = int(run[-1]) + 1
     times: Ints = ordered.get_column(TIMESTAMP).dt.epoch("us").to_numpy().astype(np.int64)
-    # quantiles: one polars group_by over the sorted runs (linear, as numpy's default)
-    quantiles = ordered.group_by(pl.Series(_RUN, run), maintain_order=True).agg(
-        pl.col(name).quantile(q, interpolation="linear").alias(f"{name}_{stat}")
-        for name in signals
-        for stat, q in (("median", 0.5), ("q25", 0.25), ("q75", 0.75))
-    )
-    columns: dict[str, Floats] = {
-        c: quantiles.get_column(c).to_numpy().astype(np.float64)
-        for c in quantiles.columns
-        if c != _RUN
-    }
-    every = Runs.of(run, n_runs)
+    columns: dict[str, Floats] = {}
     for name in signals:
-        values: Floats = ordered.get_column(name).to_numpy().astype(np.float64)
+        column = ordered.get_column(name)
+        values: Floats = np.asarray(column.to_numpy(), dtype=np.float64)  # null -> NaN
         present = ~np.isnan(values)
         whole = bool(present.all())
-        stats = signal_block(
-            run[present],
-            times[present],
-            values[present],
-            n_runs=n_runs,
-            sampling_hz=sampling_hz,
-            sub_window_s=sub_window_s,
-            extra=name == MAGNITUDE,
-            shared=every if whole else None,
+        stats = _in_blocks(
+            partial(
+                signal_block,
+                sampling_hz=sampling_hz,
+                sub_window_s=sub_window_s,
+                extra=name == MAGNITUDE,
+            ),
+            run if whole else run[present],
+            n_runs,
+            times if whole else times[present],
+            values if whole else values[present],
+        )
+        # the quantiles take a NaN reading (never one of a cleaned source) as the largest
+        counted = present if column.null_count() == values.size - int(present.sum()) else None
+        if counted is None:
+            counted = column.is_not_null().to_numpy()
+        stats |= _in_blocks(
+            _quantiles,
+            run if whole else run[counted],
+            n_runs,
+            values if whole else values[counted],
         )
         columns |= {f"{name}_{stat}": column for stat, column in stats.items()}
     names = signal_feature_names(measures, axes=axes)
@@ -225,6 +253,14 @@ class Runs:
     def sum(self, values: Floats) -> Floats:
         return self._reduce(np.add, values, 0.0)
 
+    def count(self, mask: npt.NDArray[np.bool_]) -> Floats:
+        """How many readings of each run ``mask`` holds."""
+        out = np.zeros(self.size)
+        some = self.n > 0
+        if mask.size:
+            out[some] = np.add.reduceat(mask, self.starts[some], dtype=np.int64)
+        return out
+
     def min(self, values: Floats) -> Floats:
         return self._reduce(np.minimum, values, np.inf)
 
@@ -245,10 +281,49 @@ def _divide(num: Floats, den: Floats) -> Floats:
     return out
 
 
-def _shifted(values: Floats, lag: int) -> Floats:
-    """``values`` moved ``lag`` places later (the first ``lag`` are 0)."""
-    out = np.zeros_like(values)
-    out[lag:] = values[:-lag]
+def _in_blocks(
+    block: Callable[..., dict[str, Floats]], run: Ints, n_runs: int, *arrays: Floats | Ints
+) -> dict[str, Floats]:
+    """``block(run, *arrays, n_runs=...)`` (:func:`signal_block`, :func:`_quantiles`) over
+    consecutive blocks of whole runs of about :data:`_BLOCK` readings each (a longer run is
+    a block of its own): every temporary array of a block stays in the processor's cache,
+    where the many passes over it are several times faster than over the whole signal in
+    memory. ``run`` ascending; ``arrays`` one value per reading."""
+    ends = np.searchsorted(run, np.arange(n_runs), side="right")  # reading after each run
+    cuts = np.unique(np.searchsorted(ends, np.arange(_BLOCK, run.size, _BLOCK), side="left"))
+    bounds = [0, *(int(c) + 1 for c in cuts if c + 1 < n_runs), n_runs]  # run boundaries
+    out: dict[str, Floats] = {}
+    for first, last in pairwise(bounds):
+        lo = int(ends[first - 1]) if first else 0
+        hi = int(ends[last - 1])
+        stats = block(run[lo:hi] - first, *(a[lo:hi] for a in arrays), n_runs=last - first)
+        for stat, column in stats.items():
+            out.setdefault(stat, np.empty(n_runs))[first:last] = column
+    return out
+
+
+def _quantiles(run: Ints, x: Floats, *, n_runs: int) -> dict[str, Floats]:
+    """Median and quartiles of each run (linear interpolation, numpy's default; a NaN
+    sorts last): each run's readings one row of a matrix padded to a power of two, the rows
+    sorted at once."""
+    runs = Runs.of(run, n_runs)
+    count = runs.n.astype(np.int64)
+    out = {stat: np.full(n_runs, np.nan) for stat in ("median", "q25", "q75")}
+    size = np.where(count > 0, 1 << np.ceil(np.log2(np.maximum(count, 1))).astype(np.int64), 0)
+    for length in np.unique(size[size > 0]):
+        rows = np.flatnonzero(size == length)
+        column = np.arange(int(length))
+        inside = column < count[rows][:, None]
+        index = np.where(inside, runs.starts[rows][:, None] + column, 0)
+        ordered = np.sort(np.where(inside, x[index], np.nan), axis=1)  # padding last
+        last = (count[rows] - 1).astype(np.float64)
+        for stat, q in (("median", 0.5), ("q25", 0.25), ("q75", 0.75)):
+            at = q * last
+            below = np.floor(at).astype(np.int64)
+            above = np.minimum(below + 1, count[rows] - 1)
+            low = np.take_along_axis(ordered, below[:, None], axis=1)[:, 0]
+            high = np.take_along_axis(ordered, above[:, None], axis=1)[:, 0]
+            out[stat][rows] = low + (high - low) * (at - below)
     return out
 
 
@@ -261,14 +336,12 @@ def signal_block(
     sampling_hz: float | None,
     sub_window_s: float,
     extra: bool = False,
-    shared: Runs | None = None,
 ) -> dict[str, Floats]:
     """The :data:`SIGNAL_STATS` but the quantiles (and, with ``extra``, the
     :data:`MAGNITUDE_STATS` first) of each run ``0..n_runs-1`` of one signal: ``run``
     ascending (each run contiguous), ``times`` (microseconds) ascending within a run, ``x``
-    the finite readings. A run with no reading gets NaN everywhere. ``shared``: the runs
-    of ``run`` when already known (signals without missing readings share them)."""
-    runs = shared if shared is not None else Runs.of(run, n_runs)
+    the finite readings. A run with no reading gets NaN everywhere."""
+    runs = Runs.of(run, n_runs)
     n = runs.n
     mean = _divide(runs.sum(x), n)
     xc = x - mean[run]  # centred per run: moments and products without cancellation
@@ -296,16 +369,18 @@ def signal_block(
 
     def crossing_rate(signal: Floats) -> Floats:
         above = signal >= 0
-        crossed = same & (above != _shifted(above.astype(np.float64), 1).astype(bool))
-        return _divide(runs.sum(crossed.astype(np.float64)), pairs)
+        crossed = np.zeros(signal.size, dtype=bool)
+        crossed[1:] = same[1:] & (above[1:] != above[:-1])
+        return _divide(runs.count(crossed), pairs)
 
     out["zero_cross_rate"] = crossing_rate(x)
     out["mean_cross_rate"] = crossing_rate(xc)
     peak = np.zeros(x.size, dtype=bool)
     peak[1:-1] = same[1:-1] & same[2:] & (x[1:-1] > x[:-2]) & (x[1:-1] > x[2:])
-    out["peak_rate"] = np.where(n >= 2, _divide(runs.sum(peak.astype(np.float64)), n), np.nan)
+    out["peak_rate"] = np.where(n >= 2, _divide(runs.count(peak), n), np.nan)
     for lag in ACF_LAGS:
-        products = np.where(runs.lagged(lag), xc * _shifted(xc, lag), 0.0)
+        products = np.zeros(xc.size)
+        np.multiply(xc[lag:], xc[:-lag], out=products[lag:], where=runs.lagged(lag)[lag:])
         acf = _divide(runs.sum(products), n) / m2_safe
         out[f"acf_lag{lag}"] = np.where(n > lag, acf, np.nan)
     rate = _rates(run, times, same, n_runs, sampling_hz)
@@ -338,25 +413,21 @@ def _spectrum(
 ) -> dict[str, Floats]:
     """Dominant frequency (Hz) and normalised spectral entropy per run, one batched real
     FFT per padded length."""
-    n_runs, n, run = runs.size, runs.n, runs.run
+    n_runs, n = runs.size, runs.n
     dominant = np.full(n_runs, np.nan)
     entropy = np.full(n_runs, np.nan)
     used = np.minimum(n, MAX_FFT).astype(np.int64)
     size = np.where(used >= 2, 1 << np.ceil(np.log2(np.maximum(used, 2))).astype(np.int64), 0)
-    position = (
-        runs.position - (n.astype(np.int64) - used)[run] if (n > MAX_FFT).any() else runs.position
-    )
-    taken = position >= 0
+    first = runs.starts + n.astype(np.int64) - used  # each run's first reading in its FFT
     for length in np.unique(size[(size > 0) & ~flat]):
         selected = np.flatnonzero((size == length) & ~flat)
         rows_per_batch = max(1, _FFT_CELLS // int(length))
+        column = np.arange(int(length))
         for begin in range(0, selected.size, rows_per_batch):
             batch = selected[begin : begin + rows_per_batch]
-            row_of = np.full(n_runs, -1, dtype=np.int64)
-            row_of[batch] = np.arange(batch.size)
-            pick = taken & (row_of[run] >= 0)
-            matrix = np.zeros((batch.size, int(length)))
-            matrix[row_of[run[pick]], position[pick]] = xc[pick]
+            # one row per run, its readings gathered in one go, zero-padded to the length
+            inside = column < used[batch][:, None]
+            matrix = np.where(inside, xc[np.where(inside, first[batch][:, None] + column, 0)], 0.0)
             power = np.abs(np.fft.rfft(matrix, axis=1)[:, 1:]) ** 2
             total = power.sum(axis=1)
             share = power / np.where(total > 0, total, 1.0)[:, None]
@@ -371,35 +442,40 @@ def _spectrum(
 
 
 def _rolling(runs: Runs, xc: Floats, rate: Floats, sub_window_s: float) -> dict[str, Floats]:
-    """Statistics of the rolling sub-window means and stds, from cumulative sums."""
+    """Statistics of the rolling sub-window means and stds, from cumulative sums: a
+    window's sums are the difference of two of them (a slice apart for one width)."""
     run = runs.run
     with np.errstate(invalid="ignore"):
         width_f = np.maximum(np.round(sub_window_s * rate), 2.0)
     width = np.where(np.isfinite(width_f), width_f, 0).astype(np.int64)
-    index = np.arange(run.size, dtype=np.int64)
-    # one width for all (a declared rate) needs no per-reading lookup
-    w = width[:1] if (width == width[0]).all() else width[run]
-    full = (w > 0) & (runs.position + 1 >= w)  # a whole sub-window ends at this reading
     s1 = np.concatenate(([0.0], np.cumsum(xc)))
     s2 = np.concatenate(([0.0], np.cumsum(xc * xc)))
-    if w.size == 1:  # one width: the window starts are a shifted slice
-        k = int(w[0])
-        before1, before2 = np.zeros(run.size), np.zeros(run.size)
-        if 0 < k <= run.size:
-            before1[k - 1 :], before2[k - 1 :] = s1[: run.size - k + 1], s2[: run.size - k + 1]
+    sum1, sum2 = np.zeros(run.size), np.zeros(run.size)  # of the window ending at a reading
+    wf: Floats | float
+    if (width == width[0]).all():  # one width for all (a declared rate): shifted slices
+        k = int(width[0])
+        full = runs.lagged(k - 1) if 0 < k <= run.size else np.zeros(run.size, dtype=bool)
+        if full.any():
+            np.subtract(s1[k:], s1[:-k], out=sum1[k - 1 :])
+            np.subtract(s2[k:], s2[:-k], out=sum2[k - 1 :])
+        wf = float(max(k, 2))  # no window at all for width 0
     else:
-        lo = np.where(full, index + 1 - w, 0)
-        before1, before2 = s1[lo], s2[lo]
-    wf = np.where(full, w, 2).astype(np.float64)
-    means = np.where(full, (s1[1:] - before1) / wf, 0.0)
-    var = np.maximum((s2[1:] - before2) / wf - means * means, 0.0) * wf / (wf - 1)
+        w = width[run]
+        full = (w > 0) & (runs.position + 1 >= w)  # a whole sub-window ends at this reading
+        lo = np.where(full, np.arange(run.size, dtype=np.int64) + 1 - w, 0)
+        sum1, sum2 = s1[1:] - s1[lo], s2[1:] - s2[lo]
+        wf = np.where(full, w, 2).astype(np.float64)
+    # readings where no whole window ends get 0 (so that plain sums skip them)
+    means = np.where(full, sum1 / wf, 0.0)
+    var = np.maximum(sum2 / wf - means * means, 0.0) * wf / (wf - 1)
     stds = np.where(full, np.sqrt(var), 0.0)
-    count = runs.sum(full.astype(np.float64))
+    count = runs.count(full)
     mean_of_means = _divide(runs.sum(means), count)
     # the means are of centred readings (near 0): their variance without a second pass
     spread = np.maximum(_divide(runs.sum(means * means), count) - mean_of_means**2, 0.0)
     return {
         "roll_mean_std": np.sqrt(spread),
         "roll_std_mean": _divide(runs.sum(stds), count),
-        "roll_std_max": np.where(count > 0, runs.max(np.where(full, stds, -np.inf)), np.nan),
+        # the stds are >= 0: the zeros of the readings without a window change no maximum
+        "roll_std_max": np.where(count > 0, runs.max(stds), np.nan),
     }
