@@ -107,17 +107,30 @@ def load(name: str, *, seed: int, rows: int | None = None) -> tuple[np.ndarray, 
     return X, y, categorical
 
 
+#: Rows every site holds at least in each of its train and valid files under label skew.
+MIN_SITE_ROWS = 20
+
+
+def skewed_sites(y: np.ndarray, alpha: float, seed: int) -> np.ndarray:
+    """Dirichlet label skew over the sites, drawn again (next seed) until every site has
+    at least :data:`MIN_SITE_ROWS` training and validation rows (a site of 2 rows and an
+    empty validation file is not a partition any system can train on)."""
+    split = np.random.default_rng(seed).choice(3, size=len(y), p=[0.6, 0.2, 0.2])
+    for attempt in range(1000):
+        site = dirichlet_sites(y, SITES, alpha=alpha, seed=seed + attempt)
+        counts = [np.bincount(site[split == part], minlength=SITES).min() for part in (0, 1)]
+        if min(counts) >= MIN_SITE_ROWS:
+            return site
+    raise SystemExit(f"no Dirichlet({alpha}) draw gives every site {MIN_SITE_ROWS} rows")
+
+
 def write_partition(
     folder: Path, X: np.ndarray, y: np.ndarray, *, categorical: int, alpha: float | None, seed: int
 ) -> None:
     """Every site's train/valid CSV and the common test CSV (label first), plus meta.json."""
     rng = np.random.default_rng(seed)
     split = rng.choice(np.array(["train", "valid", "test"]), size=len(y), p=[0.6, 0.2, 0.2])
-    site = (
-        random_sites(len(y), SITES, seed=seed)
-        if alpha is None
-        else dirichlet_sites(y, SITES, alpha=alpha, seed=seed)
-    )
+    site = random_sites(len(y), SITES, seed=seed) if alpha is None else skewed_sites(y, alpha, seed)
     table = np.column_stack([y, X])
 
     def save(path: Path, rows: np.ndarray) -> None:
