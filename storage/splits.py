@@ -1,12 +1,13 @@
 """A source file split once into entity-hash shards (``[run] shards``).
 
 Without it every shard would read the whole file, and compute every row's shard, to keep
-its own rows. The file is read once, batch by batch (:func:`storage.sources.read_batches`); each batch's rows go to their
-shard's part table as they come, then each shard's parts are joined into one table in the
-party's store (``split/<source>.shard-<i>-of-<n>-<hash>.parquet``, written atomically) and
-the parts removed. A shard's table holds its rows with the file's row numbers, as the file
-gave them (every cell as text); the lines no reader could parse are kept in a table of
-their own, for the first shard. Only one batch is held at a time.
+its own rows. The file is read once, batch by batch (:func:`storage.sources.read_batches`);
+each batch's rows go to their shard's part table as they come, then each shard's parts are
+joined into one table in the party's store (``split/<source>.shard-<i>-of-<n>-<hash>.parquet``,
+written atomically) and the parts removed (those a killed split left are swept by the
+next). A shard's table holds its rows with the file's row numbers, as the file gave them (a
+CSV or JSONL cell as text); the lines no reader could parse are kept in a table of their
+own, for the first shard. Only one batch is held at a time.
 """
 
 from __future__ import annotations
@@ -28,9 +29,7 @@ class SplitSource(BaseModel):
     bad_lines: TableRef | None = Field(
         default=None, description="The lines no reader could parse (the first shard's)"
     )
-    columns: dict[str, str] = Field(
-        description="The file's columns in a whole read's order, with their polars types"
-    )
+    columns: list[str] = Field(description="The file's columns in a whole read's order")
 
 
 def split_batches(
@@ -40,6 +39,7 @@ def split_batches(
     expression over the file's columns, those a batch lacks being missing there) and write
     each shard's rows as one table ``split/<name>.shard-<i>-of-<count>``."""
     parts: list[list[TableRef]] = [[] for _ in range(count)]
+    store.sweep("split", f"{name}.part-")  # the parts of a split killed before it ended
     try:
         for number, frame in enumerate(batches.frames):
             missing = [c for c in route.meta.root_names() if c not in frame.columns]
@@ -74,7 +74,7 @@ def split_batches(
     return SplitSource(
         shards=tables,
         bad_lines=bad,
-        columns={c: str(dtype) for c, dtype in batches.columns.items()},
+        columns=list(batches.columns),
     )
 
 

@@ -232,13 +232,16 @@ class Store:
         # a layer folder that is a symlink out of the store (say rejected/ -> another store)
         # would put this party's rows elsewhere: refused before anything is written
         confined(self._uri(folder), [self.root], area=f"the store {self.root}")
-        self._sweep(folder, name)
+        self._sweep(posixpath.join(folder, f".{glob.escape(name)}.*.tmp"))
         return posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
 
-    def _sweep(self, folder: str, name: str) -> None:
-        """Remove temporary files of ``name`` that a killed write left behind: those older
-        than :data:`STALE_TMP_SECONDS` (a write in flight elsewhere is younger)."""
-        pattern = posixpath.join(folder, f".{glob.escape(name)}.*.tmp")
+    def sweep(self, layer: Layer, prefix: str) -> None:
+        """Remove the files of ``layer`` named ``<prefix>*`` that a killed step left behind:
+        those older than :data:`STALE_TMP_SECONDS` (a step in flight elsewhere is younger)."""
+        self._sweep(self._join(layer, f"{glob.escape(prefix)}*"))
+
+    def _sweep(self, pattern: str) -> None:
+        """Remove the files matching ``pattern`` older than :data:`STALE_TMP_SECONDS`."""
         now = time.time()
         for path in self.fs.glob(pattern):
             try:

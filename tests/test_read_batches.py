@@ -122,3 +122,30 @@ def test_invalid_utf8_parquet_is_not_batched(tmp_path: Path) -> None:
     with pytest.raises(NotBatchable):
         list(read_batches(str(path), "parquet").frames)
     assert read_source(str(path), "parquet").frame.height == 2  # read whole, cells flagged
+
+
+def test_a_split_sweeps_the_parts_a_killed_split_left(tmp_path: Path) -> None:
+    import os
+
+    from storage.sources import read_batches
+    from storage.splits import read_split, split_batches
+    from storage.store import STALE_TMP_SECONDS, Store
+
+    store = Store(str(tmp_path / "store"))
+    stale = store.write_table(pl.DataFrame({"x": [1]}), "split", "t.part-0-1")
+    old = Path(stale.uri).stat().st_mtime - STALE_TMP_SECONDS - 1
+    os.utime(stale.uri, (old, old))
+    path = str(_csv(tmp_path / "t.csv"))
+    route = pl.when(pl.col("id").is_in(["c1", "c3"])).then(1).otherwise(0)
+    split = split_batches(read_batches(path, "csv", batch_bytes=17), route, 2, store, "t")
+    assert not Path(stale.uri).exists()
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "store" / "split").iterdir()) == [
+        "t.bad",
+        "t.shard",
+        "t.shard",
+    ]
+    whole = read_source(path, "csv")
+    got = pl.concat([read_split(split, 0).frame, read_split(split, 1).frame]).sort(ROW)
+    assert_frame_equal(got, whole.frame)
+    assert read_split(split, 0).bad_lines == whole.bad_lines
+    assert read_split(split, 1).bad_lines == []
