@@ -18,6 +18,8 @@ other repeat):
 * xgboost-pooled: plain XGBoost with the peers' booster settings on the pooled rows (POOLS
   DATA; ``benchmarks/peers/xgboost_runner.py``), the peers' own reference;
 * averaging: ``tasks.horizontal.loop.train_federated`` (weighted output averaging);
+* averaging-leaves: the same with the consortium's leaf values (``leaf_values =
+  "consortium"``, one tree per party and round at learning rate 0.3);
 * lossless: ``tasks.horizontal.lossless.train_lossless`` with consortium bins;
 * flower-bagging, flower-cyclic: Flower 1.42's ``FedXgbBagging`` / ``FedXgbCyclic`` in its
   simulation engine (``benchmarks/peers/flower_runner.py``);
@@ -47,7 +49,7 @@ import psutil
 from benchmarks.public_data import dirichlet_sites, random_sites
 
 SITES = 5
-FEDFUSE_SYSTEMS = ["centralised", "averaging", "lossless"]
+FEDFUSE_SYSTEMS = ["centralised", "averaging", "averaging-leaves", "lossless"]
 PEERS_DIR = Path(__file__).resolve().parent / ".peers"
 RUNNERS_DIR = Path(__file__).resolve().parent / "peers"
 # every peer's pinned requirements, installed into benchmarks/.peers/<peer>
@@ -79,6 +81,7 @@ ALL_SYSTEMS = [
     "nvflare-histogram",
     "averaging",
     "flower-cyclic",
+    "averaging-leaves",
     "nvflare-bagging",
     "lossless",
     "nvflare-cyclic",
@@ -192,7 +195,11 @@ def run_system(system: str, folder: Path, trees: int) -> dict[str, Any]:
         )
         score = model.predict_proba(X_test)[:, 1]
         used = model.best_iteration_ or trees
-    elif system == "averaging":
+    elif system in ("averaging", "averaging-leaves"):
+        if system == "averaging-leaves":
+            spec = spec.model_copy(
+                update={"leaf_values": "consortium", "trees_per_round": 1, "learning_rate": 0.3}
+            )
         frames = {}
         offset = 0
         for s, d in sites.items():

@@ -49,6 +49,7 @@ from tasks.horizontal.steps import (
     PartyEval,
     PartyStats,
     PartyUpdate,
+    Refit,
     RoundAggregate,
     TrainSetup,
     aggregate,
@@ -71,6 +72,7 @@ def aggregate_round(
     setup: TrainSetup,
     planned: list[str],
     span: float,
+    refit: Refit | None = None,
 ) -> RoundAggregate:
     t = setup.training
     return aggregate(
@@ -82,6 +84,7 @@ def aggregate_round(
         planned=planned,
         failed=failed,
         folder=Store(setup.coordinator).location("models", ""),
+        refit=refit,
     )
 
 
@@ -142,6 +145,47 @@ def _catch_up(
     return scores, at, why
 
 
+def _leaf_sums(
+    runner: PartyRunner,
+    state: RoundInput,
+    setups: dict[str, TrainSetup],
+    scores: dict[str, Any],
+    updates: list[PartyUpdate],
+    planned: list[str],
+    failed: dict[str, str],
+) -> Refit:
+    """Every reachable party's per-leaf gradient sums of the round's updates (``leaf_values
+    = "consortium"``); a party whose step fails adds none (the others' sums still count)."""
+    logger = get_run_logger()
+    sums, sums_failed = _settle(
+        {
+            party: runner.submit_job(
+                _job(
+                    state,
+                    setup,
+                    op="leaf_sums",
+                    scores=scores[party],
+                    updates=updates,
+                    planned=planned,
+                    label_span=state.label_span,
+                )
+            )
+            for party, setup in setups.items()
+            if party not in failed
+        }
+    )
+    for party, message in sums_failed.items():
+        logger.warning("round %d: leaf sums of party %s failed: %s", state.round, party, message)
+    first = next(iter(setups.values()))
+    return Refit(
+        sums=sums,
+        learning_rates=dict(state.learning_rates),
+        min_rows=first.training.min_data_in_leaf,
+        coordinator=first.coordinator,
+        run_key=first.run_key,
+    )
+
+
 # persist_result=False: Prefect matches a retried parent's subflow calls by position, not by
 # round, and would hand round k+1 of a retry the first attempt's persisted round 1. The round's
 # own identity is its checkpoint (run key, round); without a persisted result a retry runs
@@ -187,9 +231,11 @@ def federated_round(state: RoundInput) -> RoundOutput:
     for party, reason in failed.items():
         logger.warning("round %d: party %s left out: %s", state.round, party, reason)
     first = next(iter(setups.values()))
-    agg = aggregate_round(
-        updates, failed, state.round, first, sorted(state.learning_rates), state.label_span
-    )
+    planned = sorted(state.learning_rates)
+    refit = None
+    if first.training.leaf_values == "consortium" and updates:
+        refit = _leaf_sums(runner, state, setups, scores, updates, planned, failed)
+    agg = aggregate_round(updates, failed, state.round, first, planned, state.label_span, refit)
     asked = [party for party in setups if at[party] == state.round - 1]
     evals, eval_failed = _settle(
         {

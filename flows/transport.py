@@ -49,9 +49,11 @@ from storage.store import Store, TableRef
 from tasks.caching import content_cache_key, parameters_key
 from tasks.horizontal.lossless_remote import lossless_party
 from tasks.horizontal.steps import (
+    PartyUpdate,
     RoundAggregate,
     TrainSetup,
     evaluate_party,
+    leaf_sums_party,
     party_stats,
     sketch_party,
     start_scores,
@@ -64,7 +66,7 @@ logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-StepOp = Literal["stats", "sketch", "start", "train", "evaluate", "lossless"]
+StepOp = Literal["stats", "sketch", "start", "train", "leaf_sums", "evaluate", "lossless"]
 PartyFlow = Literal["party-step", "party-call"]
 
 PIPELINE_FLOW = "party-pipeline"
@@ -80,7 +82,9 @@ class DispatchError(RuntimeError):
 class PartyJob(BaseModel):
     """One horizontal training step of one party, as the parameter of its ``party-step`` run."""
 
-    op: StepOp = Field(description="stats | sketch | start | train | evaluate | lossless")
+    op: StepOp = Field(
+        description="stats | sketch | start | train | leaf_sums | evaluate | lossless"
+    )
     setup: TrainSetup
     round: int = Field(default=0, ge=0)
     scores: TableRef | None = Field(default=None, description="The party's running scores")
@@ -89,6 +93,13 @@ class PartyJob(BaseModel):
     aggregates: list[RoundAggregate] = Field(
         default_factory=list, description="Rounds to apply (op=evaluate)"
     )
+    updates: list[PartyUpdate] = Field(
+        default_factory=list, description="op=leaf_sums: the round's updates"
+    )
+    planned: list[str] = Field(
+        default_factory=list, description="op=leaf_sums: the parties asked to train"
+    )
+    label_span: float = Field(default=0.0, description="op=leaf_sums: the round rules' span")
     next_learning_rate: float | None = Field(
         default=None,
         description="op=evaluate: then train round+1 on the new scores at this rate, in the "
@@ -125,6 +136,15 @@ class PartyJob(BaseModel):
             if self.learning_rate is None:
                 raise ValueError(f"train step for {self.setup.party}: no learning rate given")
             return (self.setup, self.round, self.scores, self.learning_rate)
+        if self.op == "leaf_sums":
+            return (
+                self.setup,
+                self.round,
+                self.scores,
+                self.updates,
+                self.planned,
+                self.label_span,
+            )
         return (self.setup, self.aggregates, self.scores)
 
     def step_round(self) -> int | None:
@@ -144,7 +164,7 @@ class PartyJob(BaseModel):
             "lossless": "lossless training",
         }.get(self.op)
         if what is None:
-            what = f"{self.op} round {self.step_round()}"
+            what = f"{self.op.replace('_', ' ')} round {self.step_round()}"
         return f"{self.setup.party}: {what}"
 
 
@@ -239,6 +259,7 @@ def steps() -> dict[str, Step]:
         "sketch": sketch_party,
         "start": start_scores,
         "train": train_party,
+        "leaf_sums": leaf_sums_party,
         "evaluate": evaluate_party,
         "lossless": lossless_party,
     }

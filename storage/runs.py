@@ -184,6 +184,11 @@ def update_name(run_key: str, round_: int, party: str) -> str:
     return f"{run_key}-r{round_:04d}-{party}.txt"
 
 
+def refit_name(run_key: str, round_: int, party: str) -> str:
+    """A party's update of round ``round_`` with the consortium's leaf values (``models/``)."""
+    return f"{run_key}-r{round_:04d}-{party}-refit.txt"
+
+
 # -- vertical rounds ---------------------------------------------------------------------------
 
 

@@ -92,3 +92,73 @@ def test_bad_sums_are_refused() -> None:
     short = good.model_copy(update={"trees": [tree.model_copy(update={"grad": tree.grad[:-1]})]})
     with pytest.raises(ValueError, match="numbers of leaves"):
         refit_values([good, short], learning_rate=0.1)
+
+
+# -- in the round -------------------------------------------------------------------------
+
+
+def test_a_rounds_updates_get_the_leaf_values_of_all_parties_rows() -> None:
+    """One round in memory: every accepted tree's leaves are the Newton step over the
+    pooled training rows (min_data_in_leaf 1: no leaf is below a party's minimum)."""
+    from tasks.horizontal.loop import train_federated
+    from tasks.horizontal.training import label_stats, party_data
+    from tests.test_training import NAMES, _frames, _spec
+
+    frames = _frames(n=1800, parties=3)
+    spec = _spec(rounds=1, trees_per_round=1, min_data_in_leaf=1, leaf_values="consortium")
+    common = {"objective": "binary", "num_class": 1, "categorical": ["cat"], "feature_names": NAMES}
+    ensemble, _ = train_federated(frames, spec=spec, **common)  # type: ignore[arg-type]
+    data = [
+        party_data(f, party=p, feature_names=NAMES, validation_fraction=0.2, test_fraction=0.2)
+        for p, f in frames.items()
+    ]
+    X = np.concatenate([d.X_train for d in data])
+    y = np.concatenate([d.y_train for d in data])
+    raw = np.full(len(y), ensemble.base_score[0])
+    assert label_stats(y, "binary", 1).n_train == len(y)
+    for _party, _weight, text in ensemble.rounds[0]:
+        pooled = leaf_sums(text, X, y, raw, objective="binary", num_class=1, min_rows=1)
+        want = refit_values([pooled], learning_rate=spec.learning_rate)
+        got = load_booster(text).dump_model()["tree_info"][0]["tree_structure"]
+        values = [v for _, v in sorted(_leaves(got))]
+        np.testing.assert_allclose(values, want[0], rtol=1e-9, atol=1e-12)  # type: ignore[arg-type]
+
+
+def _leaves(node: dict[str, object]) -> list[tuple[int, float]]:
+    if "leaf_value" in node:
+        return [(int(node["leaf_index"]), float(node["leaf_value"]))]  # type: ignore[call-overload]
+    return _leaves(node["left_child"]) + _leaves(node["right_child"])  # type: ignore[arg-type]
+
+
+def test_a_reporter_whose_sums_do_not_fit_is_left_out_of_the_leaf_values() -> None:
+    from tasks.horizontal.rounds import Candidate, ModelRules, Review, refit_review
+
+    X, y = _data(300, 4)
+    text = _fit(X, y, np.zeros(len(y)), "binary", 1)
+    good = leaf_sums(text, X, y, np.zeros(len(y)), objective="binary", num_class=1, min_rows=5)
+    tree = good.trees[0]
+    review = Review(accepted=[Candidate(party="a", round=1, n_train=300, text=text)])
+    rules = ModelRules(
+        feature_names=[f"Column_{i}" for i in range(4)],
+        categorical=[],
+        objective="binary",
+        num_class=1,
+        trees_per_round=1,
+        max_abs_leaf=30.0,
+    )
+    lying = {
+        "nan": good.model_copy(
+            update={"trees": [tree.model_copy(update={"grad": [float("nan")] * len(tree.grad)})]}
+        ),
+        "tiny": good.model_copy(update={"min_rows": 1}),
+        "short": good.model_copy(
+            update={"trees": [tree.model_copy(update={"hess": tree.hess[:-1]})]}
+        ),
+    }
+    sums = {"a": {"a": good}, "idle": {}} | {k: {"a": v} for k, v in lying.items()}
+    out, bad = refit_review(review, sums, rules=rules, learning_rates={"a": 0.3}, min_rows=5)
+    assert set(bad) == {"nan", "tiny", "short"}
+    alone, none = refit_review(
+        review, {"a": {"a": good}}, rules=rules, learning_rates={"a": 0.3}, min_rows=5
+    )
+    assert not none and out.accepted[0].text == alone.accepted[0].text

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.horizontal.model_text import load_booster
+from tasks.horizontal.model_text import load_booster, parse_model_text
 from tasks.types import Objective
 
 
@@ -78,11 +78,13 @@ def leaf_sums(
     objective: Objective,
     num_class: int,
     min_rows: int,
+    max_abs_leaf: float | None = None,
 ) -> LeafSums:
     """Party side: the sums of its gradients and hessians in every leaf of every tree of
     one update, at its running raw scores ``raw`` (the global model before the round) plus
-    the update's earlier trees as their proposer fitted them. Leaves with fewer than
-    ``min_rows`` of its rows are reported empty."""
+    the update's earlier trees as their proposer fitted them (their values clipped to
+    ``max_abs_leaf``: a nearly one-class proposer's values are huge). Leaves with fewer
+    than ``min_rows`` of its rows are reported empty."""
     booster = load_booster(model_text)
     n_trees = booster.num_trees()
     leaves = np.asarray(booster.predict(X, pred_leaf=True, num_threads=1)).reshape(len(X), -1)
@@ -114,11 +116,42 @@ def leaf_sums(
             few = count < min_rows
             count[few], grad[few], hess[few] = 0, 0.0, 0.0
             out.append(TreeSums(count=count.tolist(), grad=grad.tolist(), hess=hess.tolist()))
-        if num_class == 1:
-            score = score + per_tree[i]
-        else:
-            score = score + per_tree[i].reshape(len(X), num_class)
+        step = per_tree[i] if num_class == 1 else per_tree[i].reshape(len(X), num_class)
+        if max_abs_leaf is not None:
+            step = np.clip(step, -max_abs_leaf, max_abs_leaf)
+        score = score + step
     return LeafSums(trees=out, min_rows=min_rows)
+
+
+def tree_leaves(model_text: str) -> list[int]:
+    """Each tree's number of leaves (of a text that passed the round's checks)."""
+    return [int(t.fields["num_leaves"]) for t in parse_model_text(model_text).trees]
+
+
+def sums_problem(model_text: str, sums: LeafSums, *, min_rows: int = 1) -> str | None:
+    """Why one party's sums cannot count for an update (None: they can): one entry per
+    leaf of every tree, finite, counts and hessians not negative, no leaf below the
+    party's ``min_rows``, an empty leaf with zero sums."""
+    if sums.min_rows < min_rows:
+        return f"sums over leaves of {sums.min_rows} rows; the consortium's minimum is {min_rows}"
+    leaves = tree_leaves(model_text)
+    if len(sums.trees) != len(leaves):
+        return f"{len(sums.trees)} trees of sums for an update of {len(leaves)}"
+    for t, (tree, size) in enumerate(zip(sums.trees, leaves, strict=True)):
+        if not len(tree.count) == len(tree.grad) == len(tree.hess) == size:
+            return f"tree {t}: sums of {len(tree.grad)} leaves for a tree of {size}"
+        count = np.asarray(tree.count, dtype=np.int64)
+        grad = np.asarray(tree.grad, dtype=np.float64)
+        hess = np.asarray(tree.hess, dtype=np.float64)
+        if not (np.isfinite(grad).all() and np.isfinite(hess).all()):
+            return f"tree {t}: non-finite sums"
+        if (count < 0).any() or (hess < 0).any():
+            return f"tree {t}: negative counts or hessians"
+        if ((count > 0) & (count < sums.min_rows)).any():
+            return f"tree {t}: a leaf of fewer than {sums.min_rows} rows"
+        if ((count == 0) & ((grad != 0) | (hess != 0))).any():
+            return f"tree {t}: sums over a leaf of no rows"
+    return None
 
 
 def refit_values(

@@ -37,19 +37,23 @@ from tasks.horizontal.ensemble import (
     round_increment,
     text_sha256,
 )
+from tasks.horizontal.leaf_refit import LeafSums, leaf_sums
 from tasks.horizontal.model_text import check_task
 from tasks.horizontal.rounds import (
     Candidate,
     ModelRules,
+    Review,
     RoundError,
     StopReason,
     cannot_train,
+    refit_review,
     require_quorum,
     require_trainers,
     review_updates,
     round_trees,
     stop_before,
     strategy_for,
+    structure_rules,
     weigh,
 )
 from tasks.horizontal.rounds import (
@@ -170,6 +174,30 @@ def apply_round(state: PartyState, members: Sequence[MemberTuple], num_class: in
     )
 
 
+def party_leaf_sums(
+    state: PartyState,
+    updates: Sequence[Candidate],
+    rules: ModelRules,
+    min_rows: int,
+) -> dict[str, LeafSums]:
+    """Party step (``leaf_values = "consortium"``): its per-leaf gradient sums of every
+    accepted update at its running scores (:func:`tasks.horizontal.leaf_refit.leaf_sums`)."""
+    d = state.data
+    return {
+        u.party: leaf_sums(
+            u.text or "",
+            d.X_train,
+            d.y_train,
+            state.raw_train,
+            objective=rules.objective,
+            num_class=rules.num_class,
+            min_rows=min_rows,
+            max_abs_leaf=rules.max_abs_leaf,
+        )
+        for u in updates
+    }
+
+
 def evaluate_party(
     state: PartyState, objective: Objective, num_class: int
 ) -> tuple[int, dict[str, float], ScoreHistogram | None]:
@@ -197,6 +225,7 @@ def aggregate_updates(
     strategy: Strategy,
     min_parties: int,
     planned: Sequence[str] | None = None,
+    refit: Callable[[Review], Review] | None = None,
 ) -> tuple[GlobalEnsemble, dict[str, str]]:
     """Coordinator step in memory: the round rules of :mod:`tasks.horizontal.rounds` (the
     flow's own), then the accepted updates, weighted by ``strategy``, appended as the
@@ -211,10 +240,13 @@ def aggregate_updates(
         Candidate(party=u.party, round=u.round, n_train=u.n_train, text=u.model_text)
         for u in updates
     ]
-    review = review_updates(candidates, round_=round_, rules=rules, planned=planned)
+    checks = rules if refit is None else structure_rules(rules)
+    review = review_updates(candidates, round_=round_, rules=checks, planned=planned)
     for party, reason in review.rejected.items():
         logger.warning("round %d: update of %s rejected: %s", round_, party, reason)
     require_quorum(review, round_=round_, min_parties=min_parties)
+    if refit is not None:
+        review = refit(review)
     weights = weigh(review, strategy)
     members = [(c.party, weights[c.party], c.text or "") for c in review.accepted]
     return ensemble.with_round(members), review.rejected
@@ -282,6 +314,25 @@ def run_round(
         num_class=k,
         label_span=label_span,
     )
+
+    def refit(review: Review) -> Review:
+        reporters = [s for s in states.values() if len(s.data.y_train)]
+        sums = _map(
+            executor,
+            lambda s: party_leaf_sums(s, review.accepted, rules, spec.min_data_in_leaf),
+            reporters,
+        )
+        refitted, bad = refit_review(
+            review,
+            {s.data.party: got for s, got in zip(reporters, sums, strict=True)},
+            rules=rules,
+            learning_rates=learning_rates,
+            min_rows=spec.min_data_in_leaf,
+        )
+        for party, reason in bad.items():
+            logger.warning("round %d: %s left out of the leaf values: %s", round_, party, reason)
+        return refitted
+
     ensemble, rejected = aggregate_updates(
         ensemble,
         updates,
@@ -290,6 +341,7 @@ def run_round(
         strategy=strategy_for(spec),
         min_parties=spec.min_parties,
         planned=list(learning_rates),
+        refit=refit if spec.leaf_values == "consortium" else None,
     )
     members = ensemble.rounds[-1]
     new_states = dict(

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field
 
+from tasks.horizontal.leaf_refit import LeafSums, refit_leaves, refit_values, sums_problem
 from tasks.horizontal.model_text import check_update, leaf_bound
 from tasks.horizontal.strategies import Strategy, make_strategy
 from tasks.spec.models import TrainingSpec
@@ -148,6 +149,58 @@ def review_updates(
         else:
             review.accepted.append(update)
     return review
+
+
+def structure_rules(rules: ModelRules) -> ModelRules:
+    """The checks of an update whose leaf values the consortium sets (``leaf_values =
+    "consortium"``): its own values are not bounded, since they are replaced, and the new
+    ones are clipped to the bound. A nearly one-class party's trees have huge values of
+    their own and still a useful structure."""
+    return replace(rules, max_abs_leaf=None)
+
+
+def refit_review(
+    review: Review,
+    sums: Mapping[str, Mapping[str, LeafSums]],
+    *,
+    rules: ModelRules,
+    learning_rates: Mapping[str, float],
+    min_rows: int,
+    lambda_l2: float = 0.0,
+) -> tuple[Review, dict[str, str]]:
+    """The accepted updates with the consortium's leaf values (``leaf_values =
+    "consortium"``, :mod:`tasks.horizontal.leaf_refit`): ``sums`` maps each reporting party
+    to its sums per accepted update. A report that does not fit an update's trees is left
+    out (returned: reporter -> reason), an empty one (no training rows) adds nothing; an
+    update nobody reported on keeps its values."""
+    bad: dict[str, str] = {}
+    for reporter, by_update in sums.items():
+        if not by_update:  # a party without training rows has nothing to add
+            continue
+        for update in review.accepted:
+            got = by_update.get(update.party)
+            why = (
+                "no sums"
+                if got is None
+                else sums_problem(update.text or "", got, min_rows=min_rows)
+            )
+            if why is not None:
+                bad[reporter] = f"leaf sums of the update of {update.party}: {why}"
+                break
+    accepted: list[Candidate] = []
+    for update in review.accepted:
+        reports = [s[update.party] for r, s in sums.items() if r not in bad and s]
+        if not reports:
+            accepted.append(update)
+            continue
+        values = refit_values(
+            reports,
+            learning_rate=learning_rates[update.party],
+            lambda_l2=lambda_l2,
+            max_abs_leaf=rules.max_abs_leaf,
+        )
+        accepted.append(update.model_copy(update={"text": refit_leaves(update.text or "", values)}))
+    return Review(accepted=accepted, rejected=dict(review.rejected)), bad
 
 
 def require_quorum(review: Review, *, round_: int, min_parties: int) -> None:

@@ -15,7 +15,13 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.files import ConfinementError, confined
-from storage.runs import read_bins, running_scores_name, update_name, write_forced_bins
+from storage.runs import (
+    read_bins,
+    refit_name,
+    running_scores_name,
+    update_name,
+    write_forced_bins,
+)
 from storage.store import (
     FileRef,
     IntegrityError,
@@ -34,13 +40,16 @@ from tasks.horizontal.bins import (
     sketch_features,
 )
 from tasks.horizontal.ensemble import MemberTuple, round_increment
+from tasks.horizontal.leaf_refit import LeafSums, leaf_sums
 from tasks.horizontal.model_text import count_trees
 from tasks.horizontal.rounds import (
     MAX_UPDATE_BYTES,
     Candidate,
     ModelRules,
+    refit_review,
     require_quorum,
     review_updates,
+    structure_rules,
     weigh,
 )
 from tasks.horizontal.score_histograms import ScoreHistogram, score_histogram
@@ -289,13 +298,16 @@ def aggregate(
     planned: list[str] | None = None,
     failed: dict[str, str] | None = None,
     folder: str | None = None,
+    refit: Refit | None = None,
 ) -> RoundAggregate:
     """Check every update (read only from ``folder`` when given), leave out the bad ones
-    with a reason and weight the rest (the round rules of :mod:`tasks.horizontal.rounds`)."""
+    with a reason and weight the rest (the round rules of :mod:`tasks.horizontal.rounds`).
+    With ``refit`` the accepted updates get the consortium's leaf values from the parties'
+    sums, written beside the updates as new model files."""
     review = review_updates(
         [read_update(u, folder) for u in updates],
         round_=round_,
-        rules=rules,
+        rules=rules if refit is None else structure_rules(rules),
         planned=planned,
         failed=failed,
     )
@@ -303,18 +315,85 @@ def aggregate(
         if party not in (failed or {}):
             logger.warning("round %d: update of party %s left out: %s", round_, party, reason)
     require_quorum(review, round_=round_, min_parties=min_parties)
+    models = {u.party: u.model for u in updates}
+    if refit is not None:
+        review, bad = refit_review(
+            review,
+            refit.sums,
+            rules=rules,
+            learning_rates=refit.learning_rates,
+            min_rows=refit.min_rows,
+        )
+        for party, reason in bad.items():
+            logger.warning("round %d: %s left out of the leaf values: %s", round_, party, reason)
+        store = Store(refit.coordinator)
+        models = {
+            c.party: store.write_text(
+                "models", refit_name(refit.run_key, round_, c.party), c.text or ""
+            )
+            for c in review.accepted
+        }
     weights = weigh(review, strategy)
-    by_party = {u.party: u for u in updates}
     members = [
         Member(
             party=c.party,
             weight=weights[c.party],
-            model=by_party[c.party].model,
+            model=models[c.party],
             trees=count_trees(c.text or ""),
         )
         for c in review.accepted
     ]
     return RoundAggregate(round=round_, members=members, dropped=review.rejected)
+
+
+class Refit(BaseModel):
+    """What the coordinator needs to give a round's updates the consortium's leaf values."""
+
+    sums: dict[str, dict[str, LeafSums]] = Field(
+        description="Reporting party -> its leaf sums per accepted update"
+    )
+    learning_rates: dict[str, float]
+    min_rows: int = Field(ge=1)
+    coordinator: str
+    run_key: str
+
+
+def round_leaf_sums(
+    setup: TrainSetup,
+    round_: int,
+    scores: TableRef,
+    updates: list[PartyUpdate],
+    planned: list[str],
+    span: float,
+) -> dict[str, LeafSums]:
+    """The party's per-leaf gradient sums of every update the round's rules accept (the
+    party checks each update as the coordinator does before loading it), at its running
+    scores on its training rows; nothing for a party without training rows."""
+    rules = model_rules(setup, span)
+    review = review_updates(
+        [read_update(u, Store(setup.coordinator).location("models", "")) for u in updates],
+        round_=round_,
+        rules=structure_rules(rules),
+        planned=planned,
+    )
+    x, y, split = _party_data(setup)
+    mask = split == "train"
+    if not mask.any():
+        return {}
+    running = _scores_array(scores)[mask]
+    return {
+        c.party: leaf_sums(
+            c.text or "",
+            x[mask],
+            y[mask],
+            running,
+            objective=setup.objective,
+            num_class=setup.num_class,
+            min_rows=setup.training.min_data_in_leaf,
+            max_abs_leaf=rules.max_abs_leaf,
+        )
+        for c in review.accepted
+    }
 
 
 def members(aggregate_: RoundAggregate) -> list[MemberTuple]:
@@ -380,6 +459,9 @@ start_scores = task(name="start-scores", cache_key_fn=content_cache_key, persist
 )
 train_party = task(name="train-party", cache_key_fn=content_cache_key, persist_result=True)(
     train_round
+)
+leaf_sums_party = task(name="leaf-sums", cache_key_fn=content_cache_key, persist_result=True)(
+    round_leaf_sums
 )
 evaluate_party = task(name="evaluate-party", cache_key_fn=content_cache_key, persist_result=True)(
     evaluate_round

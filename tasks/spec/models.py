@@ -624,6 +624,13 @@ class TrainingSpec(SpecModel):
         "features with boundaries merged from all parties' KLL quantile sketches (only "
         "sketches leave a party); party: each LightGBM bins from its own rows",
     )
+    leaf_values: Literal["party", "consortium"] = Field(
+        default="party",
+        description="Averaging mode. consortium: each accepted tree keeps its party's "
+        "structure and gets the consortium's Newton leaf values from every party's per-leaf "
+        "gradient sums (leaves with fewer than min_data_in_leaf of a party's rows count as "
+        "empty there); party: the values its party fitted",
+    )
     min_sketch_rows: int = Field(
         default=200,
         ge=1,
