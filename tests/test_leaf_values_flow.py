@@ -5,19 +5,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import lightgbm as lgb
-import numpy as np
 import polars as pl
 import pytest
 
 from storage.files import read_text
 from storage.store import read_manifest
-from tasks.horizontal.ensemble import predict_raw
 from tasks.manifest import EnsembleManifest
-from tasks.prepare.design import FeatureSchema, design_matrix
 from tasks.types import ENTITY_HASH
 from tests.factories import write_synthetic
 from tests.prefect_api import task_states
+from tests.test_training_flow import assert_export_is_the_ensemble
 
 pytestmark = pytest.mark.prefect
 
@@ -47,16 +44,8 @@ def test_training_with_consortium_leaf_values(
     # every party reported its sums in every round, and the export is the ensemble
     sums = task_states(state.state_details.flow_run_id)["leaf-sums"]
     assert sums == ["Completed"] * (2 * result.rounds_run)
-    exported = lgb.Booster(model_str=read_text(result.model))
     outputs = prepare(str(spec))
-    schema = FeatureSchema(
-        names=ensemble.feature_names, categorical=ensemble.categorical, modality={}, parties={}
-    )
-    for out in outputs.values():
-        x = design_matrix(pl.read_parquet(out.table.uri), schema)
-        np.testing.assert_allclose(
-            exported.predict(x, raw_score=True), predict_raw(ensemble, x), rtol=0, atol=1e-9
-        )
+    assert_export_is_the_ensemble(read_text(result.model), ensemble, outputs.values())
     # the sums are aggregates: no entity id, raw or hashed, reaches the coordinator
     hashed = [h for out in outputs.values() for h in pl.read_parquet(out.table.uri)[ENTITY_HASH]]
     raw_ids = [f"{party}-{i}" for party in ("p0", "p1") for i in range(100, 350)]

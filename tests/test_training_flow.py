@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import lightgbm as lgb
@@ -18,6 +19,7 @@ from tasks.horizontal.steps import PartyUpdate, aggregate
 from tasks.horizontal.strategies import make_strategy
 from tasks.manifest import EnsembleManifest
 from tasks.prepare.design import FeatureSchema, design_matrix
+from tasks.prepare.steps import FusedOutput
 from tasks.types import ENTITY_HASH
 from tests.factories import write_synthetic
 from tests.prefect_api import task_states
@@ -41,6 +43,21 @@ def _ensemble(manifest_uri: str) -> GlobalEnsemble:
     return EnsembleManifest.model_validate(body).ensemble(texts)
 
 
+def assert_export_is_the_ensemble(
+    model_text: str, ensemble: GlobalEnsemble, outputs: Iterable[FusedOutput]
+) -> None:
+    """The exported native model predicts the ensemble's raw scores on every party's rows."""
+    exported = lgb.Booster(model_str=model_text)
+    schema = FeatureSchema(
+        names=ensemble.feature_names, categorical=ensemble.categorical, modality={}, parties={}
+    )
+    for out in outputs:
+        x = design_matrix(pl.read_parquet(out.table.uri), schema)
+        np.testing.assert_allclose(
+            exported.predict(x, raw_score=True), predict_raw(ensemble, x), rtol=0, atol=1e-9
+        )
+
+
 def test_training_exports_a_model_equal_to_the_ensemble(
     prefect_api: str, tmp_path: Path, secret: str
 ) -> None:
@@ -52,16 +69,8 @@ def test_training_exports_a_model_equal_to_the_ensemble(
     assert result.rounds_run >= 1 and 1 <= result.best_round <= result.rounds_run
     assert result.test[result.best_round - 1]["auc"] > 0.65
     ensemble = _ensemble(result.manifest)
-    exported = lgb.Booster(model_str=read_text(result.model))
     outputs = prepare(str(spec))
-    schema = FeatureSchema(
-        names=ensemble.feature_names, categorical=ensemble.categorical, modality={}, parties={}
-    )
-    for out in outputs.values():
-        x = design_matrix(pl.read_parquet(out.table.uri), schema)
-        np.testing.assert_allclose(
-            exported.predict(x, raw_score=True), predict_raw(ensemble, x), rtol=0, atol=1e-9
-        )
+    assert_export_is_the_ensemble(read_text(result.model), ensemble, outputs.values())
     # only models, checkpoints and reports reach the coordinator: no tables of rows
     coordinator = tmp_path / "stores" / "coordinator"
     assert not list(coordinator.rglob("*.parquet"))
