@@ -125,9 +125,11 @@ def test_one_registry_holds_both_layouts_steps() -> None:
         "sketch",
         "start",
         "train",
+        "leaf_sums",
         "evaluate",
         "lossless",
     }
+    assert table["leaf_sums"].cached  # content-keyed: a retry reuses a round's sums
     assert not table["lossless"].cached  # a session with the other parties: never cached
     assert table["vertical-party-round"].flow == CALL_FLOW
     assert not table["vertical-latest-state"].cached
