@@ -151,13 +151,16 @@ def test_a_reporter_whose_sums_do_not_fit_is_left_out_of_the_leaf_values() -> No
             update={"trees": [tree.model_copy(update={"grad": [float("nan")] * len(tree.grad)})]}
         ),
         "tiny": good.model_copy(update={"min_rows": 1}),
+        "huge": good.model_copy(
+            update={"trees": [tree.model_copy(update={"grad": [1e300] * len(tree.grad)})]}
+        ),
         "short": good.model_copy(
             update={"trees": [tree.model_copy(update={"hess": tree.hess[:-1]})]}
         ),
     }
     sums = {"a": {"a": good}, "idle": {}} | {k: {"a": v} for k, v in lying.items()}
     out, bad = refit_review(review, sums, rules=rules, learning_rates={"a": 0.3}, min_rows=5)
-    assert set(bad) == {"nan", "tiny", "short"}
+    assert set(bad) == {"nan", "tiny", "short", "huge"}
     alone, none = refit_review(
         review, {"a": {"a": good}}, rules=rules, learning_rates={"a": 0.3}, min_rows=5
     )

@@ -30,6 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.horizontal.model_text import load_booster, parse_model_text
 from tasks.types import Objective
 
+#: No party's sum is larger: the sums of up to 10^8 parties then add up without overflowing.
+MAX_SUM = 1e300 / 1000
+
 
 class TreeSums(BaseModel):
     """One tree's per-leaf sums at one party (leaf ``i`` at position ``i``)."""
@@ -145,6 +148,8 @@ def sums_problem(model_text: str, sums: LeafSums, *, min_rows: int = 1) -> str |
         hess = np.asarray(tree.hess, dtype=np.float64)
         if not (np.isfinite(grad).all() and np.isfinite(hess).all()):
             return f"tree {t}: non-finite sums"
+        if (np.abs(grad) > MAX_SUM).any() or (hess > MAX_SUM).any():
+            return f"tree {t}: sums beyond {MAX_SUM:g}"
         if (count < 0).any() or (hess < 0).any():
             return f"tree {t}: negative counts or hessians"
         if ((count > 0) & (count < sums.min_rows)).any():
