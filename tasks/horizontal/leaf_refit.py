@@ -88,23 +88,20 @@ def leaf_sums(
     the update's earlier trees as their proposer fitted them (their values clipped to
     ``max_abs_leaf``: a nearly one-class proposer's values are huge). Leaves with fewer
     than ``min_rows`` of its rows are reported empty."""
+    sizes = tree_leaves(model_text)
+    if len(X) == 0:  # no rows: every leaf empty
+        empty = [TreeSums(count=[0] * n, grad=[0.0] * n, hess=[0.0] * n) for n in sizes]
+        return LeafSums(trees=empty, min_rows=min_rows)
     booster = load_booster(model_text)
     n_trees = booster.num_trees()
     leaves = np.asarray(booster.predict(X, pred_leaf=True, num_threads=1)).reshape(len(X), -1)
-    per_tree = (
-        np.asarray(
-            [
-                booster.predict(
-                    X, raw_score=True, start_iteration=i, num_iteration=1, num_threads=1
-                )
-                for i in range(n_trees // num_class)
-            ]
-        )
-        if len(X)
-        else np.zeros((0, 0))
+    per_tree = np.asarray(
+        [
+            booster.predict(X, raw_score=True, start_iteration=i, num_iteration=1, num_threads=1)
+            for i in range(n_trees // num_class)
+        ]
     )
     score = np.array(raw, dtype=np.float64, copy=True)
-    sizes = [t["num_leaves"] for t in booster.dump_model()["tree_info"]]
     out: list[TreeSums] = []
     for i in range(n_trees // num_class):
         g, h = gradients(objective, y, score, num_class)
