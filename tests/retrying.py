@@ -16,7 +16,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 from uuid import UUID, uuid4
 
 import pytest
@@ -57,14 +59,53 @@ def retry_pool(
         yield name, log
 
 
+@dataclass(frozen=True)
+class CleanRun:
+    """What an uninterrupted run ends with: the exported model's sha256 and, per round, the
+    sha256 of every member's update (by party), which say where a retried run went apart."""
+
+    model: str
+    rounds: list[dict[str, str]]
+
+
+def round_members(spec: Path) -> list[dict[str, str]]:
+    """Per round of the latest checkpoint: party -> sha256 of its update."""
+    done = checkpoint(spec)
+    assert done is not None, "no checkpoint"
+    rounds = cast("list[dict[str, Any]]", done["rounds"])
+    return [{m["party"]: m["model"]["sha256"] for m in r["members"]} for r in rounds]
+
+
+def exported_model(spec: Path) -> str:
+    """sha256 of the model the run's ``latest.json`` points at."""
+    latest = json.loads(
+        (spec.parent / "stores" / "coordinator" / "models" / "latest.json").read_text()
+    )
+    return hashlib.sha256(Path(latest["model"]).read_bytes()).hexdigest()
+
+
+def assert_uninterrupted(spec: Path, clean: CleanRun, run_id: UUID) -> None:
+    """The run's rounds 1..n hold the uninterrupted run's updates, round by round, and it
+    exports the same model, byte for byte (on failure: the first round that differs and the
+    run's states)."""
+    rounds = round_members(spec)
+    assert [sorted(r) for r in rounds] == [sorted(r) for r in clean.rounds], rounds
+    for k, (got, want) in enumerate(zip(rounds, clean.rounds, strict=True), start=1):
+        assert got == want, f"round {k} differs: {got} vs {want}\n" + "\n".join(states_of(run_id))
+    assert exported_model(spec) == clean.model, "\n".join(states_of(run_id))
+
+
 @pytest.fixture(scope="module")
-def clean_model(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """sha256 of the model an uninterrupted run exports (same data, its own stores)."""
+def clean_model(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> CleanRun:
+    """The uninterrupted run (same data, its own stores)."""
     from flows.horizontal import federated_training
 
-    result = federated_training(str(write_spec(tmp_path_factory.mktemp("clean"))))
+    spec = write_spec(tmp_path_factory.mktemp("clean"))
+    result = federated_training(str(spec))
     assert result.rounds_run == ROUNDS
-    return hashlib.sha256(Path(result.model).read_bytes()).hexdigest()
+    clean = CleanRun(exported_model(spec), round_members(spec))
+    assert len(clean.rounds) == ROUNDS
+    return clean
 
 
 def deployed_run(spec: Path, pool: str, name: str, flow: str = "federated-training") -> UUID:

@@ -1,13 +1,12 @@
 """Retrying a killed training run is exactly-once: the flow run's process is SIGKILLed by the
 test (after round k, or in the middle of a round), the worker marks the run Crashed, and the
 *same* flow run is retried the way users do it (the UI's Retry button, ``prefect flow-run
-retry``, ``fedfuse retry``). The retried run must give the model of an uninterrupted run,
-byte for byte, with the round history 1..n and no repeats."""
+retry``, ``fedfuse retry``), three times over. The retried run must give the model of an
+uninterrupted run, byte for byte, with the round history 1..n, no repeats and every round's
+updates those of the uninterrupted run."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from pathlib import Path
 from uuid import uuid4
@@ -16,9 +15,9 @@ import pytest
 
 from tests.retrying import (
     RETRIES,
-    ROUNDS,
     WORKER_DONE,
-    checkpoint,
+    CleanRun,
+    assert_uninterrupted,
     deployed_run,
     flow_run,
     kill_when,
@@ -33,44 +32,27 @@ from tests.retrying import (
 pytestmark = pytest.mark.prefect
 
 
-@pytest.mark.parametrize(
-    ("where", "how"),
-    [
-        ("after-1", "ui"),
-        ("after-2", "prefect-cli"),
-        ("during-3", "fedfuse"),
-        ("after-2", "ui"),
-    ],
-)
-def test_retry_after_sigkill_gives_the_uninterrupted_model(
-    prefect_api: str,
-    retry_pool: tuple[str, Path],
-    clean_model: str,
-    tmp_path: Path,
-    where: str,
-    how: str,
+#: where the run is killed and how it is retried, in order, all on one flow run: after round
+#: 1's checkpoint (the UI's Retry), in the middle of round 3 (``fedfuse retry``), after round 4
+#: (``prefect flow-run retry``); each retry resumes where the last attempt left off
+KILLS = [("after", 1, "ui"), ("during", 3, "fedfuse"), ("after", 4, "prefect-cli")]
+
+
+def test_a_run_killed_three_times_and_retried_each_way_gives_the_uninterrupted_model(
+    prefect_api: str, retry_pool: tuple[str, Path], clean_model: CleanRun, tmp_path: Path
 ) -> None:
     spec = write_spec(tmp_path / "consortium")
     name = f"retry-{uuid4().hex[:6]}"
     work_pool, log = retry_pool
-    before = log.read_text().count(WORKER_DONE)
     run_id = deployed_run(spec, work_pool, name)
-    kind, k = where.split("-")
-    kill_when(run_id, (round_done if kind == "after" else round_started)(spec, int(k)))
-    assert wait_final(run_id) == "CRASHED"
-    worker_done(log, before)
-    killed_at = checkpoint(spec)
-    RETRIES[how](run_id, prefect_api)
+    for kind, k, how in KILLS:
+        before = log.read_text().count(WORKER_DONE)
+        kill_when(run_id, (round_done if kind == "after" else round_started)(spec, k))
+        assert wait_final(run_id) == "CRASHED", f"{kind} round {k}"
+        worker_done(log, before)
+        RETRIES[how](run_id, prefect_api)
     final = wait_final(run_id)
     assert final == "COMPLETED", "\n".join(states_of(run_id))
-    done = checkpoint(spec)
-    assert done is not None and killed_at is not None
-    history = [r["round"] for r in done["rounds"]]  # type: ignore[index, union-attr]
-    assert history == list(range(1, ROUNDS + 1)), history
-    latest = json.loads(
-        (spec.parent / "stores" / "coordinator" / "models" / "latest.json").read_text()
-    )
-    model = Path(latest["model"])
-    assert hashlib.sha256(model.read_bytes()).hexdigest() == clean_model
-    assert flow_run(run_id).run_count >= 2
+    assert_uninterrupted(spec, clean_model, run_id)
+    assert flow_run(run_id).run_count >= len(KILLS) + 1
     shutil.rmtree(spec.parent / ".fedfuse", ignore_errors=True)

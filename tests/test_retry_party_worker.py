@@ -4,8 +4,6 @@ run fails; a UI retry of the same run with a new worker ends with the uninterrup
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import re
 import signal
@@ -16,8 +14,8 @@ from uuid import uuid4
 import pytest
 
 from tests.retrying import (
-    ROUNDS,
-    checkpoint,
+    CleanRun,
+    assert_uninterrupted,
     deployed_run,
     flow_run,
     party_step_runs,
@@ -31,7 +29,7 @@ pytestmark = pytest.mark.prefect
 
 
 def test_killed_party_worker_fails_the_round_and_a_retry_gives_the_uninterrupted_model(
-    prefect_api: str, retry_pool: tuple[str, Path], clean_model: str, tmp_path: Path
+    prefect_api: str, retry_pool: tuple[str, Path], clean_model: CleanRun, tmp_path: Path
 ) -> None:
     """Each party on its own pool and worker; p1's worker (and the step it runs) is
     SIGKILLed while p1 trains (a round's update, or an evaluation that trains the next).
@@ -49,7 +47,9 @@ def test_killed_party_worker_fails_the_round_and_a_retry_gives_the_uninterrupted
         text = text.replace(
             f'store = "stores/{party}"\n', f'store = "stores/{party}"\nwork_pool = "{party_pool}"\n'
         )
-    spec.write_text(text + "min_parties = 2\n\n[run]\nparty_timeout = 45\n")
+    # the timeout counts from a step's submission: on a loaded machine a pooled step's process
+    # alone takes 20-30 s to start, and a step that legitimately outlasts it fails the run
+    spec.write_text(text + "min_parties = 2\n\n[run]\nparty_timeout = 75\n")
     work_pool, _ = retry_pool
     name = f"kw-{tag}"
     secret = os.environ["FEDFUSE_TEST_SECRET"]
@@ -68,8 +68,12 @@ def test_killed_party_worker_fails_the_round_and_a_retry_gives_the_uninterrupted
                 for r in party_step_runs(f"party-step/{name}-p1")
             )
 
-        deadline = time.monotonic() + 600  # a loaded machine starts pooled steps slowly
+        deadline = time.monotonic() + 300  # a loaded machine starts pooled steps slowly
         while not p1_training():
+            run = flow_run(run_id)
+            assert run.state is None or not run.state.is_final(), (
+                "the run ended before p1 trained:\n" + "\n".join(states_of(run_id))
+            )
             assert time.monotonic() < deadline, "p1 never trained"
             time.sleep(0.05)
         os.killpg(p1.pid, signal.SIGKILL)  # the worker
@@ -93,12 +97,4 @@ def test_killed_party_worker_fails_the_round_and_a_retry_gives_the_uninterrupted
     finally:
         stop(p0)
         stop(p1)
-    done = checkpoint(spec)
-    assert done is not None
-    rounds = done["rounds"]  # type: ignore[index]
-    assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))  # type: ignore[index]
-    assert all(sorted(m["party"] for m in r["members"]) == ["p0", "p1"] for r in rounds)  # type: ignore[index]
-    latest = json.loads(
-        (spec.parent / "stores" / "coordinator" / "models" / "latest.json").read_text()
-    )
-    assert hashlib.sha256(Path(latest["model"]).read_bytes()).hexdigest() == clean_model
+    assert_uninterrupted(spec, clean_model, run_id)
