@@ -62,21 +62,49 @@ def consortium_of(spec_path: object) -> str:
         return stem or "fedfuse"
 
 
-def spec_run_name(verb: str, *, party: bool = False) -> Callable[[], str]:
-    """A ``flow_run_name`` callable: ``<consortium>: <verb>`` (with ``party``: ``<consortium>:
-    <verb> <party>`` when the run has a party parameter), read from the run's parameters."""
+class RunName:
+    """A ``flow_run_name`` callable whose text is a function of the run's parameters: Prefect
+    calls it inside the run; :meth:`of` gives the same text before the run exists, so a run
+    created for a deployment (``fedfuse run``, a party's step) carries its name from the start,
+    not a random one until a worker starts it (or forever, if its process dies first)."""
 
-    def name() -> str:
+    def __init__(self, text: Callable[[Mapping[str, Any]], str], name: str) -> None:
+        self._text = text
+        self.__name__ = name
+
+    def of(self, parameters: Mapping[str, Any]) -> str:
+        return self._text(parameters)
+
+    def __call__(self) -> str:
         from prefect.runtime import flow_run
 
-        params: Mapping[str, Any] = flow_run.parameters or {}
-        text = f"{consortium_of(params.get('spec_path', ''))}: {verb}"
-        if party and isinstance(params.get("party"), str):
-            text = f"{text} {params['party']}"
-        return text
+        return self._text(flow_run.parameters or {})
 
-    name.__name__ = f"{verb.replace(' ', '_')}_run_name"
-    return name
+
+def planned_run_name(flow_run_name: object, parameters: Mapping[str, Any]) -> str | None:
+    """The name a flow gives its run with these parameters (its ``flow_run_name``), or
+    ``None`` when that cannot be told before the run (Prefect then picks one)."""
+    if isinstance(flow_run_name, RunName):
+        return flow_run_name.of(parameters)
+    if isinstance(flow_run_name, str):
+        try:
+            return flow_run_name.format(**parameters)
+        except (KeyError, IndexError, AttributeError, ValueError):
+            return None
+    return None
+
+
+def spec_run_name(verb: str, *, party: bool = False) -> RunName:
+    """A ``flow_run_name``: ``<consortium>: <verb>`` (with ``party``: ``<consortium>: <verb>
+    <party>`` when the run has a party parameter), read from the run's parameters."""
+
+    def text(params: Mapping[str, Any]) -> str:
+        out = f"{consortium_of(params.get('spec_path', ''))}: {verb}"
+        if party and isinstance(params.get("party"), str):
+            out = f"{out} {params['party']}"
+        return out
+
+    return RunName(text, f"{verb.replace(' ', '_')}_run_name")
 
 
 def source_step_name(party: str, source: str, step: str) -> str:

@@ -532,10 +532,27 @@ def start_run(deployment: str, parameters: dict[str, Any] | None = None) -> Flow
     run = run_deployment(
         name,
         parameters=parameters or {},
+        flow_run_name=run_name_of(name, {**(found.parameters or {}), **(parameters or {})}),
         timeout=0,
         as_subflow=False,
     )
     return cast("FlowRun", run)
+
+
+def run_name_of(deployment: str, parameters: dict[str, Any]) -> str | None:
+    """The name the deployment's flow gives a run with these parameters (``demo: train``),
+    for the run from its creation; ``None`` for a flow fedfuse does not deploy."""
+    import importlib
+
+    from flows.names import planned_run_name
+
+    flow_name = deployment.split("/", 1)[0]
+    entries = (*FLOWS, *VERTICAL_FLOWS, *PARTY_FLOWS, *VERTICAL_PARTY_FLOWS)
+    entry = next((e for e in entries if e.name == flow_name), None)
+    if entry is None:
+        return None
+    flow = getattr(importlib.import_module(entry.module), entry.entrypoint.rsplit(":", 1)[1])
+    return planned_run_name(flow.flow_run_name, parameters)
 
 
 @dataclass

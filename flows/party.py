@@ -9,26 +9,28 @@ not computed again, wherever it ran, and hand the result back through the coordi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, JsonValue
 
+from flows.names import RunName
 from flows.transport import PartyJob, StepCall, encode_result, publish, run_call
 from tasks.horizontal.steps import PartyEval
 
 
-def _job_run_name() -> str:
+def _job_title(params: Mapping[str, Any]) -> str:
     """``site-b: train round 3``: the party-step run's name in the UI."""
-    from prefect.runtime import flow_run
+    raw = params.get("job")
+    try:
+        return PartyJob.model_validate(raw).title() if raw is not None else "party-step"
+    except ValueError:  # a malformed job fails in the flow itself
+        return "party-step"
 
-    raw = flow_run.parameters.get("job")
-    return PartyJob.model_validate(raw).title() if raw is not None else "party-step"
 
-
-def _call_run_name() -> str:
+def _call_title(params: Mapping[str, Any]) -> str:
     """``site-b: vertical-party-round 3``: the party-call run's name in the UI."""
-    from prefect.runtime import flow_run
-
-    params = flow_run.parameters
     try:
         call = StepCall(
             op=params["op"],
@@ -38,6 +40,10 @@ def _call_run_name() -> str:
         return call.title()
     except (KeyError, TypeError, ValueError):  # an unknown op fails in the flow itself
         return "party-call"
+
+
+_job_run_name = RunName(_job_title, "job_run_name")
+_call_run_name = RunName(_call_title, "call_run_name")
 
 
 def _next_update(job: PartyJob, out: PartyEval) -> PartyEval:

@@ -42,7 +42,7 @@ from prefect.transactions import CommitMode, transaction
 from pydantic import BaseModel, Field, JsonValue, TypeAdapter
 
 from flows.common import run_name, task_options, threads
-from flows.names import tagged
+from flows.names import planned_run_name, tagged
 from storage.results import DEFAULT_RESULTS
 from storage.runs import exchange_location, read_exchange, write_exchange
 from storage.store import Store, TableRef
@@ -402,10 +402,12 @@ def run_remote(
     coordinator: str,
     timeout: float = DEFAULT_TIMEOUT,
     poll: float = 1.0,
+    name: str | None = None,
 ) -> JsonValue:
     """Run a party's deployment, wait for it and read its result (JSON) from the
     coordinator store. Raises :class:`DispatchError` naming the deployment and run unless
-    it completed."""
+    it completed. ``name`` is the run's name from its creation (the one the party's flow
+    gives it), so a step waiting for the party's worker is not listed under a random one."""
     from prefect.client.schemas.objects import FlowRun
     from prefect.context import TagsContext
     from prefect.deployments import run_deployment
@@ -413,6 +415,7 @@ def run_remote(
     run = run_deployment(
         deployment,
         parameters=dict(parameters),
+        flow_run_name=name,
         timeout=timeout,
         poll_interval=poll,
         as_subflow=True,
@@ -455,7 +458,11 @@ def step_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
 def dispatch_step(deployment: str, call: StepCall, timeout: float = DEFAULT_TIMEOUT) -> object:
     """Run one step on the party's own work pool; the result typed as the op's."""
     body = run_remote(
-        deployment, call.flow_parameters(), coordinator=call.coordinator, timeout=timeout
+        deployment,
+        call.flow_parameters(),
+        coordinator=call.coordinator,
+        timeout=timeout,
+        name=call.title(),
     )
     return decode_result(call.op, body)
 
@@ -485,9 +492,9 @@ def dispatch_pipeline(
     run does, and its steps skip what their content-hashed cache keys say is done). A
     subflow called from a task gets a fresh identity in every attempt, never one that
     depends on the order of calls."""
-    if deployment is None:
-        from flows.prepare import party_pipeline  # it imports this module
+    from flows.prepare import party_pipeline  # it imports this module
 
+    if deployment is None:
         pipeline = party_pipeline
         if sources is not None:
             pipeline = party_pipeline.with_options(task_runner=threads(sources))
@@ -497,7 +504,8 @@ def dispatch_pipeline(
         with transaction(commit_mode=CommitMode.EAGER):
             fused: FusedOutput = pipeline(**cast("dict[str, Any]", parameters))
         return fused
-    body = run_remote(deployment, parameters, coordinator=coordinator, timeout=timeout)
+    name = planned_run_name(party_pipeline.flow_run_name, parameters)
+    body = run_remote(deployment, parameters, coordinator=coordinator, timeout=timeout, name=name)
     return FusedOutput.model_validate(body)
 
 

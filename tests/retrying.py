@@ -124,17 +124,23 @@ def flow_run(run_id: UUID):  # type: ignore[no-untyped-def]
 
 
 def kill_when(run_id: UUID, ready: Callable[[], bool], *, timeout: float = 240) -> None:
-    """SIGKILL the flow run's process as soon as ``ready()`` holds."""
+    """SIGKILL the flow run's process as soon as ``ready()`` (a look at the stores) holds."""
     deadline = time.monotonic() + timeout
     pid = None
+    asked = 0.0
     while not ready():
-        run = flow_run(run_id)
-        assert run.state is None or not run.state.is_final(), f"run ended first: {run.state}"
+        # the API is asked twice a second, the stores fifty times: a tight loop of requests
+        # would cost the server (and the machine) more than the run it watches
+        if time.monotonic() - asked > 0.5:
+            run = flow_run(run_id)
+            assert run.state is None or not run.state.is_final(), f"run ended first: {run.state}"
+            pid = run.infrastructure_pid or pid
+            asked = time.monotonic()
         assert time.monotonic() < deadline, "the run never got there"
-        pid = run.infrastructure_pid or pid
         time.sleep(0.02)
     # the process id is read while waiting, so the kill follows ready() at once (an API call
-    # in between can take seconds on a loaded machine, and a short run may finish meanwhile)
+    # in between can take seconds on a loaded machine, and a short run may finish meanwhile);
+    # an attempt's process keeps its id, read once the attempt runs
     pid = pid or flow_run(run_id).infrastructure_pid
     assert pid, "the worker recorded no process id"
     os.kill(int(str(pid).rsplit(":", 1)[-1]), signal.SIGKILL)
@@ -147,7 +153,7 @@ def wait_final(run_id: UUID, *, timeout: float = 300) -> str:
         if run.state is not None and run.state.is_final():
             return str(run.state.type.value)
         assert time.monotonic() < deadline, f"still {run.state} after {timeout} s"
-        time.sleep(0.3)
+        time.sleep(0.5)
 
 
 WORKER_DONE = "prefect.flow_runs.worker - Check whether the flow run exceeded"

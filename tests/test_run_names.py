@@ -287,3 +287,39 @@ def test_training_runs_read_by_party_and_round_with_a_model_card(
     assert summary[0] == "final state: Completed"
     assert f"model: {result.model}" in summary and f"manifest: {result.manifest}" in summary
     assert f"model card: {result.model_card}" in summary
+
+
+def test_planned_names_are_the_names_the_flows_give_their_runs(tmp_path: Path) -> None:
+    from flows.names import planned_run_name
+    from flows.party import party_call, party_step
+    from flows.prepare import party_pipeline, prepare
+
+    spec = str(write_synthetic(tmp_path, customers=40))
+    assert planned_run_name(prepare.flow_run_name, {"spec_path": spec}) == "synthetic: prepare"
+    assert planned_run_name(party_pipeline.flow_run_name, {"party": "p1"}) == ("party-pipeline p1")
+    setup = {"party": "p1"}
+    job = PartyJob.model_construct(op="stats", setup=TrainSetup.model_construct(**setup))
+    assert planned_run_name(party_step.flow_run_name, {"job": {"op": "x"}}) == "party-step"
+    assert job.title() == "p1: label statistics"
+    call = {"op": "psi-label-blind", "args": [{"party": "A"}, ["B"]], "coordinator": "c"}
+    assert planned_run_name(party_call.flow_run_name, call) == "A: psi-label-blind"
+    assert planned_run_name(party_call.flow_run_name, {"op": "nope"}) == "party-call"
+    assert planned_run_name("round {state.round}", {"state": {"round": 2}}) is None
+    assert planned_run_name(None, {}) is None
+
+
+@pytest.mark.prefect
+def test_a_run_started_for_a_deployment_is_named_before_a_worker_takes_it(
+    prefect_api: str, tmp_path: Path
+) -> None:
+    """No worker polls the pool: the run waits, Scheduled, under its flow's own name."""
+    from uuid import uuid4
+
+    from flows.ops import deploy, start_run
+
+    spec = write_synthetic(tmp_path, customers=40)
+    name = f"named-{uuid4().hex[:6]}"
+    deploy(spec, pool=f"nobody-{name}", name=name, schedules=None)
+    run = start_run(f"federated-training/{name}", {"rounds": 2})
+    assert run.state is not None and run.state.is_scheduled()
+    assert run.name == "synthetic: train"
