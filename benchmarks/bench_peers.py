@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -49,7 +50,20 @@ import psutil
 from benchmarks.public_data import dirichlet_sites, random_sites
 
 SITES = 5
-FEDFUSE_SYSTEMS = ["centralised", "averaging", "averaging-leaves", "lossless"]
+#: fedfuse's averaging systems: the training settings each changes from the defaults
+FEDFUSE_AVERAGING: dict[str, dict[str, Any]] = {
+    "averaging": {},
+    "averaging-leaves": {"leaf_values": "consortium", "trees_per_round": 1, "learning_rate": 0.3},
+    "cyclic-leaves": {
+        "aggregation": "cyclic",
+        "leaf_values": "consortium",
+        "trees_per_round": 1,
+        "learning_rate": float(os.environ.get("CYC_LR", "0.1")),
+        "patience": 25,  # rounds of one party each: five turns of every party
+        "num_leaves": int(os.environ.get("CYC_LEAVES", "31")),
+    },
+}
+FEDFUSE_SYSTEMS = ["centralised", *FEDFUSE_AVERAGING, "lossless"]
 PEERS_DIR = Path(__file__).resolve().parent / ".peers"
 RUNNERS_DIR = Path(__file__).resolve().parent / "peers"
 # every peer's pinned requirements, installed into benchmarks/.peers/<peer>
@@ -83,6 +97,7 @@ ALL_SYSTEMS = [
     "flower-cyclic",
     "averaging-leaves",
     "nvflare-bagging",
+    "cyclic-leaves",
     "lossless",
     "nvflare-cyclic",
 ]
@@ -195,11 +210,8 @@ def run_system(system: str, folder: Path, trees: int) -> dict[str, Any]:
         )
         score = model.predict_proba(X_test)[:, 1]
         used = model.best_iteration_ or trees
-    elif system in ("averaging", "averaging-leaves"):
-        if system == "averaging-leaves":
-            spec = spec.model_copy(
-                update={"leaf_values": "consortium", "trees_per_round": 1, "learning_rate": 0.3}
-            )
+    elif system in FEDFUSE_AVERAGING:
+        spec = spec.model_copy(update=FEDFUSE_AVERAGING[system])
         frames = {}
         offset = 0
         for s, d in sites.items():

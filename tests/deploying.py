@@ -6,7 +6,7 @@ import re
 from typing import Any
 from uuid import UUID
 
-RUN_LINE = re.compile(r"flow run (\S+) ([0-9a-f-]{36})")
+RUN_LINE = re.compile(r"flow run (.+?) ([0-9a-f-]{36})")
 
 
 def run_id(output: str) -> UUID:
