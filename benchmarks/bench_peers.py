@@ -20,6 +20,9 @@ other repeat):
 * averaging: ``tasks.horizontal.loop.train_federated`` (weighted output averaging);
 * averaging-leaves: the same with the consortium's leaf values (``leaf_values =
   "consortium"``, one tree per party and round at learning rate 0.3);
+* cyclic-leaves: the cyclic strategy (one party per round grows one 63-leaf tree, in a
+  seeded turn order) with the consortium's leaf values (every party's gradient sums), rate
+  0.1, patience 25 rounds;
 * lossless: ``tasks.horizontal.lossless.train_lossless`` with consortium bins;
 * flower-bagging, flower-cyclic: Flower 1.42's ``FedXgbBagging`` / ``FedXgbCyclic`` in its
   simulation engine (``benchmarks/peers/flower_runner.py``);
@@ -35,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -54,13 +56,15 @@ SITES = 5
 FEDFUSE_AVERAGING: dict[str, dict[str, Any]] = {
     "averaging": {},
     "averaging-leaves": {"leaf_values": "consortium", "trees_per_round": 1, "learning_rate": 0.3},
+    # one party per round grows a tree (Flower's and NVFlare's cyclic), every party's gradient
+    # sums set its leaves; 63 leaves: one tree per round carries the whole round
     "cyclic-leaves": {
         "aggregation": "cyclic",
         "leaf_values": "consortium",
         "trees_per_round": 1,
-        "learning_rate": float(os.environ.get("CYC_LR", "0.1")),
+        "learning_rate": 0.1,
+        "num_leaves": 63,
         "patience": 25,  # rounds of one party each: five turns of every party
-        "num_leaves": int(os.environ.get("CYC_LEAVES", "31")),
     },
 }
 FEDFUSE_SYSTEMS = ["centralised", *FEDFUSE_AVERAGING, "lossless"]

@@ -13,6 +13,35 @@ from tests.prefect_server import running_server
 # module-scoped fixtures of the retry tests: each test file using one gets its own
 from tests.retrying import clean_lossless, clean_model, clean_vertical, retry_pool  # noqa: F401
 
+#: The files that run for minutes, longest first (the durations every run prints). They are
+#: started first: the worker processes (``--dist loadfile``) take files in collection order,
+#: and a long file taken last leaves one core busy and the other idle for its minutes.
+LONG_FIRST = (
+    "test_retry_party_worker.py",
+    "test_deployments_vertical.py",
+    "test_training_flow.py",
+    "test_retry_modes.py",
+    "test_deployments_pools.py",
+    "test_lossless_pools.py",
+    "test_walk.py",
+    "test_vertical_flow.py",
+    "test_object_store.py",
+    "test_bad_updates.py",
+    "test_parallel_prepare.py",
+    "test_shards.py",
+    "test_bench_public.py",
+    "test_bench_prepare.py",
+    "test_predict.py",
+    "test_retry.py",
+    "test_deployments.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long files first, in the order of :data:`LONG_FIRST`; the rest as collected."""
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _prefect_logging() -> None:
