@@ -19,15 +19,18 @@ from tests.test_training_flow import assert_export_is_the_ensemble
 pytestmark = pytest.mark.prefect
 
 
+@pytest.mark.parametrize("aggregation", ["samples", "cyclic"])
 def test_training_with_consortium_leaf_values(
-    prefect_api: str, tmp_path: Path, secret: str
+    prefect_api: str, tmp_path: Path, secret: str, aggregation: str
 ) -> None:
+    """Averaging (every party's trees each round) and cyclic (one party's tree a round,
+    every party's sums setting its leaves) with the consortium's leaf values."""
     from flows.horizontal import federated_training
     from flows.prepare import prepare
 
     spec = write_synthetic(tmp_path, customers=700)
     text = re.sub(r"^rounds = .*$", "rounds = 3", spec.read_text(), flags=re.M)
-    spec.write_text(text + 'leaf_values = "consortium"\n')
+    spec.write_text(text + f'leaf_values = "consortium"\naggregation = "{aggregation}"\n')
     state = federated_training(str(spec), return_state=True)
     assert state.is_completed()
     result = state.result()
@@ -36,6 +39,8 @@ def test_training_with_consortium_leaf_values(
     models = tmp_path / "stores" / "coordinator" / "models"
     refit = sorted(p.name for p in models.glob(f"{result.run_key}-r*-refit.txt"))
     assert len(refit) == sum(len(r) for r in ensemble.rounds) >= 2
+    if aggregation == "cyclic":
+        assert [len(r) for r in ensemble.rounds] == [1] * result.rounds_run
     # the members are the refitted texts: none equals its party's own update
     for t, members in enumerate(ensemble.rounds, start=1):
         for party, _, member in members:
