@@ -223,11 +223,13 @@ def run_tree(flow_run_id: UUID | None) -> tuple[list[Any], list[Any]]:
 
 
 def final_task_runs(flow_run_id: UUID | None, timeout: float = 20.0) -> list[Any]:
+    """The run's task runs once the server has recorded at least one and each has ended (the
+    server records task runs from their events, after the flow has returned)."""
     deadline = time.monotonic() + timeout
     while True:
         _, tasks = run_tree(flow_run_id)
         pending = [t for t in tasks if t.state is None or t.state.name in ("Pending", "Running")]
-        if not pending or time.monotonic() > deadline:
+        if (tasks and not pending) or time.monotonic() > deadline:
             return tasks
         time.sleep(0.5)
 
