@@ -16,7 +16,7 @@ from flows import progress
 from flows.bins import consortium_bins
 from flows.common import artifact_key, threads
 from flows.lossless import lossless_run
-from flows.names import spec_run_name, tagged
+from flows.names import FLOW_RUN_NAMES, tagged
 from flows.prepare import prepare, require_secret
 from flows.publish import FinishedTraining, TrainingResult, publish_training
 from flows.transport import PartyJob, PartyRunner, pooled_parties
@@ -434,7 +434,7 @@ def _run_rounds(
 
 @flow(
     name="federated-training",
-    flow_run_name=spec_run_name("train"),
+    flow_run_name=FLOW_RUN_NAMES["federated-training"],
     persist_result=True,
     task_runner=threads(4),
 )

@@ -107,6 +107,18 @@ def spec_run_name(verb: str, *, party: bool = False) -> RunName:
     return RunName(text, f"{verb.replace(' ', '_')}_run_name")
 
 
+#: The run names of the coordinator's deployable flows, by flow name: each flow's
+#: ``flow_run_name``, and the name ``fedfuse run`` gives a run it creates (without importing
+#: the flow's module and its dependencies).
+FLOW_RUN_NAMES: dict[str, RunName] = {
+    "prepare": spec_run_name("prepare"),
+    "federated-training": spec_run_name("train"),
+    "score": spec_run_name("score", party=True),
+    "vertical-training": spec_run_name("vertical train"),
+    "vertical-score": spec_run_name("vertical score", party=True),
+}
+
+
 def source_step_name(party: str, source: str, step: str) -> str:
     """``site-b / transactions: preprocess`` (a fixed task run name)."""
     return run_name(f"{party} / {source}: {step}")

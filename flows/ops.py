@@ -541,18 +541,12 @@ def start_run(deployment: str, parameters: dict[str, Any] | None = None) -> Flow
 
 def run_name_of(deployment: str, parameters: dict[str, Any]) -> str | None:
     """The name the deployment's flow gives a run with these parameters (``demo: train``),
-    for the run from its creation; ``None`` for a flow fedfuse does not deploy."""
-    import importlib
+    for the run from its creation; ``None`` for a party's own flows (Prefect names those
+    until they start)."""
+    from flows.names import FLOW_RUN_NAMES
 
-    from flows.names import planned_run_name
-
-    flow_name = deployment.split("/", 1)[0]
-    entries = (*FLOWS, *VERTICAL_FLOWS, *PARTY_FLOWS, *VERTICAL_PARTY_FLOWS)
-    entry = next((e for e in entries if e.name == flow_name), None)
-    if entry is None:
-        return None
-    flow = getattr(importlib.import_module(entry.module), entry.entrypoint.rsplit(":", 1)[1])
-    return planned_run_name(flow.flow_run_name, parameters)
+    found = FLOW_RUN_NAMES.get(deployment.split("/", 1)[0])
+    return found.of(parameters) if found is not None else None
 
 
 @dataclass

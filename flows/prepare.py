@@ -13,7 +13,7 @@ from prefect.futures import PrefectFuture, wait
 from flows import progress
 from flows.common import artifact_key, task_options, threads
 from flows.engines import Submit, shard_engine, submit_here
-from flows.names import party_step_name, source_step_name, spec_run_name, tagged
+from flows.names import FLOW_RUN_NAMES, party_step_name, source_step_name, tagged
 from flows.transport import (
     PIPELINE_FLOW,
     PartyRunner,
@@ -514,7 +514,7 @@ def run_pipelines(
 
 @flow(
     name="prepare",
-    flow_run_name=spec_run_name("prepare"),
+    flow_run_name=FLOW_RUN_NAMES["prepare"],
     persist_result=True,
     task_runner=threads(2),
 )

@@ -8,7 +8,7 @@ import posixpath
 from prefect import flow, get_run_logger
 
 from flows.common import threads
-from flows.names import spec_run_name
+from flows.names import FLOW_RUN_NAMES
 from flows.prepare import (
     consortium_text_model,
     consortium_vocabularies,
@@ -66,7 +66,7 @@ def party_labels(spec: FedSpec, party: str) -> list[str]:
 
 @flow(
     name="score",
-    flow_run_name=spec_run_name("score", party=True),
+    flow_run_name=FLOW_RUN_NAMES["score"],
     persist_result=True,
     task_runner=threads(4),
 )

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, JsonValue
 
 from flows import progress
 from flows.common import task_options, threads
-from flows.names import spec_run_name, tagged
+from flows.names import FLOW_RUN_NAMES, tagged
 from flows.prepare import party_pipeline, prepare, require_secret
 from flows.publish import VerticalReport, code_version, publish_model_card, publish_vertical
 from flows.score import ScoringInputError, party_labels, resolve_run
@@ -216,7 +216,7 @@ def _runner(spec: FedSpec, dispatch: str | None, refresh: bool) -> PartyRunner:
 
 @flow(
     name="vertical-training",
-    flow_run_name=spec_run_name("vertical train"),
+    flow_run_name=FLOW_RUN_NAMES["vertical-training"],
     persist_result=True,
     task_runner=threads(4),
 )
@@ -532,7 +532,7 @@ def _one_shot(
 
 @flow(
     name="vertical-score",
-    flow_run_name=spec_run_name("vertical score", party=True),
+    flow_run_name=FLOW_RUN_NAMES["vertical-score"],
     persist_result=True,
     task_runner=threads(4),
 )

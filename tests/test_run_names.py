@@ -306,6 +306,18 @@ def test_planned_names_are_the_names_the_flows_give_their_runs(tmp_path: Path) -
     assert planned_run_name(party_call.flow_run_name, {"op": "nope"}) == "party-call"
     assert planned_run_name("round {state.round}", {"state": {"round": 2}}) is None
     assert planned_run_name(None, {}) is None
+    # the coordinator's flows name their runs with the table ``fedfuse run`` names them by
+    import importlib
+
+    from flows.names import FLOW_RUN_NAMES
+    from flows.ops import FLOWS, VERTICAL_FLOWS, run_name_of
+
+    for entry in (*FLOWS, *VERTICAL_FLOWS):
+        module = importlib.import_module(entry.module)
+        flow_object = getattr(module, entry.entrypoint.rsplit(":", 1)[1])
+        assert flow_object.flow_run_name is FLOW_RUN_NAMES[entry.name], entry.name
+    assert run_name_of("score/x", {"spec_path": spec, "party": "p0"}) == "synthetic: score p0"
+    assert run_name_of("party-step/x-p0", {}) is None
 
 
 @pytest.mark.prefect
