@@ -411,16 +411,23 @@ def run_remote(
     from prefect.client.schemas.objects import FlowRun
     from prefect.context import TagsContext
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
 
-    run = run_deployment(
-        deployment,
-        parameters=dict(parameters),
-        flow_run_name=name,
-        timeout=timeout,
-        poll_interval=poll,
-        as_subflow=True,
-        tags=sorted(TagsContext.get().current_tags),  # the party and round of the caller
-    )
+    try:
+        run = run_deployment(
+            deployment,
+            parameters=dict(parameters),
+            flow_run_name=name,
+            timeout=timeout,
+            poll_interval=poll,
+            as_subflow=True,
+            tags=sorted(TagsContext.get().current_tags),  # the party and round of the caller
+        )
+    except ObjectNotFound:  # its message is "None"
+        raise DispatchError(
+            f"{deployment}: no such deployment on the Prefect server; `fedfuse deploy` of the "
+            "spec registers the deployments of every party with a work_pool"
+        ) from None
     assert isinstance(run, FlowRun)
     state = run.state
     if state is None or not state.is_final():

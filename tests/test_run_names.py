@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -296,11 +297,8 @@ def test_planned_names_are_the_names_the_flows_give_their_runs(tmp_path: Path) -
 
     spec = str(write_synthetic(tmp_path, customers=40))
     assert planned_run_name(prepare.flow_run_name, {"spec_path": spec}) == "synthetic: prepare"
-    assert planned_run_name(party_pipeline.flow_run_name, {"party": "p1"}) == ("party-pipeline p1")
-    setup = {"party": "p1"}
-    job = PartyJob.model_construct(op="stats", setup=TrainSetup.model_construct(**setup))
+    assert planned_run_name(party_pipeline.flow_run_name, {"party": "p1"}) == "party-pipeline p1"
     assert planned_run_name(party_step.flow_run_name, {"job": {"op": "x"}}) == "party-step"
-    assert job.title() == "p1: label statistics"
     call = {"op": "psi-label-blind", "args": [{"party": "A"}, ["B"]], "coordinator": "c"}
     assert planned_run_name(party_call.flow_run_name, call) == "A: psi-label-blind"
     assert planned_run_name(party_call.flow_run_name, {"op": "nope"}) == "party-call"
@@ -335,3 +333,63 @@ def test_a_run_started_for_a_deployment_is_named_before_a_worker_takes_it(
     run = start_run(f"federated-training/{name}", {"rounds": 2})
     assert run.state is not None and run.state.is_scheduled()
     assert run.name == "synthetic: train"
+
+
+@pytest.mark.prefect
+def test_a_dispatched_party_run_is_named_while_it_waits_for_the_partys_worker(
+    prefect_api: str, tmp_path: Path, secret: str
+) -> None:
+    """``prepare`` dispatches p1's pipeline to p1's pool, which no worker polls: the run
+    waits, Scheduled, as ``party-pipeline p1``, until the coordinator gives up on it."""
+    import contextvars
+    import threading
+    from uuid import uuid4
+
+    from flows.ops import deploy
+    from flows.prepare import prepare
+    from tests.retrying import party_step_runs
+
+    spec = write_synthetic(tmp_path, customers=40)
+    name = f"waits-{uuid4().hex[:6]}"
+    text = spec.read_text().replace(
+        'store = "stores/p1"\n', f'store = "stores/p1"\nwork_pool = "nobody-{name}"\n'
+    )
+    spec.write_text(text + "\n[run]\nparty_timeout = 20\n")
+    deployed = deploy(spec, pool=f"coordinator-{name}", name=name, schedules=None)
+    assert f"party-pipeline/{name}-p1" in deployed, deployed
+    states: list[Any] = []
+    context = contextvars.copy_context()  # the settings pointing at the test's server
+    coordinator = threading.Thread(
+        target=context.run,
+        args=(lambda: states.append(prepare(str(spec), dispatch=name, return_state=True)),),
+    )
+    coordinator.start()
+    try:
+        waiting: list[Any] = []
+        deadline = time.monotonic() + 60
+        while not waiting and time.monotonic() < deadline:
+            waiting = party_step_runs(f"party-pipeline/{name}-p1")
+            time.sleep(0.5)
+        assert [(r.name, r.state.name) for r in waiting] == [("party-pipeline p1", "Scheduled")]
+    finally:
+        coordinator.join(timeout=120)
+    [state] = states
+    assert state.is_failed() and "is a worker polling" in str(state.message), state.message
+
+
+@pytest.mark.prefect
+def test_a_party_deployment_that_was_never_registered_is_named_in_the_error(
+    prefect_api: str, tmp_path: Path, secret: str
+) -> None:
+    from flows.prepare import prepare
+
+    spec = write_synthetic(tmp_path, customers=40)
+    text = spec.read_text().replace(
+        'store = "stores/p1"\n', 'store = "stores/p1"\nwork_pool = "p1-pool"\n'
+    )
+    spec.write_text(text)
+    state = prepare(str(spec), dispatch="never-deployed", return_state=True)
+    assert state.is_failed()
+    assert "p1: party-pipeline/never-deployed-p1: no such deployment on the Prefect server" in str(
+        state.message
+    ), state.message
