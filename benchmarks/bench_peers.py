@@ -58,7 +58,7 @@ FEDFUSE_AVERAGING: dict[str, dict[str, Any]] = {
     "averaging-leaves": {"leaf_values": "consortium", "trees_per_round": 1, "learning_rate": 0.3},
     # one party per round grows a tree (Flower's and NVFlare's cyclic), every party's gradient
     # sums set its leaves; 63 leaves: one tree a round, where averaging adds 4 of 31 per party
-    # (measured better than 31 on synthetic, census slightly worse: benchmarks/README.md)
+    # (measured better than 31 on synthetic, mixed on census: benchmarks/README.md)
     "cyclic-leaves": {
         "aggregation": "cyclic",
         "leaf_values": "consortium",
