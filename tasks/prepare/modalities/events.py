@@ -77,7 +77,9 @@ from storage.sources import ROW
 from tasks.prepare.modalities.base import FeatureInputs, Modality, register
 from tasks.prepare.modalities.signals import (
     MAGNITUDE,
+    Recording,
     in_runs,
+    recording,
     signal_feature_names,
     signal_features,
 )
@@ -149,6 +151,11 @@ def _days(delta: pl.Expr) -> pl.Expr:
     return delta.dt.total_microseconds().cast(pl.Float64) * (1.0 / DAY_US)
 
 
+def _day(ts: pl.Expr) -> pl.Expr:
+    """The UTC date of a UTC timestamp, as days since 1970-01-01 (floor division)."""
+    return ts.dt.epoch("us") // DAY_US
+
+
 def _entity_order(entity: str) -> pl.Expr:
     """Sort key that makes each entity's rows contiguous (cheap to sort, unlike strings)."""
     return pl.col(entity).hash()
@@ -175,9 +182,11 @@ def _ordered_events(
     end_at: WindowEnd,
     exact: bool,
     ordered: bool = False,
+    before_end: bool = False,
 ) -> pl.LazyFrame:
     """Events before ``end`` in (entity, time) runs, with the per-row helper columns
-    (``ordered``: the rows are in such runs already, :func:`~signals.in_runs`).
+    (``ordered``: the rows are in such runs already, :func:`~signals.in_runs`;
+    ``before_end``: every row is before ``end`` already).
 
     ``lengths``: the windows in microseconds, longest first. Offsets are microseconds from
     the window end: ``end`` (exclusive) or the run's last event (inclusive).
@@ -194,7 +203,7 @@ def _ordered_events(
         starts = [-n for n in lengths]  # [end - w, end)
     offset = pl.col(_OFFSET)
     bucket = _bucket(offset, starts)
-    events = lf.filter(ts < pl.lit(end))
+    events = lf if before_end else lf.filter(ts < pl.lit(end))
     if not ordered:
         events = (
             events.with_row_index(_POS)
@@ -217,7 +226,8 @@ def _ordered_events(
             .alias(_PREV_BUCKET),
             (offset.cast(pl.Float64) * (1.0 / DAY_US)).alias(_X),
             _days(ts - prev).alias(_GAP),
-            (prev.is_null() | (ts.dt.date() != prev.dt.date())).alias(_NEW_DAY),
+            # UTC dates as whole days since the epoch (cheaper than ``dt.date()``)
+            (prev.is_null() | (_day(ts) != _day(prev))).alias(_NEW_DAY),
         )
     )
 
@@ -349,6 +359,7 @@ def _features_query(
     error: bool,
     exact: bool,
     ordered: bool = False,
+    before_end: bool = False,
 ) -> pl.LazyFrame:
     by_length = parse_windows(windows)[::-1]
     n_buckets = len(by_length) + 1
@@ -361,6 +372,7 @@ def _features_query(
         end_at=end_at,
         exact=exact,
         ordered=ordered,
+        before_end=before_end,
     ).cache()
     buckets = events.group_by(_GROUP).agg(_bucket_stats(measures, error=error))
     per_entity = [
@@ -421,6 +433,7 @@ def events_features(
     windows: Sequence[WindowValue],
     end_at: WindowEnd = "as_of",
     engine: Engine = "in-memory",
+    rows: Recording | None = None,
 ) -> pl.DataFrame:
     """Windowed activity, reliability and measure statistics per entity, sorted by entity.
 
@@ -428,7 +441,8 @@ def events_features(
     reading) and optionally ``device_id`` and ``error`` (bool). ``windows`` are day counts
     or duration strings (:func:`tasks.prepare.windows.parse_window`); ``end_at`` is where
     they end. ``engine`` is the polars engine that runs the query (figures in
-    benchmarks/README.md).
+    benchmarks/README.md). ``rows``: what :func:`~signals.recording` found out about
+    ``clean`` already (then ``clean`` is its frame).
     """
     ws = [w.spec_value for w in parse_windows(windows)]
     measures = list(measures)
@@ -442,7 +456,10 @@ def events_features(
 
     # rows already in per-entity runs in time order (as recordings usually come) skip the
     # sort: it would keep them as they are
-    ordered = in_runs(lf.filter(pl.col(TIMESTAMP) < pl.lit(end)), entity)
+    if rows is None:
+        ordered = in_runs(lf.filter(pl.col(TIMESTAMP) < pl.lit(end)), entity)
+    else:
+        ordered = rows.ordered
 
     def query(*, exact: bool) -> pl.LazyFrame:
         return _features_query(
@@ -455,6 +472,7 @@ def events_features(
             error=error,
             exact=exact,
             ordered=ordered,
+            before_end=rows is not None,
         )
 
     out = query(exact=False).collect(engine=engine)
@@ -715,24 +733,29 @@ class Events(Modality):
     ) -> pl.DataFrame:
         options = event_options(source)
         measures = event_measures(source)
+        end = window_end(inputs.as_of)
+        # a recording is read once, for both kinds of features
+        rows = recording(clean, entity=inputs.entity, end=end) if options.signal_on() else None
         windowed = events_features(
-            clean,
+            clean if rows is None else rows.frame,
             entity=inputs.entity,
             measures=measures,
             as_of=inputs.as_of,
             windows=options.windows,
             end_at=options.window_end,
+            rows=rows,
         )
-        if not options.signal_on():
+        if rows is None:
             return windowed
         signals = signal_features(
-            clean,
+            rows.frame,
             entity=inputs.entity,
             measures=measures,
-            end=window_end(inputs.as_of),
+            end=end,
             axes=options.axes,
             sampling_hz=options.sampling_hz,
             sub_window_s=parse_window(options.sub_window).micros / 1e6,
+            rows=rows,
         )
         # the same entities (those with events before the end), one row each
         return windowed.join(signals, on=inputs.entity, how="left", validate="1:1")

@@ -39,8 +39,10 @@ length, its rows gathered in one go). No Python loop runs over rows or entities.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import cached_property, partial
 from itertools import pairwise
 
@@ -85,7 +87,7 @@ MAGNITUDE_STATS = ("mean", "std", "min", "max")
 _FFT_CELLS = 1 << 22
 
 # readings of one block of runs (:func:`_in_blocks`): its arrays fit in a processor cache
-_BLOCK = 1 << 15
+_BLOCK = 1 << 17
 
 Floats = npt.NDArray[np.float64]
 Ints = npt.NDArray[np.int64]
@@ -95,6 +97,11 @@ _RUN = "__signal_run"
 
 # relative spread below which a signal counts as constant
 _FLAT = 1e-9
+
+
+def _threads() -> int:
+    """Threads for the signals: numpy releases the GIL inside its loops."""
+    return max(1, min(len(os.sched_getaffinity(0)), 8))
 
 
 def signal_feature_names(measures: Sequence[str], *, axes: Sequence[str] | None) -> list[str]:
@@ -128,6 +135,28 @@ def in_runs(frame: pl.LazyFrame | pl.DataFrame, entity: str) -> bool:
     return bool(timed) and bool(contiguous)
 
 
+@dataclass(frozen=True)
+class Recording:
+    """A recording's rows before the end, read once for the windowed and the signal
+    features: ``frame`` holds only rows before the end; ``ordered`` is :func:`in_runs` of
+    it."""
+
+    frame: pl.DataFrame
+    ordered: bool
+
+
+def recording(clean: pl.LazyFrame | pl.DataFrame, *, entity: str, end: dt.datetime) -> Recording:
+    """``clean``'s rows before ``end``, collected once in one chunk (an expression over a
+    column of many chunks, as a scan gives, costs several times more), not filtered when
+    every row is (a filter copies every column), and whether they come in per-entity
+    runs."""
+    frame = clean.lazy().collect().rechunk()
+    late = frame.select((pl.col(TIMESTAMP) >= pl.lit(end)).any()).item()
+    if late:
+        frame = frame.filter(pl.col(TIMESTAMP) < pl.lit(end))
+    return Recording(frame, in_runs(frame, entity))
+
+
 def signal_features(
     clean: pl.LazyFrame | pl.DataFrame,
     *,
@@ -137,21 +166,21 @@ def signal_features(
     axes: Sequence[str] | None = None,
     sampling_hz: float | None = None,
     sub_window_s: float = 1.0,
+    rows: Recording | None = None,
 ) -> pl.DataFrame:
     """Signal features per entity (module docstring), sorted by entity.
 
     ``clean`` holds ``entity``, ``timestamp`` (UTC) and the ``measures`` (float, null =
     missing); rows at or after ``end`` are ignored. ``axes`` (measures) add the magnitude
     signal; ``sampling_hz`` fixes the rate (else each entity's median step decides).
+    ``rows``: what :func:`recording` found out about ``clean`` already (then ``clean`` is
+    its frame).
     """
     measures = list(measures)
-    lf = (
-        clean.lazy()
-        .select(entity, TIMESTAMP, *measures)
-        .with_row_index(_POS)
-        .filter(pl.col(TIMESTAMP) < pl.lit(end))
-        .with_columns(pl.col(measures).cast(pl.Float64))
-    )
+    lf = clean.lazy().select(entity, TIMESTAMP, *measures).with_row_index(_POS)
+    if rows is None:
+        lf = lf.filter(pl.col(TIMESTAMP) < pl.lit(end))
+    lf = lf.with_columns(pl.col(measures).cast(pl.Float64))
     if axes:
         lf = lf.with_columns(
             pl.sum_horizontal([pl.col(a) ** 2 for a in axes]).sqrt().alias(MAGNITUDE)
@@ -162,7 +191,7 @@ def signal_features(
         )
     signals = [*measures, *([MAGNITUDE] if axes else [])]
     ordered = lf.collect()
-    if not in_runs(ordered, entity):
+    if not (in_runs(ordered, entity) if rows is None else rows.ordered):
         # sorted by a 64-bit hash of the entity (several times faster than the strings);
         # two entities whose hashes collide and whose readings interleave would share runs:
         # then (detected: a key in two runs) the strings decide
@@ -177,12 +206,14 @@ def signal_features(
             {entity: keys.head(0)}
             | {n: pl.Series(n, [], pl.Float64) for n in signal_feature_names(measures, axes=axes)}
         )
-    new_run = keys.ne_missing(keys.shift(1)).fill_null(True).to_numpy()
-    run: Ints = np.cumsum(new_run, dtype=np.int64) - 1
+    run: Ints = keys.rle_id().to_numpy().astype(np.int64)
+    new_run = np.empty(run.size, dtype=bool)
+    new_run[0], new_run[1:] = True, run[1:] != run[:-1]
     n_runs = int(run[-1]) + 1
     times: Ints = ordered.get_column(TIMESTAMP).dt.epoch("us").to_numpy().astype(np.int64)
-    columns: dict[str, Floats] = {}
-    for name in signals:
+    every_reading = _blocks(run, n_runs)  # the blocks of a signal without missing readings
+
+    def one(name: str) -> dict[str, Floats]:
         column = ordered.get_column(name)
         values: Floats = np.asarray(column.to_numpy(), dtype=np.float64)  # null -> NaN
         present = ~np.isnan(values)
@@ -194,7 +225,7 @@ def signal_features(
                 sub_window_s=sub_window_s,
                 extra=name == MAGNITUDE,
             ),
-            run if whole else run[present],
+            every_reading if whole else _blocks(run[present], n_runs),
             n_runs,
             times if whole else times[present],
             values if whole else values[present],
@@ -205,11 +236,16 @@ def signal_features(
             counted = column.is_not_null().to_numpy()
         stats |= _in_blocks(
             _quantiles,
-            run if whole else run[counted],
+            every_reading if whole else _blocks(run[counted], n_runs),
             n_runs,
             values if whole else values[counted],
         )
-        columns |= {f"{name}_{stat}": column for stat, column in stats.items()}
+        return {f"{name}_{stat}": column for stat, column in stats.items()}
+
+    columns: dict[str, Floats] = {}
+    with ThreadPoolExecutor(max_workers=_threads()) as pool:
+        for part in pool.map(one, signals):
+            columns |= part
     names = signal_feature_names(measures, axes=axes)
     out = pl.DataFrame({n: columns[n] for n in names}, schema=dict.fromkeys(names, pl.Float64))
     return (
@@ -228,6 +264,7 @@ class Runs:
     run: Ints
     n: Floats
     starts: Ints
+    _lagged: dict[int, npt.NDArray[np.bool_]] = field(default_factory=dict, compare=False)
 
     @classmethod
     def of(cls, run: Ints, n_runs: int) -> Runs:
@@ -268,10 +305,14 @@ class Runs:
         return self._reduce(np.maximum, values, -np.inf)
 
     def lagged(self, lag: int) -> npt.NDArray[np.bool_]:
-        """Whether the reading ``lag`` places before each one is of the same run."""
-        out = np.zeros(self.run.size, dtype=bool)
-        out[lag:] = self.run[lag:] == self.run[:-lag]
-        return out
+        """Whether the reading ``lag`` places before each one is of the same run (kept:
+        the signals of one block share it)."""
+        known = self._lagged.get(lag)
+        if known is None:
+            known = np.zeros(self.run.size, dtype=bool)
+            known[lag:] = self.run[lag:] == self.run[:-lag]
+            self._lagged[lag] = known
+        return known
 
 
 def _divide(num: Floats, den: Floats) -> Floats:
@@ -281,41 +322,75 @@ def _divide(num: Floats, den: Floats) -> Floats:
     return out
 
 
-def _in_blocks(
-    block: Callable[..., dict[str, Floats]], run: Ints, n_runs: int, *arrays: Floats | Ints
-) -> dict[str, Floats]:
-    """``block(run, *arrays, n_runs=...)`` (:func:`signal_block`, :func:`_quantiles`) over
-    consecutive blocks of whole runs of about :data:`_BLOCK` readings each (a longer run is
-    a block of its own): every temporary array of a block stays in the processor's cache,
-    where the many passes over it are several times faster than over the whole signal in
-    memory. ``run`` ascending; ``arrays`` one value per reading."""
+@dataclass(frozen=True)
+class Block:
+    """Readings ``lo:hi`` of a signal, the whole runs ``first:last`` (:func:`_blocks`)."""
+
+    lo: int
+    hi: int
+    first: int
+    last: int
+    runs: Runs
+
+
+def _blocks(run: Ints, n_runs: int) -> list[Block]:
+    """Consecutive blocks of whole runs of about :data:`_BLOCK` readings each (a longer run
+    is a block of its own): every temporary array of a block stays in the processor's
+    cache, where the many passes over it are several times faster than over the whole
+    signal in memory. ``run`` ascending. Signals without missing readings share them."""
     ends = np.searchsorted(run, np.arange(n_runs), side="right")  # reading after each run
     cuts = np.unique(np.searchsorted(ends, np.arange(_BLOCK, run.size, _BLOCK), side="left"))
     bounds = [0, *(int(c) + 1 for c in cuts if c + 1 < n_runs), n_runs]  # run boundaries
-    out: dict[str, Floats] = {}
+    out = []
     for first, last in pairwise(bounds):
-        lo = int(ends[first - 1]) if first else 0
-        hi = int(ends[last - 1])
-        stats = block(run[lo:hi] - first, *(a[lo:hi] for a in arrays), n_runs=last - first)
-        for stat, column in stats.items():
-            out.setdefault(stat, np.empty(n_runs))[first:last] = column
+        lo, hi = int(ends[first - 1]) if first else 0, int(ends[last - 1])
+        out.append(Block(lo, hi, first, last, Runs.of(run[lo:hi] - first, last - first)))
     return out
 
 
-def _quantiles(run: Ints, x: Floats, *, n_runs: int) -> dict[str, Floats]:
+def _in_blocks(
+    block: Callable[..., dict[str, Floats]],
+    blocks: list[Block],
+    n_runs: int,
+    *arrays: Floats | Ints,
+) -> dict[str, Floats]:
+    """``block(runs, *arrays)`` (:func:`signal_block`, :func:`_quantiles`) over the
+    ``blocks`` (:func:`_blocks`); ``arrays`` one value per reading."""
+    out: dict[str, Floats] = {}
+    for b in blocks:
+        stats = block(b.runs, *(a[b.lo : b.hi] for a in arrays))
+        for stat, column in stats.items():
+            out.setdefault(stat, np.empty(n_runs))[b.first : b.last] = column
+    return out
+
+
+def _as_rows(values: Floats, starts: Ints, counts: Ints, width: int, fill: float) -> Floats:
+    """Readings ``starts[i] : starts[i] + counts[i]`` as row ``i`` (``counts`` at most
+    ``width``): the readings themselves reshaped when the runs are of one length and follow
+    each other (as in most recordings), else gathered in one go into ``width`` columns
+    padded with ``fill``."""
+    length = int(counts[0])
+    if (counts == length).all() and (np.diff(starts) == length).all():
+        begin = int(starts[0])
+        return values[begin : begin + length * counts.size].reshape(counts.size, length)
+    column = np.arange(width)
+    inside = column < counts[:, None]
+    return np.where(inside, values[np.where(inside, starts[:, None] + column, 0)], fill)
+
+
+def _quantiles(runs: Runs, x: Floats) -> dict[str, Floats]:
     """Median and quartiles of each run (linear interpolation, numpy's default; a NaN
     sorts last): each run's readings one row of a matrix padded to a power of two, the rows
     sorted at once."""
-    runs = Runs.of(run, n_runs)
+    n_runs = runs.size
     count = runs.n.astype(np.int64)
     out = {stat: np.full(n_runs, np.nan) for stat in ("median", "q25", "q75")}
     size = np.where(count > 0, 1 << np.ceil(np.log2(np.maximum(count, 1))).astype(np.int64), 0)
     for length in np.unique(size[size > 0]):
         rows = np.flatnonzero(size == length)
-        column = np.arange(int(length))
-        inside = column < count[rows][:, None]
-        index = np.where(inside, runs.starts[rows][:, None] + column, 0)
-        ordered = np.sort(np.where(inside, x[index], np.nan), axis=1)  # padding last
+        ordered = np.sort(  # padding last
+            _as_rows(x, runs.starts[rows], count[rows], int(length), np.nan), axis=1
+        )
         last = (count[rows] - 1).astype(np.float64)
         for stat, q in (("median", 0.5), ("q25", 0.25), ("q75", 0.75)):
             at = q * last
@@ -328,21 +403,19 @@ def _quantiles(run: Ints, x: Floats, *, n_runs: int) -> dict[str, Floats]:
 
 
 def signal_block(
-    run: Ints,
+    runs: Runs,
     times: Ints,
     x: Floats,
     *,
-    n_runs: int,
     sampling_hz: float | None,
     sub_window_s: float,
     extra: bool = False,
 ) -> dict[str, Floats]:
     """The :data:`SIGNAL_STATS` but the quantiles (and, with ``extra``, the
-    :data:`MAGNITUDE_STATS` first) of each run ``0..n_runs-1`` of one signal: ``run``
-    ascending (each run contiguous), ``times`` (microseconds) ascending within a run, ``x``
-    the finite readings. A run with no reading gets NaN everywhere."""
-    runs = Runs.of(run, n_runs)
-    n = runs.n
+    :data:`MAGNITUDE_STATS` first) of each of the ``runs`` of one signal: ``times``
+    (microseconds) ascending within a run, ``x`` the finite readings. A run with no reading
+    gets NaN everywhere."""
+    run, n_runs, n = runs.run, runs.size, runs.n
     mean = _divide(runs.sum(x), n)
     xc = x - mean[run]  # centred per run: moments and products without cancellation
     m2 = _divide(runs.sum(xc * xc), n)
@@ -422,13 +495,11 @@ def _spectrum(
     for length in np.unique(size[(size > 0) & ~flat]):
         selected = np.flatnonzero((size == length) & ~flat)
         rows_per_batch = max(1, _FFT_CELLS // int(length))
-        column = np.arange(int(length))
         for begin in range(0, selected.size, rows_per_batch):
             batch = selected[begin : begin + rows_per_batch]
-            # one row per run, its readings gathered in one go, zero-padded to the length
-            inside = column < used[batch][:, None]
-            matrix = np.where(inside, xc[np.where(inside, first[batch][:, None] + column, 0)], 0.0)
-            power = np.abs(np.fft.rfft(matrix, axis=1)[:, 1:]) ** 2
+            # one row per run (zero-padded to the length by the FFT)
+            matrix = _as_rows(xc, first[batch], used[batch], int(length), 0.0)
+            power = np.abs(np.fft.rfft(matrix, n=int(length), axis=1)[:, 1:]) ** 2
             total = power.sum(axis=1)
             share = power / np.where(total > 0, total, 1.0)[:, None]
             with np.errstate(divide="ignore", invalid="ignore"):
